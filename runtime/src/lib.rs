@@ -1,0 +1,23 @@
+//! The service runtime every klein-serve service is built on.
+//!
+//! # Layout
+//! - [`config`]: layered configuration (defaults < TOML file < `KLEIN_*` env < flags) and the
+//!   settings every server shares ([`config::ServerConfig`]).
+//! - [`bytesize`]: human byte sizes (`"16GiB"`, `"512MiB"`) for budgets in config and flags.
+//! - [`device`]: `cpu` / `cuda:N` and dtype selection; asking for CUDA in a build or on a host
+//!   without it fails fast.
+//! - [`budget`]: the memory-budget admission primitive (a byte-reservation semaphore with a
+//!   bounded FIFO wait queue).
+//! - [`server`]: the gRPC server bootstrap (health, reflection, message limits, HTTP/2
+//!   windows, graceful drain with a deadline on SIGTERM / SIGINT).
+//! - [`telemetry`]: tracing (pretty or JSON) and the Prometheus `/metrics` endpoint.
+
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+pub mod budget;
+pub mod bytesize;
+pub mod config;
+pub mod device;
+pub mod server;
+pub mod telemetry;

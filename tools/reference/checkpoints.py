@@ -1,0 +1,97 @@
+"""Build and save the two tiny FLUX.2 [klein] checkpoints (distilled + base)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from diffusers import Flux2KleinPipeline
+from transformers import AutoTokenizer
+
+import tiny_models as M
+import util
+from tokenizer import write_source_tokenizer
+
+SEED_TEXT_ENCODER = 1001
+SEED_VAE = 1002
+SEED_VAE_CALIB = 1003
+SEED_TRANSFORMER_DISTILLED = 1004
+SEED_TRANSFORMER_BASE = 1005
+
+DISTILLED_DIR = "tiny-klein-4b"
+BASE_DIR = "tiny-klein-base-4b"
+
+# Text encoder is saved in bf16 (like the Hub's text_encoder/), sharded through
+# model.safetensors.index.json. Transformer and VAE are saved in f32 (values bf16-representable).
+TEXT_ENCODER_SHARD_SIZE = "1MB"
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def build(out_dir: str, tmp_dir: str, log=print) -> dict:
+    tok_src = os.path.join(tmp_dir, "tokenizer_src")
+    tok_info = write_source_tokenizer(tok_src)
+    tokenizer = AutoTokenizer.from_pretrained(tok_src)
+    vocab_size = _round_up(tok_info["total_size"], 64)
+    ids = tok_info["special_ids"]
+
+    te = M.make_text_encoder(vocab_size, SEED_TEXT_ENCODER)
+    # as in Qwen3-4B's config.json: bos = <|endoftext|>, eos = <|im_end|>
+    te.config.bos_token_id = ids["<|endoftext|>"]
+    te.config.eos_token_id = ids["<|im_end|>"]
+    te.generation_config.bos_token_id = ids["<|endoftext|>"]
+    te.generation_config.eos_token_id = ids["<|im_end|>"]
+
+    with torch.no_grad():
+        emb = Flux2KleinPipeline._get_qwen3_prompt_embeds(te, tokenizer, "a photo of a cat")
+    ctx_rms = round(float(emb.pow(2).mean().sqrt()), 2)
+
+    vae = M.make_vae(SEED_VAE)
+    calib_imgs = torch.stack(
+        [
+            torch.from_numpy(util.synthetic_image(64, 96, v)).permute(2, 0, 1).float() / 127.5 - 1.0
+            for v in (100, 101, 102, 103)
+        ]
+    )
+    vae_info = M.calibrate_vae_(vae, calib_imgs, SEED_VAE_CALIB)
+
+    tr_distilled = M.make_transformer(SEED_TRANSFORMER_DISTILLED, ctx_rms)
+    tr_base = M.make_transformer(SEED_TRANSFORMER_BASE, ctx_rms)
+
+    te_bf16 = te.to(torch.bfloat16)
+    saved = {}
+    for name, tr, distilled in ((DISTILLED_DIR, tr_distilled, True), (BASE_DIR, tr_base, False)):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        pipe = Flux2KleinPipeline(
+            scheduler=M.make_scheduler(),
+            vae=vae,
+            text_encoder=te_bf16,
+            tokenizer=tokenizer,
+            transformer=tr,
+            is_distilled=distilled,
+        )
+        pipe.save_pretrained(path)
+        # Re-save the text encoder with a small shard size: the real repos ship a sharded
+        # text_encoder (model-0000k-of-0000n.safetensors + model.safetensors.index.json); the
+        # pipeline-level max_shard_size would shard every component.
+        te_path = os.path.join(path, "text_encoder")
+        shutil.rmtree(te_path)
+        te_bf16.save_pretrained(te_path, max_shard_size=TEXT_ENCODER_SHARD_SIZE)
+        with open(os.path.join(path, "model_index.json")) as f:
+            saved[name] = json.load(f)
+        log(f"saved {path}")
+
+    return {
+        "tokenizer": tok_info,
+        "vocab_size": vocab_size,
+        "ctx_rms": ctx_rms,
+        "vae_calibration": vae_info,
+        "model_index": saved,
+    }
