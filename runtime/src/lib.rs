@@ -11,13 +11,17 @@
 //! - [`server`]: the gRPC server bootstrap (health, reflection, message limits, HTTP/2
 //!   windows, graceful drain with a deadline on SIGTERM / SIGINT).
 //! - [`telemetry`]: tracing (pretty or JSON) and the Prometheus `/metrics` endpoint.
+//! - [`engine`]: the one thread that owns a model and its device, fed by async callers.
+//! - [`weights`]: diffusers folder layout, sharded safetensors indexes, mmap loading.
 
 #![deny(rust_2018_idioms)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod budget;
 pub mod bytesize;
 pub mod config;
 pub mod device;
+pub mod engine;
 pub mod server;
 pub mod telemetry;
+pub mod weights;

@@ -63,6 +63,12 @@ def build(out_dir: str, tmp_dir: str, log=print) -> dict:
     tr_distilled = M.make_transformer(SEED_TRANSFORMER_DISTILLED, ctx_rms)
     tr_base = M.make_transformer(SEED_TRANSFORMER_BASE, ctx_rms)
 
+    # transformers 5.24 serialises the backend tokenizer's *current* padding/truncation state into
+    # tokenizer.json; the call above (padding="max_length", truncation=True) left it set. The Hub
+    # files have both null, so reset before saving.
+    tokenizer._tokenizer.no_padding()
+    tokenizer._tokenizer.no_truncation()
+
     te_bf16 = te.to(torch.bfloat16)
     saved = {}
     for name, tr, distilled in ((DISTILLED_DIR, tr_distilled, True), (BASE_DIR, tr_base, False)):

@@ -131,7 +131,7 @@ def make_text_encoder(vocab_size: int, seed: int) -> Qwen3ForCausalLM:
     cfg = Qwen3Config(vocab_size=vocab_size, **QWEN3_CONFIG)
     # ids as in Qwen3-4B's config, remapped to the tiny vocab by the caller
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32).eval()
+    model = Qwen3ForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -170,7 +170,7 @@ def _time_damping(n_freq: int = 128, f0: float = 0.02) -> torch.Tensor:
 
 def make_transformer(seed: int, ctx_rms: float) -> Flux2Transformer2DModel:
     torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(**TRANSFORMER_CONFIG).to(torch.float32).eval()
+    model = Flux2Transformer2DModel(**TRANSFORMER_CONFIG).eval()
     g = torch.Generator().manual_seed(seed)
     damp = _time_damping()
     n_live = float(damp.pow(2).sum())
@@ -200,7 +200,7 @@ def make_transformer(seed: int, ctx_rms: float) -> Flux2Transformer2DModel:
 
 def make_vae(seed: int) -> AutoencoderKLFlux2:
     torch.manual_seed(seed)
-    model = AutoencoderKLFlux2(**VAE_CONFIG).to(torch.float32).eval()
+    model = AutoencoderKLFlux2(**VAE_CONFIG).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

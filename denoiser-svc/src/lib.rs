@@ -1,0 +1,1 @@
+//! denoiser-svc (being written).

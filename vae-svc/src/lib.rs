@@ -1,0 +1,1 @@
+//! vae-svc (being written).
