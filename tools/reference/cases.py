@@ -12,8 +12,6 @@ Conventions (see README.md):
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from tokenizers import Tokenizer
@@ -36,6 +34,20 @@ PROMPTS = [
     " ".join(f"cat number {i} sits on mat {i * 7 % 13}." for i in range(60)),
 ]
 PROMPT_B = "a red sports car at night in the rain"  # for the prompt-sensitivity check
+EXTRA_TOKENIZER_CHECKS = [
+    "I'm sure it's the cat's toy, they'll see; we've done it, you'd agree. DON'T SHOUT",
+    "  leading and   multiple   spaces  \t\ttabs\r\nwindows newline\n\n\nthree newlines   ",
+    "digits 1234567890 and 3.14159, x=-42; 1024x768",
+    "日本語のテキストと中文混合 한국어 Ελληνικά русский עברית العربية",
+    "emoji 🐱‍👤 👍🏽 🇩🇪 and symbols ©®™ ∑∫√ ← → ★",
+    "combining: e\u0301 a\u0308 n\u0303 (NFC) vs é ä ñ; ﬁ ligature; Å vs A\u030a",
+    "literal specials in text: <|im_start|> <|im_end|> <think> </think> <|endoftext|> <tool_call>",
+    "<|im_start|>user<|im_end|><|im_start|>",
+    "code: fn main() { println!(\"{}\", x); } // comment\n\tindent",
+    "",
+    " ",
+    "\n",
+]
 
 SEED_NOISE = {"t2i": 2001, "i2i": 2002, "inpaint": 2003, "multiref": 2004, "cfg": 2005}
 SEED_FORWARD = 2010
@@ -95,7 +107,9 @@ class Runner:
 
     def inpaint(self, which: str, dt: str):
         p = self.p(which, dt)
-        return Flux2KleinInpaintPipeline(**p.components, is_distilled=p.config.is_distilled)
+        ip = Flux2KleinInpaintPipeline(**p.components, is_distilled=p.config.is_distilled)
+        ip.set_progress_bar_config(disable=True)
+        return ip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,6 +155,15 @@ def case_tokenizer(run: Runner, fixtures_dir: str):
                 "truncated": len(raw) > MAX_LEN,
             }
         )
+    # Extra agreement checks (not stored): literal tokenizer.json vs transformers' rebuilt Qwen2Tokenizer.
+    for extra in EXTRA_TOKENIZER_CHECKS:
+        text = template_string(extra)
+        want = tk(text, add_special_tokens=False)["input_ids"]
+        got = saved.encode(text, add_special_tokens=False).ids
+        if want != got:
+            raise RuntimeError(f"tokenizer.json (literal) disagrees with transformers for {extra!r}")
+        if tk(extra, add_special_tokens=False)["input_ids"] != saved.encode(extra, add_special_tokens=False).ids:
+            raise RuntimeError(f"tokenizer.json (literal) disagrees with transformers for raw {extra!r}")
     entry = {
         "description": "Chat-template + tokenization of the test prompts, as Flux2KleinPipeline._get_qwen3_prompt_embeds does it "
         "(apply_chat_template(add_generation_prompt=True, enable_thinking=False), padding='max_length', truncation=True, max_length=512). "
@@ -327,16 +350,16 @@ def case_vae(run: Runner):
             lat, dec, u8 = decode_packed(pipe, z.to(dtype), 4, 6)
         tensors[f"posterior_mean.{dt}"] = mean.clone()
         tensors[f"packed_latents.{dt}"] = packed.clone()
-        tensors[f"decode_vae_input.{dt}"] = lat.clone()
+        tensors[f"vae_input_latents.{dt}"] = lat.clone()
         tensors[f"decoded.{dt}"] = dec.clone()
         tensors[f"decoded_uint8.{dt}"] = u8
         meanings[f"posterior_mean.{dt}"] = f"vae.encode(image).latent_dist.mode() [1,32,8,12] ({dt})"
         meanings[f"packed_latents.{dt}"] = f"pack(BN-normalise(patchify(posterior mean))) [1,24,128] ({dt}), = _encode_vae_image + _pack_latents"
-        meanings[f"decode_vae_input.{dt}"] = f"unpack -> BN-denormalise -> unpatchify of decode_input_packed [1,32,8,12] ({dt}), fed to vae.decode"
+        meanings[f"vae_input_latents.{dt}"] = f"unpack -> BN-denormalise -> unpatchify of decode_input_packed [1,32,8,12] ({dt}), fed to vae.decode"
         meanings[f"decoded.{dt}"] = f"vae.decode output [1,3,64,96] before postprocess ({dt})"
         meanings[f"decoded_uint8.{dt}"] = f"image_processor.postprocess(decoded, 'pil') as uint8 NHWC [1,64,96,3] ({dt} pipeline)"
     spread = {}
-    for name in ("posterior_mean", "packed_latents", "decode_vae_input", "decoded"):
+    for name in ("posterior_mean", "packed_latents", "vae_input_latents", "decoded"):
         spread[name] = util.spread_entry(tensors[f"{name}.f32"], tensors[f"{name}.bf16"], f"{name}.f32", f"{name}.bf16")
     spread["decoded_uint8"] = util.spread_entry(
         tensors["decoded_uint8.f32"].float(), tensors["decoded_uint8.bf16"].float(), "decoded_uint8.f32", "decoded_uint8.bf16",
@@ -365,12 +388,17 @@ class _StepCapture:
         return {}
 
 
-def _run_pipe(pipe, capture_encode=False, capture_refs=False, **kwargs):
+def _run_pipe(pipe, **kwargs):
     """Run a pipeline with output_type='pil', capturing per-step latents, the vae.decode output,
     encode_prompt outputs and prepared reference latents."""
     steps = _StepCapture()
     decoded, encoded, refs = [], [], []
-    with util.capture_method(pipe.vae, "decode", decoded, pick=lambda a, k, o: util.decode_output(o).detach().clone()):
+
+    def pick_decode(a, k, o):
+        z = a[0] if a else k["z"]
+        return z.detach().clone(), util.decode_output(o).detach().clone()
+
+    with util.capture_method(pipe.vae, "decode", decoded, pick=pick_decode):
         with util.capture_method(pipe, "encode_prompt", encoded, pick=lambda a, k, o: o):
             with util.capture_method(pipe, "prepare_image_latents", refs, pick=lambda a, k, o: o):
                 with torch.no_grad():
@@ -380,7 +408,8 @@ def _run_pipe(pipe, capture_encode=False, capture_refs=False, **kwargs):
     return {
         "step_latents": torch.stack(steps.latents, dim=0),
         "final_latents": steps.latents[-1],
-        "decoded": decoded[0],
+        "vae_input_latents": decoded[0][0],
+        "decoded": decoded[0][1],
         "image_uint8": u8,
         "encoded": encoded,
         "refs": refs,
@@ -390,8 +419,13 @@ def _run_pipe(pipe, capture_encode=False, capture_refs=False, **kwargs):
 def _run_outputs(tensors, meanings, res, dt, n_steps):
     tensors[f"step_latents.{dt}"] = res["step_latents"]
     tensors[f"final_latents.{dt}"] = res["final_latents"]
+    tensors[f"vae_input_latents.{dt}"] = res["vae_input_latents"]
     tensors[f"decoded.{dt}"] = res["decoded"]
     tensors[f"image_uint8.{dt}"] = res["image_uint8"]
+    meanings[f"vae_input_latents.{dt}"] = (
+        f"unpacked, BN-denormalised, unpatchified final latents [1,32,8,12] fed to vae.decode "
+        f"(= what output_type='latent' returns) ({dt} pipeline)"
+    )
     meanings[f"step_latents.{dt}"] = f"packed latents after each of the {n_steps} scheduler steps [{n_steps},1,24,128] ({dt} pipeline)"
     meanings[f"final_latents.{dt}"] = f"final packed latents [1,24,128] before unpack/denormalise/decode ({dt} pipeline)"
     meanings[f"decoded.{dt}"] = f"vae.decode output [1,3,64,96] before postprocess ({dt} pipeline)"
@@ -400,7 +434,7 @@ def _run_outputs(tensors, meanings, res, dt, n_steps):
 
 def _run_spread(tensors, extra=()):
     s = {}
-    for name in ("final_latents",) + tuple(extra) + ("decoded",):
+    for name in ("final_latents",) + tuple(extra) + ("vae_input_latents", "decoded"):
         s[name] = util.spread_entry(tensors[f"{name}.f32"], tensors[f"{name}.bf16"], f"{name}.f32", f"{name}.bf16")
     s["image_uint8"] = util.spread_entry(
         tensors["image_uint8.f32"].float(), tensors["image_uint8.bf16"].float(), "image_uint8.f32", "image_uint8.bf16",
@@ -472,8 +506,9 @@ def run_i2i(pipe, prompt, init_u8, noise, steps, strength):
             noise_pred = noise_pred[:, : latents.size(1) :]
             latents = pipe.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             step_lat.append(latents.clone())
-        _, dec, u8 = decode_packed(pipe, latents, h, w)
+        vae_in, dec, u8 = decode_packed(pipe, latents, h, w)
     return {
+        "vae_input_latents": vae_in,
         "image": pipe.image_processor.preprocess(util.to_pil(init_u8), height=H, width=W),
         "x0_packed": pipe._pack_latents(x0),
         "start_latents": start,
@@ -494,7 +529,7 @@ def case_i2i(run: Runner, steps=6, strength=0.6):
     meanings = {
         "init_image_uint8": "init image HWC uint8 [64,96,3]",
         "noise": "noise [1,128,4,6] (bf16-representable) blended with the encoded init image",
-        "init_image": "image_processor.preprocess(init image) NCHW f32 [-1,1] [1,3,64,96]",
+        "init_image": "image_processor.preprocess(init image) NCHW f32 [-1,1] [1,3,64,96] (cast to the pipeline dtype before vae.encode)",
         "timesteps": "timesteps actually run (scheduler.timesteps[t_start:]), f32",
     }
     meta = {}
@@ -608,8 +643,8 @@ def case_multiref(run: Runner):
     meanings = {
         "ref0_uint8": "reference image 0 HWC uint8 [64,64,3] -> ids t=10, grid 4x4",
         "ref1_uint8": "reference image 1 HWC uint8 [64,96,3] -> ids t=20, grid 4x6",
-        "ref0": "preprocessed reference 0 NCHW f32 [-1,1] [1,3,64,64]",
-        "ref1": "preprocessed reference 1 NCHW f32 [-1,1] [1,3,64,96]",
+        "ref0": "preprocessed reference 0 NCHW f32 [-1,1] [1,3,64,64] (cast to the VAE dtype before vae.encode)",
+        "ref1": "preprocessed reference 1 NCHW f32 [-1,1] [1,3,64,96] (cast to the VAE dtype before vae.encode)",
         "noise": "initial noise [1,128,4,6] passed as `latents=`",
     }
     for dt in DTYPES:
@@ -666,7 +701,6 @@ def case_cfg(run: Runner, steps=8, guidance=4.0):
 
 def sensitivity(run: Runner) -> dict:
     out = {}
-    H_ = H
     p = run.p("distilled", "f32")
     noise = _noise(SEED_NOISE["t2i"], 4, 6)
     a = run_t2i(p, PROMPTS[0], noise)
@@ -701,18 +735,18 @@ def sensitivity(run: Runner) -> dict:
     }
     # i2i: change init image
     ni = _noise(SEED_NOISE["i2i"], 4, 6)
-    i1 = run_i2i(p, PROMPTS[0], util.synthetic_image(H_, W, 1), ni, 6, 0.6)
-    i2 = run_i2i(p, PROMPTS[0], util.synthetic_image(H_, W, 5), ni, 6, 0.6)
+    i1 = run_i2i(p, PROMPTS[0], util.synthetic_image(H, W, 1), ni, 6, 0.6)
+    i2 = run_i2i(p, PROMPTS[0], util.synthetic_image(H, W, 5), ni, 6, 0.6)
     out["i2i_init_image"] = {
         "what": "i2i, different init image",
         "final_latents_rel_l2": util.rel_l2(i1["final_latents"], i2["final_latents"]),
         **util.pixel_diff(i1["image_uint8"], i2["image_uint8"]),
     }
     # inpaint: mask matters
-    init_u8 = util.synthetic_image(H_, W, 2)
+    init_u8 = util.synthetic_image(H, W, 2)
     nn_ = _noise(SEED_NOISE["inpaint"], 4, 6)
-    r1 = run_inpaint(run, "f32", PROMPTS[0], init_u8, util.rect_mask(H_, W, *INPAINT_RECT), nn_, 6, 0.8)
-    r2 = run_inpaint(run, "f32", PROMPTS[0], init_u8, util.rect_mask(H_, W, 0, 0, 32, 48), nn_, 6, 0.8)
+    r1 = run_inpaint(run, "f32", PROMPTS[0], init_u8, util.rect_mask(H, W, *INPAINT_RECT), nn_, 6, 0.8)
+    r2 = run_inpaint(run, "f32", PROMPTS[0], init_u8, util.rect_mask(H, W, 0, 0, 32, 48), nn_, 6, 0.8)
     m = r1["mask_tokens"]
     keep = (m[0, :, 0] == 0)
     out["inpaint_mask"] = {

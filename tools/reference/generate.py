@@ -134,10 +134,12 @@ def write_fixtures_readme(out_dir: str, manifest: dict) -> None:
         "Tiny random-weight FLUX.2 [klein] checkpoints in the diffusers `save_pretrained` layout and golden tensors",
         "from diffusers' own pipelines. Written by `tools/reference/generate.py`; CI only reads them (no Python needed).",
         "",
-        "Regenerate (needs the Python environment of `tools/reference/requirements.txt`, CPU only, ~1 min):",
+        "Regenerate (needs the Python environment of `tools/reference/requirements.txt`, CPU only, ~25 s;",
+        "see `tools/reference/README.md`). `--verify` regenerates into a temporary folder and byte-compares:",
         "",
         "```sh",
         "python tools/reference/generate.py --out tests/fixtures",
+        "python tools/reference/generate.py --out tests/fixtures --verify",
         "```",
         "",
         "Versions used: " + ", ".join(f"{k} {val}" for k, val in v.items()),
@@ -195,11 +197,36 @@ def write_fixtures_readme(out_dir: str, manifest: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "tests", "fixtures"), help="fixtures folder (default: tests/fixtures)")
-    ap.add_argument("--no-f64", action="store_true", help="skip the f32-vs-float64 note")
+    ap.add_argument("--no-f64", action="store_true", help="skip the f32-vs-float64 note (changes manifest.json/README.md)")
+    ap.add_argument(
+        "--verify", action="store_true",
+        help="generate into a temporary folder and compare byte-for-byte with --out (exit 1 on any difference)",
+    )
     args = ap.parse_args()
     _quiet()
+    if not args.verify:
+        generate(os.path.abspath(args.out), args.no_f64)
+        return 0
+    import filecmp
+
+    ref = os.path.abspath(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(tmp, args.no_f64)
+        a = {rel for rel, _ in _file_sizes(tmp, skip=())}
+        b = {rel for rel, _ in _file_sizes(ref, skip=())}
+        bad = sorted(a ^ b)
+        for rel in sorted(a & b):
+            if not filecmp.cmp(os.path.join(tmp, rel), os.path.join(ref, rel), shallow=False):
+                bad.append(rel)
+    if bad:
+        print("fixtures differ from a fresh generation:\n  " + "\n  ".join(bad))
+        return 1
+    print(f"fixtures in {ref} are byte-identical to a fresh generation")
+    return 0
+
+
+def generate(out_dir: str, no_f64: bool) -> None:
     t0 = time.time()
-    out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     gold_dir = os.path.join(out_dir, GOLDENS)
     if os.path.exists(gold_dir):
@@ -253,7 +280,7 @@ def main() -> int:
         tensors, meanings, entry = result
         tensors = _contiguous(tensors)
         fname = f"{GOLDENS}/{name}.safetensors"
-        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt", "case": name})
+        save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})  # one key: safetensors writes metadata in HashMap order
         e = {"file": fname}
         e.update(entry)
         e["tensors"] = cases._tensor_meta(tensors, meanings)
@@ -273,7 +300,7 @@ def main() -> int:
     add("cfg", cases.case_cfg(run))
 
     manifest["sensitivity"] = cases.sensitivity(run)
-    if not args.no_f64:
+    if not no_f64:
         manifest["f32_vs_f64_rel_l2"] = cases.f64_reference(out_dir, checkpoints.DISTILLED_DIR, run, tensors_by_case)
 
     with open(os.path.join(gold_dir, "manifest.json"), "w", encoding="utf-8") as f:
@@ -292,7 +319,6 @@ def main() -> int:
         print("f32 vs float64 (rel-L2): " + ", ".join(f"{k}={v:.2e}" for k, v in manifest["f32_vs_f64_rel_l2"].items()))
     total = sum(s for _, s in _file_sizes(out_dir, skip=()))
     print(f"\nwrote {out_dir} ({total / 1e6:.2f} MB) in {time.time() - t0:.1f}s")
-    return 0
 
 
 if __name__ == "__main__":

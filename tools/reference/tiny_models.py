@@ -168,6 +168,12 @@ def _time_damping(n_freq: int = 128, f0: float = 0.02) -> torch.Tensor:
     return torch.cat([d, d]).to(torch.float32)
 
 
+# DiT QK-RMSNorm gains. With gains ~1 the logits q.k/sqrt(32) have std ~1 and attention over the 512
+# (mostly padding) text tokens is nearly uniform, so references and prompt content barely matter.
+# Gains ~2 (logit std ~4) give trained-model-like sharp attention.
+QK_GAIN = (1.6, 2.4)
+
+
 def make_transformer(seed: int, ctx_rms: float) -> Flux2Transformer2DModel:
     torch.manual_seed(seed)
     model = Flux2Transformer2DModel(**TRANSFORMER_CONFIG).eval()
@@ -178,7 +184,7 @@ def make_transformer(seed: int, ctx_rms: float) -> Flux2Transformer2DModel:
         for name, p in model.named_parameters():
             fan_in = p.shape[1] if p.ndim == 2 else None
             if "norm" in name and p.ndim == 1:  # norm_q / norm_k / norm_added_q / norm_added_k
-                p.copy_(_gain(g, p.shape))
+                p.copy_(_uniform(g, p.shape, QK_GAIN[0], QK_GAIN[1]))
             elif name == "time_guidance_embed.timestep_embedder.linear_1.weight":
                 w = _normal(g, p.shape, 1.0 / math.sqrt(n_live)) * damp[None, :] * 1.5
                 p.copy_(w)
