@@ -14,9 +14,12 @@ use std::{
 
 use candle_core::{DType, Device, Tensor};
 
-/// `tests/fixtures/`.
+/// `tests/fixtures/`, or `$KLEIN_FIXTURES_DIR` when set (test binaries built here and run on
+/// another machine, e.g. the GPU machine, find the fixtures there).
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+    std::env::var_os("KLEIN_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"))
 }
 
 /// A tiny pipeline folder, e.g. `tiny-klein-4b` (distilled) or `tiny-klein-base-4b`.
