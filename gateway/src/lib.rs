@@ -10,6 +10,8 @@
 //! - [`catalog`]: models and service infos learnt from the stages.
 //! - [`grpc`]: the thin ImageService handlers.
 //! - [`tensors`]: wire-tensor plumbing (images, masks, batch repeat).
+//! - [`stack`]: the one-command stack (all services + gateway in one process).
+//! - [`cli`]: the `klein` command-line client.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
@@ -23,6 +25,7 @@ pub mod grpc;
 pub mod image_io;
 pub mod pipeline;
 pub mod preprocess;
+pub mod stack;
 pub mod tensors;
 pub mod validate;
 
@@ -51,6 +54,12 @@ pub enum Error {
     Serve(#[from] ServeError),
     #[error("metrics listener: {0}")]
     Metrics(std::io::Error),
+    #[error("a component stopped unexpectedly")]
+    Stopped,
+    #[error("a component panicked: {0}")]
+    Panicked(String),
+    #[error("not ready after {0:?}")]
+    NotReady(Duration),
 }
 
 /// Serves the ImageService on `listener` until `shutdown`. Health turns SERVING once the

@@ -1,0 +1,229 @@
+//! The one-command stack: the three model services and the gateway in one process, sharing
+//! one device, each with its own memory budget, talking real gRPC over loopback (the same
+//! code path as the Kubernetes deployment, where each runs in its own pod).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use klein_runtime::{
+    bytesize::ByteSize,
+    device::{DTypeSpec, DeviceSpec},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config as GatewayConfig;
+
+/// Everything the stack needs; [`StackOptions::new`] fills sensible defaults.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Gateway listen address.
+    pub listen: SocketAddr,
+    /// Encoder settings (model_dir, device, budget, quantization, ...).
+    pub encoder: encoder_svc::Config,
+    /// Denoiser settings.
+    pub denoiser: denoiser_svc::Config,
+    /// VAE settings.
+    pub vae: vae_svc::Config,
+    /// Gateway settings (stage addresses are filled in by [`start`]).
+    pub gateway: GatewayConfig,
+}
+
+impl StackOptions {
+    /// A stack serving the diffusers pipeline folder `model_dir` on `device`.
+    pub fn new(model_dir: &Path, device: DeviceSpec, listen: SocketAddr) -> Self {
+        let mut encoder = encoder_svc::Config::default();
+        let mut denoiser = denoiser_svc::Config::default();
+        let mut vae = vae_svc::Config::default();
+        encoder.model_dir = Some(model_dir.to_owned());
+        denoiser.model_dir = Some(model_dir.to_owned());
+        vae.model_dir = Some(model_dir.to_owned());
+        for server in [&mut encoder.server, &mut denoiser.server, &mut vae.server] {
+            server.device = device;
+        }
+        if device != DeviceSpec::Cpu {
+            encoder.server.dtype = DTypeSpec::Bf16;
+            denoiser.server.dtype = DTypeSpec::Bf16;
+        }
+        vae.server.dtype = DTypeSpec::F32;
+        let mut gateway = GatewayConfig::default();
+        gateway.server.listen = listen;
+        Self {
+            listen,
+            encoder,
+            denoiser,
+            vae,
+            gateway,
+        }
+    }
+
+    /// Sets the three services' budgets.
+    pub fn budgets(mut self, encoder: ByteSize, denoiser: ByteSize, vae: ByteSize) -> Self {
+        self.encoder.server.gpu_memory_budget = encoder;
+        self.denoiser.server.gpu_memory_budget = denoiser;
+        self.vae.server.gpu_memory_budget = vae;
+        self
+    }
+}
+
+/// Why the stack stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("encoder: {0}")]
+    Encoder(#[from] encoder_svc::EncoderError),
+    #[error("denoiser: {0}")]
+    Denoiser(#[from] denoiser_svc::DenoiseError),
+    #[error("vae: {0}")]
+    Vae(#[from] vae_svc::VaeError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] crate::Error),
+}
+
+/// A running stack.
+pub struct RunningStack {
+    /// Gateway address.
+    pub addr: SocketAddr,
+    /// Internal service addresses: encoder, denoiser, VAE.
+    pub stage_addrs: [SocketAddr; 3],
+    stop: CancellationToken,
+    tasks: JoinSet<Result<(), StackError>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StackError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StackError::Listen { addr, source })
+}
+
+/// Starts the services on loopback ports and the gateway on `opts.listen`.
+pub async fn start(opts: StackOptions) -> Result<RunningStack, StackError> {
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let (el, dl, vl) = (
+        bind(loopback).await?,
+        bind(loopback).await?,
+        bind(loopback).await?,
+    );
+    let gl = bind(opts.listen).await?;
+    let stage_addrs = [el.local_addr(), dl.local_addr(), vl.local_addr()]
+        .map(|a| a.expect("a bound listener has an address"));
+    let gateway_addr = gl.local_addr().map_err(|source| StackError::Listen {
+        addr: opts.listen,
+        source,
+    })?;
+    let url = |a: SocketAddr| vec![format!("http://{a}")];
+    let mut gateway = opts.gateway;
+    gateway.encoder_addrs = url(stage_addrs[0]);
+    gateway.denoiser_addrs = url(stage_addrs[1]);
+    gateway.vae_addrs = url(stage_addrs[2]);
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let s = stop.clone();
+    tasks
+        .spawn(async move { Ok(encoder_svc::serve(opts.encoder, el, s.cancelled_owned()).await?) });
+    let s = stop.clone();
+    tasks.spawn(
+        async move { Ok(denoiser_svc::serve(opts.denoiser, dl, s.cancelled_owned()).await?) },
+    );
+    let s = stop.clone();
+    tasks.spawn(async move { Ok(vae_svc::serve(opts.vae, vl, s.cancelled_owned()).await?) });
+    let s = stop.clone();
+    tasks.spawn(async move { Ok(crate::serve(gateway, gl, s.cancelled_owned()).await?) });
+    Ok(RunningStack {
+        addr: gateway_addr,
+        stage_addrs,
+        stop,
+        tasks,
+    })
+}
+
+impl RunningStack {
+    /// Waits until the gateway reports SERVING, or a component fails, or `timeout` passes.
+    pub async fn ready(&mut self, timeout: Duration) -> Result<(), StackError> {
+        let url = format!("http://{}", self.addr);
+        let poll = async {
+            loop {
+                if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone())
+                    .expect("valid url")
+                    .connect()
+                    .await
+                {
+                    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+                    let req = tonic_health::pb::HealthCheckRequest {
+                        service: String::new(),
+                    };
+                    if let Ok(resp) = health.check(req).await {
+                        if resp.into_inner().status
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving
+                                as i32
+                        {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            () = poll => Ok(()),
+            Some(done) = self.tasks.join_next() => Err(match done {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => StackError::Gateway(crate::Error::Stopped),
+                Err(join) => StackError::Gateway(crate::Error::Panicked(join.to_string())),
+            }),
+            () = tokio::time::sleep(timeout) => Err(StackError::Gateway(crate::Error::NotReady(timeout))),
+        }
+    }
+
+    /// Runs until `shutdown` resolves or a component stops; then stops everything (drain).
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), StackError> {
+        let first = tokio::select! {
+            () = shutdown => None,
+            Some(done) = self.tasks.join_next() => Some(done),
+        };
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        match first {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(join)) => Err(StackError::Gateway(crate::Error::Panicked(
+                join.to_string(),
+            ))),
+        }
+    }
+
+    /// Stops every component and waits for them.
+    pub async fn stop(self) -> Result<(), StackError> {
+        self.run_until(async {}).await
+    }
+}
+
+/// The bundled tiny random-weight pipeline (`tests/fixtures/tiny-klein-4b` of this checkout).
+pub fn bundled_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-klein-4b")
+}
+
+/// Resolves `org/name` in the local Hugging Face cache (`$HF_HUB_CACHE`, else
+/// `$HF_HOME/hub`, else `~/.cache/huggingface/hub`) to its `refs/main` snapshot folder.
+pub fn hf_cache_snapshot(repo: &str) -> Option<PathBuf> {
+    let hub = std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        })?;
+    let dir = hub.join(format!("models--{}", repo.replace('/', "--")));
+    let rev = std::fs::read_to_string(dir.join("refs/main")).ok()?;
+    let snap = dir.join("snapshots").join(rev.trim());
+    snap.join("model_index.json").is_file().then_some(snap)
+}
