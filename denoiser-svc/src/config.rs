@@ -1,0 +1,96 @@
+//! denoiser-svc settings: the shared server settings plus the model and request limits.
+//! Layered as every service: defaults < TOML file (`--config`) < `KLEIN_*` env < flags.
+
+use std::path::PathBuf;
+
+use klein_runtime::{
+    bytesize::ByteSize,
+    config::{ServerConfig, ServerFlags},
+};
+use serde::{Deserialize, Serialize};
+
+/// Everything the service needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    #[serde(flatten)]
+    pub server: ServerConfig,
+    /// Diffusers pipeline root, its `transformer/` folder, or a BFL single file. Required.
+    pub model_dir: Option<PathBuf>,
+    /// Model id reported by Info and accepted in `DenoiseRequest.model`; default: the folder
+    /// or file name.
+    pub model_id: Option<String>,
+    /// Whether the model is step-distilled (guidance ignored). Default: `model_index.json`'s
+    /// `is_distilled`; required when the checkpoint has no `model_index.json`.
+    pub is_distilled: Option<bool>,
+    /// Largest f32 attention-score block materialised at once.
+    pub attention_chunk_bytes: ByteSize,
+    /// Device memory the runtime itself needs besides weights and activations (CUDA context,
+    /// cuBLAS workspaces, allocator slack); subtracted from the budget.
+    pub runtime_overhead: ByteSize,
+    /// Largest batch one request may carry.
+    pub max_batch: u32,
+    /// Largest image side, pixels (output and references).
+    pub max_image_side: u32,
+    /// Largest image area, pixels (output and each reference).
+    pub max_image_pixels: u64,
+    /// Most reference images per request.
+    pub max_references: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig {
+                listen: ([127, 0, 0, 1], 50053).into(),
+                ..ServerConfig::default()
+            },
+            model_dir: None,
+            model_id: None,
+            is_distilled: None,
+            attention_chunk_bytes: ByteSize(256 << 20),
+            runtime_overhead: ByteSize(512 << 20),
+            max_batch: 4,
+            max_image_side: 2048,
+            max_image_pixels: 2048 * 2048,
+            max_references: 4,
+        }
+    }
+}
+
+/// Command-line flags; each one given overrides file and environment.
+#[derive(Debug, Clone, Default, clap::Parser, Serialize)]
+#[command(name = "denoiser-svc", about = "FLUX.2 [klein] denoiser gRPC service")]
+pub struct Flags {
+    /// TOML config file.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub server: ServerFlags,
+    /// Diffusers pipeline root, its transformer/ folder, or a BFL single file.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_dir: Option<PathBuf>,
+    /// Model id to report and accept (default: folder or file name).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    /// Whether the model is step-distilled (default: from model_index.json).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_distilled: Option<bool>,
+    /// Largest f32 attention-score block, e.g. 256MiB.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention_chunk_bytes: Option<ByteSize>,
+    /// Runtime overhead subtracted from the budget, e.g. 512MiB.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_overhead: Option<ByteSize>,
+    /// Largest batch per request.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
+}

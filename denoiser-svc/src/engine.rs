@@ -1,0 +1,298 @@
+//! The step engine: one named thread owns the transformer and its device and advances the
+//! admitted requests one sampling step at a time.
+//!
+//! Requests arrive on a queue as [`Job`]s (already validated, holding their budget
+//! [`Reservation`]). The thread keeps a list of active runs and, between any two steps:
+//! - takes new jobs from the queue (waiting only when it has nothing to do);
+//! - drops every run whose client went away (its event stream was dropped): the work stops
+//!   within one step and dropping the job frees its reservation;
+//! - runs the next step of the oldest active run (FIFO, run to completion), then reports
+//!   progress (with a preview when asked) or the final latents.
+//!
+//! Steps are the unit of scheduling so that runs with the same geometry can later share one
+//! batched forward: the model already takes one timestep per batch item. A panic inside a step
+//! fails that run alone.
+
+use std::{
+    collections::VecDeque,
+    panic::{AssertUnwindSafe, catch_unwind},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use candle_core::{DType, Device, Tensor};
+use klein_runtime::{budget::Reservation, engine::EngineError};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{
+    error::DenoiseError,
+    model::{Flux2Transformer2DModel, Rope},
+    noise, preview,
+    sampler::{self, Grid, Guidance, Mode, Request, Run},
+    validate::{Noise, ValidDenoiseRequest, ValidMode},
+};
+
+/// The model on its device.
+pub struct Loaded {
+    pub model: Flux2Transformer2DModel,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// What the engine reports for a job.
+#[derive(Debug)]
+pub enum Event {
+    /// A step finished.
+    Progress {
+        step: usize,
+        total: usize,
+        sigma: f32,
+        /// `[B, h, w, 3]` u8 on the CPU, when asked for at this step.
+        preview: Option<Tensor>,
+    },
+    /// Sampling finished: packed latents `[B, N, 128]` on the CPU in the model dtype.
+    Finished {
+        latents: Tensor,
+        compute_seconds: f64,
+    },
+    /// Sampling failed.
+    Failed(DenoiseError),
+}
+
+/// One admitted request.
+pub struct Job {
+    pub request: ValidDenoiseRequest,
+    /// Progress and the result; a closed channel means the client went away.
+    pub events: UnboundedSender<Event>,
+    /// Held until the job ends, whichever way.
+    pub reservation: Reservation,
+}
+
+/// A handle to the engine thread; cheap to clone. The thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct DenoiseEngine {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl DenoiseEngine {
+    /// Starts thread `name`, builds the model there with `init` (which also warms it up) and
+    /// returns once it is ready, or with `init`'s error.
+    pub fn spawn<F>(name: &str, init: F) -> Result<Self, DenoiseError>
+    where
+        F: FnOnce() -> Result<Loaded, DenoiseError> + Send + 'static,
+    {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), DenoiseError>>();
+        thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || match init() {
+                Ok(loaded) => {
+                    let _ = ready_tx.send(Ok(()));
+                    serve(&loaded, &queue);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self { jobs }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(EngineError::Panicked("model initialisation panicked".into()).into()),
+        }
+    }
+
+    /// Queues a job; its events arrive on the job's channel.
+    pub fn submit(&self, job: Job) -> Result<(), DenoiseError> {
+        self.jobs.send(job).map_err(|_| EngineError::Stopped.into())
+    }
+}
+
+/// An active run and the job it belongs to.
+struct Active {
+    run: Run<Rope>,
+    job: Job,
+    grid: Grid,
+    compute: Duration,
+}
+
+fn serve(loaded: &Loaded, queue: &mpsc::Receiver<Job>) {
+    let mut active: VecDeque<Active> = VecDeque::new();
+    loop {
+        if active.is_empty() {
+            match queue.recv() {
+                Ok(job) => admit(loaded, job, &mut active),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = queue.try_recv() {
+            admit(loaded, job, &mut active);
+        }
+        active.retain(|a| {
+            let gone = a.job.events.is_closed();
+            if gone {
+                metrics::counter!("klein_denoiser_cancelled_total").increment(1);
+                tracing::info!(step = a.run.steps_done(), "client went away; run dropped");
+            }
+            !gone
+        });
+        metrics::gauge!("klein_denoiser_active_runs").set(active.len() as f64);
+        if let Some(mut a) = active.pop_front() {
+            match step(loaded, &mut a) {
+                Next::Continue => active.push_front(a),
+                Next::Finished => finish(a),
+                Next::Failed => {}
+            }
+        }
+    }
+}
+
+/// Prepares a job's run and queues it, or reports why it cannot run.
+fn admit(loaded: &Loaded, job: Job, active: &mut VecDeque<Active>) {
+    let grid = job.request.grid;
+    let started = Instant::now();
+    let prepared = catch_unwind(AssertUnwindSafe(|| {
+        let request = prepare(loaded, &job.request)?;
+        Ok::<_, DenoiseError>(Run::new(&loaded.model, request)?)
+    }));
+    match prepared.map_err(panicked).and_then(|r| r) {
+        Ok(run) => {
+            let a = Active {
+                run,
+                job,
+                grid,
+                compute: started.elapsed(),
+            };
+            if a.run.is_finished() {
+                finish(a);
+            } else {
+                active.push_back(a);
+            }
+        }
+        Err(e) => {
+            let _ = job.events.send(Event::Failed(e));
+        }
+    }
+}
+
+/// What follows a step.
+enum Next {
+    Continue,
+    Finished,
+    /// The failure was reported; the job is dropped.
+    Failed,
+}
+
+/// Runs one step of `a` and reports its progress.
+fn step(loaded: &Loaded, a: &mut Active) -> Next {
+    let started = Instant::now();
+    let outcome = catch_unwind(AssertUnwindSafe(|| a.run.step(&loaded.model)));
+    let elapsed = started.elapsed();
+    a.compute += elapsed;
+    metrics::histogram!("klein_denoiser_step_seconds").record(elapsed.as_secs_f64());
+    if let Err(e) = outcome
+        .map_err(panicked)
+        .and_then(|r| r.map_err(DenoiseError::from))
+    {
+        let _ = a.job.events.send(Event::Failed(e));
+        return Next::Failed;
+    }
+    let (done, total) = (a.run.steps_done(), a.run.total_steps());
+    let every = a.job.request.preview_every;
+    let preview = (every > 0 && done % every == 0)
+        .then(|| preview::preview(a.run.latents(), a.grid.height, a.grid.width))
+        .transpose();
+    match preview {
+        Ok(preview) => {
+            let _ = a.job.events.send(Event::Progress {
+                step: done,
+                total,
+                sigma: a.run.sigma(),
+                preview,
+            });
+        }
+        Err(e) => {
+            let _ = a.job.events.send(Event::Failed(e.into()));
+            return Next::Failed;
+        }
+    }
+    if a.run.is_finished() {
+        Next::Finished
+    } else {
+        Next::Continue
+    }
+}
+
+/// Sends the final latents (on the CPU) of a finished run.
+fn finish(a: Active) {
+    let Active {
+        run, job, compute, ..
+    } = a;
+    let event = match run.into_latents().to_device(&Device::Cpu) {
+        Ok(latents) => Event::Finished {
+            latents,
+            compute_seconds: compute.as_secs_f64(),
+        },
+        Err(e) => Event::Failed(e.into()),
+    };
+    let _ = job.events.send(event);
+}
+
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> DenoiseError {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into());
+    EngineError::Panicked(msg).into()
+}
+
+/// Moves a validated request onto the model's device and dtype, drawing seeded noise.
+fn prepare(loaded: &Loaded, req: &ValidDenoiseRequest) -> Result<Request, DenoiseError> {
+    let on_device = |t: &Tensor| t.to_device(&loaded.device)?.to_dtype(loaded.dtype);
+    let (b, grid) = (req.batch(), req.grid);
+    let channels = loaded.model.config().in_channels;
+    let noise = match &req.noise {
+        Noise::Seed(seed) => noise::seeded_noise(*seed, b, channels, grid.height, grid.width)?,
+        Noise::Tensor(t) => t.clone(),
+    };
+    let mode = match &req.mode {
+        ValidMode::TextToImage => Mode::TextToImage,
+        ValidMode::ImageToImage {
+            image_latents,
+            strength,
+        } => Mode::ImageToImage {
+            image_latents: on_device(image_latents)?,
+            strength: *strength,
+        },
+        ValidMode::Inpaint {
+            image_latents,
+            mask,
+            strength,
+        } => Mode::Inpaint {
+            image_latents: on_device(image_latents)?,
+            mask: on_device(mask)?,
+            strength: *strength,
+        },
+    };
+    Ok(Request {
+        prompt_embeds: on_device(&req.prompt_embeds)?,
+        guidance: match &req.guidance {
+            Some((negative, scale)) => Some(Guidance {
+                negative: on_device(negative)?,
+                scale: *scale,
+            }),
+            None => None,
+        },
+        noise: on_device(&sampler::pack(&noise)?)?,
+        grid,
+        references: req
+            .references
+            .iter()
+            .map(|(t, g)| Ok((on_device(t)?, *g)))
+            .collect::<candle_core::Result<_>>()?,
+        mode,
+        num_steps: req.num_steps,
+        shift: req.shift,
+    })
+}

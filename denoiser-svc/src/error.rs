@@ -1,0 +1,71 @@
+//! The service's one error type and its gRPC status mapping.
+
+use klein_proto::tensor::FieldError;
+use klein_runtime::{
+    budget::AdmissionError, device::DeviceError, engine::EngineError, server::ServeError,
+};
+
+use crate::weights::LoadError;
+
+/// Everything that can go wrong in denoiser-svc.
+#[derive(Debug, thiserror::Error)]
+pub enum DenoiseError {
+    /// Bad input, naming the request field.
+    #[error("{field}: {reason}")]
+    Validation { field: String, reason: String },
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("sampling failed: {0}")]
+    Compute(#[from] candle_core::Error),
+    #[error("loading the model: {0}")]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A configuration the service cannot start with.
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl DenoiseError {
+    /// A validation error at `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Validation { .. } => "invalid_argument",
+            Self::Admission(_) => "resource_exhausted",
+            Self::Engine(EngineError::Stopped) => "unavailable",
+            _ => "internal",
+        }
+    }
+}
+
+impl From<FieldError> for DenoiseError {
+    fn from(err: FieldError) -> Self {
+        Self::invalid(err.field, err.source.to_string())
+    }
+}
+
+impl From<DenoiseError> for tonic::Status {
+    fn from(err: DenoiseError) -> Self {
+        let msg = err.to_string();
+        match err {
+            DenoiseError::Validation { .. } => tonic::Status::invalid_argument(msg),
+            DenoiseError::Admission(_) => tonic::Status::resource_exhausted(msg),
+            DenoiseError::Engine(EngineError::Stopped) => tonic::Status::unavailable(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
+}

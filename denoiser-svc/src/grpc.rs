@@ -1,0 +1,141 @@
+//! `klein.v1.DenoiserService`: thin handlers over validation, admission and the engine.
+
+use std::{pin::Pin, sync::Arc, time::Instant};
+
+use candle_core::DType;
+use klein_proto::{
+    pb::{self, denoise_response::Event as PbEvent, denoiser_service_server::DenoiserService},
+    tensor,
+};
+use klein_runtime::budget::MemoryBudget;
+use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    admission,
+    engine::{DenoiseEngine, Event, Job},
+    error::DenoiseError,
+    model::{AttentionConfig, Config as ModelConfig},
+    validate::{RequestContext, ValidDenoiseRequest},
+};
+
+/// The service state shared by every call.
+pub struct Denoiser {
+    pub engine: DenoiseEngine,
+    pub budget: MemoryBudget,
+    pub context: RequestContext,
+    pub model: ModelConfig,
+    pub dtype: DType,
+    pub attention: AttentionConfig,
+    /// The static part of Info; reservations and queue are filled per call.
+    pub info: pb::ServiceInfo,
+}
+
+/// The gRPC face of [`Denoiser`].
+#[derive(Clone)]
+pub struct DenoiserGrpc(pub Arc<Denoiser>);
+
+type DenoiseStream = Pin<Box<dyn Stream<Item = Result<pb::DenoiseResponse, Status>> + Send>>;
+
+impl Denoiser {
+    async fn denoise(&self, req: pb::DenoiseRequest) -> Result<DenoiseStream, DenoiseError> {
+        let valid = ValidDenoiseRequest::try_from((req, &self.context))?;
+        let bytes = admission::activation_bytes(
+            &self.model,
+            self.dtype,
+            valid.batch(),
+            valid.sequence_len(),
+            &self.attention,
+        );
+        let queued = Instant::now();
+        let reservation = self.budget.reserve(bytes).await?;
+        let queue_seconds = queued.elapsed().as_secs_f64();
+        metrics::histogram!("klein_denoiser_queue_seconds").record(queue_seconds);
+        let warnings = valid.warnings.clone();
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.engine.submit(Job {
+            request: valid,
+            events,
+            reservation,
+        })?;
+        let stream = UnboundedReceiverStream::new(rx)
+            .map(move |event| response(event, &warnings, queue_seconds));
+        Ok(Box::pin(stream))
+    }
+}
+
+/// One engine event as a stream item.
+fn response(
+    event: Event,
+    warnings: &[String],
+    queue_seconds: f64,
+) -> Result<pb::DenoiseResponse, Status> {
+    let encode =
+        |t: &candle_core::Tensor| tensor::encode(t).map_err(|e| Status::internal(e.to_string()));
+    let event = match event {
+        Event::Progress {
+            step,
+            total,
+            sigma,
+            preview,
+        } => PbEvent::Progress(pb::DenoiseProgress {
+            step: step as u32,
+            total_steps: total as u32,
+            sigma,
+            preview: preview.as_ref().map(encode).transpose()?,
+        }),
+        Event::Finished {
+            latents,
+            compute_seconds,
+        } => {
+            metrics::counter!("klein_denoiser_results_total", "outcome" => "ok").increment(1);
+            PbEvent::Result(pb::DenoiseResult {
+                latents: Some(encode(&latents)?),
+                warnings: warnings.to_vec(),
+                queue_seconds,
+                compute_seconds,
+            })
+        }
+        Event::Failed(e) => {
+            metrics::counter!("klein_denoiser_results_total", "outcome" => e.kind()).increment(1);
+            return Err(e.into());
+        }
+    };
+    Ok(pb::DenoiseResponse { event: Some(event) })
+}
+
+#[tonic::async_trait]
+impl DenoiserService for DenoiserGrpc {
+    type DenoiseStream = DenoiseStream;
+
+    async fn denoise(
+        &self,
+        request: Request<pb::DenoiseRequest>,
+    ) -> Result<Response<Self::DenoiseStream>, Status> {
+        metrics::counter!("klein_denoiser_requests_total").increment(1);
+        match self.0.denoise(request.into_inner()).await {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => {
+                metrics::counter!("klein_denoiser_results_total", "outcome" => e.kind())
+                    .increment(1);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::DenoiserServiceInfoRequest>,
+    ) -> Result<Response<pb::DenoiserServiceInfoResponse>, Status> {
+        let snapshot = self.0.budget.snapshot();
+        let info = pb::ServiceInfo {
+            reserved_bytes: snapshot.reserved,
+            queue_depth: snapshot.queued as u32,
+            max_queue_depth: snapshot.max_queue as u32,
+            ..self.0.info.clone()
+        };
+        Ok(Response::new(pb::DenoiserServiceInfoResponse {
+            info: Some(info),
+        }))
+    }
+}

@@ -1,0 +1,335 @@
+//! The blocks of `Flux2Transformer2DModel` (spec §2.2–§2.8), bottom-up: timestep embedding,
+//! shared modulation, double-stream attention and block, single-stream attention and block,
+//! and the adaptive output norm.
+
+use candle_core::{D, DType, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder, linear_no_bias};
+
+use super::{
+    attention::{apply_rope, attention},
+    embeddings::{Rope, timestep_features},
+    layers::{FeedForward, LayerNorm, QkNorm, modulate, silu},
+    transformer::Config,
+};
+
+/// `time_guidance_embed.timestep_embedder`: Linear(256, D) → SiLU → Linear(D, D).
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let d = cfg.hidden_size();
+        Ok(Self {
+            linear_1: linear_no_bias(cfg.timestep_guidance_channels, d, vb.pp("linear_1"))?,
+            linear_2: linear_no_bias(d, d, vb.pp("linear_2"))?,
+        })
+    }
+
+    /// (B, 256) → (B, D)
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&silu(&self.linear_1.forward(xs)?)?)
+    }
+}
+
+/// `time_guidance_embed` (klein: timestep only, no guidance embedder).
+#[derive(Debug, Clone)]
+pub struct Flux2TimestepGuidanceEmbeddings {
+    timestep_embedder: TimestepEmbedding,
+    channels: usize,
+}
+
+impl Flux2TimestepGuidanceEmbeddings {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            timestep_embedder: TimestepEmbedding::new(cfg, vb.pp("timestep_embedder"))?,
+            channels: cfg.timestep_guidance_channels,
+        })
+    }
+
+    /// `temb` (B, D) for the pipeline timesteps `t = σ·1000` (one per batch item).
+    pub fn forward(
+        &self,
+        timesteps: &[f32],
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let features = timestep_features(timesteps, self.channels, dtype, dev)?;
+        self.timestep_embedder.forward(&features)
+    }
+}
+
+/// `double_stream_modulation_{img,txt}` / `single_stream_modulation`: Linear(silu(temb)).
+#[derive(Debug, Clone)]
+pub struct Flux2Modulation {
+    linear: Linear,
+    sets: usize,
+}
+
+impl Flux2Modulation {
+    /// `sets` = 2 for the double-stream modulations (6D), 1 for the single-stream one (3D).
+    pub fn new(cfg: &Config, sets: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let d = cfg.hidden_size();
+        Ok(Self {
+            linear: linear_no_bias(d, 3 * sets * d, vb.pp("linear"))?,
+            sets,
+        })
+    }
+
+    /// (B, D) → `3·sets` chunks of (B, 1, D), in the order (shift, scale, gate) per set.
+    pub fn forward(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
+        let mods = self.linear.forward(&silu(temb)?)?.unsqueeze(1)?;
+        mods.chunk(3 * self.sets, D::Minus1)
+    }
+}
+
+/// One (shift, scale, gate) modulation set, each (B, 1, D).
+pub struct Mod<'a> {
+    shift: &'a Tensor,
+    scale: &'a Tensor,
+    gate: &'a Tensor,
+}
+
+impl<'a> Mod<'a> {
+    pub fn set(chunks: &'a [Tensor], index: usize) -> Self {
+        Self {
+            shift: &chunks[3 * index],
+            scale: &chunks[3 * index + 1],
+            gate: &chunks[3 * index + 2],
+        }
+    }
+}
+
+/// (B, S, D) → (B, H, S, hd), QK-normed when a norm is given.
+fn heads(x: &Tensor, cfg: &Config, norm: Option<&QkNorm>) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    let x = x.reshape((b, s, cfg.num_attention_heads, cfg.attention_head_dim))?;
+    let x = match norm {
+        Some(norm) => norm.forward(&x)?,
+        None => x,
+    };
+    x.transpose(1, 2)?.contiguous()
+}
+
+/// (B, H, S, hd) → (B, S, D)
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, s, hd) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, s, h * hd))
+}
+
+/// `transformer_blocks.{i}.attn` (`Flux2Attention`): separate image and text projections.
+#[derive(Debug, Clone)]
+pub struct Flux2Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: QkNorm,
+    norm_k: QkNorm,
+    add_q_proj: Linear,
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    to_add_out: Linear,
+    norm_added_q: QkNorm,
+    norm_added_k: QkNorm,
+    cfg: Config,
+}
+
+impl Flux2Attention {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let (d, hd, eps) = (cfg.hidden_size(), cfg.attention_head_dim, cfg.eps);
+        Ok(Self {
+            to_q: linear_no_bias(d, d, vb.pp("to_q"))?,
+            to_k: linear_no_bias(d, d, vb.pp("to_k"))?,
+            to_v: linear_no_bias(d, d, vb.pp("to_v"))?,
+            to_out: linear_no_bias(d, d, vb.pp("to_out").pp("0"))?,
+            norm_q: QkNorm::new(hd, eps, vb.pp("norm_q"))?,
+            norm_k: QkNorm::new(hd, eps, vb.pp("norm_k"))?,
+            add_q_proj: linear_no_bias(d, d, vb.pp("add_q_proj"))?,
+            add_k_proj: linear_no_bias(d, d, vb.pp("add_k_proj"))?,
+            add_v_proj: linear_no_bias(d, d, vb.pp("add_v_proj"))?,
+            to_add_out: linear_no_bias(d, d, vb.pp("to_add_out"))?,
+            norm_added_q: QkNorm::new(hd, eps, vb.pp("norm_added_q"))?,
+            norm_added_k: QkNorm::new(hd, eps, vb.pp("norm_added_k"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Joint attention over `[txt; img]`; returns (img (B, N, D), txt (B, L, D)).
+    pub fn forward(&self, img: &Tensor, txt: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.cfg;
+        let txt_len = txt.dim(1)?;
+        let q = Tensor::cat(
+            &[
+                heads(
+                    &self.add_q_proj.forward(txt)?,
+                    cfg,
+                    Some(&self.norm_added_q),
+                )?,
+                heads(&self.to_q.forward(img)?, cfg, Some(&self.norm_q))?,
+            ],
+            2,
+        )?;
+        let k = Tensor::cat(
+            &[
+                heads(
+                    &self.add_k_proj.forward(txt)?,
+                    cfg,
+                    Some(&self.norm_added_k),
+                )?,
+                heads(&self.to_k.forward(img)?, cfg, Some(&self.norm_k))?,
+            ],
+            2,
+        )?;
+        let v = Tensor::cat(
+            &[
+                heads(&self.add_v_proj.forward(txt)?, cfg, None)?,
+                heads(&self.to_v.forward(img)?, cfg, None)?,
+            ],
+            2,
+        )?;
+        let (q, k) = (apply_rope(&q, rope)?, apply_rope(&k, rope)?);
+        let o = merge_heads(&attention(&q, &k, &v, &cfg.attention)?)?;
+        let total = o.dim(1)?;
+        let o_txt = o.narrow(1, 0, txt_len)?;
+        let o_img = o.narrow(1, txt_len, total - txt_len)?;
+        Ok((
+            self.to_out.forward(&o_img)?,
+            self.to_add_out.forward(&o_txt)?,
+        ))
+    }
+}
+
+/// `transformer_blocks.{i}` (`Flux2TransformerBlock`, §2.6).
+#[derive(Debug, Clone)]
+pub struct Flux2TransformerBlock {
+    norm: LayerNorm,
+    attn: Flux2Attention,
+    ff: FeedForward,
+    ff_context: FeedForward,
+}
+
+impl Flux2TransformerBlock {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNorm::new(cfg.eps),
+            attn: Flux2Attention::new(cfg, vb.pp("attn"))?,
+            ff: FeedForward::new(cfg, vb.pp("ff"))?,
+            ff_context: FeedForward::new(cfg, vb.pp("ff_context"))?,
+        })
+    }
+
+    /// img (B, N, D), txt (B, L, D) → updated (img, txt).
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        mod_img: &[Tensor],
+        mod_txt: &[Tensor],
+        rope: &Rope,
+    ) -> Result<(Tensor, Tensor)> {
+        let (msa, mlp) = (Mod::set(mod_img, 0), Mod::set(mod_img, 1));
+        let (c_msa, c_mlp) = (Mod::set(mod_txt, 0), Mod::set(mod_txt, 1));
+
+        let a_img = modulate(&self.norm.forward(img)?, msa.shift, msa.scale)?;
+        let a_txt = modulate(&self.norm.forward(txt)?, c_msa.shift, c_msa.scale)?;
+        let (o_img, o_txt) = self.attn.forward(&a_img, &a_txt, rope)?;
+
+        let img = (img + o_img.broadcast_mul(msa.gate)?)?;
+        let m_img = modulate(&self.norm.forward(&img)?, mlp.shift, mlp.scale)?;
+        let img = (&img + self.ff.forward(&m_img)?.broadcast_mul(mlp.gate)?)?;
+
+        let txt = (txt + o_txt.broadcast_mul(c_msa.gate)?)?;
+        let m_txt = modulate(&self.norm.forward(&txt)?, c_mlp.shift, c_mlp.scale)?;
+        let txt = (&txt + self.ff_context.forward(&m_txt)?.broadcast_mul(c_mlp.gate)?)?;
+        Ok((img, txt))
+    }
+}
+
+/// `single_transformer_blocks.{i}.attn` (`Flux2ParallelSelfAttention`).
+#[derive(Debug, Clone)]
+pub struct Flux2ParallelSelfAttention {
+    to_qkv_mlp_proj: Linear,
+    to_out: Linear,
+    norm_q: QkNorm,
+    norm_k: QkNorm,
+    cfg: Config,
+}
+
+impl Flux2ParallelSelfAttention {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let (d, f, hd) = (cfg.hidden_size(), cfg.mlp_hidden(), cfg.attention_head_dim);
+        Ok(Self {
+            to_qkv_mlp_proj: linear_no_bias(d, 3 * d + 2 * f, vb.pp("to_qkv_mlp_proj"))?,
+            to_out: linear_no_bias(d + f, d, vb.pp("to_out"))?,
+            norm_q: QkNorm::new(hd, cfg.eps, vb.pp("norm_q"))?,
+            norm_k: QkNorm::new(hd, cfg.eps, vb.pp("norm_k"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// (B, S, D) → (B, S, D): attention and the SwiGLU MLP from one projection.
+    pub fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (d, f) = (cfg.hidden_size(), cfg.mlp_hidden());
+        let p = self.to_qkv_mlp_proj.forward(x)?;
+        let q = heads(&p.narrow(D::Minus1, 0, d)?, cfg, Some(&self.norm_q))?;
+        let k = heads(&p.narrow(D::Minus1, d, d)?, cfg, Some(&self.norm_k))?;
+        let v = heads(&p.narrow(D::Minus1, 2 * d, d)?, cfg, None)?;
+        let (q, k) = (apply_rope(&q, rope)?, apply_rope(&k, rope)?);
+        let o = merge_heads(&attention(&q, &k, &v, &cfg.attention)?)?;
+        let gate = silu(&p.narrow(D::Minus1, 3 * d, f)?)?;
+        let mlp = (gate * p.narrow(D::Minus1, 3 * d + f, f)?)?;
+        self.to_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)
+    }
+}
+
+/// `single_transformer_blocks.{i}` (`Flux2SingleTransformerBlock`, §2.7).
+#[derive(Debug, Clone)]
+pub struct Flux2SingleTransformerBlock {
+    norm: LayerNorm,
+    attn: Flux2ParallelSelfAttention,
+}
+
+impl Flux2SingleTransformerBlock {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            norm: LayerNorm::new(cfg.eps),
+            attn: Flux2ParallelSelfAttention::new(cfg, vb.pp("attn"))?,
+        })
+    }
+
+    /// x = [txt; img] (B, S, D) → (B, S, D)
+    pub fn forward(&self, x: &Tensor, mods: &[Tensor], rope: &Rope) -> Result<Tensor> {
+        let m = Mod::set(mods, 0);
+        let a = modulate(&self.norm.forward(x)?, m.shift, m.scale)?;
+        let y = self.attn.forward(&a, rope)?;
+        x + y.broadcast_mul(m.gate)?
+    }
+}
+
+/// `norm_out` (`AdaLayerNormContinuous`): rows [0:D] are the SCALE, [D:2D] the SHIFT.
+#[derive(Debug, Clone)]
+pub struct AdaLayerNormContinuous {
+    linear: Linear,
+    norm: LayerNorm,
+}
+
+impl AdaLayerNormContinuous {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let d = cfg.hidden_size();
+        Ok(Self {
+            linear: linear_no_bias(d, 2 * d, vb.pp("linear"))?,
+            norm: LayerNorm::new(cfg.eps),
+        })
+    }
+
+    /// x (B, N, D), temb (B, D) → (B, N, D)
+    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let e = self.linear.forward(&silu(temb)?)?.unsqueeze(1)?;
+        let chunks = e.chunk(2, D::Minus1)?;
+        modulate(&self.norm.forward(x)?, &chunks[1], &chunks[0])
+    }
+}

@@ -1,0 +1,20 @@
+//! The FLUX.2 [klein] flow transformer in candle (spec §2). Imports candle and serde only.
+//!
+//! - [`transformer`]: `Config` (`transformer/config.json`) and `Flux2Transformer2DModel`.
+//! - [`blocks`]: the blocks bottom-up (timestep embedding, modulation, double/single stream,
+//!   output norm).
+//! - [`layers`]: LayerNorm, QK RMSNorm, SwiGLU feed-forward, modulation, torch-like rounding.
+//! - [`embeddings`]: timestep features (τ rounding) and the 4-axis RoPE tables.
+//! - [`attention`]: chunked attention and interleaved RoPE application.
+//! - [`bfl`]: BFL single-file checkpoints read under diffusers names.
+
+pub mod attention;
+pub mod bfl;
+pub mod blocks;
+pub mod embeddings;
+pub mod layers;
+pub mod transformer;
+
+pub use attention::AttentionConfig;
+pub use embeddings::{PositionId, Rope, grid_ids, text_ids};
+pub use transformer::{Config, Flux2Transformer2DModel};

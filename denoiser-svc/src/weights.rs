@@ -1,0 +1,182 @@
+//! Finding and loading the transformer checkpoint.
+//!
+//! Accepted layouts:
+//! - a diffusers pipeline root (`model_index.json` + `transformer/`) or its `transformer/`
+//!   folder: `config.json` plus one `*.safetensors` or a sharded set with its index;
+//! - a BFL single file (`flux-2-klein-4b.safetensors`): its config is derived from the tensor
+//!   shapes and its names are mapped on the fly ([`crate::model::bfl`]).
+//!
+//! Whether the model is step-distilled comes from the pipeline root's `model_index.json`
+//! (`is_distilled`, absent = false as in diffusers); a BFL file or a bare `transformer/` folder
+//! carries no such flag, so the service configuration must state it.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+use candle_core::{DType, Device};
+use klein_runtime::weights::{self, WeightsError};
+
+use crate::model::{AttentionConfig, Config, Flux2Transformer2DModel, bfl};
+
+/// A checkpoint that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("building the transformer: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The on-disk naming of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// diffusers `Flux2Transformer2DModel` names.
+    Diffusers,
+    /// BFL `flux2` names (fused qkv, (shift, scale) final layer).
+    Bfl,
+}
+
+/// A located checkpoint: what to load and how.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Model identifier: the pipeline folder's name, or the file stem.
+    pub model_id: String,
+    /// The transformer configuration.
+    pub config: Config,
+    /// How tensors are named.
+    pub format: Format,
+    /// The safetensors files.
+    pub files: Vec<PathBuf>,
+    /// `model_index.json`'s `is_distilled`, when the checkpoint has one.
+    pub is_distilled: Option<bool>,
+}
+
+impl Checkpoint {
+    /// Locates the checkpoint at `path` (pipeline root, `transformer/` folder or BFL file).
+    pub fn locate(path: &Path) -> Result<Self, LoadError> {
+        let invalid = |reason: String| LoadError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let model_id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("flux2-klein")
+            .to_owned();
+        if path.is_file() {
+            let shapes = header_shapes(path)?;
+            if !shapes.contains_key("img_in.weight") {
+                return Err(invalid(
+                    "a single file must be a BFL flux2 checkpoint (no `img_in.weight`); \
+                     point at the diffusers folder instead"
+                        .into(),
+                ));
+            }
+            let config = bfl::config_from_shapes(&shapes)
+                .ok_or_else(|| invalid("not a FLUX.2 transformer (shapes do not fit)".into()))?;
+            return Ok(Self {
+                model_id,
+                config,
+                format: Format::Bfl,
+                files: vec![path.to_owned()],
+                is_distilled: None,
+            });
+        }
+        let dir = weights::component_dir(path, "transformer")?;
+        let config: Config = weights::read_config(&dir.join("config.json"))?;
+        config.validate().map_err(invalid)?;
+        let files = weights::safetensors_files(&dir)?;
+        let root = if dir == path {
+            dir.parent()
+        } else {
+            Some(path)
+        };
+        let index = root
+            .map(|r| r.join("model_index.json"))
+            .filter(|p| p.is_file());
+        let is_distilled = match index {
+            Some(index) => {
+                let json: serde_json::Value = weights::read_config(&index)?;
+                Some(
+                    json.get("is_distilled")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(false),
+                )
+            }
+            None => None,
+        };
+        let model_id = root
+            .filter(|_| is_distilled.is_some())
+            .and_then(|r| r.file_name())
+            .and_then(|s| s.to_str())
+            .map_or(model_id, str::to_owned);
+        Ok(Self {
+            model_id,
+            config,
+            format: Format::Diffusers,
+            files,
+            is_distilled,
+        })
+    }
+
+    /// Memory-maps the weights and builds the model in `dtype` on `device`.
+    pub fn load(
+        &self,
+        dtype: DType,
+        device: &Device,
+        attention: AttentionConfig,
+    ) -> Result<Flux2Transformer2DModel, LoadError> {
+        let vb = weights::mmap_var_builder(&self.files, dtype, device)?;
+        let vb = match self.format {
+            Format::Diffusers => vb,
+            Format::Bfl => bfl::BflBackend::var_builder(vb),
+        };
+        let config = Config {
+            attention,
+            ..self.config.clone()
+        };
+        Ok(Flux2Transformer2DModel::new(&config, vb)?)
+    }
+
+    /// Bytes the weights take in `dtype`.
+    pub fn weight_bytes(&self, dtype: DType) -> u64 {
+        self.config.param_count() * dtype.size_in_bytes() as u64
+    }
+}
+
+/// Tensor name → shape, from a safetensors header (8-byte little-endian length, then JSON).
+fn header_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, LoadError> {
+    let invalid = |reason: String| LoadError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let io = |e: std::io::Error| invalid(e.to_string());
+    let mut file = fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(invalid(format!("safetensors header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let json: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| invalid(e.to_string()))?;
+    Ok(json
+        .into_iter()
+        .filter_map(|(name, v)| {
+            let shape = v.get("shape")?.as_array()?;
+            let shape = shape
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<_>>()?;
+            Some((name, shape))
+        })
+        .collect())
+}

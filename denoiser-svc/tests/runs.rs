@@ -1,0 +1,164 @@
+//! Whole sampling runs through real gRPC against the diffusers goldens: text-to-image,
+//! image-to-image, inpainting, multi-reference and CFG (base checkpoint), each from the
+//! fixture noise. f32: final latents rel-L2 <= 1e-3; bf16: within 2x torch's own
+//! bf16-vs-f32 spread for that case (goldens/manifest.json).
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::{Server, denoise, grid, start, unwire, wire};
+use klein_proto::pb::{self, denoise_request::Mode, denoise_request::Noise};
+use klein_runtime::device::DTypeSpec;
+use klein_test_support::{golden, manifest, rel_l2, take};
+
+/// `p0.prompt_embeds.<dt>` (prompt "a photo of a cat", the prompt of every run golden).
+fn prompt(dt: &str) -> pb::Tensor {
+    let g = golden("text_embeddings");
+    wire(take(&g, &format!("p0.prompt_embeds.{dt}")))
+}
+
+fn base_request(dt: &str, noise: &Tensor, steps: u32) -> pb::DenoiseRequest {
+    pb::DenoiseRequest {
+        prompt_embeds: Some(prompt(dt)),
+        grid: grid(4, 6),
+        num_steps: steps,
+        noise: Some(Noise::InitialNoise(wire(noise))),
+        ..Default::default()
+    }
+}
+
+/// Runs `req` and returns rel-L2 of the final latents against `final_latents.<dt>`, checking the
+/// step count and the result's dtype.
+async fn check(
+    server: &mut Server,
+    case: &str,
+    dt: &str,
+    req: pb::DenoiseRequest,
+    steps_run: u32,
+) -> f64 {
+    let g = golden(case);
+    let (progress, result) = denoise(&mut server.client, req).await.unwrap();
+    assert_eq!(progress.len() as u32, steps_run, "{case}");
+    assert!(progress.iter().all(|p| p.total_steps == steps_run));
+    assert_eq!(progress.last().unwrap().sigma, 0.0);
+    let latents = unwire(result.latents.as_ref().unwrap());
+    let dtype = if dt == "f32" { DType::F32 } else { DType::BF16 };
+    assert_eq!(latents.dtype(), dtype);
+    rel_l2(&latents, take(&g, &format!("final_latents.{dt}")))
+}
+
+fn t2i(dt: &str) -> pb::DenoiseRequest {
+    let g = golden("t2i");
+    base_request(dt, take(&g, "noise"), 4)
+}
+
+fn i2i(dt: &str) -> pb::DenoiseRequest {
+    let g = golden("i2i");
+    pb::DenoiseRequest {
+        mode: Some(Mode::ImageToImage(pb::ImageToImage {
+            image_latents: Some(wire(take(&g, &format!("x0_packed.{dt}")))),
+            strength: 0.6,
+        })),
+        ..base_request(dt, take(&g, "noise"), 6)
+    }
+}
+
+fn inpaint(dt: &str) -> pb::DenoiseRequest {
+    let g = golden("inpaint");
+    pb::DenoiseRequest {
+        mode: Some(Mode::Inpaint(pb::Inpaint {
+            image_latents: Some(wire(take(&g, &format!("x0_packed.{dt}")))),
+            mask: Some(wire(
+                &take(&g, &format!("mask_tokens.{dt}"))
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            )),
+            strength: 0.8,
+        })),
+        ..base_request(dt, take(&g, "noise"), 6)
+    }
+}
+
+fn multiref(dt: &str) -> pb::DenoiseRequest {
+    let g = golden("multiref");
+    let tokens = take(&g, &format!("ref_tokens.{dt}")).squeeze(0).unwrap();
+    let reference = |start, len, h, w| pb::ReferenceLatents {
+        latents: Some(wire(&tokens.narrow(0, start, len).unwrap())),
+        grid: grid(h, w),
+    };
+    pb::DenoiseRequest {
+        references: vec![reference(0, 16, 4, 4), reference(16, 24, 4, 6)],
+        ..base_request(dt, take(&g, "noise"), 4)
+    }
+}
+
+fn cfg(dt: &str) -> pb::DenoiseRequest {
+    let g = golden("cfg");
+    pb::DenoiseRequest {
+        negative_prompt_embeds: Some(wire(take(&g, &format!("negative_prompt_embeds.{dt}")))),
+        guidance_scale: Some(4.0),
+        ..base_request(dt, take(&g, "noise"), 8)
+    }
+}
+
+fn spread(case: &str) -> f64 {
+    manifest()["cases"][case]["spread"]["final_latents"]["rel_l2"]
+        .as_f64()
+        .unwrap()
+}
+
+/// (case, request builder, steps run)
+type Case = (&'static str, fn(&str) -> pb::DenoiseRequest, u32);
+const DISTILLED: [Case; 4] = [
+    ("t2i", t2i, 4),
+    ("i2i", i2i, 4),
+    ("inpaint", inpaint, 5),
+    ("multiref", multiref, 4),
+];
+
+#[tokio::test]
+async fn f32_runs_match_diffusers() {
+    let mut server = start("tiny-klein-4b", DTypeSpec::F32).await;
+    for (case, build, steps) in DISTILLED {
+        let e = check(&mut server, case, "f32", build("f32"), steps).await;
+        println!("{case} f32 final latents rel-L2 {e:.3e}");
+        assert!(e <= 1e-3, "{case}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn bf16_runs_are_within_the_torch_spread() {
+    let mut server = start("tiny-klein-4b", DTypeSpec::Bf16).await;
+    for (case, build, steps) in DISTILLED {
+        let e = check(&mut server, case, "bf16", build("bf16"), steps).await;
+        let s = spread(case);
+        println!("{case} bf16 final latents rel-L2 {e:.3e} (torch spread {s:.3e})");
+        assert!(e <= 2.0 * s, "{case}: {e} > 2 x {s}");
+    }
+}
+
+#[tokio::test]
+async fn cfg_on_the_base_model_matches_diffusers() {
+    let mut server = start("tiny-klein-base-4b", DTypeSpec::F32).await;
+    let e = check(&mut server, "cfg", "f32", cfg("f32"), 8).await;
+    println!("cfg f32 final latents rel-L2 {e:.3e}");
+    assert!(e <= 1e-3, "cfg: {e}");
+    let mut server = start("tiny-klein-base-4b", DTypeSpec::Bf16).await;
+    let e = check(&mut server, "cfg", "bf16", cfg("bf16"), 8).await;
+    let s = spread("cfg");
+    println!("cfg bf16 final latents rel-L2 {e:.3e} (torch spread {s:.3e})");
+    assert!(e <= 2.0 * s, "cfg: {e} > 2 x {s}");
+}
+
+#[tokio::test]
+async fn distilled_model_ignores_guidance_with_a_warning() {
+    let mut server = start("tiny-klein-4b", DTypeSpec::F32).await;
+    let mut req = cfg("f32");
+    req.num_steps = 1;
+    let (_, result) = denoise(&mut server.client, req).await.unwrap();
+    assert!(
+        result.warnings.iter().any(|w| w.contains("distilled")),
+        "{:?}",
+        result.warnings
+    );
+}

@@ -1,0 +1,270 @@
+//! The DenoiserService contract over real gRPC: every bad field is INVALID_ARGUMENT naming the
+//! field, seeds are reproducible, previews come when asked, Info describes the service, and
+//! startup refuses a budget the weights do not fit in, and a request that can never fit is
+//! RESOURCE_EXHAUSTED.
+
+mod common;
+
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+use common::{Server, config, denoise, grid, start, start_with, unwire, wire};
+use klein_proto::pb::{self, denoise_request::Mode, denoise_request::Noise};
+use klein_runtime::{bytesize::ByteSize, device::DTypeSpec};
+
+fn zeros(shape: &[usize]) -> pb::Tensor {
+    wire(&Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap())
+}
+
+/// A valid 1-step text-to-image request on a 1x2 grid.
+fn valid() -> pb::DenoiseRequest {
+    pb::DenoiseRequest {
+        prompt_embeds: Some(zeros(&[1, 512, 192])),
+        grid: grid(1, 2),
+        num_steps: 1,
+        noise: Some(Noise::Seed(3)),
+        ..Default::default()
+    }
+}
+
+fn with_nan(shape: &[usize]) -> pb::Tensor {
+    let mut t = zeros(shape);
+    let mut data = t.data.to_vec();
+    data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    t.data = Bytes::from(data);
+    t
+}
+
+fn i2i(latents: pb::Tensor, strength: f32) -> Option<Mode> {
+    Some(Mode::ImageToImage(pb::ImageToImage {
+        image_latents: Some(latents),
+        strength,
+    }))
+}
+
+fn inpaint(mask: pb::Tensor) -> Option<Mode> {
+    Some(Mode::Inpaint(pb::Inpaint {
+        image_latents: Some(zeros(&[1, 2, 128])),
+        mask: Some(mask),
+        strength: 1.0,
+    }))
+}
+
+fn reference(tokens: usize, h: u32, w: u32) -> pb::ReferenceLatents {
+    pb::ReferenceLatents {
+        latents: Some(zeros(&[tokens, 128])),
+        grid: grid(h, w),
+    }
+}
+
+#[tokio::test]
+async fn bad_fields_are_invalid_argument_naming_the_field() {
+    let mut server = start("tiny-klein-4b", DTypeSpec::F32).await;
+    denoise(&mut server.client, valid())
+        .await
+        .expect("the base request is valid");
+    type Edit = Box<dyn Fn(&mut pb::DenoiseRequest)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("model", Box::new(|r| r.model = "flux-dev".into())),
+        ("prompt_embeds", Box::new(|r| r.prompt_embeds = None)),
+        (
+            "prompt_embeds",
+            Box::new(|r| r.prompt_embeds = Some(zeros(&[1, 512, 100]))),
+        ),
+        (
+            "prompt_embeds",
+            Box::new(|r| r.prompt_embeds = Some(zeros(&[1, 77, 192]))),
+        ),
+        (
+            "prompt_embeds",
+            Box::new(|r| r.prompt_embeds = Some(zeros(&[5, 512, 192]))),
+        ),
+        (
+            "prompt_embeds",
+            Box::new(|r| r.prompt_embeds = Some(with_nan(&[1, 512, 192]))),
+        ),
+        (
+            "prompt_embeds",
+            Box::new(|r| r.prompt_embeds.as_mut().unwrap().data = Bytes::from_static(&[0; 3])),
+        ),
+        (
+            "prompt_embeds",
+            Box::new(|r| r.prompt_embeds.as_mut().unwrap().dtype = pb::Dtype::U8 as i32),
+        ),
+        (
+            "negative_prompt_embeds",
+            Box::new(|r| r.negative_prompt_embeds = Some(zeros(&[1, 512, 64]))),
+        ),
+        (
+            "negative_prompt_embeds",
+            Box::new(|r| r.negative_prompt_embeds = Some(with_nan(&[1, 512, 192]))),
+        ),
+        ("grid", Box::new(|r| r.grid = None)),
+        ("grid", Box::new(|r| r.grid = grid(0, 2))),
+        ("grid", Box::new(|r| r.grid = grid(200, 2))),
+        ("num_steps", Box::new(|r| r.num_steps = 0)),
+        ("num_steps", Box::new(|r| r.num_steps = 201)),
+        (
+            "guidance_scale",
+            Box::new(|r| r.guidance_scale = Some(f32::NAN)),
+        ),
+        ("noise", Box::new(|r| r.noise = None)),
+        (
+            "initial_noise",
+            Box::new(|r| r.noise = Some(Noise::InitialNoise(zeros(&[1, 128, 2, 1])))),
+        ),
+        (
+            "initial_noise",
+            Box::new(|r| r.noise = Some(Noise::InitialNoise(with_nan(&[1, 128, 1, 2])))),
+        ),
+        ("shift", Box::new(|r| r.shift = Some(0.0))),
+        (
+            "image_to_image.strength",
+            Box::new(|r| r.mode = i2i(zeros(&[1, 2, 128]), 1.5)),
+        ),
+        (
+            "image_to_image.strength",
+            Box::new(|r| r.mode = i2i(zeros(&[1, 2, 128]), -0.1)),
+        ),
+        (
+            "image_to_image.strength",
+            Box::new(|r| r.mode = i2i(zeros(&[1, 2, 128]), f32::NAN)),
+        ),
+        (
+            "image_to_image.image_latents",
+            Box::new(|r| r.mode = i2i(zeros(&[1, 3, 128]), 0.5)),
+        ),
+        (
+            "image_to_image.image_latents",
+            Box::new(|r| r.mode = i2i(with_nan(&[1, 2, 128]), 0.5)),
+        ),
+        (
+            "inpaint.mask",
+            Box::new(|r| r.mode = inpaint(zeros(&[1, 3, 1]))),
+        ),
+        (
+            "inpaint.mask",
+            Box::new(|r| r.mode = inpaint(zeros(&[1, 2, 2]))),
+        ),
+        (
+            "inpaint.mask",
+            Box::new(|r| {
+                r.mode = inpaint(wire(&Tensor::full(2f32, (1, 2, 1), &Device::Cpu).unwrap()))
+            }),
+        ),
+        (
+            "references[0].latents",
+            Box::new(|r| r.references = vec![reference(5, 2, 2)]),
+        ),
+        (
+            "references[1].grid",
+            Box::new(|r| r.references = vec![reference(4, 2, 2), reference(1, 0, 1)]),
+        ),
+        (
+            "references",
+            Box::new(|r| r.references = (0..5).map(|_| reference(1, 1, 1)).collect()),
+        ),
+    ];
+    for (field, edit) in cases {
+        let mut req = valid();
+        edit(&mut req);
+        let err = denoise(&mut server.client, req).await.expect_err(field);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+}
+
+async fn latents(server: &mut Server, req: pb::DenoiseRequest) -> Tensor {
+    let (_, result) = denoise(&mut server.client, req).await.unwrap();
+    unwire(result.latents.as_ref().unwrap())
+}
+
+#[tokio::test]
+async fn seeds_are_reproducible_and_previews_come_when_asked() {
+    let mut server = start("tiny-klein-4b", DTypeSpec::F32).await;
+    let seeded = |seed| pb::DenoiseRequest {
+        noise: Some(Noise::Seed(seed)),
+        num_steps: 3,
+        ..valid()
+    };
+    let a = latents(&mut server, seeded(7)).await;
+    let b = latents(&mut server, seeded(7)).await;
+    let c = latents(&mut server, seeded(8)).await;
+    assert_eq!(a.to_vec3::<f32>().unwrap(), b.to_vec3::<f32>().unwrap());
+    assert_ne!(a.to_vec3::<f32>().unwrap(), c.to_vec3::<f32>().unwrap());
+    // The seed's noise is the documented generator's.
+    let noise = denoiser_svc::noise::seeded_noise(7, 1, 128, 1, 2).unwrap();
+    let explicit = pb::DenoiseRequest {
+        noise: Some(Noise::InitialNoise(wire(&noise))),
+        ..seeded(7)
+    };
+    let d = latents(&mut server, explicit).await;
+    assert_eq!(a.to_vec3::<f32>().unwrap(), d.to_vec3::<f32>().unwrap());
+
+    let req = pb::DenoiseRequest {
+        preview_every: 2,
+        num_steps: 4,
+        ..valid()
+    };
+    let (progress, _) = denoise(&mut server.client, req).await.unwrap();
+    let previews: Vec<_> = progress.iter().map(|p| p.preview.is_some()).collect();
+    assert_eq!(previews, vec![false, true, false, true]);
+    let preview = unwire(progress[1].preview.as_ref().unwrap());
+    assert_eq!(
+        (preview.dims(), preview.dtype()),
+        (&[1usize, 1, 2, 3][..], DType::U8)
+    );
+}
+
+#[tokio::test]
+async fn info_describes_the_model_and_budget() {
+    let mut server = start("tiny-klein-4b", DTypeSpec::Bf16).await;
+    let info = server
+        .client
+        .info(pb::DenoiserServiceInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let info = info.info.unwrap();
+    assert_eq!(info.service, "denoiser");
+    assert_eq!(info.model_id, "tiny-klein-4b");
+    assert_eq!(info.dtype, pb::Dtype::Bf16 as i32);
+    assert_eq!(info.device, "cpu");
+    assert_eq!(info.reserved_bytes, 0);
+    assert_eq!(info.memory_budget_bytes, 4 << 30);
+    assert!(info.weight_bytes > 0 && info.max_batch == 4);
+    assert_eq!(info.details["is_distilled"], "true");
+    assert_eq!(info.details["joint_attention_dim"], "192");
+    // A request naming the model by id is accepted; the result is in the model dtype.
+    let req = pb::DenoiseRequest {
+        model: "tiny-klein-4b".into(),
+        ..valid()
+    };
+    assert_eq!(latents(&mut server, req).await.dtype(), DType::BF16);
+}
+
+#[tokio::test]
+async fn a_budget_smaller_than_the_weights_refuses_to_start() {
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.server.gpu_memory_budget = ByteSize(1 << 20);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = denoiser_svc::serve(cfg, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("gpu_memory_budget"), "{err}");
+    // Weights fit but no request ever can (each reserves at least 64 MiB): RESOURCE_EXHAUSTED.
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.runtime_overhead = ByteSize(0);
+    cfg.server.gpu_memory_budget = ByteSize(64 << 20);
+    let mut server = start_with(cfg).await;
+    let err = denoise(&mut server.client, valid()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.runtime_overhead = ByteSize(0);
+    cfg.server.gpu_memory_budget = ByteSize(256 << 20);
+    let mut server = start_with(cfg).await;
+    denoise(&mut server.client, valid()).await.unwrap();
+}
