@@ -7,12 +7,12 @@ use denoiser_svc::{
     model::{AttentionConfig, Flux2Transformer2DModel, PositionId},
     weights::Checkpoint,
 };
-use klein_test_support::{golden, manifest, pipeline_dir, rel_l2, take};
+use klein_test_support::{golden, manifest, pipeline_dir, rel_l2, take, test_device};
 
 fn model(dtype: DType, attention: AttentionConfig) -> Flux2Transformer2DModel {
     Checkpoint::locate(&pipeline_dir("tiny-klein-4b"))
         .unwrap()
-        .load(dtype, &Device::Cpu, attention)
+        .load(dtype, &test_device(), attention)
         .unwrap()
 }
 
@@ -36,16 +36,22 @@ fn spread(output: &str) -> f64 {
 /// noisy tokens as the pipeline does.
 fn run(m: &Flux2Transformer2DModel, dtype: DType) -> (Tensor, Tensor) {
     let g = golden("transformer_forward");
-    let ehs = take(&g, "encoder_hidden_states").to_dtype(dtype).unwrap();
+    let dev = test_device();
+    let ehs = take(&g, "encoder_hidden_states")
+        .to_device(&dev)
+        .and_then(|t| t.to_dtype(dtype))
+        .unwrap();
     let mut out = Vec::new();
     for prefix in ["", "ref."] {
         let hs = take(&g, &format!("{prefix}hidden_states"))
-            .to_dtype(dtype)
+            .to_device(&dev)
+            .and_then(|t| t.to_dtype(dtype))
             .unwrap();
         let mut all = ids(take(&g, "txt_ids"));
         all.extend(ids(take(&g, &format!("{prefix}img_ids"))));
-        let rope = m.rope(&all, &Device::Cpu).unwrap();
-        out.push(m.forward(&hs, &ehs, &[730.0], &rope).unwrap());
+        let rope = m.rope(&all, &dev).unwrap();
+        let y = m.forward(&hs, &ehs, &[730.0], &rope).unwrap();
+        out.push(y.to_device(&Device::Cpu).unwrap());
     }
     let with_refs = out.pop().unwrap();
     (out.pop().unwrap(), with_refs)

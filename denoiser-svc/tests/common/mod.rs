@@ -37,6 +37,7 @@ pub fn config(pipeline: &str, dtype: DTypeSpec) -> Config {
     Config {
         server: ServerConfig {
             dtype,
+            device: klein_test_support::test_device_name().parse().unwrap(),
             drain_timeout_secs: 1,
             ..ServerConfig::default()
         },

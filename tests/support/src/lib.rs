@@ -22,6 +22,24 @@ pub fn fixtures_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures"))
 }
 
+/// The device parity tests run on: `$KLEIN_TEST_DEVICE` (`cpu`, `cuda` or `cuda:N`; default
+/// `cpu`). CUDA needs this crate's `cuda` feature (the GPU builds enable it).
+pub fn test_device() -> Device {
+    let name = test_device_name();
+    match name.strip_prefix("cuda") {
+        None => Device::Cpu,
+        Some(n) => {
+            let ordinal = n.trim_start_matches(':').parse().unwrap_or(0);
+            Device::new_cuda(ordinal).unwrap_or_else(|e| panic!("KLEIN_TEST_DEVICE={name}: {e}"))
+        }
+    }
+}
+
+/// `$KLEIN_TEST_DEVICE` as written (default `cpu`), for service configs.
+pub fn test_device_name() -> String {
+    std::env::var("KLEIN_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_owned())
+}
+
 /// A tiny pipeline folder, e.g. `tiny-klein-4b` (distilled) or `tiny-klein-base-4b`.
 pub fn pipeline_dir(name: &str) -> PathBuf {
     fixtures_dir().join(name)
