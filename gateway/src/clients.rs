@@ -19,10 +19,10 @@ use klein_runtime::server::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use tonic::{
     Code, Request, Response, Status,
     metadata::MetadataValue,
-    transport::{Channel, Endpoint},
+    transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
-use crate::error::{GatewayError, Stage, downstream};
+use crate::error::{GatewayError, Stage, connection_lost, downstream};
 
 /// When a request must be finished.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +39,11 @@ impl Deadline {
         self.0
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
+    }
+
+    /// The instant the deadline falls on.
+    pub fn instant(&self) -> Instant {
+        self.0
     }
 
     /// Whether the deadline has passed.
@@ -75,16 +80,26 @@ pub struct AddressError {
     reason: String,
 }
 
-/// A channel balanced over `addrs` (client-side, power of two choices over ready replicas).
-pub fn balanced_channel(stage: Stage, addrs: &[String]) -> Result<Channel, AddressError> {
+/// A channel balanced over `addrs` (client-side, power of two choices over ready replicas;
+/// replicas that fail their health probes are left out, see [`crate::replicas`]), over TLS
+/// when `tls` is given.
+pub fn balanced_channel(
+    stage: Stage,
+    addrs: &[String],
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, AddressError> {
     let mut endpoints = Vec::with_capacity(addrs.len());
     for addr in addrs {
-        let endpoint = Endpoint::from_shared(addr.clone())
-            .map_err(|e| AddressError {
-                stage: stage.as_str(),
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?
+        let bad = |e: tonic::transport::Error| AddressError {
+            stage: stage.as_str(),
+            addr: addr.clone(),
+            reason: e.to_string(),
+        };
+        let mut endpoint = Endpoint::from_shared(addr.clone()).map_err(bad)?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(bad)?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
@@ -100,7 +115,7 @@ pub fn balanced_channel(stage: Stage, addrs: &[String]) -> Result<Channel, Addre
             reason: "no address configured".into(),
         });
     }
-    Ok(Channel::balance_list(endpoints.into_iter()))
+    Ok(crate::replicas::balance(stage, endpoints))
 }
 
 /// Clients of the three stages.
@@ -113,21 +128,22 @@ pub struct Stages {
 }
 
 impl Stages {
-    /// Clients over the given replica lists.
+    /// Clients over the given replica lists, over TLS when `tls` is given.
     pub fn new(
         encoder: &[String],
         denoiser: &[String],
         vae: &[String],
         max_attempts: u32,
+        tls: Option<&ClientTlsConfig>,
     ) -> Result<Self, AddressError> {
         Ok(Self {
-            encoder: TextEncoderServiceClient::new(balanced_channel(Stage::Encoder, encoder)?)
+            encoder: TextEncoderServiceClient::new(balanced_channel(Stage::Encoder, encoder, tls)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            denoiser: DenoiserServiceClient::new(balanced_channel(Stage::Denoiser, denoiser)?)
+            denoiser: DenoiserServiceClient::new(balanced_channel(Stage::Denoiser, denoiser, tls)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            vae: VaeServiceClient::new(balanced_channel(Stage::Vae, vae)?)
+            vae: VaeServiceClient::new(balanced_channel(Stage::Vae, vae, tls)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             max_attempts: max_attempts.max(1),
@@ -161,8 +177,8 @@ pub fn request<T>(
     Ok(req)
 }
 
-/// Runs an idempotent call, retrying on UNAVAILABLE with exponential backoff and jitter for
-/// at most `attempts` tries, never past the deadline.
+/// Runs an idempotent call, retrying on UNAVAILABLE (or a connection lost under the call)
+/// with exponential backoff and jitter for at most `attempts` tries, never past the deadline.
 pub async fn with_retry<T, F, Fut>(
     stage: Stage,
     attempts: u32,
@@ -177,7 +193,11 @@ where
     for attempt in 1..=attempts {
         match call()?.await {
             Ok(resp) => return Ok(resp.into_inner()),
-            Err(status) if status.code() == Code::Unavailable && attempt < attempts => {
+            Err(status)
+                if (status.code() == Code::Unavailable
+                    || connection_lost(&status, deadline.passed()))
+                    && attempt < attempts =>
+            {
                 let mut jitter = [0u8; 1];
                 let _ = getrandom::fill(&mut jitter);
                 let pause = backoff + Duration::from_millis(u64::from(jitter[0]) % 50);
@@ -207,12 +227,20 @@ mod tests {
     #[tokio::test]
     async fn retries_only_unavailable_and_only_within_attempts() {
         let deadline = Deadline::after(Duration::from_secs(10));
-        for (code, attempts, want_calls, want_ok) in [
-            (Code::Unavailable, 3, 3, false),
-            (Code::Unavailable, 1, 1, false),
-            (Code::ResourceExhausted, 3, 1, false),
-            (Code::InvalidArgument, 3, 1, false),
-            (Code::Ok, 3, 1, true),
+        for (code, attempts, want_calls, want_ok, want_code) in [
+            (Code::Unavailable, 3, 3, false, Code::Unavailable),
+            (Code::Unavailable, 1, 1, false, Code::Unavailable),
+            (Code::Unknown, 3, 3, false, Code::Unavailable),
+            (Code::Cancelled, 3, 3, false, Code::Unavailable),
+            (
+                Code::ResourceExhausted,
+                3,
+                1,
+                false,
+                Code::ResourceExhausted,
+            ),
+            (Code::InvalidArgument, 3, 1, false, Code::InvalidArgument),
+            (Code::Ok, 3, 1, true, Code::Ok),
         ] {
             let calls = AtomicU32::new(0);
             let out = with_retry(Stage::Vae, attempts, &deadline, || {
@@ -229,7 +257,7 @@ mod tests {
             assert_eq!(calls.load(Ordering::SeqCst), want_calls, "{code:?}");
             assert_eq!(out.is_ok(), want_ok, "{code:?}");
             if let Err(e) = out {
-                assert_eq!(Status::from(e).code(), code, "code preserved");
+                assert_eq!(Status::from(e).code(), want_code, "{code:?}");
             }
         }
     }

@@ -1,12 +1,15 @@
 //! Gateway configuration: where the stages are, request limits and timeouts.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use klein_runtime::{
     bytesize::ByteSize,
     config::{ServerConfig, ServerFlags},
+    tls::ClientTlsFiles,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::auth::ApiKey;
 
 /// Request limits the gateway enforces before any downstream work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +31,9 @@ pub struct Limits {
     pub max_input_image_bytes: ByteSize,
     /// Largest prompt, bytes.
     pub max_prompt_bytes: usize,
+    /// Largest encoded GenerateRequest, bytes; a larger one is refused (OUT_OF_RANGE) while
+    /// its length prefix is read, before the body is buffered.
+    pub max_request_bytes: ByteSize,
 }
 
 impl Default for Limits {
@@ -41,6 +47,7 @@ impl Default for Limits {
             max_reference_images: 4,
             max_input_image_bytes: ByteSize(32 << 20),
             max_prompt_bytes: 16 * 1024,
+            max_request_bytes: ByteSize(klein_proto::MAX_MESSAGE_BYTES as u64),
         }
     }
 }
@@ -66,14 +73,24 @@ pub struct Config {
     pub max_attempts: u32,
     /// Request limits.
     pub limits: Limits,
+    /// API key every ImageService call must carry (`authorization: Bearer <key>` or
+    /// `x-api-key`); absent = no key. Set it in the file or `KLEIN_API_KEY`, not on a
+    /// command line. Health and reflection never need it.
+    pub api_key: Option<ApiKey>,
+    /// TLS of the connections to the stages (use `https://` addresses): the CA that verifies
+    /// them and, for mutual TLS, this gateway's client certificate and key.
+    pub stage_tls: ClientTlsFiles,
+    /// HTTP API and web page listen address (e.g. `127.0.0.1:8080`); absent = no HTTP.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        let mut server = ServerConfig::default();
-        server.listen = ([127, 0, 0, 1], 50050).into();
         Self {
-            server,
+            server: ServerConfig {
+                listen: ([127, 0, 0, 1], 50050).into(),
+                ..ServerConfig::default()
+            },
             encoder_addrs: vec!["http://127.0.0.1:50052".into()],
             denoiser_addrs: vec!["http://127.0.0.1:50053".into()],
             vae_addrs: vec!["http://127.0.0.1:50054".into()],
@@ -81,6 +98,9 @@ impl Default for Config {
             default_timeout_secs: 600,
             max_attempts: 3,
             limits: Limits::default(),
+            api_key: None,
+            stage_tls: ClientTlsFiles::default(),
+            http_listen: None,
         }
     }
 }
@@ -116,4 +136,8 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<u64>,
+    /// HTTP API and web page listen address, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
 }

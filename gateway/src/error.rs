@@ -3,6 +3,10 @@
 //! Downstream failures keep their status code (RESOURCE_EXHAUSTED stays RESOURCE_EXHAUSTED,
 //! INVALID_ARGUMENT from a service stays INVALID_ARGUMENT); only the message gains the stage
 //! name. A downstream CANCELLED caused by the deadline is reported as DEADLINE_EXCEEDED.
+//! A downstream UNKNOWN, or CANCELLED before the deadline, is a broken connection (tonic's
+//! codes for a stage process that died mid-call or a connection that closed under a call; no
+//! stage answers them itself, and the gateway cancels a call only by dropping it) and is
+//! reported as UNAVAILABLE, the code clients retry on.
 
 use klein_runtime::budget::AdmissionError;
 use tonic::{Code, Status};
@@ -83,11 +87,25 @@ impl From<GatewayError> for Status {
     }
 }
 
+/// Whether a downstream status means the connection broke under the call (see the module
+/// docs); such an idempotent call may be retried.
+pub fn connection_lost(status: &Status, deadline_passed: bool) -> bool {
+    match status.code() {
+        Code::Unknown => true,
+        Code::Cancelled => !deadline_passed,
+        _ => false,
+    }
+}
+
 /// Maps a downstream status, turning a deadline-caused cancel into [`GatewayError::Deadline`].
 pub fn downstream(stage: Stage, status: Status, deadline_passed: bool) -> GatewayError {
     match status.code() {
         Code::DeadlineExceeded => GatewayError::Deadline { stage },
         Code::Cancelled if deadline_passed => GatewayError::Deadline { stage },
+        _ if connection_lost(&status, deadline_passed) => GatewayError::Downstream {
+            stage,
+            status: Status::unavailable(format!("connection lost: {}", status.message())),
+        },
         _ => GatewayError::Downstream { stage, status },
     }
 }
@@ -110,8 +128,12 @@ mod tests {
         }
         let s: Status = downstream(Stage::Vae, Status::cancelled("Timeout expired"), true).into();
         assert_eq!(s.code(), Code::DeadlineExceeded);
-        let s: Status = downstream(Stage::Vae, Status::cancelled("client went away"), false).into();
-        assert_eq!(s.code(), Code::Cancelled);
+        let s: Status = downstream(Stage::Vae, Status::cancelled("dispatch gone"), false).into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.message(), "vae: connection lost: dispatch gone");
+        let s: Status = downstream(Stage::Denoiser, Status::unknown("h2 error"), false).into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(s.message(), "denoiser: connection lost: h2 error");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{
 };
 
 use klein_proto::pb::{self, image_service_server::ImageService};
-use klein_runtime::budget::MemoryBudget;
+use klein_runtime::budget::{BudgetSnapshot, MemoryBudget};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
@@ -42,6 +42,11 @@ impl ImageApi {
             slots,
             catalog,
         }
+    }
+
+    /// The request admission queue right now (the HTTP jobs' queue positions).
+    pub fn admission(&self) -> BudgetSnapshot {
+        self.slots.snapshot()
     }
 }
 
@@ -98,6 +103,13 @@ impl ImageService for ImageApi {
             .read()
             .map(|c| c.models.clone())
             .unwrap_or_default();
+        if models.is_empty() {
+            metrics::counter!("klein_gateway_requests_total", "outcome" => "unavailable")
+                .increment(1);
+            return Err(Status::unavailable(
+                "no model is being served yet: the denoiser has not answered",
+            ));
+        }
         let valid = validate(request.into_inner(), &self.config.limits, &models).map_err(|e| {
             metrics::counter!("klein_gateway_requests_total", "outcome" => e.error_type())
                 .increment(1);
@@ -128,6 +140,13 @@ impl ImageService for ImageApi {
                 () = tx.closed() => {
                     tracing::info!(request_id = %trace.request_id, "client went away; downstream calls cancelled");
                     "cancelled"
+                }
+                // A streamed response outlives tonic's own grpc-timeout (it bounds only the
+                // handler): end it here, which also drops and so cancels the downstream calls.
+                () = tokio::time::sleep_until(deadline.instant().into()) => {
+                    tracing::warn!(request_id = %trace.request_id, "deadline passed; downstream calls cancelled");
+                    let _ = tx.send(Err(Status::deadline_exceeded("the request deadline passed"))).await;
+                    "deadline"
                 }
             };
             metrics::counter!("klein_gateway_requests_total", "outcome" => outcome).increment(1);

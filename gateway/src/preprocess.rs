@@ -152,7 +152,7 @@ mod tests {
         // 32 x 32 -> 2 x 2 tokens. Cell (0,0) fully masked; cell (1,0) masked only on its
         // central column pair's left half; cell (0,1) masked away from its centre.
         let mask = GrayImage::from_fn(32, 32, |x, y| {
-            let on = (x < 16 && y < 16) || (x == 23 && y < 16) || (x < 4 && y >= 16);
+            let on = if y < 16 { x < 16 || x == 23 } else { x < 4 };
             image::Luma([if on { 255 } else { 0 }])
         });
         let grid = mask_to_token_grid(&mask, 32, 32);

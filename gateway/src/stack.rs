@@ -91,6 +91,8 @@ pub enum StackError {
 pub struct RunningStack {
     /// Gateway address.
     pub addr: SocketAddr,
+    /// HTTP API address, when `gateway.http_listen` was set.
+    pub http_addr: Option<SocketAddr>,
     /// Internal service addresses: encoder, denoiser, VAE.
     pub stage_addrs: [SocketAddr; 3],
     stop: CancellationToken,
@@ -118,6 +120,11 @@ pub async fn start(opts: StackOptions) -> Result<RunningStack, StackError> {
         addr: opts.listen,
         source,
     })?;
+    let hl = match opts.gateway.http_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let http_addr = hl.as_ref().and_then(|l| l.local_addr().ok());
     let url = |a: SocketAddr| vec![format!("http://{a}")];
     let mut gateway = opts.gateway;
     gateway.encoder_addrs = url(stage_addrs[0]);
@@ -135,9 +142,12 @@ pub async fn start(opts: StackOptions) -> Result<RunningStack, StackError> {
     let s = stop.clone();
     tasks.spawn(async move { Ok(vae_svc::serve(opts.vae, vl, s.cancelled_owned()).await?) });
     let s = stop.clone();
-    tasks.spawn(async move { Ok(crate::serve(gateway, gl, s.cancelled_owned()).await?) });
+    tasks.spawn(
+        async move { Ok(crate::serve_with_http(gateway, gl, hl, s.cancelled_owned()).await?) },
+    );
     Ok(RunningStack {
         addr: gateway_addr,
+        http_addr,
         stage_addrs,
         stop,
         tasks,
@@ -159,13 +169,12 @@ impl RunningStack {
                     let req = tonic_health::pb::HealthCheckRequest {
                         service: String::new(),
                     };
-                    if let Ok(resp) = health.check(req).await {
-                        if resp.into_inner().status
+                    if let Ok(resp) = health.check(req).await
+                        && resp.into_inner().status
                             == tonic_health::pb::health_check_response::ServingStatus::Serving
                                 as i32
-                        {
-                            return;
-                        }
+                    {
+                        return;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

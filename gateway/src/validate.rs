@@ -95,7 +95,7 @@ fn image_limits(limits: &Limits) -> ImageLimits {
 }
 
 fn check_side(field: &str, value: u32, limits: &Limits) -> Result<(), GatewayError> {
-    if value % 16 != 0 {
+    if !value.is_multiple_of(16) {
         return Err(invalid(
             field,
             format!("must be a multiple of 16, got {value}"),

@@ -1,10 +1,14 @@
 //! A bounded load generator for `klein.v1.ImageService/Generate`.
 //!
 //! Two modes: **open loop** (requests start at a fixed rate whatever the server does, so
-//! queueing shows up in the latencies instead of being hidden: no coordinated omission) and
-//! **closed loop** (N workers, each sends its next request when the previous one ends). Every
-//! run is capped by a request count and a duration, and targets loopback addresses unless
-//! remote targets are explicitly allowed.
+//! queueing shows up in the latencies instead of being hidden: no coordinated omission; each
+//! latency is measured from the moment the schedule meant the request to start, so a late
+//! generator cannot hide delay either) and **closed loop** (N workers, each sends its next
+//! request when the previous one ends). Every run is capped by a request count and a
+//! duration, every request by its deadline (sent as `grpc-timeout`, and enforced here too, a
+//! second later, so a server that never answers still ends the run: such a request counts
+//! as DEADLINE_EXCEEDED). Targets must be loopback addresses unless remote targets are
+//! explicitly allowed.
 //!
 //! The report counts outcomes by gRPC code and gives throughput and p50/p90/p99/max latency of
 //! the accepted (OK) requests, split into queue wait and service time as the gateway reports
@@ -69,6 +73,12 @@ pub enum LoadError {
     Shape(String),
 }
 
+/// Highest open-loop rate: one request per microsecond.
+pub const MAX_RATE: f64 = 1e6;
+
+/// How long after its deadline a request is given up on the client side.
+pub const CLIENT_GRACE: Duration = Duration::from_secs(1);
+
 /// Whether `target` (a URL) names a loopback host.
 pub fn is_loopback(target: &str) -> bool {
     let Ok(uri) = target.parse::<tonic::codegen::http::Uri>() else {
@@ -84,15 +94,27 @@ pub fn is_loopback(target: &str) -> bool {
     }
 }
 
+/// Runs request `index`; its latency counts from `scheduled` (when it was meant to start).
 async fn one_request(
     mut client: ImageServiceClient<Channel>,
     config: &LoadConfig,
     index: u64,
+    scheduled: Instant,
 ) -> Sample {
     let kind = config.workload.kind_for(index);
     let mut req = tonic::Request::new(config.workload.request(index));
     req.set_timeout(config.timeout);
-    let started = Instant::now();
+    let call = async {
+        let mut stream = client.generate(req).await?.into_inner();
+        let (mut images, mut queue_seconds) = (0, 0.0);
+        while let Some(msg) = stream.next().await {
+            if let Some(Event::Image(img)) = msg?.event {
+                images += 1;
+                queue_seconds = img.timings.map(|t| t.queue_seconds).unwrap_or(0.0);
+            }
+        }
+        Ok::<_, tonic::Status>((images, queue_seconds))
+    };
     let mut sample = Sample {
         kind,
         code: tonic::Code::Ok,
@@ -100,31 +122,18 @@ async fn one_request(
         queue_seconds: 0.0,
         images: 0,
     };
-    match client.generate(req).await {
-        Err(status) => sample.code = status.code(),
-        Ok(resp) => {
-            let mut stream = resp.into_inner();
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(msg) => {
-                        if let Some(Event::Image(img)) = msg.event {
-                            sample.images += 1;
-                            sample.queue_seconds =
-                                img.timings.map(|t| t.queue_seconds).unwrap_or(0.0);
-                        }
-                    }
-                    Err(status) => {
-                        sample.code = status.code();
-                        break;
-                    }
-                }
-            }
-            if sample.code == tonic::Code::Ok && sample.images == 0 {
+    match tokio::time::timeout(config.timeout + CLIENT_GRACE, call).await {
+        Ok(Ok((images, queue_seconds))) => {
+            sample.images = images;
+            sample.queue_seconds = queue_seconds;
+            if images == 0 {
                 sample.code = tonic::Code::Internal;
             }
         }
+        Ok(Err(status)) => sample.code = status.code(),
+        Err(_) => sample.code = tonic::Code::DeadlineExceeded,
     }
-    sample.latency = started.elapsed();
+    sample.latency = scheduled.elapsed();
     sample
 }
 
@@ -134,8 +143,10 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
         return Err(LoadError::NotLoopback(config.target));
     }
     match config.mode {
-        Mode::Open { rate } if !(rate.is_finite() && rate > 0.0) => {
-            return Err(LoadError::Shape(format!("rate must be > 0, got {rate}")));
+        Mode::Open { rate } if !(rate > 0.0 && rate <= MAX_RATE) => {
+            return Err(LoadError::Shape(format!(
+                "rate must be in (0, {MAX_RATE}] requests/s, got {rate}"
+            )));
         }
         Mode::Closed { concurrency: 0 } => {
             return Err(LoadError::Shape("concurrency must be >= 1".into()));
@@ -158,13 +169,13 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             for index in 0..config.max_requests {
-                ticker.tick().await;
-                if Instant::now() >= stop_at {
+                let scheduled = ticker.tick().await.into_std();
+                if scheduled >= stop_at {
                     break;
                 }
                 let (client, config, samples) = (client.clone(), config.clone(), samples.clone());
                 tasks.spawn(async move {
-                    let s = one_request(client, &config, index).await;
+                    let s = one_request(client, &config, index, scheduled).await;
                     samples.lock().await.push(s);
                 });
             }
@@ -184,7 +195,7 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
                         if index >= config.max_requests || Instant::now() >= stop_at {
                             break;
                         }
-                        let s = one_request(client.clone(), &config, index).await;
+                        let s = one_request(client.clone(), &config, index, Instant::now()).await;
                         samples.lock().await.push(s);
                     }
                 });
@@ -192,12 +203,8 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
         }
     }
     let offered_seconds = started.elapsed().as_secs_f64();
-    // In-flight requests are bounded by their own deadline; give them that long, then stop.
-    let _ = tokio::time::timeout(config.timeout + Duration::from_secs(1), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    tasks.abort_all();
+    // Every request ends by its deadline plus the grace, so this wait is bounded too.
+    while tasks.join_next().await.is_some() {}
     let samples = std::mem::take(&mut *samples.lock().await);
     Ok(Report::new(
         &samples,
@@ -205,4 +212,80 @@ pub async fn run(config: LoadConfig) -> Result<Report, LoadError> {
         offered_seconds,
         started.elapsed().as_secs_f64(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(target: &str, mode: Mode) -> LoadConfig {
+        LoadConfig {
+            target: target.into(),
+            allow_remote: false,
+            mode,
+            max_requests: 5,
+            max_duration: Duration::from_secs(5),
+            timeout: Duration::from_millis(500),
+            workload: Workload {
+                mix: vec![Kind::T2i],
+                sizes: vec![(64, 64)],
+                steps: 1,
+                seed: 0,
+                prompt: "x".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn only_loopback_targets_pass() {
+        for (target, want) in [
+            ("http://127.0.0.1:50050", true),
+            ("http://127.8.9.10:1", true),
+            ("http://localhost:50050", true),
+            ("http://[::1]:50050", true),
+            ("http://10.0.0.1:50050", false),
+            ("http://192.168.1.2:50050", false),
+            ("http://example.com:50050", false),
+            ("http://127.0.0.1.example.com", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(is_loopback(target), want, "{target}");
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_remote_targets_and_impossible_shapes() {
+        let remote = run(config(
+            "http://10.1.2.3:50050",
+            Mode::Closed { concurrency: 1 },
+        ))
+        .await;
+        assert!(matches!(remote, Err(LoadError::NotLoopback(_))));
+        for mode in [
+            Mode::Open { rate: 0.0 },
+            Mode::Open { rate: f64::NAN },
+            Mode::Open { rate: 1e9 },
+            Mode::Closed { concurrency: 0 },
+        ] {
+            let r = run(config("http://127.0.0.1:1", mode)).await;
+            assert!(matches!(r, Err(LoadError::Shape(_))), "{mode:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_target_still_ends_with_every_request_counted() {
+        // Nothing listens on a port we bound and closed: every request fails, none is lost.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let target = format!("http://127.0.0.1:{port}");
+        for mode in [Mode::Open { rate: 50.0 }, Mode::Closed { concurrency: 2 }] {
+            let report = run(config(&target, mode)).await.unwrap();
+            assert_eq!(report.sent, 5, "{report:?}");
+            assert_eq!(report.by_code.get("Unavailable"), Some(&5), "{report:?}");
+            assert!(report.latency.is_none());
+        }
+    }
 }

@@ -90,11 +90,11 @@ async fn main() -> ExitCode {
         Ok(report) => {
             let json = serde_json::to_string_pretty(&report).expect("report serialises");
             println!("{json}");
-            if let Some(path) = args.json {
-                if let Err(e) = std::fs::write(&path, &json) {
-                    eprintln!("loadgen: {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+            if let Some(path) = args.json
+                && let Err(e) = std::fs::write(&path, &json)
+            {
+                eprintln!("loadgen: {}: {e}", path.display());
+                return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }

@@ -57,6 +57,8 @@ pub struct Report {
     pub ok_by_kind: BTreeMap<String, u64>,
     /// OK requests per second over the whole run.
     pub throughput_rps: f64,
+    /// Images received per second over the whole run.
+    pub images_per_second: f64,
     /// Fraction of requests refused with RESOURCE_EXHAUSTED.
     pub shed_fraction: f64,
     /// Latency of accepted requests, client side.
@@ -105,14 +107,15 @@ impl Report {
             by_code,
             ok_by_kind,
             throughput_rps: ok.len() as f64 / wall_seconds.max(1e-9),
+            images_per_second: ok.iter().map(|s| f64::from(s.images)).sum::<f64>()
+                / wall_seconds.max(1e-9),
             shed_fraction: shed.len() as f64 / (samples.len().max(1)) as f64,
             latency: percentiles(ok.iter().map(|s| s.latency.as_micros() as u64)),
             queue_wait: percentiles(ok.iter().map(|s| (s.queue_seconds * 1e6) as u64)),
-            service_time: percentiles(ok.iter().map(|s| {
-                (s.latency.as_secs_f64() - s.queue_seconds)
-                    .max(0.0)
-                    .mul_add(1e6, 0.0) as u64
-            })),
+            service_time: percentiles(
+                ok.iter()
+                    .map(|s| ((s.latency.as_secs_f64() - s.queue_seconds).max(0.0) * 1e6) as u64),
+            ),
             shed_latency: percentiles(shed.iter().map(|s| s.latency.as_micros() as u64)),
             offered_seconds,
             wall_seconds,
@@ -144,6 +147,7 @@ mod tests {
         assert_eq!(r.by_code["ResourceExhausted"], 25);
         assert!((r.shed_fraction - 0.2).abs() < 1e-12);
         assert!((r.throughput_rps - 5.0).abs() < 1e-12);
+        assert!((r.images_per_second - 5.0).abs() < 1e-12);
         let l = r.latency.unwrap();
         assert!((l.p50_ms - 500.0).abs() < 1.0, "{l:?}");
         assert!((l.p99_ms - 990.0).abs() < 1.0, "{l:?}");

@@ -6,7 +6,11 @@
 //! user typed override the layers below. [`load`] merges them; the result is logged once at
 //! startup with [`log_effective`].
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use figment::{
     Figment,
@@ -95,6 +99,13 @@ pub struct ServerConfig {
     pub drain_timeout_secs: u64,
     /// Log format: `pretty` or `json`.
     pub log_format: LogFormat,
+    /// PEM certificate chain the server presents; with `tls_key`, serves gRPC over TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to; set = mutual TLS (a client
+    /// without such a certificate cannot connect).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -108,6 +119,9 @@ impl Default for ServerConfig {
             max_queue_depth: 32,
             drain_timeout_secs: 30,
             log_format: LogFormat::Pretty,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -154,4 +168,16 @@ pub struct ServerFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// PEM certificate chain; with --tls-key, serve over TLS.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle client certificates must chain to (mutual TLS).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
 }

@@ -130,7 +130,8 @@ mod tests {
 
     #[tokio::test]
     async fn runs_jobs_in_order_on_one_named_thread() {
-        let engine = Engine::spawn("test-engine", || Ok::<_, InitError>(Vec::<u32>::new())).unwrap();
+        let engine =
+            Engine::spawn("test-engine", || Ok::<_, InitError>(Vec::<u32>::new())).unwrap();
         for i in 0..5 {
             engine.run(move |v: &mut Vec<u32>| v.push(i)).await.unwrap();
         }
@@ -145,10 +146,22 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_fails_alone() {
         let engine = Engine::spawn("test-engine", || Ok::<_, InitError>(0u32)).unwrap();
-        let err = engine.run(|_: &mut u32| -> u32 { panic!("boom") }).await.unwrap_err();
+        let err = engine
+            .run(|_: &mut u32| -> u32 { panic!("boom") })
+            .await
+            .unwrap_err();
         assert_eq!(err, EngineError::Panicked("boom".into()));
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::Internal);
-        assert_eq!(engine.run(|n: &mut u32| { *n += 1; *n }).await.unwrap(), 1);
+        assert_eq!(
+            engine
+                .run(|n: &mut u32| {
+                    *n += 1;
+                    *n
+                })
+                .await
+                .unwrap(),
+            1
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   bounded FIFO wait queue).
 //! - [`server`]: the gRPC server bootstrap (health, reflection, message limits, HTTP/2
 //!   windows, graceful drain with a deadline on SIGTERM / SIGINT).
+//! - [`tls`]: optional TLS and mutual TLS of servers and clients (PEM files from config).
 //! - [`telemetry`]: tracing (pretty or JSON) and the Prometheus `/metrics` endpoint.
 //! - [`engine`]: the one thread that owns a model and its device, fed by async callers.
 //! - [`weights`]: diffusers folder layout, sharded safetensors indexes, mmap loading.
@@ -24,4 +25,5 @@ pub mod device;
 pub mod engine;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod weights;

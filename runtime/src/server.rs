@@ -11,15 +11,23 @@
 //!
 //! Message size limits are set per generated service (`max_decoding_message_size`), so each
 //! service applies [`klein_proto::MAX_MESSAGE_BYTES`] when it builds its routes.
+//!
+//! [`GrpcServer::from_config`] also turns on TLS or mutual TLS when the config names a
+//! certificate (see [`crate::tls`]); health and reflection are then served over TLS too.
 
 use std::{future::Future, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::{
     service::Routes,
-    transport::{Server, server::TcpIncoming},
+    transport::{Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    config::ServerConfig,
+    tls::{TlsError, server_tls},
+};
 
 /// Health service name that stays SERVING while the process is alive.
 pub const LIVENESS_SERVICE: &str = "liveness";
@@ -70,6 +78,7 @@ pub struct GrpcServer {
     health_service:
         tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
     drain_timeout: Duration,
+    tls: Option<ServerTlsConfig>,
 }
 
 impl GrpcServer {
@@ -93,7 +102,17 @@ impl GrpcServer {
             health,
             health_service,
             drain_timeout,
+            tls: None,
         }
+    }
+
+    /// As [`GrpcServer::new`] with the drain timeout and TLS (off, TLS or mutual TLS) of
+    /// `config`; fails when a TLS setting is incomplete or a file cannot be read.
+    pub async fn from_config(services: &[&str], config: &ServerConfig) -> Result<Self, TlsError> {
+        let tls = server_tls(config)?;
+        let mut server = Self::new(services, config.drain_timeout()).await;
+        server.tls = tls;
+        Ok(server)
     }
 
     /// The readiness handle.
@@ -126,7 +145,12 @@ impl GrpcServer {
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = Server::builder()
+        let tls = self.tls.is_some();
+        let mut builder = Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let server = builder
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -136,7 +160,7 @@ impl GrpcServer {
                 let _ = stop_rx.await;
             });
         tokio::pin!(server);
-        tracing::info!(?addr, "gRPC server listening");
+        tracing::info!(?addr, tls, "gRPC server listening");
         tokio::select! {
             res = &mut server => return Ok(res?),
             () = shutdown => {}

@@ -19,7 +19,9 @@ use candle_nn::VarBuilder;
 pub enum WeightsError {
     #[error("{0}: no such directory")]
     NotADirectory(PathBuf),
-    #[error("{dir}: neither a pipeline root with a `{component}/` folder nor a `{component}` folder with config.json")]
+    #[error(
+        "{dir}: neither a pipeline root with a `{component}/` folder nor a `{component}` folder with config.json"
+    )]
     NoComponent { dir: PathBuf, component: String },
     #[error("{0}: no *.safetensors file and no *.safetensors.index.json")]
     NoWeights(PathBuf),
@@ -68,7 +70,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     let mut singles = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.ends_with(".safetensors.index.json") {
             indexes.push(path);
         } else if name.ends_with(".safetensors") {
@@ -101,7 +106,10 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let files: BTreeSet<&str> = map
         .values()
-        .map(|v| v.as_str().ok_or_else(|| bad("a weight_map value is not a string".into())))
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| bad("a weight_map value is not a string".into()))
+        })
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(files.len());
     for file in files {

@@ -38,6 +38,9 @@ struct ServeArgs {
     /// Gateway listen address.
     #[arg(long, default_value = "127.0.0.1:50050")]
     listen: SocketAddr,
+    /// HTTP API (OpenAI Images, jobs) and web page listen address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
     /// Device shared by the three services: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -75,6 +78,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         args.vae_budget,
     );
     opts.gateway.server.metrics_listen = args.metrics_listen;
+    opts.gateway.http_listen = Some(args.http_listen);
     tracing::info!(model_dir = %model_dir.display(), device = %args.device, "starting the stack");
     let mut running = match stack::start(opts).await {
         Ok(r) => r,
@@ -91,6 +95,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         "klein: serving on http://{} (try: klein generate \"a photo of a cat\")",
         running.addr
     );
+    if let Some(http) = running.http_addr {
+        eprintln!("klein: web page and HTTP API on http://{http}/");
+    }
     match running.run_until(shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,0 +1,137 @@
+//! Component timings with random weights of the real klein-4B configs.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Serialize;
+
+use crate::random::RandomWeights;
+
+/// One measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub component: String,
+    pub case: String,
+    pub dtype: String,
+    /// Median wall time of one call, milliseconds (device synchronised).
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub iters: usize,
+}
+
+/// Median and minimum milliseconds of `f` over `iters` runs after `warm` warm-ups.
+pub fn time(
+    dev: &Device,
+    warm: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<(f64, f64)> {
+    for _ in 0..warm {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let out = f()?;
+        dev.synchronize()?;
+        drop(out);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], ms[0]))
+}
+
+fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights::new(false)), dtype, dev.clone())
+}
+
+/// Qwen3-4B text encoder, 512 tokens (27 layers), in `dtype` and optionally 4-bit.
+pub fn encoder(dev: &Device, dtype: DType, q4: bool, iters: usize) -> Result<Row> {
+    use encoder_svc::model::{
+        quant::QuantFormat,
+        qwen3::{Config, TextEncoder},
+        weights::{QuantPlan, Weights},
+    };
+    let cfg = Config::qwen3_4b();
+    let plan = q4.then_some(QuantPlan {
+        linear: QuantFormat::Q4K,
+        embedding: None,
+    });
+    let model = TextEncoder::new(&cfg, Weights::safetensors(random_vb(dtype, dev), plan))?;
+    let ids = Tensor::arange(0u32, 512, dev)?.unsqueeze(0)?;
+    let mask = Tensor::cat(
+        &[
+            Tensor::ones((1, 40), DType::U32, dev)?,
+            Tensor::zeros((1, 472), DType::U32, dev)?,
+        ],
+        1,
+    )?;
+    let (median_ms, min_ms) = time(dev, 2, iters, || model.forward(&ids, &mask))?;
+    Ok(Row {
+        component: "text_encoder".into(),
+        case: format!(
+            "Qwen3-4B, 512 tokens{}",
+            if q4 { ", linears q4k" } else { "" }
+        ),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        median_ms,
+        min_ms,
+        iters,
+    })
+}
+
+/// klein-4B transformer, one forward at `px`² with `batch` images.
+pub fn transformer(
+    dev: &Device,
+    dtype: DType,
+    px: usize,
+    batch: usize,
+    iters: usize,
+) -> Result<Row> {
+    use denoiser_svc::model::{
+        AttentionConfig, Config, Flux2Transformer2DModel, grid_ids, text_ids,
+    };
+    let cfg = Config::klein_4b();
+    let model =
+        Flux2Transformer2DModel::new(&cfg, AttentionConfig::default(), random_vb(dtype, dev))?;
+    let (h, w) = (px / 16, px / 16);
+    let x = Tensor::randn(0f32, 1.0, (batch, h * w, 128), dev)?.to_dtype(dtype)?;
+    let ctx =
+        Tensor::randn(0f32, 1.0, (batch, 512, cfg.joint_attention_dim), dev)?.to_dtype(dtype)?;
+    let mut ids = text_ids(512);
+    ids.extend(grid_ids(0, h, w));
+    let rope = model.rope(&ids, dev)?;
+    let t = vec![968.0f32; batch];
+    let (median_ms, min_ms) = time(dev, 2, iters, || model.forward(&x, &ctx, &t, &rope))?;
+    Ok(Row {
+        component: "transformer".into(),
+        case: format!("klein-4B step {px}x{px}, batch {batch}"),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        median_ms,
+        min_ms,
+        iters,
+    })
+}
+
+/// FLUX.2 VAE decode or encode at `px`².
+pub fn vae(dev: &Device, dtype: DType, px: usize, decode: bool, iters: usize) -> Result<Row> {
+    use vae_svc::model::{AutoencoderKLFlux2, Config};
+    let model = AutoencoderKLFlux2::new(&Config::default(), random_vb(dtype, dev))?;
+    let (median_ms, min_ms) = if decode {
+        let z = Tensor::randn(0f32, 1.0, (1, 32, px / 8, px / 8), dev)?.to_dtype(dtype)?;
+        time(dev, 1, iters, || model.decode(&z))?
+    } else {
+        let x = Tensor::rand(-1f32, 1.0, (1, 3, px, px), dev)?.to_dtype(dtype)?;
+        time(dev, 1, iters, || model.encode_mean(&x))?
+    };
+    Ok(Row {
+        component: "vae".into(),
+        case: format!("{} {px}x{px}", if decode { "decode" } else { "encode" }),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        median_ms,
+        min_ms,
+        iters,
+    })
+}

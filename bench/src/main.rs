@@ -1,0 +1,112 @@
+//! `klein-bench`: component timings with random weights of the real klein-4B configs
+//! (`components`), and a random-weight diffusers pipeline writer (`write-pipeline`) for timing
+//! the real services end to end.
+
+#![deny(rust_2018_idioms)]
+#![forbid(unsafe_code)]
+
+mod components;
+mod pipeline;
+mod random;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use candle_core::DType;
+use clap::{Parser, Subcommand};
+use klein_runtime::device::DeviceSpec;
+
+#[derive(Debug, Parser)]
+#[command(name = "klein-bench")]
+struct Args {
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", global = true)]
+    device: DeviceSpec,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Time the text encoder, transformer and VAE; prints a markdown table and JSON.
+    Components {
+        /// Timed iterations per case.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Image sides to time, pixels.
+        #[arg(long, value_delimiter = ',', default_value = "512,1024")]
+        sizes: Vec<usize>,
+        /// Transformer batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        batches: Vec<usize>,
+        /// Write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Write a diffusers pipeline folder with random weights of the real klein-4B shapes.
+    WritePipeline {
+        /// Output folder.
+        out: PathBuf,
+        /// Tiny pipeline to take the tokenizer, scheduler and model_index.json from.
+        #[arg(long, default_value = "tests/fixtures/tiny-klein-4b")]
+        template: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let dev = match args.device.open() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("klein-bench: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let result = match args.command {
+        Command::WritePipeline { out, template } => pipeline::write(&out, &template, &dev),
+        Command::Components {
+            iters,
+            sizes,
+            batches,
+            json,
+        } => (|| {
+            let float = if dev.is_cpu() {
+                DType::F32
+            } else {
+                DType::BF16
+            };
+            let mut rows = Vec::new();
+            let mut emit = |r: components::Row| {
+                println!(
+                    "| {} | {} | {} | {:.2} | {:.2} |",
+                    r.component, r.case, r.dtype, r.median_ms, r.min_ms
+                );
+                rows.push(r);
+            };
+            println!("| component | case | dtype | median ms | min ms |\n|---|---|---|---|---|");
+            emit(components::encoder(&dev, float, false, iters)?);
+            emit(components::encoder(&dev, float, true, iters)?);
+            for &px in &sizes {
+                for &b in &batches {
+                    emit(components::transformer(&dev, float, px, b, iters)?);
+                }
+            }
+            for &px in &sizes {
+                for dtype in [DType::F32, DType::BF16] {
+                    emit(components::vae(&dev, dtype, px, true, iters)?);
+                    emit(components::vae(&dev, dtype, px, false, iters)?);
+                }
+            }
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&rows).expect("json"))?;
+            }
+            Ok(())
+        })(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("klein-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! encoder-svc settings: the shared server settings plus the encoder's own.
+//!
+//! The device, dtype and quantization configured here belong to the encoder alone (the
+//! encoder's "pinned zone"): nothing else in the system moves or changes them at run time.
+
+use std::{fmt, path::PathBuf, str::FromStr};
+
+use clap::Parser;
+use klein_runtime::{
+    bytesize::ByteSize,
+    config::{ServerConfig, ServerFlags},
+    device::DTypeSpec,
+};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{
+    error::EncoderError,
+    model::{
+        quant::{ParseQuantFormatError, QuantFormat},
+        weights::QuantPlan,
+    },
+};
+
+/// Load-time quantization of the linear layers of a safetensors checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantize {
+    /// Keep every weight in the compute dtype.
+    #[default]
+    None,
+    /// Quantize the attention and MLP projections to this format and the token embedding to
+    /// q8_0; norms stay in the compute dtype.
+    Format(QuantFormat),
+}
+
+impl Quantize {
+    /// The load plan, if any. The embedding gets q8_0 whatever the linear format: it halves
+    /// Qwen3-4B's 0.78 GB bf16 table and costs next to nothing (fixture prompt 0 with q4_0
+    /// projections: rel-L2 vs f32 0.167 with a dense table, 0.168 with q8_0, 0.207 with q4_0).
+    pub fn plan(self) -> Option<QuantPlan> {
+        match self {
+            Self::None => None,
+            Self::Format(linear) => Some(QuantPlan {
+                linear,
+                embedding: Some(QuantFormat::Q8_0),
+            }),
+        }
+    }
+}
+
+impl FromStr for Quantize {
+    type Err = ParseQuantFormatError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "" => Ok(Self::None),
+            other => other.parse().map(Self::Format),
+        }
+    }
+}
+
+impl fmt::Display for Quantize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Format(q) => q.fmt(f),
+        }
+    }
+}
+
+impl Serialize for Quantize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Quantize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Everything encoder-svc is configured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    #[serde(flatten)]
+    pub server: ServerConfig,
+    /// Diffusers pipeline root holding `text_encoder/` and `tokenizer/` (required).
+    pub model_dir: Option<PathBuf>,
+    /// Model id reported and matched against requests; default: the model folder's name.
+    pub model_id: Option<String>,
+    /// Pre-quantized Qwen3 GGUF file to take the weights from instead of `text_encoder/`
+    /// (the tokenizer still comes from `model_dir`).
+    pub gguf: Option<PathBuf>,
+    /// Load-time quantization of the safetensors weights: none, q4k, q4_0, q4_1, q6k, q8_0.
+    pub quantize: Quantize,
+    /// Device memory the runtime needs besides weights and activations (CUDA context, cuBLAS
+    /// workspace, allocator slack); subtracted from the budget.
+    pub runtime_overhead: ByteSize,
+    /// Host memory for cached prompt embeddings; 0 disables the cache.
+    pub cache_bytes: ByteSize,
+    /// Most prompts one request may carry (negatives not counted).
+    pub max_batch: usize,
+    /// Longest accepted prompt, in UTF-8 bytes (tokens beyond 512 are cut anyway).
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            model_dir: None,
+            model_id: None,
+            gguf: None,
+            quantize: Quantize::None,
+            runtime_overhead: ByteSize(512 << 20),
+            cache_bytes: ByteSize(512 << 20),
+            max_batch: 4,
+            max_prompt_bytes: 64 << 10,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the rules no single setting can express.
+    pub fn validate(&self) -> Result<(), EncoderError> {
+        let fail = |msg: &str| Err(EncoderError::Config(msg.to_owned()));
+        if self.model_dir.is_none() {
+            return fail(
+                "model_dir is required (a diffusers pipeline root with text_encoder/ and tokenizer/)",
+            );
+        }
+        if self.server.dtype == DTypeSpec::F16 {
+            return fail("dtype f16 is refused: Qwen3 activations overflow f16 (use bf16 or f32)");
+        }
+        if self.gguf.is_some() && self.quantize != Quantize::None {
+            return fail(
+                "quantize applies to safetensors weights; a GGUF file is already quantized",
+            );
+        }
+        if self.max_batch == 0 {
+            return fail("max_batch must be at least 1");
+        }
+        if self.max_prompt_bytes == 0 {
+            return fail("max_prompt_bytes must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The model id: configured, else the model folder's name.
+    pub fn model_id(&self) -> String {
+        self.model_id.clone().unwrap_or_else(|| {
+            self.model_dir
+                .as_deref()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "qwen3".into())
+        })
+    }
+}
+
+/// Command-line flags of the `encoder-svc` binary; each overrides file and environment.
+#[derive(Debug, Clone, Default, Parser, Serialize)]
+#[command(
+    name = "encoder-svc",
+    version,
+    about = "FLUX.2 [klein] text encoder (Qwen3) gRPC service"
+)]
+pub struct Flags {
+    /// TOML config file (lowest precedence after the built-in defaults).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub server: ServerFlags,
+    /// Diffusers pipeline root holding text_encoder/ and tokenizer/.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_dir: Option<PathBuf>,
+    /// Model id reported by Info and accepted in requests (default: the folder name).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+    /// Pre-quantized Qwen3 GGUF file to load the weights from.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<PathBuf>,
+    /// Load-time weight quantization: none, q4k, q4_0, q4_1, q6k or q8_0.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<Quantize>,
+    /// Runtime overhead subtracted from the budget, e.g. 512MiB.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runtime_overhead: Option<ByteSize>,
+    /// Host memory for the prompt-embedding cache, e.g. 512MiB (0 = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_bytes: Option<ByteSize>,
+    /// Most prompts per request.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<usize>,
+    /// Longest accepted prompt in bytes.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_prompt_bytes: Option<usize>,
+}
+
+impl Flags {
+    /// Merges defaults < `--config` file < `KLEIN_*` environment < these flags.
+    pub fn load(&self) -> Result<Config, EncoderError> {
+        klein_runtime::config::load(self.config.as_deref(), self)
+            .map_err(|e| EncoderError::Config(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Flags {
+        Flags::parse_from(std::iter::once("encoder-svc").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn flags_override_defaults() {
+        let cfg = parse(&[
+            "--model-dir",
+            "/models/klein-4b",
+            "--quantize",
+            "q4k",
+            "--dtype",
+            "bf16",
+            "--cache-bytes",
+            "1GiB",
+            "--gpu-memory-budget",
+            "3GiB",
+        ])
+        .load()
+        .unwrap();
+        assert_eq!(cfg.quantize, Quantize::Format(QuantFormat::Q4K));
+        assert_eq!(cfg.server.dtype, DTypeSpec::Bf16);
+        assert_eq!(cfg.cache_bytes, ByteSize(1 << 30));
+        assert_eq!(cfg.server.gpu_memory_budget, ByteSize(3 << 30));
+        assert_eq!(cfg.model_id(), "klein-4b");
+        assert_eq!(cfg.max_batch, 4, "untouched settings keep their default");
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn refuses_what_cannot_work() {
+        assert!(
+            Config::default().validate().is_err(),
+            "model_dir is required"
+        );
+        let base = Config {
+            model_dir: Some("/m".into()),
+            ..Config::default()
+        };
+        let bad = [
+            Config {
+                server: ServerConfig {
+                    dtype: DTypeSpec::F16,
+                    ..ServerConfig::default()
+                },
+                ..base.clone()
+            },
+            Config {
+                gguf: Some("/m/q.gguf".into()),
+                quantize: Quantize::Format(QuantFormat::Q4K),
+                ..base.clone()
+            },
+            Config {
+                max_batch: 0,
+                ..base.clone()
+            },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+        assert!(Flags::try_parse_from(["encoder-svc", "--quantize", "int3"]).is_err());
+        assert_eq!("none".parse::<Quantize>().unwrap(), Quantize::None);
+    }
+}

@@ -1,0 +1,136 @@
+//! The encoder the engine thread owns: the loaded [`TextEncoder`] and the padding it needs.
+//!
+//! [`Encoder::load`] reads the architecture (`text_encoder/config.json`, or a GGUF file's
+//! metadata) and the weights (safetensors, optionally quantized at load time, or GGUF) onto the
+//! configured device. [`Encoder::encode`] pads a batch of token-id lists to [`SEQ_LEN`], runs
+//! the model and brings the embeddings back to the host.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use klein_runtime::weights::{component_dir, mmap_var_builder, read_config, safetensors_files};
+
+use crate::{
+    error::EncoderError,
+    model::{
+        gguf::GgufFile,
+        qwen3::{Config, TextEncoder},
+        weights::{QuantPlan, WeightReport, Weights},
+    },
+    prompt::{PromptIds, SEQ_LEN, pad},
+};
+
+/// Where the weights come from and how they are held on the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// Diffusers pipeline root (with `text_encoder/`) or the `text_encoder/` folder itself.
+    pub model_dir: PathBuf,
+    /// A pre-quantized Qwen3 GGUF file to take the weights from instead of safetensors.
+    pub gguf: Option<PathBuf>,
+    /// Compute dtype (activations, dense weights, output).
+    pub dtype: DType,
+    /// Load-time quantization of safetensors weights; `None` keeps them dense.
+    pub quantize: Option<QuantPlan>,
+}
+
+/// The loaded text encoder.
+pub struct Encoder {
+    model: TextEncoder,
+    pad_id: u32,
+    report: WeightReport,
+}
+
+impl Encoder {
+    /// Loads the model described by `spec` onto `device`; `pad_id` fills padding positions.
+    pub fn load(spec: &ModelSpec, pad_id: u32, device: &Device) -> Result<Self, EncoderError> {
+        let (cfg, weights) = match &spec.gguf {
+            Some(path) => gguf_weights(spec, path, device)?,
+            None => {
+                let dir = component_dir(&spec.model_dir, "text_encoder")?;
+                let cfg: Config = read_config(&dir.join("config.json"))?;
+                let vb = mmap_var_builder(&safetensors_files(&dir)?, spec.dtype, device)?;
+                (cfg, Weights::safetensors(vb, spec.quantize))
+            }
+        };
+        let model = TextEncoder::new(&cfg, weights.clone())?;
+        let report = weights.report();
+        for t in &report.tensors {
+            tracing::debug!(key = %t.key, format = %t.format, bytes = t.bytes, "weight");
+        }
+        tracing::info!(
+            total_bytes = report.total_bytes(),
+            formats = %report.summary(),
+            "text encoder weights loaded"
+        );
+        Ok(Self {
+            model,
+            pad_id,
+            report,
+        })
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &TextEncoder {
+        &self.model
+    }
+
+    /// Every weight tensor with its format and bytes.
+    pub fn report(&self) -> &WeightReport {
+        &self.report
+    }
+
+    /// Embeddings of each prompt, (n, [`SEQ_LEN`], 3·hidden) in the model dtype, on the host.
+    pub fn encode(&self, prompts: &[PromptIds]) -> Result<Tensor, EncoderError> {
+        let device = self.model.device();
+        let mut ids = Vec::with_capacity(prompts.len() * SEQ_LEN);
+        let mut mask = Vec::with_capacity(prompts.len() * SEQ_LEN);
+        for p in prompts {
+            let (i, m) = pad(&p.ids, self.pad_id);
+            ids.extend(i);
+            mask.extend(m);
+        }
+        let shape = (prompts.len(), SEQ_LEN);
+        let ids = Tensor::from_vec(ids, shape, device)?;
+        let mask = Tensor::from_vec(mask, shape, device)?;
+        Ok(self.model.forward(&ids, &mask)?.to_device(&Device::Cpu)?)
+    }
+}
+
+/// Config and weights from a GGUF file; a `text_encoder/config.json` next to it, if any, must
+/// describe the same architecture.
+fn gguf_weights<'a>(
+    spec: &ModelSpec,
+    path: &Path,
+    device: &Device,
+) -> Result<(Config, Weights<'a>), EncoderError> {
+    let file = GgufFile::open(path)?;
+    let cfg = file.config()?;
+    if let Ok(dir) = component_dir(&spec.model_dir, "text_encoder") {
+        let expected: Config = read_config(&dir.join("config.json"))?;
+        let shape = |c: &Config| {
+            (
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_attention_heads,
+                c.num_key_value_heads,
+                c.head_dim(),
+                c.rope_theta(),
+            )
+        };
+        if shape(&cfg) != shape(&expected) {
+            return Err(EncoderError::Config(format!(
+                "{} does not match {}: (hidden, intermediate, heads, kv heads, head_dim, rope theta) {:?} vs {:?}",
+                path.display(),
+                dir.join("config.json").display(),
+                shape(&cfg),
+                shape(&expected)
+            )));
+        }
+    }
+    Ok((cfg, Weights::gguf(file, spec.dtype, device)))
+}
+
+/// Bytes of one prompt's embedding on the wire: [`SEQ_LEN`] × 3·hidden × dtype size.
+pub fn embedding_bytes(cfg: &Config, dtype: DType) -> u64 {
+    (SEQ_LEN * cfg.output_dim() * dtype.size_in_bytes()) as u64
+}

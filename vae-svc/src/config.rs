@@ -1,0 +1,169 @@
+//! vae-svc settings: defaults < TOML file (`--config`) < `KLEIN_*` environment < flags.
+
+use std::path::PathBuf;
+
+use klein_runtime::{
+    bytesize::ByteSize,
+    config::{self, ConfigError, ServerConfig, ServerFlags},
+    device::DTypeSpec,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{model::Chunking, tiling::TilingConfig, validate::Limits};
+
+/// Everything vae-svc can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Listen address, device, dtype (f32 default; bf16 allowed; f16 refused), budget, queue.
+    #[serde(flatten)]
+    pub server: ServerConfig,
+    /// A diffusers pipeline root, its `vae/` folder, or a single safetensors file (BFL
+    /// `ae.safetensors` or a diffusers-named VAE file).
+    pub model_dir: Option<PathBuf>,
+    /// `config.json` to use with a single safetensors file (default: the AutoencoderKLFlux2
+    /// class defaults, which are the released FLUX.2 VAE).
+    pub single_file_config: Option<PathBuf>,
+    /// Model id reported by Info (default: the pipeline folder or file name).
+    pub model_id: Option<String>,
+    /// Device memory the service needs besides weights and activations (CUDA context,
+    /// allocator slack); subtracted from the budget before admission.
+    pub runtime_overhead: ByteSize,
+    /// Most images (or latent sets) per request.
+    pub max_batch: usize,
+    /// Longest accepted image side, pixels.
+    pub max_image_side: usize,
+    /// Largest accepted image area, pixels.
+    pub max_image_pixels: u64,
+    /// Largest f32 attention score block (scores + softmax) of the mid-block attention.
+    pub attention_chunk_bytes: ByteSize,
+    /// Largest working set of one convolution band or group-norm chunk.
+    pub op_chunk_bytes: ByteSize,
+    /// Tile side, latent tokens (16 px each), for requests that force tiling.
+    pub tile_tokens: usize,
+    /// Overlap between neighbouring tiles, tokens (at most half a tile).
+    pub tile_overlap_tokens: usize,
+    /// Smallest tile side the budget may fall back to, tokens.
+    pub min_tile_tokens: usize,
+    /// Most passes over the tiles of a tiled decode: statistics passes that make the tiles'
+    /// group norms use image-wide statistics, plus the final pass (1 = per-tile statistics,
+    /// as diffusers does; faster, with visible seams).
+    pub tile_norm_max_passes: usize,
+    /// Statistics passes stop once no group-norm mean or deviation moves by more than this
+    /// many standard deviations.
+    pub tile_norm_tolerance: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let server = ServerConfig {
+            listen: ([127, 0, 0, 1], 50054).into(),
+            ..ServerConfig::default()
+        };
+        let chunking = Chunking::default();
+        Self {
+            server,
+            model_dir: None,
+            single_file_config: None,
+            model_id: None,
+            runtime_overhead: ByteSize(512 << 20),
+            max_batch: 4,
+            max_image_side: 4096,
+            max_image_pixels: 2048 * 2048,
+            attention_chunk_bytes: ByteSize(chunking.attention_bytes),
+            op_chunk_bytes: ByteSize(chunking.op_bytes),
+            tile_tokens: 32,
+            tile_overlap_tokens: 8,
+            min_tile_tokens: 8,
+            tile_norm_max_passes: 4,
+            tile_norm_tolerance: 0.02,
+        }
+    }
+}
+
+impl Config {
+    /// Rules the types cannot express; the message names the setting.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let rule = |m: &str| Err(ConfigError::Rule(m.to_owned()));
+        if self.model_dir.is_none() {
+            return rule("model_dir is required (--model-dir or KLEIN_MODEL_DIR)");
+        }
+        if self.server.dtype == DTypeSpec::F16 {
+            return rule(
+                "dtype f16 is refused for the VAE: activations overflow and images turn black; use f32 or bf16",
+            );
+        }
+        if self.max_batch == 0 || self.max_image_side == 0 || self.max_image_pixels == 0 {
+            return rule("max_batch, max_image_side and max_image_pixels must be >= 1");
+        }
+        if self.tile_tokens == 0 || self.min_tile_tokens == 0 || self.tile_norm_max_passes == 0 {
+            return rule("tile_tokens, min_tile_tokens and tile_norm_max_passes must be >= 1");
+        }
+        if self.tile_norm_tolerance.is_nan() || self.tile_norm_tolerance < 0.0 {
+            return rule("tile_norm_tolerance must be >= 0");
+        }
+        if self.attention_chunk_bytes.0 == 0 || self.op_chunk_bytes.0 == 0 {
+            return rule("attention_chunk_bytes and op_chunk_bytes must be >= 1");
+        }
+        Ok(())
+    }
+
+    /// The model's execution limits.
+    pub fn chunking(&self) -> Chunking {
+        Chunking {
+            attention_bytes: self.attention_chunk_bytes.0,
+            op_bytes: self.op_chunk_bytes.0,
+        }
+    }
+
+    /// The request size limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_batch: self.max_batch,
+            max_image_side: self.max_image_side,
+            max_image_pixels: self.max_image_pixels,
+        }
+    }
+
+    /// The tile settings.
+    pub fn tiling(&self) -> TilingConfig {
+        TilingConfig {
+            tile_tokens: self.tile_tokens,
+            overlap_tokens: self.tile_overlap_tokens,
+            min_tile_tokens: self.min_tile_tokens,
+            norm_max_passes: self.tile_norm_max_passes,
+            norm_tolerance: self.tile_norm_tolerance,
+        }
+    }
+}
+
+/// Flags of the `vae-svc` binary; each overrides the file and the environment.
+#[derive(Debug, Clone, Default, clap::Parser, Serialize)]
+#[command(
+    name = "vae-svc",
+    about = "klein-serve VAE service (AutoencoderKLFlux2)"
+)]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub server: ServerFlags,
+    /// A diffusers pipeline root, its vae/ folder, or a BFL ae.safetensors file.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_dir: Option<PathBuf>,
+    /// Model id reported by Info.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_id: Option<String>,
+}
+
+/// Merges the layers and checks the result.
+pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+    let config: Config = config::load(flags.config.as_deref(), flags)?;
+    config.check()?;
+    Ok(config)
+}

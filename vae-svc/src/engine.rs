@@ -1,0 +1,103 @@
+//! The model side of the service. A [`Runner`] lives on the engine thread
+//! ([`klein_runtime::engine`]), owns the model and its device, and processes the images of a
+//! request one at a time, so a request's peak is one image's peak. Cancellation is checked
+//! between images and between tiles.
+
+use candle_core::{Device, Tensor};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::VaeError,
+    image,
+    loader::WeightsFormat,
+    memory::DecodePlan,
+    model::{AutoencoderKLFlux2, Config},
+    tiling::{self, TileJob, TilingConfig},
+    validate::PIXELS_PER_TOKEN,
+};
+
+/// What was loaded, for Info and budgeting.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub config: Config,
+    pub format: WeightsFormat,
+    pub weight_bytes: u64,
+    pub model_id: String,
+}
+
+/// The model and its device.
+pub struct Runner {
+    model: AutoencoderKLFlux2,
+    device: Device,
+    facts: Facts,
+}
+
+fn check(cancel: &CancellationToken) -> Result<(), VaeError> {
+    if cancel.is_cancelled() {
+        Err(VaeError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+impl Runner {
+    pub fn new(model: AutoencoderKLFlux2, device: Device, facts: Facts) -> Self {
+        Self {
+            model,
+            device,
+            facts,
+        }
+    }
+
+    /// What was loaded.
+    pub fn facts(&self) -> &Facts {
+        &self.facts
+    }
+
+    /// Images `[B, H, W, 3]` (CPU, u8 or f32) -> packed normalised latents
+    /// `[B, (H/16) * (W/16), 128]` on the CPU in the model dtype.
+    pub fn encode(&self, images: &Tensor, cancel: &CancellationToken) -> Result<Tensor, VaeError> {
+        let batch = images.dim(0)?;
+        let mut out = Vec::with_capacity(batch);
+        for i in 0..batch {
+            check(cancel)?;
+            let x = image::to_model_input(&images.get(i)?)?.to_device(&self.device)?;
+            out.push(self.model.encode_packed(&x)?.to_device(&Device::Cpu)?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// Packed latents `[B, h * w, 128]` (CPU) -> RGB u8 `[B, 16h, 16w, 3]` on the CPU,
+    /// untiled or tiled as planned.
+    pub fn decode(
+        &self,
+        latents: &Tensor,
+        grid: (usize, usize),
+        (plan, tiling): (&DecodePlan, &TilingConfig),
+        cancel: &CancellationToken,
+    ) -> Result<Tensor, VaeError> {
+        let batch = latents.dim(0)?;
+        let (h, w) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
+        let mut bytes = Vec::with_capacity(batch * h * w * 3);
+        for i in 0..batch {
+            check(cancel)?;
+            let tokens = latents.narrow(0, i, 1)?.to_device(&self.device)?;
+            let z = self.model.unpack_latents(&tokens, grid)?;
+            let pixels = if plan.tiles.tiled {
+                let job = TileJob {
+                    tile: plan.tiles.tile_tokens,
+                    overlap: plan.overlap_param,
+                    max_passes: tiling.norm_max_passes,
+                    tolerance: tiling.norm_tolerance,
+                };
+                let (pixels, passes) = tiling::decode_tiled(&self.model, &z, grid, &job, cancel)?;
+                tracing::info!(image = i, passes, "tiled decode done");
+                pixels.to_dtype(self.model.dtype())?
+            } else {
+                self.model.decode(&z)?
+            };
+            bytes.extend(image::to_u8(&pixels)?);
+        }
+        Ok(Tensor::from_vec(bytes, (batch, h, w, 3), &Device::Cpu)?)
+    }
+}

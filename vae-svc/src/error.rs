@@ -1,0 +1,97 @@
+//! The service's one error type and its one mapping to a gRPC status.
+
+use klein_proto::tensor::{FieldError, TensorCodecError};
+use klein_runtime::{
+    budget::AdmissionError, device::DeviceError, engine::EngineError, server::ServeError,
+    weights::WeightsError,
+};
+use tonic::Status;
+
+/// A request field that failed validation; becomes `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    /// The request field, e.g. `images` or `grid.height`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<FieldError> for ValidationError {
+    fn from(err: FieldError) -> Self {
+        Self::new(err.field, err.source.to_string())
+    }
+}
+
+/// Everything that can fail in vae-svc, at startup or per request.
+#[derive(Debug, thiserror::Error)]
+pub enum VaeError {
+    /// Bad input.
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    /// The memory budget refused the request (queue full, or it can never fit).
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    /// The engine thread is gone or a job panicked.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The client went away before the work finished.
+    #[error("the request was cancelled")]
+    Cancelled,
+    /// A tensor operation failed.
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    /// The weights folder or file cannot be used.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// The device cannot be opened.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The configuration cannot work (bad dtype, weights over budget, unsupported model).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The gRPC server failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// A response tensor could not be encoded (our bug).
+    #[error("response encoding: {0}")]
+    Encoding(#[from] TensorCodecError),
+    /// Binding a listener failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl VaeError {
+    /// Stable label for metrics.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Validation(_) => "invalid_argument",
+            Self::Admission(_) => "resource_exhausted",
+            Self::Engine(EngineError::Stopped) => "unavailable",
+            Self::Cancelled => "cancelled",
+            _ => "internal",
+        }
+    }
+}
+
+impl From<VaeError> for Status {
+    fn from(err: VaeError) -> Self {
+        let message = err.to_string();
+        match err {
+            VaeError::Validation(_) => Status::invalid_argument(message),
+            VaeError::Admission(_) => Status::resource_exhausted(message),
+            VaeError::Engine(EngineError::Stopped) => Status::unavailable(message),
+            VaeError::Cancelled => Status::cancelled(message),
+            _ => Status::internal(message),
+        }
+    }
+}

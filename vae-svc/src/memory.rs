@@ -1,0 +1,432 @@
+//! Activation-memory estimates for encode and decode, and the decode tile plan.
+//!
+//! # The estimate
+//! The model processes one image at a time and frees every intermediate as soon as the next
+//! exists, so its peak is the largest *live set* of any single step. [`MemoryModel`] walks the
+//! network with the configured widths and, for every step, adds up the tensors alive at that
+//! moment (bytes = channels x pixels x dtype size) plus that step's bounded temporaries:
+//!
+//! | step (input `X` = c_in·p, output `O` = c_out·p) | live set |
+//! |---|---|
+//! | GroupNorm + SiLU | `X + out + norm_chunk` |
+//! | ResNet conv1 | `X + silu(X) + O + conv_band` |
+//! | ResNet norm2 / conv2 / shortcut | `X + 2·O + (norm_chunk or conv_band)` |
+//! | ResNet residual add | `X + 3·O` |
+//! | mid attention (c at p = H·W/64) | `6·c·p` (x, tokens, q, k, v, projection) and `5·c·p + f32 k, v + score block` |
+//! | upsample (c at p) | `c·p + 4·c·p + 4·c·p + conv_band` |
+//!
+//! `norm_chunk` <= `op_chunk_bytes` (f32 temporaries of a few groups), `conv_band` <=
+//! `op_chunk_bytes` (one band of output rows, including the im2col buffer a CUDA convolution
+//! materialises), `score block` <= `attention_chunk_bytes`; each is at least one group / one
+//! row / one query row. For the released VAE the decode peak is reached by the first ResNet
+//! of the last up block (256 -> 128 channels at full resolution):
+//!
+//! `decode_peak(H, W) ≈ 640 · H · W · dtype_bytes + op_chunk_bytes`
+//!
+//! (f32: 2.5 KiB per pixel, so about 2.6 GB at 1024² and 0.7 GB at 512²), and
+//! `encode_peak(H, W) ≈ 3 · 128 · H · W · dtype_bytes + op_chunk_bytes` (first down block).
+//! Requests also reserve their inputs and outputs; see [`MemoryModel::decode_request`].
+//!
+//! # Tiling
+//! A decode whose untiled reservation exceeds the whole activation capacity is decoded in
+//! square tiles of latent tokens: [`plan_decode`] picks the largest tile side whose
+//! reservation fits (so the result does not depend on the current load), or the configured
+//! tile side when the request forces tiling.
+
+use candle_core::DType;
+
+use crate::{
+    model::{Config, attention::query_rows, layers::ConvShape, norm, sampling::DOWNSAMPLE_PADDING},
+    tiling::{TilePlan, TilingConfig, min_overlap, tile_starts},
+    validate::PIXELS_PER_TOKEN,
+};
+
+/// Live-set walker: tracks the largest sum seen.
+struct Walk<'a> {
+    cfg: &'a Config,
+    s: u64,
+    max: u64,
+}
+
+impl Walk<'_> {
+    fn at(&mut self, bytes: u64) {
+        self.max = self.max.max(bytes);
+    }
+
+    /// Bytes of a tensor of `c` channels over `p` pixels in the model dtype.
+    fn t(&self, c: usize, p: u64) -> u64 {
+        c as u64 * p * self.s
+    }
+
+    fn norm_temp(&self, c: usize, p: u64) -> u64 {
+        let groups = self.cfg.norm_num_groups;
+        norm::temp_bytes(
+            c as u64 / groups as u64 * p,
+            groups,
+            self.cfg.chunking.op_bytes,
+        )
+    }
+
+    /// Temporaries of a convolution producing `out_h` x `out_w` from an input `in_w` wide.
+    fn conv_temp(
+        &self,
+        (c_in, c_out, kernel, stride): (usize, usize, usize, usize),
+        in_w: usize,
+        out: (usize, usize),
+        pad_w: usize,
+    ) -> u64 {
+        let shape = ConvShape {
+            batch: 1,
+            c_in,
+            c_out,
+            kernel,
+            stride,
+            in_w,
+            out_w: out.1,
+            out_h: out.0,
+        };
+        shape.temp_bytes(pad_w, self.s, self.cfg.chunking.op_bytes)
+    }
+
+    /// A same-size 3x3 convolution with padding 1 over `base` bytes held by callers.
+    fn conv3(&mut self, base: u64, c_in: usize, c_out: usize, (h, w): (usize, usize)) {
+        let p = (h * w) as u64;
+        let temp = self.conv_temp((c_in, c_out, 3, 1), w, (h, w), 2);
+        self.at(base + self.t(c_in, p) + self.t(c_out, p) + temp);
+    }
+
+    fn norm_silu(&mut self, base: u64, c: usize, p: u64) {
+        self.at(base + 2 * self.t(c, p) + self.norm_temp(c, p));
+    }
+
+    fn resnet(&mut self, c_in: usize, c_out: usize, (h, w): (usize, usize)) {
+        let p = (h * w) as u64;
+        let (x, o) = (self.t(c_in, p), self.t(c_out, p));
+        self.norm_silu(0, c_in, p);
+        self.at(2 * x + o + self.conv_temp((c_in, c_out, 3, 1), w, (h, w), 2));
+        self.at(x + 2 * o + self.norm_temp(c_out, p));
+        self.at(x + 2 * o + self.conv_temp((c_out, c_out, 3, 1), w, (h, w), 2));
+        if c_in != c_out {
+            self.at(x + 2 * o + self.conv_temp((c_in, c_out, 1, 1), w, (h, w), 0));
+        }
+        self.at(x + 3 * o);
+    }
+
+    fn attention(&mut self, c: usize, (h, w): (usize, usize)) {
+        let p = (h * w) as u64;
+        let x = self.t(c, p);
+        self.at(3 * x + self.norm_temp(c, p));
+        self.at(6 * x);
+        let f32_kv = if self.s == 4 { 0 } else { 2 * c as u64 * p * 4 };
+        let rows = query_rows(1, h * w, self.cfg.chunking.attention_bytes) as u64;
+        let block = rows * p * 4 * 2 + 2 * rows * c as u64 * 4;
+        self.at(5 * x + f32_kv + block);
+    }
+
+    fn mid(&mut self, c: usize, hw: (usize, usize)) {
+        self.resnet(c, c, hw);
+        if self.cfg.mid_block_add_attention {
+            self.attention(c, hw);
+        }
+        self.resnet(c, c, hw);
+    }
+}
+
+/// Activation estimates for one model configuration and dtype.
+#[derive(Debug, Clone)]
+pub struct MemoryModel {
+    cfg: Config,
+    dtype_bytes: u64,
+}
+
+impl MemoryModel {
+    pub fn new(cfg: &Config, dtype: DType) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            dtype_bytes: dtype.size_in_bytes() as u64,
+        }
+    }
+
+    fn walk(&self) -> Walk<'_> {
+        Walk {
+            cfg: &self.cfg,
+            s: self.dtype_bytes,
+            max: 0,
+        }
+    }
+
+    /// Peak bytes of decoding one `height` x `width` pixel image (multiples of 16).
+    pub fn decode_peak(&self, height: usize, width: usize) -> u64 {
+        self.decode_mid_peak(height, width)
+            .max(self.decode_up_peak(height, width))
+    }
+
+    /// Bytes of the decoder's mid-block output for a `height` x `width` image.
+    fn mid_output(&self, height: usize, width: usize) -> u64 {
+        let f = self.cfg.vae_scale_factor();
+        let c = self.cfg.decoder_channels()[self.cfg.decoder_channels().len() - 1];
+        (c * (height / f) * (width / f)) as u64 * self.dtype_bytes
+    }
+
+    /// Peak of the global part: `post_quant_conv`, `conv_in` and the mid block.
+    fn decode_mid_peak(&self, height: usize, width: usize) -> u64 {
+        let cfg = &self.cfg;
+        let f = cfg.vae_scale_factor();
+        let (h, w) = (height / f, width / f);
+        let mut walk = self.walk();
+        let lc = cfg.latent_channels;
+        let z = walk.t(lc, (h * w) as u64);
+        walk.at(3 * z);
+        let c = cfg.decoder_channels()[cfg.decoder_channels().len() - 1];
+        walk.conv3(z, lc, c, (h, w));
+        walk.mid(c, (h, w));
+        walk.max
+    }
+
+    /// Peak of the up blocks and output layers producing `height` x `width` pixels.
+    fn decode_up_peak(&self, height: usize, width: usize) -> u64 {
+        let cfg = &self.cfg;
+        let f = cfg.vae_scale_factor();
+        let (mut h, mut w) = (height / f, width / f);
+        let mut walk = self.walk();
+        let rev: Vec<usize> = cfg.decoder_channels().iter().rev().copied().collect();
+        for (i, &c_out) in rev.iter().enumerate() {
+            let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
+            for j in 0..=cfg.layers_per_block {
+                walk.resnet(if j == 0 { c_in } else { c_out }, c_out, (h, w));
+            }
+            if i + 1 < rev.len() {
+                let x = walk.t(c_out, (h * w) as u64);
+                (h, w) = (2 * h, 2 * w);
+                let temp = walk.conv_temp((c_out, c_out, 3, 1), w, (h, w), 2);
+                walk.at(x + 2 * walk.t(c_out, (h * w) as u64) + temp);
+            }
+        }
+        let first = rev[rev.len() - 1];
+        let p = (h * w) as u64;
+        walk.norm_silu(0, first, p);
+        walk.conv3(0, first, cfg.out_channels, (h, w));
+        let pixels = walk.t(cfg.out_channels, p);
+        walk.at(3 * pixels + 2 * cfg.out_channels as u64 * p * 4);
+        walk.max
+    }
+
+    /// Peak bytes of encoding one `height` x `width` pixel image (multiples of 16).
+    pub fn encode_peak(&self, height: usize, width: usize) -> u64 {
+        let cfg = &self.cfg;
+        let (mut h, mut w) = (height, width);
+        let mut walk = self.walk();
+        let ch = &cfg.block_out_channels;
+        let p = (h * w) as u64;
+        // The f32 input and its copy in the model dtype.
+        let input = cfg.in_channels as u64 * p * 4 + walk.t(cfg.in_channels, p);
+        walk.conv3(input, cfg.in_channels, ch[0], (h, w));
+        for (i, &c_out) in ch.iter().enumerate() {
+            let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
+            for j in 0..cfg.layers_per_block {
+                walk.resnet(if j == 0 { c_in } else { c_out }, c_out, (h, w));
+            }
+            if i + 1 < ch.len() {
+                let x = walk.t(c_out, (h * w) as u64);
+                let out = (h / 2, w / 2);
+                let pad = DOWNSAMPLE_PADDING.left + DOWNSAMPLE_PADDING.right;
+                let temp = walk.conv_temp((c_out, c_out, 3, 2), w, out, pad);
+                walk.at(x + walk.t(c_out, (out.0 * out.1) as u64) + temp);
+                (h, w) = out;
+            }
+        }
+        let last = ch[ch.len() - 1];
+        walk.mid(last, (h, w));
+        let p = (h * w) as u64;
+        walk.norm_silu(0, last, p);
+        walk.conv3(0, last, 2 * cfg.latent_channels, (h, w));
+        walk.max
+    }
+
+    /// Bytes to reserve for decoding `batch` images of a `grid` (tokens) untiled: one image's
+    /// peak, the latents and the u8 output of the whole batch.
+    pub fn decode_request(&self, grid: (usize, usize), batch: usize) -> u64 {
+        let (h, w) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
+        self.decode_peak(h, w) + self.io_bytes(grid, batch)
+    }
+
+    /// Bytes to reserve for a tiled decode with square tiles of `tile` tokens: the larger of
+    /// the whole-image mid block and one tile's up blocks (next to the whole mid-block output
+    /// and the tile's slice of it), the f32 blending accumulators of one image, and the
+    /// batch's inputs and outputs.
+    pub fn tiled_decode_request(&self, grid: (usize, usize), batch: usize, tile: usize) -> u64 {
+        let (h, w) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
+        let (th, tw) = (
+            tile.min(grid.0) * PIXELS_PER_TOKEN,
+            tile.min(grid.1) * PIXELS_PER_TOKEN,
+        );
+        let tiles = self.mid_output(h, w) + self.mid_output(th, tw) + self.decode_up_peak(th, tw);
+        let accumulators = (self.cfg.out_channels as u64 + 1) * (h * w) as u64 * 4;
+        self.decode_mid_peak(h, w).max(tiles) + accumulators + self.io_bytes(grid, batch)
+    }
+
+    /// Bytes to reserve for encoding `batch` images of `height` x `width` pixels.
+    pub fn encode_request(&self, height: usize, width: usize, batch: usize) -> u64 {
+        let grid = (height / PIXELS_PER_TOKEN, width / PIXELS_PER_TOKEN);
+        let images = (batch * height * width * self.cfg.in_channels) as u64 * 4;
+        self.encode_peak(height, width) + images + self.io_bytes(grid, batch)
+    }
+
+    /// Packed latents (f32 on the wire, model dtype inside) and u8 pixels of a batch.
+    fn io_bytes(&self, grid: (usize, usize), batch: usize) -> u64 {
+        let tokens = (batch * grid.0 * grid.1) as u64;
+        let latents = tokens * self.cfg.packed_channels() as u64 * (4 + self.dtype_bytes);
+        let pixels = tokens * (PIXELS_PER_TOKEN * PIXELS_PER_TOKEN * self.cfg.out_channels) as u64;
+        latents + pixels
+    }
+}
+
+/// How a decode will run and what it reserves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// What is reported (the overlap is the smallest actual one).
+    pub tiles: TilePlan,
+    /// The overlap asked of the tile layout ([`tile_starts`]), tokens.
+    pub overlap_param: usize,
+    /// Bytes reserved through the admission budget.
+    pub reserve_bytes: u64,
+}
+
+/// Chooses untiled or tiled decoding for a request. `Err(bytes)` is the smallest reservation
+/// any plan needs when even the smallest tile does not fit `capacity`.
+pub fn plan_decode(
+    memory: &MemoryModel,
+    grid: (usize, usize),
+    batch: usize,
+    capacity: u64,
+    tiling: &TilingConfig,
+    force_tiling: bool,
+) -> Result<DecodePlan, u64> {
+    let untiled = memory.decode_request(grid, batch);
+    if !force_tiling && untiled <= capacity {
+        return Ok(DecodePlan {
+            tiles: TilePlan::untiled(),
+            overlap_param: 0,
+            reserve_bytes: untiled,
+        });
+    }
+    let longest = grid.0.max(grid.1);
+    let largest = if force_tiling {
+        tiling.tile_tokens.min(longest)
+    } else {
+        longest - 1
+    };
+    let smallest = tiling.min_tile_tokens.min(largest).max(1);
+    for tile in (smallest..=largest).rev() {
+        let bytes = memory.tiled_decode_request(grid, batch, tile);
+        if bytes <= capacity {
+            let overlap = tiling.overlap_for(tile);
+            let count =
+                tile_starts(grid.0, tile, overlap).len() * tile_starts(grid.1, tile, overlap).len();
+            return Ok(DecodePlan {
+                tiles: TilePlan {
+                    tiled: true,
+                    tile_tokens: tile,
+                    overlap_tokens: min_overlap(grid, tile, overlap),
+                    tile_count: count,
+                },
+                overlap_param: overlap,
+                reserve_bytes: bytes,
+            });
+        }
+    }
+    Err(memory
+        .tiled_decode_request(grid, batch, smallest)
+        .min(untiled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn real() -> MemoryModel {
+        MemoryModel::new(&Config::default(), DType::F32)
+    }
+
+    #[test]
+    fn decode_peak_follows_the_documented_formula() {
+        let m = real();
+        let op = Config::default().chunking.op_bytes;
+        for side in [512usize, 1024, 2048] {
+            let px = (side * side) as u64;
+            let peak = m.decode_peak(side, side);
+            let formula = 640 * px * 4;
+            assert!(peak >= formula, "{side}: {peak} < {formula}");
+            assert!(
+                peak <= formula + 2 * op,
+                "{side}: {peak} > {formula} + 2 chunks"
+            );
+        }
+        // Linear in pixels once the chunks are amortised.
+        let ratio = m.decode_peak(2048, 2048) as f64 / m.decode_peak(1024, 1024) as f64;
+        assert!((3.5..4.1).contains(&ratio), "{ratio}");
+        let bf16 = MemoryModel::new(&Config::default(), DType::BF16);
+        assert!(bf16.decode_peak(1024, 1024) < m.decode_peak(1024, 1024) * 6 / 10);
+    }
+
+    #[test]
+    fn encode_peak_is_below_decode_peak() {
+        let m = real();
+        let enc = m.encode_peak(1024, 1024);
+        assert!(enc >= 3 * 128 * 1024 * 1024 * 4, "{enc}");
+        assert!(enc < m.decode_peak(1024, 1024));
+    }
+
+    fn tiling() -> TilingConfig {
+        TilingConfig {
+            tile_tokens: 32,
+            overlap_tokens: 4,
+            min_tile_tokens: 8,
+            norm_max_passes: 4,
+            norm_tolerance: 0.02,
+        }
+    }
+
+    #[test]
+    fn plans_untiled_when_it_fits_and_the_largest_fitting_tile_otherwise() {
+        let m = real();
+        let grid = (64, 64);
+        let untiled = m.decode_request(grid, 1);
+        let plan = plan_decode(&m, grid, 1, untiled, &tiling(), false).unwrap();
+        assert_eq!(plan.tiles, TilePlan::untiled());
+        assert_eq!(plan.reserve_bytes, untiled);
+
+        let plan = plan_decode(&m, grid, 1, untiled - 1, &tiling(), false).unwrap();
+        assert!(plan.tiles.tiled);
+        assert!(plan.reserve_bytes < untiled);
+        let t = plan.tiles.tile_tokens;
+        assert!(t < 64 && t >= 8, "{t}");
+        assert!(
+            m.tiled_decode_request(grid, 1, t + 1) > untiled - 1,
+            "tile {t} is the largest that fits"
+        );
+        assert!(plan.tiles.tile_count >= 4);
+
+        let half = m.tiled_decode_request(grid, 1, 32);
+        let plan = plan_decode(&m, grid, 1, half, &tiling(), false).unwrap();
+        assert_eq!(plan.tiles.tile_tokens, 32);
+        assert_eq!(plan.overlap_param, 4);
+        assert_eq!(
+            plan.tiles.overlap_tokens, 16,
+            "starts 0, 16, 32 on each axis"
+        );
+        assert_eq!(plan.tiles.tile_count, 9);
+    }
+
+    #[test]
+    fn forced_tiling_uses_the_configured_tile_and_hopeless_budgets_are_refused() {
+        let m = real();
+        let plan = plan_decode(&m, (64, 64), 1, u64::MAX, &tiling(), true).unwrap();
+        assert_eq!(plan.tiles.tile_tokens, 32);
+        assert!(plan.tiles.tiled);
+        let small = plan_decode(&m, (6, 4), 1, u64::MAX, &tiling(), true).unwrap();
+        assert_eq!((small.tiles.tile_tokens, small.tiles.tile_count), (6, 1));
+        let need = plan_decode(&m, (64, 64), 1, 1 << 20, &tiling(), false).unwrap_err();
+        assert_eq!(need, m.tiled_decode_request((64, 64), 1, 8));
+    }
+}

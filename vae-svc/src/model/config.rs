@@ -1,0 +1,202 @@
+//! The `vae/config.json` of `AutoencoderKLFlux2` (spec §1.4), plus the execution limits the
+//! model honours (how large a score matrix or a convolution band may grow).
+
+use serde::Deserialize;
+
+/// Execution limits: the largest temporary one chunked operation may allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunking {
+    /// Largest attention score block (queries x keys, f32, both the scores and their softmax)
+    /// the mid-block attention may hold at once, bytes.
+    pub attention_bytes: u64,
+    /// Largest working set of one convolution band or group-norm chunk, bytes.
+    pub op_bytes: u64,
+}
+
+impl Default for Chunking {
+    /// 256 MiB score blocks and 128 MiB operation chunks.
+    fn default() -> Self {
+        Self {
+            attention_bytes: 256 << 20,
+            op_bytes: 128 << 20,
+        }
+    }
+}
+
+/// `AutoencoderKLFlux2` configuration. Defaults are the diffusers class defaults, which equal
+/// the released FLUX.2 VAE (84 M parameters).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Image channels in (RGB).
+    pub in_channels: usize,
+    /// Image channels out (RGB).
+    pub out_channels: usize,
+    /// One `DownEncoderBlock2D` per entry.
+    pub down_block_types: Vec<String>,
+    /// One `UpDecoderBlock2D` per entry.
+    pub up_block_types: Vec<String>,
+    /// Encoder widths per stage (and decoder widths unless `decoder_block_out_channels`).
+    pub block_out_channels: Vec<usize>,
+    /// Decoder widths per stage when they differ from the encoder's (small-decoder variants);
+    /// diffusers writes `null` otherwise.
+    pub decoder_block_out_channels: Option<Vec<usize>>,
+    /// ResNet blocks per encoder stage (the decoder has one more).
+    pub layers_per_block: usize,
+    /// Activation; only `silu` exists in this model.
+    pub act_fn: String,
+    /// Channels of the latent (the posterior mean; the encoder emits twice as many).
+    pub latent_channels: usize,
+    /// GroupNorm groups everywhere (eps 1e-6).
+    pub norm_num_groups: usize,
+    /// Applies `quant_conv` after the encoder.
+    pub use_quant_conv: bool,
+    /// Applies `post_quant_conv` before the decoder.
+    pub use_post_quant_conv: bool,
+    /// Adds the single-head self-attention to both mid blocks.
+    pub mid_block_add_attention: bool,
+    /// Epsilon of the latent BatchNorm statistics.
+    pub batch_norm_eps: f64,
+    /// Patchify size of the latent before BatchNorm and packing.
+    pub patch_size: [usize; 2],
+    /// Execution limits (not part of config.json).
+    #[serde(skip)]
+    pub chunking: Chunking,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec!["DownEncoderBlock2D".into(); 4],
+            up_block_types: vec!["UpDecoderBlock2D".into(); 4],
+            block_out_channels: vec![128, 256, 512, 512],
+            decoder_block_out_channels: None,
+            layers_per_block: 2,
+            act_fn: "silu".into(),
+            latent_channels: 32,
+            norm_num_groups: 32,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+            batch_norm_eps: 1e-4,
+            patch_size: [2, 2],
+            chunking: Chunking::default(),
+        }
+    }
+}
+
+/// GroupNorm epsilon of every ResNet, attention and output norm (diffusers `resnet_eps`).
+pub const NORM_EPS: f64 = 1e-6;
+
+impl Config {
+    /// Decoder widths per stage, shallowest first.
+    pub fn decoder_channels(&self) -> &[usize] {
+        self.decoder_block_out_channels
+            .as_deref()
+            .unwrap_or(&self.block_out_channels)
+    }
+
+    /// Channels of a packed latent token: `latent_channels * patch_h * patch_w` (128).
+    pub fn packed_channels(&self) -> usize {
+        self.latent_channels * self.patch_size[0] * self.patch_size[1]
+    }
+
+    /// Pixels per latent pixel along each side: 2^(stages - 1) (8).
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// Checks what this implementation supports; the message names the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        let stages = self.block_out_channels.len();
+        if stages == 0 {
+            return Err("block_out_channels is empty".into());
+        }
+        if self.decoder_channels().len() != stages {
+            return Err("decoder_block_out_channels must have one entry per stage".into());
+        }
+        if self.down_block_types.len() != stages
+            || self
+                .down_block_types
+                .iter()
+                .any(|t| t != "DownEncoderBlock2D")
+        {
+            return Err(format!(
+                "down_block_types must be {stages} x DownEncoderBlock2D"
+            ));
+        }
+        if self.up_block_types.len() != stages
+            || self.up_block_types.iter().any(|t| t != "UpDecoderBlock2D")
+        {
+            return Err(format!(
+                "up_block_types must be {stages} x UpDecoderBlock2D"
+            ));
+        }
+        if self.act_fn != "silu" {
+            return Err(format!(
+                "act_fn {:?} is not supported (silu only)",
+                self.act_fn
+            ));
+        }
+        let groups = self.norm_num_groups;
+        let widths = self
+            .block_out_channels
+            .iter()
+            .chain(self.decoder_channels());
+        if groups == 0 || widths.clone().any(|&c| c == 0 || c % groups != 0) {
+            return Err(format!(
+                "every block_out_channels entry must be a multiple of norm_num_groups {groups}"
+            ));
+        }
+        if self.patch_size.contains(&0) {
+            return Err("patch_size entries must be >= 1".into());
+        }
+        if self.in_channels == 0 || self.out_channels == 0 || self.latent_channels == 0 {
+            return Err("in_channels, out_channels and latent_channels must be >= 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_diffusers_file_with_null_decoder_widths() {
+        let json = r#"{"_class_name":"AutoencoderKLFlux2","block_out_channels":[8,16,32,32],
+            "decoder_block_out_channels":null,"norm_num_groups":4,"sample_size":1024,
+            "batch_norm_momentum":0.1,"force_upcast":true,"patch_size":[2,2]}"#;
+        let cfg: Config = serde_json::from_str(json).unwrap();
+        assert_eq!(cfg.block_out_channels, [8, 16, 32, 32]);
+        assert_eq!(cfg.decoder_channels(), [8, 16, 32, 32]);
+        assert_eq!(cfg.norm_num_groups, 4);
+        assert_eq!(
+            cfg.latent_channels, 32,
+            "missing keys take the class default"
+        );
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn class_defaults_are_the_released_vae() {
+        let cfg = Config::default();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.packed_channels(), 128);
+        assert_eq!(cfg.vae_scale_factor(), 8);
+    }
+
+    #[test]
+    fn unsupported_configs_name_the_key() {
+        let mut cfg = Config {
+            norm_num_groups: 3,
+            ..Config::default()
+        };
+        assert!(cfg.validate().unwrap_err().contains("norm_num_groups"));
+        cfg.norm_num_groups = 32;
+        cfg.act_fn = "gelu".into();
+        assert!(cfg.validate().unwrap_err().contains("act_fn"));
+    }
+}

@@ -1,0 +1,80 @@
+//! The VAE decoder (diffusers `vae.py` `Decoder`): `conv_in`, the mid block, the up blocks
+//! over the reversed widths (all but the last end with an upsampler), then
+//! `conv_out(silu(conv_norm_out(h)))` to RGB.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{
+    Config,
+    blocks::{UNetMidBlock2D, UpDecoderBlock2D},
+    config::NORM_EPS,
+    layers::{Conv2d, Padding},
+    norm::{GroupNorm, NormStats},
+};
+
+/// Latent at 1/8 resolution -> image.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    conv_in: Conv2d,
+    mid_block: UNetMidBlock2D,
+    up_blocks: Vec<UpDecoderBlock2D>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
+        let rev: Vec<usize> = cfg.decoder_channels().iter().rev().copied().collect();
+        let up_blocks = (0..rev.len())
+            .map(|i| {
+                let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
+                let add_upsample = i + 1 < rev.len();
+                UpDecoderBlock2D::new(cfg, c_in, rev[i], add_upsample, vb.pp("up_blocks").pp(i))
+            })
+            .collect::<Result<_>>()?;
+        let first = rev[rev.len() - 1];
+        Ok(Self {
+            conv_in: Conv2d::new(
+                cfg,
+                (cfg.latent_channels, rev[0], 3),
+                1,
+                Padding::same(1),
+                vb.pp("conv_in"),
+            )?,
+            mid_block: UNetMidBlock2D::new(cfg, rev[0], vb.pp("mid_block"))?,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(cfg, first, NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_out: Conv2d::new(
+                cfg,
+                (first, cfg.out_channels, 3),
+                1,
+                Padding::same(1),
+                vb.pp("conv_out"),
+            )?,
+        })
+    }
+
+    /// (B, latent_channels, h, w) -> (B, 3, 8h, 8w), roughly in [-1, 1]
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.forward_up(self.forward_mid(z)?, &mut NormStats::Local)
+    }
+
+    /// `conv_in` and the mid block: the part with global context (attention), at latent
+    /// resolution. (B, latent_channels, h, w) -> (B, C, h, w)
+    pub fn forward_mid(&self, z: &Tensor) -> Result<Tensor> {
+        let h = self.conv_in.forward(z)?;
+        self.mid_block.forward(h)
+    }
+
+    /// The up blocks and the output layers, group-norm statistics from `stats`.
+    /// (B, C, h, w) -> (B, 3, 8h, 8w)
+    pub fn forward_up(&self, x: Tensor, stats: &mut NormStats) -> Result<Tensor> {
+        let mut h = x;
+        for block in &self.up_blocks {
+            h = block.forward(h, stats)?;
+        }
+        h = self.conv_norm_out.forward_silu(&h, stats)?;
+        self.conv_out.forward(&h)
+    }
+}

@@ -1,0 +1,320 @@
+//! The linear primitives of the VAE, written so that no temporary grows past
+//! [`Chunking::op_bytes`](super::Chunking):
+//! - [`Conv2d`] with explicit (possibly asymmetric) padding, run in bands of output rows so the
+//!   im2col buffer of a 3x3 convolution at 1024² never exists whole;
+//! - [`Linear`] with bias (the attention projections).
+//!
+//! candle's CPU backend has no bf16 GEMM, so on the CPU the convolutions and projections of a
+//! bf16 model compute in f32 and round once, as torch's CPU kernels do ([`gemm_dtype`]).
+
+use candle_core::{D, DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::Config;
+
+/// The dtype a convolution or projection of `x` computes in.
+pub fn gemm_dtype(x: &Tensor) -> DType {
+    if x.dtype() == DType::BF16 && x.device().is_cpu() {
+        DType::F32
+    } else {
+        x.dtype()
+    }
+}
+
+/// Zero padding of a convolution input: rows above and below, columns left and right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding {
+    /// The same padding on every side.
+    pub const fn same(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+/// Geometry of one convolution call, for band planning and memory estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub in_w: usize,
+    pub out_w: usize,
+    pub out_h: usize,
+}
+
+impl ConvShape {
+    /// Elements of the working set per output row: the im2col rows (as CUDA materialises
+    /// them), the raw and biased output rows, and two copies of the padded input rows.
+    fn elements_per_row(&self, pad_w: usize) -> u64 {
+        let s = self;
+        let col = s.out_w * s.c_in * s.kernel * s.kernel;
+        let out = 2 * s.out_w * s.c_out;
+        let input = 2 * s.c_in * s.stride * (s.in_w + pad_w);
+        (s.batch * (col + out + input)) as u64
+    }
+
+    /// Output rows per band so that one band's working set fits `op_bytes` (at least one).
+    pub fn band_rows(&self, pad_w: usize, dtype_bytes: u64, op_bytes: u64) -> usize {
+        let per_row = self.elements_per_row(pad_w) * dtype_bytes;
+        ((op_bytes / per_row.max(1)) as usize).clamp(1, self.out_h.max(1))
+    }
+
+    /// Bytes of the temporaries of one band (beyond the output itself).
+    pub fn temp_bytes(&self, pad_w: usize, dtype_bytes: u64, op_bytes: u64) -> u64 {
+        let rows = self.band_rows(pad_w, dtype_bytes, op_bytes) as u64;
+        rows * self.elements_per_row(pad_w) * dtype_bytes
+    }
+}
+
+/// A 2-D convolution with bias, run in bands of output rows.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: Padding,
+    op_bytes: u64,
+}
+
+impl Conv2d {
+    /// Loads `weight` (out, in, k, k) and `bias` (out).
+    pub fn new(
+        cfg: &Config,
+        (c_in, c_out, kernel): (usize, usize, usize),
+        stride: usize,
+        padding: Padding,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((c_out, c_in, kernel, kernel), "weight")?,
+            bias: vb.get(c_out, "bias")?,
+            stride,
+            padding,
+            op_bytes: cfg.chunking.op_bytes,
+        })
+    }
+
+    /// Keeps only output channels `[start, start + len)` (the posterior mean of `quant_conv`).
+    pub fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.narrow(0, start, len)?.contiguous()?,
+            bias: self.bias.narrow(0, start, len)?.contiguous()?,
+            ..self.clone()
+        })
+    }
+
+    /// (B, C_in, H, W) -> (B, C_out, H_out, W_out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c_in, h, w) = x.dims4()?;
+        let (c_out, _, k, _) = self.weight.dims4()?;
+        let p = self.padding;
+        let (out_h, out_w) = (
+            self.out_len(h, p.top + p.bottom, k),
+            self.out_len(w, p.left + p.right, k),
+        );
+        let shape = ConvShape {
+            batch: b,
+            c_in,
+            c_out,
+            kernel: k,
+            stride: self.stride,
+            in_w: w,
+            out_w,
+            out_h,
+        };
+        let rows = shape.band_rows(
+            p.left + p.right,
+            x.dtype().size_in_bytes() as u64,
+            self.op_bytes,
+        );
+        let dt = gemm_dtype(x);
+        let (weight, bias) = (self.weight.to_dtype(dt)?, self.bias.to_dtype(dt)?);
+        if rows >= out_h {
+            return self.band(x, (0, out_h), &weight, &bias);
+        }
+        let out = Tensor::zeros((b, c_out, out_h, out_w), x.dtype(), x.device())?;
+        for r0 in (0..out_h).step_by(rows) {
+            let y = self.band(x, (r0, (r0 + rows).min(out_h)), &weight, &bias)?;
+            out.slice_set(&y, 2, r0)?;
+        }
+        Ok(out)
+    }
+
+    fn out_len(&self, len: usize, pad: usize, k: usize) -> usize {
+        (len + pad).saturating_sub(k) / self.stride + 1
+    }
+
+    /// Output rows `[r0, r1)` in `x`'s dtype, contiguous; `weight` and `bias` are in the
+    /// compute dtype.
+    fn band(
+        &self,
+        x: &Tensor,
+        (r0, r1): (usize, usize),
+        weight: &Tensor,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
+        let (_, _, h, _) = x.dims4()?;
+        let k = weight.dim(D::Minus1)?;
+        let p = self.padding;
+        let y =
+            if r0 == 0 && r1 == self.out_len(h, p.top + p.bottom, k) && p == Padding::same(p.top) {
+                x.to_dtype(weight.dtype())?
+                    .conv2d(weight, p.top, self.stride, 1, 1)?
+            } else {
+                // Input rows of the band in padded coordinates, then clipped to the real rows.
+                let start = r0 * self.stride;
+                let end = (r1 - 1) * self.stride + k;
+                let lo = start.max(p.top) - p.top;
+                let hi = end.min(p.top + h).max(p.top) - p.top;
+                let pad_top = p.top.saturating_sub(start);
+                let pad_bottom = end.saturating_sub(p.top + h);
+                let rows = x.narrow(2, lo, hi - lo)?.to_dtype(weight.dtype())?;
+                let rows = rows.pad_with_zeros(2, pad_top, pad_bottom)?;
+                let rows = rows.pad_with_zeros(3, p.left, p.right)?;
+                rows.conv2d(weight, 0, self.stride, 1, 1)?
+            };
+        let c_out = bias.dim(0)?;
+        y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?
+            .to_dtype(x.dtype())
+    }
+}
+
+/// `y = x Wᵀ + b` over the last dimension.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Loads `weight` (out, in) and `bias` (out).
+    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((c_out, c_in), "weight")?,
+            bias: vb.get(c_out, "bias")?,
+        })
+    }
+
+    /// (B, N, in) -> (B, N, out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = gemm_dtype(x);
+        let batch = x.dim(0)?;
+        let w = self.weight.to_dtype(dt)?.broadcast_left(batch)?.t()?;
+        let y = x.to_dtype(dt)?.matmul(&w)?;
+        y.broadcast_add(&self.bias.to_dtype(dt)?)?
+            .to_dtype(x.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::Chunking;
+
+    fn vb_from(tensors: Vec<(&str, Tensor)>) -> VarBuilder<'static> {
+        let map = tensors
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
+    }
+
+    fn cfg(op_bytes: u64) -> Config {
+        Config {
+            chunking: Chunking {
+                attention_bytes: 1 << 20,
+                op_bytes,
+            },
+            ..Config::default()
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn banded_convolution_equals_one_shot_for_every_padding_and_stride() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 5, 13, 11), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., (7, 5, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., 7, &dev).unwrap();
+        let cases = [
+            (1, Padding::same(1)),
+            (
+                2,
+                Padding {
+                    top: 0,
+                    bottom: 1,
+                    left: 0,
+                    right: 1,
+                },
+            ),
+            (1, Padding::same(0)),
+        ];
+        for (stride, padding) in cases {
+            let vb = vb_from(vec![("weight", w.clone()), ("bias", bias.clone())]);
+            let whole = Conv2d::new(&cfg(1 << 30), (5, 7, 3), stride, padding, vb.clone()).unwrap();
+            let banded = Conv2d::new(&cfg(1), (5, 7, 3), stride, padding, vb).unwrap();
+            let padded = x
+                .pad_with_zeros(2, padding.top, padding.bottom)
+                .unwrap()
+                .pad_with_zeros(3, padding.left, padding.right)
+                .unwrap();
+            let want = padded
+                .conv2d(&w, 0, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 7, 1, 1)).unwrap())
+                .unwrap();
+            let a = whole.forward(&x).unwrap();
+            let b = banded.forward(&x).unwrap();
+            assert_eq!(a.dims(), want.dims());
+            assert_eq!(b.dims(), want.dims());
+            assert!(max_diff(&a, &want) < 1e-5, "stride {stride} {padding:?}");
+            assert!(
+                max_diff(&b, &want) < 1e-5,
+                "banded stride {stride} {padding:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn band_plans_respect_the_limit() {
+        let s = ConvShape {
+            batch: 1,
+            c_in: 256,
+            c_out: 128,
+            kernel: 3,
+            stride: 1,
+            in_w: 1024,
+            out_w: 1024,
+            out_h: 1024,
+        };
+        let rows = s.band_rows(2, 4, 128 << 20);
+        assert!(rows > 1 && rows < 1024, "{rows}");
+        assert!(s.temp_bytes(2, 4, 128 << 20) <= 128 << 20);
+        assert_eq!(s.band_rows(2, 4, 1), 1, "at least one row");
+    }
+}

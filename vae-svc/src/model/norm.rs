@@ -1,0 +1,483 @@
+//! GroupNorm (affine, eps 1e-6), optionally fused with SiLU, computed in f32 and applied a
+//! few groups at a time into a preallocated output so that its temporaries stay within
+//! [`Chunking::op_bytes`](super::Chunking).
+//!
+//! For tiled decoding the statistics can come from elsewhere ([`NormStats`]): a first pass over
+//! the tiles records every group norm's input moments over the part of the image each tile
+//! owns, and a second pass normalises every tile with those image-wide moments, so tiles agree
+//! with each other (and with the untiled decode) instead of each using its own statistics.
+
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::Config;
+
+/// Bytes per element of the f32 temporaries of a group-norm chunk, times the most of them
+/// alive at once (the f32 input copy, the centred or scaled value, its square or the shifted
+/// value, and the SiLU output).
+const TEMP_BYTES_PER_ELEMENT: u64 = 4 * 4;
+
+/// How many groups one chunk covers so that its temporaries stay within `op_bytes` (at least
+/// one group).
+pub fn groups_per_chunk(elements_per_group: u64, groups: usize, op_bytes: u64) -> usize {
+    let per_group = elements_per_group.max(1) * TEMP_BYTES_PER_ELEMENT;
+    ((op_bytes / per_group) as usize).clamp(1, groups)
+}
+
+/// Bytes of the temporaries of one chunk.
+pub fn temp_bytes(elements_per_group: u64, groups: usize, op_bytes: u64) -> u64 {
+    let n = groups_per_chunk(elements_per_group, groups, op_bytes) as u64;
+    n * elements_per_group * TEMP_BYTES_PER_ELEMENT
+}
+
+/// Sums of one group norm's input per (batch, group): Σx, Σx² and the element count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Moments {
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+    count: f64,
+}
+
+impl Moments {
+    /// Mean and `1 / sqrt(var + eps)` per (batch, group).
+    fn mean_rstd(&self, eps: f64) -> (Vec<f32>, Vec<f32>) {
+        let n = self.count.max(1.0);
+        self.sum
+            .iter()
+            .zip(&self.sum_sq)
+            .map(|(s, q)| {
+                let mean = s / n;
+                let var = (q / n - mean * mean).max(0.0);
+                (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+            })
+            .unzip()
+    }
+}
+
+/// The part of a tile it owns, in tokens: the tile is `tokens` (h, w) tokens, it owns rows
+/// `rows.0..rows.1` and columns `cols.0..cols.1` (overlaps are split at their middle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub tokens: (usize, usize),
+    pub rows: (usize, usize),
+    pub cols: (usize, usize),
+}
+
+/// Where group-norm statistics come from during a forward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NormStats {
+    /// From the tensor being normalised (the model as trained).
+    Local,
+    /// Normalise with `prior` (or locally when absent) and add every norm's input moments
+    /// over `region` to `moments`, one entry per norm in call order (`next` counts calls
+    /// within the current tile).
+    Record {
+        region: Region,
+        moments: Vec<Moments>,
+        prior: Option<Vec<Moments>>,
+        next: usize,
+    },
+    /// Normalise with the recorded moments, in call order.
+    Replay { moments: Vec<Moments>, next: usize },
+}
+
+impl NormStats {
+    /// Starts recording.
+    pub fn record() -> Self {
+        Self::Record {
+            region: Region {
+                tokens: (1, 1),
+                rows: (0, 1),
+                cols: (0, 1),
+            },
+            moments: Vec::new(),
+            prior: None,
+            next: 0,
+        }
+    }
+
+    /// Records again, normalising with what was recorded so far (a better estimate, since
+    /// the earlier norms now use image-wide statistics too).
+    pub fn refine(self) -> Self {
+        match self {
+            Self::Record { moments, .. } | Self::Replay { moments, .. } => match Self::record() {
+                Self::Record {
+                    region,
+                    moments: fresh,
+                    next,
+                    ..
+                } => Self::Record {
+                    region,
+                    moments: fresh,
+                    prior: Some(moments),
+                    next,
+                },
+                other => other,
+            },
+            Self::Local => Self::record(),
+        }
+    }
+
+    /// Starts a tile: the call counter restarts; when recording, `region` is the tile's part.
+    pub fn start_tile(&mut self, tile_region: Region) {
+        match self {
+            Self::Local => {}
+            Self::Record { region, next, .. } => {
+                *region = tile_region;
+                *next = 0;
+            }
+            Self::Replay { next, .. } => *next = 0,
+        }
+    }
+
+    /// How far the last recording moved the statistics from the ones it normalised with:
+    /// the largest change of a group's mean or standard deviation, in units of its standard
+    /// deviation. `None` when there is nothing to compare.
+    pub fn change(&self, eps: f64) -> Option<f64> {
+        let Self::Record {
+            moments,
+            prior: Some(prior),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let mut worst = 0f64;
+        for (new, old) in moments.iter().zip(prior) {
+            let (m1, r1) = new.mean_rstd(eps);
+            let (m0, r0) = old.mean_rstd(eps);
+            for i in 0..m1.len() {
+                let (s1, s0) = (1.0 / f64::from(r1[i]), 1.0 / f64::from(r0[i]));
+                let d_mean = (f64::from(m1[i]) - f64::from(m0[i])).abs() / s0;
+                let d_std = (s1 - s0).abs() / s0;
+                worst = worst.max(d_mean).max(d_std);
+            }
+        }
+        Some(worst)
+    }
+
+    /// Switches from recording to replaying what was recorded.
+    pub fn into_replay(self) -> Self {
+        match self {
+            Self::Record { moments, .. } | Self::Replay { moments, .. } => {
+                Self::Replay { moments, next: 0 }
+            }
+            Self::Local => Self::Local,
+        }
+    }
+}
+
+/// What a chunk does with statistics: normalise with given mean and rstd per (batch, group)
+/// instead of its own, and/or add its moments over rows x cols (at its resolution).
+struct ChunkStats<'a> {
+    replay: Option<&'a (Vec<f32>, Vec<f32>)>,
+    record: Option<((usize, usize), (usize, usize), &'a mut Moments)>,
+}
+
+/// Recording target of one norm call: rows and columns at its resolution, and its moments.
+type RecordTarget<'a> = ((usize, usize), (usize, usize), &'a mut Moments);
+
+fn chunk_stats<'a>(
+    replay: &'a Option<(Vec<f32>, Vec<f32>)>,
+    record: &'a mut Option<RecordTarget<'_>>,
+) -> ChunkStats<'a> {
+    ChunkStats {
+        replay: replay.as_ref(),
+        record: record
+            .as_mut()
+            .map(|(rows, cols, into)| (*rows, *cols, &mut **into)),
+    }
+}
+
+/// GroupNorm with an affine weight and bias (`norm1`, `norm2`, `group_norm`, `conv_norm_out`).
+///
+/// Statistics and the affine are computed in f32 as torch does for every dtype:
+/// `y = x * (rstd * weight) + (bias - mean * rstd * weight)`, rounded once to the input dtype.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+    op_bytes: u64,
+}
+
+impl GroupNorm {
+    pub fn new(cfg: &Config, channels: usize, eps: f64, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(channels, "bias")?.to_dtype(DType::F32)?,
+            num_groups: cfg.norm_num_groups,
+            eps,
+            op_bytes: cfg.chunking.op_bytes,
+        })
+    }
+
+    /// (B, C, H, W) -> (B, C, H, W)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, false, &mut NormStats::Local)
+    }
+
+    /// `silu(group_norm(x))`, rounding between the two as torch does in bf16, with the
+    /// statistics from `stats`. (B, C, H, W) -> (B, C, H, W)
+    pub fn forward_silu(&self, x: &Tensor, stats: &mut NormStats) -> Result<Tensor> {
+        self.apply(x, true, stats)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool, stats: &mut NormStats) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let groups = self.num_groups;
+        if c % groups != 0 {
+            candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
+        }
+        let cpg = c / groups;
+        let step = groups_per_chunk((b * cpg * h * w) as u64, groups, self.op_bytes);
+        let mut replay = None;
+        let mut record: Option<RecordTarget<'_>> = None;
+        match stats {
+            NormStats::Local => {}
+            NormStats::Record {
+                region,
+                moments,
+                prior,
+                next,
+            } => {
+                if let Some(prior) = prior {
+                    let m = prior.get(*next).ok_or_else(|| {
+                        candle_core::Error::Msg(
+                            "group norm: no recorded moments for this call".into(),
+                        )
+                    })?;
+                    replay = Some(m.mean_rstd(self.eps));
+                }
+                if moments.len() == *next {
+                    moments.push(Moments {
+                        sum: vec![0.0; b * groups],
+                        sum_sq: vec![0.0; b * groups],
+                        count: 0.0,
+                    });
+                }
+                let (sh, sw) = (h / region.tokens.0, w / region.tokens.1);
+                let rows = (region.rows.0 * sh, region.rows.1 * sh);
+                let cols = (region.cols.0 * sw, region.cols.1 * sw);
+                let into = &mut moments[*next];
+                into.count += ((rows.1 - rows.0) * (cols.1 - cols.0) * cpg) as f64;
+                record = Some((rows, cols, into));
+                *next += 1;
+            }
+            NormStats::Replay { moments, next } => {
+                let m = moments.get(*next).ok_or_else(|| {
+                    candle_core::Error::Msg("group norm: no recorded moments for this call".into())
+                })?;
+                replay = Some(m.mean_rstd(self.eps));
+                *next += 1;
+            }
+        }
+        if step == groups {
+            return self.chunk(x, 0, groups, silu, chunk_stats(&replay, &mut record));
+        }
+        let out = Tensor::zeros((b, c, h, w), x.dtype(), x.device())?;
+        for g0 in (0..groups).step_by(step) {
+            let n = step.min(groups - g0);
+            let part = x.narrow(1, g0 * cpg, n * cpg)?;
+            let y = self.chunk(&part, g0, n, silu, chunk_stats(&replay, &mut record))?;
+            out.slice_set(&y, 1, g0 * cpg)?;
+        }
+        Ok(out)
+    }
+
+    /// Normalises channels `[g0 * cpg, (g0 + n) * cpg)` of the full tensor, given as `x`.
+    fn chunk(
+        &self,
+        x: &Tensor,
+        g0: usize,
+        n: usize,
+        silu: bool,
+        stats: ChunkStats<'_>,
+    ) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let cpg = c / n;
+        let groups = self.num_groups;
+        let xf = x.to_dtype(DType::F32)?;
+        if let Some((rows, cols, into)) = stats.record {
+            let part = xf
+                .narrow(2, rows.0, rows.1 - rows.0)?
+                .narrow(3, cols.0, cols.1 - cols.0)?;
+            let per_group = |t: Tensor| -> Result<Vec<f32>> {
+                t.sum_keepdim(3)?
+                    .sum_keepdim(2)?
+                    .reshape((b, n, cpg))?
+                    .sum(2)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()
+            };
+            let sums = per_group(part.clone())?;
+            let sums_sq = per_group(part.sqr()?)?;
+            for i in 0..b {
+                for g in 0..n {
+                    into.sum[i * groups + g0 + g] += f64::from(sums[i * n + g]);
+                    into.sum_sq[i * groups + g0 + g] += f64::from(sums_sq[i * n + g]);
+                }
+            }
+        }
+        let (mean, rstd) = match stats.replay {
+            Some((mean, rstd)) => {
+                let pick = |v: &[f32]| -> Result<Tensor> {
+                    let rows: Vec<f32> = (0..b)
+                        .flat_map(|i| v[i * groups + g0..i * groups + g0 + n].to_vec())
+                        .collect();
+                    Tensor::from_vec(rows, (b, n, 1, 1), x.device())
+                };
+                (pick(mean)?, pick(rstd)?)
+            }
+            None => {
+                let count = (cpg * h * w) as f64;
+                // Two-level sums (over W, then over the rest) keep f32 accumulation error small.
+                let grouped = xf.reshape((b, n, cpg * h, w))?;
+                let mean = (grouped.sum_keepdim(3)?.sum_keepdim(2)? / count)?;
+                let var = {
+                    let centred = grouped.broadcast_sub(&mean)?;
+                    (centred.sqr()?.sum_keepdim(3)?.sum_keepdim(2)? / count)?
+                };
+                (mean, (var + self.eps)?.sqrt()?.recip()?)
+            }
+        };
+        let per_channel = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((b, n, 1))?
+                .broadcast_as((b, n, cpg))?
+                .reshape((b, n * cpg))
+        };
+        let weight = self.weight.narrow(0, g0 * cpg, n * cpg)?;
+        let bias = self.bias.narrow(0, g0 * cpg, n * cpg)?;
+        let scale = per_channel(&rstd)?.broadcast_mul(&weight)?;
+        let shift = bias.broadcast_sub(&(per_channel(&mean)? * &scale)?)?;
+        let scale = scale.reshape((b, c, 1, 1))?;
+        let shift = shift.reshape((b, c, 1, 1))?;
+        let mut y = xf.broadcast_mul(&scale)?;
+        drop(xf);
+        y = y.broadcast_add(&shift)?;
+        if !silu {
+            return y.to_dtype(x.dtype());
+        }
+        // torch rounds the norm output to the model dtype before the activation.
+        y = y.to_dtype(x.dtype())?.to_dtype(DType::F32)?;
+        y.silu()?.to_dtype(x.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::Chunking;
+
+    fn norm(op_bytes: u64, w: &Tensor, b: &Tensor) -> GroupNorm {
+        let cfg = Config {
+            norm_num_groups: 4,
+            chunking: Chunking {
+                attention_bytes: 1 << 20,
+                op_bytes,
+            },
+            ..Config::default()
+        };
+        let map = [
+            ("weight".to_owned(), w.clone()),
+            ("bias".to_owned(), b.clone()),
+        ]
+        .into();
+        GroupNorm::new(
+            &cfg,
+            8,
+            1e-6,
+            VarBuilder::from_tensors(map, DType::F32, &Device::Cpu),
+        )
+        .unwrap()
+    }
+
+    fn naive(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        let (n, c, h, wd) = x.dims4().unwrap();
+        let g = x.reshape((n, 4, (c / 4) * h * wd)).unwrap();
+        let mean = g.mean_keepdim(2).unwrap();
+        let centred = g.broadcast_sub(&mean).unwrap();
+        let var = centred.sqr().unwrap().mean_keepdim(2).unwrap();
+        let normed = centred
+            .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap();
+        normed
+            .reshape((n, c, h, wd))
+            .unwrap()
+            .broadcast_mul(&w.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn inputs() -> (Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2., (2, 8, 6, 4), &dev).unwrap() + 3.0).unwrap();
+        let w = Tensor::randn(1f32, 0.3, 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.3, 8, &dev).unwrap();
+        (x, w, b)
+    }
+
+    #[test]
+    fn chunked_group_norm_equals_the_textbook_formula() {
+        let (x, w, b) = inputs();
+        let want = naive(&x, &w, &b);
+        for op_bytes in [1 << 30, 1] {
+            let norm = norm(op_bytes, &w, &b);
+            assert!(
+                max_diff(&norm.forward(&x).unwrap(), &want) < 1e-5,
+                "op_bytes {op_bytes}"
+            );
+            let silu = norm.forward_silu(&x, &mut NormStats::Local).unwrap();
+            assert!(
+                max_diff(&silu, &want.silu().unwrap()) < 1e-5,
+                "silu, op_bytes {op_bytes}"
+            );
+        }
+    }
+
+    #[test]
+    fn recorded_moments_over_a_partition_replay_the_whole_tensor_statistics() {
+        let (x, w, b) = inputs();
+        let want = naive(&x, &w, &b).silu().unwrap();
+        for op_bytes in [1 << 30, 1] {
+            let norm = norm(op_bytes, &w, &b);
+            // Two "tiles": the top 2 and the bottom 4 of 6 token rows (one token = one row here).
+            let mut stats = NormStats::record();
+            for (rows, tile) in [
+                ((0, 2), x.narrow(2, 0, 2).unwrap()),
+                ((2, 6), x.narrow(2, 2, 4).unwrap()),
+            ] {
+                let h = rows.1 - rows.0;
+                stats.start_tile(Region {
+                    tokens: (h, 4),
+                    rows: (0, h),
+                    cols: (0, 4),
+                });
+                norm.forward_silu(&tile, &mut stats).unwrap();
+            }
+            let mut stats = stats.into_replay();
+            stats.start_tile(Region {
+                tokens: (6, 4),
+                rows: (0, 6),
+                cols: (0, 4),
+            });
+            let got = norm.forward_silu(&x, &mut stats).unwrap();
+            assert!(max_diff(&got, &want) < 1e-4, "op_bytes {op_bytes}");
+        }
+    }
+}

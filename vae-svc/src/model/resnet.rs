@@ -1,0 +1,59 @@
+//! `ResnetBlock2D` without a time embedding (diffusers `resnet.py`, spec §1.4):
+//! `h = conv1(silu(norm1(x))); h = conv2(silu(norm2(h))); out = shortcut(x) + h`.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{
+    Config,
+    config::NORM_EPS,
+    layers::{Conv2d, Padding},
+    norm::{GroupNorm, NormStats},
+};
+
+/// A ResNet block; `conv_shortcut` (1x1) exists when the width changes.
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    pub fn new(cfg: &Config, c_in: usize, c_out: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let conv_shortcut = if c_in != c_out {
+            Some(Conv2d::new(
+                cfg,
+                (c_in, c_out, 1),
+                1,
+                Padding::same(0),
+                vb.pp("conv_shortcut"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNorm::new(cfg, c_in, NORM_EPS, vb.pp("norm1"))?,
+            conv1: Conv2d::new(cfg, (c_in, c_out, 3), 1, Padding::same(1), vb.pp("conv1"))?,
+            norm2: GroupNorm::new(cfg, c_out, NORM_EPS, vb.pp("norm2"))?,
+            conv2: Conv2d::new(cfg, (c_out, c_out, 3), 1, Padding::same(1), vb.pp("conv2"))?,
+            conv_shortcut,
+        })
+    }
+
+    /// (B, C_in, H, W) -> (B, C_out, H, W), group-norm statistics from `stats`. Each
+    /// intermediate is dropped as soon as the next one exists, so at most the input and three
+    /// activations are alive at once.
+    pub fn forward(&self, x: &Tensor, stats: &mut NormStats) -> Result<Tensor> {
+        let mut h = self.norm1.forward_silu(x, stats)?;
+        h = self.conv1.forward(&h)?;
+        h = self.norm2.forward_silu(&h, stats)?;
+        h = self.conv2.forward(&h)?;
+        match &self.conv_shortcut {
+            Some(shortcut) => shortcut.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}

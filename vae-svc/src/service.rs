@@ -1,0 +1,296 @@
+//! [`Vae`]: the service logic behind the gRPC handlers, usable in-process.
+//!
+//! Every request is validated against the configured limits, reserves its estimated
+//! activation peak through the admission budget ([`MemoryModel`]), and runs on the engine
+//! thread. A decode that cannot fit untiled is decoded tiled instead of refused
+//! ([`plan_decode`]); the plan is logged and returned.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use klein_proto::pb;
+use klein_runtime::{
+    budget::{AdmissionError, MemoryBudget},
+    engine::Engine,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    engine::{Facts, Runner},
+    error::VaeError,
+    loader::{self, ModelSource},
+    memory::{DecodePlan, MemoryModel, plan_decode},
+    tiling::{TilePlan, TilingConfig},
+    validate::{Limits, PACKED_CHANNELS, PIXELS_PER_TOKEN, ValidDecodeRequest, ValidEncodeRequest},
+};
+
+/// Name of the budget in messages and metrics.
+const BUDGET_NAME: &str = "vae";
+
+/// Token grid of the warm-up decode (64 x 64 pixels).
+const WARM_UP_GRID: (usize, usize) = (4, 4);
+
+/// Result of an encode.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `[B, h * w, 128]` on the CPU, model dtype.
+    pub latents: Tensor,
+    /// Token grid `(h, w)`.
+    pub grid: (usize, usize),
+}
+
+/// Result of a decode.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// `[B, 16h, 16w, 3]` u8 on the CPU.
+    pub images: Tensor,
+    /// How it was tiled.
+    pub plan: TilePlan,
+}
+
+/// The loaded VAE behind its admission budget.
+pub struct Vae {
+    engine: Engine<Runner>,
+    budget: MemoryBudget,
+    memory: MemoryModel,
+    limits: Limits,
+    tiling: TilingConfig,
+    facts: Facts,
+    dtype: DType,
+    device: String,
+    budget_bytes: u64,
+}
+
+impl Vae {
+    /// Opens the device and loads the model on the engine thread; refuses to start when the
+    /// weights and the runtime overhead do not leave room in the budget.
+    pub async fn start(config: &Config) -> Result<Self, VaeError> {
+        config
+            .check()
+            .map_err(|e| VaeError::Config(e.to_string()))?;
+        let dtype = DType::from(config.server.dtype);
+        let device = config.server.device;
+        let source = ModelSource {
+            path: config.model_dir.clone().unwrap_or_default(),
+            single_file_config: config.single_file_config.clone(),
+            chunking: config.chunking(),
+        };
+        let engine = tokio::task::spawn_blocking(move || {
+            Engine::spawn("vae-engine", move || {
+                let device = device.open()?;
+                let loaded = loader::load(&source, dtype, &device)?;
+                let facts = Facts {
+                    config: loaded.config,
+                    format: loaded.format,
+                    weight_bytes: loaded.weight_bytes,
+                    model_id: loaded.model_id,
+                };
+                Ok::<_, VaeError>(Runner::new(loaded.model, device, facts))
+            })
+        })
+        .await
+        .map_err(|e| VaeError::Config(format!("model loading task failed: {e}")))??;
+        let mut facts = engine.run(|r: &mut Runner| r.facts().clone()).await?;
+        if let Some(id) = &config.model_id {
+            facts.model_id = id.clone();
+        }
+        let cfg = &facts.config;
+        if cfg.packed_channels() != PACKED_CHANNELS || cfg.in_channels != 3 || cfg.out_channels != 3
+        {
+            return Err(VaeError::Config(format!(
+                "the wire contract needs RGB in and out and {PACKED_CHANNELS} packed latent channels; \
+                 this VAE has {} in, {} out, {} packed",
+                cfg.in_channels,
+                cfg.out_channels,
+                cfg.packed_channels()
+            )));
+        }
+        let budget_bytes = config.server.gpu_memory_budget.0;
+        let fixed = facts.weight_bytes + config.runtime_overhead.0;
+        if fixed >= budget_bytes {
+            return Err(VaeError::Config(format!(
+                "weights ({} bytes) + runtime_overhead ({} bytes) exceed gpu_memory_budget ({budget_bytes} bytes)",
+                facts.weight_bytes, config.runtime_overhead.0
+            )));
+        }
+        let capacity = budget_bytes - fixed;
+        tracing::info!(
+            model_id = %facts.model_id,
+            format = facts.format.as_str(),
+            weight_bytes = facts.weight_bytes,
+            activation_capacity = capacity,
+            dtype = ?dtype,
+            "VAE loaded"
+        );
+        metrics::gauge!("klein_vae_weight_bytes").set(facts.weight_bytes as f64);
+        Ok(Self {
+            engine,
+            budget: MemoryBudget::new(BUDGET_NAME, capacity, config.server.max_queue_depth),
+            memory: MemoryModel::new(&facts.config, dtype),
+            limits: config.limits(),
+            tiling: config.tiling(),
+            facts,
+            dtype,
+            device: config.server.device.to_string(),
+            budget_bytes,
+        })
+    }
+
+    /// The activation-memory estimates this service reserves with.
+    pub fn memory(&self) -> &MemoryModel {
+        &self.memory
+    }
+
+    /// Images -> packed normalised latents.
+    pub async fn encode(&self, req: ValidEncodeRequest) -> Result<Encoded, VaeError> {
+        let req = req.within(&self.limits)?;
+        let (batch, h, w) = req.dims();
+        let bytes = self.memory.encode_request(h, w, batch);
+        let _reservation = self.budget.reserve(bytes).await?;
+        let cancel = CancellationToken::new();
+        let _cancel_on_drop = cancel.clone().drop_guard();
+        let images = req.images;
+        let latents = self
+            .engine
+            .run(move |r: &mut Runner| r.encode(&images, &cancel))
+            .await??;
+        Ok(Encoded {
+            latents,
+            grid: (h / PIXELS_PER_TOKEN, w / PIXELS_PER_TOKEN),
+        })
+    }
+
+    /// How a decode of this size would run, and what it would reserve.
+    pub fn plan(
+        &self,
+        grid: (usize, usize),
+        batch: usize,
+        force_tiling: bool,
+    ) -> Result<DecodePlan, VaeError> {
+        let capacity = self.budget.snapshot().capacity;
+        plan_decode(
+            &self.memory,
+            grid,
+            batch,
+            capacity,
+            &self.tiling,
+            force_tiling,
+        )
+        .map_err(|need| {
+            VaeError::Admission(AdmissionError::NeverFits {
+                budget: BUDGET_NAME.into(),
+                requested: need,
+                capacity,
+            })
+        })
+    }
+
+    /// Packed latents -> RGB u8, tiled when the budget needs it or the request asks.
+    pub async fn decode(&self, req: ValidDecodeRequest) -> Result<Decoded, VaeError> {
+        let req = req.within(&self.limits)?;
+        let plan = self.plan(req.grid, req.batch(), req.force_tiling)?;
+        let t = plan.tiles;
+        tracing::info!(
+            grid = ?req.grid,
+            batch = req.batch(),
+            tiled = t.tiled,
+            tile_tokens = t.tile_tokens,
+            overlap_tokens = t.overlap_tokens,
+            tile_count = t.tile_count,
+            reserve_bytes = plan.reserve_bytes,
+            "decode plan"
+        );
+        if t.tiled {
+            metrics::counter!("klein_vae_tiled_decodes_total").increment(1);
+        }
+        let _reservation = self.budget.reserve(plan.reserve_bytes).await?;
+        let cancel = CancellationToken::new();
+        let _cancel_on_drop = cancel.clone().drop_guard();
+        let (latents, grid, tiling) = (req.latents, req.grid, self.tiling);
+        let images = self
+            .engine
+            .run(move |r: &mut Runner| r.decode(&latents, grid, (&plan, &tiling), &cancel))
+            .await??;
+        Ok(Decoded { images, plan: t })
+    }
+
+    /// Decodes a small zero latent through the whole path (budget, engine, postprocess).
+    pub async fn warm_up(&self) -> Result<(), VaeError> {
+        let (h, w) = WARM_UP_GRID;
+        let latents = Tensor::zeros(
+            (1, h * w, PACKED_CHANNELS),
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        let req = ValidDecodeRequest {
+            latents,
+            grid: WARM_UP_GRID,
+            force_tiling: false,
+        };
+        let started = std::time::Instant::now();
+        self.decode(req).await?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "warm-up decode done"
+        );
+        Ok(())
+    }
+
+    /// The Info description.
+    pub fn info(&self) -> pb::ServiceInfo {
+        let snap = self.budget.snapshot();
+        let cfg = &self.facts.config;
+        let megapixel = self.memory.decode_peak(1024, 1024);
+        let details: HashMap<String, String> = [
+            ("format", self.facts.format.as_str().to_owned()),
+            ("latent_channels", cfg.latent_channels.to_string()),
+            (
+                "block_out_channels",
+                format!("{:?}", cfg.block_out_channels),
+            ),
+            (
+                "decoder_block_out_channels",
+                format!("{:?}", cfg.decoder_channels()),
+            ),
+            ("activation_capacity_bytes", snap.capacity.to_string()),
+            ("decode_peak_bytes_1024", megapixel.to_string()),
+            (
+                "attention_chunk_bytes",
+                cfg.chunking.attention_bytes.to_string(),
+            ),
+            ("op_chunk_bytes", cfg.chunking.op_bytes.to_string()),
+            ("tile_tokens", self.tiling.tile_tokens.to_string()),
+            (
+                "tile_overlap_tokens",
+                self.tiling.overlap_tokens.to_string(),
+            ),
+            ("min_tile_tokens", self.tiling.min_tile_tokens.to_string()),
+            (
+                "tile_norm_max_passes",
+                self.tiling.norm_max_passes.to_string(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let dtype =
+            klein_proto::tensor::dtype_to_wire(self.dtype).unwrap_or(pb::Dtype::Unspecified);
+        pb::ServiceInfo {
+            service: "vae".into(),
+            model_id: self.facts.model_id.clone(),
+            dtype: dtype as i32,
+            device: self.device.clone(),
+            quantization: "none".into(),
+            memory_budget_bytes: self.budget_bytes,
+            weight_bytes: self.facts.weight_bytes,
+            reserved_bytes: snap.reserved,
+            queue_depth: snap.queued as u32,
+            max_queue_depth: snap.max_queue as u32,
+            max_batch: self.limits.max_batch as u32,
+            max_image_side: self.limits.max_image_side as u32,
+            max_image_pixels: self.limits.max_image_pixels,
+            details,
+        }
+    }
+}
