@@ -24,7 +24,7 @@ use crate::{
     model::{
         AutoencoderKLFlux2,
         config::NORM_EPS,
-        norm::{NormStats, Region},
+        norm_stats::{NormStats, Region},
     },
     validate::PIXELS_PER_TOKEN,
 };

@@ -158,7 +158,7 @@ async fn a_budget_too_small_for_untiled_decodes_tiled_and_a_hopeless_one_is_refu
     let plan = out.tile_plan.unwrap();
     assert!(plan.tiled, "{plan:?}");
     let tile = plan.tile_tokens as usize;
-    assert!(tile < 12 && tile >= 4, "{plan:?}");
+    assert!((4..12).contains(&tile), "{plan:?}");
     assert!(memory.tiled_decode_request(grid, 1, tile) < untiled);
     println!("budget {untiled} - 1 bytes of activations: {plan:?}");
     assert_eq!(

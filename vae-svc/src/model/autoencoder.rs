@@ -12,7 +12,7 @@ use super::{
     encoder::Encoder,
     latents::{BatchNorm, pack, patchify, unpack, unpatchify},
     layers::{Conv2d, Padding},
-    norm::NormStats,
+    norm_stats::NormStats,
 };
 
 /// The FLUX.2 VAE. The dtype of its weights is the dtype it computes in.

@@ -17,7 +17,7 @@ pub fn bfl_name(name: &str, stages: usize) -> String {
     let parts: Vec<&str> = name.split('.').collect();
     let rest = |from: usize| parts[from..].join(".");
     let resnet_leaf = |from: usize| rest(from).replace("conv_shortcut", "nin_shortcut");
-    let mapped = match parts.as_slice() {
+    match parts.as_slice() {
         ["quant_conv", ..] => format!("encoder.{name}"),
         ["post_quant_conv", ..] => format!("decoder.{name}"),
         [side, "conv_norm_out", ..] => format!("{side}.norm_out.{}", rest(2)),
@@ -53,8 +53,7 @@ pub fn bfl_name(name: &str, stages: usize) -> String {
             format!("{side}.mid.attn_1.{bfl}.{}", rest(from))
         }
         _ => name.to_owned(),
-    };
-    mapped
+    }
 }
 
 /// A weight source that answers diffusers names from a BFL-layout [`VarBuilder`].

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use super::{
     Config,
     attention::Attention,
-    norm::NormStats,
+    norm_stats::NormStats,
     resnet::ResnetBlock2D,
     sampling::{Downsample2D, Upsample2D},
 };

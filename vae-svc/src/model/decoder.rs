@@ -10,7 +10,8 @@ use super::{
     blocks::{UNetMidBlock2D, UpDecoderBlock2D},
     config::NORM_EPS,
     layers::{Conv2d, Padding},
-    norm::{GroupNorm, NormStats},
+    norm::GroupNorm,
+    norm_stats::NormStats,
 };
 
 /// Latent at 1/8 resolution -> image.

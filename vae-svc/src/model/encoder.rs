@@ -10,7 +10,8 @@ use super::{
     blocks::{DownEncoderBlock2D, UNetMidBlock2D},
     config::NORM_EPS,
     layers::{Conv2d, Padding},
-    norm::{GroupNorm, NormStats},
+    norm::GroupNorm,
+    norm_stats::NormStats,
 };
 
 /// Image -> latent moments at 1/8 resolution.

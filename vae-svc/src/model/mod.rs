@@ -13,8 +13,8 @@
 //!
 //! # Layout
 //! - [`config`]: `config.json` and the execution limits.
-//! - [`layers`]: banded Conv2d and Linear; [`norm`]: chunked GroupNorm (+ SiLU) with
-//!   recordable statistics for tiled decoding.
+//! - [`layers`]: banded Conv2d and Linear; [`norm`]: chunked GroupNorm (+ SiLU);
+//!   [`norm_stats`]: image-wide group-norm statistics for tiled decoding.
 //! - [`resnet`], [`attention`], [`sampling`]: ResNet block, mid-block attention,
 //!   asymmetric-pad downsample and nearest upsample.
 //! - [`blocks`]: down, up and mid blocks; [`encoder`], [`decoder`].
@@ -31,6 +31,7 @@ pub mod encoder;
 pub mod latents;
 pub mod layers;
 pub mod norm;
+pub mod norm_stats;
 pub mod resnet;
 pub mod sampling;
 

@@ -2,15 +2,15 @@
 //! few groups at a time into a preallocated output so that its temporaries stay within
 //! [`Chunking::op_bytes`](super::Chunking).
 //!
-//! For tiled decoding the statistics can come from elsewhere ([`NormStats`]): a first pass over
-//! the tiles records every group norm's input moments over the part of the image each tile
-//! owns, and a second pass normalises every tile with those image-wide moments, so tiles agree
-//! with each other (and with the untiled decode) instead of each using its own statistics.
+//! For tiled decoding the statistics can come from elsewhere ([`NormStats`]).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::Config;
+use super::{
+    Config,
+    norm_stats::{CallStats, NormStats},
+};
 
 /// Bytes per element of the f32 temporaries of a group-norm chunk, times the most of them
 /// alive at once (the f32 input copy, the centred or scaled value, its square or the shifted
@@ -28,165 +28,6 @@ pub fn groups_per_chunk(elements_per_group: u64, groups: usize, op_bytes: u64) -
 pub fn temp_bytes(elements_per_group: u64, groups: usize, op_bytes: u64) -> u64 {
     let n = groups_per_chunk(elements_per_group, groups, op_bytes) as u64;
     n * elements_per_group * TEMP_BYTES_PER_ELEMENT
-}
-
-/// Sums of one group norm's input per (batch, group): Σx, Σx² and the element count.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Moments {
-    sum: Vec<f64>,
-    sum_sq: Vec<f64>,
-    count: f64,
-}
-
-impl Moments {
-    /// Mean and `1 / sqrt(var + eps)` per (batch, group).
-    fn mean_rstd(&self, eps: f64) -> (Vec<f32>, Vec<f32>) {
-        let n = self.count.max(1.0);
-        self.sum
-            .iter()
-            .zip(&self.sum_sq)
-            .map(|(s, q)| {
-                let mean = s / n;
-                let var = (q / n - mean * mean).max(0.0);
-                (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-            })
-            .unzip()
-    }
-}
-
-/// The part of a tile it owns, in tokens: the tile is `tokens` (h, w) tokens, it owns rows
-/// `rows.0..rows.1` and columns `cols.0..cols.1` (overlaps are split at their middle).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Region {
-    pub tokens: (usize, usize),
-    pub rows: (usize, usize),
-    pub cols: (usize, usize),
-}
-
-/// Where group-norm statistics come from during a forward pass.
-#[derive(Debug, Clone, PartialEq)]
-pub enum NormStats {
-    /// From the tensor being normalised (the model as trained).
-    Local,
-    /// Normalise with `prior` (or locally when absent) and add every norm's input moments
-    /// over `region` to `moments`, one entry per norm in call order (`next` counts calls
-    /// within the current tile).
-    Record {
-        region: Region,
-        moments: Vec<Moments>,
-        prior: Option<Vec<Moments>>,
-        next: usize,
-    },
-    /// Normalise with the recorded moments, in call order.
-    Replay { moments: Vec<Moments>, next: usize },
-}
-
-impl NormStats {
-    /// Starts recording.
-    pub fn record() -> Self {
-        Self::Record {
-            region: Region {
-                tokens: (1, 1),
-                rows: (0, 1),
-                cols: (0, 1),
-            },
-            moments: Vec::new(),
-            prior: None,
-            next: 0,
-        }
-    }
-
-    /// Records again, normalising with what was recorded so far (a better estimate, since
-    /// the earlier norms now use image-wide statistics too).
-    pub fn refine(self) -> Self {
-        match self {
-            Self::Record { moments, .. } | Self::Replay { moments, .. } => match Self::record() {
-                Self::Record {
-                    region,
-                    moments: fresh,
-                    next,
-                    ..
-                } => Self::Record {
-                    region,
-                    moments: fresh,
-                    prior: Some(moments),
-                    next,
-                },
-                other => other,
-            },
-            Self::Local => Self::record(),
-        }
-    }
-
-    /// Starts a tile: the call counter restarts; when recording, `region` is the tile's part.
-    pub fn start_tile(&mut self, tile_region: Region) {
-        match self {
-            Self::Local => {}
-            Self::Record { region, next, .. } => {
-                *region = tile_region;
-                *next = 0;
-            }
-            Self::Replay { next, .. } => *next = 0,
-        }
-    }
-
-    /// How far the last recording moved the statistics from the ones it normalised with:
-    /// the largest change of a group's mean or standard deviation, in units of its standard
-    /// deviation. `None` when there is nothing to compare.
-    pub fn change(&self, eps: f64) -> Option<f64> {
-        let Self::Record {
-            moments,
-            prior: Some(prior),
-            ..
-        } = self
-        else {
-            return None;
-        };
-        let mut worst = 0f64;
-        for (new, old) in moments.iter().zip(prior) {
-            let (m1, r1) = new.mean_rstd(eps);
-            let (m0, r0) = old.mean_rstd(eps);
-            for i in 0..m1.len() {
-                let (s1, s0) = (1.0 / f64::from(r1[i]), 1.0 / f64::from(r0[i]));
-                let d_mean = (f64::from(m1[i]) - f64::from(m0[i])).abs() / s0;
-                let d_std = (s1 - s0).abs() / s0;
-                worst = worst.max(d_mean).max(d_std);
-            }
-        }
-        Some(worst)
-    }
-
-    /// Switches from recording to replaying what was recorded.
-    pub fn into_replay(self) -> Self {
-        match self {
-            Self::Record { moments, .. } | Self::Replay { moments, .. } => {
-                Self::Replay { moments, next: 0 }
-            }
-            Self::Local => Self::Local,
-        }
-    }
-}
-
-/// What a chunk does with statistics: normalise with given mean and rstd per (batch, group)
-/// instead of its own, and/or add its moments over rows x cols (at its resolution).
-struct ChunkStats<'a> {
-    replay: Option<&'a (Vec<f32>, Vec<f32>)>,
-    record: Option<((usize, usize), (usize, usize), &'a mut Moments)>,
-}
-
-/// Recording target of one norm call: rows and columns at its resolution, and its moments.
-type RecordTarget<'a> = ((usize, usize), (usize, usize), &'a mut Moments);
-
-fn chunk_stats<'a>(
-    replay: &'a Option<(Vec<f32>, Vec<f32>)>,
-    record: &'a mut Option<RecordTarget<'_>>,
-) -> ChunkStats<'a> {
-    ChunkStats {
-        replay: replay.as_ref(),
-        record: record
-            .as_mut()
-            .map(|(rows, cols, into)| (*rows, *cols, &mut **into)),
-    }
 }
 
 /// GroupNorm with an affine weight and bias (`norm1`, `norm2`, `group_norm`, `conv_norm_out`).
@@ -232,55 +73,15 @@ impl GroupNorm {
         }
         let cpg = c / groups;
         let step = groups_per_chunk((b * cpg * h * w) as u64, groups, self.op_bytes);
-        let mut replay = None;
-        let mut record: Option<RecordTarget<'_>> = None;
-        match stats {
-            NormStats::Local => {}
-            NormStats::Record {
-                region,
-                moments,
-                prior,
-                next,
-            } => {
-                if let Some(prior) = prior {
-                    let m = prior.get(*next).ok_or_else(|| {
-                        candle_core::Error::Msg(
-                            "group norm: no recorded moments for this call".into(),
-                        )
-                    })?;
-                    replay = Some(m.mean_rstd(self.eps));
-                }
-                if moments.len() == *next {
-                    moments.push(Moments {
-                        sum: vec![0.0; b * groups],
-                        sum_sq: vec![0.0; b * groups],
-                        count: 0.0,
-                    });
-                }
-                let (sh, sw) = (h / region.tokens.0, w / region.tokens.1);
-                let rows = (region.rows.0 * sh, region.rows.1 * sh);
-                let cols = (region.cols.0 * sw, region.cols.1 * sw);
-                let into = &mut moments[*next];
-                into.count += ((rows.1 - rows.0) * (cols.1 - cols.0) * cpg) as f64;
-                record = Some((rows, cols, into));
-                *next += 1;
-            }
-            NormStats::Replay { moments, next } => {
-                let m = moments.get(*next).ok_or_else(|| {
-                    candle_core::Error::Msg("group norm: no recorded moments for this call".into())
-                })?;
-                replay = Some(m.mean_rstd(self.eps));
-                *next += 1;
-            }
-        }
+        let mut call = stats.begin_call((b, groups), (h, w), cpg, self.eps)?;
         if step == groups {
-            return self.chunk(x, 0, groups, silu, chunk_stats(&replay, &mut record));
+            return self.chunk(x, 0, groups, silu, &mut call);
         }
         let out = Tensor::zeros((b, c, h, w), x.dtype(), x.device())?;
         for g0 in (0..groups).step_by(step) {
             let n = step.min(groups - g0);
             let part = x.narrow(1, g0 * cpg, n * cpg)?;
-            let y = self.chunk(&part, g0, n, silu, chunk_stats(&replay, &mut record))?;
+            let y = self.chunk(&part, g0, n, silu, &mut call)?;
             out.slice_set(&y, 1, g0 * cpg)?;
         }
         Ok(out)
@@ -293,13 +94,14 @@ impl GroupNorm {
         g0: usize,
         n: usize,
         silu: bool,
-        stats: ChunkStats<'_>,
+        call: &mut CallStats<'_>,
     ) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let cpg = c / n;
         let groups = self.num_groups;
         let xf = x.to_dtype(DType::F32)?;
-        if let Some((rows, cols, into)) = stats.record {
+        if let Some(target) = call.record.as_mut() {
+            let (rows, cols) = (target.rows, target.cols);
             let part = xf
                 .narrow(2, rows.0, rows.1 - rows.0)?
                 .narrow(3, cols.0, cols.1 - cols.0)?;
@@ -315,12 +117,16 @@ impl GroupNorm {
             let sums_sq = per_group(part.sqr()?)?;
             for i in 0..b {
                 for g in 0..n {
-                    into.sum[i * groups + g0 + g] += f64::from(sums[i * n + g]);
-                    into.sum_sq[i * groups + g0 + g] += f64::from(sums_sq[i * n + g]);
+                    let at = i * n + g;
+                    target.add(
+                        i * groups + g0 + g,
+                        f64::from(sums[at]),
+                        f64::from(sums_sq[at]),
+                    );
                 }
             }
         }
-        let (mean, rstd) = match stats.replay {
+        let (mean, rstd) = match &call.replay {
             Some((mean, rstd)) => {
                 let pick = |v: &[f32]| -> Result<Tensor> {
                     let rows: Vec<f32> = (0..b)
@@ -370,7 +176,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::model::Chunking;
+    use crate::model::{Chunking, norm_stats::Region};
 
     fn norm(op_bytes: u64, w: &Tensor, b: &Tensor) -> GroupNorm {
         let cfg = Config {

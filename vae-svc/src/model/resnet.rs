@@ -8,7 +8,8 @@ use super::{
     Config,
     config::NORM_EPS,
     layers::{Conv2d, Padding},
-    norm::{GroupNorm, NormStats},
+    norm::GroupNorm,
+    norm_stats::NormStats,
 };
 
 /// A ResNet block; `conv_shortcut` (1x1) exists when the width changes.

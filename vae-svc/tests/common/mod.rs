@@ -80,10 +80,9 @@ impl Running {
             let req = HealthCheckRequest {
                 service: "klein.v1.VaeService".into(),
             };
-            if let Ok(r) = health.check(req).await {
-                if r.into_inner().status == ServingStatus::Serving as i32 {
-                    return;
-                }
+            let status = health.check(req).await.map(|r| r.into_inner().status).ok();
+            if status == Some(ServingStatus::Serving as i32) {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
