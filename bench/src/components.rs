@@ -90,12 +90,9 @@ pub fn transformer(
     batch: usize,
     iters: usize,
 ) -> Result<Row> {
-    use denoiser_svc::model::{
-        AttentionConfig, Config, Flux2Transformer2DModel, grid_ids, text_ids,
-    };
+    use denoiser_svc::model::{Config, Flux2Transformer2DModel, grid_ids, text_ids};
     let cfg = Config::klein_4b();
-    let model =
-        Flux2Transformer2DModel::new(&cfg, AttentionConfig::default(), random_vb(dtype, dev))?;
+    let model = Flux2Transformer2DModel::new(&cfg, random_vb(dtype, dev))?;
     let (h, w) = (px / 16, px / 16);
     let x = Tensor::randn(0f32, 1.0, (batch, h * w, 128), dev)?.to_dtype(dtype)?;
     let ctx =

@@ -63,12 +63,8 @@ pub fn write(out: &Path, template: &Path, dev: &Device) -> Result<()> {
     let w = Arc::new(RandomWeights::new(true));
     let vb = || VarBuilder::from_backend(Box::new(Shared(w.clone())), DType::BF16, dev.clone());
     {
-        use denoiser_svc::model::{AttentionConfig, Config, Flux2Transformer2DModel};
-        drop(Flux2Transformer2DModel::new(
-            &Config::klein_4b(),
-            AttentionConfig::default(),
-            vb(),
-        )?);
+        use denoiser_svc::model::{Config, Flux2Transformer2DModel};
+        drop(Flux2Transformer2DModel::new(&Config::klein_4b(), vb())?);
         save(
             &out.join("transformer"),
             "diffusion_pytorch_model.safetensors",

@@ -1,5 +1,8 @@
 //! Configuration layering: defaults < TOML file < KLEIN_* env < flags.
 
+// figment's `Jail` closures must return its (large) error type.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 
 use clap::Parser;

@@ -3,7 +3,7 @@
 use klein_proto::tensor::{FieldError, TensorCodecError};
 use klein_runtime::{
     budget::AdmissionError, device::DeviceError, engine::EngineError, server::ServeError,
-    weights::WeightsError,
+    tls::TlsError, weights::WeightsError,
 };
 use tonic::Status;
 
@@ -59,6 +59,9 @@ pub enum VaeError {
     /// The configuration cannot work (bad dtype, weights over budget, unsupported model).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The TLS settings are incomplete or a certificate cannot be read.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The gRPC server failed.
     #[error(transparent)]
     Serve(#[from] ServeError),

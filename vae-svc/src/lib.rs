@@ -41,14 +41,16 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::{config::Config, error::VaeError, service::Vae};
 
-/// Loads the model, serves `klein.v1.VaeService` on `listener` (health NOT_SERVING until a
-/// warm-up decode succeeded), and drains when `shutdown` resolves. Also serves `/metrics`
-/// when `metrics_listen` is set. A failed warm-up stops the server with its error.
+/// Loads the model, serves `klein.v1.VaeService` on `listener` (over TLS when configured;
+/// health NOT_SERVING until a warm-up decode succeeded), and drains when `shutdown`
+/// resolves. Also serves `/metrics` when `metrics_listen` is set. A failed warm-up stops the
+/// server with its error.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), VaeError> {
+    let server = GrpcServer::from_config(&[grpc::SERVICE_NAME], &config.server).await?;
     let vae = Arc::new(Vae::start(&config).await?);
     let stop = CancellationToken::new();
     if let Some(addr) = config.server.metrics_listen {
@@ -60,7 +62,6 @@ pub async fn serve(
             }
         });
     }
-    let server = GrpcServer::new(&[grpc::SERVICE_NAME], config.server.drain_timeout()).await;
     let health = server.health();
     let (warm_tx, warm_rx) = oneshot::channel();
     let warm_vae = vae.clone();

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use klein_test_support::{golden, pipeline_dir, take};
+use klein_test_support::{golden, pipeline_dir, take, test_device};
 use vae_svc::{
     loader::{self, Loaded, ModelSource, WeightsFormat},
     model::{Chunking, bfl::bfl_name},
@@ -17,7 +17,7 @@ fn load(path: PathBuf, config: Option<PathBuf>) -> Result<Loaded, vae_svc::VaeEr
         single_file_config: config,
         chunking: Chunking::default(),
     };
-    loader::load(&source, DType::F32, &Device::Cpu)
+    loader::load(&source, DType::F32, &test_device())
 }
 
 fn vae_dir() -> PathBuf {
@@ -37,12 +37,12 @@ fn scratch(name: &str) -> PathBuf {
 /// Decoded pixels of the golden latents, and the packed encoding of the golden image.
 fn outputs(loaded: &Loaded) -> (Tensor, Tensor) {
     let g = golden("vae");
-    let z = loaded
-        .model
-        .unpack_latents(take(&g, "decode_input_packed"), (4, 6))
-        .unwrap();
+    let dev = test_device();
+    let tokens = take(&g, "decode_input_packed").to_device(&dev).unwrap();
+    let z = loaded.model.unpack_latents(&tokens, (4, 6)).unwrap();
     let decoded = loaded.model.decode(&z).unwrap();
-    let packed = loaded.model.encode_packed(take(&g, "image")).unwrap();
+    let image = take(&g, "image").to_device(&dev).unwrap();
+    let packed = loaded.model.encode_packed(&image).unwrap();
     (decoded, packed)
 }
 

@@ -1,10 +1,11 @@
-//! Parity with the committed diffusers 0.42.1 goldens (`goldens/vae.safetensors`), model level:
+//! Parity with the committed diffusers 0.42.1 goldens (`goldens/vae.safetensors`), model level,
+//! on `$KLEIN_TEST_DEVICE` (default cpu):
 //! encode (posterior mean, packed normalised latents) and decode (denormalised latent, decoder
 //! output, u8 pixels), in f32 (rel-L2 <= 1e-4, pixels within 1 level) and bf16 (rel-L2 and
 //! pixel differences <= 2x the bf16-vs-f32 spread torch showed, from the manifest).
 
 use candle_core::{DType, Device, Tensor};
-use klein_test_support::{golden, manifest, max_abs_diff, pipeline_dir, rel_l2, take};
+use klein_test_support::{golden, manifest, max_abs_diff, pipeline_dir, rel_l2, take, test_device};
 use vae_svc::{
     image,
     loader::{self, ModelSource},
@@ -21,7 +22,7 @@ fn load(dtype: DType, chunking: Chunking) -> AutoencoderKLFlux2 {
         single_file_config: None,
         chunking,
     };
-    loader::load(&source, dtype, &Device::Cpu).unwrap().model
+    loader::load(&source, dtype, &test_device()).unwrap().model
 }
 
 /// 2 x torch's bf16-vs-f32 spread (`rel_l2` or `max_abs`) for `name` in the vae case.

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixture_config, from_wire, psnr, start, to_wire};
 use klein_proto::pb;
 use klein_runtime::{bytesize::ByteSize, device::DTypeSpec};
-use klein_test_support::pipeline_dir;
+use klein_test_support::{pipeline_dir, test_device};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use vae_svc::{
@@ -110,10 +110,9 @@ async fn forced_tiles_blend_close_to_the_untiled_decode() {
         single_file_config: None,
         chunking: Chunking::default(),
     };
-    let model = loader::load(&source, DType::F32, &Device::Cpu)
-        .unwrap()
-        .model;
-    let tokens = from_wire(&latents);
+    let dev = test_device();
+    let model = loader::load(&source, DType::F32, &dev).unwrap().model;
+    let tokens = from_wire(&latents).to_device(&dev).unwrap();
     let z = model.unpack_latents(&tokens, (8, 12)).unwrap();
     let job = TileJob {
         tile: 8,

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use bytes::Bytes;
 use klein_proto::{MAX_MESSAGE_BYTES, pb, pb::vae_service_client::VaeServiceClient};
 use klein_runtime::{bytesize::ByteSize, device::DTypeSpec};
-use klein_test_support::pipeline_dir;
+use klein_test_support::{pipeline_dir, test_device_name};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 use tonic_health::pb::{
@@ -22,7 +22,8 @@ pub struct Running {
     done: JoinHandle<Result<(), VaeError>>,
 }
 
-/// The fixture pipeline with a roomy budget and tiny tiles for forced tiling.
+/// The fixture pipeline on `$KLEIN_TEST_DEVICE` with a roomy budget and tiny tiles for
+/// forced tiling.
 pub fn fixture_config(dtype: DTypeSpec) -> Config {
     let mut c = Config {
         model_dir: Some(pipeline_dir("tiny-klein-4b")),
@@ -33,6 +34,7 @@ pub fn fixture_config(dtype: DTypeSpec) -> Config {
         ..Config::default()
     };
     c.server.dtype = dtype;
+    c.server.device = test_device_name().parse().unwrap();
     c.server.gpu_memory_budget = ByteSize(2 << 30);
     c.server.drain_timeout_secs = 5;
     c
