@@ -31,7 +31,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DenoiseError> {
     let denoiser = Arc::new(start(&config)?);
-    let server = GrpcServer::new(&[SERVICE_NAME], config.server.drain_timeout()).await;
+    let server = GrpcServer::from_config(&[SERVICE_NAME], &config.server)
+        .await
+        .map_err(|e| DenoiseError::Config(e.to_string()))?;
     server.health().set_serving().await;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(());
     if let Some(addr) = config.server.metrics_listen {
