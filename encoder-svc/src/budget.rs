@@ -16,6 +16,12 @@
 //!   (len·max(D, I)·6).
 //!
 //! The layer peak is the larger of attention and MLP.
+//!
+//! A quantized model on CUDA also holds one projection dense while it multiplies
+//! ([`dequantize_scratch_bytes`]); that is a fixed cost (the engine runs one job at a time),
+//! taken from the budget once at startup. On the host, candle keeps a repacked copy of each
+//! quantized weight after its first use (about the size of the quantized weights), which this
+//! accounting does not include.
 
 use candle_core::DType;
 
@@ -40,6 +46,14 @@ pub fn activation_bytes(cfg: &Config, dtype: DType, sequences: usize, len: usize
     let mlp = t * i * (4 * s + 8) + normed;
     let scratch = t * d.max(i) * 6;
     sequences as u64 * (kept + attention.max(mlp) + scratch)
+}
+
+/// The largest projection dequantized for one call: in f32, then in the compute dtype.
+pub fn dequantize_scratch_bytes(cfg: &Config, dtype: DType) -> u64 {
+    let d = cfg.hidden_size as u64;
+    let widest =
+        (cfg.intermediate_size as u64).max((cfg.num_attention_heads * cfg.head_dim()) as u64);
+    d * widest * (4 + dtype.size_in_bytes() as u64)
 }
 
 /// Bytes left for activations: `budget - weights - overhead`, refusing a budget that cannot
@@ -79,6 +93,8 @@ mod tests {
         assert!((150e6..300e6).contains(&(one as f64)), "{one}");
         let big = activation_bytes(&Config::qwen3_8b(), DType::BF16, 1, 512);
         assert!(big > one);
+        // gate_proj of Qwen3-4B: 9728 x 2560 in f32 + bf16.
+        assert_eq!(dequantize_scratch_bytes(&cfg, DType::BF16), 9728 * 2560 * 6);
     }
 
     #[test]

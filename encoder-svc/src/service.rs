@@ -17,7 +17,7 @@ use klein_runtime::{
 };
 
 use crate::{
-    budget::{activation_bytes, activation_capacity},
+    budget::{activation_bytes, activation_capacity, dequantize_scratch_bytes},
     cache::{CacheKey, CachedEmbedding, PromptCache},
     config::Config,
     engine::{Encoder, ModelSpec, embedding_bytes},
@@ -90,10 +90,15 @@ impl EncoderService {
         tracing::info!(elapsed = ?started.elapsed(), "text encoder ready on the engine thread");
 
         let per_prompt = activation_bytes(&cfg, dtype, 1, SEQ_LEN);
+        let scratch = if report.has_quantized() {
+            dequantize_scratch_bytes(&cfg, dtype)
+        } else {
+            0
+        };
         let capacity = activation_capacity(
             config.server.gpu_memory_budget.0,
             report.total_bytes(),
-            config.runtime_overhead.0,
+            config.runtime_overhead.0 + scratch,
             per_prompt,
         )?;
         let budget = MemoryBudget::new("encoder", capacity, config.server.max_queue_depth);

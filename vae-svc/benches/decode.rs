@@ -2,15 +2,17 @@
 //! (timing does not depend on weight values): wall time and peak memory per case, next to the
 //! service's activation estimate.
 //!
-//! `cargo bench -p vae-svc --bench decode` (all cases) or `... -- 512` (cases whose name
-//! contains 512). Peak memory is the resident-set high-water mark above the resident set
-//! before the case (Linux `/proc/self/status` VmHWM, reset through `/proc/self/clear_refs`),
-//! so it covers activations, not the weights.
+//! `cargo bench -p vae-svc --bench decode` (all cases), `... -- 512` (cases whose name
+//! contains 512), `... -- --device cuda:0` (with `--features cuda`). Peak memory on the CPU is
+//! the resident-set high-water mark above the resident set before the case (Linux
+//! `/proc/self/status` VmHWM, reset through `/proc/self/clear_refs`), so it covers
+//! activations, not the weights; on CUDA it is not measured here (sample `nvidia-smi`).
 
 use std::{fs, time::Instant};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
+use klein_runtime::device::DeviceSpec;
 use vae_svc::{
     image,
     memory::MemoryModel,
@@ -66,19 +68,35 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn main() {
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let device = args
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| args.get(i + 1));
+    let spec: DeviceSpec = device
+        .map_or(Ok(DeviceSpec::Cpu), |d| d.parse())
+        .expect("--device cpu | cuda:N");
+    let filter = args
+        .iter()
+        .find(|a| !a.starts_with('-') && Some(*a) != device)
+        .cloned()
         .unwrap_or_default();
     let cfg = Config::default();
-    let dev = Device::Cpu;
+    let dev = spec.open().expect("device opens");
     let dtype = DType::F32;
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone());
     let model = AutoencoderKLFlux2::new(&cfg, vb).expect("model builds");
     let memory = MemoryModel::new(&cfg, dtype);
+    let decode = |grid: (usize, usize)| -> Vec<u8> {
+        let latents = Tensor::randn(0f32, 1.0, (1, grid.0 * grid.1, 128), &dev).unwrap();
+        let z = model.unpack_latents(&latents, grid).unwrap();
+        image::to_u8(&model.decode(&z).unwrap()).unwrap()
+    };
+    // Loads the kernels (CUDA) and warms the allocator.
+    decode((4, 4));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "AutoencoderKLFlux2, class-default config, random weights, f32, CPU ({threads} threads)\n"
+        "AutoencoderKLFlux2, class-default config, random weights, f32, {spec} ({threads} CPU threads)\n"
     );
     println!("| case | time (s) | peak RSS above start (MiB) | estimate (MiB) |");
     println!("|---|---|---|---|");
@@ -87,21 +105,22 @@ fn main() {
         if !name.contains(&filter) {
             continue;
         }
-        let grid = (side / 16, side / 16);
-        let latents = Tensor::randn(0f32, 1.0, (1, grid.0 * grid.1, 128), &dev).unwrap();
         let before = status_kib("VmRSS:") * 1024;
         // Resets VmHWM to the current RSS (Linux >= 4.0).
         let _ = fs::write("/proc/self/clear_refs", "5");
         let started = Instant::now();
-        let z = model.unpack_latents(&latents, grid).unwrap();
-        let pixels = image::to_u8(&model.decode(&z).unwrap()).unwrap();
+        let pixels = decode((side / 16, side / 16));
         let seconds = started.elapsed().as_secs_f64();
         let peak = (status_kib("VmHWM:") * 1024).saturating_sub(before);
         assert_eq!(pixels.len(), side * side * 3);
-        let estimate = memory.decode_request(grid, 1);
+        let estimate = memory.decode_request((side / 16, side / 16), 1);
+        let measured = if dev.is_cpu() {
+            format!("{:.0}", mib(peak))
+        } else {
+            "n/a".into()
+        };
         println!(
-            "| {name} | {seconds:.1} | {:.0} | {:.0} |",
-            mib(peak),
+            "| {name} | {seconds:.2} | {measured} | {:.0} |",
             mib(estimate)
         );
     }

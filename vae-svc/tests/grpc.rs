@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use common::{fixture_config, from_wire, start, to_wire};
 use klein_proto::pb;
 use klein_runtime::device::DTypeSpec;
-use klein_test_support::{golden, manifest, max_abs_diff, rel_l2, take};
+use klein_test_support::{golden, manifest, max_abs_diff, rel_l2, take, test_device_name};
 
 fn encode_request(image_hwc: &Tensor) -> pb::VaeServiceEncodeRequest {
     pb::VaeServiceEncodeRequest {
@@ -143,7 +143,8 @@ async fn f32_service_matches_diffusers_over_the_wire() {
     assert_eq!(info.service, "vae");
     assert_eq!(info.model_id, "tiny-klein-4b");
     assert_eq!(info.dtype, pb::Dtype::F32 as i32);
-    assert_eq!(info.device, "cpu");
+    let device: klein_runtime::device::DeviceSpec = test_device_name().parse().unwrap();
+    assert_eq!(info.device, device.to_string());
     assert_eq!(info.memory_budget_bytes, 2 << 30);
     assert!(
         info.weight_bytes > 1_000_000 && info.weight_bytes < 2_000_000,

@@ -50,9 +50,10 @@ fn run(model: &AutoencoderKLFlux2) -> Outputs {
         0.0,
         "preprocess is exact"
     );
-    let z = model
-        .unpack_latents(take(&g, "decode_input_packed"), (4, 6))
-        .unwrap();
+    let dev = test_device();
+    let x = x.to_device(&dev).unwrap();
+    let tokens = take(&g, "decode_input_packed").to_device(&dev).unwrap();
+    let z = model.unpack_latents(&tokens, (4, 6)).unwrap();
     let decoded = model.decode(&z).unwrap();
     let bytes = image::to_u8(&decoded).unwrap();
     Outputs {

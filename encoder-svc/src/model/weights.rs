@@ -57,6 +57,11 @@ impl WeightReport {
         self.tensors.iter().map(|t| t.bytes).sum()
     }
 
+    /// Whether any tensor is held in a ggml block format.
+    pub fn has_quantized(&self) -> bool {
+        self.tensors.iter().any(|t| t.format.starts_with('q'))
+    }
+
     /// Tensor count and bytes per format.
     pub fn by_format(&self) -> BTreeMap<String, (usize, u64)> {
         let mut out = BTreeMap::new();
