@@ -13,13 +13,15 @@ use std::{
 
 use bytes::Bytes;
 use common::{generate, start_stack};
-use gateway::{auth::ApiKey, config::Config as GatewayConfig};
+use gateway::{auth::ApiKey, config::Config as GatewayConfig, stack::StackOptions};
 use klein_proto::pb::{
     self,
     denoiser_service_server::{DenoiserService, DenoiserServiceServer},
     image_service_client::ImageServiceClient,
 };
-use klein_runtime::{config::ServerConfig, server::GrpcServer, tls::ClientTlsFiles};
+use klein_runtime::{
+    config::ServerConfig, device::DeviceSpec, server::GrpcServer, tls::ClientTlsFiles,
+};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -271,6 +273,63 @@ async fn the_gateway_reaches_stages_over_mutual_tls_with_its_certificate_only() 
         "a certificate of another CA must not get through"
     );
     stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_generate_runs_over_mutual_tls_to_every_stage_and_matches_plain_tcp() {
+    let pki = Pki::new("stack");
+    let mut opts = StackOptions::new(
+        &klein_test_support::pipeline_dir("tiny-klein-4b"),
+        DeviceSpec::Cpu,
+        ([127, 0, 0, 1], 0).into(),
+    );
+    for server in [
+        &mut opts.encoder.server,
+        &mut opts.denoiser.server,
+        &mut opts.vae.server,
+    ] {
+        let tls = pki.server(true);
+        server.tls_cert = tls.tls_cert;
+        server.tls_key = tls.tls_key;
+        server.tls_client_ca = tls.tls_client_ca;
+    }
+    opts.gateway.stage_tls = ClientTlsFiles {
+        ca: Some(pki.path("ca.pem")),
+        cert: Some(pki.path("client.pem")),
+        key: Some(pki.path("client.key")),
+        domain: None,
+    };
+    let running = common::start_with(opts).await;
+    for addr in running.stage_addrs {
+        let https = format!("https://localhost:{}", addr.port());
+        assert!(health(&format!("http://{addr}"), None).await.is_err());
+        assert!(
+            health(&https, Some(pki.client("ca.pem", None)))
+                .await
+                .is_err(),
+            "{addr}: a client without a certificate is refused"
+        );
+        assert_eq!(
+            health(&https, Some(pki.client("ca.pem", Some("client")))).await,
+            Ok(ServingStatus::Serving as i32),
+            "{addr}: the stage serves over mutual TLS"
+        );
+    }
+    let over_tls = generate(&mut common::client(&running).await, common_request())
+        .await
+        .expect("Generate through mutual-TLS stages");
+    running.stop().await.unwrap();
+
+    let plain = start_stack("tiny-klein-4b").await;
+    let over_tcp = generate(&mut common::client(&plain).await, common_request())
+        .await
+        .unwrap();
+    plain.stop().await.unwrap();
+    assert_eq!(over_tls.images.len(), 1);
+    assert_eq!(
+        over_tls.images[0].png, over_tcp.images[0].png,
+        "the transport does not change the image"
+    );
 }
 
 async fn tls_client(addr: SocketAddr, tls: ClientTlsConfig) -> ImageServiceClient<Channel> {

@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_runtime::gpu_memory;
 use serde::Serialize;
 
 use crate::random::RandomWeights;
@@ -18,6 +19,30 @@ pub struct Row {
     pub median_ms: f64,
     pub min_ms: f64,
     pub iters: usize,
+    /// CUDA pool bytes in use before the call (the weights and inputs), GiB; `None` on the CPU.
+    pub resident_gib: Option<f64>,
+    /// Peak CUDA pool bytes above `resident_gib` during one call (its activations), GiB.
+    pub activation_gib: Option<f64>,
+    /// The serving code's activation estimate for this call, GiB (what admission reserves).
+    pub estimate_gib: f64,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Pool bytes in use before one call of `f` and the peak above that during it (CUDA only).
+pub fn memory(
+    dev: &Device,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<(Option<f64>, Option<f64>)> {
+    let before = gpu_memory::used_bytes(dev);
+    gpu_memory::reset_peak(dev);
+    drop(f()?);
+    let peak = gpu_memory::peak_bytes(dev);
+    Ok((
+        before.map(|b| b as f64 / GIB),
+        peak.zip(before)
+            .map(|(p, b)| p.saturating_sub(b) as f64 / GIB),
+    ))
 }
 
 /// Median and minimum milliseconds of `f` over `iters` runs after `warm` warm-ups.
@@ -69,7 +94,19 @@ pub fn encoder(dev: &Device, dtype: DType, q4: bool, iters: usize) -> Result<Row
         1,
     )?;
     let (median_ms, min_ms) = time(dev, 2, iters, || model.forward(&ids, &mask))?;
+    let (resident_gib, activation_gib) = memory(dev, || model.forward(&ids, &mask))?;
+    let mut estimate = encoder_svc::budget::activation_bytes(&cfg, dtype, 1, 512);
+    if q4 {
+        estimate += if dev.is_cpu() {
+            encoder_svc::budget::host_quant_scratch_bytes(&cfg, 512)
+        } else {
+            encoder_svc::budget::dequantize_reserve_bytes(&cfg, dtype, 512)
+        };
+    }
     Ok(Row {
+        resident_gib,
+        activation_gib,
+        estimate_gib: estimate as f64 / GIB,
         component: "text_encoder".into(),
         case: format!(
             "Qwen3-4B, 512 tokens{}",
@@ -102,7 +139,13 @@ pub fn transformer(
     let rope = model.rope(&ids, dev)?;
     let t = vec![968.0f32; batch];
     let (median_ms, min_ms) = time(dev, 2, iters, || model.forward(&x, &ctx, &t, &rope))?;
+    let (resident_gib, activation_gib) = memory(dev, || model.forward(&x, &ctx, &t, &rope))?;
+    let estimate =
+        denoiser_svc::admission::activation_bytes(&cfg, dtype, batch, 512 + h * w, &cfg.attention);
     Ok(Row {
+        resident_gib,
+        activation_gib,
+        estimate_gib: estimate as f64 / GIB,
         component: "transformer".into(),
         case: format!("klein-4B step {px}x{px}, batch {batch}"),
         dtype: format!("{dtype:?}").to_lowercase(),
@@ -114,16 +157,32 @@ pub fn transformer(
 
 /// FLUX.2 VAE decode or encode at `px`².
 pub fn vae(dev: &Device, dtype: DType, px: usize, decode: bool, iters: usize) -> Result<Row> {
-    use vae_svc::model::{AutoencoderKLFlux2, Config};
-    let model = AutoencoderKLFlux2::new(&Config::default(), random_vb(dtype, dev))?;
-    let (median_ms, min_ms) = if decode {
+    use vae_svc::{
+        memory::MemoryModel,
+        model::{AutoencoderKLFlux2, Config},
+    };
+    let cfg = Config::default();
+    let model = AutoencoderKLFlux2::new(&cfg, random_vb(dtype, dev))?;
+    let estimates = MemoryModel::new(&cfg, dtype);
+    let ((median_ms, min_ms), (resident_gib, activation_gib), estimate) = if decode {
         let z = Tensor::randn(0f32, 1.0, (1, 32, px / 8, px / 8), dev)?.to_dtype(dtype)?;
-        time(dev, 1, iters, || model.decode(&z))?
+        (
+            time(dev, 1, iters, || model.decode(&z))?,
+            memory(dev, || model.decode(&z))?,
+            estimates.decode_peak(px, px),
+        )
     } else {
         let x = Tensor::rand(-1f32, 1.0, (1, 3, px, px), dev)?.to_dtype(dtype)?;
-        time(dev, 1, iters, || model.encode_mean(&x))?
+        (
+            time(dev, 1, iters, || model.encode_mean(&x))?,
+            memory(dev, || model.encode_mean(&x))?,
+            estimates.encode_peak(px, px),
+        )
     };
     Ok(Row {
+        resident_gib,
+        activation_gib,
+        estimate_gib: estimate as f64 / GIB,
         component: "vae".into(),
         case: format!("{} {px}x{px}", if decode { "decode" } else { "encode" }),
         dtype: format!("{dtype:?}").to_lowercase(),

@@ -38,6 +38,13 @@ enum Command {
         /// Transformer batch sizes.
         #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
         batches: Vec<usize>,
+        /// Components to time: text_encoder, transformer, vae.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "text_encoder,transformer,vae"
+        )]
+        only: Vec<String>,
         /// Write the rows as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -67,8 +74,10 @@ fn main() -> ExitCode {
             iters,
             sizes,
             batches,
+            only,
             json,
         } => (|| {
+            let wanted = |c: &str| only.iter().any(|o| o == c);
             let float = if dev.is_cpu() {
                 DType::F32
             } else {
@@ -76,21 +85,33 @@ fn main() -> ExitCode {
             };
             let mut rows = Vec::new();
             let mut emit = |r: components::Row| {
+                let gib = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}"));
                 println!(
-                    "| {} | {} | {} | {:.2} | {:.2} |",
-                    r.component, r.case, r.dtype, r.median_ms, r.min_ms
+                    "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {:.2} |",
+                    r.component,
+                    r.case,
+                    r.dtype,
+                    r.median_ms,
+                    r.min_ms,
+                    gib(r.resident_gib),
+                    gib(r.activation_gib),
+                    r.estimate_gib
                 );
                 rows.push(r);
             };
-            println!("| component | case | dtype | median ms | min ms |\n|---|---|---|---|---|");
-            emit(components::encoder(&dev, float, false, iters)?);
-            emit(components::encoder(&dev, float, true, iters)?);
-            for &px in &sizes {
+            println!(
+                "| component | case | dtype | median ms | min ms | resident GiB | activation peak GiB | estimate GiB |\n|---|---|---|---|---|---|---|---|"
+            );
+            if wanted("text_encoder") {
+                emit(components::encoder(&dev, float, false, iters)?);
+                emit(components::encoder(&dev, float, true, iters)?);
+            }
+            for &px in sizes.iter().filter(|_| wanted("transformer")) {
                 for &b in &batches {
                     emit(components::transformer(&dev, float, px, b, iters)?);
                 }
             }
-            for &px in &sizes {
+            for &px in sizes.iter().filter(|_| wanted("vae")) {
                 for dtype in [DType::F32, DType::BF16] {
                     emit(components::vae(&dev, dtype, px, true, iters)?);
                     emit(components::vae(&dev, dtype, px, false, iters)?);

@@ -110,7 +110,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::default(),
+            server: ServerConfig {
+                listen: ([127, 0, 0, 1], 50052).into(),
+                ..ServerConfig::default()
+            },
             model_dir: None,
             model_id: None,
             gguf: None,

@@ -13,11 +13,14 @@ use candle_core::DType;
 use klein_proto::{MAX_MESSAGE_BYTES, pb, tensor::dtype_to_wire};
 use klein_runtime::{
     budget::MemoryBudget,
+    device::DeviceSpec,
     engine::{Engine, EngineError},
 };
 
 use crate::{
-    budget::{activation_bytes, activation_capacity, dequantize_scratch_bytes},
+    budget::{
+        activation_bytes, activation_capacity, dequantize_reserve_bytes, host_quant_scratch_bytes,
+    },
     cache::{CacheKey, CachedEmbedding, PromptCache},
     config::Config,
     engine::{Encoder, ModelSpec, embedding_bytes},
@@ -38,6 +41,8 @@ struct Loaded {
     device: String,
     quantization: String,
     budget_bytes: u64,
+    /// What one prompt reserves from the budget.
+    per_prompt: u64,
 }
 
 /// The running encoder: model engine, tokenizer, cache and budget.
@@ -89,9 +94,16 @@ impl EncoderService {
             .await?;
         tracing::info!(elapsed = ?started.elapsed(), "text encoder ready on the engine thread");
 
-        let per_prompt = activation_bytes(&cfg, dtype, 1, SEQ_LEN);
-        let scratch = if report.has_quantized() {
-            dequantize_scratch_bytes(&cfg, dtype)
+        let quantized = report.has_quantized();
+        let on_cuda = config.server.device != DeviceSpec::Cpu;
+        let per_prompt = activation_bytes(&cfg, dtype, 1, SEQ_LEN)
+            + if quantized && !on_cuda {
+                host_quant_scratch_bytes(&cfg, SEQ_LEN)
+            } else {
+                0
+            };
+        let scratch = if quantized && on_cuda {
+            dequantize_reserve_bytes(&cfg, dtype, SEQ_LEN)
         } else {
             0
         };
@@ -135,6 +147,7 @@ impl EncoderService {
                 device: device_spec.to_string(),
                 quantization,
                 budget_bytes: config.server.gpu_memory_budget.0,
+                per_prompt,
             },
         };
         service.warm_up().await?;
@@ -232,7 +245,7 @@ impl EncoderService {
         &self,
         todo: &[(&'p str, PromptIds)],
     ) -> Result<Vec<(&'p str, CachedEmbedding)>, EncoderError> {
-        let estimate = activation_bytes(&self.loaded.cfg, self.loaded.dtype, todo.len(), SEQ_LEN);
+        let estimate = self.loaded.per_prompt * todo.len() as u64;
         let reservation = self.budget.reserve(estimate).await?;
         let ids: Vec<PromptIds> = todo.iter().map(|(_, ids)| ids.clone()).collect();
         let started = Instant::now();

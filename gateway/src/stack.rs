@@ -10,6 +10,7 @@ use std::{
 
 use klein_runtime::{
     bytesize::ByteSize,
+    config::ServerConfig,
     device::{DTypeSpec, DeviceSpec},
 };
 use tokio::{net::TcpListener, task::JoinSet};
@@ -125,11 +126,17 @@ pub async fn start(opts: StackOptions) -> Result<RunningStack, StackError> {
         None => None,
     };
     let http_addr = hl.as_ref().and_then(|l| l.local_addr().ok());
-    let url = |a: SocketAddr| vec![format!("http://{a}")];
+    // A stage serving TLS is reached by name: its certificate names localhost.
+    let url = |a: SocketAddr, server: &ServerConfig| {
+        vec![match server.tls_cert {
+            Some(_) => format!("https://localhost:{}", a.port()),
+            None => format!("http://{a}"),
+        }]
+    };
     let mut gateway = opts.gateway;
-    gateway.encoder_addrs = url(stage_addrs[0]);
-    gateway.denoiser_addrs = url(stage_addrs[1]);
-    gateway.vae_addrs = url(stage_addrs[2]);
+    gateway.encoder_addrs = url(stage_addrs[0], &opts.encoder.server);
+    gateway.denoiser_addrs = url(stage_addrs[1], &opts.denoiser.server);
+    gateway.vae_addrs = url(stage_addrs[2], &opts.vae.server);
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let s = stop.clone();

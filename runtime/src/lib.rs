@@ -6,6 +6,7 @@
 //! - [`bytesize`]: human byte sizes (`"16GiB"`, `"512MiB"`) for budgets in config and flags.
 //! - [`device`]: `cpu` / `cuda:N` and dtype selection; asking for CUDA in a build or on a host
 //!   without it fails fast.
+//! - [`gpu_memory`]: the CUDA memory pool's exact in-use and peak bytes (calibration).
 //! - [`budget`]: the memory-budget admission primitive (a byte-reservation semaphore with a
 //!   bounded FIFO wait queue).
 //! - [`server`]: the gRPC server bootstrap (health, reflection, message limits, HTTP/2
@@ -23,6 +24,7 @@ pub mod bytesize;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod gpu_memory;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

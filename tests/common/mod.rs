@@ -12,17 +12,24 @@ use klein_proto::{
     pb::{self, generate_response::Event, image_service_client::ImageServiceClient},
     tensor,
 };
-use klein_runtime::device::DeviceSpec;
+use klein_runtime::device::{DTypeSpec, DeviceSpec};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-/// Starts the stack on the tiny pipeline `name` (f32 on the CPU) and waits until it serves.
+/// Starts the stack on the tiny pipeline `name` (f32 on `KLEIN_TEST_DEVICE`, the CPU by default)
+/// and waits until it serves.
 pub async fn start_stack(name: &str) -> RunningStack {
-    let opts = StackOptions::new(
+    let device: DeviceSpec = klein_test_support::test_device_name()
+        .parse()
+        .expect("KLEIN_TEST_DEVICE is cpu or cuda:N");
+    let mut opts = StackOptions::new(
         &klein_test_support::pipeline_dir(name),
-        DeviceSpec::Cpu,
+        device,
         ([127, 0, 0, 1], 0).into(),
     );
+    // The goldens are f32 runs; on a GPU the stack would default to bf16.
+    opts.encoder.server.dtype = DTypeSpec::F32;
+    opts.denoiser.server.dtype = DTypeSpec::F32;
     start_with(opts).await
 }
 

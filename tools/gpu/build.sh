@@ -1,35 +1,47 @@
 #!/usr/bin/env bash
 # Builds the CUDA release binaries on this (GPU-less) machine and packs them, stripped and
 # xz-compressed, into tools/gpu/bin/ (git-ignored) for the GPU machine:
-#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, and the CUDA parity test
-#   binaries of the three services.
-# Usage: tools/gpu/build.sh            (CUDNN=1 adds candle's cudnn feature)
+#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, and the CUDA test binaries
+#   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
+#   golden suite, klein-tests e2e_goldens).
+# Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo fetch --locked
 # shellcheck source=/dev/null
 source tools/gpu/cuda-env.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
-features=cuda
-[ "${CUDNN:-0}" = 1 ] && features="cuda,cudnn"
+features=cuda,cudnn
+[ "${CUDNN:-1}" = 0 ] && features=cuda
 out=tools/gpu/bin
 mkdir -p "$out"
-cargo build --release --locked --features "$features" -p klein-bench -p encoder-svc -p denoiser-svc -p vae-svc -p gateway
-for bin in klein-bench encoder-svc denoiser-svc vae-svc gateway klein; do
+cargo build --release --locked --features "$features" -p klein-bench -p encoder-svc -p denoiser-svc -p vae-svc
+for bin in klein-bench encoder-svc denoiser-svc vae-svc; do
   strip -o "/tmp/$bin" "$CARGO_TARGET_DIR/release/$bin"
   xz -T2 -6 -c "/tmp/$bin" > "$out/$bin.xz"
 done
-# Parity suites: test executables of the three services, named <crate>-<test>.
-cargo test --release --locked --features "$features" -p encoder-svc -p denoiser-svc -p vae-svc --no-run \
+# The gateway and the klein client run no model: CPU builds, half the size of CUDA ones.
+CARGO_TARGET_DIR=target RUSTFLAGS= cargo build --release --locked -p gateway --bins
+for bin in gateway klein; do
+  strip -o "/tmp/$bin" "target/release/$bin"
+  xz -T2 -6 -c "/tmp/$bin" > "$out/$bin.xz"
+done
+# Parity suites: test executables, named test-<crate folder>-<test>, in their own folder (the
+# device call's carry is limited to 64 MiB, so the tests and the services travel separately).
+tests=tools/gpu/bin-tests
+mkdir -p "$tests"
+cargo test --release --locked --features "$features" -p encoder-svc -p denoiser-svc -p vae-svc -p klein-tests --no-run \
   --message-format=json 2>/dev/null \
   | python3 -c '
-import json, sys
+import json, os, sys
+keep = {"parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "tiling", "e2e_goldens"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["package_id"].split("#")[-1].split("@")[0].split("/")[-1], m["target"]["name"], m["executable"])
+        if m["target"]["name"] in keep:
+            print(os.path.basename(os.path.dirname(m["manifest_path"])), m["target"]["name"], m["executable"])
 ' | while read -r pkg name exe; do
     strip -o "/tmp/t-$pkg-$name" "$exe"
-    xz -T2 -6 -c "/tmp/t-$pkg-$name" > "$out/test-$pkg-$name.xz"
+    xz -T2 -6 -c "/tmp/t-$pkg-$name" > "$tests/test-$pkg-$name.xz"
   done
-ls -la "$out"
+ls -la "$out" "$tests"

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (no Rust there): unpacks tools/gpu/bin/*.xz into /tmp/klein, points
+# Runs on the GPU machine (no Rust there): unpacks tools/gpu/bin/*.xz and tools/gpu/bin-tests/*.xz
+# (whichever the call carried) into /tmp/klein, points
 # the loader at the CUDA 13 libraries of the machine's Python packages, then runs a step:
-#   tools/gpu/device.sh parity        CUDA parity suites of the three services (+ the e2e one)
-#   tools/gpu/device.sh components    klein-bench components on cuda:0
+#   tools/gpu/device.sh parity OUT    CUDA parity suites of the three services and the e2e one
+#                                     (full output → OUT/parity.log)
+#   tools/gpu/device.sh components OUT klein-bench components on cuda:0 → OUT/components.json
+#   tools/gpu/device.sh diffusers OUT  the same cases with diffusers 0.42.1 (wheels carried in
+#                                     .whl/) → OUT/diffusers.json, then the comparison table
 #   tools/gpu/device.sh stack OUT     the services as separate processes on one GPU, timing
 #                                     1024² T2I through the gateway, per-process peak memory
 set -euo pipefail
@@ -13,21 +17,34 @@ if [ -n "$NV" ]; then
   export LD_LIBRARY_PATH
 fi
 mkdir -p /tmp/klein
-for f in tools/gpu/bin/*.xz; do
+for f in tools/gpu/bin/*.xz tools/gpu/bin-tests/*.xz; do
+  [ -f "$f" ] || continue
   b=/tmp/klein/$(basename "$f" .xz)
   [ -x "$b" ] || { python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$b"; chmod +x "$b"; }
 done
 export KLEIN_FIXTURES_DIR=$PWD/tests/fixtures KLEIN_TEST_DEVICE=cuda:0
 case "${1:-}" in
   parity)
-    rc=0
+    # The goldens are exact f32: keep cuDNN / cuBLAS off TF32 (vae-svc's default does the same).
+    export NVIDIA_TF32_OVERRIDE=0
+    rc=0; log=${2:-/tmp}/parity.log; : > "$log"
     for t in /tmp/klein/test-*; do
-      echo "== $(basename "$t")"; "$t" --test-threads=1 2>&1 | tail -15 || rc=1
+      echo "== $(basename "$t")" | tee -a "$log"
+      "$t" --test-threads=1 --nocapture >> "$log" 2>&1 || { rc=1; echo "FAILED: $(basename "$t")"; }
+      grep -E "^test result" "$log" | tail -1
     done
     exit $rc ;;
   components)
-    /tmp/klein/klein-bench --device cuda:0 components --json "${2:-/tmp}/components.json" ;;
+    /tmp/klein/klein-bench --device cuda:0 components --json "${2:-/tmp}/components.json"
+    echo "VAE again with TF32 off (NVIDIA_TF32_OVERRIDE=0, vae-svc's default):"
+    NVIDIA_TF32_OVERRIDE=0 /tmp/klein/klein-bench --device cuda:0 components --only vae \
+      --json "${2:-/tmp}/components-vae-exact.json" ;;
+  diffusers)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/reference/bench_diffusers.py "${2:-/tmp}/diffusers.json"
+    [ -f "${2:-/tmp}/components.json" ] && python3 tools/gpu/compare.py "${2:-/tmp}/components.json" "${2:-/tmp}/diffusers.json" ;;
   stack)
     exec bash tools/gpu/stack.sh "${2:-/tmp}" ;;
-  *) echo "usage: $0 parity|components|stack [OUT]" >&2; exit 64 ;;
+  *) echo "usage: $0 parity|components|diffusers|stack [OUT]" >&2; exit 64 ;;
 esac

@@ -52,6 +52,11 @@ pub struct Config {
     /// Statistics passes stop once no group-norm mean or deviation moves by more than this
     /// many standard deviations.
     pub tile_norm_tolerance: f64,
+    /// Let cuDNN and cuBLAS use TF32 for f32 convolutions and matmuls on Ampere and newer:
+    /// faster, with a 10-bit mantissa (the f32 range stays, so no image overflows). Off by
+    /// default: the `vae-svc` binary sets `NVIDIA_TF32_OVERRIDE=0` before CUDA starts, and f32
+    /// output then matches the reference to 1e-4 (docs/performance.md has both timings).
+    pub allow_tf32: bool,
 }
 
 impl Default for Config {
@@ -77,6 +82,7 @@ impl Default for Config {
             min_tile_tokens: 8,
             tile_norm_max_passes: 4,
             tile_norm_tolerance: 0.02,
+            allow_tf32: false,
         }
     }
 }
@@ -159,6 +165,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_id: Option<String>,
+    /// Allow TF32 for f32 convolutions on CUDA (faster, less exact).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_tf32: bool,
 }
 
 /// Merges the layers and checks the result.

@@ -3,12 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use klein_runtime::{config::log_effective, server::shutdown_signal, telemetry::init_tracing};
+use klein_runtime::{
+    config::log_effective, device::disable_tf32, server::shutdown_signal, telemetry::init_tracing,
+};
 use tokio::net::TcpListener;
-use vae_svc::config::{self, Flags};
+use vae_svc::config::{self, Config, Flags};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = match config::load(&Flags::parse()) {
         Ok(config) => config,
         Err(e) => {
@@ -16,6 +17,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !config.allow_tf32 {
+        // SAFETY: no other thread exists yet; the runtime starts below.
+        unsafe { disable_tf32() };
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run(config)),
+        Err(e) => {
+            eprintln!("vae-svc: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
     init_tracing(config.server.log_format);
     log_effective("vae-svc", &config);
     let listener = match TcpListener::bind(config.server.listen).await {

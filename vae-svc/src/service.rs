@@ -121,6 +121,7 @@ impl Vae {
             weight_bytes = facts.weight_bytes,
             activation_capacity = capacity,
             dtype = ?dtype,
+            tf32 = !klein_runtime::device::tf32_disabled(),
             "VAE loaded"
         );
         metrics::gauge!("klein_vae_weight_bytes").set(facts.weight_bytes as f64);

@@ -1,0 +1,50 @@
+"""Pairs klein-bench's rows with the diffusers rows of the same run and prints a markdown table
+with the ratio (ours / diffusers; below 1 is faster).
+
+Usage: python3 tools/gpu/compare.py components.json diffusers.json [stack.json]
+"""
+
+import json
+import sys
+
+
+def load_rows(path):
+    with open(path) as f:
+        data = json.load(f)
+    return data["rows"] if isinstance(data, dict) else data
+
+
+def main():
+    ours = {(r["component"], r["case"], r["dtype"]): r for r in load_rows(sys.argv[1])}
+    with open(sys.argv[2]) as f:
+        ref = json.load(f)
+    print(f"diffusers {ref['env'].get('diffusers')} / torch {ref['env'].get('torch')} on "
+          f"{ref['env'].get('gpu')}\n")
+    print("| component | case | dtype | klein ms | diffusers ms | ratio | diffusers peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in ref["rows"]:
+        key = (r["component"], r["case"], r["dtype"])
+        mine = ours.get(key)
+        ms = f"{mine['median_ms']:.1f}" if mine else "–"
+        ratio = f"{mine['median_ms'] / r['median_ms']:.2f}" if mine else "–"
+        print(f"| {r['component']} | {r['case']} | {r['dtype']} | {ms} | {r['median_ms']:.1f} | "
+              f"{ratio} | {r['peak_gib']:.2f} |")
+    for key, r in ours.items():
+        if not any((x["component"], x["case"], x["dtype"]) == key for x in ref["rows"]):
+            print(f"| {key[0]} | {key[1]} | {key[2]} | {r['median_ms']:.1f} | – | – | – |")
+    if len(sys.argv) > 3:
+        with open(sys.argv[3]) as f:
+            stack = json.load(f)
+        print("\n| whole request through the services | klein s (client wall) |\n|---|---|")
+        for name, secs in stack["requests"]:
+            print(f"| {name} | {secs:.3f} |")
+        for r in ref["rows"]:
+            if r["component"] == "pipeline":
+                print(f"| diffusers: {r['case']} | {r['median_ms'] / 1e3:.3f} |")
+        print("\n| service | peak GPU memory (nvidia-smi, MiB) |\n|---|---|")
+        for name, mib in stack["peak_mib"].items():
+            print(f"| {name} | {mib} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The diffusers side of the GPU benchmark: the same cases as `klein-bench components` and the
+whole 1024² 4-step T2I, with random weights of the real klein-4B shapes built on the GPU (timing
+does not depend on weight values), eager bf16, CUDA-event timed, median of N after warm-up.
+
+Rows use klein-bench's names (component, case, dtype) so tools/gpu/compare.py can pair them.
+Peak memory: torch.cuda.max_memory_allocated during the call, weights included.
+
+Usage (on the GPU machine, diffusers 0.42.1 on PYTHONPATH):
+    python3 tools/reference/bench_diffusers.py OUT.json [--iters N] [--tokenizer DIR]
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+BF16 = torch.bfloat16
+DEV = "cuda"
+
+# diffusers' scripts/convert_flux2_to_diffusers.py, model type "klein-4b".
+KLEIN_4B = dict(
+    patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
+)
+QWEN3_4B = dict(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", attention_bias=False,
+)
+
+
+def timed(fn, iters, warm=2):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ms = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        ms.append(start.elapsed_time(end))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return statistics.median(ms), min(ms), torch.cuda.max_memory_allocated() / 2**30
+
+
+class Rows:
+    def __init__(self, path, iters):
+        self.path, self.iters, self.rows = path, iters, []
+
+    def add(self, component, case, dtype, fn, iters=None):
+        med, best, peak = timed(fn, iters or self.iters)
+        row = dict(component=component, case=case, dtype=dtype, median_ms=med, min_ms=best,
+                   peak_gib=peak, iters=iters or self.iters)
+        print(f"| {component} | {case} | {dtype} | {med:.2f} | {best:.2f} | {peak:.2f} |", flush=True)
+        self.rows.append(row)
+        with open(self.path, "w") as f:
+            json.dump(dict(env=env(), rows=self.rows), f, indent=1)
+
+
+def env():
+    import diffusers
+    import transformers
+
+    p = torch.cuda.get_device_properties(0)
+    return dict(gpu=p.name, torch=torch.__version__, cuda=torch.version.cuda,
+                diffusers=diffusers.__version__, transformers=transformers.__version__)
+
+
+def build(factory):
+    with torch.device(DEV):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(BF16)
+        try:
+            return factory().to(DEV, BF16).eval()
+        finally:
+            torch.set_default_dtype(prev)
+
+
+def text_encoder(rows):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**QWEN3_4B, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    te = build(lambda: Qwen3ForCausalLM(cfg))
+    ids = torch.arange(512, device=DEV).unsqueeze(0)
+    mask = torch.zeros(1, 512, dtype=torch.long, device=DEV)
+    mask[:, :40] = 1
+    # What Flux2KleinPipeline runs: the whole causal LM with every hidden state.
+    rows.add("text_encoder", "Qwen3-4B, 512 tokens", "bf16",
+             lambda: te(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False))
+    return te
+
+
+def transformer(rows, sizes, batches):
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+    m = build(lambda: Flux2Transformer2DModel(**KLEIN_4B))
+    for px in sizes:
+        for b in batches:
+            lat = torch.randn(b, 128, px // 16, px // 16, device=DEV, dtype=BF16)
+            ctx = torch.randn(b, 512, KLEIN_4B["joint_attention_dim"], device=DEV, dtype=BF16)
+            inputs = dict(
+                hidden_states=lat.flatten(2).transpose(1, 2).contiguous(),
+                encoder_hidden_states=ctx,
+                timestep=torch.full((b,), 0.968, device=DEV, dtype=BF16),
+                img_ids=Flux2KleinPipeline._prepare_latent_ids(lat).to(DEV),
+                txt_ids=Flux2KleinPipeline._prepare_text_ids(ctx).to(DEV),
+                guidance=None, return_dict=False,
+            )
+            rows.add("transformer", f"klein-4B step {px}x{px}, batch {b}", "bf16",
+                     lambda: m(**inputs))
+    return m
+
+
+def vae(rows, sizes):
+    from diffusers import AutoencoderKLFlux2
+
+    with torch.device(DEV):
+        v = AutoencoderKLFlux2().to(DEV).eval()
+    for px in sizes:
+        for dt, tag in [(torch.float32, "f32"), (BF16, "bf16")]:
+            v = v.to(dt)
+            z = torch.randn(1, 32, px // 8, px // 8, device=DEV, dtype=dt)
+            x = torch.rand(1, 3, px, px, device=DEV, dtype=dt) * 2 - 1
+            rows.add("vae", f"decode {px}x{px}", tag, lambda: v.decode(z, return_dict=False))
+            rows.add("vae", f"encode {px}x{px}", tag, lambda: v.encode(x, return_dict=False))
+    return v
+
+
+def pipeline(rows, te, m, v, tokenizer_dir):
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import AutoTokenizer
+
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+        time_shift_type="exponential")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # The pipeline decodes in its own dtype: an f32 VAE in a bf16 pipeline fails in
+    # post_quant_conv (bf16 input, f32 bias), so diffusers' whole run is all-bf16.
+    pipe = Flux2KleinPipeline(scheduler=sched, vae=v.to(BF16), text_encoder=te, tokenizer=tok,
+                              transformer=m, is_distilled=True)
+    pipe.set_progress_bar_config(disable=True)
+    for px in (1024, 512):
+        def t2i():
+            g = torch.Generator(device=DEV).manual_seed(0)
+            return pipe(prompt="a photo of a cat", height=px, width=px, num_inference_steps=4,
+                        guidance_scale=1.0, generator=g, output_type="pil")
+
+        with torch.inference_mode():
+            rows.add("pipeline", f"t2i {px}x{px}, 4 steps, PIL image", "bf16", t2i, iters=3)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--tokenizer", default="tests/fixtures/tiny-klein-4b/tokenizer")
+    a = ap.parse_args()
+    rows = Rows(a.out, a.iters)
+    t0 = time.time()
+    print("| component | case | dtype | median ms | min ms | peak GiB |\n|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        te = text_encoder(rows)
+        m = transformer(rows, [512, 1024], [1, 2, 4])
+        v = vae(rows, [512, 1024])
+    pipeline(rows, te, m, v, a.tokenizer)
+    print(f"diffusers bench done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
