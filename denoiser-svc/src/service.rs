@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use klein_proto::{
     MAX_MESSAGE_BYTES, pb, pb::denoiser_service_server::DenoiserServiceServer, tensor,
 };
-use klein_runtime::{budget::MemoryBudget, server::GrpcServer, telemetry};
+use klein_runtime::{budget::MemoryBudget, gpu_memory, server::GrpcServer, telemetry};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -102,9 +102,12 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         .unwrap_or_else(|| checkpoint.model_id.clone());
     let engine_name = format!("denoiser-{}", config.server.device).replace(':', "-");
     let load = checkpoint.clone();
+    let fit = budget.clone();
     let engine = DenoiseEngine::spawn(&engine_name, move || {
         let model = load.load(dtype, &device, attention)?;
         warm_up(&model, &device, dtype)?;
+        // cuBLAS is loaded now: what is free is what activations really have.
+        gpu_memory::fit_budget(&fit, &device, gpu_memory::FIT_MARGIN_BYTES);
         Ok(Loaded {
             model,
             device,

@@ -15,6 +15,7 @@ use klein_runtime::{
     budget::MemoryBudget,
     device::DeviceSpec,
     engine::{Engine, EngineError},
+    gpu_memory,
 };
 
 use crate::{
@@ -159,6 +160,13 @@ impl EncoderService {
         let ids = self.tokenizer.encode("")?;
         self.engine.run(move |e| e.encode(&[ids])).await??;
         tracing::info!(elapsed = ?started.elapsed(), "warm-up encode done");
+        // The libraries are loaded now: what is free is what activations really have.
+        let budget = self.budget.clone();
+        self.engine
+            .run(move |e| {
+                gpu_memory::fit_budget(&budget, e.model().device(), gpu_memory::FIT_MARGIN_BYTES)
+            })
+            .await?;
         Ok(())
     }
 

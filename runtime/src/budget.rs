@@ -61,13 +61,13 @@ pub struct MemoryBudget {
 #[derive(Debug)]
 struct Inner {
     name: String,
-    capacity: u64,
     max_queue: usize,
     state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    capacity: u64,
     reserved: u64,
     next_id: u64,
     queue: VecDeque<Waiter>,
@@ -87,9 +87,11 @@ impl MemoryBudget {
         let budget = Self {
             inner: Arc::new(Inner {
                 name: name.into(),
-                capacity,
                 max_queue,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(State {
+                    capacity,
+                    ..State::default()
+                }),
             }),
         };
         metrics::gauge!("klein_budget_capacity_bytes", "budget" => budget.inner.name.clone())
@@ -101,14 +103,14 @@ impl MemoryBudget {
     pub async fn reserve(&self, bytes: u64) -> Result<Reservation, AdmissionError> {
         let (id, granted) = {
             let mut state = self.inner.lock();
-            if bytes > self.inner.capacity {
+            if bytes > state.capacity {
                 return Err(AdmissionError::NeverFits {
                     budget: self.inner.name.clone(),
                     requested: bytes,
-                    capacity: self.inner.capacity,
+                    capacity: state.capacity,
                 });
             }
-            if state.queue.is_empty() && state.reserved + bytes <= self.inner.capacity {
+            if state.queue.is_empty() && state.reserved + bytes <= state.capacity {
                 state.reserved += bytes;
                 self.inner.publish(&state);
                 return Ok(self.reservation(bytes));
@@ -144,7 +146,7 @@ impl MemoryBudget {
     /// Reserves `bytes` only if that is possible right now without waiting.
     pub fn try_reserve(&self, bytes: u64) -> Option<Reservation> {
         let mut state = self.inner.lock();
-        if state.queue.is_empty() && state.reserved + bytes <= self.inner.capacity {
+        if state.queue.is_empty() && state.reserved + bytes <= state.capacity {
             state.reserved += bytes;
             self.inner.publish(&state);
             Some(self.reservation(bytes))
@@ -153,11 +155,27 @@ impl MemoryBudget {
         }
     }
 
+    /// The budget's name (messages, metrics).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Lowers the capacity to `bytes` if that is smaller (e.g. to what the device really has
+    /// free once the model is loaded and warm); returns the capacity now in force. Meant for
+    /// startup, before requests arrive: a waiter that no longer fits keeps waiting.
+    pub fn limit_capacity(&self, bytes: u64) -> u64 {
+        let mut state = self.inner.lock();
+        state.capacity = state.capacity.min(bytes);
+        metrics::gauge!("klein_budget_capacity_bytes", "budget" => self.inner.name.clone())
+            .set(state.capacity as f64);
+        state.capacity
+    }
+
     /// Current capacity, reservations and queue.
     pub fn snapshot(&self) -> BudgetSnapshot {
         let state = self.inner.lock();
         BudgetSnapshot {
-            capacity: self.inner.capacity,
+            capacity: state.capacity,
             reserved: state.reserved,
             queued: state.queue.len(),
             max_queue: self.inner.max_queue,
@@ -184,7 +202,7 @@ impl Inner {
         let mut state = self.lock();
         state.reserved -= bytes;
         while let Some(head) = state.queue.front() {
-            if state.reserved + head.bytes > self.capacity {
+            if state.reserved + head.bytes > state.capacity {
                 break;
             }
             let waiter = state.queue.pop_front().expect("front exists");

@@ -8,6 +8,8 @@
 
 use candle_core::Device;
 
+use crate::budget::MemoryBudget;
+
 /// In-use high-water mark of `dev`'s default memory pool since the last [`reset_peak`], bytes.
 pub fn peak_bytes(dev: &Device) -> Option<u64> {
     pool::used_high(dev)
@@ -16,6 +18,30 @@ pub fn peak_bytes(dev: &Device) -> Option<u64> {
 /// Starts a new high-water mark at the bytes in use now.
 pub fn reset_peak(dev: &Device) {
     pool::reset_used_high(dev);
+}
+
+/// Bytes the driver reports free for this process on `dev`, after returning the pool's unused
+/// memory. Under CUDA MPS with a pinned memory limit this is what is left of the limit, so
+/// after loading and warming up a model it is the room activations really have.
+pub fn free_bytes(dev: &Device) -> Option<u64> {
+    pool::free(dev)
+}
+
+/// Free memory kept back by [`fit_budget`] for pool fragmentation and library scratch.
+pub const FIT_MARGIN_BYTES: u64 = 128 << 20;
+
+/// Lowers `budget`'s capacity to what `dev` has free minus `margin` (see [`free_bytes`]) and
+/// returns the capacity in force; `None` on the CPU. Call once the model is loaded and warm.
+pub fn fit_budget(budget: &MemoryBudget, dev: &Device, margin: u64) -> Option<u64> {
+    let free = free_bytes(dev)?;
+    let capacity = budget.limit_capacity(free.saturating_sub(margin));
+    tracing::info!(
+        budget = budget.name(),
+        free_bytes = free,
+        capacity_bytes = capacity,
+        "activation budget checked against the device's free memory"
+    );
+    Some(capacity)
 }
 
 /// Bytes of `dev`'s default memory pool in use now.
@@ -30,7 +56,7 @@ mod pool {
         Device,
         cuda_backend::cudarc::driver::sys::{
             CUmemPool_attribute, CUmemoryPool, CUresult, cuDeviceGetDefaultMemPool,
-            cuMemPoolGetAttribute, cuMemPoolSetAttribute,
+            cuMemPoolGetAttribute, cuMemPoolSetAttribute, cuMemPoolTrimTo,
         },
     };
 
@@ -58,6 +84,16 @@ mod pool {
 
     pub fn used_current(dev: &Device) -> Option<u64> {
         get(dev, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    pub fn free(dev: &Device) -> Option<u64> {
+        let pool = default_pool(dev)?;
+        dev.synchronize().ok()?;
+        // SAFETY: a valid pool handle; trimming only returns unused memory to the driver.
+        unsafe { cuMemPoolTrimTo(pool, 0) };
+        let cuda = dev.as_cuda_device().ok()?;
+        let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        Some(free as u64)
     }
 
     pub fn reset_used_high(dev: &Device) {
@@ -91,6 +127,10 @@ mod pool {
         None
     }
 
+    pub fn free(_: &Device) -> Option<u64> {
+        None
+    }
+
     pub fn reset_used_high(_: &Device) {}
 }
 
@@ -103,5 +143,9 @@ mod tests {
         reset_peak(&Device::Cpu);
         assert_eq!(peak_bytes(&Device::Cpu), None);
         assert_eq!(used_bytes(&Device::Cpu), None);
+        assert_eq!(free_bytes(&Device::Cpu), None);
+        let budget = MemoryBudget::new("test", 1 << 30, 4);
+        assert_eq!(fit_budget(&budget, &Device::Cpu, 0), None);
+        assert_eq!(budget.snapshot().capacity, 1 << 30);
     }
 }

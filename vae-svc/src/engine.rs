@@ -49,6 +49,11 @@ impl Runner {
         }
     }
 
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// What was loaded.
     pub fn facts(&self) -> &Facts {
         &self.facts

@@ -12,6 +12,7 @@ use klein_proto::pb;
 use klein_runtime::{
     budget::{AdmissionError, MemoryBudget},
     engine::Engine,
+    gpu_memory,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -235,6 +236,13 @@ impl Vae {
             seconds = started.elapsed().as_secs_f64(),
             "warm-up decode done"
         );
+        // cuDNN and cuBLAS are loaded now: what is free is what activations really have.
+        let budget = self.budget.clone();
+        self.engine
+            .run(move |r: &mut Runner| {
+                gpu_memory::fit_budget(&budget, r.device(), gpu_memory::FIT_MARGIN_BYTES)
+            })
+            .await?;
         Ok(())
     }
 
