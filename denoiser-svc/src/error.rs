@@ -2,7 +2,8 @@
 
 use klein_proto::tensor::FieldError;
 use klein_runtime::{
-    budget::AdmissionError, device::DeviceError, engine::EngineError, server::ServeError,
+    budget::AdmissionError, device::DeviceError, engine::EngineError, gpu_memory,
+    server::ServeError,
 };
 
 use crate::weights::LoadError;
@@ -65,6 +66,7 @@ impl From<DenoiseError> for tonic::Status {
             DenoiseError::Validation { .. } => tonic::Status::invalid_argument(msg),
             DenoiseError::Admission(_) => tonic::Status::resource_exhausted(msg),
             DenoiseError::Engine(EngineError::Stopped) => tonic::Status::unavailable(msg),
+            _ if gpu_memory::is_out_of_memory(&msg) => tonic::Status::resource_exhausted(msg),
             _ => tonic::Status::internal(msg),
         }
     }

@@ -1,8 +1,8 @@
 //! The service's one error type and its single mapping to gRPC status codes.
 
 use klein_runtime::{
-    budget::AdmissionError, device::DeviceError, engine::EngineError, server::ServeError,
-    tls::TlsError, weights::WeightsError,
+    budget::AdmissionError, device::DeviceError, engine::EngineError, gpu_memory,
+    server::ServeError, tls::TlsError, weights::WeightsError,
 };
 
 use crate::prompt::TokenizerError;
@@ -81,6 +81,9 @@ impl From<EncoderError> for tonic::Status {
             EncoderError::Admission(_) => tonic::Status::resource_exhausted(err.to_string()),
             EncoderError::Engine(EngineError::Stopped) => {
                 tonic::Status::unavailable(err.to_string())
+            }
+            _ if gpu_memory::is_out_of_memory(&err.to_string()) => {
+                tonic::Status::resource_exhausted(err.to_string())
             }
             _ => tonic::Status::internal(err.to_string()),
         }

@@ -10,6 +10,13 @@ use candle_core::Device;
 
 use crate::budget::MemoryBudget;
 
+/// Whether an error message is the device running out of memory (a CUDA allocation that failed,
+/// e.g. past an MPS limit): the request was too big for what is free now, so callers answer
+/// RESOURCE_EXHAUSTED rather than INTERNAL.
+pub fn is_out_of_memory(message: &str) -> bool {
+    message.contains("CUDA_ERROR_OUT_OF_MEMORY")
+}
+
 /// In-use high-water mark of `dev`'s default memory pool since the last [`reset_peak`], bytes.
 pub fn peak_bytes(dev: &Device) -> Option<u64> {
     pool::used_high(dev)
@@ -137,6 +144,14 @@ mod pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_cuda_out_of_memory() {
+        // The message a VAE encode returned on an H100 past its MPS limit.
+        let oom = r#"model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
+        assert!(is_out_of_memory(oom));
+        assert!(!is_out_of_memory("model: shape mismatch in matmul"));
+    }
 
     #[test]
     fn the_cpu_has_no_pool_figures() {

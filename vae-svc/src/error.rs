@@ -2,8 +2,8 @@
 
 use klein_proto::tensor::{FieldError, TensorCodecError};
 use klein_runtime::{
-    budget::AdmissionError, device::DeviceError, engine::EngineError, server::ServeError,
-    tls::TlsError, weights::WeightsError,
+    budget::AdmissionError, device::DeviceError, engine::EngineError, gpu_memory,
+    server::ServeError, tls::TlsError, weights::WeightsError,
 };
 use tonic::Status;
 
@@ -94,6 +94,7 @@ impl From<VaeError> for Status {
             VaeError::Admission(_) => Status::resource_exhausted(message),
             VaeError::Engine(EngineError::Stopped) => Status::unavailable(message),
             VaeError::Cancelled => Status::cancelled(message),
+            _ if gpu_memory::is_out_of_memory(&message) => Status::resource_exhausted(message),
             _ => Status::internal(message),
         }
     }
