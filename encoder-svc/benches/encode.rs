@@ -22,7 +22,7 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 use encoder_svc::{
-    budget::activation_bytes,
+    budget::{activation_bytes, dequantize_reserve_bytes, host_quant_scratch_bytes},
     config::Quantize,
     model::{
         quant::QuantFormat,
@@ -129,7 +129,12 @@ fn run(
     }
     dev.synchronize()?;
     let ms = started.elapsed().as_secs_f64() * 1e3 / iters as f64;
-    let estimate = activation_bytes(cfg, dtype, 1, SEQ_LEN) as f64 / (1 << 20) as f64;
+    let scratch = match (quantize.plan().is_some(), dev.is_cpu()) {
+        (false, _) => 0,
+        (true, true) => host_quant_scratch_bytes(cfg, SEQ_LEN),
+        (true, false) => dequantize_reserve_bytes(cfg, dtype, SEQ_LEN),
+    };
+    let estimate = (activation_bytes(cfg, dtype, 1, SEQ_LEN) + scratch) as f64 / (1 << 20) as f64;
     let growth = if dev.is_cpu() {
         format!("{:.0} MiB", grew.max(0.0))
     } else {
