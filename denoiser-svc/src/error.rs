@@ -71,3 +71,21 @@ impl From<DenoiseError> for tonic::Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_out_of_memory_is_resource_exhausted_other_compute_errors_internal() {
+        let oom = DenoiseError::Compute(candle_core::Error::msg(
+            r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#,
+        ));
+        assert_eq!(
+            tonic::Status::from(oom).code(),
+            tonic::Code::ResourceExhausted
+        );
+        let other = DenoiseError::Compute(candle_core::Error::msg("shape mismatch"));
+        assert_eq!(tonic::Status::from(other).code(), tonic::Code::Internal);
+    }
+}

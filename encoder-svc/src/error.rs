@@ -120,6 +120,12 @@ mod tests {
                 EncoderError::Model(candle_core::Error::msg("shape")),
                 tonic::Code::Internal,
             ),
+            (
+                EncoderError::Model(candle_core::Error::msg(
+                    r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#,
+                )),
+                tonic::Code::ResourceExhausted,
+            ),
         ];
         for (err, code) in cases {
             let label = err.error_type();

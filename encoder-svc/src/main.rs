@@ -1,32 +1,25 @@
 //! The `encoder-svc` binary: flags -> config -> [`encoder_svc::serve`].
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use encoder_svc::config::Flags;
-use klein_runtime::{server::shutdown_signal, telemetry};
-use tokio::net::TcpListener;
+use klein_runtime::{
+    config::log_effective,
+    server::{bind_and_serve, config_failed, shutdown_signal},
+    telemetry,
+};
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let flags = Flags::parse();
-    let config = match flags.load() {
+async fn main() -> ExitCode {
+    let config = match Flags::parse().load().and_then(|c| c.validate().map(|()| c)) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("encoder-svc: {e}");
-            return std::process::ExitCode::from(2);
-        }
+        Err(e) => return config_failed("encoder-svc", e),
     };
     telemetry::init_tracing(config.server.log_format);
-    let result = async {
-        config.validate()?;
-        let listener = TcpListener::bind(config.server.listen).await?;
-        encoder_svc::serve(config, listener, shutdown_signal()).await
-    }
-    .await;
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "encoder-svc stopped");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    log_effective("encoder-svc", &config);
+    bind_and_serve("encoder-svc", config.server.listen, |listener| {
+        encoder_svc::serve(config, listener, shutdown_signal())
+    })
+    .await
 }

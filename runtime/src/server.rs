@@ -15,7 +15,7 @@
 //! [`GrpcServer::from_config`] also turns on TLS or mutual TLS when the config names a
 //! certificate (see [`crate::tls`]); health and reflection are then served over TLS too.
 
-use std::{future::Future, time::Duration};
+use std::{fmt::Display, future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::{
@@ -177,6 +177,36 @@ impl GrpcServer {
     }
 }
 
+/// Exit code of a binary whose configuration cannot be loaded or is invalid (`EX_USAGE`).
+pub fn config_failed(binary: &str, error: impl Display) -> ExitCode {
+    eprintln!("{binary}: {error}");
+    ExitCode::from(64)
+}
+
+/// What every service binary does once its configuration is loaded: binds `listen`, runs
+/// `serve` on the listener (which serves until [`shutdown_signal`]), and logs why it stopped.
+pub async fn bind_and_serve<F, Fut, E>(binary: &str, listen: SocketAddr, serve: F) -> ExitCode
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let listener = match TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%listen, error = %e, "{binary}: cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    match serve(listener).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{binary} stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -199,5 +229,25 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received"),
         () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_binary_exits_with_failure_when_it_cannot_listen_or_its_server_fails() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let code = bind_and_serve("test", addr, |_| async { Ok::<_, String>(()) }).await;
+        assert_eq!(code, ExitCode::FAILURE, "the port is taken");
+        drop(taken);
+        let free: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let served = bind_and_serve("test", free, |_| async { Ok::<_, String>(()) }).await;
+        assert_eq!(served, ExitCode::SUCCESS);
+        let failed = bind_and_serve("test", free, |_| async { Err("model gone".to_owned()) }).await;
+        assert_eq!(failed, ExitCode::FAILURE);
+        assert_eq!(config_failed("test", "bad flag"), ExitCode::from(64));
     }
 }

@@ -99,3 +99,18 @@ impl From<VaeError> for Status {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_out_of_memory_is_resource_exhausted_other_model_errors_internal() {
+        let oom = VaeError::Model(candle_core::Error::msg(
+            r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#,
+        ));
+        assert_eq!(Status::from(oom).code(), tonic::Code::ResourceExhausted);
+        let other = VaeError::Model(candle_core::Error::msg("shape mismatch"));
+        assert_eq!(Status::from(other).code(), tonic::Code::Internal);
+    }
+}

@@ -4,18 +4,17 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use klein_runtime::{
-    config::log_effective, device::disable_tf32, server::shutdown_signal, telemetry::init_tracing,
+    config::log_effective,
+    device::disable_tf32,
+    server::{bind_and_serve, config_failed, shutdown_signal},
+    telemetry::init_tracing,
 };
-use tokio::net::TcpListener;
 use vae_svc::config::{self, Config, Flags};
 
 fn main() -> ExitCode {
     let config = match config::load(&Flags::parse()) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("vae-svc: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return config_failed("vae-svc", e),
     };
     if !config.allow_tf32 {
         // SAFETY: no other thread exists yet; the runtime starts below.
@@ -33,18 +32,8 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> ExitCode {
     init_tracing(config.server.log_format);
     log_effective("vae-svc", &config);
-    let listener = match TcpListener::bind(config.server.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(listen = %config.server.listen, error = %e, "cannot bind");
-            return ExitCode::FAILURE;
-        }
-    };
-    match vae_svc::serve(config, listener, shutdown_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "vae-svc stopped");
-            ExitCode::FAILURE
-        }
-    }
+    bind_and_serve("vae-svc", config.server.listen, |listener| {
+        vae_svc::serve(config, listener, shutdown_signal())
+    })
+    .await
 }
