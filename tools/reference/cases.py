@@ -112,6 +112,13 @@ class Runner:
         return ip
 
 
+def _on(run: Runner, which: str, description: str) -> str:
+    """A case description, naming the checkpoint when it is not the 4B-shaped distilled one."""
+    if which == "distilled":
+        return description
+    return f"{description} On the klein-9B-shaped `{run.ckpt[which]}`."
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. tokenizer
 
@@ -187,16 +194,17 @@ def case_tokenizer(run: Runner, fixtures_dir: str):
 # 2. text embeddings
 
 
-def case_text_embeddings(run: Runner):
+def case_text_embeddings(run: Runner, which: str = "distilled"):
     tensors, meanings, spread = {}, {}, {}
     for dt in DTYPES:
-        pipe = run.p("distilled", dt)
+        pipe = run.p(which, dt)
+        hidden = pipe.text_encoder.config.hidden_size
         for i, prompt in enumerate(PROMPTS):
             with torch.no_grad():
                 emb, text_ids = pipe.encode_prompt(prompt=prompt, device="cpu", max_sequence_length=MAX_LEN)
             k = f"p{i}.prompt_embeds.{dt}"
             tensors[k] = emb.clone()
-            meanings[k] = f"prompt_embeds [1,512,3*64] of prompt {i} ({dt} pipeline): hidden_states 9|18|27 stacked on the last axis"
+            meanings[k] = f"prompt_embeds [1,512,3*{hidden}] of prompt {i} ({dt} pipeline): hidden_states 9|18|27 stacked on the last axis"
             if i == 0 and dt == "f32":
                 tensors["text_ids"] = text_ids.clone()
                 meanings["text_ids"] = "txt_ids [1,512,4] = (0,0,0,l) for l in 0..511 (same for every prompt)"
@@ -204,8 +212,9 @@ def case_text_embeddings(run: Runner):
         a, b = f"p{i}.prompt_embeds.f32", f"p{i}.prompt_embeds.bf16"
         spread[f"p{i}.prompt_embeds"] = util.spread_entry(tensors[a], tensors[b], a, b)
     entry = {
-        "description": "Flux2KleinPipeline.encode_prompt(prompt) for each tokenizer-case prompt (same index), f32 and bf16 text encoder.",
-        "checkpoint": run.ckpt["distilled"],
+        "description": _on(run, which, "Flux2KleinPipeline.encode_prompt(prompt) for each tokenizer-case prompt (same index), "
+                           "f32 and bf16 text encoder."),
+        "checkpoint": run.ckpt[which],
         "params": {"prompts": PROMPTS, "max_sequence_length": MAX_LEN, "hidden_states_layers": [9, 18, 27]},
         "spread": spread,
     }
@@ -254,8 +263,8 @@ def case_sigmas(run: Runner):
 # 4. transformer forward
 
 
-def case_transformer_forward(run: Runner, prompt_embeds_f32: torch.Tensor):
-    pipe0 = run.p("distilled", "f32")
+def case_transformer_forward(run: Runner, prompt_embeds_f32: torch.Tensor, which: str = "distilled"):
+    pipe0 = run.p(which, "f32")
     g = torch.Generator().manual_seed(SEED_FORWARD)
     hs = util.bf16_exact(torch.randn((1, 24, 128), generator=g))
     ref0 = util.bf16_exact(torch.randn((1, 16, 128), generator=g))
@@ -277,7 +286,7 @@ def case_transformer_forward(run: Runner, prompt_embeds_f32: torch.Tensor):
     }
     meanings = {
         "hidden_states": "noisy packed tokens [1,24,128] (grid 4x6), bf16-representable f32",
-        "encoder_hidden_states": "prompt embeddings [1,512,192] (f32 embeds of prompt 0 rounded to bf16 values)",
+        "encoder_hidden_states": f"prompt embeddings [1,512,{ehs.shape[-1]}] (f32 embeds of prompt 0 rounded to bf16 values)",
         "txt_ids": "txt_ids [1,512,4]",
         "img_ids": "img_ids [1,24,4] = (0,r,c,0), row-major over 4x6",
         "ref.hidden_states": "[noisy 24 | ref0 16 (4x4) | ref1 24 (4x6)] tokens [1,64,128]",
@@ -285,7 +294,7 @@ def case_transformer_forward(run: Runner, prompt_embeds_f32: torch.Tensor):
     }
     spread = {}
     for dt, dtype in DTYPES.items():
-        pipe = run.p("distilled", dt)
+        pipe = run.p(which, dt)
         timestep = t.expand(1).to(dtype) / 1000
         tensors[f"timestep.{dt}"] = timestep.clone()
         meanings[f"timestep.{dt}"] = f"`timestep` argument of the {dt} forward (pipeline: t.to(dtype)/1000, t=730.0)"
@@ -317,8 +326,9 @@ def case_transformer_forward(run: Runner, prompt_embeds_f32: torch.Tensor):
         tensors["ref.output.f32"][:, :24], tensors["ref.output.bf16"][:, :24], "ref.output.f32", "ref.output.bf16"
     )
     entry = {
-        "description": "One Flux2Transformer2DModel forward (distilled checkpoint) with and without two reference images' tokens.",
-        "checkpoint": run.ckpt["distilled"],
+        "description": _on(run, which, "One Flux2Transformer2DModel forward (distilled checkpoint) with and without "
+                           "two reference images' tokens."),
+        "checkpoint": run.ckpt[which],
         "params": {"sigma": 0.73, "t": 730.0, "grid": [4, 6], "ref_grids": [[4, 4], [4, 6]], "ref_t": [10, 20], "guidance": None},
         "spread": spread,
     }
@@ -449,16 +459,17 @@ def run_t2i(pipe, prompt, noise, steps=4):
     )
 
 
-def case_t2i(run: Runner):
+def case_t2i(run: Runner, which: str = "distilled"):
     noise = _noise(SEED_NOISE["t2i"], 4, 6)
     tensors = {"noise": noise}
     meanings = {"noise": "initial noise [1,128,4,6] passed as `latents=` (bf16-representable f32)"}
     for dt in DTYPES:
-        res = run_t2i(run.p("distilled", dt), PROMPTS[0], noise)
+        res = run_t2i(run.p(which, dt), PROMPTS[0], noise)
         _run_outputs(tensors, meanings, res, dt, 4)
     entry = {
-        "description": "Text-to-image: Flux2KleinPipeline(prompt, height=64, width=96, num_inference_steps=4, guidance_scale=1.0, latents=noise).",
-        "checkpoint": run.ckpt["distilled"],
+        "description": _on(run, which, "Text-to-image: Flux2KleinPipeline(prompt, height=64, width=96, num_inference_steps=4, "
+                           "guidance_scale=1.0, latents=noise)."),
+        "checkpoint": run.ckpt[which],
         "params": {"prompt": PROMPTS[0], "height": H, "width": W, "num_inference_steps": 4, "guidance_scale": 1.0,
                    "noise_seed": SEED_NOISE["t2i"], "max_sequence_length": MAX_LEN},
         "spread": _run_spread(tensors),
@@ -766,7 +777,23 @@ def sensitivity(run: Runner) -> dict:
         "final_latents_rel_l2": util.rel_l2(g4["final_latents"], g1["final_latents"]),
         **util.pixel_diff(g4["image_uint8"], g1["image_uint8"]),
     }
-    # text encoder: decoder layer 27 (0-based; the 28th) must not influence the embeddings, layer 26 must
+    out["text_encoder_layers"] = _text_encoder_layers(p)
+    # the 9B-shaped checkpoint: the prompt and layers 26 / 27 likewise
+    p9 = run.p("distilled_9b", "f32")
+    a9 = run_t2i(p9, PROMPTS[0], noise)
+    b9 = run_t2i(p9, PROMPT_B, noise)
+    out["t2i_prompt_9b"] = {
+        "what": f"{run.ckpt['distilled_9b']}: t2i, same noise, prompt {PROMPTS[0]!r} vs {PROMPT_B!r}",
+        "final_latents_rel_l2": util.rel_l2(a9["final_latents"], b9["final_latents"]),
+        "decoded_rel_l2": util.rel_l2(a9["decoded"], b9["decoded"]),
+        **util.pixel_diff(a9["image_uint8"], b9["image_uint8"]),
+    }
+    out["text_encoder_layers_9b"] = _text_encoder_layers(p9, f"{run.ckpt['distilled_9b']}: ")
+    return out
+
+
+def _text_encoder_layers(p, what_prefix: str = "") -> dict:
+    """Decoder layer 27 (0-based; the 28th) must not influence the embeddings, layer 26 must."""
     te = p.text_encoder
     with torch.no_grad():
         e0 = p.encode_prompt(prompt=PROMPTS[0], device="cpu")[0]
@@ -780,12 +807,11 @@ def sensitivity(run: Runner) -> dict:
             diffs[layer] = util.rel_l2(e0, e1)
         e2 = p.encode_prompt(prompt=PROMPTS[0], device="cpu")[0]
         assert torch.equal(e0, e2)
-    out["text_encoder_layers"] = {
-        "what": "perturb decoder layer 27 (28th, unused) / 26 (produces hidden_states[27]) and re-encode prompt 0",
+    return {
+        "what": f"{what_prefix}perturb decoder layer 27 (28th, unused) / 26 (produces hidden_states[27]) and re-encode prompt 0",
         "layer27_rel_l2": diffs[27],
         "layer26_rel_l2": diffs[26],
     }
-    return out
 
 
 def f64_reference(fixtures_dir: str, ckpt: str, run: Runner, tensors_by_case: dict) -> dict:

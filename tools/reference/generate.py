@@ -38,9 +38,18 @@ from safetensors.torch import save_file  # noqa: E402
 
 import cases  # noqa: E402
 import checkpoints  # noqa: E402
+import tiny_models  # noqa: E402
 
 GOLDENS = "goldens"
-CASE_ORDER = ["tokenizer", "text_embeddings", "sigmas", "transformer_forward", "vae", "t2i", "i2i", "inpaint", "multiref", "cfg"]
+CASE_ORDER = [
+    "tokenizer", "text_embeddings", "sigmas", "transformer_forward", "vae", "t2i", "i2i", "inpaint", "multiref", "cfg",
+    "text_embeddings_9b", "transformer_forward_9b", "t2i_9b",
+]
+CHECKPOINT_DIRS = {
+    "distilled": checkpoints.DISTILLED_DIR,
+    "base": checkpoints.BASE_DIR,
+    "distilled_9b": checkpoints.DISTILLED_9B_DIR,
+}
 
 
 def versions() -> dict:
@@ -67,14 +76,16 @@ def load_pipelines(out_dir: str) -> cases.Runner:
     from diffusers import Flux2KleinPipeline
 
     pipes = {}
-    for which, d in (("distilled", checkpoints.DISTILLED_DIR), ("base", checkpoints.BASE_DIR)):
+    for which, d in CHECKPOINT_DIRS.items():
         for dt, dtype in cases.DTYPES.items():
             p = Flux2KleinPipeline.from_pretrained(os.path.join(out_dir, d), dtype=dtype)
             p.set_progress_bar_config(disable=True)
             for comp in (p.text_encoder, p.transformer, p.vae):
                 assert comp.dtype == dtype, (d, dt, comp.dtype)
+            untied = p.text_encoder.lm_head.weight is not p.text_encoder.model.embed_tokens.weight
+            assert untied == (which == "distilled_9b"), (d, untied)
             pipes[(which, dt)] = p
-    return cases.Runner(pipes, {"distilled": checkpoints.DISTILLED_DIR, "base": checkpoints.BASE_DIR})
+    return cases.Runner(pipes, dict(CHECKPOINT_DIRS))
 
 
 def _contiguous(tensors: dict) -> dict:
@@ -114,11 +125,11 @@ def spread_table_md(manifest: dict) -> str:
 
 
 def spread_table_text(manifest: dict) -> str:
-    lines = [f"{'case':<20} {'output':<26} {'rel_l2':>10} {'max_abs':>10} {'px_mean':>8} {'px_max':>6}"]
+    lines = [f"{'case':<22} {'output':<26} {'rel_l2':>10} {'max_abs':>10} {'px_mean':>8} {'px_max':>6}"]
     for name, out, s in spread_rows(manifest):
         px_mean = f"{s['mean_abs_255']:.3f}" if "mean_abs_255" in s else ""
         px_max = f"{s['max_abs_255']}" if "max_abs_255" in s else ""
-        lines.append(f"{name:<20} {out:<26} {s['rel_l2']:>10.3e} {s['max_abs']:>10.3e} {px_mean:>8} {px_max:>6}")
+        lines.append(f"{name:<22} {out:<26} {s['rel_l2']:>10.3e} {s['max_abs']:>10.3e} {px_mean:>8} {px_max:>6}")
     return "\n".join(lines)
 
 
@@ -128,6 +139,7 @@ def write_fixtures_readme(out_dir: str, manifest: dict) -> None:
     v = manifest["versions"]
     sens = manifest["sensitivity"]
     f64 = manifest.get("f32_vs_f64_rel_l2", {})
+    te9, tr9 = tiny_models.QWEN3_9B_CONFIG, tiny_models.TRANSFORMER_9B_CONFIG
     lines = [
         "# Reference fixtures (generated — do not edit)",
         "",
@@ -157,6 +169,18 @@ def write_fixtures_readme(out_dir: str, manifest: dict) -> None:
         " f32 on disk; bn.running_mean/var calibrated and randomised (var in [1,16]).",
         "- tokenizer: byte-level BPE (640 BPE tokens + the 26 Qwen3 added tokens, pad `<|endoftext|>` = 640), Qwen3 chat template"
         " in `tokenizer/chat_template.jinja`.",
+        f"- `{checkpoints.DISTILLED_9B_DIR}/`: `Flux2KleinPipeline`, `is_distilled: true`, shaped like klein-9B relative to klein-4B"
+        f" (text encoder seed {checkpoints.SEED_TEXT_ENCODER_9B}, transformer seed {checkpoints.SEED_TRANSFORMER_9B});"
+        " tokenizer, VAE and scheduler are identical to the 4B ones (saved again: the real layout).",
+        f"  - transformer: `Flux2Transformer2DModel` {tr9['num_layers']} double + {tr9['num_single_layers']} single blocks,"
+        f" {tr9['num_attention_heads']} heads x {tr9['attention_head_dim']} (D = {tr9['num_attention_heads'] * tr9['attention_head_dim']}),"
+        f" axes_dims_rope [{','.join(map(str, tr9['axes_dims_rope']))}], joint_attention_dim {tr9['joint_attention_dim']},"
+        " **bf16 on disk**, sharded (`diffusion_pytorch_model.safetensors.index.json`, as the Hub's klein-9B).",
+        f"  - text_encoder: `Qwen3ForCausalLM` like Qwen3-8B: {te9['num_hidden_layers']} layers, hidden {te9['hidden_size']},"
+        f" intermediate {te9['intermediate_size']}, {te9['num_attention_heads']} q heads / {te9['num_key_value_heads']} kv heads"
+        f" (GQA x{te9['num_attention_heads'] // te9['num_key_value_heads']}), head_dim {te9['head_dim']},"
+        " **untied** embeddings (a random `lm_head.weight` is saved; the pipeline never uses it), same vocab,"
+        " bf16 on disk, sharded.",
         "- Every weight is a bf16-representable value, so the f32 and bf16 pipelines load identical numbers.",
         "",
         "## Golden cases (`goldens/manifest.json` describes every key, shape, dtype and parameter)",
@@ -263,6 +287,29 @@ def generate(out_dir: str, no_f64: bool) -> None:
             "joint_attention_dim": 192,
             "context_rms_used_for_init": info["ctx_rms"],
             "vae_calibration": info["vae_calibration"],
+            "distilled_9b": {
+                "path": checkpoints.DISTILLED_9B_DIR,
+                "is_distilled": True,
+                "text_encoder_seed": checkpoints.SEED_TEXT_ENCODER_9B,
+                "transformer_seed": checkpoints.SEED_TRANSFORMER_9B,
+                "on_disk_dtypes": {
+                    "text_encoder": "BF16 (sharded, model.safetensors.index.json; untied lm_head.weight included)",
+                    "transformer": "BF16 (sharded, diffusion_pytorch_model.safetensors.index.json)",
+                    "vae": "F32 (the distilled checkpoint's VAE)",
+                },
+                "text_encoder_hidden_size": tiny_models.QWEN3_9B_CONFIG["hidden_size"],
+                "text_encoder_num_hidden_layers": tiny_models.QWEN3_9B_CONFIG["num_hidden_layers"],
+                "text_encoder_num_attention_heads": tiny_models.QWEN3_9B_CONFIG["num_attention_heads"],
+                "text_encoder_num_key_value_heads": tiny_models.QWEN3_9B_CONFIG["num_key_value_heads"],
+                "text_encoder_head_dim": tiny_models.QWEN3_9B_CONFIG["head_dim"],
+                "text_encoder_tie_word_embeddings": tiny_models.QWEN3_9B_CONFIG["tie_word_embeddings"],
+                "transformer_num_layers": tiny_models.TRANSFORMER_9B_CONFIG["num_layers"],
+                "transformer_num_single_layers": tiny_models.TRANSFORMER_9B_CONFIG["num_single_layers"],
+                "transformer_num_attention_heads": tiny_models.TRANSFORMER_9B_CONFIG["num_attention_heads"],
+                "transformer_attention_head_dim": tiny_models.TRANSFORMER_9B_CONFIG["attention_head_dim"],
+                "joint_attention_dim": tiny_models.TRANSFORMER_9B_CONFIG["joint_attention_dim"],
+                "context_rms_used_for_init": info["ctx_rms_9b"],
+            },
         },
         "tokenizer": {
             "bpe_vocab_size": info["tokenizer"]["bpe_vocab_size"],
@@ -298,6 +345,12 @@ def generate(out_dir: str, no_f64: bool) -> None:
     add("inpaint", cases.case_inpaint(run))
     add("multiref", cases.case_multiref(run))
     add("cfg", cases.case_cfg(run))
+    add("text_embeddings_9b", cases.case_text_embeddings(run, "distilled_9b"))
+    add(
+        "transformer_forward_9b",
+        cases.case_transformer_forward(run, tensors_by_case["text_embeddings_9b"]["p0.prompt_embeds.f32"], "distilled_9b"),
+    )
+    add("t2i_9b", cases.case_t2i(run, "distilled_9b"))
 
     manifest["sensitivity"] = cases.sensitivity(run)
     if not no_f64:

@@ -43,6 +43,20 @@ QWEN3_CONFIG = dict(
     initializer_range=0.02,
 )
 
+# klein-9B's text encoder is Qwen3-8B: wider than Qwen3-4B, q heads x head_dim = hidden, an untied
+# lm_head (saved, never used by the pipeline). Same 28 layers (hidden_states 9/18/27), same vocab.
+TEXT_HIDDEN_9B = 96
+
+QWEN3_9B_CONFIG = dict(
+    QWEN3_CONFIG,
+    hidden_size=TEXT_HIDDEN_9B,
+    intermediate_size=128,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=False,
+)
+
 TRANSFORMER_CONFIG = dict(
     patch_size=1,
     in_channels=128,
@@ -58,6 +72,16 @@ TRANSFORMER_CONFIG = dict(
     rope_theta=2000,
     eps=1e-6,
     guidance_embeds=False,
+)
+
+# klein-9B relative to klein-4B: more double/single blocks, more heads of the same width, a wider
+# context (3 x the Qwen3-8B-like hidden size).
+TRANSFORMER_9B_CONFIG = dict(
+    TRANSFORMER_CONFIG,
+    num_layers=3,
+    num_single_layers=3,
+    num_attention_heads=3,
+    joint_attention_dim=3 * TEXT_HIDDEN_9B,
 )
 
 VAE_CONFIG = dict(
@@ -127,8 +151,8 @@ def _gain(g: torch.Generator, shape) -> torch.Tensor:
 # text encoder
 
 
-def make_text_encoder(vocab_size: int, seed: int) -> Qwen3ForCausalLM:
-    cfg = Qwen3Config(vocab_size=vocab_size, **QWEN3_CONFIG)
+def make_text_encoder(vocab_size: int, seed: int, config: dict = QWEN3_CONFIG) -> Qwen3ForCausalLM:
+    cfg = Qwen3Config(vocab_size=vocab_size, **config)
     # ids as in Qwen3-4B's config, remapped to the tiny vocab by the caller
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).eval()
@@ -141,10 +165,8 @@ def make_text_encoder(vocab_size: int, seed: int) -> Qwen3ForCausalLM:
                 p.copy_(_gain(g, p.shape))
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.copy_(_normal(g, p.shape, 0.6 / math.sqrt(p.shape[1])))
-            elif name.endswith(".weight") and p.ndim == 2:
+            elif name.endswith(".weight") and p.ndim == 2:  # projections; lm_head when untied (tied: not listed)
                 p.copy_(_normal(g, p.shape, 1.0 / math.sqrt(p.shape[1])))
-            elif name.endswith("lm_head.weight"):
-                pass  # tied
             else:
                 raise RuntimeError(f"unhandled text-encoder parameter {name}")
     bf16_round_(model)
@@ -174,9 +196,9 @@ def _time_damping(n_freq: int = 128, f0: float = 0.02) -> torch.Tensor:
 QK_GAIN = (1.6, 2.4)
 
 
-def make_transformer(seed: int, ctx_rms: float) -> Flux2Transformer2DModel:
+def make_transformer(seed: int, ctx_rms: float, config: dict = TRANSFORMER_CONFIG) -> Flux2Transformer2DModel:
     torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(**TRANSFORMER_CONFIG).eval()
+    model = Flux2Transformer2DModel(**config).eval()
     g = torch.Generator().manual_seed(seed)
     damp = _time_damping()
     n_live = float(damp.pow(2).sum())
