@@ -1,7 +1,9 @@
 //! Shared helpers for encoder-svc's integration tests: the tiny fixture pipeline and its
 //! test prompts.
 
-use std::path::PathBuf;
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
 
 use encoder_svc::prompt::PromptTokenizer;
 use klein_test_support::{manifest, pipeline_dir};
@@ -23,5 +25,10 @@ pub fn fixture_prompts() -> Vec<String> {
 
 /// The fixture's tokenizer.
 pub fn tokenizer() -> PromptTokenizer {
-    PromptTokenizer::from_file(&model_dir().join("tokenizer/tokenizer.json")).expect("tokenizer")
+    tokenizer_in(&model_dir())
+}
+
+/// The tokenizer of the pipeline folder `dir` (every fixture pipeline has the same one).
+pub fn tokenizer_in(dir: &Path) -> PromptTokenizer {
+    PromptTokenizer::from_file(&dir.join("tokenizer/tokenizer.json")).expect("tokenizer")
 }
