@@ -1,7 +1,8 @@
 //! Whole sampling runs through real gRPC against the diffusers goldens: text-to-image,
 //! image-to-image, inpainting, multi-reference and CFG (base checkpoint), each from the
 //! fixture noise. f32: final latents rel-L2 <= 1e-3; bf16: within 2x torch's own
-//! bf16-vs-f32 spread for that case (goldens/manifest.json).
+//! bf16-vs-f32 spread for that case (goldens/manifest.json). Text-to-image on the
+//! klein-9B-shaped checkpoint too, its f32 run held to 1e-4.
 
 mod common;
 
@@ -11,15 +12,16 @@ use klein_proto::pb::{self, denoise_request::Mode, denoise_request::Noise};
 use klein_runtime::device::DTypeSpec;
 use klein_test_support::{golden, manifest, rel_l2, take};
 
-/// `p0.prompt_embeds.<dt>` (prompt "a photo of a cat", the prompt of every run golden).
-fn prompt(dt: &str) -> pb::Tensor {
-    let g = golden("text_embeddings");
+/// `p0.prompt_embeds.<dt>` of an embeddings golden (prompt "a photo of a cat", the prompt of
+/// every run golden).
+fn prompt(embeddings: &str, dt: &str) -> pb::Tensor {
+    let g = golden(embeddings);
     wire(take(&g, &format!("p0.prompt_embeds.{dt}")))
 }
 
 fn base_request(dt: &str, noise: &Tensor, steps: u32) -> pb::DenoiseRequest {
     pb::DenoiseRequest {
-        prompt_embeds: Some(prompt(dt)),
+        prompt_embeds: Some(prompt("text_embeddings", dt)),
         grid: grid(4, 6),
         num_steps: steps,
         noise: Some(Noise::InitialNoise(wire(noise))),
@@ -50,6 +52,15 @@ async fn check(
 fn t2i(dt: &str) -> pb::DenoiseRequest {
     let g = golden("t2i");
     base_request(dt, take(&g, "noise"), 4)
+}
+
+/// Text-to-image on the 9B-shaped checkpoint, with its own (wider) prompt embeddings.
+fn t2i_9b(dt: &str) -> pb::DenoiseRequest {
+    let g = golden("t2i_9b");
+    pb::DenoiseRequest {
+        prompt_embeds: Some(prompt("text_embeddings_9b", dt)),
+        ..base_request(dt, take(&g, "noise"), 4)
+    }
 }
 
 fn i2i(dt: &str) -> pb::DenoiseRequest {
@@ -148,6 +159,19 @@ async fn cfg_on_the_base_model_matches_diffusers() {
     let s = spread("cfg");
     println!("cfg bf16 final latents rel-L2 {e:.3e} (torch spread {s:.3e})");
     assert!(e <= 2.0 * s, "cfg: {e} > 2 x {s}");
+}
+
+#[tokio::test]
+async fn t2i_on_the_9b_shaped_model_matches_diffusers() {
+    let mut server = start("tiny-klein-9b", DTypeSpec::F32).await;
+    let e = check(&mut server, "t2i_9b", "f32", t2i_9b("f32"), 4).await;
+    println!("t2i_9b f32 final latents rel-L2 {e:.3e}");
+    assert!(e <= 1e-4, "t2i_9b: {e}");
+    let mut server = start("tiny-klein-9b", DTypeSpec::Bf16).await;
+    let e = check(&mut server, "t2i_9b", "bf16", t2i_9b("bf16"), 4).await;
+    let s = spread("t2i_9b");
+    println!("t2i_9b bf16 final latents rel-L2 {e:.3e} (torch spread {s:.3e})");
+    assert!(e <= 2.0 * s, "t2i_9b: {e} > 2 x {s}");
 }
 
 #[tokio::test]

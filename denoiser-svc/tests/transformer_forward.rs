@@ -1,6 +1,8 @@
 //! One transformer forward against the diffusers goldens (`goldens/transformer_forward`), with
 //! and without reference tokens, in f32 (rel-L2 <= 1e-4) and bf16 (within 2x torch's own
-//! bf16-vs-f32 spread), loaded from the diffusers folder and from a BFL single file.
+//! bf16-vs-f32 spread), loaded from the diffusers folder and from a BFL single file; the same
+//! on the klein-9B-shaped fixture (`goldens/transformer_forward_9b`: more blocks and heads, a
+//! wider context, bf16 shards on disk).
 
 use candle_core::{DType, Device, Tensor};
 use denoiser_svc::{
@@ -9,8 +11,24 @@ use denoiser_svc::{
 };
 use klein_test_support::{golden, manifest, pipeline_dir, rel_l2, take, test_device};
 
-fn model(dtype: DType, attention: AttentionConfig) -> Flux2Transformer2DModel {
-    Checkpoint::locate(&pipeline_dir("tiny-klein-4b"))
+/// A fixture pipeline and its forward golden.
+struct Fixture {
+    pipeline: &'static str,
+    golden: &'static str,
+}
+
+const KLEIN_4B: Fixture = Fixture {
+    pipeline: "tiny-klein-4b",
+    golden: "transformer_forward",
+};
+
+const KLEIN_9B: Fixture = Fixture {
+    pipeline: "tiny-klein-9b",
+    golden: "transformer_forward_9b",
+};
+
+fn model(fixture: &Fixture, dtype: DType, attention: AttentionConfig) -> Flux2Transformer2DModel {
+    Checkpoint::locate(&pipeline_dir(fixture.pipeline))
         .unwrap()
         .load(dtype, &test_device(), attention)
         .unwrap()
@@ -26,16 +44,16 @@ fn ids(t: &Tensor) -> Vec<PositionId> {
         .collect()
 }
 
-fn spread(output: &str) -> f64 {
-    manifest()["cases"]["transformer_forward"]["spread"][output]["rel_l2"]
+fn spread(fixture: &Fixture, output: &str) -> f64 {
+    manifest()["cases"][fixture.golden]["spread"][output]["rel_l2"]
         .as_f64()
         .unwrap()
 }
 
 /// (without refs, with refs) outputs of `m` on the golden inputs, the refs output sliced to the
 /// noisy tokens as the pipeline does.
-fn run(m: &Flux2Transformer2DModel, dtype: DType) -> (Tensor, Tensor) {
-    let g = golden("transformer_forward");
+fn run(fixture: &Fixture, m: &Flux2Transformer2DModel, dtype: DType) -> (Tensor, Tensor) {
+    let g = golden(fixture.golden);
     let dev = test_device();
     let ehs = take(&g, "encoder_hidden_states")
         .to_device(&dev)
@@ -57,31 +75,90 @@ fn run(m: &Flux2Transformer2DModel, dtype: DType) -> (Tensor, Tensor) {
     (out.pop().unwrap(), with_refs)
 }
 
-#[test]
-fn f32_forward_matches_diffusers() {
-    let g = golden("transformer_forward");
-    let (plain, refs) = run(&model(DType::F32, AttentionConfig::default()), DType::F32);
+fn check_f32(fixture: &Fixture) {
+    let g = golden(fixture.golden);
+    let m = model(fixture, DType::F32, AttentionConfig::default());
+    let (plain, refs) = run(fixture, &m, DType::F32);
     let e = rel_l2(&plain, take(&g, "output.f32"));
     let e_ref = rel_l2(&refs, take(&g, "ref.output.f32"));
-    println!("f32 forward rel-L2: {e:.3e}; with references: {e_ref:.3e}");
+    println!(
+        "{} f32 forward rel-L2: {e:.3e}; with references: {e_ref:.3e}",
+        fixture.pipeline
+    );
     assert!(e <= 1e-4, "{e}");
     assert!(e_ref <= 1e-4, "{e_ref}");
 }
 
-#[test]
-fn bf16_forward_is_within_the_torch_spread() {
-    let g = golden("transformer_forward");
-    let (plain, refs) = run(&model(DType::BF16, AttentionConfig::default()), DType::BF16);
+fn check_bf16(fixture: &Fixture) {
+    let g = golden(fixture.golden);
+    let m = model(fixture, DType::BF16, AttentionConfig::default());
+    let (plain, refs) = run(fixture, &m, DType::BF16);
     let e = rel_l2(&plain, take(&g, "output.bf16"));
     let refs = refs.narrow(1, 0, 24).unwrap();
     let want_ref = take(&g, "ref.output.bf16").narrow(1, 0, 24).unwrap();
     let e_ref = rel_l2(&refs, &want_ref);
-    let (s, s_ref) = (spread("output"), spread("ref.output[:, :24]"));
+    let (s, s_ref) = (
+        spread(fixture, "output"),
+        spread(fixture, "ref.output[:, :24]"),
+    );
     println!(
-        "bf16 forward rel-L2: {e:.3e} (torch spread {s:.3e}); with references: {e_ref:.3e} (spread {s_ref:.3e})"
+        "{} bf16 forward rel-L2: {e:.3e} (torch spread {s:.3e}); with references: {e_ref:.3e} (spread {s_ref:.3e})",
+        fixture.pipeline
     );
     assert!(e <= 2.0 * s, "{e} > 2 x {s}");
     assert!(e_ref <= 2.0 * s_ref, "{e_ref} > 2 x {s_ref}");
+}
+
+#[test]
+fn f32_forward_matches_diffusers() {
+    check_f32(&KLEIN_4B);
+}
+
+#[test]
+fn bf16_forward_is_within_the_torch_spread() {
+    check_bf16(&KLEIN_4B);
+}
+
+#[test]
+fn klein_9b_f32_forward_matches_diffusers() {
+    check_f32(&KLEIN_9B);
+}
+
+#[test]
+fn klein_9b_bf16_forward_is_within_the_torch_spread() {
+    check_bf16(&KLEIN_9B);
+}
+
+/// The 9B-shaped folder's config is read as such (not as the 4B one or the class defaults),
+/// from sharded bf16 weights, and the model is built to it.
+#[test]
+fn klein_9b_config_has_the_9b_shape() {
+    let ckpt = Checkpoint::locate(&pipeline_dir(KLEIN_9B.pipeline)).unwrap();
+    let c = &ckpt.config;
+    assert_eq!((c.num_layers, c.num_single_layers), (3, 3));
+    assert_eq!((c.num_attention_heads, c.attention_head_dim), (3, 32));
+    assert_eq!((c.hidden_size(), c.mlp_hidden()), (96, 288));
+    assert_eq!(c.joint_attention_dim, 288);
+    assert_eq!(ckpt.is_distilled, Some(true));
+    assert_eq!(ckpt.model_id, KLEIN_9B.pipeline);
+    assert_eq!(ckpt.files.len(), 3, "sharded: {:?}", ckpt.files);
+    let on_disk: usize = ckpt
+        .files
+        .iter()
+        .flat_map(|f| candle_core::safetensors::load(f, &Device::Cpu).unwrap())
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    assert_eq!(on_disk as u64, c.param_count());
+    let m = ckpt
+        .load(DType::F32, &Device::Cpu, AttentionConfig::default())
+        .unwrap();
+    assert_eq!(m.config(), c);
+    let base = Checkpoint::locate(&pipeline_dir(KLEIN_4B.pipeline)).unwrap();
+    assert_eq!(
+        (base.config.num_layers, base.config.num_single_layers),
+        (2, 2)
+    );
+    assert_eq!(base.config.joint_attention_dim, 192);
 }
 
 #[test]
@@ -89,7 +166,12 @@ fn tiny_score_chunks_change_nothing() {
     let g = golden("transformer_forward");
     // One query row per chunk.
     let (plain, refs) = run(
-        &model(DType::F32, AttentionConfig { max_score_bytes: 1 }),
+        &KLEIN_4B,
+        &model(
+            &KLEIN_4B,
+            DType::F32,
+            AttentionConfig { max_score_bytes: 1 },
+        ),
         DType::F32,
     );
     assert!(rel_l2(&plain, take(&g, "output.f32")) <= 1e-4);
