@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use klein_runtime::{
     bytesize::ByteSize,
     config::{ServerConfig, ServerFlags},
+    models::{ResidencyConfig, ResidencyFlags},
 };
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,10 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     #[serde(flatten)]
     pub server: ServerConfig,
-    /// Diffusers pipeline root, its `transformer/` folder, or a BFL single file. Required.
+    #[serde(flatten)]
+    pub residency: ResidencyConfig,
+    /// Diffusers pipeline root, its `transformer/` folder, or a BFL single file: the default
+    /// model. Required unless `models` lists at least one.
     pub model_dir: Option<PathBuf>,
     /// Model id reported by Info and accepted in `DenoiseRequest.model`; default: the folder
     /// or file name.
@@ -23,6 +27,9 @@ pub struct Config {
     /// Whether the model is step-distilled (guidance ignored). Default: `model_index.json`'s
     /// `is_distilled`; required when the checkpoint has no `model_index.json`.
     pub is_distilled: Option<bool>,
+    /// Further models (`[[models]]` in TOML, `--model ID=PATH` flags); the first model is the
+    /// default when `model_dir` is not set.
+    pub models: Vec<ModelEntry>,
     /// Largest f32 attention-score block materialised at once.
     pub attention_chunk_bytes: ByteSize,
     /// Device memory the runtime itself needs besides weights and activations (CUDA context,
@@ -45,9 +52,11 @@ impl Default for Config {
                 listen: ([127, 0, 0, 1], 50053).into(),
                 ..ServerConfig::default()
             },
+            residency: ResidencyConfig::default(),
             model_dir: None,
             model_id: None,
             is_distilled: None,
+            models: Vec::new(),
             attention_chunk_bytes: ByteSize(256 << 20),
             runtime_overhead: ByteSize(512 << 20),
             max_batch: 4,
@@ -55,6 +64,55 @@ impl Default for Config {
             max_image_pixels: 2048 * 2048,
             max_references: 4,
         }
+    }
+}
+
+/// One model the denoiser serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    /// Id requests name; default: the pipeline folder's or file's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Diffusers pipeline root, its `transformer/` folder, or a BFL single file.
+    pub path: PathBuf,
+    /// Step-distilled or base; default: `model_index.json`'s `is_distilled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_distilled: Option<bool>,
+    /// Id of the encoder model whose embeddings it takes; default: the encoder model with this
+    /// model's id, else the encoder's default model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<String>,
+}
+
+impl std::str::FromStr for ModelEntry {
+    type Err = String;
+
+    /// `ID=PATH` or `PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, path) = klein_runtime::models::parse_model_arg(s)?;
+        Ok(Self {
+            id,
+            path,
+            is_distilled: None,
+            text_encoder: None,
+        })
+    }
+}
+
+impl Config {
+    /// Every configured model, the default first: `model_dir` (with `model_id` and
+    /// `is_distilled`) when set, then `models`.
+    pub fn model_entries(&self) -> Vec<ModelEntry> {
+        let first = self.model_dir.as_ref().map(|path| ModelEntry {
+            id: self.model_id.clone(),
+            path: path.clone(),
+            is_distilled: self.is_distilled,
+            text_encoder: None,
+        });
+        first
+            .into_iter()
+            .chain(self.models.iter().cloned())
+            .collect()
     }
 }
 
@@ -69,6 +127,13 @@ pub struct Flags {
     #[command(flatten)]
     #[serde(flatten)]
     pub server: ServerFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub residency: ResidencyFlags,
+    /// A further model, `ID=PATH` or `PATH` (repeatable).
+    #[arg(long = "model", value_name = "ID=PATH")]
+    #[serde(rename = "models", skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelEntry>,
     /// Diffusers pipeline root, its transformer/ folder, or a BFL single file.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -2,8 +2,12 @@
 //! admitted requests one sampling step at a time.
 //!
 //! Requests arrive on a queue as [`Job`]s (already validated, holding their budget
-//! [`Reservation`]). The thread keeps a list of active runs and, between any two steps:
-//! - takes new jobs from the queue (waiting only when it has nothing to do);
+//! [`Reservation`]). The thread owns the model registry and keeps a list of active runs; a
+//! run pins its model so it stays resident until the run ends. Between any two steps it:
+//! - takes new jobs from the queue (waiting only when it has nothing to do), making each
+//!   one's model resident (evicting least-recently-used idle models); a job whose model
+//!   cannot become resident while other models' runs hold the memory waits, up to
+//!   `model_wait`, then is refused with RESOURCE_EXHAUSTED;
 //! - drops every run whose client went away (its event stream was dropped): the work stops
 //!   within one step and dropping the job frees its reservation;
 //! - runs the next step of the oldest active run (FIFO, run to completion), then reports
@@ -15,6 +19,7 @@
 
 use std::{
     collections::VecDeque,
+    mem,
     panic::{AssertUnwindSafe, catch_unwind},
     sync::mpsc,
     thread,
@@ -22,7 +27,7 @@ use std::{
 };
 
 use candle_core::{DType, Device, Tensor};
-use klein_runtime::{budget::Reservation, engine::EngineError};
+use klein_runtime::{budget::Reservation, engine::EngineError, models::Registry};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
@@ -31,13 +36,16 @@ use crate::{
     noise, preview,
     sampler::{self, Grid, Guidance, Mode, Request, Run},
     validate::{Noise, ValidDenoiseRequest, ValidMode},
+    weights::TransformerSource,
 };
 
-/// The model on its device.
+/// The models and their device.
 pub struct Loaded {
-    pub model: Flux2Transformer2DModel,
+    pub models: Registry<TransformerSource>,
     pub device: Device,
     pub dtype: DType,
+    /// Longest a job waits for its model to become resident.
+    pub model_wait: Duration,
 }
 
 /// What the engine reports for a job.
@@ -87,9 +95,9 @@ impl DenoiseEngine {
         thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || match init() {
-                Ok(loaded) => {
+                Ok(mut loaded) => {
                     let _ = ready_tx.send(Ok(()));
-                    serve(&loaded, &queue);
+                    serve(&mut loaded, &queue);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -116,47 +124,69 @@ struct Active {
     compute: Duration,
 }
 
-fn serve(loaded: &Loaded, queue: &mpsc::Receiver<Job>) {
+fn serve(loaded: &mut Loaded, queue: &mpsc::Receiver<Job>) {
     let mut active: VecDeque<Active> = VecDeque::new();
+    let mut waiting: VecDeque<(Job, Instant)> = VecDeque::new();
     loop {
-        if active.is_empty() {
+        if active.is_empty() && waiting.is_empty() {
             match queue.recv() {
-                Ok(job) => admit(loaded, job, &mut active),
+                Ok(job) => waiting.push_back((job, Instant::now())),
                 Err(_) => return,
             }
         }
         while let Ok(job) = queue.try_recv() {
-            admit(loaded, job, &mut active);
+            waiting.push_back((job, Instant::now()));
+        }
+        for (job, since) in mem::take(&mut waiting) {
+            if job.events.is_closed() {
+                continue;
+            }
+            match loaded.models.resident(&job.request.model).map(|_| ()) {
+                Ok(()) => admit(loaded, job, &mut active),
+                Err(DenoiseError::ModelBusy(e)) if since.elapsed() < loaded.model_wait => {
+                    tracing::debug!(error = %e, "waiting for the model");
+                    waiting.push_back((job, since));
+                }
+                Err(e) => {
+                    let _ = job.events.send(Event::Failed(e));
+                }
+            }
         }
         active.retain(|a| {
             let gone = a.job.events.is_closed();
             if gone {
                 metrics::counter!("klein_denoiser_cancelled_total").increment(1);
                 tracing::info!(step = a.run.steps_done(), "client went away; run dropped");
+                loaded.models.unpin(&a.job.request.model);
             }
             !gone
         });
         metrics::gauge!("klein_denoiser_active_runs").set(active.len() as f64);
-        if let Some(mut a) = active.pop_front() {
-            match step(loaded, &mut a) {
+        metrics::gauge!("klein_denoiser_model_waiting").set(waiting.len() as f64);
+        match active.pop_front() {
+            Some(mut a) => match step(loaded, &mut a) {
                 Next::Continue => active.push_front(a),
-                Next::Finished => finish(a),
-                Next::Failed => {}
-            }
+                Next::Finished => finish(loaded, a),
+                Next::Failed => loaded.models.unpin(&a.job.request.model),
+            },
+            // Only jobs waiting for a busy model are left: they are retried shortly.
+            None if !waiting.is_empty() => thread::sleep(Duration::from_millis(5)),
+            None => {}
         }
     }
 }
 
-/// Prepares a job's run and queues it, or reports why it cannot run.
-fn admit(loaded: &Loaded, job: Job, active: &mut VecDeque<Active>) {
+/// Prepares a job's run on its (resident) model and queues it, or reports why it cannot run.
+fn admit(loaded: &mut Loaded, job: Job, active: &mut VecDeque<Active>) {
     let grid = job.request.grid;
     let started = Instant::now();
     let prepared = catch_unwind(AssertUnwindSafe(|| {
         let request = prepare(loaded, &job.request)?;
-        Ok::<_, DenoiseError>(Run::new(&loaded.model, request)?)
+        Ok::<_, DenoiseError>(Run::new(resident(loaded, &job.request.model)?, request)?)
     }));
     match prepared.map_err(panicked).and_then(|r| r) {
         Ok(run) => {
+            loaded.models.pin(&job.request.model);
             let a = Active {
                 run,
                 job,
@@ -164,7 +194,7 @@ fn admit(loaded: &Loaded, job: Job, active: &mut VecDeque<Active>) {
                 compute: started.elapsed(),
             };
             if a.run.is_finished() {
-                finish(a);
+                finish(loaded, a);
             } else {
                 active.push_back(a);
             }
@@ -173,6 +203,15 @@ fn admit(loaded: &Loaded, job: Job, active: &mut VecDeque<Active>) {
             let _ = job.events.send(Event::Failed(e));
         }
     }
+}
+
+/// The resident model `id` (admitted jobs pin theirs, so it is always there).
+fn resident<'a>(loaded: &'a Loaded, id: &str) -> Result<&'a Flux2Transformer2DModel, DenoiseError> {
+    loaded.models.get(id).ok_or_else(|| {
+        DenoiseError::Compute(candle_core::Error::msg(format!(
+            "model {id:?} is not resident"
+        )))
+    })
 }
 
 /// What follows a step.
@@ -186,7 +225,14 @@ enum Next {
 /// Runs one step of `a` and reports its progress.
 fn step(loaded: &Loaded, a: &mut Active) -> Next {
     let started = Instant::now();
-    let outcome = catch_unwind(AssertUnwindSafe(|| a.run.step(&loaded.model)));
+    let model = match resident(loaded, &a.job.request.model) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = a.job.events.send(Event::Failed(e));
+            return Next::Failed;
+        }
+    };
+    let outcome = catch_unwind(AssertUnwindSafe(|| a.run.step(model)));
     let elapsed = started.elapsed();
     a.compute += elapsed;
     metrics::histogram!("klein_denoiser_step_seconds").record(elapsed.as_secs_f64());
@@ -223,11 +269,12 @@ fn step(loaded: &Loaded, a: &mut Active) -> Next {
     }
 }
 
-/// Sends the final latents (on the CPU) of a finished run.
-fn finish(a: Active) {
+/// Sends the final latents (on the CPU) of a finished run and unpins its model.
+fn finish(loaded: &mut Loaded, a: Active) {
     let Active {
         run, job, compute, ..
     } = a;
+    loaded.models.unpin(&job.request.model);
     let event = match run.into_latents().to_device(&Device::Cpu) {
         Ok(latents) => Event::Finished {
             latents,
@@ -251,7 +298,7 @@ fn panicked(payload: Box<dyn std::any::Any + Send>) -> DenoiseError {
 fn prepare(loaded: &Loaded, req: &ValidDenoiseRequest) -> Result<Request, DenoiseError> {
     let on_device = |t: &Tensor| t.to_device(&loaded.device)?.to_dtype(loaded.dtype);
     let (b, grid) = (req.batch(), req.grid);
-    let channels = loaded.model.config().in_channels;
+    let channels = resident(loaded, &req.model)?.config().in_channels;
     let noise = match &req.noise {
         Noise::Seed(seed) => noise::seeded_noise(*seed, b, channels, grid.height, grid.width)?,
         Noise::Tensor(t) => t.clone(),

@@ -3,7 +3,7 @@
 use klein_proto::tensor::FieldError;
 use klein_runtime::{
     budget::AdmissionError, device::DeviceError, engine::EngineError, gpu_memory,
-    server::ServeError,
+    models::RegistryError, server::ServeError,
 };
 
 use crate::weights::LoadError;
@@ -31,6 +31,19 @@ pub enum DenoiseError {
     Serve(#[from] ServeError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The model cannot become resident while other models' runs hold the memory.
+    #[error("{0}")]
+    ModelBusy(RegistryError),
+}
+
+impl From<RegistryError> for DenoiseError {
+    fn from(err: RegistryError) -> Self {
+        match err {
+            RegistryError::Unknown { .. } => Self::invalid("model", err.to_string()),
+            RegistryError::NoRoom { .. } => Self::ModelBusy(err),
+            _ => Self::Config(err.to_string()),
+        }
+    }
 }
 
 impl DenoiseError {
@@ -46,7 +59,7 @@ impl DenoiseError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Validation { .. } => "invalid_argument",
-            Self::Admission(_) => "resource_exhausted",
+            Self::Admission(_) | Self::ModelBusy(_) => "resource_exhausted",
             Self::Engine(EngineError::Stopped) => "unavailable",
             _ => "internal",
         }
@@ -64,7 +77,9 @@ impl From<DenoiseError> for tonic::Status {
         let msg = err.to_string();
         match err {
             DenoiseError::Validation { .. } => tonic::Status::invalid_argument(msg),
-            DenoiseError::Admission(_) => tonic::Status::resource_exhausted(msg),
+            DenoiseError::Admission(_) | DenoiseError::ModelBusy(_) => {
+                tonic::Status::resource_exhausted(msg)
+            }
             DenoiseError::Engine(EngineError::Stopped) => tonic::Status::unavailable(msg),
             _ if gpu_memory::is_out_of_memory(&msg) => tonic::Status::resource_exhausted(msg),
             _ => tonic::Status::internal(msg),

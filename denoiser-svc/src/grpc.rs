@@ -7,7 +7,7 @@ use klein_proto::{
     pb::{self, denoise_response::Event as PbEvent, denoiser_service_server::DenoiserService},
     tensor,
 };
-use klein_runtime::budget::MemoryBudget;
+use klein_runtime::{budget::MemoryBudget, models::RegistryStatus};
 use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 
@@ -15,19 +15,22 @@ use crate::{
     admission,
     engine::{DenoiseEngine, Event, Job},
     error::DenoiseError,
-    model::{AttentionConfig, Config as ModelConfig},
-    validate::{RequestContext, ValidDenoiseRequest},
+    model::AttentionConfig,
+    served::ServedModel,
+    validate::ValidDenoiseRequest,
 };
 
 /// The service state shared by every call.
 pub struct Denoiser {
     pub engine: DenoiseEngine,
     pub budget: MemoryBudget,
-    pub context: RequestContext,
-    pub model: ModelConfig,
+    /// Every configured model, the default first.
+    pub models: Vec<ServedModel>,
+    /// Which models are resident (the registry lives on the engine thread).
+    pub status: RegistryStatus,
     pub dtype: DType,
     pub attention: AttentionConfig,
-    /// The static part of Info; reservations and queue are filled per call.
+    /// The static part of Info; reservations, queue and models are filled per call.
     pub info: pb::ServiceInfo,
 }
 
@@ -38,10 +41,52 @@ pub struct DenoiserGrpc(pub Arc<Denoiser>);
 type DenoiseStream = Pin<Box<dyn Stream<Item = Result<pb::DenoiseResponse, Status>> + Send>>;
 
 impl Denoiser {
+    /// The model a request names (empty = the default), or INVALID_ARGUMENT listing them.
+    pub fn model(&self, id: &str) -> Result<&ServedModel, DenoiseError> {
+        if id.is_empty() {
+            return Ok(&self.models[0]);
+        }
+        self.models
+            .iter()
+            .find(|m| m.context.model_id == id)
+            .ok_or_else(|| {
+                let ids: Vec<&str> = self
+                    .models
+                    .iter()
+                    .map(|m| m.context.model_id.as_str())
+                    .collect();
+                DenoiseError::invalid(
+                    "model",
+                    format!(
+                        "unknown model {id:?}; this service serves: {}",
+                        ids.join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// Info with live reservations, queue and model residency.
+    pub fn info(&self) -> pb::ServiceInfo {
+        let snapshot = self.budget.snapshot();
+        let status = self.status.models();
+        pb::ServiceInfo {
+            reserved_bytes: snapshot.reserved,
+            queue_depth: snapshot.queued as u32,
+            max_queue_depth: snapshot.max_queue as u32,
+            models: self
+                .models
+                .iter()
+                .map(|m| m.info(status.iter().find(|s| s.id == m.context.model_id)))
+                .collect(),
+            ..self.info.clone()
+        }
+    }
+
     async fn denoise(&self, req: pb::DenoiseRequest) -> Result<DenoiseStream, DenoiseError> {
-        let valid = ValidDenoiseRequest::try_from((req, &self.context))?;
+        let model = self.model(&req.model)?;
+        let valid = ValidDenoiseRequest::try_from((req, &model.context))?;
         let bytes = admission::activation_bytes(
-            &self.model,
+            &model.config,
             self.dtype,
             valid.batch(),
             valid.sequence_len(),
@@ -127,15 +172,8 @@ impl DenoiserService for DenoiserGrpc {
         &self,
         _: Request<pb::DenoiserServiceInfoRequest>,
     ) -> Result<Response<pb::DenoiserServiceInfoResponse>, Status> {
-        let snapshot = self.0.budget.snapshot();
-        let info = pb::ServiceInfo {
-            reserved_bytes: snapshot.reserved,
-            queue_depth: snapshot.queued as u32,
-            max_queue_depth: snapshot.max_queue as u32,
-            ..self.0.info.clone()
-        };
         Ok(Response::new(pb::DenoiserServiceInfoResponse {
-            info: Some(info),
+            info: Some(self.0.info()),
         }))
     }
 }

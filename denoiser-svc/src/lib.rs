@@ -19,7 +19,8 @@
 //! - [`admission`]: the activation-memory estimate a request reserves.
 //! - [`engine`]: the step engine thread (queue, cancellation, progress).
 //! - [`grpc`]: the `DenoiserService` handlers.
-//! - [`service`]: startup (device, budget, warm-up) and [`serve`].
+//! - [`served`]: per-model request limits, defaults and Info entries.
+//! - [`service`]: startup (device, models, budget, warm-up) and [`serve`].
 //! - [`config`], [`error`]: settings and the one error type with its status mapping.
 
 #![deny(rust_2018_idioms)]
@@ -34,6 +35,7 @@ pub mod model;
 pub mod noise;
 pub mod preview;
 pub mod sampler;
+pub mod served;
 pub mod service;
 pub mod validate;
 pub mod weights;

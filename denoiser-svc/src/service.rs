@@ -1,12 +1,18 @@
 //! Service startup: device, checkpoint, budget, engine, warm-up, then serving until shutdown.
 
-use std::{collections::HashMap, future::Future, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use candle_core::{DType, Tensor};
 use klein_proto::{
     MAX_MESSAGE_BYTES, pb, pb::denoiser_service_server::DenoiserServiceServer, tensor,
 };
-use klein_runtime::{budget::MemoryBudget, gpu_memory, server::GrpcServer, telemetry};
+use klein_runtime::{
+    budget::MemoryBudget,
+    gpu_memory,
+    models::{Caps, ModelSource, Registry},
+    server::GrpcServer,
+    telemetry,
+};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 
@@ -16,8 +22,9 @@ use crate::{
     error::DenoiseError,
     grpc::{Denoiser, DenoiserGrpc},
     model::{AttentionConfig, grid_ids, text_ids},
-    validate::{MAX_STEPS, RequestContext, TEXT_TOKENS},
-    weights::{Checkpoint, Format},
+    served::ServedModel,
+    validate::TEXT_TOKENS,
+    weights::{Checkpoint, TransformerSource},
 };
 
 /// gRPC name of the service (health, reflection).
@@ -54,12 +61,14 @@ pub async fn serve(
     Ok(server.run(routes, listener, shutdown).await?)
 }
 
-/// Everything before serving: checks, budget, engine (model loaded and warmed up).
+/// Everything before serving: checks, budget, engine (models loaded and warmed up).
 pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
-    let model_dir = config
-        .model_dir
-        .as_deref()
-        .ok_or_else(|| DenoiseError::Config("model_dir (--model-dir) is required".into()))?;
+    let entries = config.model_entries();
+    if entries.is_empty() {
+        return Err(DenoiseError::Config(
+            "no model: set model_dir (--model-dir) or list models (--model ID=PATH)".into(),
+        ));
+    }
     let dtype = DType::from(config.server.dtype);
     if dtype == DType::F16 {
         return Err(DenoiseError::Config(
@@ -67,23 +76,38 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         ));
     }
     let device = config.server.device.open()?;
-    let checkpoint = Checkpoint::locate(model_dir)?;
-    let is_distilled = config
-        .is_distilled
-        .or(checkpoint.is_distilled)
-        .ok_or_else(|| {
-            DenoiseError::Config(format!(
-                "{}: no model_index.json says whether the model is distilled; set is_distilled",
-                model_dir.display()
-            ))
-        })?;
-    let weight_bytes = checkpoint.weight_bytes(dtype);
+    let attention = AttentionConfig {
+        max_score_bytes: config.attention_chunk_bytes.0 as usize,
+    };
+    let mut sources = Vec::with_capacity(entries.len());
+    let mut served = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let checkpoint = Checkpoint::locate(&entry.path)?;
+        let model = ServedModel::new(entry, &checkpoint, dtype, config)?;
+        let source = TransformerSource {
+            checkpoint,
+            dtype,
+            attention,
+        };
+        sources.push((model.context.model_id.clone(), source));
+        served.push(model);
+    }
+    let largest = sources
+        .iter()
+        .map(|(_, s)| s.device_bytes())
+        .max()
+        .unwrap_or(0);
+    let weight_cap = config.residency.device_weight_cap.map_or(largest, |b| b.0);
+    let caps = Caps {
+        device: weight_cap,
+        host: config.residency.host_memory_cap.map_or(u64::MAX, |b| b.0),
+    };
     let budget_bytes = config.server.gpu_memory_budget.0;
-    let fixed = weight_bytes + config.runtime_overhead.0;
+    let fixed = weight_cap + config.runtime_overhead.0;
     if fixed > budget_bytes {
         return Err(DenoiseError::Config(format!(
-            "gpu_memory_budget {budget_bytes} bytes is smaller than the weights ({weight_bytes} bytes in {dtype:?}) \
-             plus the runtime overhead ({} bytes)",
+            "gpu_memory_budget {budget_bytes} bytes is smaller than the resident weights \
+             ({weight_cap} bytes in {dtype:?}) plus the runtime overhead ({} bytes)",
             config.runtime_overhead.0
         )));
     }
@@ -92,89 +116,57 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         budget_bytes - fixed,
         config.server.max_queue_depth,
     );
-    let attention = AttentionConfig {
-        max_score_bytes: config.attention_chunk_bytes.0 as usize,
-    };
-    let model_cfg = checkpoint.config.clone();
-    let model_id = config
-        .model_id
-        .clone()
-        .unwrap_or_else(|| checkpoint.model_id.clone());
+    let models = Registry::new("denoiser", device.clone(), caps, sources)?;
+    let status = models.status();
     let engine_name = format!("denoiser-{}", config.server.device).replace(':', "-");
-    let load = checkpoint.clone();
     let fit = budget.clone();
+    let model_wait = config.residency.model_wait();
     let engine = DenoiseEngine::spawn(&engine_name, move || {
-        let model = load.load(dtype, &device, attention)?;
-        warm_up(&model, &device, dtype)?;
+        let mut models = models;
+        models.preload()?;
+        for id in models.status().models().iter().filter(|m| m.on_device) {
+            if let Some(model) = models.get(&id.id) {
+                warm_up(model, &device, dtype)?;
+            }
+        }
         // cuBLAS is loaded now: what is free is what activations really have.
         gpu_memory::fit_budget(&fit, &device, gpu_memory::FIT_MARGIN_BYTES);
         Ok(Loaded {
-            model,
+            models,
             device,
             dtype,
+            model_wait,
         })
     })?;
-    tracing::info!(%model_id, ?dtype, weight_bytes, is_distilled, "denoiser ready");
-
-    let c = &model_cfg;
-    let details: HashMap<String, String> = [
-        ("hidden_size", c.hidden_size().to_string()),
-        ("num_layers", c.num_layers.to_string()),
-        ("num_single_layers", c.num_single_layers.to_string()),
-        ("num_attention_heads", c.num_attention_heads.to_string()),
-        ("joint_attention_dim", c.joint_attention_dim.to_string()),
-        ("is_distilled", is_distilled.to_string()),
-        (
-            "checkpoint_format",
-            if checkpoint.format == Format::Bfl {
-                "bfl"
-            } else {
-                "diffusers"
-            }
-            .into(),
-        ),
-        ("max_steps", MAX_STEPS.to_string()),
-        ("text_tokens", TEXT_TOKENS.to_string()),
-        ("max_references", config.max_references.to_string()),
-        (
-            "attention_chunk_bytes",
-            attention.max_score_bytes.to_string(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let default = &served[0];
+    tracing::info!(
+        models = served.len(),
+        default = %default.context.model_id,
+        ?dtype,
+        weight_cap,
+        "denoiser ready"
+    );
     let info = pb::ServiceInfo {
         service: "denoiser".into(),
-        model_id: model_id.clone(),
+        model_id: default.context.model_id.clone(),
         dtype: tensor::dtype_to_wire(dtype)
             .map(|d| d as i32)
             .unwrap_or_default(),
         device: config.server.device.to_string(),
         quantization: "none".into(),
         memory_budget_bytes: budget_bytes,
-        weight_bytes,
+        weight_bytes: default.info.weight_bytes,
         max_batch: config.max_batch,
         max_image_side: config.max_image_side,
         max_image_pixels: config.max_image_pixels,
-        details,
+        details: default.info.details.clone(),
         ..Default::default()
-    };
-    let context = RequestContext {
-        model_id,
-        is_distilled,
-        context_dim: c.joint_attention_dim,
-        channels: c.in_channels,
-        max_batch: config.max_batch as usize,
-        max_image_side: config.max_image_side as usize,
-        max_image_pixels: config.max_image_pixels,
-        max_references: config.max_references as usize,
     };
     Ok(Denoiser {
         engine,
         budget,
-        context,
-        model: model_cfg,
+        models: served,
+        status,
         dtype,
         attention,
         info,

@@ -59,6 +59,8 @@ pub enum ValidMode {
 /// A request that passed every check.
 #[derive(Debug, Clone)]
 pub struct ValidDenoiseRequest {
+    /// Id of the model that runs it.
+    pub model: String,
     /// `[B, 512, C_ctx]`.
     pub prompt_embeds: Tensor,
     /// Negative embeddings and g, only when CFG applies (base model, g > 1).
@@ -363,6 +365,7 @@ impl TryFrom<(pb::DenoiseRequest, &RequestContext)> for ValidDenoiseRequest {
             references.push((t, g));
         }
         Ok(Self {
+            model: ctx.model_id.clone(),
             prompt_embeds,
             guidance,
             grid,

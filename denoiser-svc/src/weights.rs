@@ -18,9 +18,16 @@ use std::{
 };
 
 use candle_core::{DType, Device};
-use klein_runtime::weights::{self, WeightsError};
+use candle_nn::VarBuilder;
+use klein_runtime::{
+    models::{HostWeights, ModelSource},
+    weights::{self, WeightsError},
+};
 
-use crate::model::{AttentionConfig, Config, Flux2Transformer2DModel, bfl};
+use crate::{
+    error::DenoiseError,
+    model::{AttentionConfig, Config, Flux2Transformer2DModel, bfl},
+};
 
 /// A checkpoint that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +140,15 @@ impl Checkpoint {
         attention: AttentionConfig,
     ) -> Result<Flux2Transformer2DModel, LoadError> {
         let vb = weights::mmap_var_builder(&self.files, dtype, device)?;
+        self.build(vb, attention)
+    }
+
+    /// Builds the model from `vb` (its tensors under this checkpoint's names).
+    pub fn build(
+        &self,
+        vb: VarBuilder<'static>,
+        attention: AttentionConfig,
+    ) -> Result<Flux2Transformer2DModel, LoadError> {
         let vb = match self.format {
             Format::Diffusers => vb,
             Format::Bfl => bfl::BflBackend::var_builder(vb),
@@ -147,6 +163,51 @@ impl Checkpoint {
     /// Bytes the weights take in `dtype`.
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
         self.config.param_count() * dtype.size_in_bytes() as u64
+    }
+}
+
+/// A checkpoint as one model of the service's registry.
+#[derive(Debug, Clone)]
+pub struct TransformerSource {
+    pub checkpoint: Checkpoint,
+    pub dtype: DType,
+    pub attention: AttentionConfig,
+}
+
+impl ModelSource for TransformerSource {
+    type Model = Flux2Transformer2DModel;
+    type Error = DenoiseError;
+
+    fn device_bytes(&self) -> u64 {
+        self.checkpoint.weight_bytes(self.dtype)
+    }
+
+    fn host_bytes(&self) -> u64 {
+        self.checkpoint.weight_bytes(self.dtype)
+    }
+
+    fn has_host_copy(&self) -> bool {
+        true
+    }
+
+    fn read_host(&self) -> Result<HostWeights, DenoiseError> {
+        Ok(
+            HostWeights::read(&self.checkpoint.files, self.dtype, |_| true)
+                .map_err(LoadError::from)?,
+        )
+    }
+
+    fn build(
+        &self,
+        host: Option<&HostWeights>,
+        device: &Device,
+    ) -> Result<Flux2Transformer2DModel, DenoiseError> {
+        Ok(match host {
+            Some(h) => self
+                .checkpoint
+                .build(h.var_builder(self.dtype, device), self.attention)?,
+            None => self.checkpoint.load(self.dtype, device, self.attention)?,
+        })
     }
 }
 

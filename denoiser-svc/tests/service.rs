@@ -268,3 +268,112 @@ async fn a_budget_smaller_than_the_weights_refuses_to_start() {
     let mut server = start_with(cfg).await;
     denoise(&mut server.client, valid()).await.unwrap();
 }
+
+/// The service with the 4B-shaped default model and the 9B-shaped one as "9b"; by default only
+/// one model's weights fit the device-weight cap at a time.
+fn two_models(model_wait_secs: u64) -> denoiser_svc::Config {
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.models.push(denoiser_svc::config::ModelEntry {
+        id: Some("9b".into()),
+        path: klein_test_support::pipeline_dir("tiny-klein-9b"),
+        is_distilled: None,
+        text_encoder: None,
+    });
+    cfg.residency.model_wait_secs = model_wait_secs;
+    cfg
+}
+
+/// A request for "9b" (its context is 288 wide).
+fn for_9b() -> pb::DenoiseRequest {
+    pb::DenoiseRequest {
+        model: "9b".into(),
+        prompt_embeds: Some(zeros(&[1, 512, 288])),
+        ..valid()
+    }
+}
+
+/// Starts a 40-step run on the default model and returns its stream once it is running.
+async fn long_run(server: &mut Server) -> tonic::Streaming<pb::DenoiseResponse> {
+    let req = pb::DenoiseRequest {
+        num_steps: 40,
+        ..valid()
+    };
+    let mut stream = server.client.denoise(req).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("first progress");
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_in_use_is_never_evicted_another_waits_for_it() {
+    let mut server = start_with(two_models(60)).await;
+    let mut first = long_run(&mut server).await;
+    let mut other = server.client.clone();
+    let waiting = tokio::spawn(async move {
+        let out = denoise(&mut other, for_9b()).await;
+        (out, std::time::Instant::now())
+    });
+    let mut first_done = None;
+    while let Some(msg) = first.message().await.unwrap() {
+        if let Some(pb::denoise_response::Event::Result(_)) = msg.event {
+            first_done = Some(std::time::Instant::now());
+        }
+    }
+    let first_done = first_done.expect("the running model finished its run");
+    let (out, waited_done) = waiting.await.unwrap();
+    let (progress, _) = out.expect("the waiting request ran");
+    assert_eq!(progress.len(), 1);
+    assert!(
+        waited_done > first_done,
+        "the 9b run could only start once the run holding the memory ended"
+    );
+    let info = server
+        .client
+        .info(pb::DenoiserServiceInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    let state: Vec<(&str, &str, bool, u64, u64)> = info
+        .models
+        .iter()
+        .map(|m| {
+            let model = (m.id.as_str(), m.variant.as_str(), m.on_device);
+            (model.0, model.1, model.2, m.loads, m.evictions)
+        })
+        .collect();
+    assert_eq!(
+        state,
+        [
+            ("tiny-klein-4b", "custom", false, 1, 1),
+            ("9b", "custom", true, 1, 0)
+        ]
+    );
+    assert_eq!(info.models[1].details["num_layers"], "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_model_wait_a_busy_model_is_resource_exhausted() {
+    let mut server = start_with(two_models(0)).await;
+    let _first = long_run(&mut server).await;
+    let err = denoise(&mut server.client.clone(), for_9b())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("\"9b\""), "{}", err.message());
+    let err = denoise(
+        &mut server.client,
+        pb::DenoiseRequest {
+            model: "klein-13b".into(),
+            ..valid()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("tiny-klein-4b, 9b"),
+        "{}",
+        err.message()
+    );
+}

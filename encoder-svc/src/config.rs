@@ -10,6 +10,7 @@ use klein_runtime::{
     bytesize::ByteSize,
     config::{ServerConfig, ServerFlags},
     device::DTypeSpec,
+    models::{ResidencyConfig, ResidencyFlags, parse_model_arg},
 };
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -87,13 +88,19 @@ impl<'de> Deserialize<'de> for Quantize {
 pub struct Config {
     #[serde(flatten)]
     pub server: ServerConfig,
-    /// Diffusers pipeline root holding `text_encoder/` and `tokenizer/` (required).
+    #[serde(flatten)]
+    pub residency: ResidencyConfig,
+    /// Diffusers pipeline root holding `text_encoder/` and `tokenizer/`: the default model.
+    /// Required unless `models` lists at least one.
     pub model_dir: Option<PathBuf>,
     /// Model id reported and matched against requests; default: the model folder's name.
     pub model_id: Option<String>,
     /// Pre-quantized Qwen3 GGUF file to take the weights from instead of `text_encoder/`
     /// (the tokenizer still comes from `model_dir`).
     pub gguf: Option<PathBuf>,
+    /// Further models (`[[models]]` in TOML, `--model ID=PATH` flags); the first is the
+    /// default when `model_dir` is not set.
+    pub models: Vec<ModelEntry>,
     /// Load-time quantization of the safetensors weights: none, q4k, q4_0, q4_1, q6k, q8_0.
     pub quantize: Quantize,
     /// Device memory the runtime needs besides weights and activations (CUDA context, cuBLAS
@@ -114,9 +121,11 @@ impl Default for Config {
                 listen: ([127, 0, 0, 1], 50052).into(),
                 ..ServerConfig::default()
             },
+            residency: ResidencyConfig::default(),
             model_dir: None,
             model_id: None,
             gguf: None,
+            models: Vec::new(),
             quantize: Quantize::None,
             runtime_overhead: ByteSize(512 << 20),
             cache_bytes: ByteSize(512 << 20),
@@ -130,15 +139,17 @@ impl Config {
     /// Checks the rules no single setting can express.
     pub fn validate(&self) -> Result<(), EncoderError> {
         let fail = |msg: &str| Err(EncoderError::Config(msg.to_owned()));
-        if self.model_dir.is_none() {
+        if self.model_dir.is_none() && self.models.is_empty() {
             return fail(
-                "model_dir is required (a diffusers pipeline root with text_encoder/ and tokenizer/)",
+                "model_dir is required (a diffusers pipeline root with text_encoder/ and tokenizer/), \
+                 or list models (--model ID=PATH)",
             );
         }
         if self.server.dtype == DTypeSpec::F16 {
             return fail("dtype f16 is refused: Qwen3 activations overflow f16 (use bf16 or f32)");
         }
-        if self.gguf.is_some() && self.quantize != Quantize::None {
+        let gguf = self.model_entries().iter().any(|m| m.gguf.is_some());
+        if gguf && self.quantize != Quantize::None {
             return fail(
                 "quantize applies to safetensors weights; a GGUF file is already quantized",
             );
@@ -152,14 +163,63 @@ impl Config {
         Ok(())
     }
 
-    /// The model id: configured, else the model folder's name.
+    /// The default model's id: configured, else the model folder's name.
     pub fn model_id(&self) -> String {
-        self.model_id.clone().unwrap_or_else(|| {
-            self.model_dir
-                .as_deref()
-                .and_then(|d| d.file_name())
+        self.model_entries()
+            .first()
+            .map_or_else(|| "qwen3".into(), ModelEntry::id)
+    }
+
+    /// Every configured model, the default first: `model_dir` (with `model_id` and `gguf`)
+    /// when set, then `models`.
+    pub fn model_entries(&self) -> Vec<ModelEntry> {
+        let first = self.model_dir.as_ref().map(|path| ModelEntry {
+            id: self.model_id.clone(),
+            path: path.clone(),
+            gguf: self.gguf.clone(),
+        });
+        first
+            .into_iter()
+            .chain(self.models.iter().cloned())
+            .collect()
+    }
+}
+
+/// One text encoder the service serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    /// Id requests name; default: the folder's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Diffusers pipeline root holding `text_encoder/` and `tokenizer/`.
+    pub path: PathBuf,
+    /// Pre-quantized Qwen3 GGUF file to take the weights from (tokenizer from `path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gguf: Option<PathBuf>,
+}
+
+impl ModelEntry {
+    /// The configured id, else the folder's name.
+    pub fn id(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            self.path
+                .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "qwen3".into())
+        })
+    }
+}
+
+impl FromStr for ModelEntry {
+    type Err = String;
+
+    /// `ID=PATH` or `PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, path) = parse_model_arg(s)?;
+        Ok(Self {
+            id,
+            path,
+            gguf: None,
         })
     }
 }
@@ -179,6 +239,13 @@ pub struct Flags {
     #[command(flatten)]
     #[serde(flatten)]
     pub server: ServerFlags,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub residency: ResidencyFlags,
+    /// A further model, `ID=PATH` or `PATH` (repeatable).
+    #[arg(long = "model", value_name = "ID=PATH")]
+    #[serde(rename = "models", skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelEntry>,
     /// Diffusers pipeline root holding text_encoder/ and tokenizer/.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -2,7 +2,7 @@
 
 use klein_runtime::{
     budget::AdmissionError, device::DeviceError, engine::EngineError, gpu_memory,
-    server::ServeError, tls::TlsError, weights::WeightsError,
+    models::RegistryError, server::ServeError, tls::TlsError, weights::WeightsError,
 };
 
 use crate::prompt::TokenizerError;
@@ -47,6 +47,9 @@ pub enum EncoderError {
     Tls(#[from] TlsError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The model registry: an unknown model, or a configuration it cannot hold.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl EncoderError {
@@ -70,6 +73,9 @@ impl EncoderError {
             Self::Weights(_) | Self::Device(_) | Self::Io(_) => "startup",
             Self::Model(_) | Self::Codec(_) => "model",
             Self::Serve(_) => "transport",
+            Self::Registry(RegistryError::Unknown { .. }) => "validation",
+            Self::Registry(RegistryError::NoRoom { .. }) => "admission",
+            Self::Registry(_) => "config",
         }
     }
 }
@@ -78,7 +84,12 @@ impl From<EncoderError> for tonic::Status {
     fn from(err: EncoderError) -> Self {
         match &err {
             EncoderError::Validation { .. } => tonic::Status::invalid_argument(err.to_string()),
-            EncoderError::Admission(_) => tonic::Status::resource_exhausted(err.to_string()),
+            EncoderError::Admission(_) | EncoderError::Registry(RegistryError::NoRoom { .. }) => {
+                tonic::Status::resource_exhausted(err.to_string())
+            }
+            EncoderError::Registry(RegistryError::Unknown { .. }) => {
+                tonic::Status::invalid_argument(format!("model: {err}"))
+            }
             EncoderError::Engine(EngineError::Stopped) => {
                 tonic::Status::unavailable(err.to_string())
             }

@@ -8,8 +8,8 @@ use crate::error::EncoderError;
 /// Bounds a request must respect; fixed at startup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestLimits {
-    /// The served model's id (requests may name it or leave `model` empty).
-    pub model_id: String,
+    /// The served models' ids, the default first (requests name one or leave `model` empty).
+    pub model_ids: Vec<String>,
     /// Most prompts per request.
     pub max_batch: usize,
     /// Longest prompt, UTF-8 bytes.
@@ -21,6 +21,8 @@ pub struct RequestLimits {
 /// An `Encode` request that passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidEncodeRequest {
+    /// Id of the model that encodes them.
+    pub model: String,
     /// 1..=max_batch prompts.
     pub prompts: Vec<String>,
     /// Empty, or one per prompt.
@@ -33,15 +35,20 @@ impl ValidEncodeRequest {
         req: pb::TextEncoderServiceEncodeRequest,
         limits: &RequestLimits,
     ) -> Result<Self, EncoderError> {
-        if !req.model.is_empty() && req.model != limits.model_id {
+        let model = if req.model.is_empty() {
+            limits.model_ids.first().cloned().unwrap_or_default()
+        } else if limits.model_ids.contains(&req.model) {
+            req.model
+        } else {
             return Err(EncoderError::invalid(
                 "model",
                 format!(
-                    "unknown model {:?}; this service serves {:?} (or leave it empty)",
-                    req.model, limits.model_id
+                    "unknown model {:?}; this service serves: {} (or leave it empty for the first)",
+                    req.model,
+                    limits.model_ids.join(", ")
                 ),
             ));
-        }
+        };
         let n = req.prompts.len();
         if n == 0 {
             return Err(EncoderError::invalid(
@@ -95,6 +102,7 @@ impl ValidEncodeRequest {
             }
         }
         Ok(Self {
+            model,
             prompts: req.prompts,
             negative_prompts: req.negative_prompts,
         })
@@ -107,7 +115,7 @@ mod tests {
 
     fn limits() -> RequestLimits {
         RequestLimits {
-            model_id: "klein".into(),
+            model_ids: vec!["klein".into(), "klein-9b".into()],
             max_batch: 2,
             max_prompt_bytes: 10,
             max_embeddings: 3,
@@ -132,11 +140,15 @@ mod tests {
             req(&["a"], &[], ""),
             req(&[""], &[""], "klein"),
             req(&["a", "b"], &[], ""),
+            req(&["a"], &[], "klein-9b"),
         ] {
-            assert!(
-                ValidEncodeRequest::validate(r.clone(), &limits()).is_ok(),
-                "{r:?}"
-            );
+            let want = if r.model.is_empty() {
+                "klein"
+            } else {
+                &r.model
+            };
+            let valid = ValidEncodeRequest::validate(r.clone(), &limits());
+            assert_eq!(valid.map(|v| v.model).ok().as_deref(), Some(want), "{r:?}");
         }
     }
 

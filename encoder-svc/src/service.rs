@@ -16,6 +16,7 @@ use klein_runtime::{
     device::DeviceSpec,
     engine::{Engine, EngineError},
     gpu_memory,
+    models::{Caps, ModelSource, Registry, RegistryStatus},
 };
 
 use crate::{
@@ -24,7 +25,7 @@ use crate::{
     },
     cache::{CacheKey, CachedEmbedding, PromptCache},
     config::Config,
-    engine::{Encoder, ModelSpec, embedding_bytes},
+    engine::{EncoderSource, ModelSpec, embedding_bytes},
     error::EncoderError,
     model::{qwen3, weights::WeightReport},
     prompt::{PromptIds, PromptTokenizer, SEQ_LEN},
@@ -36,87 +37,153 @@ const RESPONSE_HEADROOM_BYTES: usize = 1 << 20;
 
 /// What was loaded, fixed for the life of the service.
 struct Loaded {
-    cfg: qwen3::Config,
     dtype: DType,
+    /// Weights of the default model as loaded at startup.
     report: WeightReport,
     device: String,
     quantization: String,
     budget_bytes: u64,
-    /// What one prompt reserves from the budget.
-    per_prompt: u64,
 }
 
-/// The running encoder: model engine, tokenizer, cache and budget.
-pub struct EncoderService {
-    engine: Engine<Encoder>,
+/// One configured model: its tokenizer, shape and what one prompt reserves.
+struct Served {
+    id: Arc<str>,
     tokenizer: Arc<PromptTokenizer>,
+    cfg: qwen3::Config,
+    per_prompt: u64,
+    info: pb::ModelInfo,
+}
+
+/// `qwen3-4b` / `qwen3-8b` for the released shapes, `custom` for any other.
+fn variant(cfg: &qwen3::Config) -> &'static str {
+    match (cfg.hidden_size, cfg.num_hidden_layers) {
+        (2560, 36) => "qwen3-4b",
+        (4096, 36) => "qwen3-8b",
+        _ => "custom",
+    }
+}
+
+/// The running encoder: model engine, tokenizers, cache and budget.
+pub struct EncoderService {
+    engine: Engine<Registry<EncoderSource>>,
+    models: Vec<Served>,
+    status: RegistryStatus,
     cache: PromptCache,
     budget: MemoryBudget,
-    model: Arc<str>,
     variant: Arc<str>,
     limits: RequestLimits,
     loaded: Loaded,
 }
 
 impl EncoderService {
-    /// Loads the tokenizer and the model (on the engine thread), sizes the budget, and warms
-    /// the model up with one encode.
+    /// Reads every model's tokenizer and config, loads the models that fit (on the engine
+    /// thread), sizes the budget, and warms the default model up with one encode.
     pub async fn start(config: &Config) -> Result<Self, EncoderError> {
         config.validate()?;
-        let model_dir = config.model_dir.clone().unwrap_or_default();
-        let tokenizer = Arc::new(PromptTokenizer::from_file(
-            &model_dir.join("tokenizer").join("tokenizer.json"),
-        )?);
-        let spec = ModelSpec {
-            model_dir,
-            gguf: config.gguf.clone(),
-            dtype: config.server.dtype.into(),
-            quantize: config.quantize.plan(),
+        let dtype: DType = config.server.dtype.into();
+        let on_cuda = config.server.device != DeviceSpec::Cpu;
+        let mut models = Vec::new();
+        let mut sources = Vec::new();
+        let mut scratch = 0;
+        for entry in config.model_entries() {
+            let tokenizer = Arc::new(PromptTokenizer::from_file(
+                &entry.path.join("tokenizer").join("tokenizer.json"),
+            )?);
+            let spec = ModelSpec {
+                model_dir: entry.path.clone(),
+                gguf: entry.gguf.clone(),
+                dtype,
+                quantize: config.quantize.plan(),
+            };
+            let cfg = spec.config()?;
+            let quantized = spec.quantize.is_some() || spec.gguf.is_some();
+            let per_prompt = activation_bytes(&cfg, dtype, 1, SEQ_LEN)
+                + if quantized && !on_cuda {
+                    host_quant_scratch_bytes(&cfg, SEQ_LEN)
+                } else {
+                    0
+                };
+            if quantized && on_cuda {
+                scratch = scratch.max(dequantize_reserve_bytes(&cfg, dtype, SEQ_LEN));
+            }
+            let id = entry.id();
+            let source = EncoderSource {
+                spec,
+                config: cfg.clone(),
+                pad_id: tokenizer.pad_id(),
+            };
+            let details = [
+                ("hidden_size", cfg.hidden_size.to_string()),
+                ("num_hidden_layers", cfg.num_hidden_layers.to_string()),
+                ("output_dim", cfg.output_dim().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+            let info = pb::ModelInfo {
+                id: id.clone(),
+                variant: variant(&cfg).into(),
+                weight_bytes: source.device_bytes(),
+                details,
+                ..Default::default()
+            };
+            sources.push((id.clone(), source));
+            models.push(Served {
+                id: id.into(),
+                tokenizer,
+                cfg,
+                per_prompt,
+                info,
+            });
+        }
+        let weight_cap = config.residency.device_weight_cap.map_or_else(
+            || {
+                sources
+                    .iter()
+                    .map(|(_, s)| s.device_bytes())
+                    .max()
+                    .unwrap_or(0)
+            },
+            |b| b.0,
+        );
+        let caps = Caps {
+            device: weight_cap,
+            host: config.residency.host_memory_cap.map_or(u64::MAX, |b| b.0),
         };
+        let largest_prompt = models.iter().map(|m| m.per_prompt).max().unwrap_or(0);
+        let capacity = activation_capacity(
+            config.server.gpu_memory_budget.0,
+            weight_cap,
+            config.runtime_overhead.0 + scratch,
+            largest_prompt,
+        )?;
         let device_spec = config.server.device;
-        let pad_id = tokenizer.pad_id();
         let started = Instant::now();
         let engine = tokio::task::spawn_blocking(move || {
             Engine::spawn(&format!("encoder-{device_spec}"), move || {
                 let device = device_spec.open()?;
-                Encoder::load(&spec, pad_id, &device)
+                let mut registry = Registry::new("encoder", device, caps, sources)?;
+                registry.preload()?;
+                Ok::<_, EncoderError>(registry)
             })
         })
         .await
         .map_err(|e| EncoderError::Engine(EngineError::Panicked(e.to_string())))??;
-        let (cfg, dtype, report) = engine
-            .run(|e| {
-                (
-                    e.model().config().clone(),
-                    e.model().dtype(),
-                    e.report().clone(),
-                )
+        let (status, report) = engine
+            .run(|r| {
+                let report = r.get(r.default_id()).map(|e| e.report().clone());
+                (r.status(), report.unwrap_or_default())
             })
             .await?;
-        tracing::info!(elapsed = ?started.elapsed(), "text encoder ready on the engine thread");
+        tracing::info!(elapsed = ?started.elapsed(), models = models.len(), "text encoders ready on the engine thread");
 
-        let quantized = report.has_quantized();
-        let on_cuda = config.server.device != DeviceSpec::Cpu;
-        let per_prompt = activation_bytes(&cfg, dtype, 1, SEQ_LEN)
-            + if quantized && !on_cuda {
-                host_quant_scratch_bytes(&cfg, SEQ_LEN)
-            } else {
-                0
-            };
-        let scratch = if quantized && on_cuda {
-            dequantize_reserve_bytes(&cfg, dtype, SEQ_LEN)
-        } else {
-            0
-        };
-        let capacity = activation_capacity(
-            config.server.gpu_memory_budget.0,
-            report.total_bytes(),
-            config.runtime_overhead.0 + scratch,
-            per_prompt,
-        )?;
         let budget = MemoryBudget::new("encoder", capacity, config.server.max_queue_depth);
-        let max_embeddings =
-            (MAX_MESSAGE_BYTES - RESPONSE_HEADROOM_BYTES) / embedding_bytes(&cfg, dtype) as usize;
+        let widest = models
+            .iter()
+            .map(|m| embedding_bytes(&m.cfg, dtype))
+            .max()
+            .unwrap_or(1);
+        let max_embeddings = (MAX_MESSAGE_BYTES - RESPONSE_HEADROOM_BYTES) / widest as usize;
         if config.max_batch > max_embeddings {
             tracing::warn!(
                 max_batch = config.max_batch,
@@ -124,31 +191,30 @@ impl EncoderService {
                 "max_batch exceeds what one response can carry; requests are capped at max_embeddings"
             );
         }
-        let quantization = match &config.gguf {
-            Some(_) => "gguf".to_owned(),
-            None => config.quantize.to_string(),
+        let quantization = if config.model_entries().iter().any(|m| m.gguf.is_some()) {
+            "gguf".to_owned()
+        } else {
+            config.quantize.to_string()
         };
         let service = Self {
             engine,
-            tokenizer,
-            cache: PromptCache::new(config.cache_bytes.0),
-            budget,
-            model: config.model_id().into(),
-            variant: format!("{}/{quantization}", config.server.dtype).into(),
             limits: RequestLimits {
-                model_id: config.model_id(),
+                model_ids: models.iter().map(|m| m.id.to_string()).collect(),
                 max_batch: config.max_batch.min(max_embeddings),
                 max_prompt_bytes: config.max_prompt_bytes,
                 max_embeddings,
             },
+            models,
+            status,
+            cache: PromptCache::new(config.cache_bytes.0),
+            budget,
+            variant: format!("{}/{quantization}", config.server.dtype).into(),
             loaded: Loaded {
-                cfg,
                 dtype,
                 report,
                 device: device_spec.to_string(),
                 quantization,
                 budget_bytes: config.server.gpu_memory_budget.0,
-                per_prompt,
             },
         };
         service.warm_up().await?;
@@ -157,15 +223,15 @@ impl EncoderService {
 
     async fn warm_up(&self) -> Result<(), EncoderError> {
         let started = Instant::now();
-        let ids = self.tokenizer.encode("")?;
-        self.engine.run(move |e| e.encode(&[ids])).await??;
+        let ids = self.models[0].tokenizer.encode("")?;
+        self.engine
+            .run(move |r| r.resident("")?.encode(&[ids]))
+            .await??;
         tracing::info!(elapsed = ?started.elapsed(), "warm-up encode done");
         // The libraries are loaded now: what is free is what activations really have.
         let budget = self.budget.clone();
         self.engine
-            .run(move |e| {
-                gpu_memory::fit_budget(&budget, e.model().device(), gpu_memory::FIT_MARGIN_BYTES)
-            })
+            .run(move |r| gpu_memory::fit_budget(&budget, r.device(), gpu_memory::FIT_MARGIN_BYTES))
             .await?;
         Ok(())
     }
@@ -175,9 +241,16 @@ impl EncoderService {
         &self.limits
     }
 
-    fn key(&self, prompt: &str) -> CacheKey {
+    fn served(&self, id: &str) -> &Served {
+        self.models
+            .iter()
+            .find(|m| &*m.id == id)
+            .unwrap_or(&self.models[0])
+    }
+
+    fn key(&self, model: &Served, prompt: &str) -> CacheKey {
         CacheKey {
-            model: self.model.clone(),
+            model: model.id.clone(),
             variant: self.variant.clone(),
             prompt: prompt.to_owned(),
         }
@@ -188,24 +261,25 @@ impl EncoderService {
         &self,
         req: ValidEncodeRequest,
     ) -> Result<pb::TextEncoderServiceEncodeResponse, EncoderError> {
+        let model = self.served(&req.model);
         let mut found: HashMap<&str, (CachedEmbedding, bool)> = HashMap::new();
         let mut todo: Vec<(&str, PromptIds)> = Vec::new();
         for p in req.prompts.iter().chain(&req.negative_prompts) {
             if found.contains_key(p.as_str()) || todo.iter().any(|(q, _)| q == p) {
                 continue;
             }
-            match self.cache.get(&self.key(p)) {
+            match self.cache.get(&self.key(model, p)) {
                 Some(hit) => {
                     found.insert(p, (hit, true));
                 }
-                None => todo.push((p, self.tokenizer.encode(p)?)),
+                None => todo.push((p, model.tokenizer.encode(p)?)),
             }
         }
         metrics::counter!("klein_encoder_prompts_total")
             .increment((req.prompts.len() + req.negative_prompts.len()) as u64);
         if !todo.is_empty() {
-            for (p, e) in self.run_model(&todo).await? {
-                self.cache.insert(self.key(p), e.clone());
+            for (p, e) in self.run_model(model, &todo).await? {
+                self.cache.insert(self.key(model, p), e.clone());
                 found.insert(p, (e, false));
             }
         }
@@ -214,7 +288,7 @@ impl EncoderService {
                 if list.is_empty() {
                     return Ok((None, Vec::new()));
                 }
-                let per = embedding_bytes(&self.loaded.cfg, self.loaded.dtype) as usize;
+                let per = embedding_bytes(&model.cfg, self.loaded.dtype) as usize;
                 let mut data = BytesMut::with_capacity(per * list.len());
                 let mut tokens = Vec::with_capacity(list.len());
                 for p in list {
@@ -231,7 +305,7 @@ impl EncoderService {
                     shape: vec![
                         list.len() as u64,
                         SEQ_LEN as u64,
-                        self.loaded.cfg.output_dim() as u64,
+                        model.cfg.output_dim() as u64,
                     ],
                     data: data.freeze(),
                 };
@@ -244,16 +318,18 @@ impl EncoderService {
             negative_prompt_embeds,
             prompts,
             negative_prompts,
-            model_id: self.model.to_string(),
+            model_id: model.id.to_string(),
         })
     }
 
     /// Runs the model on `todo` under a budget reservation; one cache value per prompt.
     async fn run_model<'p>(
         &self,
+        model: &Served,
         todo: &[(&'p str, PromptIds)],
     ) -> Result<Vec<(&'p str, CachedEmbedding)>, EncoderError> {
-        let estimate = self.loaded.per_prompt * todo.len() as u64;
+        let estimate = model.per_prompt * todo.len() as u64;
+        let id = model.id.clone();
         let reservation = self.budget.reserve(estimate).await?;
         let ids: Vec<PromptIds> = todo.iter().map(|(_, ids)| ids.clone()).collect();
         let started = Instant::now();
@@ -261,9 +337,9 @@ impl EncoderService {
         // if this request is cancelled while the job waits or runs.
         let out = self
             .engine
-            .run(move |e| {
+            .run(move |r| {
                 let _held = reservation;
-                e.encode(&ids)
+                r.resident(&id)?.encode(&ids)
             })
             .await??;
         metrics::histogram!("klein_encoder_encode_seconds").record(started.elapsed().as_secs_f64());
@@ -288,7 +364,8 @@ impl EncoderService {
     pub fn info(&self) -> pb::ServiceInfo {
         let budget = self.budget.snapshot();
         let cache = self.cache.stats();
-        let cfg = &self.loaded.cfg;
+        let status = self.status.models();
+        let cfg = &self.models[0].cfg;
         let mut details: HashMap<String, String> = [
             ("hidden_size", cfg.hidden_size.to_string()),
             ("num_hidden_layers", cfg.num_hidden_layers.to_string()),
@@ -322,7 +399,7 @@ impl EncoderService {
         }
         pb::ServiceInfo {
             service: "encoder".into(),
-            model_id: self.model.to_string(),
+            model_id: self.models[0].id.to_string(),
             dtype: dtype_to_wire(self.loaded.dtype).map_or(0, |d| d as i32),
             device: self.loaded.device.clone(),
             quantization: self.loaded.quantization.clone(),
@@ -335,6 +412,20 @@ impl EncoderService {
             max_image_side: 0,
             max_image_pixels: 0,
             details,
+            models: self
+                .models
+                .iter()
+                .map(|m| {
+                    let mut info = m.info.clone();
+                    if let Some(s) = status.iter().find(|s| *s.id == *m.id) {
+                        info.on_device = s.on_device;
+                        info.in_host_memory = s.in_host;
+                        info.loads = s.loads;
+                        info.evictions = s.evictions;
+                    }
+                    info
+                })
+                .collect(),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::{
     future::Future,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -22,7 +23,10 @@ use tonic::{
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
-use crate::error::{GatewayError, Stage, connection_lost, downstream};
+use crate::{
+    error::{GatewayError, Stage, connection_lost, downstream},
+    routing::Router,
+};
 
 /// When a request must be finished.
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +92,29 @@ pub fn balanced_channel(
     addrs: &[String],
     tls: Option<&ClientTlsConfig>,
 ) -> Result<Channel, AddressError> {
+    Ok(crate::replicas::balance(
+        stage,
+        endpoints(stage, addrs, tls)?,
+    ))
+}
+
+/// A [`Router`] over `addrs`: the balanced channel plus per-model subsets.
+fn router(
+    stage: Stage,
+    addrs: &[String],
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Router, AddressError> {
+    let endpoints = endpoints(stage, addrs, tls)?;
+    let all = crate::replicas::balance(stage, endpoints.clone());
+    Ok(Router::new(stage, endpoints, all))
+}
+
+/// The endpoints of `addrs` with the stage-call settings (timeouts, windows, keep-alive, TLS).
+fn endpoints(
+    stage: Stage,
+    addrs: &[String],
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Vec<Endpoint>, AddressError> {
     let mut endpoints = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let bad = |e: tonic::transport::Error| AddressError {
@@ -115,14 +142,14 @@ pub fn balanced_channel(
             reason: "no address configured".into(),
         });
     }
-    Ok(crate::replicas::balance(stage, endpoints))
+    Ok(endpoints)
 }
 
 /// Clients of the three stages.
 #[derive(Clone)]
 pub struct Stages {
-    pub encoder: TextEncoderServiceClient<Channel>,
-    pub denoiser: DenoiserServiceClient<Channel>,
+    pub encoder: Arc<Router>,
+    pub denoiser: Arc<Router>,
     pub vae: VaeServiceClient<Channel>,
     max_attempts: u32,
 }
@@ -137,12 +164,8 @@ impl Stages {
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Self, AddressError> {
         Ok(Self {
-            encoder: TextEncoderServiceClient::new(balanced_channel(Stage::Encoder, encoder, tls)?)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            denoiser: DenoiserServiceClient::new(balanced_channel(Stage::Denoiser, denoiser, tls)?)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            encoder: Arc::new(router(Stage::Encoder, encoder, tls)?),
+            denoiser: Arc::new(router(Stage::Denoiser, denoiser, tls)?),
             vae: VaeServiceClient::new(balanced_channel(Stage::Vae, vae, tls)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -153,6 +176,20 @@ impl Stages {
     /// Most attempts of an idempotent call.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
+    }
+
+    /// An encoder client reaching a replica that serves `model` (empty = any).
+    pub fn encoder(&self, model: &str) -> TextEncoderServiceClient<Channel> {
+        TextEncoderServiceClient::new(self.encoder.channel(model))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// A denoiser client reaching a replica that serves `model` (empty = any).
+    pub fn denoiser(&self, model: &str) -> DenoiserServiceClient<Channel> {
+        DenoiserServiceClient::new(self.denoiser.channel(model))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 

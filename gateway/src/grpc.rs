@@ -172,6 +172,7 @@ impl ImageService for ImageApi {
                     distilled: m.distilled,
                     default_steps: m.default_steps,
                     default_guidance_scale: m.default_guidance,
+                    variant: m.variant.clone(),
                 })
                 .collect(),
             limits: Some(pb::Limits {

@@ -10,6 +10,7 @@
 //! - [`auth`]: the optional API key of the ImageService (constant-time compare).
 //! - [`pipeline`]: one request end to end (encode -> denoise -> decode -> PNG).
 //! - [`catalog`]: models and service infos learnt from the stages.
+//! - [`routing`]: per-model channels (replicas that serve the requested model).
 //! - [`grpc`]: the thin ImageService handlers.
 //! - [`http`]: the HTTP face (OpenAI Images API, jobs, health, OpenAPI, the web page) over the
 //!   same `ImageApi`.
@@ -32,6 +33,7 @@ pub mod image_io;
 pub mod pipeline;
 pub mod preprocess;
 pub mod replicas;
+pub mod routing;
 pub mod stack;
 pub mod tensors;
 pub mod validate;
@@ -121,12 +123,13 @@ pub async fn serve_with_http(
         tokio::spawn(async move {
             let mut serving = false;
             loop {
-                if let Some(info) = catalog::denoiser_info(&stages).await {
+                if let Some(fresh) = catalog::refresh(&stages).await {
+                    let ids: Vec<String> = fresh.models.iter().map(|m| m.id.clone()).collect();
                     if let Ok(mut c) = catalog.write() {
-                        *c = Catalog::from_denoiser(&info);
+                        *c = fresh;
                     }
                     if !serving {
-                        tracing::info!(model = %info.model_id, "denoiser reachable: serving");
+                        tracing::info!(models = ?ids, "denoiser reachable: serving");
                         health.set_serving().await;
                         serving = true;
                     }

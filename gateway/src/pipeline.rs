@@ -84,10 +84,10 @@ pub async fn run(
             } else {
                 vec![]
             },
-            model: String::new(),
+            model: req.model.text_encoder.clone(),
         };
         with_retry(Stage::Encoder, attempts, &deadline, || {
-            let mut client = stages.encoder.clone();
+            let mut client = stages.encoder(&req.model.text_encoder);
             let r = request(msg.clone(), &deadline, trace, Stage::Encoder)?;
             Ok(async move { client.encode(r).await })
         })
@@ -296,7 +296,7 @@ async fn denoise_stream(
     events: &Events,
 ) -> Result<pb::DenoiseResult, GatewayError> {
     let mut stream = with_retry(Stage::Denoiser, attempts, deadline, || {
-        let mut client = stages.denoiser.clone();
+        let mut client = stages.denoiser(&msg.model);
         let r = request(msg.clone(), deadline, trace, Stage::Denoiser)?;
         Ok(async move { client.denoise(r).await })
     })

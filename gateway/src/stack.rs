@@ -61,6 +61,30 @@ impl StackOptions {
         }
     }
 
+    /// Also serves the pipeline folder `path` as model `id`: its transformer in the denoiser,
+    /// its text encoder in the encoder (the VAE is shared by every klein model).
+    pub fn add_model(mut self, id: &str, path: &Path) -> Self {
+        self.encoder.models.push(encoder_svc::config::ModelEntry {
+            id: Some(id.to_owned()),
+            path: path.to_owned(),
+            gguf: None,
+        });
+        self.denoiser.models.push(denoiser_svc::config::ModelEntry {
+            id: Some(id.to_owned()),
+            path: path.to_owned(),
+            is_distilled: None,
+            text_encoder: Some(id.to_owned()),
+        });
+        self
+    }
+
+    /// Caps the host RAM the encoder's and the denoiser's model weights may take (each).
+    pub fn host_memory_caps(mut self, encoder: ByteSize, denoiser: ByteSize) -> Self {
+        self.encoder.residency.host_memory_cap = Some(encoder);
+        self.denoiser.residency.host_memory_cap = Some(denoiser);
+        self
+    }
+
     /// Sets the three services' budgets.
     pub fn budgets(mut self, encoder: ByteSize, denoiser: ByteSize, vae: ByteSize) -> Self {
         self.encoder.server.gpu_memory_budget = encoder;

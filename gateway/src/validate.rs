@@ -25,6 +25,10 @@ use crate::{
 pub struct ModelCaps {
     /// Model id.
     pub id: String,
+    /// Architecture family (`klein-4b`, ..., `custom`); empty when the denoiser did not say.
+    pub variant: String,
+    /// Encoder model id whose embeddings it takes ("" = the encoder's default).
+    pub text_encoder: String,
     /// Step-distilled (no CFG, 4 steps by default).
     pub distilled: bool,
     /// Default step count.

@@ -15,6 +15,7 @@
 //! - [`telemetry`]: tracing (pretty or JSON) and the Prometheus `/metrics` endpoint.
 //! - [`engine`]: the one thread that owns a model and its device, fed by async callers.
 //! - [`weights`]: diffusers folder layout, sharded safetensors indexes, mmap loading.
+//! - [`models`]: several models per service under host-RAM and device-weight caps (LRU).
 
 #![deny(rust_2018_idioms)]
 #![deny(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod gpu_memory;
+pub mod models;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

@@ -300,6 +300,15 @@ impl Vae {
             max_image_side: self.limits.max_image_side as u32,
             max_image_pixels: self.limits.max_image_pixels,
             details,
+            // One VAE serves every klein model; it stays resident.
+            models: vec![pb::ModelInfo {
+                id: self.facts.model_id.clone(),
+                variant: "flux2-vae".into(),
+                weight_bytes: self.facts.weight_bytes,
+                on_device: true,
+                loads: 1,
+                ..Default::default()
+            }],
         }
     }
 }

@@ -107,8 +107,8 @@ pub async fn capabilities(State(state): State<AppState>) -> Result<Json<Value>, 
     let jobs = state.jobs.limits();
     Ok(Json(json!({
         "models": caps.models.iter().map(|m| json!({
-            "id": m.id, "distilled": m.distilled, "default_steps": m.default_steps,
-            "default_guidance": m.default_guidance_scale,
+            "id": m.id, "variant": m.variant, "distilled": m.distilled,
+            "default_steps": m.default_steps, "default_guidance": m.default_guidance_scale,
         })).collect::<Vec<_>>(),
         "limits": {
             "min_image_side": l.min_image_side, "max_image_side": l.max_image_side,
