@@ -56,6 +56,13 @@ struct ServeArgs {
     /// Gateway /metrics listen address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// A further pipeline folder served as model ID, `ID=PATH` (repeatable; e.g. klein-9B next
+    /// to the default klein-4B).
+    #[arg(long = "add-model", value_name = "ID=PATH")]
+    add_models: Vec<String>,
+    /// Cap on model weights each of the encoder and the denoiser keeps in host RAM, e.g. 50GB.
+    #[arg(long)]
+    host_memory_cap: Option<ByteSize>,
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
@@ -77,6 +84,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
         args.denoiser_budget,
         args.vae_budget,
     );
+    for arg in &args.add_models {
+        match klein_runtime::models::parse_model_arg(arg) {
+            Ok((Some(id), path)) => opts = opts.add_model(&id, &path),
+            Ok((None, _)) | Err(_) => {
+                eprintln!("klein: --add-model {arg:?}: expected ID=PATH");
+                return ExitCode::from(64);
+            }
+        }
+    }
+    if let Some(cap) = args.host_memory_cap {
+        opts = opts.host_memory_caps(cap, cap);
+    }
     opts.gateway.server.metrics_listen = args.metrics_listen;
     opts.gateway.http_listen = Some(args.http_listen);
     tracing::info!(model_dir = %model_dir.display(), device = %args.device, "starting the stack");
