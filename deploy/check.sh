@@ -116,13 +116,13 @@ must_fail() {
   fi
   echo "rejected: $name"
 }
-must_fail "gpu-mps with 10 GiB denoiser, 2.5 GiB VAE" gpu-mps \
-  's/denoiser-mib: "9216"/denoiser-mib: "10240"/; s/vae-mib: "2048"/vae-mib: "2560"/'
+must_fail "gpu-mps with 10 GiB denoiser, 3.375 GiB VAE" gpu-mps \
+  's/denoiser-mib: "10048"/denoiser-mib: "10240"/; s/vae-mib: "3328"/vae-mib: "3456"/'
 # shellcheck disable=SC2016  # $(GPU_BUDGET_MIB) is Kubernetes syntax, not the shell's
 must_fail "gpu-mps with MPS limits in GiB" gpu-mps 's/0=$(GPU_BUDGET_MIB)M/0=$(GPU_BUDGET_MIB)G/'
 must_fail "gpu-mps with a surging denoiser" gpu-mps 's/maxSurge: 0/maxSurge: 1/'
 must_fail "gpu-dra with a claim limit under the largest budget" gpu-dra \
-  's/defaultPinnedDeviceMemoryLimit: 9216Mi/defaultPinnedDeviceMemoryLimit: 8Gi/'
+  's/defaultPinnedDeviceMemoryLimit: 10048Mi/defaultPinnedDeviceMemoryLimit: 8Gi/'
 must_fail "cpu-dev with liveness asking for readiness" cpu-dev 's/service: liveness/service: ""/'
 
 # ---- 4. compose -------------------------------------------------------------------------------

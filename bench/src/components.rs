@@ -156,12 +156,25 @@ pub fn transformer(
 }
 
 /// FLUX.2 VAE decode or encode at `px`².
-pub fn vae(dev: &Device, dtype: DType, px: usize, decode: bool, iters: usize) -> Result<Row> {
+pub fn vae(
+    dev: &Device,
+    dtype: DType,
+    px: usize,
+    decode: bool,
+    iters: usize,
+    conv_algo: Option<candle_core::conv::CudnnFwdAlgo>,
+) -> Result<Row> {
     use vae_svc::{
         memory::MemoryModel,
-        model::{AutoencoderKLFlux2, Config},
+        model::{AutoencoderKLFlux2, Chunking, Config},
     };
-    let cfg = Config::default();
+    let cfg = Config {
+        chunking: Chunking {
+            conv_algo,
+            ..Chunking::default()
+        },
+        ..Config::default()
+    };
     let model = AutoencoderKLFlux2::new(&cfg, random_vb(dtype, dev))?;
     let estimates = MemoryModel::new(&cfg, dtype);
     let ((median_ms, min_ms), (resident_gib, activation_gib), estimate) = if decode {
@@ -184,7 +197,11 @@ pub fn vae(dev: &Device, dtype: DType, px: usize, decode: bool, iters: usize) ->
         activation_gib,
         estimate_gib: estimate as f64 / GIB,
         component: "vae".into(),
-        case: format!("{} {px}x{px}", if decode { "decode" } else { "encode" }),
+        case: format!(
+            "{} {px}x{px} ({})",
+            if decode { "decode" } else { "encode" },
+            conv_algo.map_or_else(|| "auto".into(), |a| format!("{a:?}"))
+        ),
         dtype: format!("{dtype:?}").to_lowercase(),
         median_ms,
         min_ms,

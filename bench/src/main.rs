@@ -13,7 +13,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use candle_core::DType;
 use clap::{Parser, Subcommand};
-use klein_runtime::device::DeviceSpec;
+use klein_runtime::device::{DTypeSpec, DeviceSpec};
+use vae_svc::config::ConvAlgorithm;
 
 #[derive(Debug, Parser)]
 #[command(name = "klein-bench")]
@@ -48,6 +49,12 @@ enum Command {
         /// Write the rows as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// cuDNN algorithm of the VAE convolutions (as vae-svc's --conv-algorithm).
+        #[arg(long, value_enum, default_value = "implicit-precomp-gemm")]
+        vae_conv_algorithm: ConvAlgorithm,
+        /// VAE dtypes to time.
+        #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+        vae_dtypes: Vec<DTypeSpec>,
     },
     /// Write a diffusers pipeline folder with random weights of the real klein-4B shapes.
     WritePipeline {
@@ -76,6 +83,8 @@ fn main() -> ExitCode {
             batches,
             only,
             json,
+            vae_conv_algorithm,
+            vae_dtypes,
         } => (|| {
             let wanted = |c: &str| only.iter().any(|o| o == c);
             let float = if dev.is_cpu() {
@@ -112,9 +121,10 @@ fn main() -> ExitCode {
                 }
             }
             for &px in sizes.iter().filter(|_| wanted("vae")) {
-                for dtype in [DType::F32, DType::BF16] {
-                    emit(components::vae(&dev, dtype, px, true, iters)?);
-                    emit(components::vae(&dev, dtype, px, false, iters)?);
+                for &dtype in &vae_dtypes {
+                    let (dtype, algo) = (DType::from(dtype), vae_conv_algorithm.cudnn());
+                    emit(components::vae(&dev, dtype, px, true, iters, algo)?);
+                    emit(components::vae(&dev, dtype, px, false, iters, algo)?);
                 }
             }
             if let Some(path) = json {

@@ -6,13 +6,13 @@
 Kubernetes: every klein service container (one that sets KLEIN_LISTEN) has its environment
 resolved the way the kubelet does it (envFrom ConfigMaps, then env in order with $(VAR)
 references to variables defined before). Then:
-- GPU budgets: over the containers on CUDA, sum(copies on one GPU x (KLEIN_GPU_MEMORY_BUDGET +
-  the per-process CUDA context)) <= the GPU size the overlay declares (annotations
-  klein.dev/gpu-memory-bytes and klein.dev/cuda-context-bytes on a ConfigMap). A Deployment whose
-  pods avoid each other per node (required anti-affinity) has one copy per GPU, otherwise all
-  its replicas share it. The context is counted on top of the budget although MPS charges it to
-  the limit as well: the double count is the reserve for what no per-process limit covers (the
-  MPS server, the driver).
+- GPU budgets: over the containers on CUDA, sum(copies on one GPU x KLEIN_GPU_MEMORY_BUDGET) +
+  the reserve <= the GPU size the overlay declares (annotations klein.dev/gpu-memory-bytes and
+  klein.dev/gpu-reserved-bytes on a ConfigMap). A budget is the whole device memory of its
+  process, CUDA context included (MPS charges the context to the limit: measured, see
+  deploy/README.md); the reserve is what no per-process limit covers (the MPS server, the
+  driver). A Deployment whose pods avoid each other per node (required anti-affinity) has one
+  copy per GPU, otherwise all its replicas share it.
 - MPS: CUDA_MPS_PINNED_DEVICE_MEM_LIMIT, where set, equals KLEIN_GPU_MEMORY_BUDGET; a DRA
   ResourceClaim's MPS defaultPinnedDeviceMemoryLimit is at least every budget (clients can only
   lower it).
@@ -148,23 +148,24 @@ def one_copy_per_node(spec):
                and "app.kubernetes.io/component" in t.get("matchLabelKeys", []) for t in terms)
 
 
-def check_budgets(name, gpu_containers, gpu_bytes, context_bytes, extra=""):
+def check_budgets(name, gpu_containers, gpu_bytes, reserved_bytes, extra=""):
     """gpu_containers: (label, copies, budget_bytes)."""
     if not gpu_containers:
         print(f"{name}: no GPU containers (CPU deployment)")
         return
-    if gpu_bytes is None or context_bytes is None:
+    if gpu_bytes is None or reserved_bytes is None:
         fail(f"{name}: GPU containers but no klein.dev/gpu-memory-bytes and "
-             f"klein.dev/cuda-context-bytes declaration")
+             f"klein.dev/gpu-reserved-bytes declaration")
         return
-    total = sum(copies * (budget + context_bytes) for _, copies, budget in gpu_containers)
-    parts = ", ".join(f"{label} {copies}x({budget // MIB}+{context_bytes // MIB})"
+    total = reserved_bytes + sum(copies * budget for _, copies, budget in gpu_containers)
+    parts = ", ".join(f"{label} {copies}x{budget // MIB}"
                       for label, copies, budget in gpu_containers)
+    parts += f" + reserve {reserved_bytes // MIB}"
     verdict = "fits" if total <= gpu_bytes else "DOES NOT FIT"
     print(f"{name}: {parts} = {total // MIB} MiB of {gpu_bytes // MIB} MiB GPU: {verdict} "
           f"({(gpu_bytes - total) // MIB} MiB spare){extra}")
     if total > gpu_bytes:
-        fail(f"{name}: GPU budgets + contexts {total // MIB} MiB exceed the declared "
+        fail(f"{name}: GPU budgets + reserve {total // MIB} MiB exceed the declared "
              f"{gpu_bytes // MIB} MiB")
 
 
@@ -173,12 +174,13 @@ def check_k8s(name, path):
         docs = [d for d in yaml.safe_load_all(f) if d]
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
-    gpu_bytes = context_bytes = None
+    gpu_bytes = reserved_bytes = None
     for cm in configmaps.values():
         ann = cm["metadata"].get("annotations", {})
         if "klein.dev/gpu-memory-bytes" in ann:
             gpu_bytes = int(ann["klein.dev/gpu-memory-bytes"])
-            context_bytes = int(ann.get("klein.dev/cuda-context-bytes", 0)) or None
+            reserved = ann.get("klein.dev/gpu-reserved-bytes")
+            reserved_bytes = None if reserved is None else int(reserved)
     claim_limits = {}
     for d in docs:
         if d["kind"] == "ResourceClaim":
@@ -229,7 +231,7 @@ def check_k8s(name, path):
             copies = 1 if one_copy_per_node(spec) else d["spec"].get("replicas", 1)
             gpu_containers.append((c["name"], copies, budget))
     extra = f"; MPS limit = budget for {mps_checked}" if mps_checked else ""
-    check_budgets(name, gpu_containers, gpu_bytes, context_bytes, extra)
+    check_budgets(name, gpu_containers, gpu_bytes, reserved_bytes, extra)
 
 
 def check_compose(name, path):
@@ -251,7 +253,7 @@ def check_compose(name, path):
         gpu_containers.append((svc_name, 1, budget))
     extra = f"; MPS limit = budget for {mps_checked}" if mps_checked else ""
     check_budgets(name, gpu_containers, declared.get("gpu-memory-bytes"),
-                  declared.get("cuda-context-bytes"), extra)
+                  declared.get("gpu-reserved-bytes"), extra)
 
 
 def main():

@@ -34,7 +34,7 @@ cargo test --release --locked --features "$features" -p encoder-svc -p denoiser-
   --message-format=json 2>/dev/null \
   | python3 -c '
 import json, os, sys
-keep = {"parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "tiling", "e2e_goldens"}
+keep = {"parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "tiling", "e2e_goldens", "models"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:

@@ -9,6 +9,8 @@
 #                                     .whl/) → OUT/diffusers.json, then the comparison table
 #   tools/gpu/device.sh stack OUT     the services as separate processes on one GPU, timing
 #                                     1024² T2I through the gateway, per-process peak memory
+#   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
+#                                     cuDNN algorithm setting (TF32 off) → OUT/vae-<algo>.json
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__file__))" 2>/dev/null || true)
@@ -28,7 +30,10 @@ case "${1:-}" in
     # The goldens are exact f32: keep cuDNN / cuBLAS off TF32 (vae-svc's default does the same).
     export NVIDIA_TF32_OVERRIDE=0
     rc=0; log=${2:-/tmp}/parity.log; : > "$log"
-    for t in /tmp/klein/test-*; do
+    # PARITY_TESTS: space-separated names (test-<crate>-<test>) to run instead of all unpacked.
+    tests=/tmp/klein/test-*
+    [ -n "${PARITY_TESTS:-}" ] && tests=$(for n in $PARITY_TESTS; do echo "/tmp/klein/$n"; done)
+    for t in $tests; do
       echo "== $(basename "$t")" | tee -a "$log"
       "$t" --test-threads=1 --nocapture >> "$log" 2>&1 || { rc=1; echo "FAILED: $(basename "$t")"; }
       grep -E "^test result" "$log" | tail -1
@@ -46,5 +51,11 @@ case "${1:-}" in
     [ -f "${2:-/tmp}/components.json" ] && python3 tools/gpu/compare.py "${2:-/tmp}/components.json" "${2:-/tmp}/diffusers.json" ;;
   stack)
     exec bash tools/gpu/stack.sh "${2:-/tmp}" ;;
-  *) echo "usage: $0 parity|components|diffusers|stack [OUT]" >&2; exit 64 ;;
+  vae-algos)
+    for algo in implicit-precomp-gemm auto implicit-gemm; do
+      NVIDIA_TF32_OVERRIDE=0 /tmp/klein/klein-bench --device cuda:0 components --only vae \
+        --sizes 512,768,1024 --vae-dtypes f32 --iters 3 --vae-conv-algorithm "$algo" \
+        --json "${2:-/tmp}/vae-$algo.json"
+    done ;;
+  *) echo "usage: $0 parity|components|diffusers|stack|vae-algos [OUT]" >&2; exit 64 ;;
 esac

@@ -4,12 +4,14 @@
 # GPU 0 (optionally as MPS clients with pinned memory limits = their budgets), times 1024²
 # T2I / I2I / inpaint through the gateway with the klein CLI, and records each process's peak
 # GPU memory (nvidia-smi, sampled every 100 ms).
-# Env: MPS=1 to run under MPS. Budgets default to the 16 GiB plan of the README (encoder q4k
-# 2944 MiB, denoiser bf16 9984 MiB, VAE f32 3456 MiB; runtime overheads measured on an H100);
-# override with ENC_MIB / DEN_MIB / VAE_MIB and ENC_OVERHEAD / DEN_OVERHEAD / VAE_OVERHEAD.
+# Env: MPS=1 to run under MPS. Budgets default to the 16 GB plan (deploy/components/gpu-16gb:
+# encoder q4k 2880 MiB, denoiser bf16 10048 MiB, VAE f32 3328 MiB; runtime overheads measured on
+# an H100);
+# override with ENC_MIB / DEN_MIB / VAE_MIB and ENC_OVERHEAD / DEN_OVERHEAD / VAE_OVERHEAD, and
+# the VAE's cuDNN algorithm with VAE_ALGO (default implicit-precomp-gemm, as vae-svc's).
 set -uo pipefail
 OUT=${1:-/tmp}; B=/tmp/klein; M=/tmp/klein4b
-ENC_MIB=${ENC_MIB:-2944}; DEN_MIB=${DEN_MIB:-9984}; VAE_MIB=${VAE_MIB:-3456}
+ENC_MIB=${ENC_MIB:-2880}; DEN_MIB=${DEN_MIB:-10048}; VAE_MIB=${VAE_MIB:-3328}
 ENC_OVERHEAD=${ENC_OVERHEAD:-448MiB}; DEN_OVERHEAD=${DEN_OVERHEAD:-704MiB}; VAE_OVERHEAD=${VAE_OVERHEAD:-1280MiB}
 [ -f $M/model_index.json ] || { t=$(date +%s); $B/klein-bench --device cuda:0 write-pipeline $M || exit 1; echo "wrote random pipeline in $(( $(date +%s) - t ))s"; }
 if [ "${MPS:-0}" = 1 ]; then
@@ -27,7 +29,7 @@ start() { # name port budget_mib runtime_overhead extra...
 }
 start encoder-svc 50052 $ENC_MIB $ENC_OVERHEAD --dtype bf16 --quantize q4k
 KLEIN_ATTENTION_CHUNK_BYTES=${DEN_CHUNK:-128MiB} start denoiser-svc 50053 $DEN_MIB $DEN_OVERHEAD --dtype bf16
-start vae-svc 50054 $VAE_MIB $VAE_OVERHEAD --dtype f32
+start vae-svc 50054 $VAE_MIB $VAE_OVERHEAD --dtype f32 --conv-algorithm "${VAE_ALGO:-implicit-precomp-gemm}"
 $B/gateway --listen 127.0.0.1:50050 --encoder-addrs http://127.0.0.1:50052 --denoiser-addrs http://127.0.0.1:50053 \
   --vae-addrs http://127.0.0.1:50054 > "$OUT/gateway${MPS:+-mps}.log" 2>&1 &
 GW=$!

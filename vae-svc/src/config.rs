@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use candle_core::conv::CudnnFwdAlgo;
 use klein_runtime::{
     bytesize::ByteSize,
     config::{self, ConfigError, ServerConfig, ServerFlags},
@@ -10,6 +11,40 @@ use klein_runtime::{
 use serde::{Deserialize, Serialize};
 
 use crate::{model::Chunking, tiling::TilingConfig, validate::Limits};
+
+/// The cuDNN forward algorithm of the VAE's convolutions (names as cuDNN's, kebab-case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvAlgorithm {
+    /// cuDNN's heuristic pick per shape; its workspace is unbounded (FFT algorithms can ask for
+    /// gigabytes), so the memory estimate may not cover it.
+    Auto,
+    ImplicitGemm,
+    ImplicitPrecompGemm,
+    Gemm,
+    Direct,
+    Fft,
+    FftTiling,
+    Winograd,
+    WinogradNonFused,
+}
+
+impl ConvAlgorithm {
+    /// The candle setting.
+    pub fn cudnn(self) -> Option<CudnnFwdAlgo> {
+        Some(match self {
+            Self::Auto => return None,
+            Self::ImplicitGemm => CudnnFwdAlgo::ImplicitGemm,
+            Self::ImplicitPrecompGemm => CudnnFwdAlgo::ImplicitPrecompGemm,
+            Self::Gemm => CudnnFwdAlgo::Gemm,
+            Self::Direct => CudnnFwdAlgo::Direct,
+            Self::Fft => CudnnFwdAlgo::Fft,
+            Self::FftTiling => CudnnFwdAlgo::FftTiling,
+            Self::Winograd => CudnnFwdAlgo::Winograd,
+            Self::WinogradNonFused => CudnnFwdAlgo::WinogradNonFused,
+        })
+    }
+}
 
 /// Everything vae-svc can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +92,10 @@ pub struct Config {
     /// default: the `vae-svc` binary sets `NVIDIA_TF32_OVERRIDE=0` before CUDA starts, and f32
     /// output then matches the reference to 1e-4 (docs/performance.md has both timings).
     pub allow_tf32: bool,
+    /// cuDNN algorithm of every convolution (cuDNN builds only). The default, implicit
+    /// precomputed GEMM, needs a workspace of kilobytes for every shape, so the activation
+    /// estimate holds; `auto` lets cuDNN pick per shape (docs/performance.md compares them).
+    pub conv_algorithm: ConvAlgorithm,
 }
 
 impl Default for Config {
@@ -83,6 +122,7 @@ impl Default for Config {
             tile_norm_max_passes: 4,
             tile_norm_tolerance: 0.02,
             allow_tf32: false,
+            conv_algorithm: ConvAlgorithm::ImplicitPrecompGemm,
         }
     }
 }
@@ -119,6 +159,7 @@ impl Config {
         Chunking {
             attention_bytes: self.attention_chunk_bytes.0,
             op_bytes: self.op_chunk_bytes.0,
+            conv_algo: self.conv_algorithm.cudnn(),
         }
     }
 
@@ -169,6 +210,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_tf32: bool,
+    /// cuDNN algorithm of the convolutions: implicit-precomp-gemm (default), auto, ...
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv_algorithm: Option<ConvAlgorithm>,
 }
 
 /// Merges the layers and checks the result.
@@ -176,4 +221,37 @@ pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
     let config: Config = config::load(flags.config.as_deref(), flags)?;
     config.check()?;
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn load_args(args: &[&str]) -> Config {
+        let flags = Flags::parse_from(["vae-svc", "--model-dir", "/m"].iter().chain(args));
+        load(&flags).unwrap()
+    }
+
+    #[test]
+    fn convolutions_pin_implicit_precomp_gemm_unless_told_otherwise() {
+        assert_eq!(
+            load_args(&[]).chunking().conv_algo,
+            Some(CudnnFwdAlgo::ImplicitPrecompGemm)
+        );
+        assert_eq!(
+            load_args(&["--conv-algorithm", "auto"])
+                .chunking()
+                .conv_algo,
+            None
+        );
+        assert_eq!(
+            load_args(&["--conv-algorithm", "winograd-non-fused"])
+                .chunking()
+                .conv_algo,
+            Some(CudnnFwdAlgo::WinogradNonFused)
+        );
+        assert!(Flags::try_parse_from(["vae-svc", "--conv-algorithm", "fastest"]).is_err());
+    }
 }

@@ -269,6 +269,12 @@ impl Vae {
                 cfg.chunking.attention_bytes.to_string(),
             ),
             ("op_chunk_bytes", cfg.chunking.op_bytes.to_string()),
+            (
+                "conv_algorithm",
+                cfg.chunking
+                    .conv_algo
+                    .map_or_else(|| "auto".into(), |a| format!("{a:?}")),
+            ),
             ("tile_tokens", self.tiling.tile_tokens.to_string()),
             (
                 "tile_overlap_tokens",

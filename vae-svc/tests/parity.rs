@@ -118,6 +118,7 @@ fn f32_matches_diffusers_with_tiny_chunks() {
     let tiny = Chunking {
         attention_bytes: 1,
         op_bytes: 1,
+        ..Chunking::default()
     };
     let out = run(&load(DType::F32, tiny));
     compare(&out, "f32", |_| F32_TOL, (1.0, F32_PIXEL_REL));

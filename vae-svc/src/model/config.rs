@@ -1,9 +1,11 @@
 //! The `vae/config.json` of `AutoencoderKLFlux2` (spec §1.4), plus the execution limits the
 //! model honours (how large a score matrix or a convolution band may grow).
 
+use candle_core::conv::CudnnFwdAlgo;
 use serde::Deserialize;
 
-/// Execution limits: the largest temporary one chunked operation may allocate.
+/// Execution limits: the largest temporary one chunked operation may allocate, and how
+/// convolutions run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunking {
     /// Largest attention score block (queries x keys, f32, both the scores and their softmax)
@@ -11,14 +13,19 @@ pub struct Chunking {
     pub attention_bytes: u64,
     /// Largest working set of one convolution band or group-norm chunk, bytes.
     pub op_bytes: u64,
+    /// cuDNN forward algorithm of every convolution; `None` = cuDNN's heuristic choice (whose
+    /// workspace is not bounded). Ignored without cuDNN.
+    pub conv_algo: Option<CudnnFwdAlgo>,
 }
 
 impl Default for Chunking {
-    /// 256 MiB score blocks and 128 MiB operation chunks.
+    /// 256 MiB score blocks, 128 MiB operation chunks, cuDNN's implicit precomputed GEMM (a
+    /// small workspace, the same algorithm for every shape).
     fn default() -> Self {
         Self {
             attention_bytes: 256 << 20,
             op_bytes: 128 << 20,
+            conv_algo: Some(CudnnFwdAlgo::ImplicitPrecompGemm),
         }
     }
 }

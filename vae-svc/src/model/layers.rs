@@ -7,7 +7,7 @@
 //! candle's CPU backend has no bf16 GEMM, so on the CPU the convolutions and projections of a
 //! bf16 model compute in f32 and round once, as torch's CPU kernels do ([`gemm_dtype`]).
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor, conv::CudnnFwdAlgo};
 use candle_nn::VarBuilder;
 
 use super::Config;
@@ -87,6 +87,7 @@ pub struct Conv2d {
     stride: usize,
     padding: Padding,
     op_bytes: u64,
+    algo: Option<CudnnFwdAlgo>,
 }
 
 impl Conv2d {
@@ -104,6 +105,7 @@ impl Conv2d {
             stride,
             padding,
             op_bytes: cfg.chunking.op_bytes,
+            algo: cfg.chunking.conv_algo,
         })
     }
 
@@ -171,8 +173,14 @@ impl Conv2d {
         let p = self.padding;
         let y =
             if r0 == 0 && r1 == self.out_len(h, p.top + p.bottom, k) && p == Padding::same(p.top) {
-                x.to_dtype(weight.dtype())?
-                    .conv2d(weight, p.top, self.stride, 1, 1)?
+                x.to_dtype(weight.dtype())?.conv2d_with_algo(
+                    weight,
+                    p.top,
+                    self.stride,
+                    1,
+                    1,
+                    self.algo,
+                )?
             } else {
                 // Input rows of the band in padded coordinates, then clipped to the real rows.
                 let start = r0 * self.stride;
@@ -184,7 +192,7 @@ impl Conv2d {
                 let rows = x.narrow(2, lo, hi - lo)?.to_dtype(weight.dtype())?;
                 let rows = rows.pad_with_zeros(2, pad_top, pad_bottom)?;
                 let rows = rows.pad_with_zeros(3, p.left, p.right)?;
-                rows.conv2d(weight, 0, self.stride, 1, 1)?
+                rows.conv2d_with_algo(weight, 0, self.stride, 1, 1, self.algo)?
             };
         let c_out = bias.dim(0)?;
         y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?
@@ -239,6 +247,7 @@ mod tests {
             chunking: Chunking {
                 attention_bytes: 1 << 20,
                 op_bytes,
+                ..Chunking::default()
             },
             ..Config::default()
         }

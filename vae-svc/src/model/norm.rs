@@ -184,6 +184,7 @@ mod tests {
             chunking: Chunking {
                 attention_bytes: 1 << 20,
                 op_bytes,
+                ..Chunking::default()
             },
             ..Config::default()
         };
