@@ -126,10 +126,7 @@ impl ServedModel {
     pub fn info(&self, status: Option<&ModelStatus>) -> pb::ModelInfo {
         let mut info = self.info.clone();
         if let Some(s) = status {
-            info.on_device = s.on_device;
-            info.in_host_memory = s.in_host;
-            info.loads = s.loads;
-            info.evictions = s.evictions;
+            s.fill(&mut info);
         }
         info
     }

@@ -418,10 +418,7 @@ impl EncoderService {
                 .map(|m| {
                     let mut info = m.info.clone();
                     if let Some(s) = status.iter().find(|s| *s.id == *m.id) {
-                        info.on_device = s.on_device;
-                        info.in_host_memory = s.in_host;
-                        info.loads = s.loads;
-                        info.evictions = s.evictions;
+                        s.fill(&mut info);
                     }
                     info
                 })

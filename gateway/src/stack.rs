@@ -16,6 +16,8 @@ use klein_runtime::{
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
+use encoder_svc::{config::Quantize, model::quant::QuantFormat};
+
 use crate::config::Config as GatewayConfig;
 
 /// Everything the stack needs; [`StackOptions::new`] fills sensible defaults.
@@ -82,6 +84,18 @@ impl StackOptions {
     pub fn host_memory_caps(mut self, encoder: ByteSize, denoiser: ByteSize) -> Self {
         self.encoder.residency.host_memory_cap = Some(encoder);
         self.denoiser.residency.host_memory_cap = Some(denoiser);
+        self
+    }
+
+    /// The settings the 16 GB GPU plan was measured with (deploy/components/gpu-16gb): a 4-bit
+    /// encoder, 128 MiB attention score chunks and the measured runtime overheads. Budgets are
+    /// set separately ([`StackOptions::budgets`]).
+    pub fn gpu_16gb_settings(mut self) -> Self {
+        self.encoder.quantize = Quantize::Format(QuantFormat::Q4K);
+        self.encoder.runtime_overhead = ByteSize(448 << 20);
+        self.denoiser.attention_chunk_bytes = ByteSize(128 << 20);
+        self.denoiser.runtime_overhead = ByteSize(704 << 20);
+        self.vae.runtime_overhead = ByteSize(1280 << 20);
         self
     }
 

@@ -228,6 +228,16 @@ pub struct ModelStatus {
     pub last_load_seconds: f64,
 }
 
+impl ModelStatus {
+    /// Copies residency and counters into the model's Info entry.
+    pub fn fill(&self, info: &mut klein_proto::pb::ModelInfo) {
+        info.on_device = self.on_device;
+        info.in_host_memory = self.in_host;
+        info.loads = self.loads;
+        info.evictions = self.evictions;
+    }
+}
+
 /// Read-only view of the registry for async handlers (Info, metrics).
 #[derive(Debug, Clone, Default)]
 pub struct RegistryStatus(Arc<Mutex<Vec<ModelStatus>>>);

@@ -9,6 +9,8 @@
 #                                     .whl/) → OUT/diffusers.json, then the comparison table
 #   tools/gpu/device.sh stack OUT     the services as separate processes on one GPU, timing
 #                                     1024² T2I through the gateway, per-process peak memory
+#   tools/gpu/device.sh serve OUT     the one-process stack (`klein serve --device cuda`, the
+#                                     klein-cuda binary) on a random klein-4B: 1024² T2I and I2I
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (TF32 off) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -51,6 +53,21 @@ case "${1:-}" in
     [ -f "${2:-/tmp}/components.json" ] && python3 tools/gpu/compare.py "${2:-/tmp}/components.json" "${2:-/tmp}/diffusers.json" ;;
   stack)
     exec bash tools/gpu/stack.sh "${2:-/tmp}" ;;
+  serve)
+    M=/tmp/klein4b B=/tmp/klein
+    [ -f $M/model_index.json ] || $B/klein-bench --device cuda:0 write-pipeline $M
+    $B/klein-cuda serve --device cuda --model-dir $M > "${2:-/tmp}/serve.log" 2>&1 &
+    pid=$!
+    for i in $(seq 1 300); do $B/klein-cuda generate ready --width 64 --height 64 -o /tmp/r.png >/dev/null 2>&1 && break; sleep 1; done
+    echo "klein serve up after ${i}s"
+    python3 -c "from PIL import Image; Image.new('RGB', (1024, 1024), (90, 140, 200)).save('/tmp/init.png')"
+    for args in "generate a-cat --width 1024 --height 1024 --seed 1" "generate a-cat --width 1024 --height 1024 --seed 2" \
+                "edit a-cat --image /tmp/init.png --strength 0.75 --width 1024 --height 1024"; do
+      t0=$(date +%s.%N); $B/klein-cuda $args -o /tmp/out.png > /tmp/run.log 2>&1 && r=ok || r=FAILED
+      echo "$r $args: $(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 2))" "$t0" "$(date +%s.%N)") s"
+    done
+    echo "process peak (nvidia-smi now): $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)"
+    kill $pid; wait 2>/dev/null; grep -E "ERROR|WARN" "${2:-/tmp}/serve.log" | tail -5 ;;
   vae-algos)
     for algo in implicit-precomp-gemm auto implicit-gemm; do
       NVIDIA_TF32_OVERRIDE=0 /tmp/klein/klein-bench --device cuda:0 components --only vae \

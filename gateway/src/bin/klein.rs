@@ -44,14 +44,15 @@ struct ServeArgs {
     /// Device shared by the three services: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// Encoder memory budget.
-    #[arg(long, default_value = "4GiB")]
+    /// Encoder memory budget (the defaults are the measured 16 GB GPU plan; on a GPU the
+    /// encoder also runs 4-bit, see README).
+    #[arg(long, default_value = "2880MiB")]
     encoder_budget: ByteSize,
     /// Denoiser memory budget.
-    #[arg(long, default_value = "10GiB")]
+    #[arg(long, default_value = "10048MiB")]
     denoiser_budget: ByteSize,
     /// VAE memory budget.
-    #[arg(long, default_value = "2GiB")]
+    #[arg(long, default_value = "3328MiB")]
     vae_budget: ByteSize,
     /// Gateway /metrics listen address.
     #[arg(long)]
@@ -84,6 +85,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         args.denoiser_budget,
         args.vae_budget,
     );
+    if args.device != DeviceSpec::Cpu {
+        opts = opts.gpu_16gb_settings();
+    }
     for arg in &args.add_models {
         match klein_runtime::models::parse_model_arg(arg) {
             Ok((Some(id), path)) => opts = opts.add_model(&id, &path),
