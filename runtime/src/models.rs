@@ -8,8 +8,9 @@
 //!   is host RAM, so these bytes count against the host cap too.
 //! - **host**: on an accelerator, a copy of the weights in host RAM ([`HostWeights`], already
 //!   in the compute dtype), so a model evicted from the device comes back without reading the
-//!   disk. Counts against the host cap. A CPU service keeps no such copy (it would duplicate
-//!   the model).
+//!   disk. Counts against the host cap. Kept only by services with more than one model (a lone
+//!   model is never evicted, so its copy would only hold RAM); a CPU service keeps none (it
+//!   would duplicate the model).
 //!
 //! Making a model resident evicts the least-recently-used unpinned models, from the device
 //! tier first and then from the host tier, until it fits. A pinned model (one with runs in
@@ -436,10 +437,8 @@ impl<S: ModelSource> Registry<S> {
         self.make_room(i, Tier::Device, bytes)?;
         self.make_room(i, Tier::Host, host_need)?;
         let started = Instant::now();
-        if !self.device.is_cpu()
-            && self.slots[i].host.is_none()
-            && self.slots[i].source.has_host_copy()
-        {
+        let copies = !self.device.is_cpu() && self.slots.len() > 1;
+        if copies && self.slots[i].host.is_none() && self.slots[i].source.has_host_copy() {
             let host_bytes = self.slots[i].source.host_bytes();
             if host_bytes <= self.caps.host && self.make_room(i, Tier::Host, host_bytes).is_ok() {
                 let host = self.slots[i].source.read_host()?;
