@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::DType;
-use common::{client, generate, max_pixel_diff, pixels, start_with, wire};
+use common::{client, generate, golden_t2i_request, max_pixel_diff, pixels, start_with};
 use gateway::stack::StackOptions;
 use klein_proto::pb;
 use klein_runtime::{
@@ -35,20 +35,6 @@ fn weight_bytes(name: &str) -> (u64, u64) {
         .unwrap()
         .weight_bytes(DType::F32);
     (encoder, transformer)
-}
-
-fn request(model: &str, golden_case: &str) -> pb::GenerateRequest {
-    let g = golden(golden_case);
-    pb::GenerateRequest {
-        prompt: "a photo of a cat".into(),
-        model: model.into(),
-        width: 96,
-        height: 64,
-        num_steps: 4,
-        seed: Some(1),
-        initial_noise: Some(wire(take(&g, "noise"))),
-        ..Default::default()
-    }
 }
 
 /// (loads, evictions) of `model` in a service's Info.
@@ -111,7 +97,9 @@ async fn alternating_models_evict_and_reload_under_the_ram_cap() {
     .into_iter()
     .enumerate()
     {
-        let out = generate(&mut c, request(model, case)).await.unwrap();
+        let out = generate(&mut c, golden_t2i_request(model, case))
+            .await
+            .unwrap();
         let diff = max_pixel_diff(
             &pixels(&out.images[0].png),
             take(&golden(case), "image_uint8.f32"),
@@ -172,7 +160,7 @@ async fn alternating_models_evict_and_reload_under_the_ram_cap() {
         }
     }
 
-    let err = generate(&mut c, request("klein-13b", "t2i"))
+    let err = generate(&mut c, golden_t2i_request("klein-13b", "t2i"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

@@ -8,7 +8,7 @@ mod common;
 
 use std::{future::Future, time::Duration};
 
-use common::{generate, max_pixel_diff, pixels, wire};
+use common::{generate, golden_t2i_request, max_pixel_diff, pixels};
 use gateway::stack::StackOptions;
 use klein_proto::{
     MAX_MESSAGE_BYTES,
@@ -104,21 +104,13 @@ async fn each_request_reaches_a_replica_that_has_its_model() {
         } else {
             (LARGE, "t2i_9b")
         };
-        let g = golden(case);
-        let req = pb::GenerateRequest {
-            prompt: "a photo of a cat".into(),
-            model: model.into(),
-            width: 96,
-            height: 64,
-            num_steps: 4,
-            seed: Some(1),
-            initial_noise: Some(wire(take(&g, "noise"))),
-            ..Default::default()
-        };
-        let out = generate(&mut c, req)
+        let out = generate(&mut c, golden_t2i_request(model, case))
             .await
             .unwrap_or_else(|e| panic!("round {round} ({model}): {e:?}"));
-        let diff = max_pixel_diff(&pixels(&out.images[0].png), take(&g, "image_uint8.f32"));
+        let diff = max_pixel_diff(
+            &pixels(&out.images[0].png),
+            take(&golden(case), "image_uint8.f32"),
+        );
         eprintln!("round {round}: {model} max pixel diff vs its golden = {diff}");
         assert!(diff <= 1.0, "round {round} ({model}): {diff}");
     }

@@ -43,6 +43,9 @@ pub struct Config {
     pub max_image_pixels: u64,
     /// Most reference images per request.
     pub max_references: u32,
+    /// Seconds a request may wait for its model to become resident while other models' runs
+    /// hold the memory, before it is refused with RESOURCE_EXHAUSTED.
+    pub model_wait_secs: u64,
 }
 
 impl Default for Config {
@@ -63,6 +66,7 @@ impl Default for Config {
             max_image_side: 2048,
             max_image_pixels: 2048 * 2048,
             max_references: 4,
+            model_wait_secs: 120,
         }
     }
 }
@@ -158,4 +162,8 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_batch: Option<u32>,
+    /// Seconds a request may wait for its model to become resident.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_wait_secs: Option<u64>,
 }

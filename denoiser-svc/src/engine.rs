@@ -7,7 +7,7 @@
 //! - takes new jobs from the queue (waiting only when it has nothing to do), making each
 //!   one's model resident (evicting least-recently-used idle models); a job whose model
 //!   cannot become resident while other models' runs hold the memory waits, up to
-//!   `model_wait`, then is refused with RESOURCE_EXHAUSTED;
+//!   `model_wait_secs`, then is refused with RESOURCE_EXHAUSTED;
 //! - drops every run whose client went away (its event stream was dropped): the work stops
 //!   within one step and dropping the job frees its reservation;
 //! - runs the next step of the oldest active run (FIFO, run to completion), then reports

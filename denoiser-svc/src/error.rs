@@ -103,4 +103,27 @@ mod tests {
         let other = DenoiseError::Compute(candle_core::Error::msg("shape mismatch"));
         assert_eq!(tonic::Status::from(other).code(), tonic::Code::Internal);
     }
+
+    #[test]
+    fn registry_refusals_name_the_model_field_or_are_resource_exhausted() {
+        let unknown = DenoiseError::from(RegistryError::Unknown {
+            id: "x".into(),
+            available: vec!["a".into(), "b".into()],
+        });
+        let status = tonic::Status::from(unknown);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "model: unknown model \"x\"; this service serves: a, b"
+        );
+        let busy = DenoiseError::from(RegistryError::NoRoom {
+            id: "b".into(),
+            tier: klein_runtime::models::Tier::Device,
+        });
+        assert_eq!(busy.kind(), "resource_exhausted");
+        assert_eq!(
+            tonic::Status::from(busy).code(),
+            tonic::Code::ResourceExhausted
+        );
+    }
 }

@@ -120,7 +120,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
     let status = models.status();
     let engine_name = format!("denoiser-{}", config.server.device).replace(':', "-");
     let fit = budget.clone();
-    let model_wait = config.residency.model_wait();
+    let model_wait = std::time::Duration::from_secs(config.model_wait_secs);
     let engine = DenoiseEngine::spawn(&engine_name, move || {
         let mut models = models;
         models.preload()?;

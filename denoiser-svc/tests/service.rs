@@ -279,7 +279,7 @@ fn two_models(model_wait_secs: u64) -> denoiser_svc::Config {
         is_distilled: None,
         text_encoder: None,
     });
-    cfg.residency.model_wait_secs = model_wait_secs;
+    cfg.model_wait_secs = model_wait_secs;
     cfg
 }
 
@@ -375,5 +375,31 @@ async fn without_a_model_wait_a_busy_model_is_resource_exhausted() {
         err.message().contains("tiny-klein-4b, 9b"),
         "{}",
         err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_host_cap_below_a_model_or_a_repeated_id_refuses_to_start() {
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.residency.host_memory_cap = Some(ByteSize(1 << 20));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = denoiser_svc::serve(cfg, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("host weights but the cap is 1048576 bytes"),
+        "{err}"
+    );
+    let mut cfg = two_models(1);
+    cfg.models[0].id = Some("tiny-klein-4b".into());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = denoiser_svc::serve(cfg, listener, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("duplicate model id \"tiny-klein-4b\""),
+        "{err}"
     );
 }

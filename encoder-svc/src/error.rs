@@ -137,6 +137,24 @@ mod tests {
                 )),
                 tonic::Code::ResourceExhausted,
             ),
+            (
+                EncoderError::Registry(RegistryError::Unknown {
+                    id: "x".into(),
+                    available: vec!["a".into()],
+                }),
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                EncoderError::Registry(RegistryError::NoRoom {
+                    id: "a".into(),
+                    tier: klein_runtime::models::Tier::Device,
+                }),
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                EncoderError::Registry(RegistryError::Duplicate("a".into())),
+                tonic::Code::Internal,
+            ),
         ];
         for (err, code) in cases {
             let label = err.error_type();

@@ -26,7 +26,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use candle_core::{DType, Device, Tensor, safetensors::MmapedSafetensors};
@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::{bytesize::ByteSize, weights::WeightsError};
 
 /// Residency settings of a multi-model service.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ResidencyConfig {
     /// Most bytes of model weights kept in host RAM; absent = no cap. On a CPU service this
@@ -45,26 +45,6 @@ pub struct ResidencyConfig {
     /// Bytes of the memory budget set aside for resident weights on the device; absent = the
     /// largest configured model (exactly one resident at a time when models differ in size).
     pub device_weight_cap: Option<ByteSize>,
-    /// Seconds a request may wait for its model to become resident (while other models' runs
-    /// finish) before it is refused with RESOURCE_EXHAUSTED.
-    pub model_wait_secs: u64,
-}
-
-impl Default for ResidencyConfig {
-    fn default() -> Self {
-        Self {
-            host_memory_cap: None,
-            device_weight_cap: None,
-            model_wait_secs: 120,
-        }
-    }
-}
-
-impl ResidencyConfig {
-    /// The model wait as a [`Duration`].
-    pub fn model_wait(&self) -> Duration {
-        Duration::from_secs(self.model_wait_secs)
-    }
 }
 
 /// Flags of [`ResidencyConfig`]; each one given overrides file and environment.
@@ -78,10 +58,6 @@ pub struct ResidencyFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_weight_cap: Option<ByteSize>,
-    /// Seconds a request may wait for its model to become resident.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model_wait_secs: Option<u64>,
 }
 
 /// Splits a `--model` flag value, `ID=PATH` or `PATH`, into its id and path.
@@ -212,7 +188,7 @@ pub enum RegistryError {
 }
 
 /// What Info reports about one model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelStatus {
     pub id: String,
     /// Built on the device.
@@ -225,8 +201,6 @@ pub struct ModelStatus {
     pub loads: u64,
     /// Times it was evicted from the device.
     pub evictions: u64,
-    /// Seconds the last build took (0 before the first).
-    pub last_load_seconds: f64,
 }
 
 impl ModelStatus {
@@ -318,7 +292,6 @@ impl<S: ModelSource> Registry<S> {
                     host_bytes: 0,
                     loads: 0,
                     evictions: 0,
-                    last_load_seconds: 0.0,
                 },
                 id,
                 source,
@@ -402,11 +375,6 @@ impl<S: ModelSource> Registry<S> {
         }
     }
 
-    /// The canonical id of `id` (empty = the default), or [`RegistryError::Unknown`].
-    pub fn resolve(&self, id: &str) -> Result<&str, RegistryError> {
-        self.index(id).map(|i| self.slots[i].id.as_str())
-    }
-
     fn index(&self, id: &str) -> Result<usize, RegistryError> {
         if id.is_empty() {
             return Ok(0);
@@ -455,7 +423,6 @@ impl<S: ModelSource> Registry<S> {
         slot.status.on_device = true;
         slot.status.device_bytes = bytes;
         slot.status.loads += 1;
-        slot.status.last_load_seconds = seconds;
         metrics::histogram!("klein_model_load_seconds", "service" => self.service, "model" => slot.id.clone())
             .record(seconds);
         tracing::info!(service = self.service, model = %slot.id, bytes, seconds, "model resident");

@@ -43,6 +43,22 @@ pub async fn start_with(opts: StackOptions) -> RunningStack {
     running
 }
 
+/// The Generate request of a text-to-image golden `case` (`t2i`, `t2i_9b`): its prompt, size,
+/// four steps and noise, for `model`.
+pub fn golden_t2i_request(model: &str, case: &str) -> pb::GenerateRequest {
+    let g = klein_test_support::golden(case);
+    pb::GenerateRequest {
+        prompt: "a photo of a cat".into(),
+        model: model.into(),
+        width: 96,
+        height: 64,
+        num_steps: 4,
+        seed: Some(1),
+        initial_noise: Some(wire(klein_test_support::take(&g, "noise"))),
+        ..Default::default()
+    }
+}
+
 /// A client of the stack's gateway.
 pub async fn client(running: &RunningStack) -> ImageServiceClient<Channel> {
     let ch = Channel::from_shared(format!("http://{}", running.addr))
