@@ -437,40 +437,47 @@ impl<S: ModelSource> Registry<S> {
     }
 
     /// Evicts least-recently-used unpinned models (other than `keep`) until `need` more bytes
-    /// fit the `tier` cap.
+    /// fit the `tier` cap; evicts nothing when even evicting all of them would not do.
     fn make_room(&mut self, keep: usize, tier: Tier, need: u64) -> Result<(), RegistryError> {
-        let cap = match tier {
-            Tier::Device => self.caps.device,
-            Tier::Host => self.caps.host,
+        let (cap, used) = match (tier, self.used()) {
+            (Tier::Device, (device, _)) => (self.caps.device, device),
+            (Tier::Host, (_, host)) => (self.caps.host, host),
         };
-        loop {
-            let (device, host) = self.used();
-            let used = match tier {
-                Tier::Device => device,
-                Tier::Host => host,
-            };
+        let mut victims: Vec<(u64, usize, u64)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(j, s)| j != keep && s.pins == 0)
+            .map(|(j, s)| (s.last_used, j, self.frees(s, tier)))
+            .filter(|&(_, _, bytes)| bytes > 0)
+            .collect();
+        let freeable: u64 = victims.iter().map(|v| v.2).sum();
+        if used.saturating_add(need).saturating_sub(freeable) > cap {
+            return Err(RegistryError::NoRoom {
+                id: self.slots[keep].id.clone(),
+                tier,
+            });
+        }
+        victims.sort_unstable();
+        let mut used = used;
+        for (_, j, bytes) in victims {
             if used.saturating_add(need) <= cap {
-                return Ok(());
+                break;
             }
-            let holds = |s: &Slot<S>| match tier {
-                Tier::Device => s.model.is_some(),
-                // On the CPU the device tier is host RAM: evict the model itself.
-                Tier::Host => s.host.is_some() || (self.device.is_cpu() && s.model.is_some()),
-            };
-            let victim = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|&(j, s)| j != keep && s.pins == 0 && holds(s))
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(j, _)| j);
-            let Some(j) = victim else {
-                return Err(RegistryError::NoRoom {
-                    id: self.slots[keep].id.clone(),
-                    tier,
-                });
-            };
             self.evict(j, tier);
+            used -= bytes;
+        }
+        Ok(())
+    }
+
+    /// Bytes of the `tier` cap that evicting `s` from it returns (on the CPU the device tier is
+    /// host RAM: evicting the model itself frees host bytes).
+    fn frees(&self, s: &Slot<S>, tier: Tier) -> u64 {
+        match tier {
+            Tier::Device => s.status.device_bytes,
+            Tier::Host if s.host.is_some() => s.status.host_bytes,
+            Tier::Host if self.device.is_cpu() => s.status.device_bytes,
+            Tier::Host => 0,
         }
     }
 
@@ -618,6 +625,27 @@ mod tests {
         r.unpin("a");
         r.resident("b").unwrap();
         assert_eq!(on_device(&r), ["b"]);
+    }
+
+    #[test]
+    fn idle_models_stay_when_evicting_them_would_not_make_room() {
+        let caps = Caps {
+            device: 200,
+            host: u64::MAX,
+        };
+        let mut r = registry(caps, &[("a", 100), ("b", 50), ("c", 150)]);
+        r.preload().unwrap();
+        assert_eq!(on_device(&r), ["a", "b"]);
+        r.pin("a");
+        assert!(matches!(r.resident("c"), Err(RegistryError::NoRoom { .. })));
+        assert_eq!(on_device(&r), ["a", "b"], "b was not evicted for nothing");
+        r.unpin("a");
+        r.resident("c").unwrap();
+        assert_eq!(
+            on_device(&r),
+            ["b", "c"],
+            "evicting a, the least recent, was enough"
+        );
     }
 
     #[test]
