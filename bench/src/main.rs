@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod components;
+mod kernels;
 mod pipeline;
 mod random;
 
@@ -56,6 +57,21 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
         vae_dtypes: Vec<DTypeSpec>,
     },
+    /// Time each fused kernel against the composition it replaces (klein-4B shapes, bf16).
+    Kernels {
+        /// Timed iterations per case.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// The card's device-to-device copy rate, GB/s (the elementwise floors).
+        #[arg(long, default_value_t = 2956.0)]
+        copy_gbps: f64,
+        /// The card's dense bf16 matmul rate, TFLOP/s (the attention floor).
+        #[arg(long, default_value_t = 766.0)]
+        matmul_tflops: f64,
+        /// Write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Write a diffusers pipeline folder with random weights of the real klein-4B shapes.
     WritePipeline {
         /// Output folder.
@@ -77,6 +93,38 @@ fn main() -> ExitCode {
     };
     let result = match args.command {
         Command::WritePipeline { out, template } => pipeline::write(&out, &template, &dev),
+        Command::Kernels {
+            iters,
+            copy_gbps,
+            matmul_tflops,
+            json,
+        } => (|| {
+            let rates = kernels::Rates {
+                copy_gbps,
+                matmul_tflops,
+            };
+            let rows = kernels::run(&dev, iters, rates)?;
+            println!(
+                "| kernel | case | fused ms | composition ms | speed-up | floor ms ({copy_gbps} GB/s, {matmul_tflops} TFLOP/s) | fused / floor |\n|---|---|---|---|---|---|---|"
+            );
+            for r in &rows {
+                println!(
+                    "| {} | {} | {:.3} | {:.3} | {:.1}× | {:.3} ({}) | {:.2} |",
+                    r.kernel,
+                    r.case,
+                    r.fused_ms,
+                    r.reference_ms,
+                    r.reference_ms / r.fused_ms,
+                    r.floor_ms,
+                    r.bound,
+                    r.fused_ms / r.floor_ms
+                );
+            }
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&rows).expect("json"))?;
+            }
+            Ok(())
+        })(),
         Command::Components {
             iters,
             sizes,

@@ -3,7 +3,7 @@
 # xz-compressed, into tools/gpu/bin/ (git-ignored) for the GPU machine:
 #   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, and the CUDA test binaries
 #   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
-#   golden suite, klein-tests e2e_goldens).
+#   golden suite, klein-tests e2e_goldens; the kernels' GPU parity tests, klein-kernels gpu_parity).
 # Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,11 +30,11 @@ done
 # device call's carry is limited to 64 MiB, so the tests and the services travel separately).
 tests=tools/gpu/bin-tests
 mkdir -p "$tests"
-cargo test --release --locked --features "$features" -p encoder-svc -p denoiser-svc -p vae-svc -p klein-tests --no-run \
+cargo test --release --locked --features "$features" -p klein-kernels -p encoder-svc -p denoiser-svc -p vae-svc -p klein-tests --no-run \
   --message-format=json 2>/dev/null \
   | python3 -c '
 import json, os, sys
-keep = {"parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "tiling", "e2e_goldens", "models"}
+keep = {"parity", "gpu_parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "tiling", "e2e_goldens", "models"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:

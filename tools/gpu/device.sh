@@ -4,6 +4,8 @@
 # the loader at the CUDA 13 libraries of the machine's Python packages, then runs a step:
 #   tools/gpu/device.sh parity OUT    CUDA parity suites of the three services and the e2e one
 #                                     (full output → OUT/parity.log)
+#   tools/gpu/device.sh kernels OUT    klein-bench kernels: each fused kernel vs its composition
+#                                     → OUT/kernels.json
 #   tools/gpu/device.sh components OUT klein-bench components on cuda:0 → OUT/components.json
 #   tools/gpu/device.sh diffusers OUT  the same cases with diffusers 0.42.1 (wheels carried in
 #                                     .whl/) → OUT/diffusers.json, then the comparison table
@@ -41,6 +43,8 @@ case "${1:-}" in
       grep -E "^test result" "$log" | tail -1
     done
     exit $rc ;;
+  kernels)
+    /tmp/klein/klein-bench --device cuda:0 kernels --json "${2:-/tmp}/kernels.json" ;;
   components)
     /tmp/klein/klein-bench --device cuda:0 components --json "${2:-/tmp}/components.json"
     echo "VAE again with TF32 off (NVIDIA_TF32_OVERRIDE=0, vae-svc's default):"

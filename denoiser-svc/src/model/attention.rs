@@ -1,16 +1,15 @@
-//! Attention and RoPE application for the FLUX.2 transformer.
+//! Attention of the FLUX.2 transformer.
 //!
 //! `softmax(q kᵀ / √hd) v` over every token (no mask: all text tokens, padding included, are
-//! keys, §2.6), computed in f32 and rounded once to the model dtype. Queries are processed in
-//! chunks so that the f32 score block `(B, H, chunk, S_kv)` never exceeds
+//! keys, §2.6). On a CUDA device in bf16 the flash kernel of `klein_kernels` computes it without
+//! the score matrix. Elsewhere it is computed in f32 and rounded once to the model dtype, with
+//! queries processed in chunks so that the f32 score block `(B, H, chunk, S_kv)` never exceeds
 //! [`AttentionConfig::max_score_bytes`]: a 1024² image (4608 tokens, 24 heads) would otherwise
 //! need 2 GiB of scores per layer.
 
 use candle_core::{DType, Result, Tensor};
 
-use super::embeddings::Rope;
-
-/// How attention is computed.
+/// How attention is computed where the flash kernel does not apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionConfig {
     /// Largest f32 score block materialised at once, bytes (at least one query row is always
@@ -35,17 +34,12 @@ impl AttentionConfig {
     }
 }
 
-/// Interleaved RoPE (pairs (2j, 2j+1)) applied in f32 and rounded to the input dtype:
-/// `out[2j] = x[2j] cos − x[2j+1] sin`, `out[2j+1] = x[2j+1] cos + x[2j] sin`.
-/// (B, H, S, hd) → (B, H, S, hd)
-pub fn apply_rope(xs: &Tensor, rope: &Rope) -> Result<Tensor> {
-    let x32 = xs.to_dtype(DType::F32)?.contiguous()?;
-    candle_nn::rotary_emb::rope_i(&x32, &rope.cos, &rope.sin)?.to_dtype(xs.dtype())
-}
-
-/// Scaled dot-product attention without a mask, chunked over queries.
-/// q (B, H, S_q, hd), k and v (B, H, S_kv, hd) → (B, H, S_q, hd) in q's dtype.
+/// Scaled dot-product attention without a mask.
+/// q (B, H, S_q, hd), k and v (B, H, S_kv, hd) → (B, S_q, H·hd) in q's dtype, heads merged.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> Result<Tensor> {
+    if klein_kernels::flash_attention_fused(q) {
+        return klein_kernels::flash_attention(q, k, v);
+    }
     let (b, h, s_q, hd) = q.dims4()?;
     let dtype = q.dtype();
     let s_kv = k.dim(2)?;
@@ -69,7 +63,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttentionConfig) -> R
     } else {
         Tensor::cat(&outs, 2)?
     };
-    out.to_dtype(dtype)
+    out.transpose(1, 2)?
+        .reshape((b, s_q, h * hd))?
+        .to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -99,32 +95,12 @@ mod tests {
         };
         assert_eq!(cfg.query_chunk(6, 41), 7);
         let got = attention(&q, &k, &v, &cfg).unwrap();
-        let want = naive(&q, &k, &v);
+        let want = naive(&q, &k, &v)
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((2, 37, 3 * 16))
+            .unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
-    }
-
-    #[test]
-    fn rope_rotates_interleaved_pairs() {
-        let dev = Device::Cpu;
-        let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev)
-            .unwrap()
-            .reshape((1, 1, 1, 4))
-            .unwrap();
-        let a = 0.3f32;
-        let rope = Rope {
-            cos: Tensor::new(&[[a.cos(), 1.0]], &dev).unwrap(),
-            sin: Tensor::new(&[[a.sin(), 0.0]], &dev).unwrap(),
-        };
-        let y = apply_rope(&x, &rope)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let want = [a.cos() - 2.0 * a.sin(), 2.0 * a.cos() + a.sin(), 3.0, 4.0];
-        for (g, w) in y.iter().zip(want) {
-            assert!((g - w).abs() < 1e-6, "{y:?}");
-        }
     }
 }

@@ -5,10 +5,12 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear_no_bias};
 
+use klein_kernels::{gate_residual, layer_norm_modulate, reference::silu, swiglu};
+
 use super::{
-    attention::{apply_rope, attention},
+    attention::attention,
     embeddings::{Rope, timestep_features},
-    layers::{FeedForward, LayerNorm, QkNorm, modulate, silu},
+    layers::{FeedForward, QkNorm},
     transformer::Config,
 };
 
@@ -102,21 +104,12 @@ impl<'a> Mod<'a> {
     }
 }
 
-/// (B, S, D) → (B, H, S, hd), QK-normed when a norm is given.
-fn heads(x: &Tensor, cfg: &Config, norm: Option<&QkNorm>) -> Result<Tensor> {
+/// (B, S, D) → (B, H, S, hd)
+fn heads(x: &Tensor, cfg: &Config) -> Result<Tensor> {
     let (b, s, _) = x.dims3()?;
-    let x = x.reshape((b, s, cfg.num_attention_heads, cfg.attention_head_dim))?;
-    let x = match norm {
-        Some(norm) => norm.forward(&x)?,
-        None => x,
-    };
-    x.transpose(1, 2)?.contiguous()
-}
-
-/// (B, H, S, hd) → (B, S, D)
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, s, hd) = x.dims4()?;
-    x.transpose(1, 2)?.reshape((b, s, h * hd))
+    x.reshape((b, s, cfg.num_attention_heads, cfg.attention_head_dim))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// `transformer_blocks.{i}.attn` (`Flux2Attention`): separate image and text projections.
@@ -160,38 +153,37 @@ impl Flux2Attention {
     /// Joint attention over `[txt; img]`; returns (img (B, N, D), txt (B, L, D)).
     pub fn forward(&self, img: &Tensor, txt: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
         let cfg = &self.cfg;
-        let txt_len = txt.dim(1)?;
-        let q = Tensor::cat(
-            &[
-                heads(
-                    &self.add_q_proj.forward(txt)?,
-                    cfg,
-                    Some(&self.norm_added_q),
-                )?,
-                heads(&self.to_q.forward(img)?, cfg, Some(&self.norm_q))?,
-            ],
-            2,
+        let (txt_len, h) = (txt.dim(1)?, cfg.num_attention_heads);
+        // Joint sequence [txt; img]: the image tokens take RoPE rows after the text's.
+        let joint = |proj_txt: &Linear, norm_txt: &QkNorm, proj_img: &Linear, norm_img: &QkNorm| {
+            Tensor::cat(
+                &[
+                    norm_txt.forward_rope(&proj_txt.forward(txt)?, rope, h, 0)?,
+                    norm_img.forward_rope(&proj_img.forward(img)?, rope, h, txt_len)?,
+                ],
+                2,
+            )
+        };
+        let q = joint(
+            &self.add_q_proj,
+            &self.norm_added_q,
+            &self.to_q,
+            &self.norm_q,
         )?;
-        let k = Tensor::cat(
-            &[
-                heads(
-                    &self.add_k_proj.forward(txt)?,
-                    cfg,
-                    Some(&self.norm_added_k),
-                )?,
-                heads(&self.to_k.forward(img)?, cfg, Some(&self.norm_k))?,
-            ],
-            2,
+        let k = joint(
+            &self.add_k_proj,
+            &self.norm_added_k,
+            &self.to_k,
+            &self.norm_k,
         )?;
         let v = Tensor::cat(
             &[
-                heads(&self.add_v_proj.forward(txt)?, cfg, None)?,
-                heads(&self.to_v.forward(img)?, cfg, None)?,
+                heads(&self.add_v_proj.forward(txt)?, cfg)?,
+                heads(&self.to_v.forward(img)?, cfg)?,
             ],
             2,
         )?;
-        let (q, k) = (apply_rope(&q, rope)?, apply_rope(&k, rope)?);
-        let o = merge_heads(&attention(&q, &k, &v, &cfg.attention)?)?;
+        let o = attention(&q, &k, &v, &cfg.attention)?;
         let total = o.dim(1)?;
         let o_txt = o.narrow(1, 0, txt_len)?;
         let o_img = o.narrow(1, txt_len, total - txt_len)?;
@@ -205,7 +197,8 @@ impl Flux2Attention {
 /// `transformer_blocks.{i}` (`Flux2TransformerBlock`, §2.6).
 #[derive(Debug, Clone)]
 pub struct Flux2TransformerBlock {
-    norm: LayerNorm,
+    /// LayerNorm eps (no affine) of the adaptive norms.
+    eps: f64,
     attn: Flux2Attention,
     ff: FeedForward,
     ff_context: FeedForward,
@@ -214,7 +207,7 @@ pub struct Flux2TransformerBlock {
 impl Flux2TransformerBlock {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            norm: LayerNorm::new(cfg.eps),
+            eps: cfg.eps,
             attn: Flux2Attention::new(cfg, vb.pp("attn"))?,
             ff: FeedForward::new(cfg, vb.pp("ff"))?,
             ff_context: FeedForward::new(cfg, vb.pp("ff_context"))?,
@@ -233,17 +226,18 @@ impl Flux2TransformerBlock {
         let (msa, mlp) = (Mod::set(mod_img, 0), Mod::set(mod_img, 1));
         let (c_msa, c_mlp) = (Mod::set(mod_txt, 0), Mod::set(mod_txt, 1));
 
-        let a_img = modulate(&self.norm.forward(img)?, msa.shift, msa.scale)?;
-        let a_txt = modulate(&self.norm.forward(txt)?, c_msa.shift, c_msa.scale)?;
+        let eps = self.eps;
+        let a_img = layer_norm_modulate(img, msa.shift, msa.scale, eps)?;
+        let a_txt = layer_norm_modulate(txt, c_msa.shift, c_msa.scale, eps)?;
         let (o_img, o_txt) = self.attn.forward(&a_img, &a_txt, rope)?;
 
-        let img = (img + o_img.broadcast_mul(msa.gate)?)?;
-        let m_img = modulate(&self.norm.forward(&img)?, mlp.shift, mlp.scale)?;
-        let img = (&img + self.ff.forward(&m_img)?.broadcast_mul(mlp.gate)?)?;
+        let img = gate_residual(img, &o_img, msa.gate)?;
+        let m_img = layer_norm_modulate(&img, mlp.shift, mlp.scale, eps)?;
+        let img = gate_residual(&img, &self.ff.forward(&m_img)?, mlp.gate)?;
 
-        let txt = (txt + o_txt.broadcast_mul(c_msa.gate)?)?;
-        let m_txt = modulate(&self.norm.forward(&txt)?, c_mlp.shift, c_mlp.scale)?;
-        let txt = (&txt + self.ff_context.forward(&m_txt)?.broadcast_mul(c_mlp.gate)?)?;
+        let txt = gate_residual(txt, &o_txt, c_msa.gate)?;
+        let m_txt = layer_norm_modulate(&txt, c_mlp.shift, c_mlp.scale, eps)?;
+        let txt = gate_residual(&txt, &self.ff_context.forward(&m_txt)?, c_mlp.gate)?;
         Ok((img, txt))
     }
 }
@@ -273,15 +267,17 @@ impl Flux2ParallelSelfAttention {
     /// (B, S, D) → (B, S, D): attention and the SwiGLU MLP from one projection.
     pub fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (d, f) = (cfg.hidden_size(), cfg.mlp_hidden());
+        let (d, f, h) = (cfg.hidden_size(), cfg.mlp_hidden(), cfg.num_attention_heads);
         let p = self.to_qkv_mlp_proj.forward(x)?;
-        let q = heads(&p.narrow(D::Minus1, 0, d)?, cfg, Some(&self.norm_q))?;
-        let k = heads(&p.narrow(D::Minus1, d, d)?, cfg, Some(&self.norm_k))?;
-        let v = heads(&p.narrow(D::Minus1, 2 * d, d)?, cfg, None)?;
-        let (q, k) = (apply_rope(&q, rope)?, apply_rope(&k, rope)?);
-        let o = merge_heads(&attention(&q, &k, &v, &cfg.attention)?)?;
-        let gate = silu(&p.narrow(D::Minus1, 3 * d, f)?)?;
-        let mlp = (gate * p.narrow(D::Minus1, 3 * d + f, f)?)?;
+        let q = self
+            .norm_q
+            .forward_rope(&p.narrow(D::Minus1, 0, d)?, rope, h, 0)?;
+        let k = self
+            .norm_k
+            .forward_rope(&p.narrow(D::Minus1, d, d)?, rope, h, 0)?;
+        let v = heads(&p.narrow(D::Minus1, 2 * d, d)?, cfg)?;
+        let o = attention(&q, &k, &v, &cfg.attention)?;
+        let mlp = swiglu(&p, 3 * d, 3 * d + f, f)?;
         self.to_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)
     }
 }
@@ -289,14 +285,15 @@ impl Flux2ParallelSelfAttention {
 /// `single_transformer_blocks.{i}` (`Flux2SingleTransformerBlock`, §2.7).
 #[derive(Debug, Clone)]
 pub struct Flux2SingleTransformerBlock {
-    norm: LayerNorm,
+    /// LayerNorm eps (no affine) of the adaptive norm.
+    eps: f64,
     attn: Flux2ParallelSelfAttention,
 }
 
 impl Flux2SingleTransformerBlock {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
-            norm: LayerNorm::new(cfg.eps),
+            eps: cfg.eps,
             attn: Flux2ParallelSelfAttention::new(cfg, vb.pp("attn"))?,
         })
     }
@@ -304,9 +301,9 @@ impl Flux2SingleTransformerBlock {
     /// x = [txt; img] (B, S, D) → (B, S, D)
     pub fn forward(&self, x: &Tensor, mods: &[Tensor], rope: &Rope) -> Result<Tensor> {
         let m = Mod::set(mods, 0);
-        let a = modulate(&self.norm.forward(x)?, m.shift, m.scale)?;
+        let a = layer_norm_modulate(x, m.shift, m.scale, self.eps)?;
         let y = self.attn.forward(&a, rope)?;
-        x + y.broadcast_mul(m.gate)?
+        gate_residual(x, &y, m.gate)
     }
 }
 
@@ -314,7 +311,8 @@ impl Flux2SingleTransformerBlock {
 #[derive(Debug, Clone)]
 pub struct AdaLayerNormContinuous {
     linear: Linear,
-    norm: LayerNorm,
+    /// LayerNorm eps (no affine).
+    eps: f64,
 }
 
 impl AdaLayerNormContinuous {
@@ -322,7 +320,7 @@ impl AdaLayerNormContinuous {
         let d = cfg.hidden_size();
         Ok(Self {
             linear: linear_no_bias(d, 2 * d, vb.pp("linear"))?,
-            norm: LayerNorm::new(cfg.eps),
+            eps: cfg.eps,
         })
     }
 
@@ -330,6 +328,6 @@ impl AdaLayerNormContinuous {
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
         let e = self.linear.forward(&silu(temb)?)?.unsqueeze(1)?;
         let chunks = e.chunk(2, D::Minus1)?;
-        modulate(&self.norm.forward(x)?, &chunks[1], &chunks[0])
+        layer_norm_modulate(x, &chunks[1], &chunks[0], self.eps)
     }
 }

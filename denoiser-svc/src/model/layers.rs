@@ -1,69 +1,46 @@
-//! Small building blocks of the FLUX.2 transformer, each rounding like torch (spec §7.1):
-//! computed in f32 internally, rounded once to the model dtype.
+//! Small building blocks of the FLUX.2 transformer, each rounding like torch (spec §7.1). The
+//! arithmetic lives in `klein_kernels`: a fused CUDA kernel on the GPU in bf16, the stock-candle
+//! composition elsewhere.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear_no_bias};
 
-use super::transformer::Config;
+use super::{embeddings::Rope, transformer::Config};
 
-/// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16).
-pub fn silu(xs: &Tensor) -> Result<Tensor> {
-    match xs.dtype() {
-        DType::F32 | DType::F64 => xs.silu(),
-        dtype => xs.to_dtype(DType::F32)?.silu()?.to_dtype(dtype),
-    }
-}
-
-/// `(1 + scale) ⊙ x + shift`, one rounding per op in the model dtype. `shift`/`scale`
-/// (B, 1, D) broadcast over the sequence of `x` (B, S, D).
-pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    (scale + 1.0)?.broadcast_mul(x)?.broadcast_add(shift)
-}
-
-/// `nn.LayerNorm(D, elementwise_affine=False, eps)` over the last axis.
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    eps: f64,
-}
-
-impl LayerNorm {
-    pub fn new(eps: f64) -> Self {
-        Self { eps }
-    }
-
-    /// (.., D) → (.., D), normalised in f32, rounded once.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dim = xs.dim(D::Minus1)?;
-        let ones = Tensor::ones(dim, xs.dtype(), xs.device())?;
-        let zeros = Tensor::zeros(dim, xs.dtype(), xs.device())?;
-        candle_nn::ops::layer_norm(&xs.contiguous()?, &ones, &zeros, self.eps as f32)
-    }
-}
-
-/// Per-head QK `RMSNorm(head_dim)`: `dtype(x · rsqrt(mean(x²) + eps)) ⊙ w` — the normalised
-/// value is rounded before the weight multiply, as torch's composite `rms_norm`.
+/// Per-head QK `RMSNorm(head_dim)` (`dtype(x · rsqrt(mean(x²) + eps)) ⊙ w`), applied together
+/// with the interleaved RoPE that follows it.
 #[derive(Debug, Clone)]
 pub struct QkNorm {
     weight: Tensor,
-    ones: Tensor,
-    eps: f32,
+    eps: f64,
 }
 
 impl QkNorm {
     pub fn new(dim: usize, eps: f64, vb: VarBuilder<'_>) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?;
-        let ones = Tensor::ones(dim, weight.dtype(), weight.device())?;
         Ok(Self {
-            weight,
-            ones,
-            eps: eps as f32,
+            weight: vb.get(dim, "weight")?,
+            eps,
         })
     }
 
-    /// (B, S, H, hd) → (B, S, H, hd)
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&xs.contiguous()?, &self.ones, self.eps)?
-            .broadcast_mul(&self.weight)
+    /// Projection columns (B, S, H·hd) → normed and rotated heads (B, H, S, hd); token `s`
+    /// takes RoPE row `rope_offset + s` (the text tokens come first in the joint sequence).
+    pub fn forward_rope(
+        &self,
+        xs: &Tensor,
+        rope: &Rope,
+        heads: usize,
+        rope_offset: usize,
+    ) -> Result<Tensor> {
+        klein_kernels::qk_norm_rope(
+            xs,
+            &self.weight,
+            &rope.cos,
+            &rope.sin,
+            heads,
+            rope_offset,
+            self.eps,
+        )
     }
 }
 
@@ -90,7 +67,7 @@ impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let u = self.linear_in.forward(xs)?;
         let f = u.dim(D::Minus1)? / 2;
-        let hidden = (silu(&u.narrow(D::Minus1, 0, f)?)? * u.narrow(D::Minus1, f, f)?)?;
-        self.linear_out.forward(&hidden)
+        self.linear_out
+            .forward(&klein_kernels::swiglu(&u, 0, f, f)?)
     }
 }

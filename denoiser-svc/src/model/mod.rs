@@ -3,7 +3,7 @@
 //! - [`transformer`]: `Config` (`transformer/config.json`) and `Flux2Transformer2DModel`.
 //! - [`blocks`]: the blocks bottom-up (timestep embedding, modulation, double/single stream,
 //!   output norm).
-//! - [`layers`]: LayerNorm, QK RMSNorm, SwiGLU feed-forward, modulation, torch-like rounding.
+//! - [`layers`]: QK RMSNorm with RoPE, the SwiGLU feed-forward (arithmetic in `klein_kernels`).
 //! - [`embeddings`]: timestep features (τ rounding) and the 4-axis RoPE tables.
 //! - [`attention`]: chunked attention and interleaved RoPE application.
 //! - [`bfl`]: BFL single-file checkpoints read under diffusers names.

@@ -1,0 +1,141 @@
+//! Micro-benchmarks of `klein_kernels`: each fused kernel next to the stock-candle composition
+//! it replaces, on the klein-4B shapes of one 1024² transformer step (4096 image + 512 text
+//! tokens, D 3072, 24 heads of 128, MLP 9216), with the kernel's floor on this card: bytes moved
+//! at the device-copy rate, or FLOPs at the bf16 matmul rate.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use klein_kernels::reference;
+use serde::Serialize;
+
+use crate::components::time;
+
+/// One kernel, timed fused and as the composition.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelRow {
+    pub kernel: String,
+    pub case: String,
+    /// Median ms of the fused kernel (device synchronised).
+    pub fused_ms: f64,
+    /// Median ms of the stock-candle composition.
+    pub reference_ms: f64,
+    /// Bytes moved (elementwise) or FLOPs (attention) at this card's rate, ms.
+    pub floor_ms: f64,
+    /// "bytes" or "flops": what the floor counts.
+    pub bound: &'static str,
+}
+
+/// The card's rates the floors use.
+#[derive(Debug, Clone, Copy)]
+pub struct Rates {
+    /// Device-to-device copy, GB/s (bytes read + written).
+    pub copy_gbps: f64,
+    /// Dense bf16 matmul, TFLOP/s.
+    pub matmul_tflops: f64,
+}
+
+const TXT: usize = 512;
+const IMG: usize = 4096;
+const DIM: usize = 3072;
+const HEADS: usize = 24;
+const HEAD_DIM: usize = 128;
+const MLP: usize = 9216;
+
+fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
+}
+
+pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
+    let s = TXT + IMG;
+    let bf16 = 2.0;
+    let bytes_ms = |bytes: f64| bytes / (rates.copy_gbps * 1e9) * 1e3;
+    let mut rows = Vec::new();
+    let mut row = |kernel: &str,
+                   case: String,
+                   fused: &mut dyn FnMut() -> Result<Tensor>,
+                   composed: &mut dyn FnMut() -> Result<Tensor>,
+                   floor_ms: f64,
+                   bound: &'static str|
+     -> Result<()> {
+        let (fused_ms, _) = time(dev, 3, iters, fused)?;
+        let (reference_ms, _) = time(dev, 3, iters, composed)?;
+        rows.push(KernelRow {
+            kernel: kernel.to_owned(),
+            case,
+            fused_ms,
+            reference_ms,
+            floor_ms,
+            bound,
+        });
+        Ok(())
+    };
+
+    let x = randn(&[1, s, DIM], dev)?;
+    let y = randn(&[1, s, DIM], dev)?;
+    let mods = randn(&[1, 1, 3 * DIM], dev)?.chunk(3, D::Minus1)?;
+    let (shift, scale, gate) = (&mods[0], &mods[1], &mods[2]);
+    let act = (s * DIM) as f64 * bf16;
+    row(
+        "layer_norm_modulate",
+        format!("x (1, {s}, {DIM})"),
+        &mut || klein_kernels::layer_norm_modulate(&x, shift, scale, 1e-6),
+        &mut || reference::layer_norm_modulate(&x, shift, scale, 1e-6),
+        bytes_ms(2.0 * act),
+        "bytes",
+    )?;
+    row(
+        "gate_residual",
+        format!("x, y (1, {s}, {DIM})"),
+        &mut || klein_kernels::gate_residual(&x, &y, gate),
+        &mut || reference::gate_residual(&x, &y, gate),
+        bytes_ms(3.0 * act),
+        "bytes",
+    )?;
+
+    let p = randn(&[1, s, 3 * DIM + 2 * MLP], dev)?;
+    let (g0, u0) = (3 * DIM, 3 * DIM + MLP);
+    row(
+        "swiglu",
+        format!(
+            "single-block projection (1, {s}, {}) → (1, {s}, {MLP})",
+            3 * DIM + 2 * MLP
+        ),
+        &mut || klein_kernels::swiglu(&p, g0, u0, MLP),
+        &mut || {
+            reference::swiglu(
+                &p.narrow(D::Minus1, g0, MLP)?,
+                &p.narrow(D::Minus1, u0, MLP)?,
+            )
+        },
+        bytes_ms(3.0 * (s * MLP) as f64 * bf16),
+        "bytes",
+    )?;
+
+    let weight = randn(&[HEAD_DIM], dev)?;
+    let angles = (Tensor::rand(0f32, 1.0, (s, HEAD_DIM / 2), dev)? * std::f64::consts::TAU)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let k = p.narrow(D::Minus1, DIM, DIM)?;
+    row(
+        "qk_norm_rope",
+        format!("k columns of the projection → (1, {HEADS}, {s}, {HEAD_DIM})"),
+        &mut || klein_kernels::qk_norm_rope(&k, &weight, &cos, &sin, HEADS, 0, 1e-6),
+        &mut || reference::qk_norm_rope(&k, &weight, &cos, &sin, HEADS, 0, 1e-6),
+        bytes_ms(2.0 * act + 2.0 * (s * HEAD_DIM / 2 * 4) as f64),
+        "bytes",
+    )?;
+
+    let (q, k, v) = (
+        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
+        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
+        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
+    );
+    let flops = 4.0 * (s * s * HEAD_DIM * HEADS) as f64;
+    row(
+        "flash_attention",
+        format!("{HEADS} heads × {s} tokens × {HEAD_DIM}"),
+        &mut || klein_kernels::flash_attention(&q, &k, &v),
+        &mut || reference::attention(&q, &k, &v),
+        flops / (rates.matmul_tflops * 1e12) * 1e3,
+        "flops",
+    )?;
+    Ok(rows)
+}

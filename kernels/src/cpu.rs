@@ -1,0 +1,48 @@
+//! Helpers of the `cpu_fwd` references: read any-layout storage as f32, round like the dtype.
+
+use candle_core::{CpuStorage, DType, Layout, Result, backend::BackendStorage, bail};
+use half::bf16;
+
+/// Storage offsets of the elements of `l` in logical (row-major) order.
+fn offsets(l: &Layout) -> Vec<usize> {
+    let mut out = vec![l.start_offset()];
+    for (&dim, &stride) in l.dims().iter().zip(l.stride()) {
+        out = out
+            .iter()
+            .flat_map(|&base| (0..dim).map(move |i| base + i * stride))
+            .collect();
+    }
+    out
+}
+
+/// The elements of `s` in the logical order of `l`, as f32.
+pub fn read(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    let offsets = offsets(l);
+    Ok(match s {
+        CpuStorage::F32(v) => offsets.iter().map(|&i| v[i]).collect(),
+        CpuStorage::BF16(v) => offsets.iter().map(|&i| v[i].to_f32()).collect(),
+        other => bail!("klein-kernels: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// The dtype of a CPU storage.
+pub fn dtype(s: &CpuStorage) -> DType {
+    s.dtype()
+}
+
+/// Rounds an f32 to the precision of `dtype` (bf16 or f32), as a kernel storing it would.
+pub fn rounder(dtype: DType) -> fn(f32) -> f32 {
+    match dtype {
+        DType::BF16 => |v| bf16::from_f32(v).to_f32(),
+        _ => |v| v,
+    }
+}
+
+/// `values` stored as `dtype` (bf16 or f32).
+pub fn write(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(values),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        other => bail!("klein-kernels: unsupported dtype {other:?}"),
+    })
+}

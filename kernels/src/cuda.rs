@@ -1,0 +1,51 @@
+//! What the CUDA forwards share: the compiled PTX modules, typed views of storage at a layout's
+//! offset, launch shapes.
+
+use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig};
+use candle_core::{CudaStorage, Layout, Result, cuda::CudaDType};
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// A PTX module: its name in the device's module cache and its text.
+pub struct Module {
+    pub name: &'static str,
+    pub ptx: &'static str,
+}
+
+pub const ELEMENTWISE: Module = Module {
+    name: "klein_elementwise",
+    ptx: ptx::ELEMENTWISE,
+};
+
+pub const FLASH_ATTENTION: Module = Module {
+    name: "klein_flash_attention",
+    ptx: ptx::FLASH_ATTENTION,
+};
+
+/// The elements of `s` from the start of `l` on.
+pub fn view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// One warp per item, 8 warps a block.
+pub fn warp_per_item(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride loop over `items` threads' work.
+pub fn grid_stride(items: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

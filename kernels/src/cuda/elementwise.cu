@@ -1,0 +1,151 @@
+// Fused elementwise kernels of the FLUX.2 transformer, bf16 in and out, f32 inside. Each one
+// rounds to bf16 exactly where the op-by-op composition it replaces rounds (torch's rounding,
+// spec §7.1), so the fused result equals the composition up to f32 summation order.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+typedef __nv_bfloat16 bf16;
+typedef __nv_bfloat162 bf16x2;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+__device__ __forceinline__ float2 load2(const bf16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const bf16x2*>(p));
+}
+
+__device__ __forceinline__ void store2(bf16* p, float a, float b) {
+  *reinterpret_cast<bf16x2*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+__device__ __forceinline__ int global_warp() {
+  return (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+}
+
+}  // namespace
+
+// out = (1 + scale) ⊙ LayerNorm(x) + shift. x, out: (rows, dim) contiguous; shift and scale:
+// one dim-vector per batch item (rows_per_batch rows each), batch stride in elements.
+// One warp per row; dim even.
+extern "C" __global__ void layer_norm_modulate_bf16(const bf16* __restrict__ x,
+                                                    const bf16* __restrict__ shift,
+                                                    const bf16* __restrict__ scale,
+                                                    bf16* __restrict__ out, int rows,
+                                                    int rows_per_batch, int dim,
+                                                    long long mod_batch_stride, float eps) {
+  const int row = global_warp();
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const bf16* xr = x + (size_t)row * dim;
+  float sum = 0.f;
+  for (int i = 2 * lane; i < dim; i += 64) {
+    const float2 v = load2(xr + i);
+    sum += v.x + v.y;
+  }
+  const float mean = warp_sum(sum) / dim;
+  float var = 0.f;
+  for (int i = 2 * lane; i < dim; i += 64) {
+    const float2 v = load2(xr + i);
+    var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(var) / dim + eps);
+  const size_t mod = (size_t)(row / rows_per_batch) * mod_batch_stride;
+  bf16* orow = out + (size_t)row * dim;
+  for (int i = 2 * lane; i < dim; i += 64) {
+    const float2 v = load2(xr + i);
+    const float2 sh = load2(shift + mod + i);
+    const float2 sc = load2(scale + mod + i);
+    const float n0 = rnd((v.x - mean) * rstd), n1 = rnd((v.y - mean) * rstd);
+    store2(orow + i, rnd(rnd(1.f + sc.x) * n0) + sh.x, rnd(rnd(1.f + sc.y) * n1) + sh.y);
+  }
+}
+
+// Per-head RMSNorm (weight after rounding) then interleaved RoPE, from a projection into
+// (B, H, S, HD). src row (b, s) starts at b * src_batch_stride + s * src_row_stride; head h is
+// at column h * head_dim (the caller offsets src to the q or k columns). cos / sin: (S_rope, HD/2)
+// f32, token s uses row rope_offset + s. One warp per (b, s, h); head_dim even and <= 256.
+extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
+                                             const bf16* __restrict__ weight,
+                                             const float* __restrict__ cos,
+                                             const float* __restrict__ sin,
+                                             bf16* __restrict__ out, int batch, int seq, int heads,
+                                             int head_dim, long long src_batch_stride,
+                                             long long src_row_stride, int rope_offset,
+                                             float eps) {
+  const int idx = global_warp();
+  const int lane = threadIdx.x % 32;
+  if (idx >= batch * seq * heads) return;
+  const int h = idx % heads;
+  const int s = (idx / heads) % seq;
+  const int b = idx / (heads * seq);
+  const bf16* xr = src + (size_t)b * src_batch_stride + (size_t)s * src_row_stride + h * head_dim;
+  const int pairs = head_dim / 2;
+  float2 v[4];
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int p = lane + 32 * i;
+    v[i] = p < pairs ? load2(xr + 2 * p) : make_float2(0.f, 0.f);
+    sq += v[i].x * v[i].x + v[i].y * v[i].y;
+  }
+  const float rstd = rsqrtf(warp_sum(sq) / head_dim + eps);
+  const float* c = cos + (size_t)(rope_offset + s) * pairs;
+  const float* sn = sin + (size_t)(rope_offset + s) * pairs;
+  bf16* orow = out + (((size_t)b * heads + h) * seq + s) * head_dim;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int p = lane + 32 * i;
+    if (p >= pairs) break;
+    const float2 w = load2(weight + 2 * p);
+    const float y0 = rnd(rnd(v[i].x * rstd) * w.x);
+    const float y1 = rnd(rnd(v[i].y * rstd) * w.y);
+    store2(orow + 2 * p, y0 * c[p] - y1 * sn[p], y1 * c[p] + y0 * sn[p]);
+  }
+}
+
+// out = silu(src[:, gate_col + j]) ⊙ src[:, up_col + j], j < width; silu rounded to bf16 first.
+// src rows are src_row_stride apart; out is (rows, width) contiguous; width even.
+extern "C" __global__ void swiglu_bf16(const bf16* __restrict__ src, bf16* __restrict__ out,
+                                       int rows, int width, long long src_row_stride,
+                                       int gate_col, int up_col) {
+  const long long pairs = (long long)rows * (width / 2);
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / (width / 2);
+    const int j = 2 * (int)(i % (width / 2));
+    const bf16* row = src + r * src_row_stride;
+    const float2 g = load2(row + gate_col + j);
+    const float2 u = load2(row + up_col + j);
+    const float s0 = rnd(g.x / (1.f + __expf(-g.x)));
+    const float s1 = rnd(g.y / (1.f + __expf(-g.y)));
+    store2(out + r * width + j, s0 * u.x, s1 * u.y);
+  }
+}
+
+// out = x + gate ⊙ y, the product rounded first. x, y, out: (rows, dim) contiguous; gate: one
+// dim-vector per batch item (rows_per_batch rows each), batch stride in elements; dim even.
+extern "C" __global__ void gate_residual_bf16(const bf16* __restrict__ x,
+                                              const bf16* __restrict__ y,
+                                              const bf16* __restrict__ gate,
+                                              bf16* __restrict__ out, int rows,
+                                              int rows_per_batch, int dim,
+                                              long long gate_batch_stride) {
+  const long long pairs = (long long)rows * (dim / 2);
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long e = 2 * i;
+    const long long r = e / dim;
+    const int c = (int)(e % dim);
+    const float2 xv = load2(x + e);
+    const float2 yv = load2(y + e);
+    const float2 g = load2(gate + (r / rows_per_batch) * gate_batch_stride + c);
+    store2(out + e, xv.x + rnd(yv.x * g.x), xv.y + rnd(yv.y * g.y));
+  }
+}

@@ -1,0 +1,253 @@
+// Flash attention forward (non-causal, no mask): O = softmax(Q Kᵀ · scale) V without the score
+// matrix. bf16 in, f32 accumulation (mma.sync m16n8k16), online softmax in f32 (exp2 domain),
+// P rounded to bf16 for the P·V product (as every flash kernel, torch's included).
+//
+// Q (BH, S_q, HD), K and V (BH, S_kv, HD), contiguous. O is written as (B, S_q, H·HD) through
+// out_batch_stride / out_row_stride (elements), i.e. with the heads already merged.
+//
+// One block = 4 warps = 64 query rows (16 per warp); K/V tiles of 64 keys are double-buffered in
+// shared memory with cp.async. Shared rows are XOR-swizzled in 16-byte chunks so that ldmatrix
+// reads are free of bank conflicts.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+typedef __nv_bfloat16 bf16;
+
+constexpr int BLOCK_M = 64;
+constexpr int BLOCK_N = 64;
+constexpr int THREADS = 128;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a · b for one 16×8×16 tile (a row-major 16×16, b column-major 16×8).
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Element offset of (row, col) in a swizzled [rows][HD] tile; col is a multiple of 8 for
+// 16-byte accesses.
+template <int HD>
+__device__ __forceinline__ int swz(int row, int col) {
+  constexpr int CHUNKS = HD / 8;
+  constexpr int MASK = (CHUNKS < 8 ? CHUNKS : 8) - 1;
+  return row * HD + (((col >> 3) ^ (row & MASK)) << 3) + (col & 7);
+}
+
+// Rows [row0, row0 + ROWS) of a (len, HD) matrix into a swizzled tile; rows past len are zero.
+template <int HD, int ROWS>
+__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int row0, int len) {
+  constexpr int CHUNKS = HD / 8;
+  for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
+    const int r = i / CHUNKS;
+    const int c = (i % CHUNKS) * 8;
+    const bool valid = row0 + r < len;
+    cp_async16(tile + swz<HD>(r, c), src + (size_t)(valid ? row0 + r : 0) * HD + c, valid);
+  }
+}
+
+template <int HD>
+__device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
+                                              const bf16* __restrict__ k,
+                                              const bf16* __restrict__ v, bf16* __restrict__ out,
+                                              int s_q, int s_kv, int heads, float scale_log2,
+                                              long long out_batch_stride,
+                                              long long out_row_stride) {
+  constexpr int KSTEPS = HD / 16;  // 16-wide slices of the head dim (Q·Kᵀ)
+  constexpr int NTILES = BLOCK_N / 8;  // 8-key column tiles of S
+  constexpr int DTILES = HD / 8;  // 8-wide column tiles of O
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* sq = reinterpret_cast<bf16*>(smem);
+  bf16* sk = sq + BLOCK_M * HD;
+  bf16* sv = sk + 2 * BLOCK_N * HD;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int m0 = blockIdx.x * BLOCK_M;
+  const int bh = blockIdx.y;
+  const bf16* qg = q + (size_t)bh * s_q * HD;
+  const bf16* kg = k + (size_t)bh * s_kv * HD;
+  const bf16* vg = v + (size_t)bh * s_kv * HD;
+
+  load_tile<HD, BLOCK_M>(sq, qg, m0, s_q);
+  load_tile<HD, BLOCK_N>(sk, kg, 0, s_kv);
+  load_tile<HD, BLOCK_N>(sv, vg, 0, s_kv);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  uint32_t qf[KSTEPS][4];
+  {
+    const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      ldmatrix_x4(qf[kk], smem_addr(sq + swz<HD>(row, kk * 16 + (lane / 16) * 8)));
+    }
+  }
+
+  float o[DTILES][4];
+#pragma unroll
+  for (int d = 0; d < DTILES; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+
+  const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
+  for (int j = 0; j < tiles; ++j) {
+    const int stage = j & 1;
+    if (j + 1 < tiles) {
+      load_tile<HD, BLOCK_N>(sk + (stage ^ 1) * BLOCK_N * HD, kg, (j + 1) * BLOCK_N, s_kv);
+      load_tile<HD, BLOCK_N>(sv + (stage ^ 1) * BLOCK_N * HD, vg, (j + 1) * BLOCK_N, s_kv);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16* ks = sk + stage * BLOCK_N * HD;
+    const bf16* vs = sv + stage * BLOCK_N * HD;
+
+    float s[NTILES][4];
+#pragma unroll
+    for (int n = 0; n < NTILES; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+      for (int np = 0; np < NTILES / 2; ++np) {
+        uint32_t kf[4];
+        const int row = np * 16 + (lane % 8) + (lane / 16) * 8;
+        ldmatrix_x4(kf, smem_addr(ks + swz<HD>(row, kk * 16 + ((lane / 8) % 2) * 8)));
+        mma(s[2 * np], qf[kk], kf[0], kf[1]);
+        mma(s[2 * np + 1], qf[kk], kf[2], kf[3]);
+      }
+    }
+
+    // Online softmax; thread holds rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3).
+    const int key0 = j * BLOCK_N + 2 * (lane % 4);
+    float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int n = 0; n < NTILES; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool valid = key0 + n * 8 + (e & 1) < s_kv;
+        s[n][e] = valid ? s[n][e] * scale_log2 : -INFINITY;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
+      alpha[r] = exp2f(row_max[r] - tile_max[r]);
+      row_max[r] = tile_max[r];
+      row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < NTILES; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = exp2f(s[n][e] - row_max[e / 2]);
+        row_sum[e / 2] += s[n][e];
+      }
+    }
+#pragma unroll
+    for (int d = 0; d < DTILES; ++d) {
+      o[d][0] *= alpha[0];
+      o[d][1] *= alpha[0];
+      o[d][2] *= alpha[1];
+      o[d][3] *= alpha[1];
+    }
+
+    // O += P·V; the S accumulator layout is the A-operand layout of the next mma.
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+      const uint32_t pf[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                              pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const int row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+#pragma unroll
+      for (int dp = 0; dp < DTILES / 2; ++dp) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, smem_addr(vs + swz<HD>(row, dp * 16 + (lane / 16) * 8)));
+        mma(o[2 * dp], pf, vf[0], vf[1]);
+        mma(o[2 * dp + 1], pf, vf[2], vf[3]);
+      }
+    }
+    __syncthreads();
+  }
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
+    inv[r] = 1.f / row_sum[r];
+  }
+  const int b = bh / heads;
+  const int h = bh % heads;
+  const int row = m0 + warp * 16 + lane / 4;
+  bf16* ob = out + (size_t)b * out_batch_stride + (size_t)h * HD + 2 * (lane % 4);
+#pragma unroll
+  for (int d = 0; d < DTILES; ++d) {
+    if (row < s_q) {
+      *reinterpret_cast<uint32_t*>(ob + (size_t)row * out_row_stride + d * 8) =
+          pack_bf16(o[d][0] * inv[0], o[d][1] * inv[0]);
+    }
+    if (row + 8 < s_q) {
+      *reinterpret_cast<uint32_t*>(ob + (size_t)(row + 8) * out_row_stride + d * 8) =
+          pack_bf16(o[d][2] * inv[1], o[d][3] * inv[1]);
+    }
+  }
+}
+
+}  // namespace
+
+#define FLASH_ATTENTION(HD)                                                                    \
+  extern "C" __global__ void __launch_bounds__(THREADS) flash_attention_bf16_hd##HD(          \
+      const bf16* q, const bf16* k, const bf16* v, bf16* out, int s_q, int s_kv, int heads,  \
+      float scale_log2, long long out_batch_stride, long long out_row_stride) {               \
+    flash_forward<HD>(q, k, v, out, s_q, s_kv, heads, scale_log2, out_batch_stride,           \
+                      out_row_stride);                                                         \
+  }
+
+FLASH_ATTENTION(32)
+FLASH_ATTENTION(64)
+FLASH_ATTENTION(128)

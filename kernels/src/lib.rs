@@ -1,0 +1,34 @@
+//! Fused kernels for the klein models, one place for all of them.
+//!
+//! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
+//! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
+//! `cpu_fwd` computes the same function in plain Rust (the CPU reference of the kernel's
+//! contract). Each op also has its stock-candle composition in [`reference`], which is what the
+//! model computes where the kernel does not apply (CPU, f32) and what the parity tests compare
+//! the kernels against.
+//!
+//! The public functions dispatch: the fused op on a CUDA bf16 tensor of a supported shape, the
+//! reference composition otherwise.
+
+mod attention;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod modulate;
+pub mod reference;
+mod residual;
+mod rope;
+mod swiglu;
+
+pub use attention::{FlashAttention, flash_attention, flash_attention_fused};
+pub use modulate::{LayerNormModulate, layer_norm_modulate};
+pub use residual::{GateResidual, gate_residual};
+pub use rope::{QkNormRope, qk_norm_rope};
+pub use swiglu::{SwiGlu, swiglu};
+
+use candle_core::{DType, Tensor};
+
+/// Whether `t` is a tensor the CUDA kernels take: bf16 on a CUDA device, in a `cuda` build.
+pub fn fused(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && t.dtype() == DType::BF16
+}

@@ -1,0 +1,95 @@
+//! The stock-candle compositions the kernels replace, rounding like torch (spec §7.1): each op
+//! computed in f32 where torch upcasts, rounded once to the model dtype. The model runs these
+//! where no kernel applies; the parity tests hold the kernels to them.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16).
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::F32 | DType::F64 => xs.silu(),
+        dtype => xs.to_dtype(DType::F32)?.silu()?.to_dtype(dtype),
+    }
+}
+
+/// `nn.LayerNorm(D, elementwise_affine=False, eps)` over the last axis, normalised in f32,
+/// rounded once.
+pub fn layer_norm(xs: &Tensor, eps: f64) -> Result<Tensor> {
+    let dim = xs.dim(D::Minus1)?;
+    let ones = Tensor::ones(dim, xs.dtype(), xs.device())?;
+    let zeros = Tensor::zeros(dim, xs.dtype(), xs.device())?;
+    candle_nn::ops::layer_norm(&xs.contiguous()?, &ones, &zeros, eps as f32)
+}
+
+/// `(1 + scale) ⊙ x + shift`, one rounding per op. shift / scale (B, 1, D) broadcast over the
+/// sequence of x (B, S, D).
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    (scale + 1.0)?.broadcast_mul(x)?.broadcast_add(shift)
+}
+
+/// `modulate(layer_norm(x), shift, scale)`.
+pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
+    modulate(&layer_norm(x, eps)?, shift, scale)
+}
+
+/// `x + y ⊙ gate`, gate (B, 1, D) broadcast over the sequence.
+pub fn gate_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    x + y.broadcast_mul(gate)?
+}
+
+/// `silu(gate) ⊙ up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    silu(gate)? * up
+}
+
+/// Per-head `RMSNorm(hd)`: `dtype(x · rsqrt(mean(x²) + eps)) ⊙ w`, the normalised value rounded
+/// before the weight product (torch's composite `rms_norm`). Normalised in f32: candle's CPU
+/// kernel would round the RMS itself to bf16 first. (.., hd) → (.., hd)
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ones = Tensor::ones(weight.dim(0)?, DType::F32, weight.device())?;
+    let x32 = xs.to_dtype(DType::F32)?.contiguous()?;
+    candle_nn::ops::rms_norm(&x32, &ones, eps as f32)?
+        .to_dtype(xs.dtype())?
+        .broadcast_mul(weight)
+}
+
+/// Interleaved RoPE (pairs (2j, 2j+1)) applied in f32 and rounded to the input dtype:
+/// `out[2j] = x[2j] cos − x[2j+1] sin`, `out[2j+1] = x[2j+1] cos + x[2j] sin`.
+/// (B, H, S, hd) with cos / sin (S, hd/2) → (B, H, S, hd)
+pub fn rope_interleaved(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x32 = xs.to_dtype(DType::F32)?.contiguous()?;
+    candle_nn::rotary_emb::rope_i(&x32, cos, sin)?.to_dtype(xs.dtype())
+}
+
+/// (B, S, H·hd) → RMSNorm per head → (B, H, S, hd) → RoPE with rows `rope_offset..` of the
+/// tables.
+pub fn qk_norm_rope(
+    src: &Tensor,
+    weight: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    rope_offset: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, s, _) = src.dims3()?;
+    let x = src.reshape((b, s, heads, weight.dim(0)?))?;
+    let x = rms_norm(&x, weight, eps)?.transpose(1, 2)?.contiguous()?;
+    let (cos, sin) = (
+        cos.narrow(0, rope_offset, s)?,
+        sin.narrow(0, rope_offset, s)?,
+    );
+    rope_interleaved(&x, &cos.contiguous()?, &sin.contiguous()?)
+}
+
+/// `softmax(q kᵀ / √hd) v` in f32, rounded once; q (B, H, S_q, hd), k / v (B, H, S_kv, hd)
+/// → (B, S_q, H·hd). Materialises every score: for tests and small shapes.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, s_q, hd) = q.dims4()?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let scores = (f32(q)?.matmul(&f32(k)?.t()?)? / (hd as f64).sqrt())?;
+    let o = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&f32(v)?)?;
+    o.transpose(1, 2)?
+        .reshape((b, s_q, h * hd))?
+        .to_dtype(q.dtype())
+}

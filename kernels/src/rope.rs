@@ -1,0 +1,155 @@
+//! Per-head QK RMSNorm and interleaved RoPE in one pass, from a projection straight into the
+//! (B, H, S, hd) layout attention reads.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+use crate::{cpu, reference};
+
+/// src (B, S, H·hd) with unit last stride (e.g. the q columns of a fused projection), cos and
+/// sin (S_rope, hd/2) f32 → (B, H, S, hd). Token `s` takes RoPE row `rope_offset + s`. Rounds
+/// like the composition: normalised value, weight product, rotated pair.
+#[derive(Debug, Clone)]
+pub struct QkNormRope {
+    /// The RMSNorm weight (hd), the dtype of src.
+    pub weight: Tensor,
+    pub heads: usize,
+    pub rope_offset: usize,
+    pub eps: f32,
+}
+
+/// [`QkNormRope`] on a CUDA bf16 tensor, [`reference::qk_norm_rope`] otherwise.
+pub fn qk_norm_rope(
+    src: &Tensor,
+    weight: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    rope_offset: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let hd = weight.dim(0)?;
+    if crate::fused(src) && hd.is_multiple_of(2) && hd <= 256 {
+        let op = QkNormRope {
+            weight: weight.clone(),
+            heads,
+            rope_offset,
+            eps: eps as f32,
+        };
+        src.apply_op3_no_bwd(cos, sin, &op)
+    } else {
+        reference::qk_norm_rope(src, weight, cos, sin, heads, rope_offset, eps)
+    }
+}
+
+impl QkNormRope {
+    /// (B, S, hd), after checking the layouts.
+    fn dims(&self, src: &Layout, cos: &Layout, sin: &Layout) -> Result<(usize, usize, usize)> {
+        let (b, s, width) = src.shape().dims3()?;
+        let hd = self.weight.dim(0)?;
+        if width != self.heads * hd || src.stride()[2] != 1 {
+            bail!(
+                "qk_norm_rope: src {:?} (strides {:?}) is not {} heads of {hd}",
+                src.shape(),
+                src.stride(),
+                self.heads
+            );
+        }
+        let rope = (self.rope_offset + s, hd / 2);
+        for l in [cos, sin] {
+            let (rows, half) = l.shape().dims2()?;
+            if rows < rope.0 || half != rope.1 || !l.is_contiguous() {
+                bail!(
+                    "qk_norm_rope: rope table {:?} does not cover {rope:?}",
+                    l.shape()
+                );
+            }
+        }
+        Ok((b, s, hd))
+    }
+}
+
+impl CustomOp3 for QkNormRope {
+    fn name(&self) -> &'static str {
+        "klein-qk-norm-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ss: &CpuStorage,
+        sl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ns: &CpuStorage,
+        nl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, s, hd) = self.dims(sl, cl, nl)?;
+        let h = self.heads;
+        let round = cpu::rounder(cpu::dtype(ss));
+        let weight = self
+            .weight
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let (src, cos, sin) = (cpu::read(ss, sl)?, cpu::read(cs, cl)?, cpu::read(ns, nl)?);
+        let mut out = vec![0f32; src.len()];
+        for (i, x) in src.chunks_exact(hd).enumerate() {
+            let (bi, si, hi) = (i / (s * h), i / h % s, i % h);
+            let rstd = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / hd as f32 + self.eps).sqrt();
+            let row = (self.rope_offset + si) * hd / 2;
+            let o = &mut out[((bi * h + hi) * s + si) * hd..][..hd];
+            for p in 0..hd / 2 {
+                let y0 = round(round(x[2 * p] * rstd) * weight[2 * p]);
+                let y1 = round(round(x[2 * p + 1] * rstd) * weight[2 * p + 1]);
+                let (c, sn) = (cos[row + p], sin[row + p]);
+                o[2 * p] = y0 * c - y1 * sn;
+                o[2 * p + 1] = y1 * c + y0 * sn;
+            }
+        }
+        Ok((cpu::write(out, cpu::dtype(ss))?, Shape::from((b, h, s, hd))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+        ns: &candle_core::CudaStorage,
+        nl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda::WrapErr;
+        use candle_core::cuda::cudarc::driver::PushKernelArg;
+        use half::bf16;
+
+        use crate::cuda::{ELEMENTWISE, view, warp_per_item};
+
+        let (b, s, hd) = self.dims(sl, cl, nl)?;
+        let (weight, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cuda(weight) = &*weight else {
+            bail!("qk_norm_rope: the weight is not on the GPU");
+        };
+        let dev = ss.device().clone();
+        let func =
+            dev.get_or_load_custom_func("qk_norm_rope_bf16", ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+        let out = unsafe { dev.alloc::<bf16>(b * s * self.heads * hd)? };
+        let (src, w) = (view::<bf16>(ss, sl)?, view::<bf16>(weight, wl)?);
+        let (cos, sin) = (view::<f32>(cs, cl)?, view::<f32>(ns, nl)?);
+        let (batch, seq, heads, head_dim) = (b as i32, s as i32, self.heads as i32, hd as i32);
+        let (batch_stride, row_stride) = (sl.stride()[0] as i64, sl.stride()[1] as i64);
+        let offset = self.rope_offset as i32;
+        let mut launch = func.builder();
+        launch.arg(&src).arg(&w).arg(&cos).arg(&sin).arg(&out);
+        launch.arg(&batch).arg(&seq).arg(&heads).arg(&head_dim);
+        launch
+            .arg(&batch_stride)
+            .arg(&row_stride)
+            .arg(&offset)
+            .arg(&self.eps);
+        unsafe { launch.launch(warp_per_item(b * s * self.heads)) }.w()?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((b, self.heads, s, hd)),
+        ))
+    }
+}

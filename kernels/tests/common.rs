@@ -1,0 +1,42 @@
+//! Random inputs and error measures shared by the CPU reference and GPU parity tests.
+
+#![allow(dead_code)]
+
+use candle_core::{D, DType, Device, Result, Tensor};
+
+/// Standard-normal tensor of `shape` as `dtype` (drawn in f32).
+pub fn randn(shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)
+}
+
+/// ‖a − b‖ / ‖b‖ in f32.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let num = (&a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    let den = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    Ok(num / den)
+}
+
+/// Largest |a − b| over the elements, in units of b's largest magnitude.
+pub fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(D::Minus1)?
+        .to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?;
+    Ok(diff / scale)
+}
+
+/// Modulation chunks as the model makes them: (B, 1, 3·D) split into shift, scale, gate, each a
+/// strided view (B, 1, D).
+pub fn modulation(b: usize, d: usize, dtype: DType, dev: &Device) -> Result<Vec<Tensor>> {
+    (randn(&[b, 1, 3 * d], dtype, dev)? * 0.5)?.chunk(3, D::Minus1)
+}
+
+/// RoPE tables (rows, hd/2) of unit-circle pairs at random angles.
+pub fn rope_tables(rows: usize, hd: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let angles = (Tensor::rand(0f32, 1.0, (rows, hd / 2), dev)? * std::f64::consts::TAU)?;
+    Ok((angles.cos()?, angles.sin()?))
+}

@@ -1,0 +1,155 @@
+//! Each kernel's CPU forward (the plain-Rust statement of what the CUDA kernel computes) against
+//! the stock-candle composition it replaces, on random inputs: f32 to f32 precision; bf16 within
+//! one rounding (the composition rounds the same intermediates, only summation order differs).
+
+mod common;
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use common::{max_rel, modulation, randn, rel_l2, rope_tables};
+use klein_kernels::{
+    FlashAttention, GateResidual, LayerNormModulate, QkNormRope, SwiGlu, reference,
+};
+
+/// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
+const BF16_ULP: f32 = 1.0 / 256.0;
+
+fn check(name: &str, dtype: DType, got: &Tensor, want: &Tensor) -> Result<()> {
+    assert_eq!(got.dims(), want.dims(), "{name}");
+    let (rel, max) = (rel_l2(got, want)?, max_rel(got, want)?);
+    println!("{name} {dtype:?}: rel-L2 {rel:.2e}, max {max:.2e}");
+    let (rel_tol, max_tol) = match dtype {
+        DType::F32 => (1e-6, 1e-5),
+        _ => (BF16_ULP / 4.0, 2.0 * BF16_ULP),
+    };
+    assert!(
+        rel <= rel_tol && max <= max_tol,
+        "{name} {dtype:?}: rel-L2 {rel}, max {max}"
+    );
+    Ok(())
+}
+
+#[test]
+fn layer_norm_modulate_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let x = (randn(&[2, 7, 48], dtype, &dev)? * 3.0)?;
+        let m = modulation(2, 48, dtype, &dev)?;
+        let op = LayerNormModulate { eps: 1e-6 };
+        let got = x.apply_op3_no_bwd(&m[0], &m[1], &op)?;
+        let want = reference::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?;
+        check("layer_norm_modulate", dtype, &got, &want)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn gate_residual_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let (x, y) = (
+            randn(&[2, 5, 40], dtype, &dev)?,
+            randn(&[2, 5, 40], dtype, &dev)?,
+        );
+        let m = modulation(2, 40, dtype, &dev)?;
+        let got = x.apply_op3_no_bwd(&y, &m[2], &GateResidual)?;
+        check(
+            "gate_residual",
+            dtype,
+            &got,
+            &reference::gate_residual(&x, &y, &m[2])?,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        // A single-block-like projection: [q k v | gate | up] with width 24.
+        let p = (randn(&[2, 6, 3 * 16 + 2 * 24], dtype, &dev)? * 2.0)?;
+        let op = SwiGlu {
+            gate: 48,
+            up: 72,
+            width: 24,
+        };
+        let got = p.apply_op1_no_bwd(&op)?;
+        let want = reference::swiglu(&p.narrow(D::Minus1, 48, 24)?, &p.narrow(D::Minus1, 72, 24)?)?;
+        check("swiglu", dtype, &got, &want)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn qk_norm_rope_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    let (heads, hd) = (3, 32);
+    for dtype in [DType::F32, DType::BF16] {
+        // The k columns of a fused projection (strided rows), tokens 4.. of the rope table.
+        let p = randn(&[2, 9, 3 * heads * hd], dtype, &dev)?;
+        let src = p.narrow(D::Minus1, heads * hd, heads * hd)?;
+        let weight = ((randn(&[hd], dtype, &dev)? * 0.3)? + 1.0)?;
+        let (cos, sin) = rope_tables(4 + 9, hd, &dev)?;
+        let op = QkNormRope {
+            weight: weight.clone(),
+            heads,
+            rope_offset: 4,
+            eps: 1e-6,
+        };
+        let got = src.apply_op3_no_bwd(&cos, &sin, &op)?;
+        let want = reference::qk_norm_rope(&src, &weight, &cos, &sin, heads, 4, 1e-6)?;
+        check("qk_norm_rope", dtype, &got, &want)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn flash_attention_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        // Lengths that are not multiples of the kernel's 64-row tiles.
+        let q = randn(&[2, 3, 37, 32], dtype, &dev)?;
+        let k = randn(&[2, 3, 70, 32], dtype, &dev)?;
+        let v = randn(&[2, 3, 70, 32], dtype, &dev)?;
+        let op = FlashAttention {
+            scale: 1.0 / 32f32.sqrt(),
+        };
+        let got = q.apply_op3_no_bwd(&k, &v, &op)?;
+        check(
+            "flash_attention",
+            dtype,
+            &got,
+            &reference::attention(&q, &k, &v)?,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn the_dispatchers_take_the_composition_on_the_cpu() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = randn(&[1, 3, 8], DType::BF16, &dev)?;
+    assert!(!klein_kernels::fused(&x));
+    let m = modulation(1, 8, DType::BF16, &dev)?;
+    let got = klein_kernels::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?;
+    let want = reference::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?;
+    assert_eq!(rel_l2(&got, &want)?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn rope_rotates_interleaved_pairs() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev)?.reshape((1, 1, 1, 4))?;
+    let a = 0.3f32;
+    let cos = Tensor::new(&[[a.cos(), 1.0]], &dev)?;
+    let sin = Tensor::new(&[[a.sin(), 0.0]], &dev)?;
+    let y = reference::rope_interleaved(&x, &cos, &sin)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let want = [a.cos() - 2.0 * a.sin(), 2.0 * a.cos() + a.sin(), 3.0, 4.0];
+    for (g, w) in y.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{y:?}");
+    }
+    Ok(())
+}
