@@ -114,8 +114,8 @@ impl CustomOp3 for FlashAttention {
         use crate::cuda::{FLASH_ATTENTION, view};
 
         /// Query rows per block and keys per shared tile (flash_attention.cu).
-        const BLOCK_M: usize = 64;
-        const BLOCK_N: usize = 64;
+        const BLOCK_M: usize = 128;
+        const BLOCK_N: usize = 32;
         let (b, h, s_q, s_kv, hd) = dims(ql, kl, vl)?;
         if !HEAD_DIMS.contains(&hd) {
             bail!("flash attention: no kernel for head dim {hd}");

@@ -5,8 +5,11 @@
 // Q (BH, S_q, HD), K and V (BH, S_kv, HD), contiguous. O is written as (B, S_q, H·HD) through
 // out_batch_stride / out_row_stride (elements), i.e. with the heads already merged.
 //
-// One block = 4 warps = 64 query rows (16 per warp); K/V tiles of 64 keys are double-buffered in
-// shared memory with cp.async. Shared rows are XOR-swizzled in 16-byte chunks so that ldmatrix
+// One block = 4 warps = 128 query rows. Each warp owns 32 rows (two 16-row mma tiles), so every
+// K and V fragment it reads from shared memory feeds two mma: shared-memory traffic per FLOP
+// is what bounds a 16-row warp. Q stays in shared memory (its fragments are re-read per tile;
+// registers hold the two O and S accumulators). K/V tiles of 32 keys are double-buffered with
+// cp.async. Shared rows are XOR-swizzled in 16-byte chunks so that ldmatrix
 // reads are free of bank conflicts.
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -15,9 +18,12 @@ namespace {
 
 typedef __nv_bfloat16 bf16;
 
-constexpr int BLOCK_M = 64;
-constexpr int BLOCK_N = 64;
-constexpr int THREADS = 128;
+constexpr int WARPS = 4;
+constexpr int M_TILES = 2;  // 16-row query tiles per warp
+constexpr int WARP_ROWS = 16 * M_TILES;
+constexpr int BLOCK_M = WARPS * WARP_ROWS;
+constexpr int BLOCK_N = 32;
+constexpr int THREADS = 32 * WARPS;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -110,23 +116,19 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
   load_tile<HD, BLOCK_N>(sk, kg, 0, s_kv);
   load_tile<HD, BLOCK_N>(sv, vg, 0, s_kv);
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
 
-  uint32_t qf[KSTEPS][4];
-  {
-    const int row = warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+  // Row of this lane's ldmatrix address in each of the warp's 16-row query tiles.
+  const int q_row = warp * WARP_ROWS + (lane % 8) + ((lane / 8) % 2) * 8;
+  float o[M_TILES][DTILES][4];
+  float row_max[M_TILES][2];
+  float row_sum[M_TILES][2];
 #pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk) {
-      ldmatrix_x4(qf[kk], smem_addr(sq + swz<HD>(row, kk * 16 + (lane / 16) * 8)));
-    }
+  for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+    for (int d = 0; d < DTILES; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
-
-  float o[DTILES][4];
-#pragma unroll
-  for (int d = 0; d < DTILES; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
 
   const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
   for (int j = 0; j < tiles; ++j) {
@@ -143,97 +145,123 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
     const bf16* ks = sk + stage * BLOCK_N * HD;
     const bf16* vs = sv + stage * BLOCK_N * HD;
 
-    float s[NTILES][4];
+    // S = Q·Kᵀ: each K fragment feeds every query tile of the warp.
+    float s[M_TILES][NTILES][4];
 #pragma unroll
-    for (int n = 0; n < NTILES; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int n = 0; n < NTILES; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
+      uint32_t qf[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        ldmatrix_x4(qf[mt], smem_addr(sq + swz<HD>(q_row + mt * 16, kk * 16 + (lane / 16) * 8)));
+      }
 #pragma unroll
       for (int np = 0; np < NTILES / 2; ++np) {
         uint32_t kf[4];
         const int row = np * 16 + (lane % 8) + (lane / 16) * 8;
         ldmatrix_x4(kf, smem_addr(ks + swz<HD>(row, kk * 16 + ((lane / 8) % 2) * 8)));
-        mma(s[2 * np], qf[kk], kf[0], kf[1]);
-        mma(s[2 * np + 1], qf[kk], kf[2], kf[3]);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma(s[mt][2 * np], qf[mt], kf[0], kf[1]);
+          mma(s[mt][2 * np + 1], qf[mt], kf[2], kf[3]);
+        }
       }
     }
 
-    // Online softmax; thread holds rows lane/4 (e = 0, 1) and lane/4 + 8 (e = 2, 3).
+    // Online softmax; per query tile the thread holds rows lane/4 (e = 0, 1) and lane/4 + 8
+    // (e = 2, 3).
     const int key0 = j * BLOCK_N + 2 * (lane % 4);
-    float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
-    for (int n = 0; n < NTILES; ++n) {
+    for (int mt = 0; mt < M_TILES; ++mt) {
+      float tile_max[2] = {row_max[mt][0], row_max[mt][1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool valid = key0 + n * 8 + (e & 1) < s_kv;
-        s[n][e] = valid ? s[n][e] * scale_log2 : -INFINITY;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
+      for (int n = 0; n < NTILES; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool valid = key0 + n * 8 + (e & 1) < s_kv;
+          s[mt][n][e] = valid ? s[mt][n][e] * scale_log2 : -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], s[mt][n][e]);
+        }
       }
-    }
-    float alpha[2];
+      float alpha[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
-      alpha[r] = exp2f(row_max[r] - tile_max[r]);
-      row_max[r] = tile_max[r];
-      row_sum[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int n = 0; n < NTILES; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = exp2f(s[n][e] - row_max[e / 2]);
-        row_sum[e / 2] += s[n][e];
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
+        alpha[r] = exp2f(row_max[mt][r] - tile_max[r]);
+        row_max[mt][r] = tile_max[r];
+        row_sum[mt][r] *= alpha[r];
       }
-    }
 #pragma unroll
-    for (int d = 0; d < DTILES; ++d) {
-      o[d][0] *= alpha[0];
-      o[d][1] *= alpha[0];
-      o[d][2] *= alpha[1];
-      o[d][3] *= alpha[1];
+      for (int n = 0; n < NTILES; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][n][e] = exp2f(s[mt][n][e] - row_max[mt][e / 2]);
+          row_sum[mt][e / 2] += s[mt][n][e];
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < DTILES; ++d) {
+        o[mt][d][0] *= alpha[0];
+        o[mt][d][1] *= alpha[0];
+        o[mt][d][2] *= alpha[1];
+        o[mt][d][3] *= alpha[1];
+      }
     }
 
-    // O += P·V; the S accumulator layout is the A-operand layout of the next mma.
+    // O += P·V; the S accumulator layout is the A-operand layout of the next mma, and each V
+    // fragment feeds every query tile of the warp.
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-      const uint32_t pf[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
-                              pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pf[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        pf[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pf[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pf[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pf[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
       const int row = kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
 #pragma unroll
       for (int dp = 0; dp < DTILES / 2; ++dp) {
         uint32_t vf[4];
         ldmatrix_x4_trans(vf, smem_addr(vs + swz<HD>(row, dp * 16 + (lane / 16) * 8)));
-        mma(o[2 * dp], pf, vf[0], vf[1]);
-        mma(o[2 * dp + 1], pf, vf[2], vf[3]);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma(o[mt][2 * dp], pf[mt], vf[0], vf[1]);
+          mma(o[mt][2 * dp + 1], pf[mt], vf[2], vf[3]);
+        }
       }
     }
     __syncthreads();
   }
 
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
-    inv[r] = 1.f / row_sum[r];
-  }
   const int b = bh / heads;
   const int h = bh % heads;
-  const int row = m0 + warp * 16 + lane / 4;
   bf16* ob = out + (size_t)b * out_batch_stride + (size_t)h * HD + 2 * (lane % 4);
 #pragma unroll
-  for (int d = 0; d < DTILES; ++d) {
-    if (row < s_q) {
-      *reinterpret_cast<uint32_t*>(ob + (size_t)row * out_row_stride + d * 8) =
-          pack_bf16(o[d][0] * inv[0], o[d][1] * inv[0]);
+  for (int mt = 0; mt < M_TILES; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[mt][r] += __shfl_xor_sync(0xffffffff, row_sum[mt][r], 1);
+      row_sum[mt][r] += __shfl_xor_sync(0xffffffff, row_sum[mt][r], 2);
+      inv[r] = 1.f / row_sum[mt][r];
     }
-    if (row + 8 < s_q) {
-      *reinterpret_cast<uint32_t*>(ob + (size_t)(row + 8) * out_row_stride + d * 8) =
-          pack_bf16(o[d][2] * inv[1], o[d][3] * inv[1]);
+    const int row = m0 + warp * WARP_ROWS + mt * 16 + lane / 4;
+#pragma unroll
+    for (int d = 0; d < DTILES; ++d) {
+      if (row < s_q) {
+        *reinterpret_cast<uint32_t*>(ob + (size_t)row * out_row_stride + d * 8) =
+            pack_bf16(o[mt][d][0] * inv[0], o[mt][d][1] * inv[0]);
+      }
+      if (row + 8 < s_q) {
+        *reinterpret_cast<uint32_t*>(ob + (size_t)(row + 8) * out_row_stride + d * 8) =
+            pack_bf16(o[mt][d][2] * inv[1], o[mt][d][3] * inv[1]);
+      }
     }
   }
 }
