@@ -140,8 +140,15 @@ pub fn transformer(
     let t = vec![968.0f32; batch];
     let (median_ms, min_ms) = time(dev, 2, iters, || model.forward(&x, &ctx, &t, &rope))?;
     let (resident_gib, activation_gib) = memory(dev, || model.forward(&x, &ctx, &t, &rope))?;
-    let estimate =
-        denoiser_svc::admission::activation_bytes(&cfg, dtype, batch, 512 + h * w, &cfg.attention);
+    let flash = klein_kernels::flash_attention_applies(dev, dtype, cfg.attention_head_dim);
+    let estimate = denoiser_svc::admission::activation_bytes(
+        &cfg,
+        dtype,
+        batch,
+        512 + h * w,
+        &cfg.attention,
+        flash,
+    );
     Ok(Row {
         resident_gib,
         activation_gib,

@@ -29,6 +29,7 @@ pub struct Denoiser {
     /// Which models are resident (the registry lives on the engine thread).
     pub status: RegistryStatus,
     pub dtype: DType,
+    pub device: candle_core::Device,
     pub attention: AttentionConfig,
     /// The static part of Info; reservations, queue and models are filled per call.
     pub info: pb::ServiceInfo,
@@ -91,6 +92,11 @@ impl Denoiser {
             valid.batch(),
             valid.sequence_len(),
             &self.attention,
+            klein_kernels::flash_attention_applies(
+                &self.device,
+                self.dtype,
+                model.config.attention_head_dim,
+            ),
         );
         let queued = Instant::now();
         let reservation = self.budget.reserve(bytes).await?;

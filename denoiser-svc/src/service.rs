@@ -119,6 +119,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
     let models = Registry::new("denoiser", device.clone(), caps, sources)?;
     let status = models.status();
     let engine_name = format!("denoiser-{}", config.server.device).replace(':', "-");
+    let service_device = device.clone();
     let fit = budget.clone();
     let model_wait = std::time::Duration::from_secs(config.model_wait_secs);
     let engine = DenoiseEngine::spawn(&engine_name, move || {
@@ -168,6 +169,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         models: served,
         status,
         dtype,
+        device: service_device,
         attention,
         info,
     })

@@ -1,6 +1,6 @@
 //! Flash attention: `softmax(q kᵀ · scale) v` per head, the score matrix never materialised.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, bail};
 
 use crate::cpu;
 
@@ -16,7 +16,18 @@ const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
 /// Whether [`flash_attention`] runs the CUDA kernel for these queries (B, H, S, hd).
 pub fn flash_attention_fused(q: &Tensor) -> bool {
-    crate::fused(q) && q.dims().last().is_some_and(|hd| HEAD_DIMS.contains(hd))
+    q.dims()
+        .last()
+        .is_some_and(|&hd| flash_attention_applies(q.device(), q.dtype(), hd))
+}
+
+/// Whether attention with `head_dim` in `dtype` on `device` takes the CUDA kernel (what a
+/// memory estimate made before any tensor exists needs to know).
+pub fn flash_attention_applies(device: &Device, dtype: DType, head_dim: usize) -> bool {
+    cfg!(feature = "cuda")
+        && device.is_cuda()
+        && dtype == DType::BF16
+        && HEAD_DIMS.contains(&head_dim)
 }
 
 /// [`FlashAttention`] with `scale = 1/√hd`: the CUDA kernel on a CUDA bf16 tensor, the plain

@@ -20,7 +20,9 @@ mod residual;
 mod rope;
 mod swiglu;
 
-pub use attention::{FlashAttention, flash_attention, flash_attention_fused};
+pub use attention::{
+    FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
+};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use residual::{GateResidual, gate_residual};
 pub use rope::{QkNormRope, qk_norm_rope};
