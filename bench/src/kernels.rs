@@ -1,7 +1,8 @@
 //! Micro-benchmarks of `klein_kernels`: each fused kernel next to the stock-candle composition
 //! it replaces, on the klein-4B shapes of one 1024² transformer step (4096 image + 512 text
-//! tokens, D 3072, 24 heads of 128, MLP 9216), with the kernel's floor on this card: bytes moved
-//! at the device-copy rate, or FLOPs at the bf16 matmul rate.
+//! tokens, D 3072, 24 heads of 128, MLP 9216) and of a 1024² VAE decode, with the kernel's
+//! floor on this card: bytes moved at the device-copy rate (GroupNorm: two reads and a write),
+//! or FLOPs at the bf16 matmul rate.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use klein_kernels::reference;
@@ -136,6 +137,19 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         &mut || reference::attention(&q, &k, &v),
         flops / (rates.matmul_tflops * 1e12) * 1e3,
         "flops",
+    )?;
+
+    // The VAE decoder's widest norm: 128 channels at 1024², f32, 32 groups, then SiLU.
+    let x = Tensor::randn(0f32, 1.0, (1, 128, 1024, 1024), dev)?;
+    let weight = Tensor::randn(0f32, 1.0, 128, dev)?;
+    let bias = Tensor::randn(0f32, 1.0, 128, dev)?;
+    row(
+        "group_norm_silu",
+        "VAE x (1, 128, 1024, 1024) f32, 32 groups".to_owned(),
+        &mut || klein_kernels::group_norm(&x, &weight, &bias, 32, 1e-6, true),
+        &mut || reference::group_norm(&x, &weight, &bias, 32, 1e-6, true),
+        bytes_ms(3.0 * x.elem_count() as f64 * 4.0),
+        "bytes",
     )?;
     Ok(rows)
 }

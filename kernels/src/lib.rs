@@ -1,4 +1,5 @@
-//! Fused kernels for the klein models, one place for all of them.
+//! Fused kernels for the klein models, one place for all of them: the transformer's flash
+//! attention and elementwise chains, and the VAE's GroupNorm (+ SiLU).
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
@@ -14,6 +15,7 @@ mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod group_norm;
 mod modulate;
 pub mod reference;
 mod residual;
@@ -23,6 +25,7 @@ mod swiglu;
 pub use attention::{
     FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
 };
+pub use group_norm::{GroupNorm, group_norm, group_norm_fused};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use residual::{GateResidual, gate_residual};
 pub use rope::{QkNormRope, qk_norm_rope};

@@ -7,18 +7,30 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor};
 use common::{max_rel, modulation, randn, rel_l2, rope_tables};
 use klein_kernels::{
-    FlashAttention, GateResidual, LayerNormModulate, QkNormRope, SwiGlu, reference,
+    FlashAttention, GateResidual, GroupNorm, LayerNormModulate, QkNormRope, SwiGlu, reference,
 };
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
 const BF16_ULP: f32 = 1.0 / 256.0;
 
 fn check(name: &str, dtype: DType, got: &Tensor, want: &Tensor) -> Result<()> {
+    check_conditioned(name, dtype, got, want, 1.0)
+}
+
+/// [`check`] where the composition's own f32 error is `condition` times larger (e.g. a norm of
+/// inputs whose mean is many standard deviations from zero).
+fn check_conditioned(
+    name: &str,
+    dtype: DType,
+    got: &Tensor,
+    want: &Tensor,
+    condition: f32,
+) -> Result<()> {
     assert_eq!(got.dims(), want.dims(), "{name}");
     let (rel, max) = (rel_l2(got, want)?, max_rel(got, want)?);
     println!("{name} {dtype:?}: rel-L2 {rel:.2e}, max {max:.2e}");
     let (rel_tol, max_tol) = match dtype {
-        DType::F32 => (1e-6, 1e-5),
+        DType::F32 => (1e-6 * condition, 1e-5 * condition),
         _ => (BF16_ULP / 4.0, 2.0 * BF16_ULP),
     };
     assert!(
@@ -150,6 +162,35 @@ fn rope_rotates_interleaved_pairs() -> Result<()> {
     let want = [a.cos() - 2.0 * a.sin(), 2.0 * a.cos() + a.sin(), 3.0, 4.0];
     for (g, w) in y.iter().zip(want) {
         assert!((g - w).abs() < 1e-6, "{y:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn group_norm_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        for silu in [false, true] {
+            // Inputs 15 standard deviations off zero: the statistics must not cancel (the op
+            // keeps them in f64; the composition's f32 ones lose about that factor).
+            let x = ((randn(&[2, 12, 5, 7], DType::F32, &dev)? * 2.0)? + 30.0)?.to_dtype(dtype)?;
+            let weight = ((randn(&[12], DType::F32, &dev)? * 0.3)? + 1.0)?;
+            let bias = randn(&[12], DType::F32, &dev)?;
+            let op = GroupNorm {
+                groups: 4,
+                eps: 1e-6,
+                silu,
+            };
+            let got = x.apply_op3_no_bwd(&weight, &bias, &op)?;
+            let want = reference::group_norm(&x, &weight, &bias, 4, 1e-6, silu)?;
+            check_conditioned(
+                &format!("group_norm (silu {silu})"),
+                dtype,
+                &got,
+                &want,
+                15.0,
+            )?;
+        }
     }
     Ok(())
 }

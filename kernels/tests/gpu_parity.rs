@@ -100,3 +100,29 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
     }
     Ok(())
 }
+
+/// The VAE's GroupNorm (+ SiLU) at decoder shapes. f32: the kernel keeps its statistics in f64,
+/// the composition in f32, both well inside the f32 parity tolerance (1e-4): held to 1e-5.
+/// bf16: the same roundings as the composition.
+#[test]
+fn group_norm_matches_the_composition() -> Result<()> {
+    let dev = gpu();
+    for (shape, silu) in [([1, 128, 512, 512], true), ([2, 512, 64, 96], false)] {
+        let x = ((randn(&shape, DType::F32, &dev)? * 2.0)? + 1.0)?;
+        let weight = ((randn(&[shape[1]], DType::F32, &dev)? * 0.3)? + 1.0)?;
+        let bias = randn(&[shape[1]], DType::F32, &dev)?;
+        assert!(klein_kernels::group_norm_fused(&x));
+        let got = klein_kernels::group_norm(&x, &weight, &bias, 32, 1e-6, silu)?;
+        let want = reference::group_norm(&x, &weight, &bias, 32, 1e-6, silu)?;
+        let rel = rel_l2(&got, &want)?;
+        println!("group_norm f32 {shape:?} silu {silu}: rel-L2 {rel:.2e}");
+        assert!(rel <= 1e-5, "rel-L2 {rel}");
+        let x = x.to_dtype(DType::BF16)?;
+        check_elementwise(
+            &format!("group_norm bf16 {shape:?} silu {silu}"),
+            &klein_kernels::group_norm(&x, &weight, &bias, 32, 1e-6, silu)?,
+            &reference::group_norm(&x, &weight, &bias, 32, 1e-6, silu)?,
+        )?;
+    }
+    Ok(())
+}

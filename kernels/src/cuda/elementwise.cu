@@ -149,3 +149,105 @@ extern "C" __global__ void gate_residual_bf16(const bf16* __restrict__ x,
     store2(out + e, xv.x + rnd(yv.x * g.x), xv.y + rnd(yv.y * g.y));
   }
 }
+
+// GroupNorm statistics, pass 1: block (bg, split) sums x − pivot and its square over its share
+// of group bg's n contiguous elements (pivot = the group's first element, which keeps the f32
+// sums of a large group from cancelling). partial: [bg][split][2].
+template <typename T>
+__device__ __forceinline__ void group_norm_partials(const T* __restrict__ x,
+                                                    float* __restrict__ partial, long long n) {
+  const int bg = blockIdx.x;
+  const int splits = gridDim.y;
+  const T* g = x + (size_t)bg * n;
+  const float pivot = (float)g[0];
+  const long long per_split = (n + splits - 1) / splits;
+  const long long begin = blockIdx.y * per_split;
+  const long long end = min(n, begin + per_split);
+  float sum = 0.f, sq = 0.f;
+  for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const float v = (float)g[i] - pivot;
+    sum += v;
+    sq += v * v;
+  }
+  __shared__ float s_sum[32], s_sq[32];
+  sum = warp_sum(sum);
+  sq = warp_sum(sq);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    s_sum[warp] = sum;
+    s_sq[warp] = sq;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    sum = lane < warps ? s_sum[lane] : 0.f;
+    sq = lane < warps ? s_sq[lane] : 0.f;
+    sum = warp_sum(sum);
+    sq = warp_sum(sq);
+    if (lane == 0) {
+      partial[((size_t)bg * splits + blockIdx.y) * 2] = sum;
+      partial[((size_t)bg * splits + blockIdx.y) * 2 + 1] = sq;
+    }
+  }
+}
+
+// Pass 2: per group, the partials (in f64) → mean and 1/sqrt(var + eps). stats: [bg][2].
+template <typename T>
+__device__ __forceinline__ void group_norm_stats(const T* __restrict__ x,
+                                                 const float* __restrict__ partial,
+                                                 float* __restrict__ stats, int groups_total,
+                                                 int splits, long long n, float eps) {
+  const int bg = blockIdx.x * blockDim.x + threadIdx.x;
+  if (bg >= groups_total) return;
+  double sum = 0.0, sq = 0.0;
+  for (int s = 0; s < splits; ++s) {
+    sum += partial[((size_t)bg * splits + s) * 2];
+    sq += partial[((size_t)bg * splits + s) * 2 + 1];
+  }
+  const double shifted_mean = sum / n;
+  const double var = fmax(sq / n - shifted_mean * shifted_mean, 0.0);
+  stats[bg * 2] = (float)(shifted_mean + (double)(float)x[(size_t)bg * n]);
+  stats[bg * 2 + 1] = (float)(1.0 / sqrt(var + eps));
+}
+
+// Pass 3: y = x · (rstd · w) + (b − mean · rstd · w), rounded to T; with silu, silu(y) in f32
+// from the rounded y, rounded again (torch's order).
+template <typename T>
+__device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
+                                                 const float* __restrict__ stats,
+                                                 const float* __restrict__ weight,
+                                                 const float* __restrict__ bias,
+                                                 T* __restrict__ out, long long total,
+                                                 int channels, int cpg, long long hw, int silu) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long bc = i / hw;
+    const int c = (int)(bc % channels);
+    const long long bg = (bc / channels) * (channels / cpg) + c / cpg;
+    const float scale = stats[bg * 2 + 1] * weight[c];
+    const float shift = bias[c] - stats[bg * 2] * scale;
+    float y = (float)(T)((float)x[i] * scale + shift);
+    if (silu) y = y / (1.f + __expf(-y));
+    out[i] = (T)y;
+  }
+}
+
+#define GROUP_NORM(T, NAME)                                                                    \
+  extern "C" __global__ void group_norm_partials_##NAME(const T* x, float* partial,            \
+                                                        long long n) {                         \
+    group_norm_partials<T>(x, partial, n);                                                     \
+  }                                                                                            \
+  extern "C" __global__ void group_norm_stats_##NAME(const T* x, const float* partial,         \
+                                                     float* stats, int groups_total,           \
+                                                     int splits, long long n, float eps) {     \
+    group_norm_stats<T>(x, partial, stats, groups_total, splits, n, eps);                      \
+  }                                                                                            \
+  extern "C" __global__ void group_norm_apply_##NAME(const T* x, const float* stats,           \
+                                                     const float* weight, const float* bias,   \
+                                                     T* out, long long total, int channels,    \
+                                                     int cpg, long long hw, int silu) {        \
+    group_norm_apply<T>(x, stats, weight, bias, out, total, channels, cpg, hw, silu);          \
+  }
+
+GROUP_NORM(float, f32)
+GROUP_NORM(bf16, bf16)

@@ -2,7 +2,9 @@
 //! few groups at a time into a preallocated output so that its temporaries stay within
 //! [`Chunking::op_bytes`](super::Chunking).
 //!
-//! For tiled decoding the statistics can come from elsewhere ([`NormStats`]).
+//! For tiled decoding the statistics can come from elsewhere ([`NormStats`]). On a CUDA device
+//! with local statistics the fused kernels of `klein_kernels::group_norm` run instead (no
+//! temporaries, one pass for the statistics and one for the affine).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -66,8 +68,11 @@ impl GroupNorm {
     }
 
     fn apply(&self, x: &Tensor, silu: bool, stats: &mut NormStats) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
         let groups = self.num_groups;
+        if matches!(stats, NormStats::Local) && klein_kernels::group_norm_fused(x) {
+            return klein_kernels::group_norm(x, &self.weight, &self.bias, groups, self.eps, silu);
+        }
+        let (b, c, h, w) = x.dims4()?;
         if c % groups != 0 {
             candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
         }
