@@ -26,7 +26,9 @@ mkdir -p /tmp/klein
 for f in tools/gpu/bin/*.xz tools/gpu/bin-tests/*.xz; do
   [ -f "$f" ] || continue
   b=/tmp/klein/$(basename "$f" .xz)
-  [ -x "$b" ] || { python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$b"; chmod +x "$b"; }
+  # Always from what this call carried: a warm machine may hold an older build.
+  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$b.new"
+  chmod +x "$b.new" && mv -f "$b.new" "$b"
 done
 export KLEIN_FIXTURES_DIR=$PWD/tests/fixtures KLEIN_TEST_DEVICE=cuda:0
 case "${1:-}" in

@@ -11,6 +11,7 @@
 # the VAE's cuDNN algorithm with VAE_ALGO (default implicit-precomp-gemm, as vae-svc's).
 set -uo pipefail
 OUT=${1:-/tmp}; B=/tmp/klein; M=/tmp/klein4b
+mkdir -p "$OUT"
 ENC_MIB=${ENC_MIB:-2880}; DEN_MIB=${DEN_MIB:-10048}; VAE_MIB=${VAE_MIB:-3328}
 ENC_OVERHEAD=${ENC_OVERHEAD:-448MiB}; DEN_OVERHEAD=${DEN_OVERHEAD:-704MiB}; VAE_OVERHEAD=${VAE_OVERHEAD:-1280MiB}
 [ -f $M/model_index.json ] || { t=$(date +%s); $B/klein-bench --device cuda:0 write-pipeline $M || exit 1; echo "wrote random pipeline in $(( $(date +%s) - t ))s"; }
