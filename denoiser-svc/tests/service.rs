@@ -246,15 +246,21 @@ async fn info_describes_the_model_and_budget() {
     assert_eq!(latents(&mut server, req).await.dtype(), DType::BF16);
 }
 
+/// The error a service started with `cfg` refuses to start with.
+async fn startup_error(cfg: denoiser_svc::Config) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    denoiser_svc::serve(cfg, listener, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 #[tokio::test]
 async fn a_budget_smaller_than_the_weights_refuses_to_start() {
     let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
     cfg.server.gpu_memory_budget = ByteSize(1 << 20);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = denoiser_svc::serve(cfg, listener, std::future::pending())
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("gpu_memory_budget"), "{err}");
+    let err = startup_error(cfg).await;
+    assert!(err.contains("gpu_memory_budget"), "{err}");
     // Weights fit but no request ever can (each reserves at least 64 MiB): RESOURCE_EXHAUSTED.
     let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
     cfg.runtime_overhead = ByteSize(0);
@@ -382,24 +388,16 @@ async fn without_a_model_wait_a_busy_model_is_resource_exhausted() {
 async fn a_host_cap_below_a_model_or_a_repeated_id_refuses_to_start() {
     let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
     cfg.residency.host_memory_cap = Some(ByteSize(1 << 20));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = denoiser_svc::serve(cfg, listener, std::future::pending())
-        .await
-        .unwrap_err();
+    let err = startup_error(cfg).await;
     assert!(
-        err.to_string()
-            .contains("host weights but the cap is 1048576 bytes"),
+        err.contains("host weights but the cap is 1048576 bytes"),
         "{err}"
     );
     let mut cfg = two_models(1);
     cfg.models[0].id = Some("tiny-klein-4b".into());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = denoiser_svc::serve(cfg, listener, std::future::pending())
-        .await
-        .unwrap_err();
+    let err = startup_error(cfg).await;
     assert!(
-        err.to_string()
-            .contains("duplicate model id \"tiny-klein-4b\""),
+        err.contains("duplicate model id \"tiny-klein-4b\""),
         "{err}"
     );
 }

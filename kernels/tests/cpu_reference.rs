@@ -194,3 +194,38 @@ fn group_norm_matches_the_composition() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
+    let dev = Device::Cpu;
+    let q = randn(&[1, 2, 5, 16], DType::F32, &dev)?;
+    let k = randn(&[1, 2, 7, 8], DType::F32, &dev)?;
+    let op = FlashAttention { scale: 0.25 };
+    let err = q.apply_op3_no_bwd(&k, &k, &op).unwrap_err();
+    assert!(err.to_string().contains("do not match"), "{err}");
+
+    let x = randn(&[2, 3, 8], DType::F32, &dev)?;
+    let wrong = modulation(1, 8, DType::F32, &dev)?;
+    let op = LayerNormModulate { eps: 1e-6 };
+    let err = x.apply_op3_no_bwd(&wrong[0], &wrong[1], &op).unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
+
+    let op = SwiGlu {
+        gate: 0,
+        up: 4,
+        width: 6,
+    };
+    let err = x.apply_op1_no_bwd(&op).unwrap_err();
+    assert!(err.to_string().contains("does not fit"), "{err}");
+
+    let op = GroupNorm {
+        groups: 3,
+        eps: 1e-6,
+        silu: false,
+    };
+    let img = randn(&[1, 8, 2, 2], DType::F32, &dev)?;
+    let affine = randn(&[8], DType::F32, &dev)?;
+    let err = img.apply_op3_no_bwd(&affine, &affine, &op).unwrap_err();
+    assert!(err.to_string().contains("divisible by 3 groups"), "{err}");
+    Ok(())
+}
