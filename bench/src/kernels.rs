@@ -1,11 +1,15 @@
 //! Micro-benchmarks of `klein_kernels`: each fused kernel next to the stock-candle composition
 //! it replaces, on the klein-4B shapes of one 1024² transformer step (4096 image + 512 text
-//! tokens, D 3072, 24 heads of 128, MLP 9216) and of a 1024² VAE decode, with the kernel's
-//! floor on this card: bytes moved at the device-copy rate (GroupNorm: two reads and a write),
-//! or FLOPs at the bf16 matmul rate.
+//! tokens, D 3072, 24 heads of 128, MLP 9216), of the Qwen3-4B text encoder (512 tokens,
+//! hidden 2560, 32 query / 8 key-value heads of 128, MLP 9728, 4-bit linears) and of a 1024²
+//! VAE decode, with the kernel's floor on this card: bytes moved at the device-copy rate
+//! (GroupNorm: two reads and a write), or FLOPs at the bf16 matmul rate.
 
-use candle_core::{D, DType, Device, Result, Tensor};
-use klein_kernels::reference;
+use candle_core::{
+    D, DType, Device, Result, Tensor,
+    quantized::{GgmlDType, QTensor},
+};
+use klein_kernels::{RopeStyle, reference};
 use serde::Serialize;
 
 use crate::components::time;
@@ -40,6 +44,14 @@ const DIM: usize = 3072;
 const HEADS: usize = 24;
 const HEAD_DIM: usize = 128;
 const MLP: usize = 9216;
+const FLUX: RopeStyle = RopeStyle::Interleaved;
+
+/// Qwen3-4B: prompt tokens, hidden size, query and key-value heads, MLP width.
+const ENC_TOKENS: usize = 512;
+const ENC_DIM: usize = 2560;
+const ENC_HEADS: usize = 32;
+const ENC_KV_HEADS: usize = 8;
+const ENC_MLP: usize = 9728;
 
 fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
@@ -100,7 +112,12 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
             "single-block projection (1, {s}, {}) → (1, {s}, {MLP})",
             3 * DIM + 2 * MLP
         ),
-        &mut || klein_kernels::swiglu(&p, g0, u0, MLP),
+        &mut || {
+            klein_kernels::swiglu(
+                &p.narrow(D::Minus1, g0, MLP)?,
+                &p.narrow(D::Minus1, u0, MLP)?,
+            )
+        },
         &mut || {
             reference::swiglu(
                 &p.narrow(D::Minus1, g0, MLP)?,
@@ -118,8 +135,8 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
     row(
         "qk_norm_rope",
         format!("k columns of the projection → (1, {HEADS}, {s}, {HEAD_DIM})"),
-        &mut || klein_kernels::qk_norm_rope(&k, &weight, &cos, &sin, HEADS, 0, 1e-6),
-        &mut || reference::qk_norm_rope(&k, &weight, &cos, &sin, HEADS, 0, 1e-6),
+        &mut || klein_kernels::qk_norm_rope(&k, &weight, &cos, &sin, HEADS, 0, 1e-6, FLUX),
+        &mut || reference::qk_norm_rope(&k, &weight, &cos, &sin, HEADS, 0, 1e-6, FLUX),
         bytes_ms(2.0 * act + 2.0 * (s * HEAD_DIM / 2 * 4) as f64),
         "bytes",
     )?;
@@ -149,6 +166,80 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         &mut || klein_kernels::group_norm(&x, &weight, &bias, 32, 1e-6, true),
         &mut || reference::group_norm(&x, &weight, &bias, 32, 1e-6, true),
         bytes_ms(3.0 * x.elem_count() as f64 * 4.0),
+        "bytes",
+    )?;
+
+    // The text encoder's kernels, one layer's worth each.
+    let l = ENC_TOKENS;
+    let x = (randn(&[1, l, ENC_DIM], dev)? * 4.0)?;
+    let weight = randn(&[ENC_DIM], dev)?;
+    let act = (l * ENC_DIM) as f64 * bf16;
+    row(
+        "rms_norm",
+        format!("Qwen3 hidden (1, {l}, {ENC_DIM})"),
+        &mut || klein_kernels::rms_norm(&x, &weight, 1e-6),
+        &mut || reference::rms_norm(&x, &weight, 1e-6),
+        bytes_ms(2.0 * act),
+        "bytes",
+    )?;
+
+    let q_cols = randn(&[1, l, ENC_HEADS * HEAD_DIM], dev)?;
+    let weight = randn(&[HEAD_DIM], dev)?;
+    let angles = (Tensor::rand(0f32, 1.0, (l, HEAD_DIM / 2), dev)? * 100.0)?;
+    let round = |t: Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+    let (cos, sin) = (round(angles.cos()?)?, round(angles.sin()?)?);
+    let qwen = RopeStyle::RotateHalf;
+    row(
+        "qk_norm_rope_rotate_half",
+        format!(
+            "Qwen3 q projection (1, {l}, {}) → (1, {ENC_HEADS}, {l}, {HEAD_DIM})",
+            ENC_HEADS * HEAD_DIM
+        ),
+        &mut || klein_kernels::qk_norm_rope(&q_cols, &weight, &cos, &sin, ENC_HEADS, 0, 1e-6, qwen),
+        &mut || reference::qk_norm_rope(&q_cols, &weight, &cos, &sin, ENC_HEADS, 0, 1e-6, qwen),
+        bytes_ms(2.0 * (l * ENC_HEADS * HEAD_DIM) as f64 * bf16),
+        "bytes",
+    )?;
+
+    let (q, k, v) = (
+        randn(&[1, ENC_HEADS, l, HEAD_DIM], dev)?,
+        randn(&[1, ENC_KV_HEADS, l, HEAD_DIM], dev)?,
+        randn(&[1, ENC_KV_HEADS, l, HEAD_DIM], dev)?,
+    );
+    // A 300-token prompt padded to 512.
+    let mask = Tensor::arange(0u32, l as u32, dev)?
+        .lt(300u32)?
+        .to_dtype(DType::U32)?
+        .unsqueeze(0)?;
+    let causal_flops = 2.0 * (l * l * HEAD_DIM * ENC_HEADS) as f64;
+    row(
+        "masked_attention",
+        format!("causal + padding, {ENC_HEADS} / {ENC_KV_HEADS} heads × {l} tokens × {HEAD_DIM}"),
+        &mut || klein_kernels::masked_attention(&q, &k, &v, &mask, true),
+        &mut || reference::masked_attention(&q, &k, &v, &mask, true),
+        causal_flops / (rates.matmul_tflops * 1e12) * 1e3,
+        "flops",
+    )?;
+
+    let (gate, up) = (randn(&[1, l, ENC_MLP], dev)?, randn(&[1, l, ENC_MLP], dev)?);
+    row(
+        "swiglu_pair",
+        format!("Qwen3 gate and up (1, {l}, {ENC_MLP}) each"),
+        &mut || klein_kernels::swiglu(&gate, &up),
+        &mut || reference::swiglu(&gate, &up),
+        bytes_ms(3.0 * (l * ENC_MLP) as f64 * bf16),
+        "bytes",
+    )?;
+
+    let w = Tensor::randn(0f32, 0.02, (ENC_MLP, ENC_DIM), &Device::Cpu)?;
+    let w = QTensor::quantize_onto(&w, GgmlDType::Q4K, dev)?;
+    let n = (ENC_MLP * ENC_DIM) as f64;
+    row(
+        "dequantize_q4k",
+        format!("Qwen3 gate_proj ({ENC_MLP}, {ENC_DIM}) Q4_K → bf16"),
+        &mut || klein_kernels::dequantize(&w, DType::BF16),
+        &mut || w.dequantize(dev)?.to_dtype(DType::BF16),
+        bytes_ms(n * (144.0 / 256.0 + bf16)),
         "bytes",
     )?;
     Ok(rows)

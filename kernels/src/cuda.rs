@@ -19,6 +19,11 @@ pub const ELEMENTWISE: Module = Module {
     ptx: ptx::ELEMENTWISE,
 };
 
+pub const DEQUANTIZE: Module = Module {
+    name: "klein_dequantize",
+    ptx: ptx::DEQUANTIZE,
+};
+
 pub const FLASH_ATTENTION: Module = Module {
     name: "klein_flash_attention",
     ptx: ptx::FLASH_ATTENTION,

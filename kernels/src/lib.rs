@@ -1,5 +1,6 @@
 //! Fused kernels for the klein models, one place for all of them: the transformer's flash
-//! attention and elementwise chains, and the VAE's GroupNorm (+ SiLU).
+//! attention and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm,
+//! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU).
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
@@ -15,20 +16,25 @@ mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dequantize;
 mod group_norm;
 mod modulate;
 pub mod reference;
 mod residual;
+mod rms_norm;
 mod rope;
 mod swiglu;
 
 pub use attention::{
     FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
+    masked_attention,
 };
+pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, group_norm, group_norm_fused};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use residual::{GateResidual, gate_residual};
-pub use rope::{QkNormRope, qk_norm_rope};
+pub use rms_norm::{RmsNorm, rms_norm};
+pub use rope::{QkNormRope, RopeStyle, qk_norm_rope};
 pub use swiglu::{SwiGlu, swiglu};
 
 use candle_core::{DType, Tensor};

@@ -4,6 +4,8 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
+use crate::RopeStyle;
+
 /// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16).
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     match xs.dtype() {
@@ -61,8 +63,22 @@ pub fn rope_interleaved(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tenso
     candle_nn::rotary_emb::rope_i(&x32, cos, sin)?.to_dtype(xs.dtype())
 }
 
-/// (B, S, H·hd) → RMSNorm per head → (B, H, S, hd) → RoPE with rows `rope_offset..` of the
-/// tables.
+/// Rotate-half RoPE (pairs (j, j + hd/2)) in the input dtype's arithmetic, every product and sum
+/// rounded (transformers' `q * cos + rotate_half(q) * sin`): `out[j] = x[j] cos − x[j+hd/2] sin`,
+/// `out[j+hd/2] = x[j+hd/2] cos + x[j] sin`. The tables are cast to the input dtype.
+/// (B, H, S, hd) with cos / sin (S, hd/2) → (B, H, S, hd)
+pub fn rope_rotate_half(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    candle_nn::rotary_emb::rope(
+        &xs.contiguous()?,
+        &cos.to_dtype(dtype)?.contiguous()?,
+        &sin.to_dtype(dtype)?.contiguous()?,
+    )
+}
+
+/// (B, S, H·hd) → RMSNorm per head → (B, H, S, hd) → RoPE of `style` with rows `rope_offset..`
+/// of the tables.
+#[allow(clippy::too_many_arguments)]
 pub fn qk_norm_rope(
     src: &Tensor,
     weight: &Tensor,
@@ -71,6 +87,7 @@ pub fn qk_norm_rope(
     heads: usize,
     rope_offset: usize,
     eps: f64,
+    style: RopeStyle,
 ) -> Result<Tensor> {
     let (b, s, _) = src.dims3()?;
     let x = src.reshape((b, s, heads, weight.dim(0)?))?;
@@ -79,7 +96,10 @@ pub fn qk_norm_rope(
         cos.narrow(0, rope_offset, s)?,
         sin.narrow(0, rope_offset, s)?,
     );
-    rope_interleaved(&x, &cos.contiguous()?, &sin.contiguous()?)
+    match style {
+        RopeStyle::Interleaved => rope_interleaved(&x, &cos.contiguous()?, &sin.contiguous()?),
+        RopeStyle::RotateHalf => rope_rotate_half(&x, &cos, &sin),
+    }
 }
 
 /// `softmax(q kᵀ / √hd) v` in f32, rounded once; q (B, H, S_q, hd), k / v (B, H, S_kv, hd)
@@ -92,6 +112,51 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     o.transpose(1, 2)?
         .reshape((b, s_q, h * hd))?
         .to_dtype(q.dtype())
+}
+
+/// Grouped-query attention in f32, rounded once: q (B, H, S_q, hd), k / v (B, H_kv, S_kv, hd),
+/// query head h reading key/value head h / (H / H_kv) (transformers' `repeat_kv`); keys where
+/// `key_mask` (B, S_kv) is 0 and, when `causal`, keys after the query get −∞ before the softmax.
+/// → (B, S_q, H·hd). Materialises every score.
+pub fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: &Tensor,
+    causal: bool,
+) -> Result<Tensor> {
+    let (b, h, s_q, hd) = q.dims4()?;
+    let (_, h_kv, s_kv, _) = k.dims4()?;
+    let (n_rep, dtype) = (h / h_kv, q.dtype());
+    let device = q.device();
+    let keys = key_mask.ne(0u32)?.reshape((b, 1, s_kv))?;
+    let allowed = if causal {
+        let (i, j) = (
+            Tensor::arange(0u32, s_q as u32, device)?,
+            Tensor::arange(0u32, s_kv as u32, device)?,
+        );
+        let causal = i.reshape((s_q, 1))?.broadcast_ge(&j.reshape((1, s_kv))?)?;
+        causal.unsqueeze(0)?.broadcast_mul(&keys)?
+    } else {
+        keys.repeat((1, s_q, 1))?
+    };
+    let open = Tensor::zeros((b, s_q, s_kv), DType::F32, device)?;
+    let blocked = Tensor::full(f32::NEG_INFINITY, (b, s_q, s_kv), device)?;
+    let bias = allowed
+        .where_cond(&open, &blocked)?
+        .reshape((b, 1, 1, s_q, s_kv))?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let q = f32(q)?.reshape((b, h_kv, n_rep * s_q, hd))?;
+    let scores = (q.matmul(&f32(k)?.t()?)? / (hd as f64).sqrt())?
+        .reshape((b, h_kv, n_rep, s_q, s_kv))?
+        .broadcast_add(&bias)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, h_kv, n_rep * s_q, s_kv))?;
+    probs
+        .matmul(&f32(v)?)?
+        .reshape((b, h, s_q, hd))?
+        .transpose(1, 2)?
+        .reshape((b, s_q, h * hd))?
+        .to_dtype(dtype)
 }
 
 /// GroupNorm with an affine (f32 weight and bias), statistics and affine in f32, rounded once

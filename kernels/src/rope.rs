@@ -1,13 +1,23 @@
-//! Per-head QK RMSNorm and interleaved RoPE in one pass, from a projection straight into the
-//! (B, H, S, hd) layout attention reads.
+//! Per-head QK RMSNorm and RoPE in one pass, from a projection straight into the (B, H, S, hd)
+//! layout attention reads.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
 use crate::{cpu, reference};
 
+/// Which elements RoPE rotates together, and in what arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2j, 2j+1), rotated in f32 and rounded once (FLUX.2 applies RoPE in f32).
+    Interleaved,
+    /// Pairs (j, j + hd/2) in the model dtype's arithmetic, every product and the sum rounded
+    /// (transformers' `rotate_half` on bf16: Qwen3). The tables hold model-dtype values.
+    RotateHalf,
+}
+
 /// src (B, S, H·hd) with unit last stride (e.g. the q columns of a fused projection), cos and
 /// sin (S_rope, hd/2) f32 → (B, H, S, hd). Token `s` takes RoPE row `rope_offset + s`. Rounds
-/// like the composition: normalised value, weight product, rotated pair.
+/// like the composition: normalised value, weight product, then as `style` rotates.
 #[derive(Debug, Clone)]
 pub struct QkNormRope {
     /// The RMSNorm weight (hd), the dtype of src.
@@ -15,9 +25,11 @@ pub struct QkNormRope {
     pub heads: usize,
     pub rope_offset: usize,
     pub eps: f32,
+    pub style: RopeStyle,
 }
 
 /// [`QkNormRope`] on a CUDA bf16 tensor, [`reference::qk_norm_rope`] otherwise.
+#[allow(clippy::too_many_arguments)]
 pub fn qk_norm_rope(
     src: &Tensor,
     weight: &Tensor,
@@ -26,6 +38,7 @@ pub fn qk_norm_rope(
     heads: usize,
     rope_offset: usize,
     eps: f64,
+    style: RopeStyle,
 ) -> Result<Tensor> {
     let hd = weight.dim(0)?;
     if crate::fused(src) && hd.is_multiple_of(2) && hd <= 256 {
@@ -34,10 +47,11 @@ pub fn qk_norm_rope(
             heads,
             rope_offset,
             eps: eps as f32,
+            style,
         };
         src.apply_op3_no_bwd(cos, sin, &op)
     } else {
-        reference::qk_norm_rope(src, weight, cos, sin, heads, rope_offset, eps)
+        reference::qk_norm_rope(src, weight, cos, sin, heads, rope_offset, eps, style)
     }
 }
 
@@ -96,12 +110,23 @@ impl CustomOp3 for QkNormRope {
             let rstd = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / hd as f32 + self.eps).sqrt();
             let row = (self.rope_offset + si) * hd / 2;
             let o = &mut out[((bi * h + hi) * s + si) * hd..][..hd];
+            // Pair p's members.
+            let (first, second) = match self.style {
+                RopeStyle::Interleaved => (2, 1),
+                RopeStyle::RotateHalf => (1, hd / 2),
+            };
             for p in 0..hd / 2 {
-                let y0 = round(round(x[2 * p] * rstd) * weight[2 * p]);
-                let y1 = round(round(x[2 * p + 1] * rstd) * weight[2 * p + 1]);
+                let (i0, i1) = (first * p, first * p + second);
+                let y0 = round(round(x[i0] * rstd) * weight[i0]);
+                let y1 = round(round(x[i1] * rstd) * weight[i1]);
                 let (c, sn) = (cos[row + p], sin[row + p]);
-                o[2 * p] = y0 * c - y1 * sn;
-                o[2 * p + 1] = y1 * c + y0 * sn;
+                (o[i0], o[i1]) = match self.style {
+                    RopeStyle::Interleaved => (y0 * c - y1 * sn, y1 * c + y0 * sn),
+                    RopeStyle::RotateHalf => (
+                        round(round(y0 * c) - round(y1 * sn)),
+                        round(round(y1 * c) + round(y0 * sn)),
+                    ),
+                };
             }
         }
         Ok((cpu::write(out, cpu::dtype(ss))?, Shape::from((b, h, s, hd))))
@@ -138,6 +163,7 @@ impl CustomOp3 for QkNormRope {
         let (batch, seq, heads, head_dim) = (b as i32, s as i32, self.heads as i32, hd as i32);
         let (batch_stride, row_stride) = (sl.stride()[0] as i64, sl.stride()[1] as i64);
         let offset = self.rope_offset as i32;
+        let rotate_half = i32::from(self.style == RopeStyle::RotateHalf);
         let mut launch = func.builder();
         launch.arg(&src).arg(&w).arg(&cos).arg(&sin).arg(&out);
         launch.arg(&batch).arg(&seq).arg(&heads).arg(&head_dim);
@@ -145,7 +171,8 @@ impl CustomOp3 for QkNormRope {
             .arg(&batch_stride)
             .arg(&row_stride)
             .arg(&offset)
-            .arg(&self.eps);
+            .arg(&self.eps)
+            .arg(&rotate_half);
         unsafe { launch.launch(warp_per_item(b * s * self.heads)) }.w()?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),

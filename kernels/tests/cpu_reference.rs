@@ -7,7 +7,8 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor};
 use common::{max_rel, modulation, randn, rel_l2, rope_tables};
 use klein_kernels::{
-    FlashAttention, GateResidual, GroupNorm, LayerNormModulate, QkNormRope, SwiGlu, reference,
+    FlashAttention, GateResidual, GroupNorm, LayerNormModulate, QkNormRope, RmsNorm, RopeStyle,
+    SwiGlu, reference,
 };
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
@@ -78,16 +79,32 @@ fn gate_residual_matches_the_composition() -> Result<()> {
 fn swiglu_matches_the_composition() -> Result<()> {
     let dev = Device::Cpu;
     for dtype in [DType::F32, DType::BF16] {
-        // A single-block-like projection: [q k v | gate | up] with width 24.
+        // A single-block-like projection: [q k v | gate | up] with width 24 (strided rows).
         let p = (randn(&[2, 6, 3 * 16 + 2 * 24], dtype, &dev)? * 2.0)?;
-        let op = SwiGlu {
-            gate: 48,
-            up: 72,
-            width: 24,
-        };
-        let got = p.apply_op1_no_bwd(&op)?;
-        let want = reference::swiglu(&p.narrow(D::Minus1, 48, 24)?, &p.narrow(D::Minus1, 72, 24)?)?;
-        check("swiglu", dtype, &got, &want)?;
+        let (gate, up) = (p.narrow(D::Minus1, 48, 24)?, p.narrow(D::Minus1, 72, 24)?);
+        let got = gate.apply_op2_no_bwd(&up, &SwiGlu)?;
+        check("swiglu", dtype, &got, &reference::swiglu(&gate, &up)?)?;
+        // Two separate projections (Qwen3's gate_proj and up_proj).
+        let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+        let got = gate.apply_op2_no_bwd(&up, &SwiGlu)?;
+        check("swiglu pair", dtype, &got, &reference::swiglu(&gate, &up)?)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let x = (randn(&[2, 5, 64], dtype, &dev)? * 3.0)?;
+        let weight = ((randn(&[64], dtype, &dev)? * 0.3)? + 1.0)?;
+        let got = x.apply_op2_no_bwd(&weight, &RmsNorm { eps: 1e-6 })?;
+        check(
+            "rms_norm",
+            dtype,
+            &got,
+            &reference::rms_norm(&x, &weight, 1e-6)?,
+        )?;
     }
     Ok(())
 }
@@ -102,15 +119,24 @@ fn qk_norm_rope_matches_the_composition() -> Result<()> {
         let src = p.narrow(D::Minus1, heads * hd, heads * hd)?;
         let weight = ((randn(&[hd], dtype, &dev)? * 0.3)? + 1.0)?;
         let (cos, sin) = rope_tables(4 + 9, hd, &dev)?;
-        let op = QkNormRope {
-            weight: weight.clone(),
-            heads,
-            rope_offset: 4,
-            eps: 1e-6,
-        };
-        let got = src.apply_op3_no_bwd(&cos, &sin, &op)?;
-        let want = reference::qk_norm_rope(&src, &weight, &cos, &sin, heads, 4, 1e-6)?;
-        check("qk_norm_rope", dtype, &got, &want)?;
+        // Rotate-half tables hold model-dtype values (Qwen3 rounds them).
+        let round = |t: &Tensor| t.to_dtype(dtype)?.to_dtype(DType::F32);
+        let (cos_r, sin_r) = (round(&cos)?, round(&sin)?);
+        for (style, cos, sin) in [
+            (RopeStyle::Interleaved, &cos, &sin),
+            (RopeStyle::RotateHalf, &cos_r, &sin_r),
+        ] {
+            let op = QkNormRope {
+                weight: weight.clone(),
+                heads,
+                rope_offset: 4,
+                eps: 1e-6,
+                style,
+            };
+            let got = src.apply_op3_no_bwd(cos, sin, &op)?;
+            let want = reference::qk_norm_rope(&src, &weight, cos, sin, heads, 4, 1e-6, style)?;
+            check(&format!("qk_norm_rope {style:?}"), dtype, &got, &want)?;
+        }
     }
     Ok(())
 }
@@ -125,6 +151,8 @@ fn flash_attention_matches_the_composition() -> Result<()> {
         let v = randn(&[2, 3, 70, 32], dtype, &dev)?;
         let op = FlashAttention {
             scale: 1.0 / 32f32.sqrt(),
+            causal: false,
+            key_mask: None,
         };
         let got = q.apply_op3_no_bwd(&k, &v, &op)?;
         check(
@@ -133,6 +161,86 @@ fn flash_attention_matches_the_composition() -> Result<()> {
             &got,
             &reference::attention(&q, &k, &v)?,
         )?;
+    }
+    Ok(())
+}
+
+/// Qwen3's attention: 6 query heads on 2 key/value heads, causal, right padding of different
+/// lengths per batch item (padding rows still see every real token before them).
+#[test]
+fn masked_attention_matches_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    let lens = [37u32, 21];
+    let mask = Tensor::from_iter(
+        lens.iter()
+            .flat_map(|&n| (0..37u32).map(move |j| u32::from(j < n))),
+        &dev,
+    )?
+    .reshape((2, 37))?;
+    for dtype in [DType::F32, DType::BF16] {
+        let q = randn(&[2, 6, 37, 32], dtype, &dev)?;
+        let k = randn(&[2, 2, 37, 32], dtype, &dev)?;
+        let v = randn(&[2, 2, 37, 32], dtype, &dev)?;
+        for causal in [true, false] {
+            let op = FlashAttention {
+                scale: 1.0 / 32f32.sqrt(),
+                causal,
+                key_mask: Some(mask.clone()),
+            };
+            let got = q.apply_op3_no_bwd(&k, &v, &op)?;
+            let want = reference::masked_attention(&q, &k, &v, &mask, causal)?;
+            check(
+                &format!("masked_attention causal {causal}"),
+                dtype,
+                &got,
+                &want,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The masked composition is the plain one when nothing is masked, and a padded key changes
+/// nothing for queries that cannot see it anyway.
+#[test]
+fn masked_attention_masks_what_it_should() -> Result<()> {
+    let dev = Device::Cpu;
+    let (q, k, v) = (
+        randn(&[1, 2, 9, 16], DType::F32, &dev)?,
+        randn(&[1, 2, 9, 16], DType::F32, &dev)?,
+        randn(&[1, 2, 9, 16], DType::F32, &dev)?,
+    );
+    let all = Tensor::ones((1, 9), DType::U32, &dev)?;
+    let open = reference::masked_attention(&q, &k, &v, &all, false)?;
+    assert!(rel_l2(&open, &reference::attention(&q, &k, &v)?)? < 1e-6);
+    // Causal with the last key padded: rows 0..8 never see key 8 anyway.
+    let causal = reference::masked_attention(&q, &k, &v, &all, true)?;
+    let last_padded = Tensor::from_iter((0..9u32).map(|j| u32::from(j < 8)), &dev)?.unsqueeze(0)?;
+    let padded = reference::masked_attention(&q, &k, &v, &last_padded, true)?;
+    let rows = |t: &Tensor| t.narrow(1, 0, 8);
+    assert_eq!(rel_l2(&rows(&padded)?, &rows(&causal)?)?, 0.0);
+    assert!(rel_l2(&padded.narrow(1, 8, 1)?, &causal.narrow(1, 8, 1)?)? > 1e-3);
+    // Row 0 of causal attention is v's first row, per head.
+    let first = causal.narrow(1, 0, 1)?.reshape((2, 16))?;
+    let v0 = v.narrow(2, 0, 1)?.reshape((2, 16))?;
+    assert!(rel_l2(&first, &v0)? < 1e-6);
+    Ok(())
+}
+
+/// transformers' rotate-half by hand: x = [1, 2, 3, 4] pairs (1, 3) and (2, 4).
+#[test]
+fn rope_rotates_half_pairs() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &dev)?.reshape((1, 1, 1, 4))?;
+    let a = 0.3f32;
+    let cos = Tensor::new(&[[a.cos(), 1.0]], &dev)?;
+    let sin = Tensor::new(&[[a.sin(), 0.0]], &dev)?;
+    let y = reference::rope_rotate_half(&x, &cos, &sin)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let want = [a.cos() - 3.0 * a.sin(), 2.0, 3.0 * a.cos() + a.sin(), 4.0];
+    for (g, w) in y.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{y:?}");
     }
     Ok(())
 }
@@ -200,9 +308,26 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     let dev = Device::Cpu;
     let q = randn(&[1, 2, 5, 16], DType::F32, &dev)?;
     let k = randn(&[1, 2, 7, 8], DType::F32, &dev)?;
-    let op = FlashAttention { scale: 0.25 };
+    let op = FlashAttention {
+        scale: 0.25,
+        causal: false,
+        key_mask: None,
+    };
     let err = q.apply_op3_no_bwd(&k, &k, &op).unwrap_err();
     assert!(err.to_string().contains("do not match"), "{err}");
+    let k = randn(&[1, 2, 7, 16], DType::F32, &dev)?;
+    let causal = FlashAttention {
+        causal: true,
+        ..op.clone()
+    };
+    let err = q.apply_op3_no_bwd(&k, &k, &causal).unwrap_err();
+    assert!(err.to_string().contains("as many queries as keys"), "{err}");
+    let masked = FlashAttention {
+        key_mask: Some(Tensor::ones((1, 5), DType::U32, &dev)?),
+        ..op
+    };
+    let err = q.apply_op3_no_bwd(&k, &k, &masked).unwrap_err();
+    assert!(err.to_string().contains("key mask"), "{err}");
 
     let x = randn(&[2, 3, 8], DType::F32, &dev)?;
     let wrong = modulation(1, 8, DType::F32, &dev)?;
@@ -210,13 +335,14 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     let err = x.apply_op3_no_bwd(&wrong[0], &wrong[1], &op).unwrap_err();
     assert!(err.to_string().contains("does not fit"), "{err}");
 
-    let op = SwiGlu {
-        gate: 0,
-        up: 4,
-        width: 6,
-    };
-    let err = x.apply_op1_no_bwd(&op).unwrap_err();
-    assert!(err.to_string().contains("does not fit"), "{err}");
+    let err = x
+        .apply_op2_no_bwd(&x.narrow(D::Minus1, 0, 6)?, &SwiGlu)
+        .unwrap_err();
+    assert!(err.to_string().contains("do not match"), "{err}");
+    let err = x
+        .apply_op2_no_bwd(&wrong[0].reshape((1, 8))?, &RmsNorm { eps: 1e-6 })
+        .unwrap_err();
+    assert!(err.to_string().contains("weight of its last dim"), "{err}");
 
     let op = GroupNorm {
         groups: 3,

@@ -6,9 +6,12 @@
 
 mod common;
 
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{
+    D, DType, Device, Result, Tensor,
+    quantized::{GgmlDType, QTensor},
+};
 use common::{max_rel, modulation, randn, rel_l2, rope_tables};
-use klein_kernels::reference;
+use klein_kernels::{RopeStyle, reference};
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
 const BF16_ULP: f32 = 1.0 / 256.0;
@@ -49,22 +52,83 @@ fn elementwise_kernels_match_the_composition() -> Result<()> {
         &reference::gate_residual(&x, &y, &m[2])?,
     )?;
     let p = (randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)? * 2.0)?;
+    let (gate, up) = (
+        p.narrow(D::Minus1, 3 * d, f)?,
+        p.narrow(D::Minus1, 3 * d + f, f)?,
+    );
     check_elementwise(
         "swiglu",
-        &klein_kernels::swiglu(&p, 3 * d, 3 * d + f, f)?,
-        &reference::swiglu(
-            &p.narrow(D::Minus1, 3 * d, f)?,
-            &p.narrow(D::Minus1, 3 * d + f, f)?,
-        )?,
+        &klein_kernels::swiglu(&gate, &up)?,
+        &reference::swiglu(&gate, &up)?,
     )?;
     let weight = ((randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0)?;
     let (cos, sin) = rope_tables(512 + s, hd, &dev)?;
     let k = p.narrow(D::Minus1, d, d)?;
     check_elementwise(
         "qk_norm_rope",
-        &klein_kernels::qk_norm_rope(&k, &weight, &cos, &sin, heads, 512, 1e-6)?,
-        &reference::qk_norm_rope(&k, &weight, &cos, &sin, heads, 512, 1e-6)?,
+        &klein_kernels::qk_norm_rope(&k, &weight, &cos, &sin, heads, 512, 1e-6, FLUX)?,
+        &reference::qk_norm_rope(&k, &weight, &cos, &sin, heads, 512, 1e-6, FLUX)?,
     )?;
+    Ok(())
+}
+
+const FLUX: RopeStyle = RopeStyle::Interleaved;
+
+/// The Qwen3 text encoder's kernels at Qwen3-4B shapes (512 tokens, hidden 2560, 32 heads of
+/// 128, MLP 9728).
+#[test]
+fn encoder_kernels_match_the_composition() -> Result<()> {
+    let dev = gpu();
+    let (b, l, d, heads, hd, f) = (2, 512, 2560, 32, 128, 9728);
+    let x = (randn(&[b, l, d], DType::BF16, &dev)? * 4.0)?;
+    let weight = ((randn(&[d], DType::BF16, &dev)? * 0.3)? + 1.0)?;
+    check_elementwise(
+        "rms_norm",
+        &klein_kernels::rms_norm(&x, &weight, 1e-6)?,
+        &reference::rms_norm(&x, &weight, 1e-6)?,
+    )?;
+    let q = (randn(&[b, l, heads * hd], DType::BF16, &dev)? * 2.0)?;
+    let weight = ((randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0)?;
+    // Qwen3's tables: f32 angles of positions 0..512, values rounded to bf16.
+    let (cos, sin) = rope_tables(l, hd, &dev)?;
+    let round = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+    let (cos, sin) = (round(&cos)?, round(&sin)?);
+    let qwen = RopeStyle::RotateHalf;
+    check_elementwise(
+        "qk_norm_rope rotate-half",
+        &klein_kernels::qk_norm_rope(&q, &weight, &cos, &sin, heads, 0, 1e-6, qwen)?,
+        &reference::qk_norm_rope(&q, &weight, &cos, &sin, heads, 0, 1e-6, qwen)?,
+    )?;
+    let (gate, up) = (
+        (randn(&[b, l, f], DType::BF16, &dev)? * 2.0)?,
+        randn(&[b, l, f], DType::BF16, &dev)?,
+    );
+    check_elementwise(
+        "swiglu pair",
+        &klein_kernels::swiglu(&gate, &up)?,
+        &reference::swiglu(&gate, &up)?,
+    )?;
+    Ok(())
+}
+
+/// Q4_K straight to bf16 gives exactly candle's f32 dequantization rounded to bf16.
+#[test]
+fn q4k_dequantization_matches_candle() -> Result<()> {
+    let dev = gpu();
+    let w = Tensor::randn(0f32, 0.02, (9728, 2560), &Device::Cpu)?;
+    let w = QTensor::quantize_onto(&w, GgmlDType::Q4K, &dev)?;
+    let got = klein_kernels::dequantize(&w, DType::BF16)?;
+    let want = w.dequantize(&dev)?.to_dtype(DType::BF16)?;
+    let differ = got
+        .ne(&want)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    println!(
+        "dequantize q4k (9728, 2560): {differ} of {} values differ",
+        w.shape().elem_count()
+    );
+    assert_eq!(differ, 0.0);
     Ok(())
 }
 
@@ -96,6 +160,38 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
         println!(
             "flash_attention {b}x{h}x{s_q}x{s_kv}x{hd}: rel-L2 {rel:.2e} (all-bf16 composition {spread:.2e})"
         );
+        assert!(rel <= BF16_ULP, "rel-L2 {rel}");
+    }
+    Ok(())
+}
+
+/// Grouped-query, causal, key-padded attention (Qwen3) on bf16 inputs against the f32
+/// composition, held to the same bound as the unmasked kernel.
+#[test]
+fn masked_attention_matches_the_f32_composition() -> Result<()> {
+    let dev = gpu();
+    // (batch, heads, kv heads, length, real tokens per item, head dim, causal)
+    let cases = [
+        (2, 32, 8, 512, [300, 512], 128, true), // Qwen3-4B, a padded and a full prompt
+        (2, 6, 2, 77, [20, 77], 64, true),      // partial tiles
+        (2, 4, 4, 141, [141, 100], 32, false),  // key padding alone
+    ];
+    for (b, h, h_kv, l, lens, hd, causal) in cases {
+        let mask = Tensor::from_iter(
+            lens.iter()
+                .flat_map(|&n| (0..l as u32).map(move |j| u32::from(j < n as u32))),
+            &dev,
+        )?
+        .reshape((b, l))?;
+        let q = randn(&[b, h, l, hd], DType::BF16, &dev)?;
+        let k = randn(&[b, h_kv, l, hd], DType::BF16, &dev)?;
+        let v = randn(&[b, h_kv, l, hd], DType::BF16, &dev)?;
+        assert!(klein_kernels::flash_attention_fused(&q));
+        let got = klein_kernels::masked_attention(&q, &k, &v, &mask, causal)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let want = reference::masked_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, &mask, causal)?;
+        let rel = rel_l2(&got, &want)?;
+        println!("masked_attention {b}x{h}/{h_kv}x{l}x{hd} causal {causal}: rel-L2 {rel:.2e}");
         assert!(rel <= BF16_ULP, "rel-L2 {rel}");
     }
     Ok(())

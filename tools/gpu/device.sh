@@ -9,6 +9,7 @@
 #   tools/gpu/device.sh components OUT klein-bench components on cuda:0 → OUT/components.json
 #   tools/gpu/device.sh diffusers OUT  the same cases with diffusers 0.42.1 (wheels carried in
 #                                     .whl/) → OUT/diffusers.json, then the comparison table
+#                                     (DIFFUSERS_ARGS="--only text_encoder" for a subset)
 #   tools/gpu/device.sh stack OUT     the services as separate processes on one GPU, timing
 #                                     1024² T2I through the gateway, per-process peak memory
 #   tools/gpu/device.sh serve OUT     the one-process stack (`klein serve --device cuda`, the
@@ -55,7 +56,7 @@ case "${1:-}" in
   diffusers)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/reference/bench_diffusers.py "${2:-/tmp}/diffusers.json"
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 tools/reference/bench_diffusers.py "${2:-/tmp}/diffusers.json" ${DIFFUSERS_ARGS:-}
     [ -f "${2:-/tmp}/components.json" ] && python3 tools/gpu/compare.py "${2:-/tmp}/components.json" "${2:-/tmp}/diffusers.json" ;;
   stack)
     exec bash tools/gpu/stack.sh "${2:-/tmp}" ;;

@@ -5,8 +5,12 @@ does not depend on weight values), eager bf16, CUDA-event timed, median of N aft
 Rows use klein-bench's names (component, case, dtype) so tools/gpu/compare.py can pair them.
 Peak memory: torch.cuda.max_memory_allocated during the call, weights included.
 
+The text encoder also gets its GPU kernel time (torch.profiler: the sum of the CUDA kernels'
+durations per call), the time eager PyTorch would take without launch overhead.
+
 Usage (on the GPU machine, diffusers 0.42.1 on PYTHONPATH):
     python3 tools/reference/bench_diffusers.py OUT.json [--iters N] [--tokenizer DIR]
+        [--only text_encoder,transformer,vae,pipeline]
 """
 
 import argparse
@@ -60,6 +64,26 @@ class Rows:
         row = dict(component=component, case=case, dtype=dtype, median_ms=med, min_ms=best,
                    peak_gib=peak, iters=iters or self.iters)
         print(f"| {component} | {case} | {dtype} | {med:.2f} | {best:.2f} | {peak:.2f} |", flush=True)
+        self.save(row)
+
+    def add_kernel_time(self, component, case, dtype, fn, iters=None):
+        """Mean GPU kernel time per call over `iters` profiled calls, after warm-up."""
+        from torch.profiler import ProfilerActivity, profile
+
+        n = iters or self.iters
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        ms = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / n
+        row = dict(component=component, case=case, dtype=dtype, median_ms=ms, min_ms=ms,
+                   peak_gib=None, iters=n)
+        print(f"| {component} | {case} | {dtype} | {ms:.2f} | – | – |", flush=True)
+        self.save(row)
+
+    def save(self, row):
         self.rows.append(row)
         with open(self.path, "w") as f:
             json.dump(dict(env=env(), rows=self.rows), f, indent=1)
@@ -93,8 +117,11 @@ def text_encoder(rows):
     mask = torch.zeros(1, 512, dtype=torch.long, device=DEV)
     mask[:, :40] = 1
     # What Flux2KleinPipeline runs: the whole causal LM with every hidden state.
-    rows.add("text_encoder", "Qwen3-4B, 512 tokens", "bf16",
-             lambda: te(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False))
+    def run():
+        return te(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+
+    rows.add("text_encoder", "Qwen3-4B, 512 tokens", "bf16", run)
+    rows.add_kernel_time("text_encoder", "Qwen3-4B, 512 tokens, GPU kernel time", "bf16", run)
     return te
 
 
@@ -163,15 +190,21 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--tokenizer", default="tests/fixtures/tiny-klein-4b/tokenizer")
+    ap.add_argument("--only", default="text_encoder,transformer,vae,pipeline")
     a = ap.parse_args()
+    only = set(a.only.split(","))
     rows = Rows(a.out, a.iters)
     t0 = time.time()
     print("| component | case | dtype | median ms | min ms | peak GiB |\n|---|---|---|---|---|---|")
     with torch.inference_mode():
-        te = text_encoder(rows)
-        m = transformer(rows, [512, 1024], [1, 2, 4])
-        v = vae(rows, [512, 1024])
-    pipeline(rows, te, m, v, a.tokenizer)
+        if "text_encoder" in only:
+            te = text_encoder(rows)
+        if "transformer" in only:
+            m = transformer(rows, [512, 1024], [1, 2, 4])
+        if "vae" in only:
+            v = vae(rows, [512, 1024])
+    if "pipeline" in only:
+        pipeline(rows, te, m, v, a.tokenizer)
     print(f"diffusers bench done in {time.time() - t0:.0f} s", flush=True)
 
 

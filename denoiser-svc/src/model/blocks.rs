@@ -277,7 +277,10 @@ impl Flux2ParallelSelfAttention {
             .forward_rope(&p.narrow(D::Minus1, d, d)?, rope, h, 0)?;
         let v = heads(&p.narrow(D::Minus1, 2 * d, d)?, cfg)?;
         let o = attention(&q, &k, &v, &cfg.attention)?;
-        let mlp = swiglu(&p, 3 * d, 3 * d + f, f)?;
+        let mlp = swiglu(
+            &p.narrow(D::Minus1, 3 * d, f)?,
+            &p.narrow(D::Minus1, 3 * d + f, f)?,
+        )?;
         self.to_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)
     }
 }

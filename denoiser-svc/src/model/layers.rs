@@ -40,6 +40,7 @@ impl QkNorm {
             heads,
             rope_offset,
             self.eps,
+            klein_kernels::RopeStyle::Interleaved,
         )
     }
 }
@@ -67,7 +68,7 @@ impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let u = self.linear_in.forward(xs)?;
         let f = u.dim(D::Minus1)? / 2;
-        self.linear_out
-            .forward(&klein_kernels::swiglu(&u, 0, f, f)?)
+        let (gate, up) = (u.narrow(D::Minus1, 0, f)?, u.narrow(D::Minus1, f, f)?);
+        self.linear_out.forward(&klein_kernels::swiglu(&gate, &up)?)
     }
 }

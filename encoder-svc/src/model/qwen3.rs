@@ -13,9 +13,11 @@
 //! Numerics follow torch op by op: RMSNorm normalises in f32 and rounds to the model dtype
 //! before the gain; the RoPE cos/sin are computed in f32 and rounded to the model dtype, with
 //! rotate-half pairs (i, i + head_dim/2) and theta 1e6; attention scores and the softmax run in
-//! f32; SiLU is evaluated in f32.
+//! f32; SiLU is evaluated in f32. On CUDA in bf16 the norms, RoPE, attention and SwiGLU run as
+//! `klein_kernels` fused kernels with the same roundings; elsewhere as their compositions.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
+use klein_kernels::RopeStyle;
 use serde::Deserialize;
 
 use super::{
@@ -176,8 +178,8 @@ impl Config {
 
 // ==================== helpers ====================
 
-/// RoPE tables cos, sin: (L, head_dim/2) in `dtype`. Angles `pos · θ^(-2i/head_dim)` are
-/// computed in f32 as transformers' default RoPE does, then rounded.
+/// RoPE tables cos, sin: (L, head_dim/2) f32 holding values rounded to `dtype`. Angles
+/// `pos · θ^(-2i/head_dim)` are computed in f32 as transformers' default RoPE does.
 fn rope_tables(
     cfg: &Config,
     len: usize,
@@ -195,25 +197,11 @@ fn rope_tables(
         .collect();
     let table = |f: fn(f32) -> f32| {
         let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
-        Tensor::from_vec(v, (len, hd / 2), device)?.to_dtype(dtype)
+        Tensor::from_vec(v, (len, hd / 2), device)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)
     };
     Ok((table(f32::cos)?, table(f32::sin)?))
-}
-
-/// (B, 1, 1, L, L) f32 added to the attention scores: 0 where query i may attend key j
-/// (j <= i and key j is a real token), -inf elsewhere. `mask`: (B, L), 1 = token, 0 = padding.
-fn attention_bias(mask: &Tensor) -> Result<Tensor> {
-    let (b, l) = mask.dims2()?;
-    let device = mask.device();
-    let pos = Tensor::arange(0u32, l as u32, device)?;
-    let causal = pos.reshape((l, 1))?.broadcast_ge(&pos.reshape((1, l))?)?;
-    let keys = mask.ne(0u32)?.reshape((b, 1, l))?;
-    let allowed = causal.unsqueeze(0)?.broadcast_mul(&keys)?;
-    let open = Tensor::zeros((b, l, l), DType::F32, device)?;
-    let blocked = Tensor::full(f32::NEG_INFINITY, (b, l, l), device)?;
-    allowed
-        .where_cond(&open, &blocked)?
-        .reshape((b, 1, 1, l, l))
 }
 
 // ==================== blocks ====================
@@ -234,10 +222,21 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.to_dtype(x.dtype())?.broadcast_mul(&self.weight)
+        klein_kernels::rms_norm(x, &self.weight, self.eps)
+    }
+
+    /// Per-head norm and rotate-half RoPE: projection (B, L, heads·hd) → (B, heads, L, hd).
+    fn forward_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+        klein_kernels::qk_norm_rope(
+            x,
+            &self.weight,
+            cos,
+            sin,
+            heads,
+            0,
+            self.eps,
+            RopeStyle::RotateHalf,
+        )
     }
 }
 
@@ -276,39 +275,24 @@ impl Attention {
         })
     }
 
-    /// x: (B, L, hidden); cos, sin: (L, head_dim/2); bias: (B, 1, 1, L, L) -> (B, L, hidden).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    /// x: (B, L, hidden); cos, sin: (L, head_dim/2); mask: (B, L) u32, 1 = token, 0 = padding
+    /// -> (B, L, hidden). Causal plus key padding; query heads j·n_rep .. (j+1)·n_rep share
+    /// key/value head j (transformers `repeat_kv`).
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-            let t = proj.forward(x)?.reshape((b, l, n, hd))?;
-            let t = match norm {
-                Some(norm) => norm.forward(&t)?,
-                None => t,
-            };
-            t.transpose(1, 2)?.contiguous()
-        };
-        // (B, heads, L, hd)
-        let q =
-            candle_nn::rotary_emb::rope(&heads(&self.q_proj, h, Some(&self.q_norm))?, cos, sin)?;
-        let k =
-            candle_nn::rotary_emb::rope(&heads(&self.k_proj, kv, Some(&self.k_norm))?, cos, sin)?;
-        let v = heads(&self.v_proj, kv, None)?;
-        // Query heads j·n_rep .. (j+1)·n_rep share key/value head j (transformers repeat_kv).
-        let n_rep = h / kv;
-        let q = q.to_dtype(DType::F32)?.reshape((b, kv, n_rep * l, hd))?;
-        let k = k.to_dtype(DType::F32)?;
-        let v = v.to_dtype(DType::F32)?;
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?
-            .reshape((b, kv, n_rep, l, l))?
-            .broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, kv, n_rep * l, l))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, h, l, hd))?
-            .transpose(1, 2)?
-            .reshape((b, l, h * hd))?
-            .to_dtype(x.dtype())?;
+        let q = self
+            .q_norm
+            .forward_rope(&self.q_proj.forward(x)?, cos, sin, h)?;
+        let k = self
+            .k_norm
+            .forward_rope(&self.k_proj.forward(x)?, cos, sin, kv)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, l, kv, hd))?
+            .transpose(1, 2)?;
+        let out = klein_kernels::masked_attention(&q, &k, &v, mask, true)?;
         self.o_proj.forward(&out)
     }
 }
@@ -333,9 +317,8 @@ impl Mlp {
 
     /// (B, L, hidden) -> (B, L, hidden).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let act = gate.to_dtype(DType::F32)?.silu()?.to_dtype(gate.dtype())?;
-        self.down_proj.forward(&(act * self.up_proj.forward(x)?)?)
+        let act = klein_kernels::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&act)
     }
 }
 
@@ -364,10 +347,10 @@ impl DecoderLayer {
     }
 
     /// (B, L, hidden) -> (B, L, hidden).
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let attn = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, bias)?;
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
         let x = (x + attn)?;
         let mlp = self
             .mlp
@@ -435,11 +418,10 @@ impl TextEncoder {
             )
         }
         let (cos, sin) = rope_tables(&self.cfg, l, self.dtype, &self.device)?;
-        let bias = attention_bias(attention_mask)?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         let mut states = Vec::with_capacity(HIDDEN_STATE_LAYERS.len());
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, &bias)?;
+            x = layer.forward(&x, &cos, &sin, attention_mask)?;
             if HIDDEN_STATE_LAYERS.contains(&(i + 1)) {
                 states.push(x.clone());
             }

@@ -1,4 +1,5 @@
-// Fused elementwise kernels of the FLUX.2 transformer, bf16 in and out, f32 inside. Each one
+// Fused elementwise kernels of the FLUX.2 transformer and the Qwen3 text encoder, bf16 in and
+// out, f32 inside. Each one
 // rounds to bf16 exactly where the op-by-op composition it replaces rounds (torch's rounding,
 // spec §7.1), so the fused result equals the composition up to f32 summation order.
 #include <cuda_bf16.h>
@@ -67,10 +68,36 @@ extern "C" __global__ void layer_norm_modulate_bf16(const bf16* __restrict__ x,
   }
 }
 
-// Per-head RMSNorm (weight after rounding) then interleaved RoPE, from a projection into
-// (B, H, S, HD). src row (b, s) starts at b * src_batch_stride + s * src_row_stride; head h is
-// at column h * head_dim (the caller offsets src to the q or k columns). cos / sin: (S_rope, HD/2)
-// f32, token s uses row rope_offset + s. One warp per (b, s, h); head_dim even and <= 256.
+// out = weight ⊙ bf16(x · rsqrt(mean(x²) + eps)) over rows of dim: torch's RMSNorm on bf16
+// (normalised in f32, rounded, then the weight product rounded). x, out: (rows, dim)
+// contiguous; one warp per row; dim even.
+extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ weight,
+                                         bf16* __restrict__ out, int rows, int dim, float eps) {
+  const int row = global_warp();
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const bf16* xr = x + (size_t)row * dim;
+  float sq = 0.f;
+  for (int i = 2 * lane; i < dim; i += 64) {
+    const float2 v = load2(xr + i);
+    sq += v.x * v.x + v.y * v.y;
+  }
+  const float rstd = rsqrtf(warp_sum(sq) / dim + eps);
+  bf16* orow = out + (size_t)row * dim;
+  for (int i = 2 * lane; i < dim; i += 64) {
+    const float2 v = load2(xr + i);
+    const float2 w = load2(weight + i);
+    store2(orow + i, rnd(v.x * rstd) * w.x, rnd(v.y * rstd) * w.y);
+  }
+}
+
+// Per-head RMSNorm (weight after rounding) then RoPE, from a projection into (B, H, S, HD).
+// src row (b, s) starts at b * src_batch_stride + s * src_row_stride; head h is at column
+// h * head_dim (the caller offsets src to the q or k columns). cos / sin: (S_rope, HD/2) f32,
+// token s uses row rope_offset + s. One warp per (b, s, h); head_dim even and <= 256.
+// rotate_half = 0: pairs (2p, 2p + 1), rotated in f32 and rounded once (FLUX.2, which applies
+// RoPE in f32). rotate_half = 1: pairs (p, p + HD/2) in bf16 arithmetic, every product and the
+// sum rounded (transformers' `q * cos + rotate_half(q) * sin` on bf16; Qwen3).
 extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
                                              const bf16* __restrict__ weight,
                                              const float* __restrict__ cos,
@@ -78,7 +105,7 @@ extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
                                              bf16* __restrict__ out, int batch, int seq, int heads,
                                              int head_dim, long long src_batch_stride,
                                              long long src_row_stride, int rope_offset,
-                                             float eps) {
+                                             float eps, int rotate_half) {
   const int idx = global_warp();
   const int lane = threadIdx.x % 32;
   if (idx >= batch * seq * heads) return;
@@ -87,12 +114,21 @@ extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
   const int b = idx / (heads * seq);
   const bf16* xr = src + (size_t)b * src_batch_stride + (size_t)s * src_row_stride + h * head_dim;
   const int pairs = head_dim / 2;
+  // Pair p's members are elements first·p and first·p + second.
+  const int first = rotate_half ? 1 : 2;
+  const int second = rotate_half ? pairs : 1;
   float2 v[4];
   float sq = 0.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int p = lane + 32 * i;
-    v[i] = p < pairs ? load2(xr + 2 * p) : make_float2(0.f, 0.f);
+    if (p >= pairs) {
+      v[i] = make_float2(0.f, 0.f);
+    } else if (rotate_half) {
+      v[i] = make_float2(__bfloat162float(xr[p]), __bfloat162float(xr[p + pairs]));
+    } else {
+      v[i] = load2(xr + 2 * p);
+    }
     sq += v[i].x * v[i].x + v[i].y * v[i].y;
   }
   const float rstd = rsqrtf(warp_sum(sq) / head_dim + eps);
@@ -103,26 +139,30 @@ extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
   for (int i = 0; i < 4; ++i) {
     const int p = lane + 32 * i;
     if (p >= pairs) break;
-    const float2 w = load2(weight + 2 * p);
-    const float y0 = rnd(rnd(v[i].x * rstd) * w.x);
-    const float y1 = rnd(rnd(v[i].y * rstd) * w.y);
-    store2(orow + 2 * p, y0 * c[p] - y1 * sn[p], y1 * c[p] + y0 * sn[p]);
+    const float y0 = rnd(rnd(v[i].x * rstd) * __bfloat162float(weight[first * p]));
+    const float y1 = rnd(rnd(v[i].y * rstd) * __bfloat162float(weight[first * p + second]));
+    if (rotate_half) {
+      orow[p] = __float2bfloat16_rn(rnd(y0 * c[p]) - rnd(y1 * sn[p]));
+      orow[p + pairs] = __float2bfloat16_rn(rnd(y1 * c[p]) + rnd(y0 * sn[p]));
+    } else {
+      store2(orow + 2 * p, y0 * c[p] - y1 * sn[p], y1 * c[p] + y0 * sn[p]);
+    }
   }
 }
 
-// out = silu(src[:, gate_col + j]) ⊙ src[:, up_col + j], j < width; silu rounded to bf16 first.
-// src rows are src_row_stride apart; out is (rows, width) contiguous; width even.
-extern "C" __global__ void swiglu_bf16(const bf16* __restrict__ src, bf16* __restrict__ out,
-                                       int rows, int width, long long src_row_stride,
-                                       int gate_col, int up_col) {
+// out = silu(gate) ⊙ up over (rows, width); silu rounded to bf16 first. gate and up rows are
+// gate_row_stride / up_row_stride apart (both may be column ranges of one fused projection);
+// out is (rows, width) contiguous; width and both strides even.
+extern "C" __global__ void swiglu_bf16(const bf16* __restrict__ gate, const bf16* __restrict__ up,
+                                       bf16* __restrict__ out, int rows, int width,
+                                       long long gate_row_stride, long long up_row_stride) {
   const long long pairs = (long long)rows * (width / 2);
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs;
        i += (long long)gridDim.x * blockDim.x) {
     const long long r = i / (width / 2);
     const int j = 2 * (int)(i % (width / 2));
-    const bf16* row = src + r * src_row_stride;
-    const float2 g = load2(row + gate_col + j);
-    const float2 u = load2(row + up_col + j);
+    const float2 g = load2(gate + r * gate_row_stride + j);
+    const float2 u = load2(up + r * up_row_stride + j);
     const float s0 = rnd(g.x / (1.f + __expf(-g.x)));
     const float s1 = rnd(g.y / (1.f + __expf(-g.y)));
     store2(out + r * width + j, s0 * u.x, s1 * u.y);

@@ -1,9 +1,16 @@
-// Flash attention forward (non-causal, no mask): O = softmax(Q Kᵀ · scale) V without the score
-// matrix. bf16 in, f32 accumulation (mma.sync m16n8k16), online softmax in f32 (exp2 domain),
-// P rounded to bf16 for the P·V product (as every flash kernel, torch's included).
+// Flash attention forward: O = softmax(Q Kᵀ · scale) V without the score matrix. bf16 in, f32
+// accumulation (mma.sync m16n8k16), online softmax in f32 (exp2 domain), P rounded to bf16 for
+// the P·V product (as every flash kernel, torch's included).
 //
-// Q (BH, S_q, HD), K and V (BH, S_kv, HD), contiguous. O is written as (B, S_q, H·HD) through
+// Q (B, H, S_q, HD), K and V (B, H_kv, S_kv, HD), contiguous; query head h reads key/value head
+// h / (H / H_kv) (grouped-query attention). O is written as (B, S_q, H·HD) through
 // out_batch_stride / out_row_stride (elements), i.e. with the heads already merged.
+//
+// Two instantiations per head dim: `flash_attention_bf16_hd*` attends every key of its own head
+// (H_kv = H; the FLUX.2 joint attention); `flash_attention_masked_bf16_hd*` also takes grouped
+// key/value heads, `causal` (query i sees keys j <= i; S_q == S_kv) and an optional key mask
+// (B, S_kv) u32, 0 = padding (Qwen3). Key tiles past the causal diagonal are skipped. A query
+// row that sees no key at all gets zeros.
 //
 // One block = 4 warps = 128 query rows. Each warp owns 32 rows (two 16-row mma tiles), so every
 // K and V fragment it reads from shared memory feeds two mma: shared-memory traffic per FLOP
@@ -89,13 +96,14 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int row0,
   }
 }
 
-template <int HD>
+template <int HD, bool MASKED>
 __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
                                               const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, bf16* __restrict__ out,
-                                              int s_q, int s_kv, int heads, float scale_log2,
-                                              long long out_batch_stride,
-                                              long long out_row_stride) {
+                                              int s_q, int s_kv, int heads, int kv_heads,
+                                              float scale_log2, long long out_batch_stride,
+                                              long long out_row_stride, int causal,
+                                              const unsigned int* __restrict__ key_mask) {
   constexpr int KSTEPS = HD / 16;  // 16-wide slices of the head dim (Q·Kᵀ)
   constexpr int NTILES = BLOCK_N / 8;  // 8-key column tiles of S
   constexpr int DTILES = HD / 8;  // 8-wide column tiles of O
@@ -108,9 +116,13 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
   const int lane = threadIdx.x % 32;
   const int m0 = blockIdx.x * BLOCK_M;
   const int bh = blockIdx.y;
+  const int b = bh / heads;
+  const int h = bh % heads;
+  const size_t kv_head = MASKED ? (size_t)b * kv_heads + h / (heads / kv_heads) : bh;
   const bf16* qg = q + (size_t)bh * s_q * HD;
-  const bf16* kg = k + (size_t)bh * s_kv * HD;
-  const bf16* vg = v + (size_t)bh * s_kv * HD;
+  const bf16* kg = k + kv_head * s_kv * HD;
+  const bf16* vg = v + kv_head * s_kv * HD;
+  const unsigned int* mask = MASKED && key_mask ? key_mask + (size_t)b * s_kv : nullptr;
 
   load_tile<HD, BLOCK_M>(sq, qg, m0, s_q);
   load_tile<HD, BLOCK_N>(sk, kg, 0, s_kv);
@@ -130,7 +142,9 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
 
-  const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
+  // Keys this block can see: all of them, or up to its last query row when causal.
+  const int kv_end = MASKED && causal ? min(s_kv, m0 + BLOCK_M) : s_kv;
+  const int tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
   for (int j = 0; j < tiles; ++j) {
     const int stage = j & 1;
     if (j + 1 < tiles) {
@@ -176,22 +190,33 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
     const int key0 = j * BLOCK_N + 2 * (lane % 4);
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt) {
+      // This thread's query rows in the tile: row0 (e = 0, 1) and row0 + 8 (e = 2, 3).
+      const int row0 = m0 + warp * WARP_ROWS + mt * 16 + lane / 4;
       float tile_max[2] = {row_max[mt][0], row_max[mt][1]};
 #pragma unroll
       for (int n = 0; n < NTILES; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const bool valid = key0 + n * 8 + (e & 1) < s_kv;
+          // The key exists, is not padding, and (causal) does not follow the query.
+          const int key = key0 + n * 8 + (e & 1);
+          bool valid = key < s_kv;
+          if (MASKED) {
+            valid = valid && (!mask || mask[key] != 0) && (!causal || key <= row0 + (e / 2) * 8);
+          }
           s[mt][n][e] = valid ? s[mt][n][e] * scale_log2 : -INFINITY;
           tile_max[e / 2] = fmaxf(tile_max[e / 2], s[mt][n][e]);
         }
       }
       float alpha[2];
+      // The exponent's reference: the running max, or 0 while a masked row has seen no key
+      // (then every term is exp2(-inf) = 0 instead of NaN).
+      float ref[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
-        alpha[r] = exp2f(row_max[mt][r] - tile_max[r]);
+        ref[r] = MASKED && tile_max[r] == -INFINITY ? 0.f : tile_max[r];
+        alpha[r] = exp2f(row_max[mt][r] - ref[r]);
         row_max[mt][r] = tile_max[r];
         row_sum[mt][r] *= alpha[r];
       }
@@ -199,7 +224,7 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
       for (int n = 0; n < NTILES; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[mt][n][e] = exp2f(s[mt][n][e] - row_max[mt][e / 2]);
+          s[mt][n][e] = exp2f(s[mt][n][e] - ref[e / 2]);
           row_sum[mt][e / 2] += s[mt][n][e];
         }
       }
@@ -239,8 +264,6 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
     __syncthreads();
   }
 
-  const int b = bh / heads;
-  const int h = bh % heads;
   bf16* ob = out + (size_t)b * out_batch_stride + (size_t)h * HD + 2 * (lane % 4);
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt) {
@@ -249,7 +272,7 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
     for (int r = 0; r < 2; ++r) {
       row_sum[mt][r] += __shfl_xor_sync(0xffffffff, row_sum[mt][r], 1);
       row_sum[mt][r] += __shfl_xor_sync(0xffffffff, row_sum[mt][r], 2);
-      inv[r] = 1.f / row_sum[mt][r];
+      inv[r] = MASKED && row_sum[mt][r] == 0.f ? 0.f : 1.f / row_sum[mt][r];
     }
     const int row = m0 + warp * WARP_ROWS + mt * 16 + lane / 4;
 #pragma unroll
@@ -271,9 +294,16 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
 #define FLASH_ATTENTION(HD)                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) flash_attention_bf16_hd##HD(          \
       const bf16* q, const bf16* k, const bf16* v, bf16* out, int s_q, int s_kv, int heads,  \
-      float scale_log2, long long out_batch_stride, long long out_row_stride) {               \
-    flash_forward<HD>(q, k, v, out, s_q, s_kv, heads, scale_log2, out_batch_stride,           \
-                      out_row_stride);                                                         \
+      int kv_heads, float scale_log2, long long out_batch_stride, long long out_row_stride) { \
+    flash_forward<HD, false>(q, k, v, out, s_q, s_kv, heads, kv_heads, scale_log2,           \
+                             out_batch_stride, out_row_stride, 0, nullptr);                  \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(THREADS) flash_attention_masked_bf16_hd##HD(   \
+      const bf16* q, const bf16* k, const bf16* v, bf16* out, int s_q, int s_kv, int heads,  \
+      int kv_heads, float scale_log2, long long out_batch_stride, long long out_row_stride,  \
+      int causal, const unsigned int* key_mask) {                                             \
+    flash_forward<HD, true>(q, k, v, out, s_q, s_kv, heads, kv_heads, scale_log2,            \
+                            out_batch_stride, out_row_stride, causal, key_mask);              \
   }
 
 FLASH_ATTENTION(32)
