@@ -9,6 +9,7 @@ mod components;
 mod kernels;
 mod pipeline;
 mod random;
+mod step;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -72,6 +73,16 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Where a 1024² klein-4B transformer step goes: each GEMM, kernel and copy of a step at
+    /// its real shape, times its count per step.
+    Step {
+        /// Timed iterations per part.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Write the rows as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Write a diffusers pipeline folder with random weights of the real klein-4B shapes.
     WritePipeline {
         /// Output folder.
@@ -120,6 +131,37 @@ fn main() -> ExitCode {
                     r.fused_ms / r.floor_ms
                 );
             }
+            if let Some(path) = json {
+                std::fs::write(path, serde_json::to_string_pretty(&rows).expect("json"))?;
+            }
+            Ok(())
+        })(),
+        Command::Step { iters, json } => (|| {
+            let rows = step::run(&dev, iters)?;
+            println!(
+                "| part | kind | per step | ms each | TFLOP/s | ms per step |\n|---|---|---|---|---|---|"
+            );
+            for r in &rows {
+                let tflops = r.tflops.map_or("–".to_owned(), |t| format!("{t:.0}"));
+                println!(
+                    "| {} | {} | {} | {:.3} | {tflops} | {:.2} |",
+                    r.part,
+                    r.kind,
+                    r.count,
+                    r.ms,
+                    r.step_ms()
+                );
+            }
+            for kind in ["gemm", "attention", "kernel", "copy"] {
+                let ms: f64 = rows
+                    .iter()
+                    .filter(|r| r.kind == kind)
+                    .map(|r| r.step_ms())
+                    .sum();
+                println!("{kind}: {ms:.1} ms per step");
+            }
+            let total: f64 = rows.iter().map(step::PartRow::step_ms).sum();
+            println!("sum of the parts: {total:.1} ms per step");
             if let Some(path) = json {
                 std::fs::write(path, serde_json::to_string_pretty(&rows).expect("json"))?;
             }

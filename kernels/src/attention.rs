@@ -1,19 +1,24 @@
 //! Flash attention: `softmax(q kᵀ · scale) v` per head, the score matrix never materialised.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor, bail};
 
 use crate::{cpu, reference};
 
-/// q (B, H, S_q, hd), k and v (B, H_kv, S_kv, hd), contiguous → (B, S_q, H·hd) with the heads
-/// merged. Query head h reads key/value head h / (H / H_kv) (grouped-query attention).
+/// q (B, H, S_q, hd), k and v (B, H_kv, S_kv, hd) → (B, S_q, H·hd) with the heads merged. The
+/// CUDA kernel reads any layout whose last axis is contiguous and whose offset and strides are
+/// multiples of 8 elements (e.g. heads viewed in place in a fused projection); the public
+/// functions copy other layouts first. Query head h reads key/value head h / (H / H_kv) (grouped-query attention).
 /// Without `causal` or `key_mask`, every key is attended (the FLUX.2 joint attention, spec
 /// §2.6); `causal` lets query i see keys j ≤ i (S_q = S_kv); `key_mask` (B, S_kv) u32 hides the
 /// keys where it is 0 (padding). A query row that sees no key at all comes out as zeros.
+/// `out_cols` = Some(c) makes the output rows c wide: the heads in the first H·hd columns, the
+/// rest left uninitialised for the caller to fill ([`flash_attention_with_swiglu`]).
 #[derive(Debug, Clone)]
 pub struct FlashAttention {
     pub scale: f32,
     pub causal: bool,
     pub key_mask: Option<Tensor>,
+    pub out_cols: Option<usize>,
 }
 
 /// Head dims the CUDA kernel is instantiated for.
@@ -42,9 +47,68 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         scale: 1.0 / (q.dim(3)? as f32).sqrt(),
         causal: false,
         key_mask: None,
+        out_cols: None,
     };
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+    kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
+}
+
+/// `cat([flash_attention(q, k, v), swiglu(gate, up)], -1)` without the concatenation: on CUDA
+/// bf16 the attention kernel writes the first H·hd columns of one (B, S_q, H·hd + F) buffer and
+/// the SwiGLU kernel the last F in place (the FLUX.2 single block's `to_out` input). Elsewhere
+/// the compositions, concatenated.
+pub fn flash_attention_with_swiglu(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Tensor> {
+    let fused = flash_attention_fused(q)
+        && crate::fused(gate)
+        && crate::swiglu::kernel_layout(gate)
+        && crate::swiglu::kernel_layout(up);
+    if !fused {
+        let o = flash_attention(q, k, v)?;
+        return Tensor::cat(&[o, crate::swiglu(gate, up)?], D::Minus1);
+    }
+    let (_, h, _, hd) = q.dims4()?;
+    let f = gate.dim(D::Minus1)?;
+    let op = FlashAttention {
+        scale: 1.0 / (hd as f32).sqrt(),
+        causal: false,
+        key_mask: None,
+        out_cols: Some(h * hd + f),
+    };
+    let joint = kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
+    joint
+        .narrow(D::Minus1, h * hd, f)?
+        .inplace_op3(gate, up, &crate::SwiGlu)?;
+    Ok(joint)
+}
+
+/// `t` itself if the kernel can read its layout in place, else a contiguous copy.
+fn kernel_layout(t: &Tensor) -> Result<Tensor> {
+    if strides(t.layout()).is_some() {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// (batch, head, row) strides of a (B, H, S, hd) layout the kernel reads in place: unit last
+/// stride, offset and strides multiples of 8 elements (16-byte rows for `cp.async`), each
+/// below 2³¹.
+fn strides(l: &Layout) -> Option<[i32; 3]> {
+    let st = l.stride();
+    let aligned = st.len() == 4
+        && st[3] == 1
+        && l.start_offset().is_multiple_of(8)
+        && st[..3].iter().all(|s| s.is_multiple_of(8));
+    if !aligned {
+        return None;
+    }
+    let narrow = |s: usize| i32::try_from(s).ok();
+    Some([narrow(st[0])?, narrow(st[1])?, narrow(st[2])?])
 }
 
 /// Grouped-query attention with `scale = 1/√hd`, a key mask (B, S_kv) u32 (1 = token, 0 =
@@ -65,9 +129,9 @@ pub fn masked_attention(
         scale: 1.0 / (q.dim(3)? as f32).sqrt(),
         causal,
         key_mask: Some(key_mask.to_dtype(DType::U32)?.contiguous()?),
+        out_cols: None,
     };
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+    kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
 
 /// The shapes of one call.
@@ -79,6 +143,8 @@ struct Dims {
     s_q: usize,
     s_kv: usize,
     hd: usize,
+    /// Output row width.
+    cols: usize,
 }
 
 impl FlashAttention {
@@ -94,9 +160,6 @@ impl FlashAttention {
                 v.shape()
             );
         }
-        if !(q.is_contiguous() && k.is_contiguous() && v.is_contiguous()) {
-            bail!("flash attention: q, k and v must be contiguous");
-        }
         if self.causal && s_q != s_kv {
             bail!("flash attention: causal needs as many queries as keys ({s_q} vs {s_kv})");
         }
@@ -109,6 +172,10 @@ impl FlashAttention {
                 mask.dtype()
             );
         }
+        let cols = self.out_cols.unwrap_or(h * hd);
+        if cols < h * hd || !cols.is_multiple_of(2) {
+            bail!("flash attention: output rows of {cols} columns cannot hold {h} heads of {hd}");
+        }
         Ok(Dims {
             b,
             h,
@@ -116,6 +183,7 @@ impl FlashAttention {
             s_q,
             s_kv,
             hd,
+            cols,
         })
     }
 
@@ -147,7 +215,7 @@ impl CustomOp3 for FlashAttention {
             None => None,
         };
         let (h, hd, s_kv) = (d.h, d.hd, d.s_kv);
-        let mut out = vec![0f32; d.b * d.s_q * h * hd];
+        let mut out = vec![0f32; d.b * d.s_q * d.cols];
         let mut p = vec![0f32; s_kv];
         for bh in 0..d.b * h {
             let (b, head) = (bh / h, bh % h);
@@ -171,7 +239,7 @@ impl CustomOp3 for FlashAttention {
                     *pj = (*pj - max).exp();
                     sum += *pj;
                 }
-                let o = &mut out[((b * d.s_q + i) * h + head) * hd..][..hd];
+                let o = &mut out[(b * d.s_q + i) * d.cols + head * hd..][..hd];
                 for (pj, vj) in p.iter().zip(vb.chunks_exact(hd)) {
                     for (od, vd) in o.iter_mut().zip(vj) {
                         *od += pj * vd;
@@ -182,7 +250,7 @@ impl CustomOp3 for FlashAttention {
         }
         Ok((
             cpu::write(out, cpu::dtype(qs))?,
-            Shape::from((d.b, d.s_q, h * hd)),
+            Shape::from((d.b, d.s_q, d.cols)),
         ))
     }
 
@@ -206,11 +274,26 @@ impl CustomOp3 for FlashAttention {
         /// Query rows per block and keys per shared tile (flash_attention.cu).
         const BLOCK_M: usize = 128;
         const BLOCK_N: usize = 32;
+        /// One input's (batch, head, row) strides, as `flash_attention.cu`'s `Strides`.
+        #[repr(C)]
+        struct Strides([i32; 3]);
+        // SAFETY: three i32, laid out as the kernel's struct of three ints.
+        unsafe impl candle_core::cuda::cudarc::driver::DeviceRepr for Strides {}
+
         let d = self.dims(ql, kl, vl)?;
         let (b, h, s_q, hd) = (d.b, d.h, d.s_q, d.hd);
         if !HEAD_DIMS.contains(&hd) {
             bail!("flash attention: no kernel for head dim {hd}");
         }
+        let layout = |l: &Layout| match strides(l) {
+            Some(s) => Ok(Strides(s)),
+            None => bail!(
+                "flash attention: the kernel cannot read {:?} with strides {:?} in place",
+                l.shape(),
+                l.stride()
+            ),
+        };
+        let (q_strides, k_strides, v_strides) = (layout(ql)?, layout(kl)?, layout(vl)?);
         let masked = self.causal || self.key_mask.is_some() || d.h_kv != h;
         let kernel = if masked {
             format!("flash_attention_masked_bf16_hd{hd}")
@@ -227,7 +310,7 @@ impl CustomOp3 for FlashAttention {
             smem as i32,
         )
         .w()?;
-        let out = unsafe { dev.alloc::<bf16>(b * s_q * h * hd)? };
+        let out = unsafe { dev.alloc::<bf16>(b * s_q * d.cols)? };
         let (q, k, v) = (
             view::<bf16>(qs, ql)?,
             view::<bf16>(ks, kl)?,
@@ -236,7 +319,7 @@ impl CustomOp3 for FlashAttention {
         let (s_q_arg, s_kv_arg) = (s_q as i32, d.s_kv as i32);
         let (heads, kv_heads) = (h as i32, d.h_kv as i32);
         let scale_log2 = self.scale * std::f32::consts::LOG2_E;
-        let (batch_stride, row_stride) = ((s_q * h * hd) as i64, (h * hd) as i64);
+        let (batch_stride, row_stride) = ((s_q * d.cols) as i64, d.cols as i64);
         let cfg = LaunchConfig {
             grid_dim: (s_q.div_ceil(BLOCK_M) as u32, (b * h) as u32, 1),
             block_dim: (128, 1, 1),
@@ -244,6 +327,7 @@ impl CustomOp3 for FlashAttention {
         };
         let mut launch = func.builder();
         launch.arg(&q).arg(&k).arg(&v).arg(&out);
+        launch.arg(&q_strides).arg(&k_strides).arg(&v_strides);
         launch
             .arg(&s_q_arg)
             .arg(&s_kv_arg)
@@ -274,7 +358,7 @@ impl CustomOp3 for FlashAttention {
         unsafe { launch.launch(cfg) }.w()?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
-            Shape::from((b, s_q, h * hd)),
+            Shape::from((b, s_q, d.cols)),
         ))
     }
 }

@@ -25,6 +25,20 @@ pub fn read(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
     })
 }
 
+/// Stores `values` (logical order of `l`) into `s` at the positions of `l`, rounded to its dtype.
+pub fn write_into(s: &mut CpuStorage, l: &Layout, values: &[f32]) -> Result<()> {
+    let offsets = offsets(l);
+    match s {
+        CpuStorage::F32(v) => offsets.iter().zip(values).for_each(|(&i, &x)| v[i] = x),
+        CpuStorage::BF16(v) => offsets
+            .iter()
+            .zip(values)
+            .for_each(|(&i, &x)| v[i] = bf16::from_f32(x)),
+        other => bail!("klein-kernels: unsupported dtype {:?}", other.dtype()),
+    }
+    Ok(())
+}
+
 /// The dtype of a CPU storage.
 pub fn dtype(s: &CpuStorage) -> DType {
     s.dtype()

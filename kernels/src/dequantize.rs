@@ -7,10 +7,11 @@ use candle_core::{DType, Result, Tensor, quantized::QTensor};
 /// candle's f32 dequantization and a cast.
 pub fn dequantize(w: &QTensor, dtype: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(dev) = w.device() {
-        if w.dtype() == candle_core::quantized::GgmlDType::Q4K && dtype == DType::BF16 {
-            return dequantize_q4k_bf16(w, &dev);
-        }
+    if let candle_core::Device::Cuda(dev) = w.device()
+        && w.dtype() == candle_core::quantized::GgmlDType::Q4K
+        && dtype == DType::BF16
+    {
+        return dequantize_q4k_bf16(w, &dev);
     }
     w.dequantize(&w.device())?.to_dtype(dtype)
 }

@@ -27,7 +27,7 @@ mod swiglu;
 
 pub use attention::{
     FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
-    masked_attention,
+    flash_attention_with_swiglu, masked_attention,
 };
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, group_norm, group_norm_fused};

@@ -88,7 +88,61 @@ fn swiglu_matches_the_composition() -> Result<()> {
         let (gate, up) = (gate.contiguous()?, up.contiguous()?);
         let got = gate.apply_op2_no_bwd(&up, &SwiGlu)?;
         check("swiglu pair", dtype, &got, &reference::swiglu(&gate, &up)?)?;
+        // In place, into the last columns of a wider buffer; the first columns stay as they were.
+        let joint = Tensor::zeros((2, 6, 10 + 24), dtype, &dev)?;
+        joint
+            .narrow(D::Minus1, 10, 24)?
+            .inplace_op3(&gate, &up, &SwiGlu)?;
+        check(
+            "swiglu into",
+            dtype,
+            &joint.narrow(D::Minus1, 10, 24)?,
+            &reference::swiglu(&gate, &up)?,
+        )?;
+        let untouched = joint.narrow(D::Minus1, 0, 10)?.abs()?.sum_all()?;
+        assert_eq!(untouched.to_dtype(DType::F32)?.to_scalar::<f32>()?, 0.0);
     }
+    Ok(())
+}
+
+/// The single block's `[attention | SwiGLU]` in one buffer equals the two concatenated, and the
+/// flash op reads heads viewed in place in a projection (strided) as it reads contiguous ones.
+#[test]
+fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
+    let dev = Device::Cpu;
+    let (h, hd, s, f) = (2, 16, 9, 12);
+    // [q k v | gate | up] of a single block, heads as strided views.
+    let p = randn(&[1, s, 3 * h * hd + 2 * f], DType::F32, &dev)?;
+    let head = |i: usize| -> Result<Tensor> {
+        p.narrow(D::Minus1, i * h * hd, h * hd)?
+            .reshape((1, s, h, hd))?
+            .transpose(1, 2)
+    };
+    let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+    let (gate, up) = (
+        p.narrow(D::Minus1, 3 * h * hd, f)?,
+        p.narrow(D::Minus1, 3 * h * hd + f, f)?,
+    );
+    let op = FlashAttention {
+        scale: 0.25,
+        causal: false,
+        key_mask: None,
+        out_cols: None,
+    };
+    let strided = q.apply_op3_no_bwd(&k, &v, &op)?;
+    let dense = q
+        .contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    assert_eq!(rel_l2(&strided, &dense)?, 0.0);
+    let joint = klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?;
+    let want = Tensor::cat(
+        &[
+            klein_kernels::flash_attention(&q, &k, &v)?,
+            reference::swiglu(&gate, &up)?,
+        ],
+        D::Minus1,
+    )?;
+    assert_eq!(rel_l2(&joint, &want)?, 0.0);
     Ok(())
 }
 
@@ -153,6 +207,7 @@ fn flash_attention_matches_the_composition() -> Result<()> {
             scale: 1.0 / 32f32.sqrt(),
             causal: false,
             key_mask: None,
+            out_cols: None,
         };
         let got = q.apply_op3_no_bwd(&k, &v, &op)?;
         check(
@@ -186,6 +241,7 @@ fn masked_attention_matches_the_composition() -> Result<()> {
                 scale: 1.0 / 32f32.sqrt(),
                 causal,
                 key_mask: Some(mask.clone()),
+                out_cols: None,
             };
             let got = q.apply_op3_no_bwd(&k, &v, &op)?;
             let want = reference::masked_attention(&q, &k, &v, &mask, causal)?;
@@ -312,6 +368,7 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
         scale: 0.25,
         causal: false,
         key_mask: None,
+        out_cols: None,
     };
     let err = q.apply_op3_no_bwd(&k, &k, &op).unwrap_err();
     assert!(err.to_string().contains("do not match"), "{err}");

@@ -179,6 +179,34 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
     Ok(())
 }
 
+/// The single block's layout: heads read in place from the fused projection (strided views)
+/// give exactly what contiguous copies give, and `[attention | SwiGLU]` written into one buffer
+/// is exactly their concatenation.
+#[test]
+fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
+    let dev = gpu();
+    let (s, d, h, hd, f) = (1024 + 77, 3072, 24, 128, 9216);
+    let p = randn(&[1, s, 3 * d + 2 * f], DType::BF16, &dev)?;
+    let head = |i: usize| -> Result<Tensor> {
+        p.reshape((1, s, (3 * d + 2 * f) / hd, hd))?
+            .narrow(2, i * h, h)?
+            .transpose(1, 2)
+    };
+    let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+    let dense = |t: &Tensor| t.contiguous();
+    let strided = klein_kernels::flash_attention(&q, &k, &v)?;
+    let copied = klein_kernels::flash_attention(&dense(&q)?, &dense(&k)?, &dense(&v)?)?;
+    assert_eq!(rel_l2(&strided, &copied)?, 0.0, "strided heads");
+    let (gate, up) = (
+        p.narrow(D::Minus1, 3 * d, f)?,
+        p.narrow(D::Minus1, 3 * d + f, f)?,
+    );
+    let joint = klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?;
+    let cat = Tensor::cat(&[copied, klein_kernels::swiglu(&gate, &up)?], D::Minus1)?;
+    assert_eq!(rel_l2(&joint, &cat)?, 0.0, "joint output");
+    Ok(())
+}
+
 /// Grouped-query, causal, key-padded attention (Qwen3) on bf16 inputs against the f32
 /// composition, held to the same bound as the unmasked kernel.
 #[test]

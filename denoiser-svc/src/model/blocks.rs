@@ -104,12 +104,16 @@ impl<'a> Mod<'a> {
     }
 }
 
-/// (B, S, D) → (B, H, S, hd)
-fn heads(x: &Tensor, cfg: &Config) -> Result<Tensor> {
-    let (b, s, _) = x.dims3()?;
-    x.reshape((b, s, cfg.num_attention_heads, cfg.attention_head_dim))?
-        .transpose(1, 2)?
-        .contiguous()
+/// Columns `col..col + D` of a contiguous (B, S, C) projection as heads (B, H, S, hd): a strided
+/// view, no copy (the flash kernel reads it in place; the fallback path copies). `col` and C are
+/// multiples of hd.
+fn heads(x: &Tensor, col: usize, cfg: &Config) -> Result<Tensor> {
+    let (b, s, c) = x.dims3()?;
+    let hd = cfg.attention_head_dim;
+    x.contiguous()?
+        .reshape((b, s, c / hd, hd))?
+        .narrow(2, col / hd, cfg.num_attention_heads)?
+        .transpose(1, 2)
 }
 
 /// `transformer_blocks.{i}.attn` (`Flux2Attention`): separate image and text projections.
@@ -176,13 +180,8 @@ impl Flux2Attention {
             &self.to_k,
             &self.norm_k,
         )?;
-        let v = Tensor::cat(
-            &[
-                heads(&self.add_v_proj.forward(txt)?, cfg)?,
-                heads(&self.to_v.forward(img)?, cfg)?,
-            ],
-            2,
-        )?;
+        let v = Tensor::cat(&[self.add_v_proj.forward(txt)?, self.to_v.forward(img)?], 1)?;
+        let v = heads(&v, 0, cfg)?;
         let o = attention(&q, &k, &v, &cfg.attention)?;
         let total = o.dim(1)?;
         let o_txt = o.narrow(1, 0, txt_len)?;
@@ -275,13 +274,19 @@ impl Flux2ParallelSelfAttention {
         let k = self
             .norm_k
             .forward_rope(&p.narrow(D::Minus1, d, d)?, rope, h, 0)?;
-        let v = heads(&p.narrow(D::Minus1, 2 * d, d)?, cfg)?;
-        let o = attention(&q, &k, &v, &cfg.attention)?;
-        let mlp = swiglu(
-            &p.narrow(D::Minus1, 3 * d, f)?,
-            &p.narrow(D::Minus1, 3 * d + f, f)?,
-        )?;
-        self.to_out.forward(&Tensor::cat(&[o, mlp], D::Minus1)?)
+        let v = heads(&p, 2 * d, cfg)?;
+        let (gate, up) = (
+            p.narrow(D::Minus1, 3 * d, f)?,
+            p.narrow(D::Minus1, 3 * d + f, f)?,
+        );
+        // `to_out` reads [attention | MLP]: the kernels write both halves of one buffer.
+        let joint = if klein_kernels::flash_attention_fused(&q) {
+            klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?
+        } else {
+            let o = attention(&q, &k, &v, &cfg.attention)?;
+            Tensor::cat(&[o, swiglu(&gate, &up)?], D::Minus1)?
+        };
+        self.to_out.forward(&joint)
     }
 }
 

@@ -195,7 +195,7 @@ pub enum Embedding {
     /// Table (vocab, hidden) in the model dtype.
     Dense(Tensor),
     /// Block-quantized table (vocab, hidden); looked-up rows are dequantized to the model dtype.
-    Quantized { table: QTensor, dtype: DType },
+    Quantized { table: Box<QTensor>, dtype: DType },
 }
 
 impl Embedding {
@@ -205,7 +205,10 @@ impl Embedding {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(Self::Dense(
                 table.dequantize(&table.device())?.to_dtype(dtype)?,
             )),
-            _ => Ok(Self::Quantized { table, dtype }),
+            _ => Ok(Self::Quantized {
+                table: Box::new(table),
+                dtype,
+            }),
         }
     }
 

@@ -258,7 +258,7 @@ impl<'a> Weights<'a> {
                     .and_then(|f| f.for_width(hidden))
                 {
                     Some(format) => Ok(Embedding::Quantized {
-                        table: self.quantize(vb, (vocab, hidden), format)?,
+                        table: Box::new(self.quantize(vb, (vocab, hidden), format)?),
                         dtype: vb.dtype(),
                     }),
                     None => {

@@ -150,12 +150,13 @@ extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
   }
 }
 
-// out = silu(gate) ⊙ up over (rows, width); silu rounded to bf16 first. gate and up rows are
-// gate_row_stride / up_row_stride apart (both may be column ranges of one fused projection);
-// out is (rows, width) contiguous; width and both strides even.
+// out = silu(gate) ⊙ up over (rows, width); silu rounded to bf16 first. gate, up and out rows
+// are *_row_stride apart (any may be a column range of a wider buffer); width and the strides
+// even.
 extern "C" __global__ void swiglu_bf16(const bf16* __restrict__ gate, const bf16* __restrict__ up,
                                        bf16* __restrict__ out, int rows, int width,
-                                       long long gate_row_stride, long long up_row_stride) {
+                                       long long gate_row_stride, long long up_row_stride,
+                                       long long out_row_stride) {
   const long long pairs = (long long)rows * (width / 2);
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs;
        i += (long long)gridDim.x * blockDim.x) {
@@ -165,7 +166,7 @@ extern "C" __global__ void swiglu_bf16(const bf16* __restrict__ gate, const bf16
     const float2 u = load2(up + r * up_row_stride + j);
     const float s0 = rnd(g.x / (1.f + __expf(-g.x)));
     const float s1 = rnd(g.y / (1.f + __expf(-g.y)));
-    store2(out + r * width + j, s0 * u.x, s1 * u.y);
+    store2(out + r * out_row_stride + j, s0 * u.x, s1 * u.y);
   }
 }
 

@@ -2,8 +2,10 @@
 // accumulation (mma.sync m16n8k16), online softmax in f32 (exp2 domain), P rounded to bf16 for
 // the P·V product (as every flash kernel, torch's included).
 //
-// Q (B, H, S_q, HD), K and V (B, H_kv, S_kv, HD), contiguous; query head h reads key/value head
-// h / (H / H_kv) (grouped-query attention). O is written as (B, S_q, H·HD) through
+// Q (B, H, S_q, HD), K and V (B, H_kv, S_kv, HD), each with a contiguous last axis and
+// (batch, head, row) strides in elements, multiples of 8 (16-byte rows: e.g. V's columns of a
+// fused projection, read in place); query head h reads key/value head h / (H / H_kv)
+// (grouped-query attention). O is written as (B, S_q, H·HD) through
 // out_batch_stride / out_row_stride (elements), i.e. with the heads already merged.
 //
 // Two instantiations per head dim: `flash_attention_bf16_hd*` attends every key of its own head
@@ -84,23 +86,31 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * HD + (((col >> 3) ^ (row & MASK)) << 3) + (col & 7);
 }
 
-// Rows [row0, row0 + ROWS) of a (len, HD) matrix into a swizzled tile; rows past len are zero.
+// Rows [row0, row0 + ROWS) of a (len, HD) matrix whose rows are `stride` elements apart into a
+// swizzled tile; rows past len are zero.
 template <int HD, int ROWS>
-__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int row0, int len) {
+__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int stride, int row0,
+                                          int len) {
   constexpr int CHUNKS = HD / 8;
   for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
     const int r = i / CHUNKS;
     const int c = (i % CHUNKS) * 8;
     const bool valid = row0 + r < len;
-    cp_async16(tile + swz<HD>(r, c), src + (size_t)(valid ? row0 + r : 0) * HD + c, valid);
+    cp_async16(tile + swz<HD>(r, c), src + (size_t)(valid ? row0 + r : 0) * stride + c, valid);
   }
 }
+
+// (batch, head, row) strides of one input, in elements (each below 2³¹).
+struct Strides {
+  int batch, head, row;
+};
 
 template <int HD, bool MASKED>
 __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
                                               const bf16* __restrict__ k,
                                               const bf16* __restrict__ v, bf16* __restrict__ out,
-                                              int s_q, int s_kv, int heads, int kv_heads,
+                                              Strides qs, Strides ks, Strides vs, int s_q,
+                                              int s_kv, int heads, int kv_heads,
                                               float scale_log2, long long out_batch_stride,
                                               long long out_row_stride, int causal,
                                               const unsigned int* __restrict__ key_mask) {
@@ -118,15 +128,15 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
   const int bh = blockIdx.y;
   const int b = bh / heads;
   const int h = bh % heads;
-  const size_t kv_head = MASKED ? (size_t)b * kv_heads + h / (heads / kv_heads) : bh;
-  const bf16* qg = q + (size_t)bh * s_q * HD;
-  const bf16* kg = k + kv_head * s_kv * HD;
-  const bf16* vg = v + kv_head * s_kv * HD;
+  const int kv_head = MASKED ? h / (heads / kv_heads) : h;
+  const bf16* qg = q + (size_t)b * qs.batch + (size_t)h * qs.head;
+  const bf16* kg = k + (size_t)b * ks.batch + (size_t)kv_head * ks.head;
+  const bf16* vg = v + (size_t)b * vs.batch + (size_t)kv_head * vs.head;
   const unsigned int* mask = MASKED && key_mask ? key_mask + (size_t)b * s_kv : nullptr;
 
-  load_tile<HD, BLOCK_M>(sq, qg, m0, s_q);
-  load_tile<HD, BLOCK_N>(sk, kg, 0, s_kv);
-  load_tile<HD, BLOCK_N>(sv, vg, 0, s_kv);
+  load_tile<HD, BLOCK_M>(sq, qg, qs.row, m0, s_q);
+  load_tile<HD, BLOCK_N>(sk, kg, ks.row, 0, s_kv);
+  load_tile<HD, BLOCK_N>(sv, vg, vs.row, 0, s_kv);
   cp_async_commit();
 
   // Row of this lane's ldmatrix address in each of the warp's 16-row query tiles.
@@ -148,8 +158,10 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
   for (int j = 0; j < tiles; ++j) {
     const int stage = j & 1;
     if (j + 1 < tiles) {
-      load_tile<HD, BLOCK_N>(sk + (stage ^ 1) * BLOCK_N * HD, kg, (j + 1) * BLOCK_N, s_kv);
-      load_tile<HD, BLOCK_N>(sv + (stage ^ 1) * BLOCK_N * HD, vg, (j + 1) * BLOCK_N, s_kv);
+      load_tile<HD, BLOCK_N>(sk + (stage ^ 1) * BLOCK_N * HD, kg, ks.row, (j + 1) * BLOCK_N,
+                             s_kv);
+      load_tile<HD, BLOCK_N>(sv + (stage ^ 1) * BLOCK_N * HD, vg, vs.row, (j + 1) * BLOCK_N,
+                             s_kv);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -293,16 +305,18 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
 
 #define FLASH_ATTENTION(HD)                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) flash_attention_bf16_hd##HD(          \
-      const bf16* q, const bf16* k, const bf16* v, bf16* out, int s_q, int s_kv, int heads,  \
-      int kv_heads, float scale_log2, long long out_batch_stride, long long out_row_stride) { \
-    flash_forward<HD, false>(q, k, v, out, s_q, s_kv, heads, kv_heads, scale_log2,           \
+      const bf16* q, const bf16* k, const bf16* v, bf16* out, Strides qs, Strides ks,         \
+      Strides vs, int s_q, int s_kv, int heads, int kv_heads, float scale_log2,               \
+      long long out_batch_stride, long long out_row_stride) {                                 \
+    flash_forward<HD, false>(q, k, v, out, qs, ks, vs, s_q, s_kv, heads, kv_heads, scale_log2,\
                              out_batch_stride, out_row_stride, 0, nullptr);                  \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(THREADS) flash_attention_masked_bf16_hd##HD(   \
-      const bf16* q, const bf16* k, const bf16* v, bf16* out, int s_q, int s_kv, int heads,  \
-      int kv_heads, float scale_log2, long long out_batch_stride, long long out_row_stride,  \
-      int causal, const unsigned int* key_mask) {                                             \
-    flash_forward<HD, true>(q, k, v, out, s_q, s_kv, heads, kv_heads, scale_log2,            \
+      const bf16* q, const bf16* k, const bf16* v, bf16* out, Strides qs, Strides ks,         \
+      Strides vs, int s_q, int s_kv, int heads, int kv_heads, float scale_log2,               \
+      long long out_batch_stride, long long out_row_stride, int causal,                       \
+      const unsigned int* key_mask) {                                                         \
+    flash_forward<HD, true>(q, k, v, out, qs, ks, vs, s_q, s_kv, heads, kv_heads, scale_log2, \
                             out_batch_stride, out_row_stride, causal, key_mask);              \
   }
 

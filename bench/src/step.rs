@@ -1,0 +1,271 @@
+//! Where a klein-4B transformer step at 1024² goes: every GEMM, fused kernel and copy of one
+//! step (5 double blocks, 20 single blocks; 4096 image + 512 text tokens, D 3072, 24 heads of
+//! 128, MLP 9216, batch 1, bf16), each timed alone at its real shape with the same candle /
+//! `klein_kernels` call the model makes, times how often a step runs it. The sum is set against
+//! the whole step (`components --only transformer`); what the sum leaves out (the modulation
+//! and embedding layers, the output norm and projection, launch gaps) is the difference.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::Linear;
+use klein_kernels::RopeStyle;
+use serde::Serialize;
+
+use crate::components::time;
+
+/// One part of the step.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartRow {
+    pub part: String,
+    /// "gemm", "attention", "kernel" or "copy".
+    pub kind: &'static str,
+    pub count: usize,
+    /// Median ms of one call.
+    pub ms: f64,
+    /// TFLOP/s of one call (GEMMs and attention).
+    pub tflops: Option<f64>,
+}
+
+impl PartRow {
+    pub fn step_ms(&self) -> f64 {
+        self.ms * self.count as f64
+    }
+}
+
+const IMG: usize = 4096;
+const TXT: usize = 512;
+const DIM: usize = 3072;
+const HEADS: usize = 24;
+const HEAD_DIM: usize = 128;
+const MLP: usize = 9216;
+const DOUBLE: usize = 5;
+const SINGLE: usize = 20;
+
+fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
+}
+
+/// A bias-free linear layer (out, in) with random weights.
+fn linear(out: usize, inp: usize, dev: &Device) -> Result<Linear> {
+    Ok(Linear::new((randn(&[out, inp], dev)? * 0.02)?, None))
+}
+
+/// (B, S, D) → (B, H, S, hd), as the model's `heads`.
+fn heads(x: &Tensor) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    x.reshape((b, s, HEADS, HEAD_DIM))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
+    let s = IMG + TXT;
+    let mut rows = Vec::new();
+    let mut part = |name: String,
+                    kind: &'static str,
+                    count: usize,
+                    flops: Option<f64>,
+                    f: &mut dyn FnMut() -> Result<Tensor>|
+     -> Result<()> {
+        let (ms, _) = time(dev, 3, iters, f)?;
+        rows.push(PartRow {
+            part: name,
+            kind,
+            count,
+            ms,
+            tflops: flops.map(|fl| fl / (ms * 1e-3) / 1e12),
+        });
+        Ok(())
+    };
+    let gemm_flops = |m: usize, k: usize, n: usize| Some(2.0 * (m * k * n) as f64);
+
+    // Single-stream blocks.
+    let x = randn(&[1, s, DIM], dev)?;
+    let proj = linear(3 * DIM + 2 * MLP, DIM, dev)?;
+    let p = proj.forward(&x)?;
+    part(
+        format!(
+            "single: to_qkv_mlp_proj ({s}×{DIM} → {})",
+            3 * DIM + 2 * MLP
+        ),
+        "gemm",
+        SINGLE,
+        gemm_flops(s, DIM, 3 * DIM + 2 * MLP),
+        &mut || proj.forward(&x),
+    )?;
+    let cat = randn(&[1, s, DIM + MLP], dev)?;
+    let to_out = linear(DIM, DIM + MLP, dev)?;
+    part(
+        format!("single: to_out ({s}×{} → {DIM})", DIM + MLP),
+        "gemm",
+        SINGLE,
+        gemm_flops(s, DIM + MLP, DIM),
+        &mut || to_out.forward(&cat),
+    )?;
+    let mods = randn(&[1, 1, 3 * DIM], dev)?.chunk(3, D::Minus1)?;
+    let norm_w = randn(&[HEAD_DIM], dev)?;
+    let angles = (Tensor::rand(0f32, 1.0, (s, HEAD_DIM / 2), dev)? * 6.0)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let rope = |cols: &Tensor, offset: usize| {
+        klein_kernels::qk_norm_rope(
+            cols,
+            &norm_w,
+            &cos,
+            &sin,
+            HEADS,
+            offset,
+            1e-6,
+            RopeStyle::Interleaved,
+        )
+    };
+    part(
+        "single: LayerNorm + modulation".into(),
+        "kernel",
+        SINGLE,
+        None,
+        &mut || klein_kernels::layer_norm_modulate(&x, &mods[0], &mods[1], 1e-6),
+    )?;
+    part(
+        "single: QK norm + RoPE (q or k)".into(),
+        "kernel",
+        2 * SINGLE,
+        None,
+        &mut || rope(&p.narrow(D::Minus1, 0, DIM)?, 0),
+    )?;
+    part(
+        "single: v to heads (transpose copy)".into(),
+        "copy",
+        SINGLE,
+        None,
+        &mut || heads(&p.narrow(D::Minus1, 2 * DIM, DIM)?),
+    )?;
+    let (q, k, v) = (
+        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
+        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
+        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
+    );
+    part(
+        format!("flash attention {HEADS} × {s} × {HEAD_DIM}"),
+        "attention",
+        SINGLE + DOUBLE,
+        Some(4.0 * (s * s * HEAD_DIM * HEADS) as f64),
+        &mut || klein_kernels::flash_attention(&q, &k, &v),
+    )?;
+    part("single: SwiGLU".into(), "kernel", SINGLE, None, &mut || {
+        klein_kernels::swiglu(
+            &p.narrow(D::Minus1, 3 * DIM, MLP)?,
+            &p.narrow(D::Minus1, 3 * DIM + MLP, MLP)?,
+        )
+    })?;
+    let o = randn(&[1, s, DIM], dev)?;
+    let mlp = randn(&[1, s, MLP], dev)?;
+    part(
+        "single: cat([attention, MLP])".into(),
+        "copy",
+        SINGLE,
+        None,
+        &mut || Tensor::cat(&[&o, &mlp], D::Minus1),
+    )?;
+    part(
+        "single: x + gate·y".into(),
+        "kernel",
+        SINGLE,
+        None,
+        &mut || klein_kernels::gate_residual(&x, &o, &mods[2]),
+    )?;
+
+    // Double-stream blocks: each projection once for the image and once for the text tokens.
+    for (stream, tokens) in [("img", IMG), ("txt", TXT)] {
+        let x = randn(&[1, tokens, DIM], dev)?;
+        let square = linear(DIM, DIM, dev)?;
+        part(
+            format!("double {stream}: q / k / v projection ({tokens}×{DIM} → {DIM})"),
+            "gemm",
+            3 * DOUBLE,
+            gemm_flops(tokens, DIM, DIM),
+            &mut || square.forward(&x),
+        )?;
+        let joint = randn(&[1, s, DIM], dev)?;
+        let start = if stream == "txt" { 0 } else { TXT };
+        part(
+            format!("double {stream}: to_out on its rows of the joint output"),
+            "gemm",
+            DOUBLE,
+            gemm_flops(tokens, DIM, DIM),
+            &mut || square.forward(&joint.narrow(1, start, tokens)?),
+        )?;
+        let ff_in = linear(2 * MLP, DIM, dev)?;
+        let ff_out = linear(DIM, MLP, dev)?;
+        let u = ff_in.forward(&x)?;
+        let act = randn(&[1, tokens, MLP], dev)?;
+        part(
+            format!(
+                "double {stream}: ff linear_in ({tokens}×{DIM} → {})",
+                2 * MLP
+            ),
+            "gemm",
+            DOUBLE,
+            gemm_flops(tokens, DIM, 2 * MLP),
+            &mut || ff_in.forward(&x),
+        )?;
+        part(
+            format!("double {stream}: ff linear_out ({tokens}×{MLP} → {DIM})"),
+            "gemm",
+            DOUBLE,
+            gemm_flops(tokens, MLP, DIM),
+            &mut || ff_out.forward(&act),
+        )?;
+        part(
+            format!("double {stream}: LayerNorm + modulation"),
+            "kernel",
+            2 * DOUBLE,
+            None,
+            &mut || klein_kernels::layer_norm_modulate(&x, &mods[0], &mods[1], 1e-6),
+        )?;
+        let cols = randn(&[1, tokens, DIM], dev)?;
+        part(
+            format!("double {stream}: QK norm + RoPE (q or k)"),
+            "kernel",
+            2 * DOUBLE,
+            None,
+            &mut || rope(&cols, start),
+        )?;
+        part(
+            format!("double {stream}: v to heads (transpose copy)"),
+            "copy",
+            DOUBLE,
+            None,
+            &mut || heads(&cols),
+        )?;
+        part(
+            format!("double {stream}: SwiGLU"),
+            "kernel",
+            DOUBLE,
+            None,
+            &mut || {
+                klein_kernels::swiglu(
+                    &u.narrow(D::Minus1, 0, MLP)?,
+                    &u.narrow(D::Minus1, MLP, MLP)?,
+                )
+            },
+        )?;
+        part(
+            format!("double {stream}: x + gate·y"),
+            "kernel",
+            2 * DOUBLE,
+            None,
+            &mut || klein_kernels::gate_residual(&x, &cols, &mods[2]),
+        )?;
+    }
+    let (txt_heads, img_heads) = (
+        randn(&[1, HEADS, TXT, HEAD_DIM], dev)?,
+        randn(&[1, HEADS, IMG, HEAD_DIM], dev)?,
+    );
+    part(
+        "double: cat txt and img heads (q, k or v)".into(),
+        "copy",
+        3 * DOUBLE,
+        None,
+        &mut || Tensor::cat(&[&txt_heads, &img_heads], 2),
+    )?;
+    Ok(rows)
+}
