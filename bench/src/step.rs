@@ -49,12 +49,13 @@ fn linear(out: usize, inp: usize, dev: &Device) -> Result<Linear> {
     Ok(Linear::new((randn(&[out, inp], dev)? * 0.02)?, None))
 }
 
-/// (B, S, D) → (B, H, S, hd), as the model's `heads`.
-fn heads(x: &Tensor) -> Result<Tensor> {
-    let (b, s, _) = x.dims3()?;
-    x.reshape((b, s, HEADS, HEAD_DIM))?
-        .transpose(1, 2)?
-        .contiguous()
+/// Columns `col..col + DIM` of a (B, S, C) projection as heads (B, H, S, hd), viewed in place
+/// as the model's `heads` does.
+fn heads(x: &Tensor, col: usize) -> Result<Tensor> {
+    let (b, s, c) = x.dims3()?;
+    x.reshape((b, s, c / HEAD_DIM, HEAD_DIM))?
+        .narrow(2, col / HEAD_DIM, HEADS)?
+        .transpose(1, 2)
 }
 
 pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
@@ -131,40 +132,30 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
         None,
         &mut || rope(&p.narrow(D::Minus1, 0, DIM)?, 0),
     )?;
-    part(
-        "single: v to heads (transpose copy)".into(),
-        "copy",
-        SINGLE,
-        None,
-        &mut || heads(&p.narrow(D::Minus1, 2 * DIM, DIM)?),
-    )?;
-    let (q, k, v) = (
-        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
+    // q and k as the norm kernel writes them, v viewed in the projection, [o | MLP] in one
+    // buffer.
+    let (q, k) = (
         randn(&[1, HEADS, s, HEAD_DIM], dev)?,
         randn(&[1, HEADS, s, HEAD_DIM], dev)?,
     );
+    let v = heads(&p, 2 * DIM)?;
+    let attention_flops = 4.0 * (s * s * HEAD_DIM * HEADS) as f64;
     part(
-        format!("flash attention {HEADS} × {s} × {HEAD_DIM}"),
+        format!("single: flash attention {HEADS} × {s} × {HEAD_DIM} + SwiGLU into [o | MLP]"),
         "attention",
-        SINGLE + DOUBLE,
-        Some(4.0 * (s * s * HEAD_DIM * HEADS) as f64),
-        &mut || klein_kernels::flash_attention(&q, &k, &v),
-    )?;
-    part("single: SwiGLU".into(), "kernel", SINGLE, None, &mut || {
-        klein_kernels::swiglu(
-            &p.narrow(D::Minus1, 3 * DIM, MLP)?,
-            &p.narrow(D::Minus1, 3 * DIM + MLP, MLP)?,
-        )
-    })?;
-    let o = randn(&[1, s, DIM], dev)?;
-    let mlp = randn(&[1, s, MLP], dev)?;
-    part(
-        "single: cat([attention, MLP])".into(),
-        "copy",
         SINGLE,
-        None,
-        &mut || Tensor::cat(&[&o, &mlp], D::Minus1),
+        Some(attention_flops),
+        &mut || {
+            klein_kernels::flash_attention_with_swiglu(
+                &q,
+                &k,
+                &v,
+                &p.narrow(D::Minus1, 3 * DIM, MLP)?,
+                &p.narrow(D::Minus1, 3 * DIM + MLP, MLP)?,
+            )
+        },
     )?;
+    let o = randn(&[1, s, DIM], dev)?;
     part(
         "single: x + gate·y".into(),
         "kernel",
@@ -230,13 +221,6 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
             &mut || rope(&cols, start),
         )?;
         part(
-            format!("double {stream}: v to heads (transpose copy)"),
-            "copy",
-            DOUBLE,
-            None,
-            &mut || heads(&cols),
-        )?;
-        part(
             format!("double {stream}: SwiGLU"),
             "kernel",
             DOUBLE,
@@ -261,11 +245,28 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
         randn(&[1, HEADS, IMG, HEAD_DIM], dev)?,
     );
     part(
-        "double: cat txt and img heads (q, k or v)".into(),
+        "double: cat txt and img heads (q or k)".into(),
         "copy",
-        3 * DOUBLE,
+        2 * DOUBLE,
         None,
         &mut || Tensor::cat(&[&txt_heads, &img_heads], 2),
+    )?;
+    let (txt_v, img_v) = (randn(&[1, TXT, DIM], dev)?, randn(&[1, IMG, DIM], dev)?);
+    part(
+        "double: cat txt and img v rows".into(),
+        "copy",
+        DOUBLE,
+        None,
+        &mut || Tensor::cat(&[&txt_v, &img_v], 1),
+    )?;
+    let joint_v = Tensor::cat(&[&txt_v, &img_v], 1)?;
+    let v = heads(&joint_v, 0)?;
+    part(
+        format!("double: flash attention {HEADS} × {s} × {HEAD_DIM}"),
+        "attention",
+        DOUBLE,
+        Some(attention_flops),
+        &mut || klein_kernels::flash_attention(&q, &k, &v),
     )?;
     Ok(rows)
 }
