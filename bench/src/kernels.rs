@@ -38,12 +38,12 @@ pub struct Rates {
     pub matmul_tflops: f64,
 }
 
-const TXT: usize = 512;
-const IMG: usize = 4096;
-const DIM: usize = 3072;
-const HEADS: usize = 24;
-const HEAD_DIM: usize = 128;
-const MLP: usize = 9216;
+pub(crate) const TXT: usize = 512;
+pub(crate) const IMG: usize = 4096;
+pub(crate) const DIM: usize = 3072;
+pub(crate) const HEADS: usize = 24;
+pub(crate) const HEAD_DIM: usize = 128;
+pub(crate) const MLP: usize = 9216;
 const FLUX: RopeStyle = RopeStyle::Interleaved;
 
 /// Qwen3-4B: prompt tokens, hidden size, query and key-value heads, MLP width.
@@ -53,7 +53,8 @@ const ENC_HEADS: usize = 32;
 const ENC_KV_HEADS: usize = 8;
 const ENC_MLP: usize = 9728;
 
-fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
+/// Standard-normal bf16 tensor.
+pub(crate) fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
 }
 

@@ -5,12 +5,15 @@
 //! the whole step (`components --only transformer`); what the sum leaves out (the modulation
 //! and embedding layers, the output norm and projection, launch gaps) is the difference.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{D, Device, Module, Result, Tensor};
 use candle_nn::Linear;
 use klein_kernels::RopeStyle;
 use serde::Serialize;
 
-use crate::components::time;
+use crate::{
+    components::time,
+    kernels::{DIM, HEAD_DIM, HEADS, IMG, MLP, TXT, randn},
+};
 
 /// One part of the step.
 #[derive(Debug, Clone, Serialize)]
@@ -31,18 +34,8 @@ impl PartRow {
     }
 }
 
-const IMG: usize = 4096;
-const TXT: usize = 512;
-const DIM: usize = 3072;
-const HEADS: usize = 24;
-const HEAD_DIM: usize = 128;
-const MLP: usize = 9216;
 const DOUBLE: usize = 5;
 const SINGLE: usize = 20;
-
-fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
-    Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
-}
 
 /// A bias-free linear layer (out, in) with random weights.
 fn linear(out: usize, inp: usize, dev: &Device) -> Result<Linear> {
