@@ -4,6 +4,9 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape
 
 use crate::{cpu, reference};
 
+#[cfg(feature = "cuda")]
+mod sm90;
+
 /// q (B, H, S_q, hd), k and v (B, H_kv, S_kv, hd) → (B, S_q, H·hd) with the heads merged. The
 /// CUDA kernel reads any layout whose last axis is contiguous and whose offset and strides are
 /// multiples of 8 elements (e.g. heads viewed in place in a fused projection); the public
@@ -11,6 +14,8 @@ use crate::{cpu, reference};
 /// Without `causal` or `key_mask`, every key is attended (the FLUX.2 joint attention, spec
 /// §2.6); `causal` lets query i see keys j ≤ i (S_q = S_kv); `key_mask` (B, S_kv) u32 hides the
 /// keys where it is 0 (padding). A query row that sees no key at all comes out as zeros.
+/// On a build for Hopper the unmasked head dim 128 runs a wgmma kernel fed by tensor-map copies
+/// (`flash_attention_sm90.cu`, same contract); everything else the mma.sync kernels.
 /// `out_cols` = Some(c) makes the output rows c wide: the heads in the first H·hd columns, the
 /// rest left uninitialised for the caller to fill ([`flash_attention_with_swiglu`]).
 #[derive(Debug, Clone)]
@@ -295,12 +300,21 @@ impl CustomOp3 for FlashAttention {
         };
         let (q_strides, k_strides, v_strides) = (layout(ql)?, layout(kl)?, layout(vl)?);
         let masked = self.causal || self.key_mask.is_some() || d.h_kv != h;
+        let dev = qs.device().clone();
+        // A build for Hopper runs the unmasked head dim 128 (the FLUX.2 joint attention) on its
+        // wgmma / tensor-map kernel.
+        if cfg!(klein_sm90a) && !masked && hd == 128 {
+            let out = sm90::forward(&dev, (qs, ql), (ks, kl), (vs, vl), d, self.scale)?;
+            return Ok((
+                candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from((b, s_q, d.cols)),
+            ));
+        }
         let kernel = if masked {
             format!("flash_attention_masked_bf16_hd{hd}")
         } else {
             format!("flash_attention_bf16_hd{hd}")
         };
-        let dev = qs.device().clone();
         let func =
             dev.get_or_load_custom_func(&kernel, FLASH_ATTENTION.name, FLASH_ATTENTION.ptx)?;
         // Q tile + two stages of K and V tiles, bf16.

@@ -29,6 +29,12 @@ pub const FLASH_ATTENTION: Module = Module {
     ptx: ptx::FLASH_ATTENTION,
 };
 
+/// Hopper's flash attention (wgmma); its kernel is empty in a build for another architecture.
+pub const FLASH_ATTENTION_SM90: Module = Module {
+    name: "klein_flash_attention_sm90",
+    ptx: ptx::FLASH_ATTENTION_SM90,
+};
+
 /// The elements of `s` from the start of `l` on.
 pub fn view<'a, T: CudaDType + DeviceRepr>(
     s: &'a CudaStorage,

@@ -157,6 +157,7 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
     let cases = [
         (1, 24, 4608, 4608, 128), // the 1024² transformer step
         (2, 3, 37, 70, 128),      // partial tiles on both axes
+        (2, 3, 1000, 1031, 128),  // several tiles, partial on both axes
         (1, 2, 300, 300, 64),
         (2, 2, 77, 141, 32), // the tiny fixtures' head dim
     ];

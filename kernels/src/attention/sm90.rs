@@ -1,0 +1,113 @@
+//! Hopper's flash attention (`flash_attention_sm90.cu`): Q, K and V reach the kernel as tensor
+//! maps, which the copy engine reads in place through the tensors' strides.
+
+use candle_core::cuda::WrapErr;
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, sys,
+};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+use half::bf16;
+
+use super::Dims;
+use crate::cuda::{FLASH_ATTENTION_SM90, view};
+
+/// Query rows per block, keys per K/V tile, threads per block (`flash_attention_sm90.cu`).
+const BLOCK_M: usize = 128;
+const BLOCK_N: usize = 64;
+const THREADS: u32 = 256;
+/// Q and two stages of K and V tiles (bf16, head dim 128), 1024 bytes to align them, two
+/// mbarriers.
+const SHARED_BYTES: usize = (BLOCK_M + 4 * BLOCK_N) * 128 * 2 + 1024 + 16;
+
+/// The driver's opaque tensor-map descriptor, passed by value.
+#[repr(transparent)]
+struct TensorMap(sys::CUtensorMap);
+// SAFETY: a plain 128-byte struct, the kernel's `const __grid_constant__ CUtensorMap`.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The tensor map of a (B, H, S, 128) bf16 input at `ptr` laid out as `l`: dimensions (column,
+/// row, head, batch), innermost first, with the layout's strides; boxes of 64 columns × `rows`
+/// rows (one 128-byte-swizzled half tile); rows past S read as zeros.
+fn tensor_map(ptr: sys::CUdeviceptr, l: &Layout, rows: usize) -> Result<TensorMap> {
+    let (b, h, s, hd) = l.shape().dims4()?;
+    let st = l.stride();
+    let dims = [hd, s, h, b].map(|d| d as u64);
+    let strides = [st[2], st[1], st[0]].map(|s| (s * 2) as u64);
+    let boxes = [64, rows as u32, 1, 1];
+    let unit = [1u32; 4];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::uninit();
+    // SAFETY: every array holds the rank (4) entries the call reads; `ptr` is the device address
+    // of the tensor's first element, 16-byte aligned with 16-byte-multiple strides
+    // (`super::strides`).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            4,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            unit.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .w()?;
+        Ok(TensorMap(map.assume_init()))
+    }
+}
+
+/// Unmasked attention with head dim 128 (H_kv = H) into a fresh (B, S_q, d.cols) buffer.
+pub(super) fn forward(
+    dev: &CudaDevice,
+    (qs, ql): (&CudaStorage, &Layout),
+    (ks, kl): (&CudaStorage, &Layout),
+    (vs, vl): (&CudaStorage, &Layout),
+    d: Dims,
+    scale: f32,
+) -> Result<CudaSlice<bf16>> {
+    let func = dev.get_or_load_custom_func(
+        "flash_attention_sm90_bf16_hd128",
+        FLASH_ATTENTION_SM90.name,
+        FLASH_ATTENTION_SM90.ptx,
+    )?;
+    func.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        SHARED_BYTES as i32,
+    )
+    .w()?;
+    let stream = dev.cuda_stream();
+    let (q, k, v) = (
+        view::<bf16>(qs, ql)?,
+        view::<bf16>(ks, kl)?,
+        view::<bf16>(vs, vl)?,
+    );
+    let ((q_ptr, _q_sync), (k_ptr, _k_sync), (v_ptr, _v_sync)) = (
+        q.device_ptr(&stream),
+        k.device_ptr(&stream),
+        v.device_ptr(&stream),
+    );
+    let maps = (
+        tensor_map(q_ptr, ql, BLOCK_M)?,
+        tensor_map(k_ptr, kl, BLOCK_N)?,
+        tensor_map(v_ptr, vl, BLOCK_N)?,
+    );
+    let out = unsafe { dev.alloc::<bf16>(d.b * d.s_q * d.cols)? };
+    let (s_q, s_kv, heads) = (d.s_q as i32, d.s_kv as i32, d.h as i32);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let (batch_stride, row_stride) = ((d.s_q * d.cols) as i64, d.cols as i64);
+    let cfg = LaunchConfig {
+        grid_dim: (d.s_q.div_ceil(BLOCK_M) as u32, (d.b * d.h) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: SHARED_BYTES as u32,
+    };
+    let mut launch = func.builder();
+    launch.arg(&maps.0).arg(&maps.1).arg(&maps.2).arg(&out);
+    launch.arg(&s_q).arg(&s_kv).arg(&heads).arg(&scale_log2);
+    launch.arg(&batch_stride).arg(&row_stride);
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(out)
+}
