@@ -169,19 +169,17 @@ pub fn vae(
     px: usize,
     decode: bool,
     iters: usize,
-    conv_algo: Option<candle_core::conv::CudnnFwdAlgo>,
+    chunking: vae_svc::model::Chunking,
 ) -> Result<Row> {
     use vae_svc::{
         memory::MemoryModel,
-        model::{AutoencoderKLFlux2, Chunking, Config},
+        model::{AutoencoderKLFlux2, Config},
     };
     let cfg = Config {
-        chunking: Chunking {
-            conv_algo,
-            ..Chunking::default()
-        },
+        chunking: chunking.on(dev),
         ..Config::default()
     };
+    let conv_algo = chunking.conv_algo;
     let model = AutoencoderKLFlux2::new(&cfg, random_vb(dtype, dev))?;
     let estimates = MemoryModel::new(&cfg, dtype);
     let ((median_ms, min_ms), (resident_gib, activation_gib), estimate) = if decode {
@@ -205,9 +203,10 @@ pub fn vae(
         estimate_gib: estimate as f64 / GIB,
         component: "vae".into(),
         case: format!(
-            "{} {px}x{px} ({})",
+            "{} {px}x{px} ({}, op chunks {} MiB)",
             if decode { "decode" } else { "encode" },
-            conv_algo.map_or_else(|| "auto".into(), |a| format!("{a:?}"))
+            conv_algo.map_or_else(|| "auto".into(), |a| format!("{a:?}")),
+            chunking.op_bytes >> 20
         ),
         dtype: format!("{dtype:?}").to_lowercase(),
         median_ms,

@@ -15,7 +15,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use candle_core::DType;
 use clap::{Parser, Subcommand};
-use klein_runtime::device::{DTypeSpec, DeviceSpec};
+use klein_runtime::{
+    bytesize::ByteSize,
+    device::{DTypeSpec, DeviceSpec},
+};
 use vae_svc::config::ConvAlgorithm;
 
 #[derive(Debug, Parser)]
@@ -57,6 +60,10 @@ enum Command {
         /// VAE dtypes to time.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
         vae_dtypes: Vec<DTypeSpec>,
+        /// The VAE's working-set bound per operation (as vae-svc's --op-chunk-bytes): a
+        /// convolution or norm whose temporaries would exceed it runs in bands.
+        #[arg(long, default_value = "128MiB")]
+        vae_op_bytes: ByteSize,
     },
     /// Time each fused kernel against the composition it replaces (klein-4B shapes, bf16).
     Kernels {
@@ -175,6 +182,7 @@ fn main() -> ExitCode {
             json,
             vae_conv_algorithm,
             vae_dtypes,
+            vae_op_bytes,
         } => (|| {
             let wanted = |c: &str| only.iter().any(|o| o == c);
             let float = if dev.is_cpu() {
@@ -210,11 +218,16 @@ fn main() -> ExitCode {
                     emit(components::transformer(&dev, float, px, b, iters)?);
                 }
             }
+            let chunking = vae_svc::model::Chunking {
+                conv_algo: vae_conv_algorithm.cudnn(),
+                op_bytes: vae_op_bytes.0,
+                ..vae_svc::model::Chunking::default()
+            };
             for &px in sizes.iter().filter(|_| wanted("vae")) {
                 for &dtype in &vae_dtypes {
-                    let (dtype, algo) = (DType::from(dtype), vae_conv_algorithm.cudnn());
-                    emit(components::vae(&dev, dtype, px, true, iters, algo)?);
-                    emit(components::vae(&dev, dtype, px, false, iters, algo)?);
+                    let dtype = DType::from(dtype);
+                    emit(components::vae(&dev, dtype, px, true, iters, chunking)?);
+                    emit(components::vae(&dev, dtype, px, false, iters, chunking)?);
                 }
             }
             if let Some(path) = json {

@@ -8,9 +8,12 @@ Peak memory: torch.cuda.max_memory_allocated during the call, weights included.
 The text encoder also gets its GPU kernel time (torch.profiler: the sum of the CUDA kernels'
 durations per call), the time eager PyTorch would take without launch overhead.
 
+`--exact-f32` turns TF32 off (torch's default lets cuDNN's f32 convolutions run in TF32): the
+f32 rows are then exact f32, as vae-svc's default.
+
 Usage (on the GPU machine, diffusers 0.42.1 on PYTHONPATH):
     python3 tools/reference/bench_diffusers.py OUT.json [--iters N] [--tokenizer DIR]
-        [--only text_encoder,transformer,vae,pipeline]
+        [--only text_encoder,transformer,vae,pipeline] [--exact-f32]
 """
 
 import argparse
@@ -191,7 +194,11 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--tokenizer", default="tests/fixtures/tiny-klein-4b/tokenizer")
     ap.add_argument("--only", default="text_encoder,transformer,vae,pipeline")
+    ap.add_argument("--exact-f32", action="store_true")
     a = ap.parse_args()
+    if a.exact_f32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     only = set(a.only.split(","))
     rows = Rows(a.out, a.iters)
     t0 = time.time()

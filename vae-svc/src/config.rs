@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{model::Chunking, tiling::TilingConfig, validate::Limits};
 
-/// The cuDNN forward algorithm of the VAE's convolutions (names as cuDNN's, kebab-case).
+/// The cuDNN forward algorithm of the VAE's convolutions (names as cuDNN's, kebab-case). The
+/// Winograd ones apply to the 3×3 stride-1 convolutions and the FFT ones to stride 1 (the rest
+/// run implicit-precomp-gemm); their workspaces are not in the memory estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConvAlgorithm {
@@ -154,12 +156,14 @@ impl Config {
         Ok(())
     }
 
-    /// The model's execution limits.
+    /// The model's execution limits (the loader adapts them to the device,
+    /// [`Chunking::on`]).
     pub fn chunking(&self) -> Chunking {
         Chunking {
             attention_bytes: self.attention_chunk_bytes.0,
             op_bytes: self.op_chunk_bytes.0,
             conv_algo: self.conv_algorithm.cudnn(),
+            ..Chunking::default()
         }
     }
 

@@ -103,7 +103,7 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
         Some(p) => weights::read_config(p)?,
         None => Config::default(),
     };
-    config.chunking = source.chunking;
+    config.chunking = source.chunking.on(device);
     config.validate().map_err(VaeError::Config)?;
     let stages = config.block_out_channels.len();
     let raw = weights::mmap_var_builder(&files, dtype, device)?;

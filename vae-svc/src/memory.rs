@@ -93,6 +93,7 @@ impl Walk<'_> {
             in_w,
             out_w: out.1,
             out_h: out.0,
+            im2col: self.cfg.chunking.conv_im2col,
         };
         shape.temp_bytes(pad_w, self.s, self.cfg.chunking.op_bytes)
     }

@@ -44,13 +44,15 @@ fn decode_req(latents: &pb::Tensor, grid: pb::LatentGrid, force: bool) -> pb::De
 }
 
 /// Tiny weights' bytes as the service counts them, and the activation estimates.
+/// The fixture's weight bytes and memory model on the device the service under test uses (the
+/// estimate depends on it: cuDNN convolutions materialise no im2col rows).
 fn fixture_memory() -> (u64, MemoryModel) {
     let source = ModelSource {
         path: pipeline_dir("tiny-klein-4b"),
         single_file_config: None,
         chunking: Chunking::default(),
     };
-    let loaded = loader::load(&source, DType::F32, &Device::Cpu).unwrap();
+    let loaded = loader::load(&source, DType::F32, &test_device()).unwrap();
     (
         loaded.weight_bytes,
         MemoryModel::new(&loaded.config, DType::F32),

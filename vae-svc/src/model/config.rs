@@ -1,7 +1,7 @@
 //! The `vae/config.json` of `AutoencoderKLFlux2` (spec §1.4), plus the execution limits the
 //! model honours (how large a score matrix or a convolution band may grow).
 
-use candle_core::conv::CudnnFwdAlgo;
+use candle_core::{Device, conv::CudnnFwdAlgo};
 use serde::Deserialize;
 
 /// Execution limits: the largest temporary one chunked operation may allocate, and how
@@ -16,6 +16,20 @@ pub struct Chunking {
     /// cuDNN forward algorithm of every convolution; `None` = cuDNN's heuristic choice (whose
     /// workspace is not bounded). Ignored without cuDNN.
     pub conv_algo: Option<CudnnFwdAlgo>,
+    /// Whether a convolution materialises its im2col rows (candle's CPU and plain-CUDA
+    /// convolutions do; cuDNN's do not): the band plan and the memory estimate count them only
+    /// then.
+    pub conv_im2col: bool,
+}
+
+impl Chunking {
+    /// These limits for convolutions on `device`: through cuDNN on CUDA when built with it.
+    pub fn on(self, device: &Device) -> Self {
+        Self {
+            conv_im2col: !(cfg!(feature = "cudnn") && device.is_cuda()),
+            ..self
+        }
+    }
 }
 
 impl Default for Chunking {
@@ -26,6 +40,7 @@ impl Default for Chunking {
             attention_bytes: 256 << 20,
             op_bytes: 128 << 20,
             conv_algo: Some(CudnnFwdAlgo::ImplicitPrecompGemm),
+            conv_im2col: true,
         }
     }
 }

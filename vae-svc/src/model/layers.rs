@@ -53,14 +53,21 @@ pub struct ConvShape {
     pub in_w: usize,
     pub out_w: usize,
     pub out_h: usize,
+    /// Whether the convolution materialises its im2col rows ([`super::Chunking::conv_im2col`]).
+    pub im2col: bool,
 }
 
 impl ConvShape {
-    /// Elements of the working set per output row: the im2col rows (as CUDA materialises
-    /// them), the raw and biased output rows, and two copies of the padded input rows.
+    /// Elements of the working set per output row: the im2col rows (where the convolution
+    /// materialises them), the raw and biased output rows, and two copies of the padded input
+    /// rows.
     fn elements_per_row(&self, pad_w: usize) -> u64 {
         let s = self;
-        let col = s.out_w * s.c_in * s.kernel * s.kernel;
+        let col = if s.im2col {
+            s.out_w * s.c_in * s.kernel * s.kernel
+        } else {
+            0
+        };
         let out = 2 * s.out_w * s.c_out;
         let input = 2 * s.c_in * s.stride * (s.in_w + pad_w);
         (s.batch * (col + out + input)) as u64
@@ -79,6 +86,23 @@ impl ConvShape {
     }
 }
 
+/// `algo` where cuDNN implements it for this convolution, else implicit-precomp-gemm: the
+/// Winograd algorithms take 3×3 stride-1 convolutions only, the FFT ones stride 1.
+fn supported_algo(
+    algo: Option<CudnnFwdAlgo>,
+    kernel: usize,
+    stride: usize,
+) -> Option<CudnnFwdAlgo> {
+    use CudnnFwdAlgo::{Fft, FftTiling, ImplicitPrecompGemm, Winograd, WinogradNonFused};
+    match algo {
+        Some(Winograd | WinogradNonFused) if kernel != 3 || stride != 1 => {
+            Some(ImplicitPrecompGemm)
+        }
+        Some(Fft | FftTiling) if stride != 1 => Some(ImplicitPrecompGemm),
+        a => a,
+    }
+}
+
 /// A 2-D convolution with bias, run in bands of output rows.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -88,6 +112,7 @@ pub struct Conv2d {
     padding: Padding,
     op_bytes: u64,
     algo: Option<CudnnFwdAlgo>,
+    im2col: bool,
 }
 
 impl Conv2d {
@@ -105,7 +130,8 @@ impl Conv2d {
             stride,
             padding,
             op_bytes: cfg.chunking.op_bytes,
-            algo: cfg.chunking.conv_algo,
+            algo: supported_algo(cfg.chunking.conv_algo, kernel, stride),
+            im2col: cfg.chunking.conv_im2col,
         })
     }
 
@@ -136,6 +162,7 @@ impl Conv2d {
             in_w: w,
             out_w,
             out_h,
+            im2col: self.im2col,
         };
         let rows = shape.band_rows(
             p.left + p.right,
@@ -320,10 +347,27 @@ mod tests {
             in_w: 1024,
             out_w: 1024,
             out_h: 1024,
+            im2col: true,
         };
         let rows = s.band_rows(2, 4, 128 << 20);
         assert!(rows > 1 && rows < 1024, "{rows}");
         assert!(s.temp_bytes(2, 4, 128 << 20) <= 128 << 20);
         assert_eq!(s.band_rows(2, 4, 1), 1, "at least one row");
+        // Without im2col rows (cuDNN) a band of the same budget covers more output rows.
+        let direct = ConvShape { im2col: false, ..s };
+        assert!(direct.band_rows(2, 4, 128 << 20) > 3 * rows);
+        assert!(direct.temp_bytes(2, 4, 128 << 20) <= 128 << 20);
+    }
+
+    #[test]
+    fn winograd_and_fft_fall_back_where_cudnn_lacks_them() {
+        use CudnnFwdAlgo::{Fft, ImplicitPrecompGemm, WinogradNonFused};
+        let w = Some(WinogradNonFused);
+        assert_eq!(supported_algo(w, 3, 1), w);
+        assert_eq!(supported_algo(w, 1, 1), Some(ImplicitPrecompGemm));
+        assert_eq!(supported_algo(w, 3, 2), Some(ImplicitPrecompGemm));
+        assert_eq!(supported_algo(Some(Fft), 1, 1), Some(Fft));
+        assert_eq!(supported_algo(Some(Fft), 3, 2), Some(ImplicitPrecompGemm));
+        assert_eq!(supported_algo(None, 3, 2), None, "cuDNN's own choice stays");
     }
 }
