@@ -302,8 +302,9 @@ impl CustomOp3 for FlashAttention {
         let masked = self.causal || self.key_mask.is_some() || d.h_kv != h;
         let dev = qs.device().clone();
         // A build for Hopper runs the unmasked head dim 128 (the FLUX.2 joint attention) on its
-        // wgmma / tensor-map kernel.
-        if cfg!(klein_sm90a) && !masked && hd == 128 {
+        // wgmma / tensor-map kernel; tensor maps take no zero (broadcast) strides.
+        let broadcast = [ql, kl, vl].iter().any(|l| l.stride().contains(&0));
+        if cfg!(klein_sm90a) && !masked && hd == 128 && !broadcast {
             let out = sm90::forward(&dev, (qs, ql), (ks, kl), (vs, vl), d, self.scale)?;
             return Ok((
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev),
