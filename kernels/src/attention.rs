@@ -10,7 +10,8 @@ mod sm90;
 /// q (B, H, S_q, hd), k and v (B, H_kv, S_kv, hd) → (B, S_q, H·hd) with the heads merged. The
 /// CUDA kernel reads any layout whose last axis is contiguous and whose offset and strides are
 /// multiples of 8 elements (e.g. heads viewed in place in a fused projection); the public
-/// functions copy other layouts first. Query head h reads key/value head h / (H / H_kv) (grouped-query attention).
+/// functions copy other layouts first. Query head h reads key/value head h / (H / H_kv)
+/// (grouped-query attention).
 /// Without `causal` or `key_mask`, every key is attended (the FLUX.2 joint attention, spec
 /// §2.6); `causal` lets query i see keys j ≤ i (S_q = S_kv); `key_mask` (B, S_kv) u32 hides the
 /// keys where it is 0 (padding). A query row that sees no key at all comes out as zeros.
@@ -100,9 +101,9 @@ fn kernel_layout(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// (batch, head, row) strides of a (B, H, S, hd) layout the kernel reads in place: unit last
-/// stride, offset and strides multiples of 8 elements (16-byte rows for `cp.async`), each
-/// below 2³¹.
+/// (batch, head, row) strides of a (B, H, S, hd) layout the kernels read in place: unit last
+/// stride, offset and strides multiples of 8 elements (16-byte aligned rows, as `cp.async` and
+/// tensor maps need), each below 2³¹.
 fn strides(l: &Layout) -> Option<[i32; 3]> {
     let st = l.stride();
     let aligned = st.len() == 4

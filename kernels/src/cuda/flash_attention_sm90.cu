@@ -166,7 +166,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 }  // namespace
 
-// Shared memory: Q and two stages of K and V, plus 1024 bytes to align the tiles.
+// Shared memory: Q, two stages of K and V, 1024 bytes to align the tiles, two mbarriers
+// (SHARED_BYTES in kernels/src/attention/sm90.rs).
 extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf16_hd128(
     const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,
     const __grid_constant__ CUtensorMap v, bf16* out, int s_q, int s_kv, int heads,

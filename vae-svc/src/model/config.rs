@@ -17,8 +17,8 @@ pub struct Chunking {
     /// workspace is not bounded). Ignored without cuDNN.
     pub conv_algo: Option<CudnnFwdAlgo>,
     /// Whether a convolution materialises its im2col rows (candle's CPU and plain-CUDA
-    /// convolutions do; cuDNN's do not): the band plan and the memory estimate count them only
-    /// then.
+    /// convolutions do, and cuDNN's explicit GEMM algorithm in its workspace; cuDNN's implicit
+    /// ones do not): the band plan and the memory estimate count them only then.
     pub conv_im2col: bool,
 }
 
@@ -26,10 +26,18 @@ impl Chunking {
     /// These limits for convolutions on `device`: through cuDNN on CUDA when built with it.
     pub fn on(self, device: &Device) -> Self {
         Self {
-            conv_im2col: !(cfg!(feature = "cudnn") && device.is_cuda()),
+            conv_im2col: materialises_im2col(
+                cfg!(feature = "cudnn") && device.is_cuda(),
+                self.conv_algo,
+            ),
             ..self
         }
     }
+}
+
+/// Whether convolutions run `through_cudnn` with `algo` hold their im2col rows.
+fn materialises_im2col(through_cudnn: bool, algo: Option<CudnnFwdAlgo>) -> bool {
+    !through_cudnn || algo == Some(CudnnFwdAlgo::Gemm)
 }
 
 impl Default for Chunking {
@@ -220,5 +228,18 @@ mod tests {
         cfg.norm_num_groups = 32;
         cfg.act_fn = "gelu".into();
         assert!(cfg.validate().unwrap_err().contains("act_fn"));
+    }
+
+    #[test]
+    fn only_cudnn_implicit_algorithms_skip_the_im2col_rows() {
+        use CudnnFwdAlgo::{Gemm, ImplicitPrecompGemm};
+        assert!(materialises_im2col(false, Some(ImplicitPrecompGemm)));
+        assert!(!materialises_im2col(true, Some(ImplicitPrecompGemm)));
+        assert!(materialises_im2col(true, Some(Gemm)));
+        let cpu = Chunking::default().on(&Device::Cpu);
+        assert!(
+            cpu.conv_im2col,
+            "candle's CPU convolution builds im2col rows"
+        );
     }
 }
