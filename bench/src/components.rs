@@ -203,9 +203,10 @@ pub fn vae(
         estimate_gib: estimate as f64 / GIB,
         component: "vae".into(),
         case: format!(
-            "{} {px}x{px} ({}, op chunks {} MiB)",
+            "{} {px}x{px} ({}, {:?}, op chunks {} MiB)",
             if decode { "decode" } else { "encode" },
             conv_algo.map_or_else(|| "auto".into(), |a| format!("{a:?}")),
+            chunking.conv_precision,
             chunking.op_bytes >> 20
         ),
         dtype: format!("{dtype:?}").to_lowercase(),

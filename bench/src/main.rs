@@ -19,7 +19,7 @@ use klein_runtime::{
     bytesize::ByteSize,
     device::{DTypeSpec, DeviceSpec},
 };
-use vae_svc::config::ConvAlgorithm;
+use vae_svc::config::{ConvAlgorithm, ConvPrecision};
 
 #[derive(Debug, Parser)]
 #[command(name = "klein-bench")]
@@ -57,6 +57,10 @@ enum Command {
         /// cuDNN algorithm of the VAE convolutions (as vae-svc's --conv-algorithm).
         #[arg(long, value_enum, default_value = "implicit-precomp-gemm")]
         vae_conv_algorithm: ConvAlgorithm,
+        /// Arithmetic of the VAE's f32 convolutions (as vae-svc's --conv-precision); each
+        /// listed one is timed.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "exact")]
+        vae_conv_precision: Vec<ConvPrecision>,
         /// VAE dtypes to time.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
         vae_dtypes: Vec<DTypeSpec>,
@@ -181,6 +185,7 @@ fn main() -> ExitCode {
             only,
             json,
             vae_conv_algorithm,
+            vae_conv_precision,
             vae_dtypes,
             vae_op_bytes,
         } => (|| {
@@ -218,16 +223,19 @@ fn main() -> ExitCode {
                     emit(components::transformer(&dev, float, px, b, iters)?);
                 }
             }
-            let chunking = vae_svc::model::Chunking {
-                conv_algo: vae_conv_algorithm.cudnn(),
-                op_bytes: vae_op_bytes.0,
-                ..vae_svc::model::Chunking::default()
-            };
             for &px in sizes.iter().filter(|_| wanted("vae")) {
                 for &dtype in &vae_dtypes {
-                    let dtype = DType::from(dtype);
-                    emit(components::vae(&dev, dtype, px, true, iters, chunking)?);
-                    emit(components::vae(&dev, dtype, px, false, iters, chunking)?);
+                    for &precision in &vae_conv_precision {
+                        let chunking = vae_svc::model::Chunking {
+                            conv_algo: vae_conv_algorithm.cudnn(),
+                            op_bytes: vae_op_bytes.0,
+                            conv_precision: precision.kernel(),
+                            ..vae_svc::model::Chunking::default()
+                        };
+                        let dtype = DType::from(dtype);
+                        emit(components::vae(&dev, dtype, px, true, iters, chunking)?);
+                        emit(components::vae(&dev, dtype, px, false, iters, chunking)?);
+                    }
                 }
             }
             if let Some(path) = json {

@@ -1,7 +1,8 @@
 //! Random weights of the real size: a candle `SimpleBackend` that answers every weight a
 //! model constructor asks for with a random tensor of the asked shape (norm gains 1, biases and
-//! BatchNorm means 0, variances 1, everything else uniform in ±1/sqrt(fan_in)), and can keep
-//! what it handed out so it can be written as a diffusers checkpoint.
+//! BatchNorm means 0, variances 1, everything else uniform in ±1/sqrt(fan_in) at bf16 precision,
+//! as the released klein checkpoints are stored), and can keep what it handed out so it can be
+//! written as a diffusers checkpoint.
 
 use std::sync::Mutex;
 
@@ -44,7 +45,9 @@ fn random(name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tenso
     }
     let fan_in: usize = dims[1..].iter().product::<usize>().max(1);
     let bound = 1.0 / (fan_in as f64).sqrt();
-    Tensor::rand(-bound as f32, bound as f32, shape, dev)?.to_dtype(dtype)
+    Tensor::rand(-bound as f32, bound as f32, shape, dev)?
+        .to_dtype(DType::BF16)?
+        .to_dtype(dtype)
 }
 
 impl SimpleBackend for RandomWeights {

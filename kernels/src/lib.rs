@@ -1,6 +1,8 @@
 //! Fused kernels for the klein models, one place for all of them: the transformer's flash
 //! attention and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm,
-//! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU).
+//! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU) and its
+//! convolutions through cuDNN (bias and residual fused, exact / TF32 / split-TF32 arithmetic,
+//! `cudnn` feature; its CPU reference is the composition).
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
@@ -15,6 +17,7 @@
 //! copies, `flash_attention_sm90.cu`); the other kernels are the same on every architecture.
 
 mod attention;
+mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -30,6 +33,9 @@ mod swiglu;
 pub use attention::{
     FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
     flash_attention_with_swiglu, masked_attention,
+};
+pub use conv::{
+    Conv, ConvPrecision, ConvWeights, Tf32Split, conv_fused, conv2d, tf32_high, tf32_split,
 };
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, group_norm, group_norm_fused};

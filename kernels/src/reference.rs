@@ -4,7 +4,7 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
-use crate::RopeStyle;
+use crate::{Conv, RopeStyle};
 
 /// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16).
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
@@ -188,4 +188,21 @@ pub fn group_norm(
         .broadcast_add(&shift)?
         .to_dtype(x.dtype())?;
     if silu { self::silu(&y) } else { Ok(y) }
+}
+
+/// `conv(x, weight) + bias (+ residual)`, one candle op each (cuDNN's algorithm `conv.algo`
+/// where candle runs cuDNN; the precision is cuDNN's default).
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    conv: Conv,
+) -> Result<Tensor> {
+    let y = x.conv2d_with_algo(weight, conv.padding, conv.stride, 1, 1, conv.algo)?;
+    let y = y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?;
+    match residual {
+        Some(r) => r + y,
+        None => Ok(y),
+    }
 }

@@ -265,3 +265,61 @@ fn group_norm_matches_the_composition() -> Result<()> {
     }
     Ok(())
 }
+
+/// The cuDNN convolution at each precision against an f64 CPU convolution: exact and split
+/// TF32 at f32 accuracy, one TF32 pass visibly less (which also shows its passes do run on the
+/// tensor cores: `NVIDIA_TF32_OVERRIDE=0` would make all three equal). Weights random f32 (three
+/// split passes) and bf16-valued (exact in TF32: two passes).
+#[cfg(feature = "cudnn")]
+#[test]
+fn cudnn_convolution_precisions_match_f64() -> Result<()> {
+    use klein_kernels::{Conv, ConvPrecision, ConvWeights};
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    // (x shape, c_out, kernel, padding, stride, residual)
+    let cases = [
+        ([1, 128, 64, 64], 128, 3, 1, 1, true),
+        ([2, 64, 33, 40], 96, 3, 0, 2, false),
+        ([1, 256, 48, 48], 128, 1, 0, 1, true),
+    ];
+    for (shape, c_out, k, padding, stride, with_residual) in cases {
+        let x = randn(&shape, DType::F32, &dev)?;
+        let scale = 1.0 / ((shape[1] * k * k) as f64).sqrt();
+        let w32 = (randn(&[c_out, shape[1], k, k], DType::F32, &dev)? * scale)?;
+        let bias = randn(&[c_out], DType::F32, &dev)?;
+        let out_len = |n: usize| (n + 2 * padding - k) / stride + 1;
+        let out_shape = [shape[0], c_out, out_len(shape[2]), out_len(shape[3])];
+        let residual = with_residual
+            .then(|| randn(&out_shape, DType::F32, &dev))
+            .transpose()?;
+        let w_bf16 = w32.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        for (kind, w) in [("f32 weights", &w32), ("bf16-valued weights", &w_bf16)] {
+            let f64 = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F64);
+            let mut want = f64(&x)?.conv2d(&f64(w)?, padding, stride, 1, 1)?;
+            want = want.broadcast_add(&f64(&bias)?.reshape((1, c_out, 1, 1))?)?;
+            if let Some(r) = &residual {
+                want = (want + f64(r)?)?;
+            }
+            let mut errors = Vec::new();
+            for precision in [ConvPrecision::Exact, ConvPrecision::Tf32, ConvPrecision::SplitTf32] {
+                let weights = ConvWeights::new(w.clone(), bias.clone(), precision)?;
+                if precision == ConvPrecision::SplitTf32 {
+                    assert_eq!(weights.weight_lo.is_none(), kind != "f32 weights", "{kind}");
+                }
+                let conv = Conv {
+                    padding,
+                    stride,
+                    precision,
+                    algo: Some(candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm),
+                };
+                let got = klein_kernels::conv2d(&x, &weights, residual.as_ref(), conv)?;
+                let err = rel_l2(&got.to_device(&cpu)?.to_dtype(DType::F64)?, &want)?;
+                println!("conv {shape:?} → {out_shape:?}, {kind}, {precision:?}: rel-L2 {err:.2e}");
+                errors.push(err);
+            }
+            let (exact, tf32, split) = (errors[0], errors[1], errors[2]);
+            assert!(exact <= 1e-6 && split <= 2e-6, "{kind}: exact {exact}, split {split}");
+            assert!(tf32 >= 10.0 * split, "{kind}: TF32 {tf32} vs split {split}");
+        }
+    }
+    Ok(())
+}

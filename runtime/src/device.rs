@@ -70,23 +70,6 @@ impl DeviceSpec {
     }
 }
 
-/// Turns TF32 off for cuBLAS and cuDNN in this process (`NVIDIA_TF32_OVERRIDE=0`), so f32
-/// models compute in full f32 on Ampere and newer GPUs. Both libraries read the variable when
-/// they initialise, so call it first thing in `main`.
-///
-/// # Safety
-/// It writes the process environment: no other thread may be running.
-#[allow(unsafe_code)]
-pub unsafe fn disable_tf32() {
-    // SAFETY: the caller guarantees that this process has a single thread.
-    unsafe { std::env::set_var("NVIDIA_TF32_OVERRIDE", "0") };
-}
-
-/// Whether TF32 was turned off for this process ([`disable_tf32`] or the environment).
-pub fn tf32_disabled() -> bool {
-    std::env::var("NVIDIA_TF32_OVERRIDE").is_ok_and(|v| v.trim() == "0")
-}
-
 /// Compute dtype of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DTypeSpec {

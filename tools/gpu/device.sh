@@ -15,7 +15,7 @@
 #   tools/gpu/device.sh serve OUT     the one-process stack (`klein serve --device cuda`, the
 #                                     klein-cuda binary) on a random klein-4B: 1024² T2I and I2I
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
-#                                     cuDNN algorithm setting (TF32 off) → OUT/vae-<algo>.json
+#                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 NV=$(python3 -c "import nvidia, os; print(os.path.dirname(nvidia.__file__))" 2>/dev/null || true)
@@ -34,8 +34,8 @@ done
 export KLEIN_FIXTURES_DIR=$PWD/tests/fixtures KLEIN_TEST_DEVICE=cuda:0
 case "${1:-}" in
   parity)
-    # The goldens are exact f32: keep cuDNN / cuBLAS off TF32 (vae-svc's default does the same).
-    export NVIDIA_TF32_OVERRIDE=0
+    # No NVIDIA_TF32_OVERRIDE: the VAE's convolutions set their math type per call (exact f32
+    # by default; the split-TF32 parity test needs the tensor cores), cuBLAS f32 stays exact.
     rc=0; log=${2:-/tmp}/parity.log; : > "$log"
     # PARITY_TESTS: space-separated names (test-<crate>-<test>) to run instead of all unpacked.
     tests=/tmp/klein/test-*
@@ -50,9 +50,9 @@ case "${1:-}" in
     /tmp/klein/klein-bench --device cuda:0 kernels --json "${2:-/tmp}/kernels.json" ;;
   components)
     /tmp/klein/klein-bench --device cuda:0 components --json "${2:-/tmp}/components.json"
-    echo "VAE again with TF32 off (NVIDIA_TF32_OVERRIDE=0, vae-svc's default):"
-    NVIDIA_TF32_OVERRIDE=0 /tmp/klein/klein-bench --device cuda:0 components --only vae \
-      --json "${2:-/tmp}/components-vae-exact.json" ;;
+    echo "VAE f32 at each convolution precision (exact is vae-svc's default):"
+    /tmp/klein/klein-bench --device cuda:0 components --only vae --vae-dtypes f32 \
+      --vae-conv-precision exact,tf32,split-tf32 --json "${2:-/tmp}/components-vae-precision.json" ;;
   diffusers)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
@@ -77,7 +77,7 @@ case "${1:-}" in
     kill $pid; wait 2>/dev/null; grep -E "ERROR|WARN" "${2:-/tmp}/serve.log" | tail -5 ;;
   vae-algos)
     for algo in implicit-precomp-gemm auto implicit-gemm; do
-      NVIDIA_TF32_OVERRIDE=0 /tmp/klein/klein-bench --device cuda:0 components --only vae \
+      /tmp/klein/klein-bench --device cuda:0 components --only vae \
         --sizes 512,768,1024 --vae-dtypes f32 --iters 3 --vae-conv-algorithm "$algo" \
         --json "${2:-/tmp}/vae-$algo.json"
     done ;;

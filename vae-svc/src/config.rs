@@ -48,6 +48,30 @@ impl ConvAlgorithm {
     }
 }
 
+/// The arithmetic of the f32 convolutions on cuDNN (docs/performance.md compares them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvPrecision {
+    /// f32 fused multiply-adds, as the reference computes.
+    Exact,
+    /// TF32 tensor cores, one pass (10-bit mantissa products: about 3e-4 from the reference).
+    Tf32,
+    /// TF32 tensor cores over the high and low parts of the f32 values (two passes for
+    /// bf16-trained weights, three otherwise): f32-class results.
+    SplitTf32,
+}
+
+impl ConvPrecision {
+    /// The kernel's setting.
+    pub fn kernel(self) -> klein_kernels::ConvPrecision {
+        match self {
+            Self::Exact => klein_kernels::ConvPrecision::Exact,
+            Self::Tf32 => klein_kernels::ConvPrecision::Tf32,
+            Self::SplitTf32 => klein_kernels::ConvPrecision::SplitTf32,
+        }
+    }
+}
+
 /// Everything vae-svc can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -89,11 +113,8 @@ pub struct Config {
     /// Statistics passes stop once no group-norm mean or deviation moves by more than this
     /// many standard deviations.
     pub tile_norm_tolerance: f64,
-    /// Let cuDNN and cuBLAS use TF32 for f32 convolutions and matmuls on Ampere and newer:
-    /// faster, with a 10-bit mantissa (the f32 range stays, so no image overflows). Off by
-    /// default: the `vae-svc` binary sets `NVIDIA_TF32_OVERRIDE=0` before CUDA starts, and f32
-    /// output then matches the reference to 1e-4 (docs/performance.md has both timings).
-    pub allow_tf32: bool,
+    /// The arithmetic of the f32 convolutions on cuDNN; the matmuls stay exact f32.
+    pub conv_precision: ConvPrecision,
     /// cuDNN algorithm of every convolution (cuDNN builds only). The default, implicit
     /// precomputed GEMM, needs a workspace of kilobytes for every shape, so the activation
     /// estimate holds; `auto` lets cuDNN pick per shape (docs/performance.md compares them).
@@ -123,7 +144,7 @@ impl Default for Config {
             min_tile_tokens: 8,
             tile_norm_max_passes: 4,
             tile_norm_tolerance: 0.02,
-            allow_tf32: false,
+            conv_precision: ConvPrecision::Exact,
             conv_algorithm: ConvAlgorithm::ImplicitPrecompGemm,
         }
     }
@@ -163,6 +184,7 @@ impl Config {
             attention_bytes: self.attention_chunk_bytes.0,
             op_bytes: self.op_chunk_bytes.0,
             conv_algo: self.conv_algorithm.cudnn(),
+            conv_precision: self.conv_precision.kernel(),
             ..Chunking::default()
         }
     }
@@ -210,10 +232,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_id: Option<String>,
-    /// Allow TF32 for f32 convolutions on CUDA (faster, less exact).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub allow_tf32: bool,
+    /// Arithmetic of the f32 convolutions on cuDNN: exact (default), tf32, split-tf32.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv_precision: Option<ConvPrecision>,
     /// cuDNN algorithm of the convolutions: implicit-precomp-gemm (default), auto, ...
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -257,5 +279,14 @@ mod tests {
             Some(CudnnFwdAlgo::WinogradNonFused)
         );
         assert!(Flags::try_parse_from(["vae-svc", "--conv-algorithm", "fastest"]).is_err());
+    }
+
+    #[test]
+    fn convolutions_are_exact_unless_told_otherwise() {
+        use klein_kernels::ConvPrecision as Kernel;
+        assert_eq!(load_args(&[]).chunking().conv_precision, Kernel::Exact);
+        let split = load_args(&["--conv-precision", "split-tf32"]);
+        assert_eq!(split.chunking().conv_precision, Kernel::SplitTf32);
+        assert!(Flags::try_parse_from(["vae-svc", "--conv-precision", "fp8"]).is_err());
     }
 }

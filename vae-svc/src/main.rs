@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use klein_runtime::{
     config::log_effective,
-    device::disable_tf32,
     server::{bind_and_serve, config_failed, shutdown_signal},
     telemetry::init_tracing,
 };
@@ -16,10 +15,6 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return config_failed("vae-svc", e),
     };
-    if !config.allow_tf32 {
-        // SAFETY: no other thread exists yet; the runtime starts below.
-        unsafe { disable_tf32() };
-    }
     match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(run(config)),
         Err(e) => {

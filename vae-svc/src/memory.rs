@@ -94,6 +94,7 @@ impl Walk<'_> {
             out_w: out.1,
             out_h: out.0,
             im2col: self.cfg.chunking.conv_im2col,
+            input_copies: self.cfg.chunking.conv_input_copies,
         };
         shape.temp_bytes(pad_w, self.s, self.cfg.chunking.op_bytes)
     }

@@ -122,7 +122,7 @@ impl Vae {
             weight_bytes = facts.weight_bytes,
             activation_capacity = capacity,
             dtype = ?dtype,
-            tf32 = !klein_runtime::device::tf32_disabled(),
+            conv_precision = ?config.conv_precision,
             "VAE loaded"
         );
         metrics::gauge!("klein_vae_weight_bytes").set(facts.weight_bytes as f64);
@@ -269,6 +269,10 @@ impl Vae {
                 cfg.chunking.attention_bytes.to_string(),
             ),
             ("op_chunk_bytes", cfg.chunking.op_bytes.to_string()),
+            (
+                "conv_precision",
+                format!("{:?}", cfg.chunking.conv_precision),
+            ),
             (
                 "conv_algorithm",
                 cfg.chunking

@@ -132,11 +132,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if matches!(args.command, Command::Serve(_)) {
-        // The stack's VAE decodes in exact f32 (see vae-svc's `allow_tf32`).
-        // SAFETY: no other thread exists yet; the runtime starts below.
-        unsafe { klein_runtime::device::disable_tf32() };
-    }
     match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(run(args)),
         Err(e) => {

@@ -292,3 +292,40 @@ __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
 
 GROUP_NORM(float, f32)
 GROUP_NORM(bf16, bf16)
+
+// The VAE's cuDNN convolutions (conv.rs): the output starts as the bias (plus the residual the
+// block adds) and cuDNN accumulates its products into it (beta = 1); split-TF32 convolutions
+// take each f32 value as hi + lo, hi its top 19 bits (exact in TF32), lo the exact remainder.
+template <bool RESIDUAL>
+__device__ __forceinline__ void conv_bias_fill(const float* __restrict__ bias,
+                                               const float* __restrict__ residual,
+                                               float* __restrict__ out, long long total,
+                                               int channels, long long hw) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float b = bias[(int)((i / hw) % channels)];
+    out[i] = RESIDUAL ? b + residual[i] : b;
+  }
+}
+
+extern "C" __global__ void conv_bias_fill_f32(const float* bias, float* out, long long total,
+                                              int channels, long long hw) {
+  conv_bias_fill<false>(bias, nullptr, out, total, channels, hw);
+}
+
+extern "C" __global__ void conv_bias_residual_fill_f32(const float* bias, const float* residual,
+                                                       float* out, long long total, int channels,
+                                                       long long hw) {
+  conv_bias_fill<true>(bias, residual, out, total, channels, hw);
+}
+
+extern "C" __global__ void tf32_split_f32(const float* __restrict__ x, float* __restrict__ hi,
+                                          float* __restrict__ lo, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const float v = x[i];
+    const float h = __uint_as_float(__float_as_uint(v) & 0xffffe000u);
+    hi[i] = h;
+    lo[i] = v - h;
+  }
+}

@@ -2,6 +2,7 @@
 //! model honours (how large a score matrix or a convolution band may grow).
 
 use candle_core::{Device, conv::CudnnFwdAlgo};
+use klein_kernels::ConvPrecision;
 use serde::Deserialize;
 
 /// Execution limits: the largest temporary one chunked operation may allocate, and how
@@ -20,18 +21,34 @@ pub struct Chunking {
     /// convolutions do, and cuDNN's explicit GEMM algorithm in its workspace; cuDNN's implicit
     /// ones do not): the band plan and the memory estimate count them only then.
     pub conv_im2col: bool,
+    /// The arithmetic of the f32 convolutions on cuDNN (exact by default; elsewhere always
+    /// exact).
+    pub conv_precision: ConvPrecision,
+    /// Copies of a band's input rows a convolution holds (the band plan and the memory
+    /// estimate count them): the padded rows and their copy; on cuDNN with TF32 arithmetic one
+    /// more (its workspace, measured at the input's size), and with split TF32 the high and low
+    /// parts.
+    pub conv_input_copies: usize,
 }
 
 impl Chunking {
     /// These limits for convolutions on `device`: through cuDNN on CUDA when built with it.
     pub fn on(self, device: &Device) -> Self {
+        let through_cudnn = cfg!(feature = "cudnn") && device.is_cuda();
         Self {
-            conv_im2col: materialises_im2col(
-                cfg!(feature = "cudnn") && device.is_cuda(),
-                self.conv_algo,
-            ),
+            conv_im2col: materialises_im2col(through_cudnn, self.conv_algo),
+            conv_input_copies: input_copies(through_cudnn, self.conv_precision),
             ..self
         }
+    }
+}
+
+/// Copies of its input band a convolution run `through_cudnn` at `precision` holds.
+fn input_copies(through_cudnn: bool, precision: ConvPrecision) -> usize {
+    match (through_cudnn, precision) {
+        (false, _) | (true, ConvPrecision::Exact) => 2,
+        (true, ConvPrecision::Tf32) => 3,
+        (true, ConvPrecision::SplitTf32) => 5,
     }
 }
 
@@ -49,6 +66,8 @@ impl Default for Chunking {
             op_bytes: 128 << 20,
             conv_algo: Some(CudnnFwdAlgo::ImplicitPrecompGemm),
             conv_im2col: true,
+            conv_precision: ConvPrecision::Exact,
+            conv_input_copies: 2,
         }
     }
 }
@@ -228,6 +247,19 @@ mod tests {
         cfg.norm_num_groups = 32;
         cfg.act_fn = "gelu".into();
         assert!(cfg.validate().unwrap_err().contains("act_fn"));
+    }
+
+    #[test]
+    fn tf32_arithmetic_on_cudnn_counts_more_input_copies() {
+        assert_eq!(input_copies(false, ConvPrecision::SplitTf32), 2);
+        assert_eq!(input_copies(true, ConvPrecision::Exact), 2);
+        assert_eq!(input_copies(true, ConvPrecision::Tf32), 3);
+        assert_eq!(input_copies(true, ConvPrecision::SplitTf32), 5);
+        let cpu = Chunking {
+            conv_precision: ConvPrecision::SplitTf32,
+            ..Chunking::default()
+        };
+        assert_eq!(cpu.on(&Device::Cpu).conv_input_copies, 2);
     }
 
     #[test]

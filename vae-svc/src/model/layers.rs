@@ -9,6 +9,7 @@
 
 use candle_core::{D, DType, Result, Tensor, conv::CudnnFwdAlgo};
 use candle_nn::VarBuilder;
+use klein_kernels::{Conv, ConvPrecision, ConvWeights};
 
 use super::Config;
 
@@ -55,12 +56,14 @@ pub struct ConvShape {
     pub out_h: usize,
     /// Whether the convolution materialises its im2col rows ([`super::Chunking::conv_im2col`]).
     pub im2col: bool,
+    /// Copies of the input rows it holds ([`super::Chunking::conv_input_copies`]).
+    pub input_copies: usize,
 }
 
 impl ConvShape {
     /// Elements of the working set per output row: the im2col rows (where the convolution
-    /// materialises them), the raw and biased output rows, and two copies of the padded input
-    /// rows.
+    /// materialises them), the raw and biased output rows (or the output and the residual's
+    /// rows), and the copies of the padded input rows.
     fn elements_per_row(&self, pad_w: usize) -> u64 {
         let s = self;
         let col = if s.im2col {
@@ -69,7 +72,7 @@ impl ConvShape {
             0
         };
         let out = 2 * s.out_w * s.c_out;
-        let input = 2 * s.c_in * s.stride * (s.in_w + pad_w);
+        let input = s.input_copies * s.c_in * s.stride * (s.in_w + pad_w);
         (s.batch * (col + out + input)) as u64
     }
 
@@ -106,13 +109,14 @@ fn supported_algo(
 /// A 2-D convolution with bias, run in bands of output rows.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
-    bias: Tensor,
+    weights: ConvWeights,
     stride: usize,
     padding: Padding,
     op_bytes: u64,
     algo: Option<CudnnFwdAlgo>,
+    precision: ConvPrecision,
     im2col: bool,
+    input_copies: usize,
 }
 
 impl Conv2d {
@@ -124,30 +128,46 @@ impl Conv2d {
         padding: Padding,
         vb: VarBuilder<'_>,
     ) -> Result<Self> {
+        let precision = cfg.chunking.conv_precision;
         Ok(Self {
-            weight: vb.get((c_out, c_in, kernel, kernel), "weight")?,
-            bias: vb.get(c_out, "bias")?,
+            weights: ConvWeights::new(
+                vb.get((c_out, c_in, kernel, kernel), "weight")?,
+                vb.get(c_out, "bias")?,
+                precision,
+            )?,
             stride,
             padding,
             op_bytes: cfg.chunking.op_bytes,
             algo: supported_algo(cfg.chunking.conv_algo, kernel, stride),
+            precision,
             im2col: cfg.chunking.conv_im2col,
+            input_copies: cfg.chunking.conv_input_copies,
         })
     }
 
     /// Keeps only output channels `[start, start + len)` (the posterior mean of `quant_conv`).
     pub fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
+        let narrow = |t: &Tensor| t.narrow(0, start, len)?.contiguous();
+        let w = &self.weights;
         Ok(Self {
-            weight: self.weight.narrow(0, start, len)?.contiguous()?,
-            bias: self.bias.narrow(0, start, len)?.contiguous()?,
+            weights: ConvWeights {
+                weight: narrow(&w.weight)?,
+                weight_lo: w.weight_lo.as_ref().map(narrow).transpose()?,
+                bias: narrow(&w.bias)?,
+            },
             ..self.clone()
         })
     }
 
     /// (B, C_in, H, W) -> (B, C_out, H_out, W_out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(x, None)
+    }
+
+    /// `residual + conv(x)`: on cuDNN the residual is added where the bias is (one write).
+    pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
-        let (c_out, _, k, _) = self.weight.dims4()?;
+        let (c_out, _, k, _) = self.weights.weight.dims4()?;
         let p = self.padding;
         let (out_h, out_w) = (
             self.out_len(h, p.top + p.bottom, k),
@@ -163,6 +183,7 @@ impl Conv2d {
             out_w,
             out_h,
             im2col: self.im2col,
+            input_copies: self.input_copies,
         };
         let rows = shape.band_rows(
             p.left + p.right,
@@ -170,13 +191,20 @@ impl Conv2d {
             self.op_bytes,
         );
         let dt = gemm_dtype(x);
-        let (weight, bias) = (self.weight.to_dtype(dt)?, self.bias.to_dtype(dt)?);
+        let w = &self.weights;
+        let weights = ConvWeights {
+            weight: w.weight.to_dtype(dt)?,
+            weight_lo: w.weight_lo.clone(),
+            bias: w.bias.to_dtype(dt)?,
+        };
         if rows >= out_h {
-            return self.band(x, (0, out_h), &weight, &bias);
+            return self.band(x, (0, out_h), &weights, residual);
         }
         let out = Tensor::zeros((b, c_out, out_h, out_w), x.dtype(), x.device())?;
         for r0 in (0..out_h).step_by(rows) {
-            let y = self.band(x, (r0, (r0 + rows).min(out_h)), &weight, &bias)?;
+            let r1 = (r0 + rows).min(out_h);
+            let residual = residual.map(|r| r.narrow(2, r0, r1 - r0)).transpose()?;
+            let y = self.band(x, (r0, r1), &weights, residual.as_ref())?;
             out.slice_set(&y, 2, r0)?;
         }
         Ok(out)
@@ -186,28 +214,32 @@ impl Conv2d {
         (len + pad).saturating_sub(k) / self.stride + 1
     }
 
-    /// Output rows `[r0, r1)` in `x`'s dtype, contiguous; `weight` and `bias` are in the
-    /// compute dtype.
+    /// Output rows `[r0, r1)` plus the same rows of `residual`, in `x`'s dtype, contiguous; the
+    /// weights are in the compute dtype. The residual joins the bias where the convolution
+    /// computes in x's dtype; a bf16 model on the CPU rounds the convolution before the sum, as
+    /// torch does.
     fn band(
         &self,
         x: &Tensor,
         (r0, r1): (usize, usize),
-        weight: &Tensor,
-        bias: &Tensor,
+        weights: &ConvWeights,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (_, _, h, _) = x.dims4()?;
-        let k = weight.dim(D::Minus1)?;
+        let dt = weights.weight.dtype();
+        let k = weights.weight.dim(D::Minus1)?;
         let p = self.padding;
+        let conv = |padding| Conv {
+            padding,
+            stride: self.stride,
+            precision: self.precision,
+            algo: self.algo,
+        };
+        let fuse = dt == x.dtype();
+        let fused = residual.filter(|_| fuse);
         let y =
             if r0 == 0 && r1 == self.out_len(h, p.top + p.bottom, k) && p == Padding::same(p.top) {
-                x.to_dtype(weight.dtype())?.conv2d_with_algo(
-                    weight,
-                    p.top,
-                    self.stride,
-                    1,
-                    1,
-                    self.algo,
-                )?
+                klein_kernels::conv2d(&x.to_dtype(dt)?, weights, fused, conv(p.top))?
             } else {
                 // Input rows of the band in padded coordinates, then clipped to the real rows.
                 let start = r0 * self.stride;
@@ -216,14 +248,16 @@ impl Conv2d {
                 let hi = end.min(p.top + h).max(p.top) - p.top;
                 let pad_top = p.top.saturating_sub(start);
                 let pad_bottom = end.saturating_sub(p.top + h);
-                let rows = x.narrow(2, lo, hi - lo)?.to_dtype(weight.dtype())?;
+                let rows = x.narrow(2, lo, hi - lo)?.to_dtype(dt)?;
                 let rows = rows.pad_with_zeros(2, pad_top, pad_bottom)?;
                 let rows = rows.pad_with_zeros(3, p.left, p.right)?;
-                rows.conv2d_with_algo(weight, 0, self.stride, 1, 1, self.algo)?
+                klein_kernels::conv2d(&rows, weights, fused, conv(0))?
             };
-        let c_out = bias.dim(0)?;
-        y.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?
-            .to_dtype(x.dtype())
+        let y = y.to_dtype(x.dtype())?;
+        match residual.filter(|_| !fuse) {
+            Some(r) => r + y,
+            None => Ok(y),
+        }
     }
 }
 
@@ -333,6 +367,13 @@ mod tests {
                 max_diff(&b, &want) < 1e-5,
                 "banded stride {stride} {padding:?}"
             );
+            // The residual joins each band where it is computed.
+            let r = Tensor::randn(0f32, 1., want.dims(), &dev).unwrap();
+            let want = (&want + &r).unwrap();
+            for conv in [&whole, &banded] {
+                let got = conv.forward_add(&x, Some(&r)).unwrap();
+                assert!(max_diff(&got, &want) < 1e-5, "residual, stride {stride}");
+            }
         }
     }
 
@@ -348,6 +389,7 @@ mod tests {
             out_w: 1024,
             out_h: 1024,
             im2col: true,
+            input_copies: 2,
         };
         let rows = s.band_rows(2, 4, 128 << 20);
         assert!(rows > 1 && rows < 1024, "{rows}");

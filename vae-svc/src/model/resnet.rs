@@ -51,10 +51,10 @@ impl ResnetBlock2D {
         let mut h = self.norm1.forward_silu(x, stats)?;
         h = self.conv1.forward(&h)?;
         h = self.norm2.forward_silu(&h, stats)?;
-        h = self.conv2.forward(&h)?;
-        match &self.conv_shortcut {
-            Some(shortcut) => shortcut.forward(x)? + h,
-            None => x + h,
-        }
+        let shortcut = match &self.conv_shortcut {
+            Some(shortcut) => shortcut.forward(x)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_add(&h, Some(&shortcut))
     }
 }

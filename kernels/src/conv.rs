@@ -1,0 +1,322 @@
+//! The VAE's 2-D convolution with its bias (and, in a ResNet block, the residual added to it):
+//! through cuDNN on a CUDA f32 tensor in a `cudnn` build, with the arithmetic chosen per call
+//! ([`ConvPrecision`]); the stock-candle composition ([`reference::conv2d`]) everywhere else.
+//!
+//! On cuDNN the output starts as `bias (+ residual)` (one fill kernel) and every convolution
+//! pass accumulates into it (β = 1): the bias and the residual cost one write instead of
+//! candle's broadcast additions. Split TF32 runs the tensor cores on f32 data without TF32's
+//! error: with `x = x_hi + x_lo` and `w = w_hi + w_lo` ([`tf32_split`]: hi keeps the top 19
+//! bits, exact in TF32; lo is the exact remainder),
+//! `conv(x, w) = conv(x_hi, w_hi) + conv(x_lo, w_hi) + conv(x_hi, w_lo) + conv(x_lo, w_lo)`;
+//! the last term and lo's own TF32 rounding are ~2⁻²⁰ of the result, so three TF32 passes
+//! with f32 accumulation give f32-class accuracy. Weights trained in bf16 (the released VAE)
+//! are exact in TF32: their `w_lo` is zero and two passes do.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail,
+    conv::CudnnFwdAlgo,
+};
+
+use crate::reference;
+
+/// The arithmetic of an f32 convolution on cuDNN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvPrecision {
+    /// f32 fused multiply-adds: the reference's arithmetic.
+    #[default]
+    Exact,
+    /// One TF32 tensor-core pass (products of 10-bit mantissas; torch's cuDNN default).
+    Tf32,
+    /// Two or three TF32 passes over the hi / lo parts: f32-class results on the tensor cores.
+    SplitTf32,
+}
+
+/// A convolution's parameters, prepared for its precision.
+#[derive(Debug, Clone)]
+pub struct ConvWeights {
+    /// (C_out, C_in, k, k); under split TF32 on cuDNN its TF32 part `w_hi`.
+    pub weight: Tensor,
+    /// Under split TF32 on cuDNN, `w − w_hi` where it is not all zero.
+    pub weight_lo: Option<Tensor>,
+    /// (C_out)
+    pub bias: Tensor,
+}
+
+impl ConvWeights {
+    /// `weight` and `bias` as [`conv2d`] runs them at `precision` on their device.
+    pub fn new(weight: Tensor, bias: Tensor, precision: ConvPrecision) -> Result<Self> {
+        if precision != ConvPrecision::SplitTf32 || !conv_fused(&weight) {
+            return Ok(Self {
+                weight,
+                weight_lo: None,
+                bias,
+            });
+        }
+        let parts = tf32_split(&weight)?;
+        let lo = parts.get(1)?;
+        if lo.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 {
+            // Exact in TF32: w_hi is w, and the split's storage goes.
+            return Ok(Self {
+                weight,
+                weight_lo: None,
+                bias,
+            });
+        }
+        Ok(Self {
+            weight: parts.get(0)?,
+            weight_lo: Some(lo),
+            bias,
+        })
+    }
+}
+
+/// Geometry and arithmetic of one [`conv2d`] call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv {
+    /// Zero padding on every side.
+    pub padding: usize,
+    pub stride: usize,
+    pub precision: ConvPrecision,
+    /// cuDNN's forward algorithm; `None` = its heuristic pick.
+    pub algo: Option<CudnnFwdAlgo>,
+}
+
+/// Whether [`conv2d`] runs cuDNN for `x`: f32 on CUDA in a `cudnn` build.
+pub fn conv_fused(x: &Tensor) -> bool {
+    cfg!(feature = "cudnn") && x.device().is_cuda() && x.dtype() == DType::F32
+}
+
+/// `conv(x, weight) + bias (+ residual)`: x (B, C_in, H, W), residual (B, C_out, H_out, W_out)
+/// → (B, C_out, H_out, W_out). x, the weights and the residual share one dtype.
+pub fn conv2d(
+    x: &Tensor,
+    w: &ConvWeights,
+    residual: Option<&Tensor>,
+    conv: Conv,
+) -> Result<Tensor> {
+    if !conv_fused(x) {
+        return reference::conv2d(x, &w.weight, &w.bias, residual, conv);
+    }
+    let op = CudnnConv {
+        conv,
+        weight_lo: w.weight_lo.clone(),
+        residual: residual.map(Tensor::contiguous).transpose()?,
+    };
+    x.contiguous()?
+        .apply_op3_no_bwd(&w.weight.contiguous()?, &w.bias.contiguous()?, &op)
+}
+
+/// `x` (any shape, f32) → (2, ..x's shape): `[x_hi, x_lo]`, `x_hi` = x with the low 13 mantissa
+/// bits cleared (exact in TF32), `x_lo = x − x_hi` (exact in f32).
+pub fn tf32_split(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Tf32Split)
+}
+
+/// The [`tf32_split`] op.
+#[derive(Debug, Clone, Copy)]
+pub struct Tf32Split;
+
+/// The high part of `v`: its sign, exponent and top 10 mantissa bits.
+pub fn tf32_high(v: f32) -> f32 {
+    f32::from_bits(v.to_bits() & 0xffff_e000)
+}
+
+impl CustomOp1 for Tf32Split {
+    fn name(&self) -> &'static str {
+        "klein-tf32-split"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(v) = s else {
+            bail!("tf32_split: f32 only, got {:?}", crate::cpu::dtype(s));
+        };
+        let x = &v[l.start_offset()..l.start_offset() + l.shape().elem_count()];
+        let hi: Vec<f32> = x.iter().map(|&v| tf32_high(v)).collect();
+        let lo: Vec<f32> = x.iter().zip(&hi).map(|(&v, &h)| v - h).collect();
+        Ok((CpuStorage::F32([hi, lo].concat()), split_shape(l)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+
+        let n = l.shape().elem_count();
+        let dev = s.device().clone();
+        let mut out = unsafe { dev.alloc::<f32>(2 * n)? };
+        let x = crate::cuda::view::<f32>(s, l)?;
+        cuda::split(&dev, &x, &mut out, n)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            split_shape(l),
+        ))
+    }
+}
+
+fn split_shape(l: &Layout) -> Shape {
+    Shape::from([&[2], l.dims()].concat())
+}
+
+/// The cuDNN convolution: x, weight (`w_hi` under split TF32), bias.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+struct CudnnConv {
+    conv: Conv,
+    weight_lo: Option<Tensor>,
+    residual: Option<Tensor>,
+}
+
+impl CustomOp3 for CudnnConv {
+    fn name(&self) -> &'static str {
+        "klein-cudnn-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("klein-cudnn-conv2d runs on cuDNN only; conv2d takes reference::conv2d elsewhere")
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::conv_forward(self, (xs, xl), (ws, wl), (bs, bl))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda::WrapErr;
+    use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+    use candle_core::{CudaDevice, Result};
+
+    use crate::cuda::{ELEMENTWISE, grid_stride};
+
+    /// `out[..n] = hi(x)`, `out[n..] = x − hi(x)`.
+    pub fn split(
+        dev: &CudaDevice,
+        x: &CudaView<'_, f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let f = dev.get_or_load_custom_func("tf32_split_f32", ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+        let (mut hi, mut lo) = out.split_at_mut(n);
+        let n_arg = n as i64;
+        let mut l = f.builder();
+        l.arg(x).arg(&mut hi).arg(&mut lo).arg(&n_arg);
+        unsafe { l.launch(grid_stride(n)) }.w()?;
+        Ok(())
+    }
+
+    #[cfg(feature = "cudnn")]
+    pub use super::cudnn::conv_forward;
+}
+
+#[cfg(feature = "cudnn")]
+mod cudnn;
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn tf32_split_is_exact_and_its_high_part_has_ten_mantissa_bits() {
+        let x = Tensor::randn(0f32, 3.0, (3, 5, 7), &Device::Cpu).unwrap();
+        let parts = tf32_split(&x).unwrap();
+        assert_eq!(parts.dims(), &[2, 3, 5, 7]);
+        let (hi, lo) = (parts.get(0).unwrap(), parts.get(1).unwrap());
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let hi = hi.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let lo = lo.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for ((&x, &h), &l) in x.iter().zip(&hi).zip(&lo) {
+            assert_eq!(h + l, x, "hi + lo must give x back exactly");
+            assert_eq!(h.to_bits() & 0x1fff, 0, "hi has only TF32's 10 mantissa bits");
+            assert!(l.abs() <= x.abs() * 2f32.powi(-10), "lo is below hi's last bit");
+        }
+        assert!(lo.iter().any(|&l| l != 0.0), "random f32 values have a low part");
+    }
+
+    #[test]
+    fn bf16_values_have_no_low_part() {
+        let x = Tensor::randn(0f32, 1.0, 64, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let lo = tf32_split(&x).unwrap().get(1).unwrap();
+        assert_eq!(lo.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn the_split_sum_of_products_is_the_convolution() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (4, 3, 3, 3), &dev).unwrap();
+        let conv = |x: &Tensor, w: &Tensor| x.conv2d(w, 1, 1, 1, 1).unwrap();
+        let (xs, ws) = (tf32_split(&x).unwrap(), tf32_split(&w).unwrap());
+        let (x_hi, x_lo) = (xs.get(0).unwrap(), xs.get(1).unwrap());
+        let (w_hi, w_lo) = (ws.get(0).unwrap(), ws.get(1).unwrap());
+        let three = ((conv(&x_hi, &w_hi) + conv(&x_lo, &w_hi)).unwrap() + conv(&x_hi, &w_lo))
+            .unwrap();
+        let want = conv(&x, &w);
+        let err = (three - &want)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            / want.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-6, "three passes leave only x_lo·w_lo: rel-L2 {err:e}");
+    }
+
+    #[test]
+    fn conv2d_off_cudnn_is_the_composition_with_bias_and_residual() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 6, 6), &dev).unwrap();
+        let w = ConvWeights::new(
+            Tensor::randn(0f32, 0.3, (4, 3, 3, 3), &dev).unwrap(),
+            Tensor::new(&[0.5f32, -1.0, 2.0, 0.0], &dev).unwrap(),
+            ConvPrecision::SplitTf32,
+        )
+        .unwrap();
+        assert!(w.weight_lo.is_none(), "the CPU keeps the whole weight");
+        let r = Tensor::randn(0f32, 1.0, (1, 4, 3, 3), &dev).unwrap();
+        let conv = Conv {
+            padding: 1,
+            stride: 2,
+            precision: ConvPrecision::SplitTf32,
+            algo: None,
+        };
+        let got = conv2d(&x, &w, Some(&r), conv).unwrap();
+        let want = ((x.conv2d(&w.weight, 1, 2, 1, 1).unwrap()
+            + w.bias.reshape((1, 4, 1, 1)).unwrap().broadcast_as((1, 4, 3, 3)).unwrap())
+        .unwrap()
+            + &r)
+            .unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+}
