@@ -59,7 +59,7 @@ enum Command {
         vae_conv_algorithm: ConvAlgorithm,
         /// Arithmetic of the VAE's f32 convolutions (as vae-svc's --conv-precision); each
         /// listed one is timed.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "exact")]
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "split-tf32")]
         vae_conv_precision: Vec<ConvPrecision>,
         /// VAE dtypes to time.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]

@@ -248,10 +248,20 @@ mod tests {
         let lo = lo.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for ((&x, &h), &l) in x.iter().zip(&hi).zip(&lo) {
             assert_eq!(h + l, x, "hi + lo must give x back exactly");
-            assert_eq!(h.to_bits() & 0x1fff, 0, "hi has only TF32's 10 mantissa bits");
-            assert!(l.abs() <= x.abs() * 2f32.powi(-10), "lo is below hi's last bit");
+            assert_eq!(
+                h.to_bits() & 0x1fff,
+                0,
+                "hi has only TF32's 10 mantissa bits"
+            );
+            assert!(
+                l.abs() <= x.abs() * 2f32.powi(-10),
+                "lo is below hi's last bit"
+            );
         }
-        assert!(lo.iter().any(|&l| l != 0.0), "random f32 values have a low part");
+        assert!(
+            lo.iter().any(|&l| l != 0.0),
+            "random f32 values have a low part"
+        );
     }
 
     #[test]
@@ -263,7 +273,15 @@ mod tests {
             .to_dtype(DType::F32)
             .unwrap();
         let lo = tf32_split(&x).unwrap().get(1).unwrap();
-        assert_eq!(lo.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            lo.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 
     #[test]
@@ -275,8 +293,8 @@ mod tests {
         let (xs, ws) = (tf32_split(&x).unwrap(), tf32_split(&w).unwrap());
         let (x_hi, x_lo) = (xs.get(0).unwrap(), xs.get(1).unwrap());
         let (w_hi, w_lo) = (ws.get(0).unwrap(), ws.get(1).unwrap());
-        let three = ((conv(&x_hi, &w_hi) + conv(&x_lo, &w_hi)).unwrap() + conv(&x_hi, &w_lo))
-            .unwrap();
+        let three =
+            ((conv(&x_hi, &w_hi) + conv(&x_lo, &w_hi)).unwrap() + conv(&x_hi, &w_lo)).unwrap();
         let want = conv(&x, &w);
         let err = (three - &want)
             .unwrap()
@@ -288,8 +306,19 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
-            / want.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-        assert!(err < 1e-6, "three passes leave only x_lo·w_lo: rel-L2 {err:e}");
+            / want
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+        assert!(
+            err < 1e-6,
+            "three passes leave only x_lo·w_lo: rel-L2 {err:e}"
+        );
     }
 
     #[test]
@@ -312,7 +341,11 @@ mod tests {
         };
         let got = conv2d(&x, &w, Some(&r), conv).unwrap();
         let want = ((x.conv2d(&w.weight, 1, 2, 1, 1).unwrap()
-            + w.bias.reshape((1, 4, 1, 1)).unwrap().broadcast_as((1, 4, 3, 3)).unwrap())
+            + w.bias
+                .reshape((1, 4, 1, 1))
+                .unwrap()
+                .broadcast_as((1, 4, 3, 3))
+                .unwrap())
         .unwrap()
             + &r)
             .unwrap();

@@ -24,6 +24,7 @@ mod cuda;
 mod dequantize;
 mod group_norm;
 mod modulate;
+mod pad;
 pub mod reference;
 mod residual;
 mod rms_norm;
@@ -40,6 +41,7 @@ pub use conv::{
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, group_norm, group_norm_fused};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
+pub use pad::{PadRows, pad_rows};
 pub use residual::{GateResidual, gate_residual};
 pub use rms_norm::{RmsNorm, rms_norm};
 pub use rope::{QkNormRope, RopeStyle, qk_norm_rope};

@@ -4,7 +4,7 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
-use crate::{Conv, RopeStyle};
+use crate::{Conv, PadRows, RopeStyle};
 
 /// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16).
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
@@ -205,4 +205,11 @@ pub fn conv2d(
         Some(r) => r + y,
         None => Ok(y),
     }
+}
+
+/// Rows `[row0, row0 + rows)` of x (B, C, H, W), zero-padded on every side as `pad` says.
+pub fn pad_rows(x: &Tensor, pad: PadRows) -> Result<Tensor> {
+    x.narrow(2, pad.row0, pad.rows)?
+        .pad_with_zeros(2, pad.top, pad.bottom)?
+        .pad_with_zeros(3, pad.left, pad.right)
 }

@@ -300,7 +300,11 @@ fn cudnn_convolution_precisions_match_f64() -> Result<()> {
                 want = (want + f64(r)?)?;
             }
             let mut errors = Vec::new();
-            for precision in [ConvPrecision::Exact, ConvPrecision::Tf32, ConvPrecision::SplitTf32] {
+            for precision in [
+                ConvPrecision::Exact,
+                ConvPrecision::Tf32,
+                ConvPrecision::SplitTf32,
+            ] {
                 let weights = ConvWeights::new(w.clone(), bias.clone(), precision)?;
                 if precision == ConvPrecision::SplitTf32 {
                     assert_eq!(weights.weight_lo.is_none(), kind != "f32 weights", "{kind}");
@@ -317,8 +321,40 @@ fn cudnn_convolution_precisions_match_f64() -> Result<()> {
                 errors.push(err);
             }
             let (exact, tf32, split) = (errors[0], errors[1], errors[2]);
-            assert!(exact <= 1e-6 && split <= 2e-6, "{kind}: exact {exact}, split {split}");
+            assert!(
+                exact <= 1e-6 && split <= 2e-6,
+                "{kind}: exact {exact}, split {split}"
+            );
             assert!(tf32 >= 10.0 * split, "{kind}: TF32 {tf32} vs split {split}");
+        }
+    }
+    Ok(())
+}
+
+/// A padded band is a copy: bit-identical to the composition, f32 and bf16.
+#[test]
+fn pad_rows_equals_the_composition() -> Result<()> {
+    use klein_kernels::PadRows;
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = randn(&[2, 5, 37, 29], dtype, &dev)?;
+        for (row0, rows, top, bottom) in [(0, 12, 1, 0), (11, 14, 0, 0), (25, 12, 0, 2)] {
+            let pad = PadRows {
+                row0,
+                rows,
+                top,
+                bottom,
+                left: 1,
+                right: 1,
+            };
+            let got = klein_kernels::pad_rows(&x, pad)?;
+            let want = reference::pad_rows(&x, pad)?;
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{dtype:?} {pad:?}");
         }
     }
     Ok(())

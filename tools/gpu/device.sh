@@ -34,8 +34,8 @@ done
 export KLEIN_FIXTURES_DIR=$PWD/tests/fixtures KLEIN_TEST_DEVICE=cuda:0
 case "${1:-}" in
   parity)
-    # No NVIDIA_TF32_OVERRIDE: the VAE's convolutions set their math type per call (exact f32
-    # by default; the split-TF32 parity test needs the tensor cores), cuBLAS f32 stays exact.
+    # No NVIDIA_TF32_OVERRIDE: the VAE's convolutions set their math type per call (split TF32
+    # by default, which needs the tensor cores; exact FMA), cuBLAS f32 stays exact.
     rc=0; log=${2:-/tmp}/parity.log; : > "$log"
     # PARITY_TESTS: space-separated names (test-<crate>-<test>) to run instead of all unpacked.
     tests=/tmp/klein/test-*
@@ -50,7 +50,7 @@ case "${1:-}" in
     /tmp/klein/klein-bench --device cuda:0 kernels --json "${2:-/tmp}/kernels.json" ;;
   components)
     /tmp/klein/klein-bench --device cuda:0 components --json "${2:-/tmp}/components.json"
-    echo "VAE f32 at each convolution precision (exact is vae-svc's default):"
+    echo "VAE f32 at each convolution precision (split-tf32 is vae-svc's default):"
     /tmp/klein/klein-bench --device cuda:0 components --only vae --vae-dtypes f32 \
       --vae-conv-precision exact,tf32,split-tf32 --json "${2:-/tmp}/components-vae-precision.json" ;;
   diffusers)

@@ -10,7 +10,7 @@
 # override with ENC_MIB / DEN_MIB / VAE_MIB and ENC_OVERHEAD / DEN_OVERHEAD / VAE_OVERHEAD, and
 # the VAE's cuDNN algorithm with VAE_ALGO (default implicit-precomp-gemm, as vae-svc's) and its
 # operation chunk with VAE_OP_CHUNK (default 128MiB, as vae-svc's) and its convolution
-# arithmetic with VAE_PRECISION (default exact, as vae-svc's; tf32, split-tf32).
+# arithmetic with VAE_PRECISION (default split-tf32, as vae-svc's; exact, tf32).
 set -uo pipefail
 OUT=${1:-/tmp}; B=/tmp/klein; M=/tmp/klein4b
 mkdir -p "$OUT"
@@ -33,7 +33,7 @@ start() { # name port budget_mib runtime_overhead extra...
 start encoder-svc 50052 $ENC_MIB $ENC_OVERHEAD --dtype bf16 --quantize q4k
 KLEIN_ATTENTION_CHUNK_BYTES=${DEN_CHUNK:-128MiB} start denoiser-svc 50053 $DEN_MIB $DEN_OVERHEAD --dtype bf16
 KLEIN_OP_CHUNK_BYTES=${VAE_OP_CHUNK:-128MiB} start vae-svc 50054 $VAE_MIB $VAE_OVERHEAD --dtype f32 \
-  --conv-algorithm "${VAE_ALGO:-implicit-precomp-gemm}" --conv-precision "${VAE_PRECISION:-exact}"
+  --conv-algorithm "${VAE_ALGO:-implicit-precomp-gemm}" --conv-precision "${VAE_PRECISION:-split-tf32}"
 $B/gateway --listen 127.0.0.1:50050 --encoder-addrs http://127.0.0.1:50052 --denoiser-addrs http://127.0.0.1:50053 \
   --vae-addrs http://127.0.0.1:50054 > "$OUT/gateway${MPS:+-mps}.log" 2>&1 &
 GW=$!

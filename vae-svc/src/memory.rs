@@ -94,7 +94,7 @@ impl Walk<'_> {
             out_w: out.1,
             out_h: out.0,
             im2col: self.cfg.chunking.conv_im2col,
-            input_copies: self.cfg.chunking.conv_input_copies,
+            copies: self.cfg.chunking.conv_copies,
         };
         shape.temp_bytes(pad_w, self.s, self.cfg.chunking.op_bytes)
     }
@@ -117,8 +117,10 @@ impl Walk<'_> {
         self.at(2 * x + o + self.conv_temp((c_in, c_out, 3, 1), w, (h, w), 2));
         self.at(x + 2 * o + self.norm_temp(c_out, p));
         self.at(x + 2 * o + self.conv_temp((c_out, c_out, 3, 1), w, (h, w), 2));
-        // The residual sum is allocated while the input, the block output and (with a
-        // channel change) the 1x1 shortcut of the input are alive.
+        // With a channel change the 1x1 shortcut of the input takes the block output as its
+        // residual (the input, the block output and the sum alive); otherwise conv2 took the
+        // input as its residual. `x + 3o` stays as a bound for the unfused sum of a bf16 model
+        // on the CPU.
         if c_in != c_out {
             self.at(x + 2 * o + self.conv_temp((c_in, c_out, 1, 1), w, (h, w), 0));
             self.at(x + 3 * o);

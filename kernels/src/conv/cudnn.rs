@@ -10,7 +10,7 @@ use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor, bail};
 
-use super::{CudnnConv, ConvPrecision};
+use super::{ConvPrecision, CudnnConv};
 use crate::cuda::{ELEMENTWISE, grid_stride, view};
 
 thread_local! {
@@ -49,7 +49,10 @@ fn algorithm(a: CudnnFwdAlgo) -> sys::cudnnConvolutionFwdAlgo_t {
 fn storage(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, &Layout)> {
     let (s, l) = t.storage_and_layout();
     if !matches!(&*s, Storage::Cuda(_)) || !l.is_contiguous() {
-        bail!("cudnn conv2d: {:?} must be a contiguous CUDA tensor", l.shape());
+        bail!(
+            "cudnn conv2d: {:?} must be a contiguous CUDA tensor",
+            l.shape()
+        );
     }
     Ok((s, l))
 }
@@ -110,8 +113,11 @@ pub fn conv_forward(
             unsafe { l.launch(grid_stride(total)) }.w()?;
         }
         None => {
-            let f =
-                dev.get_or_load_custom_func("conv_bias_fill_f32", ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+            let f = dev.get_or_load_custom_func(
+                "conv_bias_fill_f32",
+                ELEMENTWISE.name,
+                ELEMENTWISE.ptx,
+            )?;
             let mut l = f.builder();
             l.arg(&bias).arg(&mut y);
             l.arg(&total_arg).arg(&channels).arg(&hw);
@@ -137,9 +143,15 @@ pub fn conv_forward(
     .map_err(wrap)?;
     let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
     let dims = |a: usize, b: usize, c: usize, d: usize| [a as i32, b as i32, c as i32, d as i32];
-    let x_desc = cudnn.create_4d_tensor::<f32>(nchw, dims(n, c_in, h, w)).map_err(wrap)?;
-    let w_desc = cudnn.create_4d_filter::<f32>(nchw, dims(c_out, c_in, kh, kw)).map_err(wrap)?;
-    let y_desc = cudnn.create_4d_tensor::<f32>(nchw, dims(n, c_out, oh, ow)).map_err(wrap)?;
+    let x_desc = cudnn
+        .create_4d_tensor::<f32>(nchw, dims(n, c_in, h, w))
+        .map_err(wrap)?;
+    let w_desc = cudnn
+        .create_4d_filter::<f32>(nchw, dims(c_out, c_in, kh, kw))
+        .map_err(wrap)?;
+    let y_desc = cudnn
+        .create_4d_tensor::<f32>(nchw, dims(n, c_out, oh, ow))
+        .map_err(wrap)?;
     let fwd = ConvForward {
         conv: &conv,
         x: &x_desc,
@@ -150,7 +162,8 @@ pub fn conv_forward(
         Some(a) => algorithm(a),
         None => fwd.pick_algorithm().map_err(wrap)?,
     };
-    let mut workspace = unsafe { dev.alloc::<u8>(fwd.get_workspace_size(algo).map_err(wrap)?.max(1))? };
+    let mut workspace =
+        unsafe { dev.alloc::<u8>(fwd.get_workspace_size(algo).map_err(wrap)?.max(1))? };
     let mut pass = |x: &CudaView<'_, f32>, weight: &CudaView<'_, f32>, y: &mut CudaSlice<f32>| {
         unsafe { fwd.launch(algo, Some(&mut workspace), (1f32, 1f32), x, weight, y) }.map_err(wrap)
     };

@@ -329,3 +329,31 @@ extern "C" __global__ void tf32_split_f32(const float* __restrict__ x, float* __
     lo[i] = v - h;
   }
 }
+
+// Rows [row0, row0 + rows) of every (H, W) plane of x, with zero rows above / below and zero
+// columns left / right: a convolution band's padded input in one pass (conv.rs).
+template <typename T>
+__device__ __forceinline__ void pad_rows(const T* __restrict__ x, T* __restrict__ out,
+                                         long long planes, int h, int w, int row0, int rows,
+                                         int top, int bottom, int left, int right) {
+  const int ow = w + left + right, oh = top + rows + bottom;
+  const long long total = planes * oh * ow;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int c = (int)(i % ow) - left;
+    const long long pr = i / ow;
+    const int r = (int)(pr % oh) - top;
+    const long long plane = pr / oh;
+    out[i] = (r >= 0 && r < rows && c >= 0 && c < w) ? x[(plane * h + row0 + r) * w + c] : T(0.f);
+  }
+}
+
+#define PAD_ROWS(T, NAME)                                                                      \
+  extern "C" __global__ void pad_rows_##NAME(const T* x, T* out, long long planes, int h,      \
+                                             int w, int row0, int rows, int top, int bottom,   \
+                                             int left, int right) {                            \
+    pad_rows<T>(x, out, planes, h, w, row0, rows, top, bottom, left, right);                   \
+  }
+
+PAD_ROWS(float, f32)
+PAD_ROWS(bf16, bf16)

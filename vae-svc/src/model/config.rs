@@ -21,14 +21,35 @@ pub struct Chunking {
     /// convolutions do, and cuDNN's explicit GEMM algorithm in its workspace; cuDNN's implicit
     /// ones do not): the band plan and the memory estimate count them only then.
     pub conv_im2col: bool,
-    /// The arithmetic of the f32 convolutions on cuDNN (exact by default; elsewhere always
+    /// The arithmetic of the f32 convolutions on cuDNN (split TF32 by default; elsewhere always
     /// exact).
     pub conv_precision: ConvPrecision,
-    /// Copies of a band's input rows a convolution holds (the band plan and the memory
-    /// estimate count them): the padded rows and their copy; on cuDNN with TF32 arithmetic one
-    /// more (its workspace, measured at the input's size), and with split TF32 the high and low
-    /// parts.
-    pub conv_input_copies: usize,
+    /// Copies of a band's input and output rows a convolution holds (the band plan and the
+    /// memory estimate count them), [`BandCopies`].
+    pub conv_copies: BandCopies,
+}
+
+/// Copies of a convolution band's rows alive at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BandCopies {
+    /// The padded input rows and their copy; on cuDNN with TF32 arithmetic its NHWC copy of
+    /// them, and with split TF32 the high and low parts.
+    pub input: usize,
+    /// The output rows and the residual's (or the biased copy); on cuDNN with TF32 arithmetic
+    /// its NHWC output.
+    pub output: usize,
+}
+
+impl BandCopies {
+    /// The copies of a convolution run `through_cudnn` at `precision`.
+    pub fn new(through_cudnn: bool, precision: ConvPrecision) -> Self {
+        let (input, output) = match (through_cudnn, precision) {
+            (false, _) | (true, ConvPrecision::Exact) => (2, 2),
+            (true, ConvPrecision::Tf32) => (3, 3),
+            (true, ConvPrecision::SplitTf32) => (5, 3),
+        };
+        Self { input, output }
+    }
 }
 
 impl Chunking {
@@ -37,18 +58,9 @@ impl Chunking {
         let through_cudnn = cfg!(feature = "cudnn") && device.is_cuda();
         Self {
             conv_im2col: materialises_im2col(through_cudnn, self.conv_algo),
-            conv_input_copies: input_copies(through_cudnn, self.conv_precision),
+            conv_copies: BandCopies::new(through_cudnn, self.conv_precision),
             ..self
         }
-    }
-}
-
-/// Copies of its input band a convolution run `through_cudnn` at `precision` holds.
-fn input_copies(through_cudnn: bool, precision: ConvPrecision) -> usize {
-    match (through_cudnn, precision) {
-        (false, _) | (true, ConvPrecision::Exact) => 2,
-        (true, ConvPrecision::Tf32) => 3,
-        (true, ConvPrecision::SplitTf32) => 5,
     }
 }
 
@@ -59,15 +71,15 @@ fn materialises_im2col(through_cudnn: bool, algo: Option<CudnnFwdAlgo>) -> bool 
 
 impl Default for Chunking {
     /// 256 MiB score blocks, 128 MiB operation chunks, cuDNN's implicit precomputed GEMM (a
-    /// small workspace, the same algorithm for every shape).
+    /// small workspace, the same algorithm for every shape), split-TF32 arithmetic.
     fn default() -> Self {
         Self {
             attention_bytes: 256 << 20,
             op_bytes: 128 << 20,
             conv_algo: Some(CudnnFwdAlgo::ImplicitPrecompGemm),
             conv_im2col: true,
-            conv_precision: ConvPrecision::Exact,
-            conv_input_copies: 2,
+            conv_precision: ConvPrecision::SplitTf32,
+            conv_copies: BandCopies::new(false, ConvPrecision::Exact),
         }
     }
 }
@@ -250,16 +262,23 @@ mod tests {
     }
 
     #[test]
-    fn tf32_arithmetic_on_cudnn_counts_more_input_copies() {
-        assert_eq!(input_copies(false, ConvPrecision::SplitTf32), 2);
-        assert_eq!(input_copies(true, ConvPrecision::Exact), 2);
-        assert_eq!(input_copies(true, ConvPrecision::Tf32), 3);
-        assert_eq!(input_copies(true, ConvPrecision::SplitTf32), 5);
+    fn tf32_arithmetic_on_cudnn_counts_more_band_copies() {
+        let copies = |cudnn, p| {
+            let c = BandCopies::new(cudnn, p);
+            (c.input, c.output)
+        };
+        assert_eq!(copies(false, ConvPrecision::SplitTf32), (2, 2));
+        assert_eq!(copies(true, ConvPrecision::Exact), (2, 2));
+        assert_eq!(copies(true, ConvPrecision::Tf32), (3, 3));
+        assert_eq!(copies(true, ConvPrecision::SplitTf32), (5, 3));
         let cpu = Chunking {
             conv_precision: ConvPrecision::SplitTf32,
             ..Chunking::default()
         };
-        assert_eq!(cpu.on(&Device::Cpu).conv_input_copies, 2);
+        assert_eq!(
+            cpu.on(&Device::Cpu).conv_copies,
+            BandCopies::new(false, ConvPrecision::Exact)
+        );
     }
 
     #[test]

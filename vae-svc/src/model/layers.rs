@@ -9,9 +9,9 @@
 
 use candle_core::{D, DType, Result, Tensor, conv::CudnnFwdAlgo};
 use candle_nn::VarBuilder;
-use klein_kernels::{Conv, ConvPrecision, ConvWeights};
+use klein_kernels::{Conv, ConvPrecision, ConvWeights, PadRows};
 
-use super::Config;
+use super::{BandCopies, Config};
 
 /// The dtype a convolution or projection of `x` computes in.
 pub fn gemm_dtype(x: &Tensor) -> DType {
@@ -56,14 +56,13 @@ pub struct ConvShape {
     pub out_h: usize,
     /// Whether the convolution materialises its im2col rows ([`super::Chunking::conv_im2col`]).
     pub im2col: bool,
-    /// Copies of the input rows it holds ([`super::Chunking::conv_input_copies`]).
-    pub input_copies: usize,
+    /// Copies of its input and output rows alive at once ([`super::Chunking::conv_copies`]).
+    pub copies: BandCopies,
 }
 
 impl ConvShape {
     /// Elements of the working set per output row: the im2col rows (where the convolution
-    /// materialises them), the raw and biased output rows (or the output and the residual's
-    /// rows), and the copies of the padded input rows.
+    /// materialises them) and the copies of the output and padded input rows.
     fn elements_per_row(&self, pad_w: usize) -> u64 {
         let s = self;
         let col = if s.im2col {
@@ -71,8 +70,8 @@ impl ConvShape {
         } else {
             0
         };
-        let out = 2 * s.out_w * s.c_out;
-        let input = s.input_copies * s.c_in * s.stride * (s.in_w + pad_w);
+        let out = s.copies.output * s.out_w * s.c_out;
+        let input = s.copies.input * s.c_in * s.stride * (s.in_w + pad_w);
         (s.batch * (col + out + input)) as u64
     }
 
@@ -116,7 +115,7 @@ pub struct Conv2d {
     algo: Option<CudnnFwdAlgo>,
     precision: ConvPrecision,
     im2col: bool,
-    input_copies: usize,
+    copies: BandCopies,
 }
 
 impl Conv2d {
@@ -141,7 +140,7 @@ impl Conv2d {
             algo: supported_algo(cfg.chunking.conv_algo, kernel, stride),
             precision,
             im2col: cfg.chunking.conv_im2col,
-            input_copies: cfg.chunking.conv_input_copies,
+            copies: cfg.chunking.conv_copies,
         })
     }
 
@@ -183,7 +182,7 @@ impl Conv2d {
             out_w,
             out_h,
             im2col: self.im2col,
-            input_copies: self.input_copies,
+            copies: self.copies,
         };
         let rows = shape.band_rows(
             p.left + p.right,
@@ -248,9 +247,15 @@ impl Conv2d {
                 let hi = end.min(p.top + h).max(p.top) - p.top;
                 let pad_top = p.top.saturating_sub(start);
                 let pad_bottom = end.saturating_sub(p.top + h);
-                let rows = x.narrow(2, lo, hi - lo)?.to_dtype(dt)?;
-                let rows = rows.pad_with_zeros(2, pad_top, pad_bottom)?;
-                let rows = rows.pad_with_zeros(3, p.left, p.right)?;
+                let band = PadRows {
+                    row0: lo,
+                    rows: hi - lo,
+                    top: pad_top,
+                    bottom: pad_bottom,
+                    left: p.left,
+                    right: p.right,
+                };
+                let rows = klein_kernels::pad_rows(x, band)?.to_dtype(dt)?;
                 klein_kernels::conv2d(&rows, weights, fused, conv(0))?
             };
         let y = y.to_dtype(x.dtype())?;
@@ -389,7 +394,7 @@ mod tests {
             out_w: 1024,
             out_h: 1024,
             im2col: true,
-            input_copies: 2,
+            copies: BandCopies::new(false, ConvPrecision::Exact),
         };
         let rows = s.band_rows(2, 4, 128 << 20);
         assert!(rows > 1 && rows < 1024, "{rows}");

@@ -51,10 +51,14 @@ impl ResnetBlock2D {
         let mut h = self.norm1.forward_silu(x, stats)?;
         h = self.conv1.forward(&h)?;
         h = self.norm2.forward_silu(&h, stats)?;
-        let shortcut = match &self.conv_shortcut {
-            Some(shortcut) => shortcut.forward(x)?,
-            None => x.clone(),
-        };
-        self.conv2.forward_add(&h, Some(&shortcut))
+        // The residual sum is written where the last convolution's bias is: conv2 adds the
+        // input, or the 1x1 shortcut adds conv2's output (h's input is gone by then).
+        match &self.conv_shortcut {
+            Some(shortcut) => {
+                h = self.conv2.forward(&h)?;
+                shortcut.forward_add(x, Some(&h))
+            }
+            None => self.conv2.forward_add(&h, Some(x)),
+        }
     }
 }
