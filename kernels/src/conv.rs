@@ -296,25 +296,11 @@ mod tests {
         let three =
             ((conv(&x_hi, &w_hi) + conv(&x_lo, &w_hi)).unwrap() + conv(&x_hi, &w_lo)).unwrap();
         let want = conv(&x, &w);
-        let err = (three - &want)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqrt()
+        let norm = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        let err = (norm(&(three - &want).unwrap()) / norm(&want))
             .unwrap()
             .to_scalar::<f32>()
-            .unwrap()
-            / want
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .sqrt()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            .unwrap();
         assert!(
             err < 1e-6,
             "three passes leave only x_lo·w_lo: rel-L2 {err:e}"
