@@ -139,6 +139,17 @@ fn output_path(out: &Path, index: u32, count: u32) -> PathBuf {
 }
 
 /// Runs `command` against the gateway at `addr`.
+/// A line above the progress bar, or to `out` where the bar is hidden (output not a terminal):
+/// indicatif drops `println` on a hidden bar, and with it the result line and the warnings.
+fn say(bar: &ProgressBar, out: &mut impl std::io::Write, line: String) {
+    if bar.is_hidden() {
+        // A closed stderr loses the line, as a terminal that went away would.
+        let _ = writeln!(out, "{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 pub async fn run(addr: &str, command: Command) -> Result<(), CliError> {
     let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|source| CliError::Connect {
@@ -206,9 +217,11 @@ pub async fn run(addr: &str, command: Command) -> Result<(), CliError> {
     );
     while let Some(event) = stream.next().await {
         match event?.event {
-            Some(Event::Accepted(a)) => {
-                bar.println(format!("request {} seed {}", a.request_id, a.seed))
-            }
+            Some(Event::Accepted(a)) => say(
+                &bar,
+                &mut std::io::stderr(),
+                format!("request {} seed {}", a.request_id, a.seed),
+            ),
             Some(Event::Stage(s)) => {
                 let stage = pb::Stage::try_from(s.stage)
                     .map(|s| s.as_str_name())
@@ -226,12 +239,23 @@ pub async fn run(addr: &str, command: Command) -> Result<(), CliError> {
                     source,
                 })?;
                 let t = img.timings.unwrap_or_default();
-                bar.println(format!(
-                    "wrote {} ({}x{}, seed {}) in {:.2}s (encode {:.2}s, denoise {:.2}s, decode {:.2}s)",
-                    path.display(), img.width, img.height, img.seed, t.total_seconds, t.encode_seconds, t.denoise_seconds, t.decode_seconds
-                ));
+                say(
+                    &bar,
+                    &mut std::io::stderr(),
+                    format!(
+                        "wrote {} ({}x{}, seed {}) in {:.2}s (encode {:.2}s, denoise {:.2}s, decode {:.2}s)",
+                        path.display(),
+                        img.width,
+                        img.height,
+                        img.seed,
+                        t.total_seconds,
+                        t.encode_seconds,
+                        t.denoise_seconds,
+                        t.decode_seconds
+                    ),
+                );
                 for w in img.warnings {
-                    bar.println(format!("warning: {w}"));
+                    say(&bar, &mut std::io::stderr(), format!("warning: {w}"));
                 }
             }
             None => {}
@@ -239,4 +263,18 @@ pub async fn run(addr: &str, command: Command) -> Result<(), CliError> {
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use indicatif::ProgressBar;
+
+    use super::say;
+
+    #[test]
+    fn lines_reach_the_output_when_the_bar_is_hidden() {
+        let mut out = Vec::new();
+        say(&ProgressBar::hidden(), &mut out, "warning: tiled".into());
+        assert_eq!(String::from_utf8(out).unwrap(), "warning: tiled\n");
+    }
 }
