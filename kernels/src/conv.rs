@@ -2,10 +2,12 @@
 //! through cuDNN on a CUDA f32 tensor in a `cudnn` build, with the arithmetic chosen per call
 //! ([`ConvPrecision`]); the stock-candle composition ([`reference::conv2d`]) everywhere else.
 //!
-//! On cuDNN the output starts as `bias (+ residual)` (one fill kernel) and every convolution
-//! pass accumulates into it (β = 1): the bias and the residual cost one write instead of
-//! candle's broadcast additions. Split TF32 runs the tensor cores on f32 data without TF32's
-//! error: with `x = x_hi + x_lo` and `w = w_hi + w_lo` ([`tf32_split`]: hi keeps the top 19
+//! On cuDNN the bias and the residual cost no pass of their own. Exact f32 runs NCHW: the output
+//! starts as `bias (+ residual)` (one fill kernel) and cuDNN accumulates into it (β = 1). TF32
+//! runs NHWC, the layout of cuDNN's tensor-core kernels (which would otherwise transpose every
+//! operand on every call): the weights are stored (C_out, k, k, C_in), x is transposed (and
+//! split) once, the passes accumulate in an NHWC buffer, and one transpose back to NCHW adds the
+//! bias and the residual. Split TF32 runs the tensor cores on f32 data without TF32's error: with `x = x_hi + x_lo` and `w = w_hi + w_lo` ([`tf32_split`]: hi keeps the top 19
 //! bits, exact in TF32; lo is the exact remainder),
 //! `conv(x, w) = conv(x_hi, w_hi) + conv(x_lo, w_hi) + conv(x_hi, w_lo) + conv(x_lo, w_lo)`;
 //! the last term and lo's own TF32 rounding are ~2⁻²⁰ of the result, so three TF32 passes
@@ -34,39 +36,56 @@ pub enum ConvPrecision {
 /// A convolution's parameters, prepared for its precision.
 #[derive(Debug, Clone)]
 pub struct ConvWeights {
-    /// (C_out, C_in, k, k); under split TF32 on cuDNN its TF32 part `w_hi`.
+    /// (C_out, C_in, k, k); (C_out, k, k, C_in) where [`Self::nhwc`]; under split TF32 on cuDNN
+    /// its TF32 part `w_hi`.
     pub weight: Tensor,
-    /// Under split TF32 on cuDNN, `w − w_hi` where it is not all zero.
+    /// Under split TF32 on cuDNN, `w − w_hi` (laid out as `weight`) where it is not all zero.
     pub weight_lo: Option<Tensor>,
     /// (C_out)
     pub bias: Tensor,
+    /// Whether the weights are stored (C_out, k, k, C_in): TF32 arithmetic on cuDNN, whose
+    /// tensor-core kernels run NHWC.
+    pub nhwc: bool,
 }
 
 impl ConvWeights {
-    /// `weight` and `bias` as [`conv2d`] runs them at `precision` on their device.
+    /// `weight` (C_out, C_in, k, k) and `bias` as [`conv2d`] runs them at `precision` on their
+    /// device.
     pub fn new(weight: Tensor, bias: Tensor, precision: ConvPrecision) -> Result<Self> {
-        if precision != ConvPrecision::SplitTf32 || !conv_fused(&weight) {
+        if precision == ConvPrecision::Exact || !conv_fused(&weight) {
             return Ok(Self {
                 weight,
                 weight_lo: None,
                 bias,
+                nhwc: false,
             });
         }
-        let parts = tf32_split(&weight)?;
-        let lo = parts.get(1)?;
-        if lo.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 {
-            // Exact in TF32: w_hi is w, and the split's storage goes.
-            return Ok(Self {
-                weight,
-                weight_lo: None,
-                bias,
-            });
-        }
+        let krsc = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
+        let (weight, weight_lo) = match precision {
+            ConvPrecision::SplitTf32 => {
+                let parts = tf32_split(&weight)?;
+                let lo = parts.get(1)?;
+                if lo.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 {
+                    // Exact in TF32: w_hi is w.
+                    (krsc(&weight)?, None)
+                } else {
+                    (krsc(&parts.get(0)?)?, Some(krsc(&lo)?))
+                }
+            }
+            _ => (krsc(&weight)?, None),
+        };
         Ok(Self {
-            weight: parts.get(0)?,
-            weight_lo: Some(lo),
+            weight,
+            weight_lo,
             bias,
+            nhwc: true,
         })
+    }
+
+    /// (C_out, k): the output channels and the kernel side.
+    pub fn geometry(&self) -> Result<(usize, usize)> {
+        let (c_out, a, b, _) = self.weight.dims4()?;
+        Ok((c_out, if self.nhwc { a } else { b }))
     }
 }
 
@@ -95,10 +114,17 @@ pub fn conv2d(
     conv: Conv,
 ) -> Result<Tensor> {
     if !conv_fused(x) {
+        if w.nhwc {
+            bail!(
+                "conv2d: NHWC weights (TF32 on cuDNN) for a {:?} input",
+                x.dtype()
+            );
+        }
         return reference::conv2d(x, &w.weight, &w.bias, residual, conv);
     }
     let op = CudnnConv {
         conv,
+        nhwc: w.nhwc,
         weight_lo: w.weight_lo.clone(),
         residual: residual.map(Tensor::contiguous).transpose()?,
     };
@@ -160,11 +186,13 @@ fn split_shape(l: &Layout) -> Shape {
     Shape::from([&[2], l.dims()].concat())
 }
 
-/// The cuDNN convolution: x, weight (`w_hi` under split TF32), bias.
+/// The cuDNN convolution: x, weight (`w_hi` under split TF32; NHWC under TF32 arithmetic),
+/// bias.
 #[derive(Debug, Clone)]
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
 struct CudnnConv {
     conv: Conv,
+    nhwc: bool,
     weight_lo: Option<Tensor>,
     residual: Option<Tensor>,
 }
@@ -317,7 +345,10 @@ mod tests {
             ConvPrecision::SplitTf32,
         )
         .unwrap();
-        assert!(w.weight_lo.is_none(), "the CPU keeps the whole weight");
+        assert!(
+            w.weight_lo.is_none() && !w.nhwc,
+            "the CPU keeps the whole weight"
+        );
         let r = Tensor::randn(0f32, 1.0, (1, 4, 3, 3), &dev).unwrap();
         let conv = Conv {
             padding: 1,

@@ -34,6 +34,14 @@ pub fn free_bytes(dev: &Device) -> Option<u64> {
     pool::free(dev)
 }
 
+/// Keeps memory that `dev`'s tensors free in the process's pool instead of handing it back to
+/// the driver at every synchronisation (the pool's default release threshold is 0), so a
+/// request allocates its activations from memory the previous one left, as torch's caching
+/// allocator does. [`free_bytes`] still trims the pool; the budgets bound what it holds.
+pub fn keep_freed_memory(dev: &Device) {
+    pool::keep_freed(dev);
+}
+
 /// Free memory kept back by [`fit_budget`] for pool fragmentation and library scratch.
 pub const FIT_MARGIN_BYTES: u64 = 128 << 20;
 
@@ -103,6 +111,22 @@ mod pool {
         Some(free as u64)
     }
 
+    pub fn keep_freed(dev: &Device) {
+        let Some(pool) = default_pool(dev) else {
+            return;
+        };
+        let mut threshold = u64::MAX;
+        // SAFETY: a valid pool handle; the release threshold is a cuuint64_t read through a
+        // valid pointer.
+        unsafe {
+            cuMemPoolSetAttribute(
+                pool,
+                CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&raw mut threshold).cast(),
+            );
+        }
+    }
+
     pub fn reset_used_high(dev: &Device) {
         let Some(pool) = default_pool(dev) else {
             return;
@@ -137,6 +161,8 @@ mod pool {
     pub fn free(_: &Device) -> Option<u64> {
         None
     }
+
+    pub fn keep_freed(_: &Device) {}
 
     pub fn reset_used_high(_: &Device) {}
 }

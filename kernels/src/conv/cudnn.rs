@@ -1,12 +1,14 @@
-//! cuDNN's side of [`super::conv2d`]: the output filled with `bias (+ residual)`, then one to
-//! three forward passes accumulating into it (β = 1), at the precision's math type.
+//! cuDNN's side of [`super::conv2d`]. Exact: the NCHW output filled with `bias (+ residual)`,
+//! then one FMA pass accumulating into it (β = 1). TF32: x transposed to NHWC (and split), one
+//! to three tensor-core passes into an NHWC buffer, then back to NCHW with the bias and the
+//! residual.
 
 use std::{cell::RefCell, collections::HashMap, sync::Arc};
 
 use candle_core::backend::BackendStorage;
 use candle_core::conv::CudnnFwdAlgo;
 use candle_core::cuda::cudarc::cudnn::{ConvForward, Cudnn, sys};
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor, bail};
 
@@ -71,9 +73,13 @@ pub fn conv_forward(
     (bs, bl): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
     let (n, c_in, h, w) = xl.shape().dims4()?;
-    let (c_out, w_in, kh, kw) = wl.shape().dims4()?;
+    let (c_out, w_in, kh, kw) = match (op.nhwc, wl.shape().dims4()?) {
+        (true, (k, r, s, c)) => (k, c, r, s),
+        (false, dims) => dims,
+    };
     let (p, s) = (op.conv.padding, op.conv.stride);
     if w_in != c_in
+        || op.nhwc != (op.conv.precision != ConvPrecision::Exact)
         || bl.shape().dims1()? != c_out
         || !(xl.is_contiguous() && wl.is_contiguous() && bl.is_contiguous())
         || h + 2 * p < kh
@@ -81,50 +87,27 @@ pub fn conv_forward(
         || s == 0
     {
         bail!(
-            "cudnn conv2d: x {:?}, weight {:?}, bias {:?}, padding {p}, stride {s} do not fit",
+            "cudnn conv2d: x {:?}, weight {:?} (nhwc {}), bias {:?}, padding {p}, stride {s}, {:?} do not fit",
             xl.shape(),
             wl.shape(),
-            bl.shape()
+            op.nhwc,
+            bl.shape(),
+            op.conv.precision
         );
     }
     let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
     let shape = Shape::from((n, c_out, oh, ow));
-    let total = shape.elem_count();
-    let dev = xs.device().clone();
-
-    let mut y = unsafe { dev.alloc::<f32>(total)? };
-    let bias = view::<f32>(bs, bl)?;
     let residual = op.residual.as_ref().map(storage).transpose()?;
-    let (total_arg, channels, hw) = (total as i64, c_out as i32, (oh * ow) as i64);
-    match &residual {
-        Some((r, rl)) => {
-            if rl.shape() != &shape {
-                bail!("cudnn conv2d: residual {:?}, output {shape:?}", rl.shape());
-            }
-            let r = view::<f32>(cuda(r), rl)?;
-            let f = dev.get_or_load_custom_func(
-                "conv_bias_residual_fill_f32",
-                ELEMENTWISE.name,
-                ELEMENTWISE.ptx,
-            )?;
-            let mut l = f.builder();
-            l.arg(&bias).arg(&r).arg(&mut y);
-            l.arg(&total_arg).arg(&channels).arg(&hw);
-            unsafe { l.launch(grid_stride(total)) }.w()?;
-        }
-        None => {
-            let f = dev.get_or_load_custom_func(
-                "conv_bias_fill_f32",
-                ELEMENTWISE.name,
-                ELEMENTWISE.ptx,
-            )?;
-            let mut l = f.builder();
-            l.arg(&bias).arg(&mut y);
-            l.arg(&total_arg).arg(&channels).arg(&hw);
-            unsafe { l.launch(grid_stride(total)) }.w()?;
-        }
+    if let Some((_, rl)) = &residual
+        && rl.shape() != &shape
+    {
+        bail!("cudnn conv2d: residual {:?}, output {shape:?}", rl.shape());
     }
-
+    let residual = residual
+        .as_ref()
+        .map(|(r, rl)| view::<f32>(cuda(r), rl))
+        .transpose()?;
+    let dev = xs.device().clone();
     let cudnn = handle(&dev)?;
     let wrap = candle_core::Error::wrap;
     let (pi, si) = (p as i32, s as i32);
@@ -136,21 +119,26 @@ pub fn conv_forward(
             sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
         )
         .map_err(wrap)?;
-    conv.set_math_type(match op.conv.precision {
-        ConvPrecision::Exact => sys::cudnnMathType_t::CUDNN_FMA_MATH,
-        ConvPrecision::Tf32 | ConvPrecision::SplitTf32 => sys::cudnnMathType_t::CUDNN_DEFAULT_MATH,
+    conv.set_math_type(if op.nhwc {
+        sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+    } else {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
     })
     .map_err(wrap)?;
-    let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+    let format = if op.nhwc {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+    } else {
+        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+    };
     let dims = |a: usize, b: usize, c: usize, d: usize| [a as i32, b as i32, c as i32, d as i32];
     let x_desc = cudnn
-        .create_4d_tensor::<f32>(nchw, dims(n, c_in, h, w))
+        .create_4d_tensor::<f32>(format, dims(n, c_in, h, w))
         .map_err(wrap)?;
     let w_desc = cudnn
-        .create_4d_filter::<f32>(nchw, dims(c_out, c_in, kh, kw))
+        .create_4d_filter::<f32>(format, dims(c_out, c_in, kh, kw))
         .map_err(wrap)?;
     let y_desc = cudnn
-        .create_4d_tensor::<f32>(nchw, dims(n, c_out, oh, ow))
+        .create_4d_tensor::<f32>(format, dims(n, c_out, oh, ow))
         .map_err(wrap)?;
     let fwd = ConvForward {
         conv: &conv,
@@ -164,25 +152,131 @@ pub fn conv_forward(
     };
     let mut workspace =
         unsafe { dev.alloc::<u8>(fwd.get_workspace_size(algo).map_err(wrap)?.max(1))? };
-    let mut pass = |x: &CudaView<'_, f32>, weight: &CudaView<'_, f32>, y: &mut CudaSlice<f32>| {
-        unsafe { fwd.launch(algo, Some(&mut workspace), (1f32, 1f32), x, weight, y) }.map_err(wrap)
-    };
+    let mut pass =
+        |x: &CudaView<'_, f32>, weight: &CudaView<'_, f32>, beta: f32, y: &mut CudaSlice<f32>| {
+            unsafe { fwd.launch(algo, Some(&mut workspace), (1f32, beta), x, weight, y) }
+                .map_err(wrap)
+        };
 
+    let total = shape.elem_count();
     let x = view::<f32>(xs, xl)?;
     let weight = view::<f32>(ws, wl)?;
-    if op.conv.precision != ConvPrecision::SplitTf32 {
-        pass(&x, &weight, &mut y)?;
-    } else {
-        let len = xl.shape().elem_count();
-        let mut parts = unsafe { dev.alloc::<f32>(2 * len)? };
-        super::cuda::split(&dev, &x, &mut parts, len)?;
-        let (x_hi, x_lo) = parts.split_at(len);
-        pass(&x_hi, &weight, &mut y)?;
-        pass(&x_lo, &weight, &mut y)?;
+    let bias = view::<f32>(bs, bl)?;
+    let mut out = unsafe { dev.alloc::<f32>(total)? };
+    if !op.nhwc {
+        fill(&dev, &bias, residual.as_ref(), &mut out, c_out, oh * ow)?;
+        pass(&x, &weight, 1.0, &mut out)?;
+        return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+    }
+    let len = xl.shape().elem_count();
+    let split = op.conv.precision == ConvPrecision::SplitTf32;
+    let mut parts = unsafe { dev.alloc::<f32>(if split { 2 * len } else { len })? };
+    to_nhwc(&dev, &x, &mut parts, split, (n, c_in, h * w))?;
+    let mut y = unsafe { dev.alloc::<f32>(total)? };
+    let (x_hi, x_lo) = parts.split_at(len);
+    pass(&x_hi, &weight, 0.0, &mut y)?;
+    if split {
+        pass(&x_lo, &weight, 1.0, &mut y)?;
         if let Some(lo) = &op.weight_lo {
             let (lo, ll) = storage(lo)?;
-            pass(&x_hi, &view::<f32>(cuda(&lo), ll)?, &mut y)?;
+            pass(&x_hi, &view::<f32>(cuda(&lo), ll)?, 1.0, &mut y)?;
         }
     }
-    Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
+    drop(parts);
+    to_nchw(
+        &dev,
+        &y,
+        &bias,
+        residual.as_ref(),
+        &mut out,
+        (n, c_out, oh * ow),
+    )?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// `out = bias (+ residual)`, NCHW.
+fn fill(
+    dev: &CudaDevice,
+    bias: &CudaView<'_, f32>,
+    residual: Option<&CudaView<'_, f32>>,
+    out: &mut CudaSlice<f32>,
+    channels: usize,
+    hw: usize,
+) -> Result<()> {
+    let total = out.len();
+    let (total_arg, channels, hw) = (total as i64, channels as i32, hw as i64);
+    let name = match residual {
+        Some(_) => "conv_bias_residual_fill_f32",
+        None => "conv_bias_fill_f32",
+    };
+    let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+    let mut l = f.builder();
+    l.arg(bias);
+    if let Some(r) = residual {
+        l.arg(r);
+    }
+    l.arg(out).arg(&total_arg).arg(&channels).arg(&hw);
+    unsafe { l.launch(grid_stride(total)) }.w()?;
+    Ok(())
+}
+
+/// Tiles of 32 pixels × 32 channels per block over (pixels, channels, batch).
+fn tiles((n, c, hw): (usize, usize, usize)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (hw.div_ceil(32) as u32, c.div_ceil(32) as u32, n as u32),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// x (N, C, HW) → NHWC in `out`, split into `[hi | lo]` when `split`.
+fn to_nhwc(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    out: &mut CudaSlice<f32>,
+    split: bool,
+    dims: (usize, usize, usize),
+) -> Result<()> {
+    let (c, hw) = (dims.1 as i32, dims.2 as i64);
+    let name = if split {
+        "nchw_to_nhwc_split_f32"
+    } else {
+        "nchw_to_nhwc_f32"
+    };
+    let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+    let len = dims.0 * dims.1 * dims.2;
+    let (mut hi, mut lo) = out.split_at_mut(len);
+    let mut l = f.builder();
+    l.arg(x).arg(&mut hi);
+    if split {
+        l.arg(&mut lo);
+    }
+    l.arg(&c).arg(&hw);
+    unsafe { l.launch(tiles(dims)) }.w()?;
+    Ok(())
+}
+
+/// y (N, HW, C) → `out` (N, C, HW) + bias (+ residual).
+fn to_nchw(
+    dev: &CudaDevice,
+    y: &CudaSlice<f32>,
+    bias: &CudaView<'_, f32>,
+    residual: Option<&CudaView<'_, f32>>,
+    out: &mut CudaSlice<f32>,
+    dims: (usize, usize, usize),
+) -> Result<()> {
+    let (c, hw) = (dims.1 as i32, dims.2 as i64);
+    let name = match residual {
+        Some(_) => "nhwc_to_nchw_bias_residual_f32",
+        None => "nhwc_to_nchw_bias_f32",
+    };
+    let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+    let mut l = f.builder();
+    l.arg(y).arg(bias);
+    if let Some(r) = residual {
+        l.arg(r);
+    }
+    l.arg(out).arg(&c).arg(&hw);
+    unsafe { l.launch(tiles(dims)) }.w()?;
+    Ok(())
 }

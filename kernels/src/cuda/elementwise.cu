@@ -357,3 +357,81 @@ __device__ __forceinline__ void pad_rows(const T* __restrict__ x, T* __restrict_
 
 PAD_ROWS(float, f32)
 PAD_ROWS(bf16, bf16)
+
+// cuDNN's TF32 convolutions run NHWC: conv.rs hands them NHWC operands (x transposed and, for
+// split TF32, split on the way) and takes an NHWC output back to NCHW adding the bias and the
+// residual. 32 x 32 tiles through shared memory; grid (pixel tiles, channel tiles, batch),
+// block (32, 8).
+template <bool SPLIT>
+__device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x, float* __restrict__ hi,
+                                             float* __restrict__ lo, int c, long long hw) {
+  __shared__ float tile[32][33];
+  const long long n = blockIdx.z, p0 = (long long)blockIdx.x * 32;
+  const int c0 = blockIdx.y * 32;
+  for (int j = threadIdx.y; j < 32; j += 8) {
+    const int ci = c0 + j;
+    const long long p = p0 + threadIdx.x;
+    if (ci < c && p < hw) tile[j][threadIdx.x] = x[(n * c + ci) * hw + p];
+  }
+  __syncthreads();
+  for (int j = threadIdx.y; j < 32; j += 8) {
+    const int ci = c0 + threadIdx.x;
+    const long long p = p0 + j;
+    if (ci < c && p < hw) {
+      const float v = tile[threadIdx.x][j];
+      const long long o = (n * hw + p) * c + ci;
+      if (SPLIT) {
+        const float h = __uint_as_float(__float_as_uint(v) & 0xffffe000u);
+        hi[o] = h;
+        lo[o] = v - h;
+      } else {
+        hi[o] = v;
+      }
+    }
+  }
+}
+
+extern "C" __global__ void nchw_to_nhwc_f32(const float* x, float* out, int c, long long hw) {
+  nchw_to_nhwc<false>(x, out, nullptr, c, hw);
+}
+
+extern "C" __global__ void nchw_to_nhwc_split_f32(const float* x, float* hi, float* lo, int c,
+                                                  long long hw) {
+  nchw_to_nhwc<true>(x, hi, lo, c, hw);
+}
+
+template <bool RESIDUAL>
+__device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
+                                                  const float* __restrict__ bias,
+                                                  const float* __restrict__ residual,
+                                                  float* __restrict__ out, int c, long long hw) {
+  __shared__ float tile[32][33];
+  const long long n = blockIdx.z, p0 = (long long)blockIdx.x * 32;
+  const int c0 = blockIdx.y * 32;
+  for (int j = threadIdx.y; j < 32; j += 8) {
+    const int ci = c0 + threadIdx.x;
+    const long long p = p0 + j;
+    if (ci < c && p < hw) tile[j][threadIdx.x] = y[(n * hw + p) * c + ci];
+  }
+  __syncthreads();
+  for (int j = threadIdx.y; j < 32; j += 8) {
+    const int ci = c0 + j;
+    const long long p = p0 + threadIdx.x;
+    if (ci < c && p < hw) {
+      const long long o = (n * c + ci) * hw + p;
+      const float v = tile[threadIdx.x][j] + bias[ci];
+      out[o] = RESIDUAL ? v + residual[o] : v;
+    }
+  }
+}
+
+extern "C" __global__ void nhwc_to_nchw_bias_f32(const float* y, const float* bias, float* out,
+                                                 int c, long long hw) {
+  nhwc_to_nchw_bias<false>(y, bias, nullptr, out, c, hw);
+}
+
+extern "C" __global__ void nhwc_to_nchw_bias_residual_f32(const float* y, const float* bias,
+                                                          const float* residual, float* out,
+                                                          int c, long long hw) {
+  nhwc_to_nchw_bias<true>(y, bias, residual, out, c, hw);
+}

@@ -7,7 +7,7 @@
 //! candle's CPU backend has no bf16 GEMM, so on the CPU the convolutions and projections of a
 //! bf16 model compute in f32 and round once, as torch's CPU kernels do ([`gemm_dtype`]).
 
-use candle_core::{D, DType, Result, Tensor, conv::CudnnFwdAlgo};
+use candle_core::{DType, Result, Tensor, conv::CudnnFwdAlgo};
 use candle_nn::VarBuilder;
 use klein_kernels::{Conv, ConvPrecision, ConvWeights, PadRows};
 
@@ -153,6 +153,7 @@ impl Conv2d {
                 weight: narrow(&w.weight)?,
                 weight_lo: w.weight_lo.as_ref().map(narrow).transpose()?,
                 bias: narrow(&w.bias)?,
+                nhwc: w.nhwc,
             },
             ..self.clone()
         })
@@ -166,7 +167,7 @@ impl Conv2d {
     /// `residual + conv(x)`: on cuDNN the residual is added where the bias is (one write).
     pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
-        let (c_out, _, k, _) = self.weights.weight.dims4()?;
+        let (c_out, k) = self.weights.geometry()?;
         let p = self.padding;
         let (out_h, out_w) = (
             self.out_len(h, p.top + p.bottom, k),
@@ -195,6 +196,7 @@ impl Conv2d {
             weight: w.weight.to_dtype(dt)?,
             weight_lo: w.weight_lo.clone(),
             bias: w.bias.to_dtype(dt)?,
+            nhwc: w.nhwc,
         };
         if rows >= out_h {
             return self.band(x, (0, out_h), &weights, residual);
@@ -226,7 +228,7 @@ impl Conv2d {
     ) -> Result<Tensor> {
         let (_, _, h, _) = x.dims4()?;
         let dt = weights.weight.dtype();
-        let k = weights.weight.dim(D::Minus1)?;
+        let (_, k) = weights.geometry()?;
         let p = self.padding;
         let conv = |padding| Conv {
             padding,
