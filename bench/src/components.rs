@@ -182,17 +182,23 @@ pub fn vae(
     let conv_algo = chunking.conv_algo;
     let model = AutoencoderKLFlux2::new(&cfg, random_vb(dtype, dev))?;
     let estimates = MemoryModel::new(&cfg, dtype);
+    // As vae-svc's engine: freed memory stays pooled within a job and goes back after it.
+    gpu_memory::keep_freed_memory(dev);
+    let job = |y: Result<Tensor>| {
+        gpu_memory::release_freed_memory(dev);
+        y
+    };
     let ((median_ms, min_ms), (resident_gib, activation_gib), estimate) = if decode {
         let z = Tensor::randn(0f32, 1.0, (1, 32, px / 8, px / 8), dev)?.to_dtype(dtype)?;
         (
-            time(dev, 1, iters, || model.decode(&z))?,
+            time(dev, 1, iters, || job(model.decode(&z)))?,
             memory(dev, || model.decode(&z))?,
             estimates.decode_peak(px, px),
         )
     } else {
         let x = Tensor::rand(-1f32, 1.0, (1, 3, px, px), dev)?.to_dtype(dtype)?;
         (
-            time(dev, 1, iters, || model.encode_mean(&x))?,
+            time(dev, 1, iters, || job(model.encode_mean(&x)))?,
             memory(dev, || model.encode_mean(&x))?,
             estimates.encode_peak(px, px),
         )

@@ -61,12 +61,10 @@ impl DeviceSpec {
                 Err(DeviceError::CudaNotBuilt(ordinal))
             }
             Self::Cuda(ordinal) => {
-                let dev = Device::new_cuda(ordinal).map_err(|e| DeviceError::CudaUnavailable {
+                Device::new_cuda(ordinal).map_err(|e| DeviceError::CudaUnavailable {
                     ordinal,
                     reason: e.to_string(),
-                })?;
-                crate::gpu_memory::keep_freed_memory(&dev);
-                Ok(dev)
+                })
             }
         }
     }

@@ -35,11 +35,17 @@ pub fn free_bytes(dev: &Device) -> Option<u64> {
 }
 
 /// Keeps memory that `dev`'s tensors free in the process's pool instead of handing it back to
-/// the driver at every synchronisation (the pool's default release threshold is 0), so a
-/// request allocates its activations from memory the previous one left, as torch's caching
-/// allocator does. [`free_bytes`] still trims the pool; the budgets bound what it holds.
+/// the driver at every synchronisation (the pool's default release threshold is 0): an
+/// operation of many allocations (the VAE's convolution bands) reuses what the last one freed.
+/// Pair it with [`release_freed_memory`] after each job: memory cached across jobs of other
+/// shapes fragments the pool, and under a hard MPS limit that ends in an out-of-memory error.
 pub fn keep_freed_memory(dev: &Device) {
     pool::keep_freed(dev);
+}
+
+/// Returns the pool's unused memory to the driver (see [`keep_freed_memory`]).
+pub fn release_freed_memory(dev: &Device) {
+    pool::trim(dev);
 }
 
 /// Free memory kept back by [`fit_budget`] for pool fragmentation and library scratch.
@@ -101,11 +107,18 @@ mod pool {
         get(dev, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
     }
 
+    pub fn trim(dev: &Device) {
+        let Some(pool) = default_pool(dev) else {
+            return;
+        };
+        if dev.synchronize().is_ok() {
+            // SAFETY: a valid pool handle; trimming only returns unused memory to the driver.
+            unsafe { cuMemPoolTrimTo(pool, 0) };
+        }
+    }
+
     pub fn free(dev: &Device) -> Option<u64> {
-        let pool = default_pool(dev)?;
-        dev.synchronize().ok()?;
-        // SAFETY: a valid pool handle; trimming only returns unused memory to the driver.
-        unsafe { cuMemPoolTrimTo(pool, 0) };
+        trim(dev);
         let cuda = dev.as_cuda_device().ok()?;
         let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
         Some(free as u64)
@@ -163,6 +176,8 @@ mod pool {
     }
 
     pub fn keep_freed(_: &Device) {}
+
+    pub fn trim(_: &Device) {}
 
     pub fn reset_used_high(_: &Device) {}
 }

@@ -4,6 +4,7 @@
 //! between images and between tiles.
 
 use candle_core::{Device, Tensor};
+use klein_runtime::gpu_memory;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -41,7 +42,10 @@ fn check(cancel: &CancellationToken) -> Result<(), VaeError> {
 }
 
 impl Runner {
+    /// Convolution bands reuse the memory earlier bands freed within a job
+    /// ([`gpu_memory::keep_freed_memory`]); every encode and decode returns it when done.
     pub fn new(model: AutoencoderKLFlux2, device: Device, facts: Facts) -> Self {
+        gpu_memory::keep_freed_memory(&device);
         Self {
             model,
             device,
@@ -62,6 +66,16 @@ impl Runner {
     /// Images `[B, H, W, 3]` (CPU, u8 or f32) -> packed normalised latents
     /// `[B, (H/16) * (W/16), 128]` on the CPU in the model dtype.
     pub fn encode(&self, images: &Tensor, cancel: &CancellationToken) -> Result<Tensor, VaeError> {
+        let out = self.encode_images(images, cancel);
+        gpu_memory::release_freed_memory(&self.device);
+        out
+    }
+
+    fn encode_images(
+        &self,
+        images: &Tensor,
+        cancel: &CancellationToken,
+    ) -> Result<Tensor, VaeError> {
         let batch = images.dim(0)?;
         let mut out = Vec::with_capacity(batch);
         for i in 0..batch {
@@ -75,6 +89,18 @@ impl Runner {
     /// Packed latents `[B, h * w, 128]` (CPU) -> RGB u8 `[B, 16h, 16w, 3]` on the CPU,
     /// untiled or tiled as planned.
     pub fn decode(
+        &self,
+        latents: &Tensor,
+        grid: (usize, usize),
+        settings: (&DecodePlan, &TilingConfig),
+        cancel: &CancellationToken,
+    ) -> Result<Tensor, VaeError> {
+        let out = self.decode_latents(latents, grid, settings, cancel);
+        gpu_memory::release_freed_memory(&self.device);
+        out
+    }
+
+    fn decode_latents(
         &self,
         latents: &Tensor,
         grid: (usize, usize),
