@@ -7,8 +7,11 @@
 //! runs NHWC, the layout of cuDNN's tensor-core kernels (which would otherwise transpose every
 //! operand on every call): the weights are stored (C_out, k, k, C_in), x is transposed (and
 //! split) once, the passes accumulate in an NHWC buffer, and one transpose back to NCHW adds the
-//! bias and the residual. Split TF32 runs the tensor cores on f32 data without TF32's error: with `x = x_hi + x_lo` and `w = w_hi + w_lo` ([`tf32_split`]: hi keeps the top 19
-//! bits, exact in TF32; lo is the exact remainder),
+//! bias and the residual.
+//!
+//! Split TF32 runs the tensor cores on f32 data without TF32's error: with `x = x_hi + x_lo` and
+//! `w = w_hi + w_lo` ([`tf32_split`]: hi keeps the top 19 bits, exact in TF32; lo is the exact
+//! remainder),
 //! `conv(x, w) = conv(x_hi, w_hi) + conv(x_lo, w_hi) + conv(x_hi, w_lo) + conv(x_lo, w_lo)`;
 //! the last term and lo's own TF32 rounding are ~2⁻²⁰ of the result, so three TF32 passes
 //! with f32 accumulation give f32-class accuracy. Weights trained in bf16 (the released VAE)
@@ -82,6 +85,17 @@ impl ConvWeights {
         })
     }
 
+    /// The same weights with `f` applied to every tensor (a dtype change, an output-channel
+    /// slice: axis 0 is C_out in both layouts).
+    pub fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight: f(&self.weight)?,
+            weight_lo: self.weight_lo.as_ref().map(&f).transpose()?,
+            bias: f(&self.bias)?,
+            nhwc: self.nhwc,
+        })
+    }
+
     /// (C_out, k): the output channels and the kernel side.
     pub fn geometry(&self) -> Result<(usize, usize)> {
         let (c_out, a, b, _) = self.weight.dims4()?;
@@ -143,7 +157,7 @@ pub fn tf32_split(x: &Tensor) -> Result<Tensor> {
 pub struct Tf32Split;
 
 /// The high part of `v`: its sign, exponent and top 10 mantissa bits.
-pub fn tf32_high(v: f32) -> f32 {
+fn tf32_high(v: f32) -> f32 {
     f32::from_bits(v.to_bits() & 0xffff_e000)
 }
 
@@ -224,7 +238,7 @@ impl CustomOp3 for CudnnConv {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::conv_forward(self, (xs, xl), (ws, wl), (bs, bl))
+        cudnn::conv_forward(self, (xs, xl), (ws, wl), (bs, bl))
     }
 }
 
@@ -251,9 +265,6 @@ mod cuda {
         unsafe { l.launch(grid_stride(n)) }.w()?;
         Ok(())
     }
-
-    #[cfg(feature = "cudnn")]
-    pub use super::cudnn::conv_forward;
 }
 
 #[cfg(feature = "cudnn")]
@@ -333,6 +344,26 @@ mod tests {
             err < 1e-6,
             "three passes leave only x_lo·w_lo: rel-L2 {err:e}"
         );
+    }
+
+    #[test]
+    fn nhwc_weights_are_refused_off_cudnn() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let w = ConvWeights {
+            weight: Tensor::zeros((2, 3, 3, 3), DType::F32, &dev).unwrap(),
+            weight_lo: None,
+            bias: Tensor::zeros(2, DType::F32, &dev).unwrap(),
+            nhwc: true,
+        };
+        let conv = Conv {
+            padding: 1,
+            stride: 1,
+            precision: ConvPrecision::Tf32,
+            algo: None,
+        };
+        let err = conv2d(&x, &w, None, conv).unwrap_err().to_string();
+        assert!(err.contains("NHWC weights"), "{err}");
     }
 
     #[test]

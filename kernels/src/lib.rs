@@ -35,9 +35,7 @@ pub use attention::{
     FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
     flash_attention_with_swiglu, masked_attention,
 };
-pub use conv::{
-    Conv, ConvPrecision, ConvWeights, Tf32Split, conv_fused, conv2d, tf32_high, tf32_split,
-};
+pub use conv::{Conv, ConvPrecision, ConvWeights, Tf32Split, conv_fused, conv2d, tf32_split};
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, group_norm, group_norm_fused};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};

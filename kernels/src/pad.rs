@@ -57,15 +57,11 @@ impl CustomOp1 for PadRows {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (planes, h, w, shape) = self.dims(l)?;
+        let (_, h, w, shape) = self.dims(l)?;
         let x = cpu::read(s, l)?;
         let ow = self.left + w + self.right;
         let mut out = vec![0f32; shape.elem_count()];
-        for (p, plane) in out
-            .chunks_exact_mut(shape.dims()[2] * ow)
-            .enumerate()
-            .take(planes)
-        {
+        for (p, plane) in out.chunks_exact_mut(shape.dims()[2] * ow).enumerate() {
             for r in 0..self.rows {
                 let src = (p * h + self.row0 + r) * w;
                 let dst = (self.top + r) * ow + self.left;

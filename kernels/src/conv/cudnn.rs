@@ -47,22 +47,14 @@ fn algorithm(a: CudnnFwdAlgo) -> sys::cudnnConvolutionFwdAlgo_t {
     }
 }
 
-/// A contiguous f32 CUDA tensor's storage, for as long as the guard lives.
-fn storage(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, &Layout)> {
-    let (s, l) = t.storage_and_layout();
-    if !matches!(&*s, Storage::Cuda(_)) || !l.is_contiguous() {
-        bail!(
+/// The f32 elements of a contiguous CUDA tensor's storage.
+fn f32_view<'a>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, f32>> {
+    match s {
+        Storage::Cuda(c) if l.is_contiguous() => view::<f32>(c, l),
+        _ => bail!(
             "cudnn conv2d: {:?} must be a contiguous CUDA tensor",
             l.shape()
-        );
-    }
-    Ok((s, l))
-}
-
-fn cuda(s: &Storage) -> &CudaStorage {
-    match s {
-        Storage::Cuda(c) => c,
-        _ => unreachable!("checked by storage()"),
+        ),
     }
 }
 
@@ -97,7 +89,7 @@ pub fn conv_forward(
     }
     let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
     let shape = Shape::from((n, c_out, oh, ow));
-    let residual = op.residual.as_ref().map(storage).transpose()?;
+    let residual = op.residual.as_ref().map(Tensor::storage_and_layout);
     if let Some((_, rl)) = &residual
         && rl.shape() != &shape
     {
@@ -105,7 +97,7 @@ pub fn conv_forward(
     }
     let residual = residual
         .as_ref()
-        .map(|(r, rl)| view::<f32>(cuda(r), rl))
+        .map(|(r, rl)| f32_view(r, rl))
         .transpose()?;
     let dev = xs.device().clone();
     let cudnn = handle(&dev)?;
@@ -178,8 +170,8 @@ pub fn conv_forward(
     if split {
         pass(&x_lo, &weight, 1.0, &mut y)?;
         if let Some(lo) = &op.weight_lo {
-            let (lo, ll) = storage(lo)?;
-            pass(&x_hi, &view::<f32>(cuda(&lo), ll)?, 1.0, &mut y)?;
+            let (lo, ll) = lo.storage_and_layout();
+            pass(&x_hi, &f32_view(&lo, ll)?, 1.0, &mut y)?;
         }
     }
     drop(parts);

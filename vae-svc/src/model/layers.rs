@@ -146,15 +146,10 @@ impl Conv2d {
 
     /// Keeps only output channels `[start, start + len)` (the posterior mean of `quant_conv`).
     pub fn narrow_out(&self, start: usize, len: usize) -> Result<Self> {
-        let narrow = |t: &Tensor| t.narrow(0, start, len)?.contiguous();
-        let w = &self.weights;
         Ok(Self {
-            weights: ConvWeights {
-                weight: narrow(&w.weight)?,
-                weight_lo: w.weight_lo.as_ref().map(narrow).transpose()?,
-                bias: narrow(&w.bias)?,
-                nhwc: w.nhwc,
-            },
+            weights: self
+                .weights
+                .map(|t| t.narrow(0, start, len)?.contiguous())?,
             ..self.clone()
         })
     }
@@ -191,13 +186,7 @@ impl Conv2d {
             self.op_bytes,
         );
         let dt = gemm_dtype(x);
-        let w = &self.weights;
-        let weights = ConvWeights {
-            weight: w.weight.to_dtype(dt)?,
-            weight_lo: w.weight_lo.clone(),
-            bias: w.bias.to_dtype(dt)?,
-            nhwc: w.nhwc,
-        };
+        let weights = self.weights.map(|t| t.to_dtype(dt))?;
         if rows >= out_h {
             return self.band(x, (0, out_h), &weights, residual);
         }
