@@ -43,11 +43,26 @@ pub fn view<'a, T: CudaDType + DeviceRepr>(
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
-/// One warp per item, 8 warps a block.
+/// One warp per item, 4 warps a block (the row kernels hold a row in ~160 registers a thread:
+/// small blocks let three share an SM).
 pub fn warp_per_item(items: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (items.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (items.div_ceil(4) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row of `width` bf16 values, a thread per 8 of them (the kernels' 16-byte
+/// accesses), at most 384 threads a block.
+pub fn block_per_row(rows: usize, width: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (
+            (width.div_ceil(8).next_multiple_of(32)).clamp(32, 384) as u32,
+            1,
+            1,
+        ),
         shared_mem_bytes: 0,
     }
 }

@@ -2,7 +2,7 @@
 //! attention and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm,
 //! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU) and its
 //! convolutions through cuDNN (bias and residual fused, exact / TF32 / split-TF32 arithmetic,
-//! `cudnn` feature; its CPU reference is the composition).
+//! `cudnn` feature; its CPU reference is the composition) and its output's 8-bit quantization.
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
@@ -25,6 +25,7 @@ mod dequantize;
 mod group_norm;
 mod modulate;
 mod pad;
+mod pixels;
 pub mod reference;
 mod residual;
 mod rms_norm;
@@ -40,9 +41,10 @@ pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, group_norm, group_norm_fused};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use pad::{PadRows, pad_rows};
+pub use pixels::{RgbU8, rgb_u8};
 pub use residual::{GateResidual, gate_residual};
 pub use rms_norm::{RmsNorm, rms_norm};
-pub use rope::{QkNormRope, RopeStyle, qk_norm_rope};
+pub use rope::{JointQkNormRope, QkNormRope, RopeStyle, qk_norm_rope, qk_norm_rope_joint};
 pub use swiglu::{SwiGlu, swiglu};
 
 use candle_core::{DType, Tensor};

@@ -71,7 +71,7 @@ impl CustomOp3 for GateResidual {
         use candle_core::cuda::cudarc::driver::PushKernelArg;
         use half::bf16;
 
-        use crate::cuda::{ELEMENTWISE, grid_stride, view};
+        use crate::cuda::{ELEMENTWISE, block_per_row, view};
 
         let (b, s, d) = dims(xl, yl, gl)?;
         let dev = xs.device().clone();
@@ -83,16 +83,12 @@ impl CustomOp3 for GateResidual {
             view::<bf16>(ys, yl)?,
             view::<bf16>(gs, gl)?,
         );
-        let (rows, per_batch, dim) = ((b * s) as i32, s as i32, d as i32);
+        let (per_batch, dim) = (s as i32, d as i32);
         let gate_stride = gl.stride()[0] as i64;
         let mut launch = func.builder();
         launch.arg(&x).arg(&y).arg(&gate).arg(&out);
-        launch
-            .arg(&rows)
-            .arg(&per_batch)
-            .arg(&dim)
-            .arg(&gate_stride);
-        unsafe { launch.launch(grid_stride(b * s * d / 2)) }.w()?;
+        launch.arg(&per_batch).arg(&dim).arg(&gate_stride);
+        unsafe { launch.launch(block_per_row(b * s, d)) }.w()?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             xl.shape().clone(),

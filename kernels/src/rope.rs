@@ -5,6 +5,10 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
 use crate::{cpu, reference};
 
+mod joint;
+
+pub use joint::{JointQkNormRope, qk_norm_rope_joint};
+
 /// Which elements RoPE rotates together, and in what arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -150,10 +154,26 @@ impl CustomOp3 for QkNormRope {
         use crate::cuda::{ELEMENTWISE, view, warp_per_item};
 
         let (b, s, hd) = self.dims(sl, cl, nl)?;
+        let shape = Shape::from((b, self.heads, s, hd));
         let (weight, wl) = self.weight.storage_and_layout();
         let candle_core::Storage::Cuda(weight) = &*weight else {
             bail!("qk_norm_rope: the weight is not on the GPU");
         };
+        let source = interleaved128::Source {
+            src: (ss, sl),
+            weight: (weight, wl),
+        };
+        if self.style == RopeStyle::Interleaved && interleaved128::applies(&[&source], cl, nl, hd) {
+            let out = interleaved128::launch(
+                &[source],
+                (cs, cl),
+                (ns, nl),
+                self.heads,
+                self.rope_offset,
+                self.eps,
+            )?;
+            return Ok((out, shape));
+        }
         let dev = ss.device().clone();
         let func =
             dev.get_or_load_custom_func("qk_norm_rope_bf16", ELEMENTWISE.name, ELEMENTWISE.ptx)?;
@@ -174,9 +194,97 @@ impl CustomOp3 for QkNormRope {
             .arg(&self.eps)
             .arg(&rotate_half);
         unsafe { launch.launch(warp_per_item(b * s * self.heads)) }.w()?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
-            Shape::from((b, self.heads, s, hd)),
-        ))
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+}
+
+/// FLUX.2's case (head dim 128, interleaved pairs) in 16-byte accesses, from one projection or
+/// from two streams' joined (`qk_norm_rope_interleaved128_bf16` in elementwise.cu).
+#[cfg(feature = "cuda")]
+mod interleaved128 {
+    use candle_core::{CudaStorage, Layout, Result, bail, cuda::WrapErr};
+
+    /// One stream's projection columns (B, S, H·128) and its norm weight.
+    pub struct Source<'a> {
+        pub src: (&'a CudaStorage, &'a Layout),
+        pub weight: (&'a CudaStorage, &'a Layout),
+    }
+
+    /// Heads a warp takes (`QK_HEADS_PER_WARP` in elementwise.cu).
+    const HEADS_PER_WARP: usize = 8;
+
+    /// Whether every operand starts 16-byte aligned (bf16 rows, f32 table rows).
+    pub fn applies(sources: &[&Source<'_>], cos: &Layout, sin: &Layout, hd: usize) -> bool {
+        let rows = |l: &Layout| [l.start_offset(), l.stride()[0], l.stride()[1]];
+        hd == 128
+            && sources.iter().all(|s| {
+                rows(s.src.1).iter().all(|v| v % 8 == 0) && s.weight.1.start_offset() % 8 == 0
+            })
+            && [cos.start_offset(), sin.start_offset()]
+                .iter()
+                .all(|v| v % 4 == 0)
+    }
+
+    /// (B, H, ΣS, 128): the sources' tokens in order, token `s` of the joint sequence taking
+    /// RoPE row `rope_offset + s`.
+    pub fn launch(
+        sources: &[Source<'_>],
+        cos: (&CudaStorage, &Layout),
+        sin: (&CudaStorage, &Layout),
+        heads: usize,
+        rope_offset: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda::cudarc::driver::PushKernelArg;
+        use half::bf16;
+
+        use crate::cuda::{ELEMENTWISE, view, warp_per_item};
+
+        let (a, b) = match sources {
+            [a] => (a, a),
+            [a, b] => (a, b),
+            _ => bail!("qk_norm_rope: one or two sources, not {}", sources.len()),
+        };
+        let (batch, seq_a, _) = a.src.1.shape().dims3()?;
+        let seq = seq_a
+            + if sources.len() == 2 {
+                b.src.1.dims()[1]
+            } else {
+                0
+            };
+        let dev = a.src.0.device().clone();
+        let func = dev.get_or_load_custom_func(
+            "qk_norm_rope_interleaved128_bf16",
+            ELEMENTWISE.name,
+            ELEMENTWISE.ptx,
+        )?;
+        let out = unsafe { dev.alloc::<bf16>(batch * heads * seq * 128)? };
+        let (src_a, w_a) = (
+            view::<bf16>(a.src.0, a.src.1)?,
+            view::<bf16>(a.weight.0, a.weight.1)?,
+        );
+        let (src_b, w_b) = (
+            view::<bf16>(b.src.0, b.src.1)?,
+            view::<bf16>(b.weight.0, b.weight.1)?,
+        );
+        let (cos, sin) = (view::<f32>(cos.0, cos.1)?, view::<f32>(sin.0, sin.1)?);
+        let [batch_arg, seq_a_arg, seq_arg, heads_arg, offset] =
+            [batch, seq_a, seq, heads, rope_offset].map(|v| v as i32);
+        let strides = |l: &Layout| [l.stride()[0] as i64, l.stride()[1] as i64];
+        let ([a_bs, a_rs], [b_bs, b_rs]) = (strides(a.src.1), strides(b.src.1));
+        let mut launch = func.builder();
+        launch.arg(&src_a).arg(&w_a).arg(&src_b).arg(&w_b);
+        launch.arg(&cos).arg(&sin).arg(&out);
+        launch
+            .arg(&batch_arg)
+            .arg(&seq_a_arg)
+            .arg(&seq_arg)
+            .arg(&heads_arg);
+        launch.arg(&a_bs).arg(&a_rs).arg(&b_bs).arg(&b_rs);
+        launch.arg(&offset).arg(&eps);
+        let warps = batch * seq * heads.div_ceil(HEADS_PER_WARP);
+        unsafe { launch.launch(warp_per_item(warps)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }

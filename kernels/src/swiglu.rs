@@ -86,19 +86,19 @@ fn launch(
     use candle_core::cuda::cudarc::driver::PushKernelArg;
     use half::bf16;
 
-    use crate::cuda::{ELEMENTWISE, grid_stride, view};
+    use crate::cuda::{ELEMENTWISE, block_per_row, view};
 
     let (rows, width, strides) = dims(&[gl, ul, out_l])?;
     let func = dev.get_or_load_custom_func("swiglu_bf16", ELEMENTWISE.name, ELEMENTWISE.ptx)?;
     let (gate, up) = (view::<bf16>(gs, gl)?, view::<bf16>(us, ul)?);
-    let (rows_arg, width_arg) = (rows as i32, width as i32);
+    let width_arg = width as i32;
     let [gate_stride, up_stride, out_stride] =
         [strides[0], strides[1], strides[2]].map(|s| s as i64);
     let mut builder = func.builder();
     builder.arg(&gate).arg(&up).arg(out);
-    builder.arg(&rows_arg).arg(&width_arg);
+    builder.arg(&width_arg);
     builder.arg(&gate_stride).arg(&up_stride).arg(&out_stride);
-    unsafe { builder.launch(grid_stride(rows * width / 2)) }.w()?;
+    unsafe { builder.launch(block_per_row(rows, width)) }.w()?;
     Ok(())
 }
 

@@ -7,8 +7,8 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor};
 use common::{max_rel, modulation, randn, rel_l2, rope_tables};
 use klein_kernels::{
-    FlashAttention, GateResidual, GroupNorm, LayerNormModulate, QkNormRope, RmsNorm, RopeStyle,
-    SwiGlu, reference,
+    FlashAttention, GateResidual, GroupNorm, JointQkNormRope, LayerNormModulate, QkNormRope,
+    RmsNorm, RopeStyle, SwiGlu, reference,
 };
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
@@ -191,6 +191,39 @@ fn qk_norm_rope_matches_the_composition() -> Result<()> {
             let want = reference::qk_norm_rope(&src, &weight, cos, sin, heads, 4, 1e-6, style)?;
             check(&format!("qk_norm_rope {style:?}"), dtype, &got, &want)?;
         }
+    }
+    Ok(())
+}
+
+/// The joint op's reference equals the two streams' compositions concatenated: text rows take
+/// RoPE rows 0.., image rows follow.
+#[test]
+fn joint_qk_norm_rope_matches_the_concatenated_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    let (heads, hd) = (3, 32);
+    for dtype in [DType::F32, DType::BF16] {
+        let txt = randn(&[2, 5, 3 * heads * hd], dtype, &dev)?.narrow(D::Minus1, 0, heads * hd)?;
+        let img = randn(&[2, 7, heads * hd], dtype, &dev)?;
+        let weight = |scale: f64| (randn(&[hd], dtype, &dev)? * scale)? + 1.0;
+        let (tw, iw) = (weight(0.3)?, weight(0.2)?);
+        let (cos, sin) = rope_tables(12, hd, &dev)?;
+        let op = JointQkNormRope {
+            txt_weight: tw.clone(),
+            img: img.clone(),
+            img_weight: iw.clone(),
+            heads,
+            eps: 1e-6,
+        };
+        let got = txt.apply_op3_no_bwd(&cos, &sin, &op)?;
+        let style = RopeStyle::Interleaved;
+        let want = Tensor::cat(
+            &[
+                reference::qk_norm_rope(&txt, &tw, &cos, &sin, heads, 0, 1e-6, style)?,
+                reference::qk_norm_rope(&img, &iw, &cos, &sin, heads, 5, 1e-6, style)?,
+            ],
+            2,
+        )?;
+        check("joint_qk_norm_rope", dtype, &got, &want)?;
     }
     Ok(())
 }
@@ -410,5 +443,22 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     let affine = randn(&[8], DType::F32, &dev)?;
     let err = img.apply_op3_no_bwd(&affine, &affine, &op).unwrap_err();
     assert!(err.to_string().contains("divisible by 3 groups"), "{err}");
+    Ok(())
+}
+
+/// The unit-range value is rounded to the decoder's dtype before the ×255: x = 0.0116 gives
+/// y = x / 2 + 0.5 = 0.50580 in f32 (255 y = 128.98 → 129), but 0.50391 in bf16 (128.496 →
+/// 128); ties go to even and the output is channel-last.
+#[test]
+fn rgb_u8_rounds_in_the_decoder_dtype() -> Result<()> {
+    let x = Tensor::new(&[0.0116f32, 0.0116, 0.0116], &Device::Cpu)?.reshape((1, 3, 1, 1))?;
+    let pixels = |t: &Tensor| klein_kernels::rgb_u8(t)?.flatten_all()?.to_vec1::<u8>();
+    assert_eq!(pixels(&x)?, [129, 129, 129]);
+    assert_eq!(pixels(&x.to_dtype(DType::BF16)?)?, [128, 128, 128]);
+    // Planes [0, 1], [-1.5, 1.5], [0, 0]: y = 0.5 is 127.5 → 128 (to even), y = 1 → 255, and
+    // below 0 / above 1 clamp; pixels come out as (R, G, B) triples.
+    let x =
+        Tensor::new(&[0.0f32, 1.0, -1.5, 1.5, 0.0, 0.0], &Device::Cpu)?.reshape((1, 3, 1, 2))?;
+    assert_eq!(pixels(&x)?, [128, 0, 128, 255, 255, 128]);
     Ok(())
 }

@@ -33,42 +33,70 @@ fn check_elementwise(name: &str, got: &Tensor, want: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// The klein-4B widths at a 512² request's image tokens (16-byte accesses), and odd widths
+/// whose rows are not 16-byte aligned (the kernels' bf16-pair paths).
 #[test]
 fn elementwise_kernels_match_the_composition() -> Result<()> {
     let dev = gpu();
-    // Image tokens of a 512² request and the klein-4B widths.
-    let (b, s, d, heads, hd, f) = (2, 1024 + 77, 3072, 24, 128, 9216);
-    let x = (randn(&[b, s, d], DType::BF16, &dev)? * 4.0)?;
-    let m = modulation(b, d, DType::BF16, &dev)?;
-    check_elementwise(
-        "layer_norm_modulate",
-        &klein_kernels::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?,
-        &reference::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?,
-    )?;
-    let y = randn(&[b, s, d], DType::BF16, &dev)?;
-    check_elementwise(
-        "gate_residual",
-        &klein_kernels::gate_residual(&x, &y, &m[2])?,
-        &reference::gate_residual(&x, &y, &m[2])?,
-    )?;
-    let p = (randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)? * 2.0)?;
-    let (gate, up) = (
-        p.narrow(D::Minus1, 3 * d, f)?,
-        p.narrow(D::Minus1, 3 * d + f, f)?,
-    );
-    check_elementwise(
-        "swiglu",
-        &klein_kernels::swiglu(&gate, &up)?,
-        &reference::swiglu(&gate, &up)?,
-    )?;
-    let weight = ((randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0)?;
-    let (cos, sin) = rope_tables(512 + s, hd, &dev)?;
-    let k = p.narrow(D::Minus1, d, d)?;
-    check_elementwise(
-        "qk_norm_rope",
-        &klein_kernels::qk_norm_rope(&k, &weight, &cos, &sin, heads, 512, 1e-6, FLUX)?,
-        &reference::qk_norm_rope(&k, &weight, &cos, &sin, heads, 512, 1e-6, FLUX)?,
-    )?;
+    for (b, s, d, heads, hd, f) in [(2, 1024 + 77, 3072, 24, 128, 9216), (1, 37, 196, 2, 98, 94)] {
+        let x = (randn(&[b, s, d], DType::BF16, &dev)? * 4.0)?;
+        let m = modulation(b, d, DType::BF16, &dev)?;
+        check_elementwise(
+            &format!("layer_norm_modulate d {d}"),
+            &klein_kernels::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?,
+            &reference::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?,
+        )?;
+        let y = randn(&[b, s, d], DType::BF16, &dev)?;
+        check_elementwise(
+            &format!("gate_residual d {d}"),
+            &klein_kernels::gate_residual(&x, &y, &m[2])?,
+            &reference::gate_residual(&x, &y, &m[2])?,
+        )?;
+        let p = (randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)? * 2.0)?;
+        let (gate, up) = (
+            p.narrow(D::Minus1, 3 * d, f)?,
+            p.narrow(D::Minus1, 3 * d + f, f)?,
+        );
+        check_elementwise(
+            &format!("swiglu f {f}"),
+            &klein_kernels::swiglu(&gate, &up)?,
+            &reference::swiglu(&gate, &up)?,
+        )?;
+        let weight = ((randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0)?;
+        let (cos, sin) = rope_tables(512 + s, hd, &dev)?;
+        for (name, cols) in [("q", 0), ("k", d)] {
+            let src = p.narrow(D::Minus1, cols, d)?;
+            check_elementwise(
+                &format!("qk_norm_rope {name} hd {hd}"),
+                &klein_kernels::qk_norm_rope(&src, &weight, &cos, &sin, heads, 512, 1e-6, FLUX)?,
+                &reference::qk_norm_rope(&src, &weight, &cos, &sin, heads, 512, 1e-6, FLUX)?,
+            )?;
+        }
+        // The double blocks' joint [txt; img]: text rows from this projection, image rows from
+        // another (both strided column views), each with its own weight.
+        let img = (randn(&[b, 77, 3 * d], DType::BF16, &dev)? * 2.0)?.narrow(D::Minus1, d, d)?;
+        let img_weight = ((randn(&[hd], DType::BF16, &dev)? * 0.2)? + 1.0)?;
+        let txt = p.narrow(D::Minus1, 0, d)?;
+        let joint = Tensor::cat(
+            &[
+                reference::qk_norm_rope(&txt, &weight, &cos, &sin, heads, 0, 1e-6, FLUX)?,
+                reference::qk_norm_rope(&img, &img_weight, &cos, &sin, heads, s, 1e-6, FLUX)?,
+            ],
+            2,
+        )?;
+        check_elementwise(
+            &format!("qk_norm_rope_joint hd {hd}"),
+            &klein_kernels::qk_norm_rope_joint(
+                (&txt, &weight),
+                (&img, &img_weight),
+                &cos,
+                &sin,
+                heads,
+                1e-6,
+            )?,
+            &joint,
+        )?;
+    }
     Ok(())
 }
 
@@ -356,6 +384,25 @@ fn pad_rows_equals_the_composition() -> Result<()> {
                 .to_scalar::<f32>()?;
             assert_eq!(diff, 0.0, "{dtype:?} {pad:?}");
         }
+    }
+    Ok(())
+}
+
+/// The decoder output's u8 quantization: the kernel gives exactly the CPU reference's bytes,
+/// f32 and bf16, values beyond [-1, 1] included.
+#[test]
+fn rgb_u8_equals_the_cpu_reference() -> Result<()> {
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = (randn(&[2, 3, 37, 53], dtype, &dev)? * 0.7)?;
+        let got = klein_kernels::rgb_u8(&x)?.to_device(&Device::Cpu)?;
+        let want = klein_kernels::rgb_u8(&x.to_device(&Device::Cpu)?)?;
+        assert_eq!(got.dims(), [2, 37, 53, 3]);
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<u8>()?,
+            want.flatten_all()?.to_vec1::<u8>()?,
+            "{dtype:?}"
+        );
     }
     Ok(())
 }

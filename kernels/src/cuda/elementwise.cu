@@ -30,11 +30,87 @@ __device__ __forceinline__ int global_warp() {
   return (blockIdx.x * blockDim.x + threadIdx.x) / 32;
 }
 
+// V consecutive bf16 values as floats: V = 8 is one 16-byte access (the pointer 16-byte
+// aligned), V = 2 one 4-byte access.
+template <int V>
+__device__ __forceinline__ void loadv(const bf16* p, float* f) {
+  if constexpr (V == 8) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const bf16x2* h = reinterpret_cast<const bf16x2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 t = __bfloat1622float2(h[i]);
+      f[2 * i] = t.x;
+      f[2 * i + 1] = t.y;
+    }
+  } else {
+    const float2 t = load2(p);
+    f[0] = t.x;
+    f[1] = t.y;
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void storev(bf16* p, const float* f) {
+  if constexpr (V == 8) {
+    uint4 u;
+    bf16x2* h = reinterpret_cast<bf16x2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else {
+    store2(p, f[0], f[1]);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// A row of at most ROW_VECS * 256 values that a warp keeps in registers (8 per lane and vector).
+constexpr int ROW_VECS = 16;
+
+// Loads row `xr` of `dim` values (dim % 8 == 0, 16-byte aligned) into the lane's vectors.
+__device__ __forceinline__ void load_row(const bf16* xr, int dim, int lane, uint4 (&buf)[ROW_VECS]) {
+#pragma unroll
+  for (int k = 0; k < ROW_VECS; ++k) {
+    const int c = 8 * (lane + 32 * k);
+    if (c < dim) buf[k] = *reinterpret_cast<const uint4*>(xr + c);
+  }
+}
+
+__device__ __forceinline__ void unpack8(const uint4& u, float* f) {
+  const bf16x2* h = reinterpret_cast<const bf16x2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+// Σ f(v) over a row held in registers (load_row), the lane's part then the warp's.
+template <typename F>
+__device__ __forceinline__ float row_sum(const uint4 (&buf)[ROW_VECS], int dim, int lane, F f) {
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < ROW_VECS; ++k) {
+    if (8 * (lane + 32 * k) >= dim) break;
+    float v[8];
+    unpack8(buf[k], v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc += f(v[i]);
+  }
+  return warp_sum(acc);
+}
+
 }  // namespace
 
 // out = (1 + scale) ⊙ LayerNorm(x) + shift. x, out: (rows, dim) contiguous; shift and scale:
 // one dim-vector per batch item (rows_per_batch rows each), batch stride in elements.
-// One warp per row; dim even.
+// One warp per row; dim even. A row of dim % 8 == 0, at most ROW_VECS * 256 wide, with every
+// operand 16-byte aligned is read once into registers in 16-byte accesses; others stream
+// bf16 pairs three times.
 extern "C" __global__ void layer_norm_modulate_bf16(const bf16* __restrict__ x,
                                                     const bf16* __restrict__ shift,
                                                     const bf16* __restrict__ scale,
@@ -45,6 +121,30 @@ extern "C" __global__ void layer_norm_modulate_bf16(const bf16* __restrict__ x,
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const bf16* xr = x + (size_t)row * dim;
+  const size_t mod = (size_t)(row / rows_per_batch) * mod_batch_stride;
+  const bf16 *sh = shift + mod, *sc = scale + mod;
+  bf16* orow = out + (size_t)row * dim;
+  if (dim % 8 == 0 && dim <= ROW_VECS * 256 && aligned16(xr) && aligned16(sh) && aligned16(sc) &&
+      aligned16(orow)) {
+    uint4 buf[ROW_VECS];
+    load_row(xr, dim, lane, buf);
+    const float mean = row_sum(buf, dim, lane, [](float v) { return v; }) / dim;
+    const float var = row_sum(buf, dim, lane, [mean](float v) { return (v - mean) * (v - mean); });
+    const float rstd = rsqrtf(var / dim + eps);
+#pragma unroll
+    for (int k = 0; k < ROW_VECS; ++k) {
+      const int c = 8 * (lane + 32 * k);
+      if (c >= dim) break;
+      float v[8], a[8], b[8];
+      unpack8(buf[k], v);
+      loadv<8>(sc + c, a);
+      loadv<8>(sh + c, b);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = rnd(rnd(1.f + a[i]) * rnd((v[i] - mean) * rstd)) + b[i];
+      storev<8>(orow + c, v);
+    }
+    return;
+  }
   float sum = 0.f;
   for (int i = 2 * lane; i < dim; i += 64) {
     const float2 v = load2(xr + i);
@@ -57,33 +157,49 @@ extern "C" __global__ void layer_norm_modulate_bf16(const bf16* __restrict__ x,
     var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean);
   }
   const float rstd = rsqrtf(warp_sum(var) / dim + eps);
-  const size_t mod = (size_t)(row / rows_per_batch) * mod_batch_stride;
-  bf16* orow = out + (size_t)row * dim;
   for (int i = 2 * lane; i < dim; i += 64) {
     const float2 v = load2(xr + i);
-    const float2 sh = load2(shift + mod + i);
-    const float2 sc = load2(scale + mod + i);
+    const float2 b = load2(sh + i);
+    const float2 a = load2(sc + i);
     const float n0 = rnd((v.x - mean) * rstd), n1 = rnd((v.y - mean) * rstd);
-    store2(orow + i, rnd(rnd(1.f + sc.x) * n0) + sh.x, rnd(rnd(1.f + sc.y) * n1) + sh.y);
+    store2(orow + i, rnd(rnd(1.f + a.x) * n0) + b.x, rnd(rnd(1.f + a.y) * n1) + b.y);
   }
 }
 
 // out = weight ⊙ bf16(x · rsqrt(mean(x²) + eps)) over rows of dim: torch's RMSNorm on bf16
 // (normalised in f32, rounded, then the weight product rounded). x, out: (rows, dim)
-// contiguous; one warp per row; dim even.
+// contiguous; one warp per row; dim even; rows read into registers as layer_norm_modulate's.
 extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ weight,
                                          bf16* __restrict__ out, int rows, int dim, float eps) {
   const int row = global_warp();
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const bf16* xr = x + (size_t)row * dim;
+  bf16* orow = out + (size_t)row * dim;
+  if (dim % 8 == 0 && dim <= ROW_VECS * 256 && aligned16(xr) && aligned16(weight) &&
+      aligned16(orow)) {
+    uint4 buf[ROW_VECS];
+    load_row(xr, dim, lane, buf);
+    const float rstd = rsqrtf(row_sum(buf, dim, lane, [](float v) { return v * v; }) / dim + eps);
+#pragma unroll
+    for (int k = 0; k < ROW_VECS; ++k) {
+      const int c = 8 * (lane + 32 * k);
+      if (c >= dim) break;
+      float v[8], w[8];
+      unpack8(buf[k], v);
+      loadv<8>(weight + c, w);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = rnd(v[i] * rstd) * w[i];
+      storev<8>(orow + c, v);
+    }
+    return;
+  }
   float sq = 0.f;
   for (int i = 2 * lane; i < dim; i += 64) {
     const float2 v = load2(xr + i);
     sq += v.x * v.x + v.y * v.y;
   }
   const float rstd = rsqrtf(warp_sum(sq) / dim + eps);
-  bf16* orow = out + (size_t)row * dim;
   for (int i = 2 * lane; i < dim; i += 64) {
     const float2 v = load2(xr + i);
     const float2 w = load2(weight + i);
@@ -150,44 +266,127 @@ extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
   }
 }
 
+// qk_norm_rope_bf16 for FLUX.2's case, head_dim 128 with interleaved pairs, in 16-byte
+// accesses: a warp takes QK_HEADS_PER_WARP heads of one token, a half-warp one head (lane l
+// holds elements 8l..8l+7, i.e. pairs 4l..4l+3, and their cos / sin); src, the weights, the
+// tables' rows and out 16-byte aligned. Same arithmetic and roundings as the generic kernel.
+// Tokens s < seq_a come from src_a with weight w_a, the others (s − seq_a) from src_b with w_b
+// (the double-stream blocks' [txt; img]); out is (batch, heads, seq, 128).
+constexpr int QK_HEADS_PER_WARP = 8;
+
+extern "C" __global__ void qk_norm_rope_interleaved128_bf16(
+    const bf16* __restrict__ src_a, const bf16* __restrict__ w_a, const bf16* __restrict__ src_b,
+    const bf16* __restrict__ w_b, const float* __restrict__ cos, const float* __restrict__ sin,
+    bf16* __restrict__ out, int batch, int seq_a, int seq, int heads, long long a_batch_stride,
+    long long a_row_stride, long long b_batch_stride, long long b_row_stride, int rope_offset,
+    float eps) {
+  const int groups = (heads + QK_HEADS_PER_WARP - 1) / QK_HEADS_PER_WARP;
+  const int idx = global_warp();
+  if (idx >= batch * seq * groups) return;
+  const int lane = threadIdx.x % 32, half = lane / 16, l = lane % 16;
+  const int group = idx % groups;
+  const int s = (idx / groups) % seq;
+  const int b = idx / (groups * seq);
+  const bool first = s < seq_a;
+  const bf16* xr = (first ? src_a + (size_t)b * a_batch_stride + (size_t)s * a_row_stride
+                          : src_b + (size_t)b * b_batch_stride + (size_t)(s - seq_a) * b_row_stride) +
+                   8 * l;
+  float w[8], c[4], sn[4];
+  loadv<8>((first ? w_a : w_b) + 8 * l, w);
+  const float4 c4 = reinterpret_cast<const float4*>(cos + (size_t)(rope_offset + s) * 64)[l];
+  const float4 s4 = reinterpret_cast<const float4*>(sin + (size_t)(rope_offset + s) * 64)[l];
+  c[0] = c4.x, c[1] = c4.y, c[2] = c4.z, c[3] = c4.w;
+  sn[0] = s4.x, sn[1] = s4.y, sn[2] = s4.z, sn[3] = s4.w;
+#pragma unroll
+  for (int j = 0; j < QK_HEADS_PER_WARP; j += 2) {
+    const int h = group * QK_HEADS_PER_WARP + j + half;
+    const bool live = h < heads;
+    float v[8];
+    if (live) {
+      loadv<8>(xr + h * 128, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    }
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sq += v[i] * v[i];
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
+    const float rstd = rsqrtf(sq / 128 + eps);
+    if (!live) continue;
+    float y[8];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const float y0 = rnd(rnd(v[2 * p] * rstd) * w[2 * p]);
+      const float y1 = rnd(rnd(v[2 * p + 1] * rstd) * w[2 * p + 1]);
+      y[2 * p] = y0 * c[p] - y1 * sn[p];
+      y[2 * p + 1] = y1 * c[p] + y0 * sn[p];
+    }
+    storev<8>(out + (((size_t)b * heads + h) * seq + s) * 128 + 8 * l, y);
+  }
+}
+
 // out = silu(gate) ⊙ up over (rows, width); silu rounded to bf16 first. gate, up and out rows
 // are *_row_stride apart (any may be a column range of a wider buffer); width and the strides
-// even.
+// even. One block per row; 16-byte accesses where the row's operands allow them.
+template <int V>
+__device__ __forceinline__ void swiglu_row(const bf16* g, const bf16* u, bf16* o, int width) {
+  for (int c = V * threadIdx.x; c < width; c += V * blockDim.x) {
+    float gv[V], uv[V];
+    loadv<V>(g + c, gv);
+    loadv<V>(u + c, uv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) gv[i] = rnd(gv[i] / (1.f + __expf(-gv[i]))) * uv[i];
+    storev<V>(o + c, gv);
+  }
+}
+
 extern "C" __global__ void swiglu_bf16(const bf16* __restrict__ gate, const bf16* __restrict__ up,
-                                       bf16* __restrict__ out, int rows, int width,
+                                       bf16* __restrict__ out, int width,
                                        long long gate_row_stride, long long up_row_stride,
                                        long long out_row_stride) {
-  const long long pairs = (long long)rows * (width / 2);
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long r = i / (width / 2);
-    const int j = 2 * (int)(i % (width / 2));
-    const float2 g = load2(gate + r * gate_row_stride + j);
-    const float2 u = load2(up + r * up_row_stride + j);
-    const float s0 = rnd(g.x / (1.f + __expf(-g.x)));
-    const float s1 = rnd(g.y / (1.f + __expf(-g.y)));
-    store2(out + r * out_row_stride + j, s0 * u.x, s1 * u.y);
+  const size_t r = blockIdx.x;
+  const bf16* g = gate + r * gate_row_stride;
+  const bf16* u = up + r * up_row_stride;
+  bf16* o = out + r * out_row_stride;
+  if (width % 8 == 0 && aligned16(g) && aligned16(u) && aligned16(o)) {
+    swiglu_row<8>(g, u, o, width);
+  } else {
+    swiglu_row<2>(g, u, o, width);
   }
 }
 
 // out = x + gate ⊙ y, the product rounded first. x, y, out: (rows, dim) contiguous; gate: one
 // dim-vector per batch item (rows_per_batch rows each), batch stride in elements; dim even.
+// One block per row; 16-byte accesses where the row's operands allow them.
+template <int V>
+__device__ __forceinline__ void gate_residual_row(const bf16* x, const bf16* y, const bf16* g,
+                                                  bf16* o, int dim) {
+  for (int c = V * threadIdx.x; c < dim; c += V * blockDim.x) {
+    float xv[V], yv[V], gv[V];
+    loadv<V>(x + c, xv);
+    loadv<V>(y + c, yv);
+    loadv<V>(g + c, gv);
+#pragma unroll
+    for (int i = 0; i < V; ++i) xv[i] += rnd(yv[i] * gv[i]);
+    storev<V>(o + c, xv);
+  }
+}
+
 extern "C" __global__ void gate_residual_bf16(const bf16* __restrict__ x,
                                               const bf16* __restrict__ y,
                                               const bf16* __restrict__ gate,
-                                              bf16* __restrict__ out, int rows,
-                                              int rows_per_batch, int dim,
+                                              bf16* __restrict__ out, int rows_per_batch, int dim,
                                               long long gate_batch_stride) {
-  const long long pairs = (long long)rows * (dim / 2);
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pairs;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long e = 2 * i;
-    const long long r = e / dim;
-    const int c = (int)(e % dim);
-    const float2 xv = load2(x + e);
-    const float2 yv = load2(y + e);
-    const float2 g = load2(gate + (r / rows_per_batch) * gate_batch_stride + c);
-    store2(out + e, xv.x + rnd(yv.x * g.x), xv.y + rnd(yv.y * g.y));
+  const size_t r = blockIdx.x;
+  const size_t row = r * dim;
+  const bf16* g = gate + (r / rows_per_batch) * gate_batch_stride;
+  if (dim % 8 == 0 && aligned16(x + row) && aligned16(y + row) && aligned16(g) &&
+      aligned16(out + row)) {
+    gate_residual_row<8>(x + row, y + row, g, out + row, dim);
+  } else {
+    gate_residual_row<2>(x + row, y + row, g, out + row, dim);
   }
 }
 
@@ -434,4 +633,36 @@ extern "C" __global__ void nhwc_to_nchw_bias_residual_f32(const float* y, const 
                                                           const float* residual, float* out,
                                                           int c, long long hw) {
   nhwc_to_nchw_bias<true>(y, bias, residual, out, c, hw);
+}
+
+// Decoder output (B, 3, H, W) → (B, H, W, 3) u8 (pixels.rs): y = clamp(T(x / 2 + 0.5), 0, 1)
+// in the dtype T (x / 2 is exact, so the sum rounds once to f32, then to T), then
+// rint(f32(y) · 255), rint rounding ties to even as numpy's round does.
+__device__ __forceinline__ float as_float(float v) { return v; }
+__device__ __forceinline__ float as_float(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float in_dtype(float v, float) { return v; }
+__device__ __forceinline__ float in_dtype(float v, bf16) { return rnd(v); }
+
+template <typename T>
+__device__ __forceinline__ void rgb_u8(const T* __restrict__ x, unsigned char* __restrict__ out,
+                                       long long plane, long long pixels) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < pixels;
+       i += (long long)gridDim.x * blockDim.x) {
+    const T* xi = x + (i / plane) * 3 * plane + i % plane;
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      const float y = fminf(fmaxf(in_dtype(as_float(xi[c * plane]) * 0.5f + 0.5f, T()), 0.f), 1.f);
+      out[3 * i + c] = (unsigned char)rintf(__fmul_rn(y, 255.f));
+    }
+  }
+}
+
+extern "C" __global__ void rgb_u8_f32(const float* x, unsigned char* out, long long plane,
+                                      long long pixels) {
+  rgb_u8(x, out, plane, pixels);
+}
+
+extern "C" __global__ void rgb_u8_bf16(const bf16* x, unsigned char* out, long long plane,
+                                       long long pixels) {
+  rgb_u8(x, out, plane, pixels);
 }
