@@ -117,16 +117,20 @@ fn heads(x: &Tensor, col: usize, cfg: &Config) -> Result<Tensor> {
 }
 
 /// `transformer_blocks.{i}.attn` (`Flux2Attention`): separate image and text projections.
+/// Each stream's q and k projections (`to_q`, `to_k`; `add_q_proj`, `add_k_proj`) are stacked
+/// into one (2D, D) weight at load: one GEMM per stream, whose column halves the joint norm +
+/// RoPE kernel reads in place. v stays its own GEMM: its contiguous rows join the other
+/// stream's in one 2-D copy (strided columns would take two).
 #[derive(Debug, Clone)]
 pub struct Flux2Attention {
-    to_q: Linear,
-    to_k: Linear,
+    /// `to_q`, `to_k`.
+    to_qk: Linear,
     to_v: Linear,
     to_out: Linear,
     norm_q: QkNorm,
     norm_k: QkNorm,
-    add_q_proj: Linear,
-    add_k_proj: Linear,
+    /// `add_q_proj`, `add_k_proj`.
+    add_qk_proj: Linear,
     add_v_proj: Linear,
     to_add_out: Linear,
     norm_added_q: QkNorm,
@@ -134,18 +138,25 @@ pub struct Flux2Attention {
     cfg: Config,
 }
 
+/// The (D, D) projections `names` of `vb` stacked into one linear.
+fn stacked(d: usize, vb: &VarBuilder<'_>, names: &[&str]) -> Result<Linear> {
+    let weights = names
+        .iter()
+        .map(|n| vb.pp(n).get((d, d), "weight"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, None))
+}
+
 impl Flux2Attention {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let (d, hd, eps) = (cfg.hidden_size(), cfg.attention_head_dim, cfg.eps);
         Ok(Self {
-            to_q: linear_no_bias(d, d, vb.pp("to_q"))?,
-            to_k: linear_no_bias(d, d, vb.pp("to_k"))?,
+            to_qk: stacked(d, &vb, &["to_q", "to_k"])?,
             to_v: linear_no_bias(d, d, vb.pp("to_v"))?,
             to_out: linear_no_bias(d, d, vb.pp("to_out").pp("0"))?,
             norm_q: QkNorm::new(hd, eps, vb.pp("norm_q"))?,
             norm_k: QkNorm::new(hd, eps, vb.pp("norm_k"))?,
-            add_q_proj: linear_no_bias(d, d, vb.pp("add_q_proj"))?,
-            add_k_proj: linear_no_bias(d, d, vb.pp("add_k_proj"))?,
+            add_qk_proj: stacked(d, &vb, &["add_q_proj", "add_k_proj"])?,
             add_v_proj: linear_no_bias(d, d, vb.pp("add_v_proj"))?,
             to_add_out: linear_no_bias(d, d, vb.pp("to_add_out"))?,
             norm_added_q: QkNorm::new(hd, eps, vb.pp("norm_added_q"))?,
@@ -157,28 +168,23 @@ impl Flux2Attention {
     /// Joint attention over `[txt; img]`; returns (img (B, N, D), txt (B, L, D)).
     pub fn forward(&self, img: &Tensor, txt: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
         let cfg = &self.cfg;
-        let (txt_len, h) = (txt.dim(1)?, cfg.num_attention_heads);
+        let (d, h, txt_len) = (cfg.hidden_size(), cfg.num_attention_heads, txt.dim(1)?);
+        let (p_txt, p_img) = (self.add_qk_proj.forward(txt)?, self.to_qk.forward(img)?);
+        let cols = |p: &Tensor, i: usize| p.narrow(D::Minus1, i * d, d);
         // Joint sequence [txt; img]: the image tokens take RoPE rows after the text's.
-        let joint = |proj_txt: &Linear, norm_txt: &QkNorm, proj_img: &Linear, norm_img: &QkNorm| {
-            Tensor::cat(
-                &[
-                    norm_txt.forward_rope(&proj_txt.forward(txt)?, rope, h, 0)?,
-                    norm_img.forward_rope(&proj_img.forward(img)?, rope, h, txt_len)?,
-                ],
-                2,
-            )
-        };
-        let q = joint(
-            &self.add_q_proj,
-            &self.norm_added_q,
-            &self.to_q,
+        let q = self.norm_added_q.forward_joint_rope(
+            &cols(&p_txt, 0)?,
             &self.norm_q,
+            &cols(&p_img, 0)?,
+            rope,
+            h,
         )?;
-        let k = joint(
-            &self.add_k_proj,
-            &self.norm_added_k,
-            &self.to_k,
+        let k = self.norm_added_k.forward_joint_rope(
+            &cols(&p_txt, 1)?,
             &self.norm_k,
+            &cols(&p_img, 1)?,
+            rope,
+            h,
         )?;
         let v = Tensor::cat(&[self.add_v_proj.forward(txt)?, self.to_v.forward(img)?], 1)?;
         let v = heads(&v, 0, cfg)?;

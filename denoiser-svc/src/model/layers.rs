@@ -43,6 +43,27 @@ impl QkNorm {
             klein_kernels::RopeStyle::Interleaved,
         )
     }
+
+    /// The double-stream blocks' joint `[txt; img]`: `xs` (B, L, H·hd) normed by this weight,
+    /// `img_xs` (B, N, H·hd) by `img_norm`'s, rotated with RoPE rows 0.. and L.. →
+    /// (B, H, L + N, hd), written in one pass where the kernel applies.
+    pub fn forward_joint_rope(
+        &self,
+        xs: &Tensor,
+        img_norm: &QkNorm,
+        img_xs: &Tensor,
+        rope: &Rope,
+        heads: usize,
+    ) -> Result<Tensor> {
+        klein_kernels::qk_norm_rope_joint(
+            (xs, &self.weight),
+            (img_xs, &img_norm.weight),
+            &rope.cos,
+            &rope.sin,
+            heads,
+            self.eps,
+        )
+    }
 }
 
 /// `Flux2FeedForward`: `linear_out(silu(u[:F]) ⊙ u[F:])`, `u = linear_in(x)` — the gate is the
