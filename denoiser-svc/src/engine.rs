@@ -10,8 +10,16 @@
 //!   `model_wait_secs`, then is refused with RESOURCE_EXHAUSTED;
 //! - drops every run whose client went away (its event stream was dropped): the work stops
 //!   within one step and dropping the job frees its reservation;
-//! - runs the next step of the oldest active run (FIFO, run to completion), then reports
-//!   progress (with a preview when asked) or the final latents.
+//! - runs the next step of the oldest active run (FIFO, run to completion), waits for the
+//!   device to finish it (so `klein_denoiser_step_seconds` is the step's real time and a
+//!   dropped run stops within one step), then reports progress (with a preview when asked) or
+//!   the final latents, logging where the run's time went.
+//!
+//! While runs are active, memory their steps free stays in the device's pool for the next
+//! step ([`gpu_memory::keep_freed_memory`]); when the last run ends it goes back to the
+//! driver. A step that runs out of memory (the kept pieces may not fit its allocations under a
+//! hard MPS limit) hands the pool back and is tried once more
+//! ([`gpu_memory::retry_out_of_memory`]).
 //!
 //! Steps are the unit of scheduling so that runs with the same geometry can later share one
 //! batched forward: the model already takes one timestep per batch item. A panic inside a step
@@ -27,7 +35,7 @@ use std::{
 };
 
 use candle_core::{DType, Device, Tensor};
-use klein_runtime::{budget::Reservation, engine::EngineError, models::Registry};
+use klein_runtime::{budget::Reservation, engine::EngineError, gpu_memory, models::Registry};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
@@ -121,10 +129,14 @@ struct Active {
     run: Run<Rope>,
     job: Job,
     grid: Grid,
-    compute: Duration,
+    /// Moving the request onto the device and preparing the run.
+    prepare: Duration,
+    /// The steps, each until the device finished it.
+    steps: Duration,
 }
 
 fn serve(loaded: &mut Loaded, queue: &mpsc::Receiver<Job>) {
+    gpu_memory::keep_freed_memory(&loaded.device);
     let mut active: VecDeque<Active> = VecDeque::new();
     let mut waiting: VecDeque<(Job, Instant)> = VecDeque::new();
     loop {
@@ -152,6 +164,7 @@ fn serve(loaded: &mut Loaded, queue: &mpsc::Receiver<Job>) {
                 }
             }
         }
+        let busy = !active.is_empty();
         active.retain(|a| {
             let gone = a.job.events.is_closed();
             if gone {
@@ -173,6 +186,9 @@ fn serve(loaded: &mut Loaded, queue: &mpsc::Receiver<Job>) {
             None if !waiting.is_empty() => thread::sleep(Duration::from_millis(5)),
             None => {}
         }
+        if busy && active.is_empty() {
+            gpu_memory::release_freed_memory(&loaded.device);
+        }
     }
 }
 
@@ -191,7 +207,8 @@ fn admit(loaded: &mut Loaded, job: Job, active: &mut VecDeque<Active>) {
                 run,
                 job,
                 grid,
-                compute: started.elapsed(),
+                prepare: started.elapsed(),
+                steps: Duration::ZERO,
             };
             if a.run.is_finished() {
                 finish(loaded, a);
@@ -232,9 +249,14 @@ fn step(loaded: &Loaded, a: &mut Active) -> Next {
             return Next::Failed;
         }
     };
-    let outcome = catch_unwind(AssertUnwindSafe(|| a.run.step(model)));
+    // A failed step leaves the run as it was, so it may run again.
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        gpu_memory::retry_out_of_memory(&loaded.device, || {
+            a.run.step(model).and_then(|()| loaded.device.synchronize())
+        })
+    }));
     let elapsed = started.elapsed();
-    a.compute += elapsed;
+    a.steps += elapsed;
     metrics::histogram!("klein_denoiser_step_seconds").record(elapsed.as_secs_f64());
     if let Err(e) = outcome
         .map_err(panicked)
@@ -272,10 +294,28 @@ fn step(loaded: &Loaded, a: &mut Active) -> Next {
 /// Sends the final latents (on the CPU) of a finished run and unpins its model.
 fn finish(loaded: &mut Loaded, a: Active) {
     let Active {
-        run, job, compute, ..
+        run,
+        job,
+        grid,
+        prepare,
+        steps,
     } = a;
     loaded.models.unpin(&job.request.model);
-    let event = match run.into_latents().to_device(&Device::Cpu) {
+    let started = Instant::now();
+    let steps_done = run.steps_done();
+    let latents = run.into_latents().to_device(&Device::Cpu);
+    let to_host = started.elapsed();
+    let compute = prepare + steps + to_host;
+    tracing::info!(
+        height = grid.height,
+        width = grid.width,
+        steps = steps_done,
+        prepare_seconds = prepare.as_secs_f64(),
+        steps_seconds = steps.as_secs_f64(),
+        to_host_seconds = to_host.as_secs_f64(),
+        "run finished"
+    );
+    let event = match latents {
         Ok(latents) => Event::Finished {
             latents,
             compute_seconds: compute.as_secs_f64(),

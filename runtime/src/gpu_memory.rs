@@ -48,6 +48,24 @@ pub fn release_freed_memory(dev: &Device) {
     pool::trim(dev);
 }
 
+/// Runs `job`; if it failed for want of device memory, returns the pool's unused memory to the
+/// driver and runs it once more. With [`keep_freed_memory`] the pool holds pieces cut for
+/// earlier work, which under a hard MPS limit may not fit the next allocations although the
+/// bytes are there. Only for jobs that leave their inputs as they were when they fail.
+pub fn retry_out_of_memory<T, E: std::fmt::Display>(
+    dev: &Device,
+    mut job: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    match job() {
+        Err(e) if is_out_of_memory(&e.to_string()) => {
+            tracing::warn!(error = %e, "out of device memory; pool handed back, retrying once");
+            release_freed_memory(dev);
+            job()
+        }
+        outcome => outcome,
+    }
+}
+
 /// Free memory kept back by [`fit_budget`] for pool fragmentation and library scratch.
 pub const FIT_MARGIN_BYTES: u64 = 128 << 20;
 
@@ -192,6 +210,27 @@ mod tests {
         let oom = r#"model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
         assert!(is_out_of_memory(oom));
         assert!(!is_out_of_memory("model: shape mismatch in matmul"));
+    }
+
+    #[test]
+    fn only_out_of_memory_is_retried_and_only_once() {
+        let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let calls = |outcomes: Vec<Result<u8, &'static str>>| {
+            let mut left = outcomes.into_iter();
+            let mut count = 0;
+            let got = retry_out_of_memory(&Device::Cpu, || {
+                count += 1;
+                left.next().expect("an outcome per call")
+            });
+            (got, count)
+        };
+        assert_eq!(calls(vec![Err(oom), Ok(1)]), (Ok(1), 2));
+        assert_eq!(calls(vec![Err(oom), Err(oom)]), (Err(oom), 2));
+        assert_eq!(
+            calls(vec![Err("shape mismatch")]),
+            (Err("shape mismatch"), 1)
+        );
+        assert_eq!(calls(vec![Ok(3)]), (Ok(3), 1));
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! request one at a time, so a request's peak is one image's peak. Cancellation is checked
 //! between images and between tiles.
 
+use std::time::{Duration, Instant};
+
 use candle_core::{Device, Tensor};
 use klein_runtime::gpu_memory;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,15 @@ pub struct Facts {
     pub model_id: String,
 }
 
+/// Where a decode's time went, summed over its images.
+#[derive(Debug, Default)]
+struct DecodeTimes {
+    /// Latents onto the device and the decoder, until the device finished.
+    decode: Duration,
+    /// Quantisation to u8 and the copy to the host.
+    to_host: Duration,
+}
+
 /// The model and its device.
 pub struct Runner {
     model: AutoencoderKLFlux2,
@@ -42,8 +53,9 @@ fn check(cancel: &CancellationToken) -> Result<(), VaeError> {
 }
 
 impl Runner {
-    /// Convolution bands reuse the memory earlier bands freed within a job
-    /// ([`gpu_memory::keep_freed_memory`]); every encode and decode returns it when done.
+    /// Convolution bands reuse the memory earlier bands (and earlier jobs) freed
+    /// ([`gpu_memory::keep_freed_memory`]); a job that runs out of memory hands it back and is
+    /// run once more ([`gpu_memory::retry_out_of_memory`]; jobs only read their inputs).
     pub fn new(model: AutoencoderKLFlux2, device: Device, facts: Facts) -> Self {
         gpu_memory::keep_freed_memory(&device);
         Self {
@@ -66,9 +78,7 @@ impl Runner {
     /// Images `[B, H, W, 3]` (CPU, u8 or f32) -> packed normalised latents
     /// `[B, (H/16) * (W/16), 128]` on the CPU in the model dtype.
     pub fn encode(&self, images: &Tensor, cancel: &CancellationToken) -> Result<Tensor, VaeError> {
-        let out = self.encode_images(images, cancel);
-        gpu_memory::release_freed_memory(&self.device);
-        out
+        gpu_memory::retry_out_of_memory(&self.device, || self.encode_images(images, cancel))
     }
 
     fn encode_images(
@@ -95,9 +105,16 @@ impl Runner {
         settings: (&DecodePlan, &TilingConfig),
         cancel: &CancellationToken,
     ) -> Result<Tensor, VaeError> {
-        let out = self.decode_latents(latents, grid, settings, cancel);
-        gpu_memory::release_freed_memory(&self.device);
-        out
+        let mut times = DecodeTimes::default();
+        let out = gpu_memory::retry_out_of_memory(&self.device, || {
+            self.decode_latents(latents, grid, settings, cancel, &mut times)
+        })?;
+        tracing::info!(
+            decode_seconds = times.decode.as_secs_f64(),
+            to_host_seconds = times.to_host.as_secs_f64(),
+            "decode done"
+        );
+        Ok(out)
     }
 
     fn decode_latents(
@@ -106,12 +123,14 @@ impl Runner {
         grid: (usize, usize),
         (plan, tiling): (&DecodePlan, &TilingConfig),
         cancel: &CancellationToken,
+        times: &mut DecodeTimes,
     ) -> Result<Tensor, VaeError> {
         let batch = latents.dim(0)?;
         let (h, w) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
         let mut bytes = Vec::with_capacity(batch * h * w * 3);
         for i in 0..batch {
             check(cancel)?;
+            let started = Instant::now();
             let tokens = latents.narrow(0, i, 1)?.to_device(&self.device)?;
             let z = self.model.unpack_latents(&tokens, grid)?;
             let pixels = if plan.tiles.tiled {
@@ -127,7 +146,11 @@ impl Runner {
             } else {
                 self.model.decode(&z)?
             };
+            self.device.synchronize()?;
+            let decoded = Instant::now();
+            times.decode += decoded - started;
             bytes.extend(image::to_u8(&pixels)?);
+            times.to_host += decoded.elapsed();
         }
         Ok(Tensor::from_vec(bytes, (batch, h, w, 3), &Device::Cpu)?)
     }
