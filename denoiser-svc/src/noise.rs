@@ -57,19 +57,39 @@ impl Xoshiro256pp {
     }
 }
 
-/// `count` standard normal values for one seed.
+/// `count` standard normal values for one seed. The uniforms come from the one sequential
+/// stream; the Box–Muller transforms (a logarithm, a square root and a sine / cosine pair in
+/// f64 per pair, ~20 ms for a 1024² latent on one core) run on every core in chunks, which
+/// changes no value.
 pub fn normal(seed: u64, count: usize) -> Vec<f32> {
     let mut rng = Xoshiro256pp::seeded(seed);
-    let mut out = Vec::with_capacity(count + 1);
-    while out.len() < count {
-        let (u1, u2) = (rng.next_open01(), rng.next_open01());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let angle = std::f64::consts::TAU * u2;
-        out.push((r * angle.cos()) as f32);
-        out.push((r * angle.sin()) as f32);
-    }
+    let pairs = count.div_ceil(2);
+    let uniforms: Vec<(f64, f64)> = (0..pairs)
+        .map(|_| (rng.next_open01(), rng.next_open01()))
+        .collect();
+    let mut out = vec![0f32; 2 * pairs];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = pairs.div_ceil(threads).max(MIN_PAIRS_PER_THREAD);
+    std::thread::scope(|s| {
+        for (u, o) in uniforms.chunks(chunk).zip(out.chunks_mut(2 * chunk)) {
+            s.spawn(move || box_muller(u, o));
+        }
+    });
     out.truncate(count);
     out
+}
+
+/// Below this many pairs a thread costs more than it saves.
+const MIN_PAIRS_PER_THREAD: usize = 8192;
+
+/// Normal pairs from uniform pairs: `r = sqrt(-2 ln u1)`, `(r cos 2πu2, r sin 2πu2)`.
+fn box_muller(uniforms: &[(f64, f64)], out: &mut [f32]) {
+    for (&(u1, u2), o) in uniforms.iter().zip(out.chunks_exact_mut(2)) {
+        let r = (-2.0 * u1.ln()).sqrt();
+        let angle = std::f64::consts::TAU * u2;
+        o[0] = (r * angle.cos()) as f32;
+        o[1] = (r * angle.sin()) as f32;
+    }
 }
 
 /// Noise `[batch, channels, h, w]` f32 on the CPU; item `b` from seed `seed + b`.
@@ -97,6 +117,19 @@ mod tests {
         let mut rng = Xoshiro256pp([1, 2, 3, 4]);
         let got: Vec<u64> = (0..3).map(|_| rng.next_u64()).collect();
         assert_eq!(got, vec![41943041, 58720359, 3588806011781223]);
+    }
+
+    #[test]
+    fn chunked_transforms_equal_one_sequential_pass() {
+        let count = 5 * MIN_PAIRS_PER_THREAD + 3;
+        let mut rng = Xoshiro256pp::seeded(11);
+        let uniforms: Vec<(f64, f64)> = (0..count.div_ceil(2))
+            .map(|_| (rng.next_open01(), rng.next_open01()))
+            .collect();
+        let mut want = vec![0f32; 2 * uniforms.len()];
+        box_muller(&uniforms, &mut want);
+        want.truncate(count);
+        assert_eq!(normal(11, count), want);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use klein_proto::{
     pb::{self, denoise_request},
-    tensor::{Limits, decode_required},
+    tensor::{Limits, decode_required, first_non_finite},
 };
 
 use crate::{
@@ -98,24 +98,26 @@ fn invalid(field: &str, reason: impl Into<String>) -> DenoiseError {
     DenoiseError::invalid(field, reason)
 }
 
-/// Decodes a required float tensor, refusing other dtypes and non-finite values.
-fn float_tensor(t: Option<&pb::Tensor>, field: &str) -> Result<Tensor, DenoiseError> {
-    let t = decode_required(t, field, &Device::Cpu, &Limits::default())?;
+/// Decodes a required float tensor, refusing other dtypes and non-finite values (found in the
+/// wire bytes, without converting every element to f32 and copying it out to look).
+fn float_tensor(wire: Option<&pb::Tensor>, field: &str) -> Result<Tensor, DenoiseError> {
+    let t = decode_required(wire, field, &Device::Cpu, &Limits::default())?;
     if !matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return Err(invalid(
             field,
             format!("dtype {:?}; expected f32, bf16 or f16", t.dtype()),
         ));
     }
-    let values = t
-        .flatten_all()
-        .and_then(|f| f.to_dtype(DType::F32))
-        .and_then(|f| f.to_vec1::<f32>());
-    let values = values.map_err(|e| invalid(field, e.to_string()))?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    if let Some(i) = wire.and_then(first_non_finite) {
+        let value = t
+            .flatten_all()
+            .and_then(|f| f.get(i))
+            .and_then(|v| v.to_dtype(DType::F32))
+            .and_then(|v| v.to_scalar::<f32>());
+        let value = value.map_err(|e| invalid(field, e.to_string()))?;
         return Err(invalid(
             field,
-            format!("element {i} is {} (NaN or infinite)", values[i]),
+            format!("element {i} is {value} (NaN or infinite)"),
         ));
     }
     Ok(t)

@@ -171,6 +171,35 @@ pub fn decode_with_limits(
         .map_err(|e| TensorCodecError::Candle(e.to_string()))
 }
 
+/// Index of the first NaN or infinite element of a float wire tensor, read from its bytes (an
+/// all-ones exponent) without decoding it; `None` when every element is finite or the dtype is
+/// not a float one. Blocks are checked branch-free (the compiler vectorises them); only a
+/// block that holds one is searched.
+pub fn first_non_finite(tensor: &pb::Tensor) -> Option<usize> {
+    fn find<const N: usize>(data: &[u8], exponent: u32) -> Option<usize> {
+        const BLOCK: usize = 4096;
+        let bits = |c: &[u8]| {
+            let mut word = [0u8; 4];
+            word[..N].copy_from_slice(c);
+            u32::from_le_bytes(word) & exponent == exponent
+        };
+        data.chunks(BLOCK * N).enumerate().find_map(|(b, block)| {
+            let any = block.chunks_exact(N).fold(false, |acc, c| acc | bits(c));
+            if any {
+                block.chunks_exact(N).position(bits).map(|i| b * BLOCK + i)
+            } else {
+                None
+            }
+        })
+    }
+    match pb::Dtype::try_from(tensor.dtype).ok()? {
+        pb::Dtype::F32 => find::<4>(&tensor.data, 0x7F80_0000),
+        pb::Dtype::Bf16 => find::<2>(&tensor.data, 0x7F80),
+        pb::Dtype::F16 => find::<2>(&tensor.data, 0x7C00),
+        _ => None,
+    }
+}
+
 /// Encodes a candle tensor (any device, any layout) as a contiguous little-endian wire tensor.
 pub fn encode(tensor: &Tensor) -> Result<pb::Tensor, TensorCodecError> {
     let dtype = dtype_to_wire(tensor.dtype())?;

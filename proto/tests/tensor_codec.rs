@@ -217,3 +217,33 @@ fn non_contiguous_tensors_encode_in_logical_order() {
         vec![vec![0.0, 3.0], vec![1.0, 4.0], vec![2.0, 5.0]]
     );
 }
+
+proptest! {
+    /// The bit-level scan finds exactly what `is_finite` on the decoded values finds, in every
+    /// float dtype, for one special value placed anywhere (across block boundaries too).
+    #[test]
+    fn first_non_finite_agrees_with_the_decoded_values(
+        n in 1usize..10_000,
+        at in any::<prop::sample::Index>(),
+        special in prop::sample::select(vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -0.0]),
+        dtype in prop::sample::select(vec![DType::F32, DType::BF16, DType::F16]),
+    ) {
+        let mut values: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        values[at.index(n)] = special;
+        let t = Tensor::from_vec(values, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let decoded = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let want = decoded.iter().position(|v| !v.is_finite());
+        prop_assert_eq!(tensor::first_non_finite(&tensor::encode(&t).unwrap()), want);
+    }
+}
+
+#[test]
+fn first_non_finite_ignores_integer_tensors() {
+    assert_eq!(
+        tensor::first_non_finite(&wire(pb::Dtype::U8, &[4], 4)),
+        None
+    );
+    let mut t = wire(pb::Dtype::I64, &[1], 8);
+    t.data = Bytes::from(u64::MAX.to_le_bytes().to_vec());
+    assert_eq!(tensor::first_non_finite(&t), None);
+}
