@@ -232,6 +232,7 @@ pub async fn run(
             ),
         ));
     }
+    let vae_seconds = t.elapsed().as_secs_f64();
     let mut pngs = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
         let meta = PngMetadata {
@@ -246,6 +247,17 @@ pub async fn run(
     }
     timings.decode = t.elapsed().as_secs_f64();
     let total = started.elapsed().as_secs_f64() + queue_seconds;
+    tracing::info!(
+        request_id = %trace.request_id,
+        queue_seconds = timings.queue,
+        encode_seconds = timings.encode,
+        denoise_seconds = timings.denoise,
+        denoiser_compute_seconds = result.compute_seconds,
+        decode_seconds = timings.decode,
+        vae_call_seconds = vae_seconds,
+        total_seconds = total,
+        "generate done"
+    );
     for (i, png) in pngs.into_iter().enumerate() {
         emit(
             events,

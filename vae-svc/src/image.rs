@@ -24,18 +24,12 @@ pub fn to_model_input(image: &Tensor) -> Result<Tensor> {
 }
 
 /// Decoder output `(B, 3, H, W)` in the model dtype (any device) -> `B * H * W * 3` u8 RGB,
-/// image-major, rows top to bottom.
+/// image-major, rows top to bottom; quantised where the tensor is
+/// ([`klein_kernels::rgb_u8`]), so only the u8 bytes reach the host.
 pub fn to_u8(decoded: &Tensor) -> Result<Vec<u8>> {
-    let unit = decoded.affine(0.5, 0.5)?.clamp(0f32, 1f32)?;
-    let values = unit
-        .to_dtype(DType::F32)?
-        .permute((0, 2, 3, 1))?
+    klein_kernels::rgb_u8(decoded)?
         .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok(values
-        .into_iter()
-        .map(|v| (v * 255.0).round_ties_even() as u8)
-        .collect())
+        .to_vec1::<u8>()
 }
 
 #[cfg(test)]
@@ -52,11 +46,12 @@ mod tests {
     }
 
     #[test]
-    fn quantisation_clamps_and_rounds_half_to_even() {
-        // x = 2y - 1 for y = 0.5 (127.5 -> 128), below 0, above 1, and 1/255.
-        let y = [0.5f32, -0.2, 1.3, 1.0 / 255.0];
-        let x: Vec<f32> = y.iter().map(|v| 2.0 * v - 1.0).collect();
-        let t = Tensor::from_vec(x, (1, 1, 1, 4), &Device::Cpu).unwrap();
-        assert_eq!(to_u8(&t).unwrap(), vec![128, 0, 255, 1]);
+    fn quantisation_clamps_and_rounds_half_to_even_channel_last() {
+        // x = 2y - 1 for y = 0.5 (127.5 -> 128), below 0, above 1, 1/255, 0 and 1; two
+        // pixels, channel planes in, pixels of three channels out.
+        let y = [[0.5f32, -0.2], [1.3, 1.0 / 255.0], [0.0, 1.0]];
+        let x: Vec<f32> = y.iter().flatten().map(|v| 2.0 * v - 1.0).collect();
+        let t = Tensor::from_vec(x, (1, 3, 1, 2), &Device::Cpu).unwrap();
+        assert_eq!(to_u8(&t).unwrap(), vec![128, 255, 0, 0, 1, 255]);
     }
 }
