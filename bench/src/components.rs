@@ -18,6 +18,9 @@ pub struct Row {
     /// Median wall time of one call, milliseconds (device synchronised).
     pub median_ms: f64,
     pub min_ms: f64,
+    /// Median time until the call returned, before the device finished: the host's cost of
+    /// issuing the work. Near `median_ms`, the host is what limits the call.
+    pub host_ms: f64,
     pub iters: usize,
     /// CUDA pool bytes in use before the call (the weights and inputs), GiB; `None` on the CPU.
     pub resident_gib: Option<f64>,
@@ -45,13 +48,61 @@ pub fn memory(
     ))
 }
 
-/// Median and minimum milliseconds of `f` over `iters` runs after `warm` warm-ups.
+/// Milliseconds of one call: the median and minimum with the device synchronised, and the
+/// median time until `f` returned.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub host_ms: f64,
+}
+
+fn median(mut ms: Vec<f64>) -> f64 {
+    ms.sort_by(f64::total_cmp);
+    ms[ms.len() / 2]
+}
+
+/// Times `f` over `iters` runs after `warm` warm-ups.
 pub fn time(
     dev: &Device,
     warm: usize,
     iters: usize,
     mut f: impl FnMut() -> Result<Tensor>,
-) -> Result<(f64, f64)> {
+) -> Result<Timing> {
+    for _ in 0..warm {
+        f()?;
+    }
+    dev.synchronize()?;
+    let (mut ms, mut host) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    for _ in 0..iters {
+        let t = Instant::now();
+        let out = f()?;
+        host.push(t.elapsed().as_secs_f64() * 1e3);
+        dev.synchronize()?;
+        drop(out);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let min_ms = ms.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(Timing {
+        median_ms: median(ms),
+        min_ms,
+        host_ms: median(host),
+    })
+}
+
+/// Calls per synchronisation of the kernel and step tables.
+pub const QUEUED: usize = 10;
+
+/// Milliseconds per call of `f` when calls queue back to back (`per_sync` of them between
+/// synchronisations, the median over `iters` such batches after `warm` calls): the device's
+/// time for a short kernel, without the launch and synchronisation latency a lone call pays.
+pub fn time_queued(
+    dev: &Device,
+    warm: usize,
+    iters: usize,
+    per_sync: usize,
+    mut f: impl FnMut() -> Result<Tensor>,
+) -> Result<f64> {
     for _ in 0..warm {
         f()?;
     }
@@ -59,13 +110,13 @@ pub fn time(
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        let out = f()?;
+        for _ in 0..per_sync {
+            f()?;
+        }
         dev.synchronize()?;
-        drop(out);
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        ms.push(t.elapsed().as_secs_f64() * 1e3 / per_sync as f64);
     }
-    ms.sort_by(f64::total_cmp);
-    Ok((ms[ms.len() / 2], ms[0]))
+    Ok(median(ms))
 }
 
 fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
@@ -93,7 +144,7 @@ pub fn encoder(dev: &Device, dtype: DType, q4: bool, iters: usize) -> Result<Row
         ],
         1,
     )?;
-    let (median_ms, min_ms) = time(dev, 2, iters, || model.forward(&ids, &mask))?;
+    let timing = time(dev, 2, iters, || model.forward(&ids, &mask))?;
     let (resident_gib, activation_gib) = memory(dev, || model.forward(&ids, &mask))?;
     let mut estimate = encoder_svc::budget::activation_bytes(&cfg, dtype, 1, 512);
     if q4 {
@@ -113,10 +164,20 @@ pub fn encoder(dev: &Device, dtype: DType, q4: bool, iters: usize) -> Result<Row
             if q4 { ", linears q4k" } else { "" }
         ),
         dtype: format!("{dtype:?}").to_lowercase(),
-        median_ms,
-        min_ms,
+        median_ms: timing.median_ms,
+        min_ms: timing.min_ms,
+        host_ms: timing.host_ms,
         iters,
     })
+}
+
+/// Where memory a step freed goes before the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pool {
+    /// Kept in the device's pool (denoiser-svc while runs are active).
+    Keep,
+    /// Back to the driver at the step's end (the pool's default release threshold, 0).
+    Release,
 }
 
 /// klein-4B transformer, one forward at `px`² with `batch` images.
@@ -126,6 +187,7 @@ pub fn transformer(
     px: usize,
     batch: usize,
     iters: usize,
+    pool: Pool,
 ) -> Result<Row> {
     use denoiser_svc::model::{Config, Flux2Transformer2DModel, grid_ids, text_ids};
     let cfg = Config::klein_4b();
@@ -138,7 +200,15 @@ pub fn transformer(
     ids.extend(grid_ids(0, h, w));
     let rope = model.rope(&ids, dev)?;
     let t = vec![968.0f32; batch];
-    let (median_ms, min_ms) = time(dev, 2, iters, || model.forward(&x, &ctx, &t, &rope))?;
+    gpu_memory::keep_freed_memory(dev);
+    let timing = time(dev, 2, iters, || {
+        let y = model.forward(&x, &ctx, &t, &rope);
+        if pool == Pool::Release {
+            gpu_memory::release_freed_memory(dev);
+        }
+        y
+    })?;
+    gpu_memory::release_freed_memory(dev);
     let (resident_gib, activation_gib) = memory(dev, || model.forward(&x, &ctx, &t, &rope))?;
     let flash = klein_kernels::flash_attention_applies(dev, dtype, cfg.attention_head_dim);
     let estimate = denoiser_svc::admission::activation_bytes(
@@ -154,10 +224,17 @@ pub fn transformer(
         activation_gib,
         estimate_gib: estimate as f64 / GIB,
         component: "transformer".into(),
-        case: format!("klein-4B step {px}x{px}, batch {batch}"),
+        case: format!(
+            "klein-4B step {px}x{px}, batch {batch}{}",
+            match pool {
+                Pool::Keep => "",
+                Pool::Release => ", pool released each step",
+            }
+        ),
         dtype: format!("{dtype:?}").to_lowercase(),
-        median_ms,
-        min_ms,
+        median_ms: timing.median_ms,
+        min_ms: timing.min_ms,
+        host_ms: timing.host_ms,
         iters,
     })
 }
@@ -182,23 +259,19 @@ pub fn vae(
     let conv_algo = chunking.conv_algo;
     let model = AutoencoderKLFlux2::new(&cfg, random_vb(dtype, dev))?;
     let estimates = MemoryModel::new(&cfg, dtype);
-    // As vae-svc's engine: freed memory stays pooled within a job and goes back after it.
+    // As vae-svc's engine: freed memory stays pooled for the next band and the next job.
     gpu_memory::keep_freed_memory(dev);
-    let job = |y: Result<Tensor>| {
-        gpu_memory::release_freed_memory(dev);
-        y
-    };
-    let ((median_ms, min_ms), (resident_gib, activation_gib), estimate) = if decode {
+    let (timing, (resident_gib, activation_gib), estimate) = if decode {
         let z = Tensor::randn(0f32, 1.0, (1, 32, px / 8, px / 8), dev)?.to_dtype(dtype)?;
         (
-            time(dev, 1, iters, || job(model.decode(&z)))?,
+            time(dev, 1, iters, || model.decode(&z))?,
             memory(dev, || model.decode(&z))?,
             estimates.decode_peak(px, px),
         )
     } else {
         let x = Tensor::rand(-1f32, 1.0, (1, 3, px, px), dev)?.to_dtype(dtype)?;
         (
-            time(dev, 1, iters, || job(model.encode_mean(&x)))?,
+            time(dev, 1, iters, || model.encode_mean(&x))?,
             memory(dev, || model.encode_mean(&x))?,
             estimates.encode_peak(px, px),
         )
@@ -216,8 +289,9 @@ pub fn vae(
             chunking.op_bytes >> 20
         ),
         dtype: format!("{dtype:?}").to_lowercase(),
-        median_ms,
-        min_ms,
+        median_ms: timing.median_ms,
+        min_ms: timing.min_ms,
+        host_ms: timing.host_ms,
         iters,
     })
 }

@@ -44,6 +44,11 @@ enum Command {
         /// Transformer batch sizes.
         #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
         batches: Vec<usize>,
+        /// What the transformer's freed memory does between steps; each listed one is timed:
+        /// `keep` stays in the pool (denoiser-svc while runs are active), `release` goes back
+        /// to the driver after every step (the pool's default).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "keep")]
+        denoiser_pool: Vec<components::Pool>,
         /// Components to time: text_encoder, transformer, vae.
         #[arg(
             long,
@@ -182,6 +187,7 @@ fn main() -> ExitCode {
             iters,
             sizes,
             batches,
+            denoiser_pool,
             only,
             json,
             vae_conv_algorithm,
@@ -199,12 +205,13 @@ fn main() -> ExitCode {
             let mut emit = |r: components::Row| {
                 let gib = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}"));
                 println!(
-                    "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {:.2} |",
+                    "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.2} |",
                     r.component,
                     r.case,
                     r.dtype,
                     r.median_ms,
                     r.min_ms,
+                    r.host_ms,
                     gib(r.resident_gib),
                     gib(r.activation_gib),
                     r.estimate_gib
@@ -212,7 +219,7 @@ fn main() -> ExitCode {
                 rows.push(r);
             };
             println!(
-                "| component | case | dtype | median ms | min ms | resident GiB | activation peak GiB | estimate GiB |\n|---|---|---|---|---|---|---|---|"
+                "| component | case | dtype | median ms | min ms | host ms | resident GiB | activation peak GiB | estimate GiB |\n|---|---|---|---|---|---|---|---|---|"
             );
             if wanted("text_encoder") {
                 emit(components::encoder(&dev, float, false, iters)?);
@@ -220,7 +227,9 @@ fn main() -> ExitCode {
             }
             for &px in sizes.iter().filter(|_| wanted("transformer")) {
                 for &b in &batches {
-                    emit(components::transformer(&dev, float, px, b, iters)?);
+                    for &pool in &denoiser_pool {
+                        emit(components::transformer(&dev, float, px, b, iters, pool)?);
+                    }
                 }
             }
             for &px in sizes.iter().filter(|_| wanted("vae")) {

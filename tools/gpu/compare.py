@@ -27,8 +27,9 @@ def main():
         mine = ours.get(key)
         ms = f"{mine['median_ms']:.1f}" if mine else "–"
         ratio = f"{mine['median_ms'] / r['median_ms']:.2f}" if mine else "–"
+        peak = "–" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         print(f"| {r['component']} | {r['case']} | {r['dtype']} | {ms} | {r['median_ms']:.1f} | "
-              f"{ratio} | {r['peak_gib']:.2f} |")
+              f"{ratio} | {peak} |")
     for key, r in ours.items():
         if not any((x["component"], x["case"], x["dtype"]) == key for x in ref["rows"]):
             print(f"| {key[0]} | {key[1]} | {key[2]} | {r['median_ms']:.1f} | – | – | – |")
