@@ -36,9 +36,10 @@ pub fn free_bytes(dev: &Device) -> Option<u64> {
 
 /// Keeps memory that `dev`'s tensors free in the process's pool instead of handing it back to
 /// the driver at every synchronisation (the pool's default release threshold is 0): an
-/// operation of many allocations (the VAE's convolution bands) reuses what the last one freed.
-/// Pair it with [`release_freed_memory`] after each job: memory cached across jobs of other
-/// shapes fragments the pool, and under a hard MPS limit that ends in an out-of-memory error.
+/// operation of many allocations (the VAE's convolution bands, the transformer's steps) reuses
+/// what the last one freed. Memory cached for work of other shapes can fragment the pool, and
+/// under a hard MPS limit an allocation may then fail although the bytes are there: run such
+/// work through [`retry_out_of_memory`], or [`release_freed_memory`] when idle.
 pub fn keep_freed_memory(dev: &Device) {
     pool::keep_freed(dev);
 }
