@@ -8,6 +8,7 @@ use klein_proto::{
     MAX_MESSAGE_BYTES,
     pb::{self, generate_response::Event, image_service_client::ImageServiceClient},
 };
+use klein_runtime::server::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
 use tokio_stream::StreamExt;
 
 /// Client subcommands.
@@ -156,6 +157,10 @@ pub async fn run(addr: &str, command: Command) -> Result<(), CliError> {
             addr: addr.into(),
             source,
         })?
+        // Images arrive in few large frames, not hundreds of 16 KiB ones.
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .connect()
         .await
         .map_err(|source| CliError::Connect {

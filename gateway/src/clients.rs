@@ -16,7 +16,7 @@ use klein_proto::{
         vae_service_client::VaeServiceClient,
     },
 };
-use klein_runtime::server::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
+use klein_runtime::server::{CONNECTION_WINDOW_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES};
 use tonic::{
     Code, Request, Response, Status,
     metadata::MetadataValue,
@@ -131,6 +131,7 @@ fn endpoints(
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .max_frame_size(MAX_FRAME_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
         endpoints.push(endpoint);
