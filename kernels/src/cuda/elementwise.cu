@@ -30,19 +30,23 @@ __device__ __forceinline__ int global_warp() {
   return (blockIdx.x * blockDim.x + threadIdx.x) / 32;
 }
 
+// Eight bf16 values held in 16 bytes, as floats.
+__device__ __forceinline__ void unpack8(const uint4& u, float* f) {
+  const bf16x2* h = reinterpret_cast<const bf16x2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
 // V consecutive bf16 values as floats: V = 8 is one 16-byte access (the pointer 16-byte
 // aligned), V = 2 one 4-byte access.
 template <int V>
 __device__ __forceinline__ void loadv(const bf16* p, float* f) {
   if constexpr (V == 8) {
-    const uint4 u = *reinterpret_cast<const uint4*>(p);
-    const bf16x2* h = reinterpret_cast<const bf16x2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 t = __bfloat1622float2(h[i]);
-      f[2 * i] = t.x;
-      f[2 * i + 1] = t.y;
-    }
+    unpack8(*reinterpret_cast<const uint4*>(p), f);
   } else {
     const float2 t = load2(p);
     f[0] = t.x;
@@ -76,16 +80,6 @@ __device__ __forceinline__ void load_row(const bf16* xr, int dim, int lane, uint
   for (int k = 0; k < ROW_VECS; ++k) {
     const int c = 8 * (lane + 32 * k);
     if (c < dim) buf[k] = *reinterpret_cast<const uint4*>(xr + c);
-  }
-}
-
-__device__ __forceinline__ void unpack8(const uint4& u, float* f) {
-  const bf16x2* h = reinterpret_cast<const bf16x2*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
   }
 }
 
