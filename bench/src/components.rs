@@ -90,17 +90,16 @@ pub fn time(
     })
 }
 
-/// Calls per synchronisation of the kernel and step tables.
-pub const QUEUED: usize = 10;
+/// Calls queued per synchronisation by [`time_queued`].
+const QUEUED: usize = 10;
 
-/// Milliseconds per call of `f` when calls queue back to back (`per_sync` of them between
-/// synchronisations, the median over `iters` such batches after `warm` calls): the device's
+/// Milliseconds per call of `f` when calls queue back to back ([`QUEUED`] of them between
+/// synchronisations; the median over `iters` such batches after `warm` calls): the device's
 /// time for a short kernel, without the launch and synchronisation latency a lone call pays.
 pub fn time_queued(
     dev: &Device,
     warm: usize,
     iters: usize,
-    per_sync: usize,
     mut f: impl FnMut() -> Result<Tensor>,
 ) -> Result<f64> {
     for _ in 0..warm {
@@ -110,11 +109,11 @@ pub fn time_queued(
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();
-        for _ in 0..per_sync {
+        for _ in 0..QUEUED {
             f()?;
         }
         dev.synchronize()?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3 / per_sync as f64);
+        ms.push(t.elapsed().as_secs_f64() * 1e3 / QUEUED as f64);
     }
     Ok(median(ms))
 }

@@ -12,7 +12,7 @@ use candle_core::{
 use klein_kernels::{RopeStyle, reference};
 use serde::Serialize;
 
-use crate::components::{QUEUED, time_queued};
+use crate::components::time_queued;
 
 /// One kernel, timed fused and as the composition.
 #[derive(Debug, Clone, Serialize)]
@@ -72,8 +72,8 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
                    floor_ms: f64,
                    bound: &'static str|
      -> Result<()> {
-        let fused_ms = time_queued(dev, 3, iters, QUEUED, fused)?;
-        let reference_ms = time_queued(dev, 3, iters, QUEUED, composed)?;
+        let fused_ms = time_queued(dev, 3, iters, fused)?;
+        let reference_ms = time_queued(dev, 3, iters, composed)?;
         rows.push(KernelRow {
             kernel: kernel.to_owned(),
             case,
@@ -143,6 +143,36 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         bytes_ms(2.0 * act + 2.0 * (s * HEAD_DIM / 2 * 4) as f64),
         "bytes",
     )?;
+    // The double blocks' q: text rows and image rows from their own stacked q / k projections.
+    let (txt, img) = (
+        randn(&[1, TXT, 2 * DIM], dev)?.narrow(D::Minus1, 0, DIM)?,
+        randn(&[1, IMG, 2 * DIM], dev)?.narrow(D::Minus1, 0, DIM)?,
+    );
+    row(
+        "qk_norm_rope_joint",
+        format!("[txt; img] q columns of two projections → (1, {HEADS}, {s}, {HEAD_DIM})"),
+        &mut || {
+            klein_kernels::qk_norm_rope_joint(
+                (&txt, &weight),
+                (&img, &weight),
+                &cos,
+                &sin,
+                HEADS,
+                1e-6,
+            )
+        },
+        &mut || {
+            Tensor::cat(
+                &[
+                    reference::qk_norm_rope(&txt, &weight, &cos, &sin, HEADS, 0, 1e-6, FLUX)?,
+                    reference::qk_norm_rope(&img, &weight, &cos, &sin, HEADS, TXT, 1e-6, FLUX)?,
+                ],
+                2,
+            )
+        },
+        bytes_ms(2.0 * act + 2.0 * (s * HEAD_DIM / 2 * 4) as f64),
+        "bytes",
+    )?;
 
     let (q, k, v) = (
         randn(&[1, HEADS, s, HEAD_DIM], dev)?,
@@ -169,6 +199,22 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         &mut || klein_kernels::group_norm(&x, &weight, &bias, 32, 1e-6, true),
         &mut || reference::group_norm(&x, &weight, &bias, 32, 1e-6, true),
         bytes_ms(3.0 * x.elem_count() as f64 * 4.0),
+        "bytes",
+    )?;
+    // The decoder output to u8 pixels; the composition is the device part of the path it
+    // replaced (its rounding to u8 ran on the host, over 4 × the bytes).
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 1024, 1024), dev)?;
+    row(
+        "rgb_u8",
+        "VAE output (1, 3, 1024, 1024) f32 → (1, 1024, 1024, 3) u8".to_owned(),
+        &mut || klein_kernels::rgb_u8(&x),
+        &mut || {
+            x.affine(0.5, 0.5)?
+                .clamp(0f32, 1f32)?
+                .permute((0, 2, 3, 1))?
+                .contiguous()
+        },
+        bytes_ms(x.elem_count() as f64 * 5.0),
         "bytes",
     )?;
 

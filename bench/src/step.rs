@@ -11,7 +11,7 @@ use klein_kernels::RopeStyle;
 use serde::Serialize;
 
 use crate::{
-    components::{QUEUED, time_queued},
+    components::time_queued,
     kernels::{DIM, HEAD_DIM, HEADS, IMG, MLP, TXT, randn},
 };
 
@@ -62,7 +62,7 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
                     flops: Option<f64>,
                     f: &mut dyn FnMut() -> Result<Tensor>|
      -> Result<()> {
-        let ms = time_queued(dev, 3, iters, QUEUED, f)?;
+        let ms = time_queued(dev, 3, iters, f)?;
         rows.push(PartRow {
             part: name,
             kind,

@@ -59,8 +59,8 @@ impl Xoshiro256pp {
 
 /// `count` standard normal values for one seed. The uniforms come from the one sequential
 /// stream; the Box–Muller transforms (a logarithm, a square root and a sine / cosine pair in
-/// f64 per pair, ~20 ms for a 1024² latent on one core) run on every core in chunks, which
-/// changes no value.
+/// f64 per pair, most of a 1024² request's preparation when they ran on one core) run on every
+/// core in chunks, which changes no value.
 pub fn normal(seed: u64, count: usize) -> Vec<f32> {
     let mut rng = Xoshiro256pp::seeded(seed);
     let pairs = count.div_ceil(2);

@@ -139,7 +139,6 @@ fn output_path(out: &Path, index: u32, count: u32) -> PathBuf {
     out.with_file_name(format!("{stem}-{index}.{ext}"))
 }
 
-/// Runs `command` against the gateway at `addr`.
 /// A line above the progress bar, or to `out` where the bar is hidden (output not a terminal):
 /// indicatif drops `println` on a hidden bar, and with it the result line and the warnings.
 fn say(bar: &ProgressBar, out: &mut impl std::io::Write, line: String) {
@@ -151,6 +150,7 @@ fn say(bar: &ProgressBar, out: &mut impl std::io::Write, line: String) {
     }
 }
 
+/// Runs `command` against the gateway at `addr`.
 pub async fn run(addr: &str, command: Command) -> Result<(), CliError> {
     let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
         .map_err(|source| CliError::Connect {

@@ -12,7 +12,8 @@
 //! the kernels against.
 //!
 //! The public functions dispatch: the fused op on a CUDA bf16 tensor of a supported shape, the
-//! reference composition otherwise. A build for compute capability 9.0 (Hopper,
+//! reference composition otherwise. The decoder output's quantization ([`rgb_u8`], f32 or bf16)
+//! has no composition: it is the op everywhere, its `cpu_fwd` on the CPU. A build for compute capability 9.0 (Hopper,
 //! `cfg(klein_sm90a)`) runs the transformer's attention on its own kernel (wgmma and tensor-map
 //! copies, `flash_attention_sm90.cu`); the other kernels are the same on every architecture.
 

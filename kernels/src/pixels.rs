@@ -4,7 +4,6 @@
 //! quarter of the f32 bytes, with no per-element work left for the CPU.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
-use half::bf16;
 
 /// x (B, 3, H, W) f32 or bf16, contiguous → (B, H, W, 3) u8.
 #[derive(Debug, Clone, Copy)]
@@ -39,17 +38,11 @@ impl CustomOp1 for RgbU8 {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, h, w) = dims(l)?;
         let plane = h * w;
-        let unit: Vec<f32> = match s {
-            CpuStorage::F32(v) => v[l.start_offset()..][..3 * b * plane]
-                .iter()
-                .map(|x| x * 0.5 + 0.5)
-                .collect(),
-            CpuStorage::BF16(v) => v[l.start_offset()..][..3 * b * plane]
-                .iter()
-                .map(|x| bf16::from_f32(x.to_f32() * 0.5 + 0.5).to_f32())
-                .collect(),
-            other => bail!("rgb_u8: unsupported dtype {:?}", crate::cpu::dtype(other)),
-        };
+        let round = crate::cpu::rounder(crate::cpu::dtype(s));
+        let unit: Vec<f32> = crate::cpu::read(s, l)?
+            .into_iter()
+            .map(|x| round(x * 0.5 + 0.5))
+            .collect();
         let mut out = Vec::with_capacity(unit.len());
         for image in unit.chunks_exact(3 * plane) {
             for p in 0..plane {
@@ -66,6 +59,7 @@ impl CustomOp1 for RgbU8 {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::{DType, backend::BackendStorage};
+        use half::bf16;
 
         let (b, h, w) = dims(l)?;
         let dev = s.device().clone();

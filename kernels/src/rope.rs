@@ -19,6 +19,24 @@ pub enum RopeStyle {
     RotateHalf,
 }
 
+/// Whether FLUX.2's head-dim-128 kernel (16-byte accesses) takes these operands: each
+/// source's projection rows (start and batch / row strides) and norm weight 16-byte aligned as
+/// bf16, and the f32 tables' rows too.
+fn vectorizable(hd: usize, sources: &[(&Layout, &Layout)], cos: &Layout, sin: &Layout) -> bool {
+    let rows = |l: &Layout| {
+        let stride = l.stride();
+        stride.len() == 3
+            && [l.start_offset(), stride[0], stride[1]]
+                .iter()
+                .all(|v| v % 8 == 0)
+    };
+    hd == 128
+        && sources
+            .iter()
+            .all(|(src, weight)| rows(src) && weight.start_offset() % 8 == 0)
+        && [cos, sin].iter().all(|l| l.start_offset() % 4 == 0)
+}
+
 /// src (B, S, H·hd) with unit last stride (e.g. the q columns of a fused projection), cos and
 /// sin (S_rope, hd/2) f32 → (B, H, S, hd). Token `s` takes RoPE row `rope_offset + s`. Rounds
 /// like the composition: normalised value, weight product, then as `style` rotates.
@@ -159,11 +177,11 @@ impl CustomOp3 for QkNormRope {
         let candle_core::Storage::Cuda(weight) = &*weight else {
             bail!("qk_norm_rope: the weight is not on the GPU");
         };
-        let source = interleaved128::Source {
-            src: (ss, sl),
-            weight: (weight, wl),
-        };
-        if self.style == RopeStyle::Interleaved && interleaved128::applies(&[&source], cl, nl, hd) {
+        if self.style == RopeStyle::Interleaved && vectorizable(hd, &[(sl, wl)], cl, nl) {
+            let source = interleaved128::Source {
+                src: (ss, sl),
+                weight: (weight, wl),
+            };
             let out = interleaved128::launch(
                 &[source],
                 (cs, cl),
@@ -213,18 +231,6 @@ mod interleaved128 {
     /// Heads a warp takes (`QK_HEADS_PER_WARP` in elementwise.cu).
     const HEADS_PER_WARP: usize = 8;
 
-    /// Whether every operand starts 16-byte aligned (bf16 rows, f32 table rows).
-    pub fn applies(sources: &[&Source<'_>], cos: &Layout, sin: &Layout, hd: usize) -> bool {
-        let rows = |l: &Layout| [l.start_offset(), l.stride()[0], l.stride()[1]];
-        hd == 128
-            && sources.iter().all(|s| {
-                rows(s.src.1).iter().all(|v| v % 8 == 0) && s.weight.1.start_offset() % 8 == 0
-            })
-            && [cos.start_offset(), sin.start_offset()]
-                .iter()
-                .all(|v| v % 4 == 0)
-    }
-
     /// (B, H, ΣS, 128): the sources' tokens in order, token `s` of the joint sequence taking
     /// RoPE row `rope_offset + s`.
     pub fn launch(
@@ -247,12 +253,7 @@ mod interleaved128 {
             _ => bail!("qk_norm_rope: one or two sources, not {}", sources.len()),
         };
         let (batch, seq_a, _) = a.src.1.shape().dims3()?;
-        let seq = seq_a
-            + if sources.len() == 2 {
-                b.src.1.dims()[1]
-            } else {
-                0
-            };
+        let seq: usize = sources.iter().map(|s| s.src.1.dims()[1]).sum();
         let dev = a.src.0.device().clone();
         let func = dev.get_or_load_custom_func(
             "qk_norm_rope_interleaved128_bf16",

@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
-use super::{QkNormRope, RopeStyle, qk_norm_rope};
+use super::{QkNormRope, RopeStyle, qk_norm_rope, vectorizable};
 
 /// src = the text rows (B, S_txt, H·hd), cos and sin (S_txt + S_img, hd/2) f32 →
 /// (B, H, S_txt + S_img, hd); the image rows come from `img` (B, S_img, H·hd). Text token `s`
@@ -23,7 +23,6 @@ pub struct JointQkNormRope {
 
 /// [`JointQkNormRope`] where the head-dim-128 kernel takes both streams in place (CUDA bf16,
 /// 16-byte aligned rows), otherwise the two streams' [`qk_norm_rope`] concatenated.
-#[allow(clippy::too_many_arguments)]
 pub fn qk_norm_rope_joint(
     (txt, txt_weight): (&Tensor, &Tensor),
     (img, img_weight): (&Tensor, &Tensor),
@@ -32,20 +31,17 @@ pub fn qk_norm_rope_joint(
     heads: usize,
     eps: f64,
 ) -> Result<Tensor> {
-    let aligned = |t: &Tensor, elems: usize| {
-        t.layout().start_offset().is_multiple_of(elems)
-            && t.stride()
-                .iter()
-                .all(|s| s.is_multiple_of(elems) || *s == 1)
-    };
     let fused = crate::fused(txt)
         && crate::fused(img)
-        && txt_weight.dim(0)? == 128
-        && [txt, img, txt_weight, img_weight]
-            .iter()
-            .all(|t| aligned(t, 8))
-        && aligned(cos, 4)
-        && aligned(sin, 4);
+        && vectorizable(
+            txt_weight.dim(0)?,
+            &[
+                (txt.layout(), txt_weight.layout()),
+                (img.layout(), img_weight.layout()),
+            ],
+            cos.layout(),
+            sin.layout(),
+        );
     if fused {
         let op = JointQkNormRope {
             txt_weight: txt_weight.clone(),
@@ -123,7 +119,7 @@ impl CustomOp3 for JointQkNormRope {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::bail;
 
-        use super::interleaved128::{Source, applies, launch};
+        use super::interleaved128::{Source, launch};
 
         let (b, s_txt, hd) = self.part(&self.txt_weight, 0).dims(sl, cl, nl)?;
         let (img, il) = self.img.storage_and_layout();
@@ -144,6 +140,9 @@ impl CustomOp3 for JointQkNormRope {
         let (candle_core::Storage::Cuda(tw), candle_core::Storage::Cuda(iw)) = (&*tw, &*iw) else {
             bail!("joint_qk_norm_rope: a norm weight is not on the GPU");
         };
+        if !vectorizable(hd, &[(sl, twl), (il, iwl)], cl, nl) {
+            bail!("joint_qk_norm_rope: operands not 16-byte aligned or head dim {hd} != 128");
+        }
         let sources = [
             Source {
                 src: (ss, sl),
@@ -154,9 +153,6 @@ impl CustomOp3 for JointQkNormRope {
                 weight: (iw, iwl),
             },
         ];
-        if !applies(&[&sources[0], &sources[1]], cl, nl, hd) {
-            bail!("joint_qk_norm_rope: operands not 16-byte aligned or head dim {hd} != 128");
-        }
         let out = launch(&sources, (cs, cl), (ns, nl), self.heads, 0, self.eps)?;
         Ok((out, Shape::from((b, self.heads, s_txt + s_img, hd))))
     }
