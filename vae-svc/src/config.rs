@@ -98,8 +98,14 @@ pub struct Config {
     pub max_image_pixels: u64,
     /// Largest f32 attention score block (scores + softmax) of the mid-block attention.
     pub attention_chunk_bytes: ByteSize,
-    /// Largest working set of one convolution band or group-norm chunk.
+    /// Working set of one convolution band or group-norm chunk that every job may take (and
+    /// tiled decodes do).
     pub op_chunk_bytes: ByteSize,
+    /// Largest working set a job may take where convolutions hold no im2col rows (cuDNN's
+    /// implicit GEMM): each encode and untiled decode plans the largest chunk, halving down to
+    /// `op_chunk_bytes`, whose reservation fits the activation capacity (taller convolution
+    /// bands are faster; docs/performance.md, ninth session). Elsewhere `op_chunk_bytes`.
+    pub max_op_chunk_bytes: ByteSize,
     /// Tile side, latent tokens (16 px each), for requests that force tiling.
     pub tile_tokens: usize,
     /// Overlap between neighbouring tiles, tokens (at most half a tile).
@@ -140,6 +146,7 @@ impl Default for Config {
             max_image_pixels: 2048 * 2048,
             attention_chunk_bytes: ByteSize(chunking.attention_bytes),
             op_chunk_bytes: ByteSize(chunking.op_bytes),
+            max_op_chunk_bytes: ByteSize(16 << 30),
             tile_tokens: 32,
             tile_overlap_tokens: 8,
             min_tile_tokens: 8,
@@ -174,6 +181,9 @@ impl Config {
         }
         if self.attention_chunk_bytes.0 == 0 || self.op_chunk_bytes.0 == 0 {
             return rule("attention_chunk_bytes and op_chunk_bytes must be >= 1");
+        }
+        if self.max_op_chunk_bytes.0 < self.op_chunk_bytes.0 {
+            return rule("max_op_chunk_bytes must be >= op_chunk_bytes");
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use crate::{
     image,
     loader::WeightsFormat,
     memory::DecodePlan,
-    model::{AutoencoderKLFlux2, Config},
+    model::{AutoencoderKLFlux2, Config, config::with_op_bytes},
     tiling::{self, TileJob, TilingConfig},
     validate::PIXELS_PER_TOKEN,
 };
@@ -76,9 +76,17 @@ impl Runner {
     }
 
     /// Images `[B, H, W, 3]` (CPU, u8 or f32) -> packed normalised latents
-    /// `[B, (H/16) * (W/16), 128]` on the CPU in the model dtype.
-    pub fn encode(&self, images: &Tensor, cancel: &CancellationToken) -> Result<Tensor, VaeError> {
-        gpu_memory::retry_out_of_memory(&self.device, || self.encode_images(images, cancel))
+    /// `[B, (H/16) * (W/16), 128]` on the CPU in the model dtype, with operation chunks of
+    /// `op_bytes` (the job's plan, [`crate::memory::plan_encode`]).
+    pub fn encode(
+        &self,
+        images: &Tensor,
+        op_bytes: u64,
+        cancel: &CancellationToken,
+    ) -> Result<Tensor, VaeError> {
+        with_op_bytes(op_bytes, || {
+            gpu_memory::retry_out_of_memory(&self.device, || self.encode_images(images, cancel))
+        })
     }
 
     fn encode_images(
@@ -97,7 +105,7 @@ impl Runner {
     }
 
     /// Packed latents `[B, h * w, 128]` (CPU) -> RGB u8 `[B, 16h, 16w, 3]` on the CPU,
-    /// untiled or tiled as planned.
+    /// untiled or tiled, with the operation chunk, as planned.
     pub fn decode(
         &self,
         latents: &Tensor,
@@ -106,8 +114,10 @@ impl Runner {
         cancel: &CancellationToken,
     ) -> Result<Tensor, VaeError> {
         let mut times = DecodeTimes::default();
-        let out = gpu_memory::retry_out_of_memory(&self.device, || {
-            self.decode_latents(latents, grid, settings, cancel, &mut times)
+        let out = with_op_bytes(settings.0.op_bytes, || {
+            gpu_memory::retry_out_of_memory(&self.device, || {
+                self.decode_latents(latents, grid, settings, cancel, &mut times)
+            })
         })?;
         tracing::info!(
             decode_seconds = times.decode.as_secs_f64(),

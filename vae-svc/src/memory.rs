@@ -28,6 +28,14 @@
 //! input, normed activation and output of a 128-channel convolution plus its band; measured
 //! on an H100, f32 1024², CUDA pool peak 1.56 GiB against 1.63 estimated).
 //! Requests also reserve their inputs and outputs; see [`MemoryModel::decode_request`].
+//!
+//! # The operation chunk of a job
+//! `op_chunk_bytes` is what every job may take. Where a larger chunk pays (cuDNN's implicit
+//! GEMM, whose bands bound only copies), each encode and untiled decode plans the largest chunk
+//! of [`MemoryModel::op_chunk_ladder`] (up to `max_op_chunk_bytes`, halving) whose reservation
+//! fits the activation capacity, and runs with it ([`crate::model::config::with_op_bytes`]);
+//! a tiled decode takes `op_chunk_bytes`. Like the tile choice, it depends on the capacity,
+//! not on the current load.
 //! Checked against the CPU backend (`benches/decode.rs`, resident-set high-water mark above
 //! the weights): 739 MiB measured vs 768 MiB reserved at 512², 2561 vs 2687 MiB at 1024².
 //! The CPU convolution never materialises a whole im2col band, so the estimate (which
@@ -154,14 +162,66 @@ impl Walk<'_> {
 pub struct MemoryModel {
     cfg: Config,
     dtype_bytes: u64,
+    /// The largest operation chunk a job may plan ([`Self::op_chunk_ladder`]); the smallest is
+    /// the configuration's.
+    max_op_bytes: u64,
 }
 
 impl MemoryModel {
+    /// Estimates at the configuration's operation chunk, which every job takes.
     pub fn new(cfg: &Config, dtype: DType) -> Self {
         Self {
             cfg: cfg.clone(),
             dtype_bytes: dtype.size_in_bytes() as u64,
+            max_op_bytes: cfg.chunking.op_bytes,
         }
+    }
+
+    /// The same estimates, with jobs free to plan operation chunks up to `max_op_bytes`.
+    pub fn with_max_op_bytes(self, max_op_bytes: u64) -> Self {
+        Self {
+            max_op_bytes: max_op_bytes.max(self.cfg.chunking.op_bytes),
+            ..self
+        }
+    }
+
+    /// The largest operation chunk a job may plan.
+    pub fn max_op_bytes(&self) -> u64 {
+        self.max_op_bytes
+    }
+
+    /// The operation chunks a job may take, largest first: the maximum, halving while above the
+    /// configured chunk, then the configured chunk. Taller convolution bands (fewer, larger
+    /// passes, fewer copies) make a decode faster: docs/performance.md, ninth session.
+    pub fn op_chunk_ladder(&self) -> Vec<u64> {
+        let min = self.cfg.chunking.op_bytes;
+        let mut ladder = Vec::new();
+        let mut bytes = self.max_op_bytes;
+        while bytes > min {
+            ladder.push(bytes);
+            bytes /= 2;
+        }
+        ladder.push(min);
+        ladder
+    }
+
+    /// The largest operation chunk of the ladder whose reservation `need` fits `capacity`, with
+    /// that reservation; else the configured chunk's.
+    fn largest_fitting(&self, capacity: u64, need: impl Fn(&Self) -> u64) -> (u64, u64) {
+        let at = |op_bytes: u64| {
+            let mut m = self.clone();
+            m.cfg.chunking.op_bytes = op_bytes;
+            need(&m)
+        };
+        let ladder = self.op_chunk_ladder();
+        ladder
+            .iter()
+            .map(|&op| (op, at(op)))
+            .find(|&(_, bytes)| bytes <= capacity)
+            .unwrap_or_else(|| {
+                let min = self.cfg.chunking.op_bytes;
+                (min, at(min))
+            })
     }
 
     fn walk(&self) -> Walk<'_> {
@@ -298,6 +358,31 @@ impl MemoryModel {
     }
 }
 
+/// How an encode will run and what it reserves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodePlan {
+    /// The operation chunk of the job ([`crate::model::config::with_op_bytes`]).
+    pub op_bytes: u64,
+    /// Bytes reserved through the admission budget.
+    pub reserve_bytes: u64,
+}
+
+/// The largest operation chunk whose encode reservation fits `capacity` (else the configured
+/// one, whose reservation the admission then refuses or queues as before).
+pub fn plan_encode(
+    memory: &MemoryModel,
+    (height, width): (usize, usize),
+    batch: usize,
+    capacity: u64,
+) -> EncodePlan {
+    let (op_bytes, reserve_bytes) =
+        memory.largest_fitting(capacity, |m| m.encode_request(height, width, batch));
+    EncodePlan {
+        op_bytes,
+        reserve_bytes,
+    }
+}
+
 /// How a decode will run and what it reserves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodePlan {
@@ -305,12 +390,16 @@ pub struct DecodePlan {
     pub tiles: TilePlan,
     /// The overlap asked of the tile layout ([`tile_starts`]), tokens.
     pub overlap_param: usize,
+    /// The operation chunk of the job: the largest that lets an untiled decode fit; a tiled
+    /// decode takes the configured one.
+    pub op_bytes: u64,
     /// Bytes reserved through the admission budget.
     pub reserve_bytes: u64,
 }
 
-/// Chooses untiled or tiled decoding for a request. `Err(bytes)` is the smallest reservation
-/// any plan needs when even the smallest tile does not fit `capacity`.
+/// Chooses untiled or tiled decoding for a request, and its operation chunk. `Err(bytes)` is
+/// the smallest reservation any plan needs when even the smallest tile does not fit
+/// `capacity`.
 pub fn plan_decode(
     memory: &MemoryModel,
     grid: (usize, usize),
@@ -319,14 +408,16 @@ pub fn plan_decode(
     tiling: &TilingConfig,
     force_tiling: bool,
 ) -> Result<DecodePlan, u64> {
-    let untiled = memory.decode_request(grid, batch);
+    let (op_bytes, untiled) = memory.largest_fitting(capacity, |m| m.decode_request(grid, batch));
     if !force_tiling && untiled <= capacity {
         return Ok(DecodePlan {
             tiles: TilePlan::untiled(),
             overlap_param: 0,
+            op_bytes,
             reserve_bytes: untiled,
         });
     }
+    let op_bytes = memory.cfg.chunking.op_bytes;
     let longest = grid.0.max(grid.1);
     let largest = if force_tiling {
         tiling.tile_tokens.min(longest)
@@ -348,6 +439,7 @@ pub fn plan_decode(
                     tile_count: count,
                 },
                 overlap_param: overlap,
+                op_bytes,
                 reserve_bytes: bytes,
             });
         }
@@ -433,6 +525,60 @@ mod tests {
             "starts 0, 16, 32 on each axis"
         );
         assert_eq!(plan.tiles.tile_count, 9);
+    }
+
+    #[test]
+    fn jobs_take_the_largest_operation_chunk_their_reservation_fits() {
+        let min = Config::default().chunking.op_bytes;
+        let m = real().with_max_op_bytes(16 << 30);
+        let ladder: Vec<u64> = (0..8).map(|i| (16u64 << 30) >> i).collect();
+        assert_eq!(m.op_chunk_ladder(), ladder);
+        assert_eq!(*ladder.last().unwrap(), min);
+        assert_eq!(
+            real().op_chunk_ladder(),
+            [min],
+            "no maximum: the configured chunk"
+        );
+        let at = |op: u64| {
+            let mut cfg = Config::default();
+            cfg.chunking.op_bytes = op;
+            MemoryModel::new(&cfg, DType::F32)
+        };
+        let grid = (64, 64);
+        let roomy = plan_decode(&m, grid, 1, u64::MAX, &tiling(), false).unwrap();
+        assert_eq!(
+            (roomy.tiles, roomy.op_bytes),
+            (TilePlan::untiled(), 16 << 30)
+        );
+        assert_eq!(roomy.reserve_bytes, at(16 << 30).decode_request(grid, 1));
+        // Between the 1 GiB and 2 GiB reservations: 1 GiB chunks.
+        let (one, two) = (
+            at(1 << 30).decode_request(grid, 1),
+            at(2 << 30).decode_request(grid, 1),
+        );
+        assert!(one < two, "taller bands reserve more: {one} vs {two}");
+        let plan = plan_decode(&m, grid, 1, two - 1, &tiling(), false).unwrap();
+        assert_eq!((plan.tiles, plan.op_bytes), (TilePlan::untiled(), 1 << 30));
+        assert_eq!(plan.reserve_bytes, one);
+        // Only the configured chunk fits: as before the ladder.
+        let tight = at(min).decode_request(grid, 1);
+        let plan = plan_decode(&m, grid, 1, tight, &tiling(), false).unwrap();
+        assert_eq!((plan.tiles, plan.op_bytes), (TilePlan::untiled(), min));
+        // A tiled decode, forced or for want of room, takes the configured chunk.
+        for (capacity, force) in [(u64::MAX, true), (tight - 1, false)] {
+            let plan = plan_decode(&m, grid, 1, capacity, &tiling(), force).unwrap();
+            assert!(plan.tiles.tiled);
+            assert_eq!(plan.op_bytes, min);
+        }
+        let encode = plan_encode(&m, (1024, 1024), 1, u64::MAX);
+        assert_eq!(encode.op_bytes, 16 << 30);
+        assert_eq!(
+            encode.reserve_bytes,
+            at(16 << 30).encode_request(1024, 1024, 1)
+        );
+        let refused = plan_encode(&m, (1024, 1024), 1, 0);
+        assert_eq!(refused.op_bytes, min);
+        assert_eq!(refused.reserve_bytes, at(min).encode_request(1024, 1024, 1));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     engine::{Facts, Runner},
     error::VaeError,
     loader::{self, ModelSource},
-    memory::{DecodePlan, MemoryModel, plan_decode},
+    memory::{DecodePlan, MemoryModel, plan_decode, plan_encode},
     tiling::{TilePlan, TilingConfig},
     validate::{Limits, PACKED_CHANNELS, PIXELS_PER_TOKEN, ValidDecodeRequest, ValidEncodeRequest},
 };
@@ -126,10 +126,17 @@ impl Vae {
             "VAE loaded"
         );
         metrics::gauge!("klein_vae_weight_bytes").set(facts.weight_bytes as f64);
+        // Larger chunks pay where a band bounds only copies (cuDNN's implicit GEMM); where the
+        // convolution materialises its im2col rows (the CPU) the band also bounds that buffer.
+        let max_op_bytes = if cfg.chunking.conv_im2col {
+            cfg.chunking.op_bytes
+        } else {
+            config.max_op_chunk_bytes.0
+        };
         Ok(Self {
             engine,
             budget: MemoryBudget::new(BUDGET_NAME, capacity, config.server.max_queue_depth),
-            memory: MemoryModel::new(&facts.config, dtype),
+            memory: MemoryModel::new(&facts.config, dtype).with_max_op_bytes(max_op_bytes),
             limits: config.limits(),
             tiling: config.tiling(),
             facts,
@@ -148,14 +155,15 @@ impl Vae {
     pub async fn encode(&self, req: ValidEncodeRequest) -> Result<Encoded, VaeError> {
         let req = req.within(&self.limits)?;
         let (batch, h, w) = req.dims();
-        let bytes = self.memory.encode_request(h, w, batch);
-        let _reservation = self.budget.reserve(bytes).await?;
+        let capacity = self.budget.snapshot().capacity;
+        let plan = plan_encode(&self.memory, (h, w), batch, capacity);
+        let _reservation = self.budget.reserve(plan.reserve_bytes).await?;
         let cancel = CancellationToken::new();
         let _cancel_on_drop = cancel.clone().drop_guard();
         let images = req.images;
         let latents = self
             .engine
-            .run(move |r: &mut Runner| r.encode(&images, &cancel))
+            .run(move |r: &mut Runner| r.encode(&images, plan.op_bytes, &cancel))
             .await??;
         Ok(Encoded {
             latents,
@@ -200,6 +208,7 @@ impl Vae {
             tile_tokens = t.tile_tokens,
             overlap_tokens = t.overlap_tokens,
             tile_count = t.tile_count,
+            op_chunk_bytes = plan.op_bytes,
             reserve_bytes = plan.reserve_bytes,
             "decode plan"
         );
@@ -269,6 +278,7 @@ impl Vae {
                 cfg.chunking.attention_bytes.to_string(),
             ),
             ("op_chunk_bytes", cfg.chunking.op_bytes.to_string()),
+            ("max_op_chunk_bytes", self.memory.max_op_bytes().to_string()),
             (
                 "conv_precision",
                 format!("{:?}", cfg.chunking.conv_precision),

@@ -1,6 +1,8 @@
 //! The `vae/config.json` of `AutoencoderKLFlux2` (spec §1.4), plus the execution limits the
 //! model honours (how large a score matrix or a convolution band may grow).
 
+use std::cell::Cell;
+
 use candle_core::{Device, conv::CudnnFwdAlgo};
 use klein_kernels::ConvPrecision;
 use serde::Deserialize;
@@ -12,7 +14,8 @@ pub struct Chunking {
     /// Largest attention score block (queries x keys, f32, both the scores and their softmax)
     /// the mid-block attention may hold at once, bytes.
     pub attention_bytes: u64,
-    /// Largest working set of one convolution band or group-norm chunk, bytes.
+    /// Largest working set of one convolution band or group-norm chunk, bytes, unless the job
+    /// running on this thread planned another ([`with_op_bytes`]).
     pub op_bytes: u64,
     /// cuDNN forward algorithm of every convolution; `None` = cuDNN's heuristic choice (whose
     /// workspace is not bounded). Ignored without cuDNN.
@@ -27,6 +30,30 @@ pub struct Chunking {
     /// Copies of a band's input and output rows a convolution holds (the band plan and the
     /// memory estimate count them), [`BandCopies`].
     pub conv_copies: BandCopies,
+}
+
+thread_local! {
+    /// The operation chunk of the job this thread is running, if it planned one.
+    static JOB_OP_BYTES: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `bytes` as the operation chunk of every convolution and group norm it runs on
+/// this thread (a job's planned chunk: the service sizes it per request from the activation
+/// capacity, `memory::op_chunk_ladder`), then restores the one before, also on unwinding.
+pub fn with_op_bytes<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            JOB_OP_BYTES.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(JOB_OP_BYTES.with(|c| c.replace(Some(bytes))));
+    f()
+}
+
+/// The operation chunk in force on this thread: the running job's, else `configured`.
+pub fn op_bytes_in_force(configured: u64) -> u64 {
+    JOB_OP_BYTES.with(Cell::get).unwrap_or(configured)
 }
 
 /// Copies of a convolution band's rows alive at once.
@@ -292,5 +319,18 @@ mod tests {
             cpu.conv_im2col,
             "candle's CPU convolution builds im2col rows"
         );
+    }
+
+    #[test]
+    fn a_jobs_operation_chunk_holds_inside_its_scope_only() {
+        assert_eq!(op_bytes_in_force(7), 7);
+        let inner = with_op_bytes(5, || {
+            let nested = with_op_bytes(3, || op_bytes_in_force(7));
+            (nested, op_bytes_in_force(7))
+        });
+        assert_eq!(inner, (3, 5));
+        let unwound = std::panic::catch_unwind(|| with_op_bytes(9, || panic!("job failed")));
+        assert!(unwound.is_err());
+        assert_eq!(op_bytes_in_force(7), 7, "restored after a panic");
     }
 }

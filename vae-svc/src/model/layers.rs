@@ -183,7 +183,7 @@ impl Conv2d {
         let rows = shape.band_rows(
             p.left + p.right,
             x.dtype().size_in_bytes() as u64,
-            self.op_bytes,
+            super::config::op_bytes_in_force(self.op_bytes),
         );
         let dt = gemm_dtype(x);
         let weights = self.weights.map(|t| t.to_dtype(dt))?;

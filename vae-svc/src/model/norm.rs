@@ -77,7 +77,8 @@ impl GroupNorm {
             candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
         }
         let cpg = c / groups;
-        let step = groups_per_chunk((b * cpg * h * w) as u64, groups, self.op_bytes);
+        let op_bytes = super::config::op_bytes_in_force(self.op_bytes);
+        let step = groups_per_chunk((b * cpg * h * w) as u64, groups, op_bytes);
         let mut call = stats.begin_call((b, groups), (h, w), cpg, self.eps)?;
         if step == groups {
             return self.chunk(x, 0, groups, silu, &mut call);
