@@ -89,7 +89,7 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Where a 1024² klein-4B transformer step goes: each GEMM, kernel and copy of a step at
+    /// Where a 1024² klein-4B transformer step goes: each GEMM, attention and kernel of a step at
     /// its real shape, times its count per step.
     Step {
         /// Timed iterations per part.
@@ -168,7 +168,7 @@ fn main() -> ExitCode {
                     r.step_ms()
                 );
             }
-            for kind in ["gemm", "attention", "kernel", "copy"] {
+            for kind in ["gemm", "attention", "kernel"] {
                 let ms: f64 = rows
                     .iter()
                     .filter(|r| r.kind == kind)

@@ -1,4 +1,4 @@
-//! Where a klein-4B transformer step at 1024² goes: every GEMM, fused kernel and copy of one
+//! Where a klein-4B transformer step at 1024² goes: every GEMM, attention and fused kernel of one
 //! step (5 double blocks, 20 single blocks; 4096 image + 512 text tokens, D 3072, 24 heads of
 //! 128, MLP 9216, batch 1, bf16), each timed alone at its real shape with the same candle /
 //! `klein_kernels` call the model makes, times how often a step runs it. The sum is set against
@@ -19,7 +19,7 @@ use crate::{
 #[derive(Debug, Clone, Serialize)]
 pub struct PartRow {
     pub part: String,
-    /// "gemm", "attention", "kernel" or "copy".
+    /// "gemm", "attention" or "kernel" (the step has no copies left).
     pub kind: &'static str,
     pub count: usize,
     /// Median ms of one call.
@@ -160,30 +160,22 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
     )?;
 
     // Double-stream blocks: each projection once for the image and once for the text tokens.
-    let (mut qk, mut v_rows) = (Vec::new(), Vec::new());
+    let mut qkv = Vec::new();
     for (stream, tokens) in [("img", IMG), ("txt", TXT)] {
         let x = randn(&[1, tokens, DIM], dev)?;
-        let stacked = linear(2 * DIM, DIM, dev)?;
+        let stacked = linear(3 * DIM, DIM, dev)?;
         part(
             format!(
-                "double {stream}: stacked q, k projection ({tokens}×{DIM} → {})",
-                2 * DIM
+                "double {stream}: stacked q, k, v projection ({tokens}×{DIM} → {})",
+                3 * DIM
             ),
             "gemm",
             DOUBLE,
-            gemm_flops(tokens, DIM, 2 * DIM),
+            gemm_flops(tokens, DIM, 3 * DIM),
             &mut || stacked.forward(&x),
         )?;
-        qk.push(stacked.forward(&x)?);
+        qkv.push(stacked.forward(&x)?);
         let square = linear(DIM, DIM, dev)?;
-        part(
-            format!("double {stream}: v projection ({tokens}×{DIM} → {DIM})"),
-            "gemm",
-            DOUBLE,
-            gemm_flops(tokens, DIM, DIM),
-            &mut || square.forward(&x),
-        )?;
-        v_rows.push(square.forward(&x)?);
         let joint = randn(&[1, s, DIM], dev)?;
         let start = if stream == "txt" { 0 } else { TXT };
         part(
@@ -242,7 +234,7 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
             &mut || klein_kernels::gate_residual(&x, &y, &mods[2]),
         )?;
     }
-    let (img_p, txt_p) = (&qk[0], &qk[1]);
+    let (img_p, txt_p) = (&qkv[0], &qkv[1]);
     let cols = |p: &Tensor, i: usize| p.narrow(D::Minus1, i * DIM, DIM);
     part(
         "double: joint [txt; img] QK norm + RoPE (q or k)".into(),
@@ -260,21 +252,13 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
             )
         },
     )?;
+    let (v_txt, v_img) = (heads(txt_p, 2 * DIM)?, heads(img_p, 2 * DIM)?);
     part(
-        "double: cat txt and img v rows".into(),
-        "copy",
-        DOUBLE,
-        None,
-        &mut || Tensor::cat(&[&v_rows[1], &v_rows[0]], 1),
-    )?;
-    let joint_v = Tensor::cat(&[&v_rows[1], &v_rows[0]], 1)?;
-    let v = heads(&joint_v, 0)?;
-    part(
-        format!("double: flash attention {HEADS} × {s} × {HEAD_DIM}"),
+        format!("double: flash attention {HEADS} × {s} × {HEAD_DIM}, v read from both projections"),
         "attention",
         DOUBLE,
         Some(attention_flops),
-        &mut || klein_kernels::flash_attention(&q, &k, &v),
+        &mut || klein_kernels::flash_attention_split_v(&q, &k, &v_txt, &v_img),
     )?;
     Ok(rows)
 }

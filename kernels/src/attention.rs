@@ -19,12 +19,16 @@ mod sm90;
 /// (`flash_attention_sm90.cu`, same contract); everything else the mma.sync kernels.
 /// `out_cols` = Some(c) makes the output rows c wide: the heads in the first H·hd columns, the
 /// rest left uninitialised for the caller to fill ([`flash_attention_with_swiglu`]).
+/// `v_tail` (B, H_kv, S_t, hd) holds the values of the keys past v's rows: the op attends
+/// `cat([v, v_tail], 2)` without the concatenation (Hopper's kernel, v's rows a multiple of 64;
+/// [`flash_attention_split_v`] concatenates where the kernel does not apply).
 #[derive(Debug, Clone)]
 pub struct FlashAttention {
     pub scale: f32,
     pub causal: bool,
     pub key_mask: Option<Tensor>,
     pub out_cols: Option<usize>,
+    pub v_tail: Option<Tensor>,
 }
 
 /// Head dims the CUDA kernel is instantiated for.
@@ -54,9 +58,43 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         causal: false,
         key_mask: None,
         out_cols: None,
+        v_tail: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
+
+/// [`flash_attention`] over the values `cat([v, v_tail], 2)`, read in place from both where
+/// Hopper's kernel applies (the FLUX.2 double block: text then image values, each a strided view
+/// of its stream's projection, no concatenation); elsewhere the concatenation.
+pub fn flash_attention_split_v(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    v_tail: &Tensor,
+) -> Result<Tensor> {
+    let hd = q.dim(3)?;
+    let in_place = cfg!(klein_sm90a)
+        && flash_attention_fused(q)
+        && hd == 128
+        && q.dim(1)? == v.dim(1)?
+        && v.dim(2)?.is_multiple_of(SM90_TILE_KEYS)
+        && [q, k, v, v_tail].iter().all(|t| !t.stride().contains(&0));
+    if !in_place {
+        return flash_attention(q, k, &Tensor::cat(&[v, v_tail], 2)?);
+    }
+    let op = FlashAttention {
+        scale: 1.0 / (hd as f32).sqrt(),
+        causal: false,
+        key_mask: None,
+        out_cols: None,
+        v_tail: Some(kernel_layout(v_tail)?),
+    };
+    kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
+}
+
+/// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `attention/sm90.rs`): a split V's first
+/// part must hold whole tiles.
+const SM90_TILE_KEYS: usize = 64;
 
 /// `cat([flash_attention(q, k, v), swiglu(gate, up)], -1)` without the concatenation: on CUDA
 /// bf16 the attention kernel writes the first H·hd columns of one (B, S_q, H·hd + F) buffer and
@@ -84,6 +122,7 @@ pub fn flash_attention_with_swiglu(
         causal: false,
         key_mask: None,
         out_cols: Some(h * hd + f),
+        v_tail: None,
     };
     let joint = kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
     joint
@@ -136,6 +175,7 @@ pub fn masked_attention(
         causal,
         key_mask: Some(key_mask.to_dtype(DType::U32)?.contiguous()?),
         out_cols: None,
+        v_tail: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -158,7 +198,17 @@ impl FlashAttention {
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
         let (b, h, s_q, hd) = q.shape().dims4()?;
         let (bk, h_kv, s_kv, hdk) = k.shape().dims4()?;
-        if (bk, hdk) != (b, hd) || h_kv == 0 || !h.is_multiple_of(h_kv) || v.shape() != k.shape() {
+        let v_rows = v.dims().get(2).copied().unwrap_or(0)
+            + self
+                .v_tail
+                .as_ref()
+                .map_or(0, |t| t.dims().get(2).copied().unwrap_or(0));
+        let values =
+            |dims: &[usize]| dims.len() == 4 && (dims[0], dims[1], dims[3]) == (b, h_kv, hd);
+        let values_match = values(v.dims())
+            && self.v_tail.as_ref().is_none_or(|t| values(t.dims()))
+            && v_rows == s_kv;
+        if (bk, hdk) != (b, hd) || h_kv == 0 || !h.is_multiple_of(h_kv) || !values_match {
             bail!(
                 "flash attention: q {:?}, k {:?}, v {:?} do not match",
                 q.shape(),
@@ -193,6 +243,23 @@ impl FlashAttention {
         })
     }
 
+    /// v's values in (B, H_kv, S_kv, hd) order, its tail's rows after its own.
+    fn values(&self, vs: &CpuStorage, vl: &Layout) -> Result<Vec<f32>> {
+        let v = cpu::read(vs, vl)?;
+        let Some(tail) = &self.v_tail else {
+            return Ok(v);
+        };
+        let tail = tail.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (b, h_kv, s_v, hd) = vl.shape().dims4()?;
+        let s_t = tail.len() / (b * h_kv * hd);
+        let mut out = Vec::with_capacity(v.len() + tail.len());
+        for (head, rest) in v.chunks_exact(s_v * hd).zip(tail.chunks_exact(s_t * hd)) {
+            out.extend_from_slice(head);
+            out.extend_from_slice(rest);
+        }
+        Ok(out)
+    }
+
     /// Whether query `i` of batch item `b` sees key `j`.
     fn sees(&self, mask: Option<&[u32]>, d: Dims, b: usize, i: usize, j: usize) -> bool {
         (!self.causal || j <= i) && mask.is_none_or(|m| m[b * d.s_kv + j] != 0)
@@ -215,7 +282,8 @@ impl CustomOp3 for FlashAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(ql, kl, vl)?;
-        let (q, k, v) = (cpu::read(qs, ql)?, cpu::read(ks, kl)?, cpu::read(vs, vl)?);
+        let (q, k) = (cpu::read(qs, ql)?, cpu::read(ks, kl)?);
+        let v = self.values(vs, vl)?;
         let mask = match &self.key_mask {
             Some(m) => Some(m.flatten_all()?.to_vec1::<u32>()?),
             None => None,
@@ -305,12 +373,33 @@ impl CustomOp3 for FlashAttention {
         // A build for Hopper runs the unmasked head dim 128 (the FLUX.2 joint attention) on its
         // wgmma / tensor-map kernel; tensor maps take no zero (broadcast) strides.
         let broadcast = [ql, kl, vl].iter().any(|l| l.stride().contains(&0));
+        let tail_storage = self.v_tail.as_ref().map(Tensor::storage_and_layout);
+        let tail = match &tail_storage {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(storage) = &**storage else {
+                    bail!("flash attention: v's tail is not on the GPU");
+                };
+                if strides(layout).is_none() || layout.stride().contains(&0) {
+                    bail!(
+                        "flash attention: the kernel cannot read v's tail {:?} in place",
+                        layout.shape()
+                    );
+                }
+                Some((storage, *layout))
+            }
+            None => None,
+        };
         if cfg!(klein_sm90a) && !masked && hd == 128 && !broadcast {
-            let out = sm90::forward(&dev, (qs, ql), (ks, kl), (vs, vl), d, self.scale)?;
+            let out = sm90::forward(&dev, (qs, ql), (ks, kl), (vs, vl), tail, d, self.scale)?;
             return Ok((
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev),
                 Shape::from((b, s_q, d.cols)),
             ));
+        }
+        if tail.is_some() {
+            bail!(
+                "flash attention: only Hopper's kernel reads a split v (flash_attention_split_v)"
+            );
         }
         let kernel = if masked {
             format!("flash_attention_masked_bf16_hd{hd}")

@@ -35,7 +35,7 @@ mod swiglu;
 
 pub use attention::{
     FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
-    flash_attention_with_swiglu, masked_attention,
+    flash_attention_split_v, flash_attention_with_swiglu, masked_attention,
 };
 pub use conv::{Conv, ConvPrecision, ConvWeights, Tf32Split, conv_fused, conv2d, tf32_split};
 pub use dequantize::dequantize;

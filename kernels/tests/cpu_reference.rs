@@ -128,6 +128,7 @@ fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
         causal: false,
         key_mask: None,
         out_cols: None,
+        v_tail: None,
     };
     let strided = q.apply_op3_no_bwd(&k, &v, &op)?;
     let dense = q
@@ -143,6 +144,47 @@ fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
         D::Minus1,
     )?;
     assert_eq!(rel_l2(&joint, &want)?, 0.0);
+    Ok(())
+}
+
+/// The double block's values in two parts: the op reading v and its tail equals the op on
+/// their concatenation, as does the public function (which concatenates off Hopper); a tail
+/// that does not complete the keys is refused.
+#[test]
+fn split_values_equal_their_concatenation() -> Result<()> {
+    let dev = Device::Cpu;
+    let (h, hd, s_txt, s_img) = (2, 16, 64, 37);
+    let q = randn(&[1, h, s_txt + s_img, hd], DType::F32, &dev)?;
+    let k = randn(&[1, h, s_txt + s_img, hd], DType::F32, &dev)?;
+    let v_txt = randn(&[1, h, s_txt, hd], DType::F32, &dev)?;
+    let v_img = randn(&[1, h, s_img, hd], DType::F32, &dev)?;
+    let cat = Tensor::cat(&[&v_txt, &v_img], 2)?;
+    let op = FlashAttention {
+        scale: 0.25,
+        causal: false,
+        key_mask: None,
+        out_cols: None,
+        v_tail: None,
+    };
+    let want = q.apply_op3_no_bwd(&k, &cat, &op)?;
+    let split = FlashAttention {
+        v_tail: Some(v_img.clone()),
+        ..op.clone()
+    };
+    assert_eq!(
+        rel_l2(&q.apply_op3_no_bwd(&k, &v_txt, &split)?, &want)?,
+        0.0
+    );
+    let public = klein_kernels::flash_attention_split_v(&q, &k, &v_txt, &v_img)?;
+    assert_eq!(
+        rel_l2(&public, &klein_kernels::flash_attention(&q, &k, &cat)?)?,
+        0.0
+    );
+    let short = FlashAttention {
+        v_tail: Some(v_img.narrow(2, 0, 5)?),
+        ..op
+    };
+    assert!(q.apply_op3_no_bwd(&k, &v_txt, &short).is_err());
     Ok(())
 }
 
@@ -241,6 +283,7 @@ fn flash_attention_matches_the_composition() -> Result<()> {
             causal: false,
             key_mask: None,
             out_cols: None,
+            v_tail: None,
         };
         let got = q.apply_op3_no_bwd(&k, &v, &op)?;
         check(
@@ -275,6 +318,7 @@ fn masked_attention_matches_the_composition() -> Result<()> {
                 causal,
                 key_mask: Some(mask.clone()),
                 out_cols: None,
+                v_tail: None,
             };
             let got = q.apply_op3_no_bwd(&k, &v, &op)?;
             let want = reference::masked_attention(&q, &k, &v, &mask, causal)?;
@@ -402,6 +446,7 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
         causal: false,
         key_mask: None,
         out_cols: None,
+        v_tail: None,
     };
     let err = q.apply_op3_no_bwd(&k, &k, &op).unwrap_err();
     assert!(err.to_string().contains("do not match"), "{err}");

@@ -236,6 +236,31 @@ fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The double block's values read in place from two projections (text rows, then image rows;
+/// Hopper's kernel switches tensor maps at the 512-key boundary) give exactly what their
+/// concatenation gives; a first part that is not whole 64-key tiles takes the concatenation.
+#[test]
+fn split_values_change_nothing() -> Result<()> {
+    let dev = gpu();
+    let (d, h, hd) = (3072, 24, 128);
+    for (b, txt, img) in [(1, 512, 1024 + 77), (2, 512, 256), (1, 77, 300)] {
+        let s = txt + img;
+        let q = randn(&[b, h, s, hd], DType::BF16, &dev)?;
+        let k = randn(&[b, h, s, hd], DType::BF16, &dev)?;
+        let values = |rows: usize| -> Result<Tensor> {
+            randn(&[b, rows, 3 * d], DType::BF16, &dev)?
+                .reshape((b, rows, 3 * d / hd, hd))?
+                .narrow(2, 2 * h, h)?
+                .transpose(1, 2)
+        };
+        let (v_txt, v_img) = (values(txt)?, values(img)?);
+        let got = klein_kernels::flash_attention_split_v(&q, &k, &v_txt, &v_img)?;
+        let want = klein_kernels::flash_attention(&q, &k, &Tensor::cat(&[&v_txt, &v_img], 2)?)?;
+        assert_eq!(rel_l2(&got, &want)?, 0.0, "batch {b}, {txt} + {img} keys");
+    }
+    Ok(())
+}
+
 /// Grouped-query, causal, key-padded attention (Qwen3) on bf16 inputs against the f32
 /// composition, held to the same bound as the unmasked kernel.
 #[test]

@@ -117,21 +117,19 @@ fn heads(x: &Tensor, col: usize, cfg: &Config) -> Result<Tensor> {
 }
 
 /// `transformer_blocks.{i}.attn` (`Flux2Attention`): separate image and text projections.
-/// Each stream's q and k projections (`to_q`, `to_k`; `add_q_proj`, `add_k_proj`) are stacked
-/// into one (2D, D) weight at load: one GEMM per stream, whose column halves the joint norm +
-/// RoPE kernel reads in place. v stays its own GEMM: its contiguous rows join the other
-/// stream's in one 2-D copy (strided columns would take two).
+/// Each stream's q, k and v projections (`to_q`, `to_k`, `to_v`; `add_q_proj`, `add_k_proj`,
+/// `add_v_proj`) are stacked into one (3D, D) weight at load: one GEMM per stream. The joint
+/// norm + RoPE kernel reads the q and k columns of both in place, and the attention reads the
+/// text then the image v columns in place ([`klein_kernels::flash_attention_split_v`]).
 #[derive(Debug, Clone)]
 pub struct Flux2Attention {
-    /// `to_q`, `to_k`.
-    to_qk: Linear,
-    to_v: Linear,
+    /// `to_q`, `to_k`, `to_v`.
+    to_qkv: Linear,
     to_out: Linear,
     norm_q: QkNorm,
     norm_k: QkNorm,
-    /// `add_q_proj`, `add_k_proj`.
-    add_qk_proj: Linear,
-    add_v_proj: Linear,
+    /// `add_q_proj`, `add_k_proj`, `add_v_proj`.
+    add_qkv_proj: Linear,
     to_add_out: Linear,
     norm_added_q: QkNorm,
     norm_added_k: QkNorm,
@@ -151,13 +149,11 @@ impl Flux2Attention {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let (d, hd, eps) = (cfg.hidden_size(), cfg.attention_head_dim, cfg.eps);
         Ok(Self {
-            to_qk: stacked(d, &vb, &["to_q", "to_k"])?,
-            to_v: linear_no_bias(d, d, vb.pp("to_v"))?,
+            to_qkv: stacked(d, &vb, &["to_q", "to_k", "to_v"])?,
             to_out: linear_no_bias(d, d, vb.pp("to_out").pp("0"))?,
             norm_q: QkNorm::new(hd, eps, vb.pp("norm_q"))?,
             norm_k: QkNorm::new(hd, eps, vb.pp("norm_k"))?,
-            add_qk_proj: stacked(d, &vb, &["add_q_proj", "add_k_proj"])?,
-            add_v_proj: linear_no_bias(d, d, vb.pp("add_v_proj"))?,
+            add_qkv_proj: stacked(d, &vb, &["add_q_proj", "add_k_proj", "add_v_proj"])?,
             to_add_out: linear_no_bias(d, d, vb.pp("to_add_out"))?,
             norm_added_q: QkNorm::new(hd, eps, vb.pp("norm_added_q"))?,
             norm_added_k: QkNorm::new(hd, eps, vb.pp("norm_added_k"))?,
@@ -169,7 +165,7 @@ impl Flux2Attention {
     pub fn forward(&self, img: &Tensor, txt: &Tensor, rope: &Rope) -> Result<(Tensor, Tensor)> {
         let cfg = &self.cfg;
         let (d, h, txt_len) = (cfg.hidden_size(), cfg.num_attention_heads, txt.dim(1)?);
-        let (p_txt, p_img) = (self.add_qk_proj.forward(txt)?, self.to_qk.forward(img)?);
+        let (p_txt, p_img) = (self.add_qkv_proj.forward(txt)?, self.to_qkv.forward(img)?);
         let cols = |p: &Tensor, i: usize| p.narrow(D::Minus1, i * d, d);
         // Joint sequence [txt; img]: the image tokens take RoPE rows after the text's.
         let q = self.norm_added_q.forward_joint_rope(
@@ -186,9 +182,12 @@ impl Flux2Attention {
             rope,
             h,
         )?;
-        let v = Tensor::cat(&[self.add_v_proj.forward(txt)?, self.to_v.forward(img)?], 1)?;
-        let v = heads(&v, 0, cfg)?;
-        let o = attention(&q, &k, &v, &cfg.attention)?;
+        let (v_txt, v_img) = (heads(&p_txt, 2 * d, cfg)?, heads(&p_img, 2 * d, cfg)?);
+        let o = if klein_kernels::flash_attention_fused(&q) {
+            klein_kernels::flash_attention_split_v(&q, &k, &v_txt, &v_img)?
+        } else {
+            attention(&q, &k, &Tensor::cat(&[v_txt, v_img], 2)?, &cfg.attention)?
+        };
         let total = o.dim(1)?;
         let o_txt = o.narrow(1, 0, txt_len)?;
         let o_img = o.narrow(1, txt_len, total - txt_len)?;

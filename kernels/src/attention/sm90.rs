@@ -60,12 +60,15 @@ fn tensor_map(ptr: sys::CUdeviceptr, l: &Layout, rows: usize) -> Result<TensorMa
     }
 }
 
-/// Unmasked attention with head dim 128 (H_kv = H) into a fresh (B, S_q, d.cols) buffer.
+/// Unmasked attention with head dim 128 (H_kv = H) into a fresh (B, S_q, d.cols) buffer; with
+/// `v_tail`, the values of the keys past v's rows come from it (v's rows a multiple of
+/// [`BLOCK_N`]).
 pub(super) fn forward(
     dev: &CudaDevice,
     (qs, ql): (&CudaStorage, &Layout),
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
+    v_tail: Option<(&CudaStorage, &Layout)>,
     d: Dims,
     scale: f32,
 ) -> Result<CudaSlice<bf16>> {
@@ -95,6 +98,24 @@ pub(super) fn forward(
         tensor_map(k_ptr, kl, BLOCK_N)?,
         tensor_map(v_ptr, vl, BLOCK_N)?,
     );
+    let tail = match v_tail {
+        Some((ts, tl)) => Some((view::<bf16>(ts, tl)?, tl)),
+        None => None,
+    };
+    let tail_ptr = tail.as_ref().map(|(t, tl)| (t.device_ptr(&stream), *tl));
+    // Without a tail every key's row is below v_split.
+    let (tail_map, v_split) = match &tail_ptr {
+        Some(((ptr, _), tl)) => {
+            let v_rows = vl.dims()[2];
+            if !v_rows.is_multiple_of(BLOCK_N) {
+                candle_core::bail!(
+                    "flash attention: v's {v_rows} rows before its tail are not whole {BLOCK_N}-key tiles"
+                );
+            }
+            (tensor_map(*ptr, tl, BLOCK_N)?, v_rows as i32)
+        }
+        None => (tensor_map(v_ptr, vl, BLOCK_N)?, i32::MAX),
+    };
     let out = unsafe { dev.alloc::<bf16>(d.b * d.s_q * d.cols)? };
     let (s_q, s_kv, heads) = (d.s_q as i32, d.s_kv as i32, d.h as i32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
@@ -105,7 +126,13 @@ pub(super) fn forward(
         shared_mem_bytes: SHARED_BYTES as u32,
     };
     let mut launch = func.builder();
-    launch.arg(&maps.0).arg(&maps.1).arg(&maps.2).arg(&out);
+    launch
+        .arg(&maps.0)
+        .arg(&maps.1)
+        .arg(&maps.2)
+        .arg(&tail_map)
+        .arg(&v_split);
+    launch.arg(&out);
     launch.arg(&s_q).arg(&s_kv).arg(&heads).arg(&scale_log2);
     launch.arg(&batch_stride).arg(&row_stride);
     unsafe { launch.launch(cfg) }.w()?;

@@ -4,8 +4,11 @@
 // softmax in the exp2 domain, P rounded to bf16 for P·V.
 //
 // Q, K and V come as tensor maps over (batch, head, row, col) with 128-byte swizzling (built by
-// the host from the tensors' strides: heads are read in place). The output is written as
-// (B, S_q, H·128) through out_batch_stride / out_row_stride (elements).
+// the host from the tensors' strides: heads are read in place). V may come in two parts: key
+// rows below v_split from v, the others from v_tail (row − v_split), v_split a multiple of the
+// 64-key tile (the FLUX.2 double block's text and image values, each read in place from its
+// stream's projection). The output is written as (B, S_q, H·128) through out_batch_stride /
+// out_row_stride (elements).
 //
 // One block = two warpgroups = 128 query rows; each warpgroup owns 64 rows and issues its own
 // wgmma. Q (128 × 128) and two stages of K and V tiles (64 keys each) sit in shared memory in
@@ -170,8 +173,9 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // (SHARED_BYTES in kernels/src/attention/sm90.rs).
 extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf16_hd128(
     const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,
-    const __grid_constant__ CUtensorMap v, bf16* out, int s_q, int s_kv, int heads,
-    float scale_log2, long long out_batch_stride, long long out_row_stride) {
+    const __grid_constant__ CUtensorMap v, const __grid_constant__ CUtensorMap v_tail, int v_split,
+    bf16* out, int s_q, int s_kv, int heads, float scale_log2, long long out_batch_stride,
+    long long out_row_stride) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem[];
   // The swizzle pattern repeats every 1024 bytes: tiles start on that boundary.
@@ -195,11 +199,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // The V tile of keys [row0, row0 + BLOCK_N), from whichever part holds them.
+  const auto load_v = [&](uint32_t dst, int row0, uint32_t bar) {
+    if (row0 < v_split) {
+      tma_tile<BLOCK_N>(dst, &v, row0, h, b, bar);
+    } else {
+      tma_tile<BLOCK_N>(dst, &v_tail, row0 - v_split, h, b, bar);
+    }
+  };
   if (threadIdx.x == 0) {
     mbar_expect(full, Q_BYTES + 2 * KV_BYTES);
     tma_tile<BLOCK_M>(sq, &q, m0, h, b, full);
     tma_tile<BLOCK_N>(sq + Q_BYTES, &k, 0, h, b, full);
-    tma_tile<BLOCK_N>(sq + Q_BYTES + KV_BYTES, &v, 0, h, b, full);
+    load_v(sq + Q_BYTES + KV_BYTES, 0, full);
   }
 
   float o[64];
@@ -223,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf
       const uint32_t bar = full + 8 * ((j + 1) & 1);
       mbar_expect(bar, 2 * KV_BYTES);
       tma_tile<BLOCK_N>(next, &k, (j + 1) * BLOCK_N, h, b, bar);
-      tma_tile<BLOCK_N>(next + KV_BYTES, &v, (j + 1) * BLOCK_N, h, b, bar);
+      load_v(next + KV_BYTES, (j + 1) * BLOCK_N, bar);
     }
 
     // S = Q·Kᵀ over the head dim in 16-wide steps: 4 per 64-column half, 32 bytes apart in a
