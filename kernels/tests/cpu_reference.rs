@@ -14,6 +14,17 @@ use klein_kernels::{
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
 const BF16_ULP: f32 = 1.0 / 256.0;
 
+/// Unmasked attention over every key, at `scale`.
+fn unmasked(scale: f32) -> FlashAttention {
+    FlashAttention {
+        scale,
+        causal: false,
+        key_mask: None,
+        out_cols: None,
+        v_tail: None,
+    }
+}
+
 fn check(name: &str, dtype: DType, got: &Tensor, want: &Tensor) -> Result<()> {
     check_conditioned(name, dtype, got, want, 1.0)
 }
@@ -123,13 +134,7 @@ fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
         p.narrow(D::Minus1, 3 * h * hd, f)?,
         p.narrow(D::Minus1, 3 * h * hd + f, f)?,
     );
-    let op = FlashAttention {
-        scale: 0.25,
-        causal: false,
-        key_mask: None,
-        out_cols: None,
-        v_tail: None,
-    };
+    let op = unmasked(0.25);
     let strided = q.apply_op3_no_bwd(&k, &v, &op)?;
     let dense = q
         .contiguous()?
@@ -159,13 +164,7 @@ fn split_values_equal_their_concatenation() -> Result<()> {
     let v_txt = randn(&[1, h, s_txt, hd], DType::F32, &dev)?;
     let v_img = randn(&[1, h, s_img, hd], DType::F32, &dev)?;
     let cat = Tensor::cat(&[&v_txt, &v_img], 2)?;
-    let op = FlashAttention {
-        scale: 0.25,
-        causal: false,
-        key_mask: None,
-        out_cols: None,
-        v_tail: None,
-    };
+    let op = unmasked(0.25);
     let want = q.apply_op3_no_bwd(&k, &cat, &op)?;
     let split = FlashAttention {
         v_tail: Some(v_img.clone()),
@@ -278,13 +277,7 @@ fn flash_attention_matches_the_composition() -> Result<()> {
         let q = randn(&[2, 3, 37, 32], dtype, &dev)?;
         let k = randn(&[2, 3, 70, 32], dtype, &dev)?;
         let v = randn(&[2, 3, 70, 32], dtype, &dev)?;
-        let op = FlashAttention {
-            scale: 1.0 / 32f32.sqrt(),
-            causal: false,
-            key_mask: None,
-            out_cols: None,
-            v_tail: None,
-        };
+        let op = unmasked(1.0 / 32f32.sqrt());
         let got = q.apply_op3_no_bwd(&k, &v, &op)?;
         check(
             "flash_attention",
@@ -441,13 +434,7 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     let dev = Device::Cpu;
     let q = randn(&[1, 2, 5, 16], DType::F32, &dev)?;
     let k = randn(&[1, 2, 7, 8], DType::F32, &dev)?;
-    let op = FlashAttention {
-        scale: 0.25,
-        causal: false,
-        key_mask: None,
-        out_cols: None,
-        v_tail: None,
-    };
+    let op = unmasked(0.25);
     let err = q.apply_op3_no_bwd(&k, &k, &op).unwrap_err();
     assert!(err.to_string().contains("do not match"), "{err}");
     let k = randn(&[1, 2, 7, 16], DType::F32, &dev)?;
