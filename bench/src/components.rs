@@ -62,6 +62,14 @@ fn median(mut ms: Vec<f64>) -> f64 {
     ms[ms.len() / 2]
 }
 
+/// Runs `f` `warm` times and waits for the device.
+fn warm_up(dev: &Device, warm: usize, f: &mut impl FnMut() -> Result<Tensor>) -> Result<()> {
+    for _ in 0..warm {
+        f()?;
+    }
+    dev.synchronize()
+}
+
 /// Times `f` over `iters` runs after `warm` warm-ups.
 pub fn time(
     dev: &Device,
@@ -69,10 +77,7 @@ pub fn time(
     iters: usize,
     mut f: impl FnMut() -> Result<Tensor>,
 ) -> Result<Timing> {
-    for _ in 0..warm {
-        f()?;
-    }
-    dev.synchronize()?;
+    warm_up(dev, warm, &mut f)?;
     let (mut ms, mut host) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
     for _ in 0..iters {
         let t = Instant::now();
@@ -102,10 +107,7 @@ pub fn time_queued(
     iters: usize,
     mut f: impl FnMut() -> Result<Tensor>,
 ) -> Result<f64> {
-    for _ in 0..warm {
-        f()?;
-    }
-    dev.synchronize()?;
+    warm_up(dev, warm, &mut f)?;
     let mut ms = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();

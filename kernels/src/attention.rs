@@ -34,6 +34,10 @@ pub struct FlashAttention {
 /// Head dims the CUDA kernel is instantiated for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
+/// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `attention/sm90.rs`): a split V's first
+/// part must hold whole tiles.
+const SM90_TILE_KEYS: usize = 64;
+
 /// Whether [`flash_attention`] runs the CUDA kernel for these queries (B, H, S, hd).
 pub fn flash_attention_fused(q: &Tensor) -> bool {
     q.dims()
@@ -91,10 +95,6 @@ pub fn flash_attention_split_v(
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
-
-/// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `attention/sm90.rs`): a split V's first
-/// part must hold whole tiles.
-const SM90_TILE_KEYS: usize = 64;
 
 /// `cat([flash_attention(q, k, v), swiglu(gate, up)], -1)` without the concatenation: on CUDA
 /// bf16 the attention kernel writes the first H·hd columns of one (B, S_q, H·hd + F) buffer and
@@ -210,10 +210,11 @@ impl FlashAttention {
             && v_rows == s_kv;
         if (bk, hdk) != (b, hd) || h_kv == 0 || !h.is_multiple_of(h_kv) || !values_match {
             bail!(
-                "flash attention: q {:?}, k {:?}, v {:?} do not match",
+                "flash attention: q {:?}, k {:?}, v {:?} (tail {:?}) do not match",
                 q.shape(),
                 k.shape(),
-                v.shape()
+                v.shape(),
+                self.v_tail.as_ref().map(Tensor::shape)
             );
         }
         if self.causal && s_q != s_kv {

@@ -183,7 +183,14 @@ fn split_values_equal_their_concatenation() -> Result<()> {
         v_tail: Some(v_img.narrow(2, 0, 5)?),
         ..op
     };
-    assert!(q.apply_op3_no_bwd(&k, &v_txt, &short).is_err());
+    let err = q
+        .apply_op3_no_bwd(&k, &v_txt, &short)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("do not match") && err.contains("tail"),
+        "{err}"
+    );
     Ok(())
 }
 

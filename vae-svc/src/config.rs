@@ -293,6 +293,18 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_operation_chunk_is_at_least_the_smallest() {
+        let default = load_args(&[]);
+        assert_eq!(default.max_op_chunk_bytes, ByteSize(16 << 30));
+        assert_eq!(default.op_chunk_bytes, ByteSize(128 << 20));
+        let flags = Flags::parse_from(["vae-svc", "--model-dir", "/m"]);
+        let mut config: Config = config::load(None, &flags).unwrap();
+        config.max_op_chunk_bytes = ByteSize(64 << 20);
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("max_op_chunk_bytes"), "{err}");
+    }
+
+    #[test]
     fn convolutions_split_tf32_unless_told_otherwise() {
         use klein_kernels::ConvPrecision as Kernel;
         assert_eq!(load_args(&[]).chunking().conv_precision, Kernel::SplitTf32);

@@ -28,6 +28,10 @@
 //! input, normed activation and output of a 128-channel convolution plus its band; measured
 //! on an H100, f32 1024², CUDA pool peak 1.56 GiB against 1.63 estimated).
 //! Requests also reserve their inputs and outputs; see [`MemoryModel::decode_request`].
+//! Checked against the CPU backend (`benches/decode.rs`, resident-set high-water mark above
+//! the weights): 739 MiB measured vs 768 MiB reserved at 512², 2561 vs 2687 MiB at 1024².
+//! The CPU convolution never materialises a whole im2col band, so the estimate (which
+//! counts the band CUDA materialises) stays a little above it.
 //!
 //! # The operation chunk of a job
 //! `op_chunk_bytes` is what every job may take. Where a larger chunk pays (cuDNN's implicit
@@ -36,10 +40,6 @@
 //! fits the activation capacity, and runs with it ([`crate::model::config::with_op_bytes`]);
 //! a tiled decode takes `op_chunk_bytes`. Like the tile choice, it depends on the capacity,
 //! not on the current load.
-//! Checked against the CPU backend (`benches/decode.rs`, resident-set high-water mark above
-//! the weights): 739 MiB measured vs 768 MiB reserved at 512², 2561 vs 2687 MiB at 1024².
-//! The CPU convolution never materialises a whole im2col band, so the estimate (which
-//! counts the band CUDA materialises) stays a little above it.
 //!
 //! # Tiling
 //! A decode whose untiled reservation exceeds the whole activation capacity is decoded in
@@ -208,20 +208,17 @@ impl MemoryModel {
     /// The largest operation chunk of the ladder whose reservation `need` fits `capacity`, with
     /// that reservation; else the configured chunk's.
     fn largest_fitting(&self, capacity: u64, need: impl Fn(&Self) -> u64) -> (u64, u64) {
-        let at = |op_bytes: u64| {
-            let mut m = self.clone();
+        let mut m = self.clone();
+        let mut plan = (0, 0);
+        // The ladder ends with the configured chunk: the fallback is the last one tried.
+        for op_bytes in self.op_chunk_ladder() {
             m.cfg.chunking.op_bytes = op_bytes;
-            need(&m)
-        };
-        let ladder = self.op_chunk_ladder();
-        ladder
-            .iter()
-            .map(|&op| (op, at(op)))
-            .find(|&(_, bytes)| bytes <= capacity)
-            .unwrap_or_else(|| {
-                let min = self.cfg.chunking.op_bytes;
-                (min, at(min))
-            })
+            plan = (op_bytes, need(&m));
+            if plan.1 <= capacity {
+                break;
+            }
+        }
+        plan
     }
 
     fn walk(&self) -> Walk<'_> {

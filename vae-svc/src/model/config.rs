@@ -39,7 +39,7 @@ thread_local! {
 
 /// Runs `f` with `bytes` as the operation chunk of every convolution and group norm it runs on
 /// this thread (a job's planned chunk: the service sizes it per request from the activation
-/// capacity, `memory::op_chunk_ladder`), then restores the one before, also on unwinding.
+/// capacity, `MemoryModel::op_chunk_ladder`), then restores the one before, also on unwinding.
 pub fn with_op_bytes<R>(bytes: u64, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<u64>);
     impl Drop for Restore {
