@@ -20,7 +20,7 @@ mod sm90;
 /// `out_cols` = Some(c) makes the output rows c wide: the heads in the first H·hd columns, the
 /// rest left uninitialised for the caller to fill ([`flash_attention_with_swiglu`]).
 /// `v_tail` (B, H_kv, S_t, hd) holds the values of the keys past v's rows: the op attends
-/// `cat([v, v_tail], 2)` without the concatenation (Hopper's kernel, v's rows a multiple of 64;
+/// `cat([v, v_tail], 2)` without the concatenation (Hopper's kernel, v's rows a multiple of 128;
 /// [`flash_attention_split_v`] concatenates where the kernel does not apply).
 #[derive(Debug, Clone)]
 pub struct FlashAttention {
@@ -36,7 +36,7 @@ const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
 /// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `attention/sm90.rs`): a split V's first
 /// part must hold whole tiles.
-const SM90_TILE_KEYS: usize = 64;
+const SM90_TILE_KEYS: usize = 128;
 
 /// Whether [`flash_attention`] runs the CUDA kernel for these queries (B, H, S, hd).
 pub fn flash_attention_fused(q: &Tensor) -> bool {

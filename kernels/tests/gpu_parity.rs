@@ -238,12 +238,17 @@ fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
 
 /// The double block's values read in place from two projections (text rows, then image rows;
 /// Hopper's kernel switches tensor maps at the 512-key boundary) give exactly what their
-/// concatenation gives; a first part that is not whole 64-key tiles takes the concatenation.
+/// concatenation gives; a first part that is not whole 128-key tiles takes the concatenation.
 #[test]
 fn split_values_change_nothing() -> Result<()> {
     let dev = gpu();
     let (d, h, hd) = (3072, 24, 128);
-    for (b, txt, img) in [(1, 512, 1024 + 77), (2, 512, 256), (1, 77, 300)] {
+    for (b, txt, img) in [
+        (1, 512, 1024 + 77),
+        (2, 512, 256),
+        (1, 77, 300),
+        (1, 64, 300),
+    ] {
         let s = txt + img;
         let q = randn(&[b, h, s, hd], DType::BF16, &dev)?;
         let k = randn(&[b, h, s, hd], DType::BF16, &dev)?;

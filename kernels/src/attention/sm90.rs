@@ -11,13 +11,16 @@ use half::bf16;
 use super::Dims;
 use crate::cuda::{FLASH_ATTENTION_SM90, view};
 
-/// Query rows per block, keys per K/V tile, threads per block (`flash_attention_sm90.cu`).
+/// Query rows per block, keys per K/V tile, slots of the K/V ring, threads per block (two
+/// consumer warpgroups and a producer one; `flash_attention_sm90.cu`).
 const BLOCK_M: usize = 128;
-const BLOCK_N: usize = 64;
-const THREADS: u32 = 256;
-/// Q and two stages of K and V tiles (bf16, head dim 128), 1024 bytes to align them, two
-/// mbarriers.
-const SHARED_BYTES: usize = (BLOCK_M + 4 * BLOCK_N) * 128 * 2 + 1024 + 16;
+const BLOCK_N: usize = 128;
+const STAGES: usize = 3;
+const THREADS: u32 = 384;
+/// Q and the slots' K and V tiles (bf16, head dim 128), 1024 bytes to align them, the mbarriers
+/// (Q's, and each slot's K full, V full, K empty and V empty): 225.1 KiB of the SM's 227.
+const SHARED_BYTES: usize =
+    (BLOCK_M + 2 * STAGES * BLOCK_N) * 128 * 2 + 1024 + 8 * (1 + 4 * STAGES);
 
 /// The driver's opaque tensor-map descriptor, passed by value.
 #[repr(transparent)]

@@ -6,20 +6,24 @@
 // Q, K and V come as tensor maps over (batch, head, row, col) with 128-byte swizzling (built by
 // the host from the tensors' strides: heads are read in place). V may come in two parts: key
 // rows below v_split from v, the others from v_tail (row − v_split), v_split a multiple of the
-// 64-key tile (the FLUX.2 double block's text and image values, each read in place from its
+// 128-key tile (the FLUX.2 double block's text and image values, each read in place from its
 // stream's projection). The output is written as (B, S_q, H·128) through out_batch_stride /
 // out_row_stride (elements).
 //
-// One block = two warpgroups = 128 query rows; each warpgroup owns 64 rows and issues its own
-// wgmma. Q (128 × 128) and two stages of K and V tiles (64 keys each) sit in shared memory in
-// the layout the copy engine writes and the tensor cores read: a tile is two 64-column halves,
-// each row 128 bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8). One thread
-// starts the copies of tile j + 1 (an mbarrier per stage counts their bytes) while every warp
-// works on tile j; rows past the end arrive as zeros. S = Q·Kᵀ (m64n64k16) takes both operands
-// from shared memory (K-major); O += P·V (m64n128k16) takes P from registers (the S
-// accumulators rounded to bf16 are the A fragments) and V from shared memory as an MN-major
-// operand (no transposition). 97 KB of shared memory and 128 registers a thread let two blocks
-// share an SM: one block's softmax runs while the other's matrix products do.
+// One block per SM: 128 query rows, two consumer warpgroups of 64 rows each and one producer
+// warpgroup (FlashAttention-3's warp specialisation). The producer's first thread loads Q once,
+// then K and V tiles of 128 keys into two rings of STAGES slots each: a "full" mbarrier per
+// slot counts the bytes landing, an "empty" one the eight consumer warps done with the slot (K_j
+// once S_j is computed, V_j once P_j·V_j is), so K runs a tile ahead of V. The producer hands its
+// registers to the consumers (setmaxnreg). Shared memory holds the tiles in the layout the copy
+// engine writes and the tensor cores read: a tile is two 64-column halves, each row 128 bytes,
+// the 16-byte chunk c of row r stored at chunk c ^ (r % 8).
+//
+// Each consumer warpgroup overlaps its softmax with its own matrix products: it issues
+// S_j = Q·K_jᵀ (m64n128k16, both operands from shared memory, K-major) and O += P_{j−1}·V_{j−1}
+// (m64n128k16, P from registers: the previous scores rounded to bf16 are the A fragments; V from
+// shared memory as an MN-major operand, no transposition), waits for S_j only, computes its
+// softmax while P·V runs on the tensor cores, then waits for P·V, rescales O and packs P_j.
 #include <cuda_bf16.h>
 #include <cuda.h>
 #include <stdint.h>
@@ -28,13 +32,16 @@ namespace {
 
 typedef __nv_bfloat16 bf16;
 
-constexpr int THREADS = 256;
+// Two consumer warpgroups and the producer warpgroup.
+constexpr int THREADS = 384;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 constexpr int HD = 128;
 constexpr int BLOCK_M = 128;
-constexpr int BLOCK_N = 64;
+constexpr int BLOCK_N = 128;
+constexpr int STAGES = 3;
+constexpr int CONSUMER_WARPS = 8;
 constexpr uint32_t Q_BYTES = BLOCK_M * HD * 2;
 constexpr uint32_t KV_BYTES = BLOCK_N * HD * 2;
 
@@ -50,15 +57,38 @@ __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
 
+// Waits until at most N of this warpgroup's committed groups are pending.
+template <int N>
 __device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// Keeps the compiler from moving accesses to accumulators across wgmma issue and wait.
+// Keeps the compiler from moving accesses to wgmma operands across its issue and wait.
 template <int N>
 __device__ __forceinline__ void fence_registers(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <int N>
+__device__ __forceinline__ void fence_registers(uint32_t (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[i][e])::"memory");
+  }
+}
+
+// Hands registers back (the producer) or takes them (the consumers): every warp of the
+// warpgroup runs it.
+template <int REGS>
+__device__ __forceinline__ void shrink_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+template <int REGS>
+__device__ __forceinline__ void grow_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
 }
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -71,6 +101,13 @@ __device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
       "{\n.reg .b64 state;\n"
       "mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
       "r"(bytes)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile(
+      "{\n.reg .b64 state;\n"
+      "mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
       : "memory");
 }
 
@@ -109,8 +146,8 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
          (static_cast<uint64_t>(stride >> 4) << 32) | (1ull << 62);
 }
 
-// Accumulator operands of the wgmma below: registers 0-31 (n = 64) and 32-63 (n = 128).
-#define ACC_0_31 \
+// The 64 accumulator operands of an m64n128 wgmma.
+#define ACC_64 \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
   "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
@@ -118,8 +155,7 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), \
   "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), \
-  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define ACC_32_63 \
+  "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
   "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
   "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), \
@@ -128,25 +164,24 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
   "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define REGS_0_31 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, " \
+#define REGS_64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, " \
   "%8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, " \
-  "%24, %25, %26, %27, %28, %29, %30, %31"
-#define REGS_32_63 \
+  "%24, %25, %26, %27, %28, %29, %30, %31, " \
   "%32, %33, %34, %35, %36, %37, %38, %39, " \
   "%40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, " \
-  "%56, %57, %58, %59, %60, %61, %62, %63"
+  "%56, %57, %58, %59, %60, %61, %62, %63}"
 
-// d = A·B (accumulate = 0) or d += A·B for one m64n64k16 step; A and B in shared memory, both
+// d = A·B (accumulate = 0) or d += A·B for one m64n128k16 step; A and B in shared memory, both
 // K-major.
-__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
+__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" REGS_0_31
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : ACC_0_31
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " REGS_64
+      ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : ACC_64
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
@@ -154,9 +189,9 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b,
 __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" REGS_0_31 ", " REGS_32_63
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : ACC_0_31, ACC_32_63
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " REGS_64
+      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : ACC_64
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
@@ -165,13 +200,83 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Issues S = Q·Kᵀ over the head dim in 16-wide steps: 4 per 64-column half, 32 bytes apart in
+// a swizzled row; 8-row groups 1024 bytes apart.
+__device__ __forceinline__ void issue_scores(float (&s)[64], uint32_t q_rows, uint32_t sk) {
+  fence_registers(s);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; ++kk) {
+    const uint32_t step = (kk % 4) * 32;
+    wgmma_ss(s, descriptor(q_rows + (kk / 4) * Q_BYTES / 2 + step, 16, 1024),
+             descriptor(sk + (kk / 4) * KV_BYTES / 2 + step, 16, 1024), kk > 0);
+  }
+  wgmma_commit();
+}
+
+// Issues O += P·V over the tile's keys in 16-key steps (2048 bytes apart); V's two 64-column
+// halves are the operand's two 64-wide MN atoms (KV_BYTES / 2 apart), its 8-key groups 1024
+// bytes.
+__device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)[BLOCK_N / 16][4],
+                                             uint32_t sv) {
+  fence_registers(o);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+    wgmma_rs(o, p[kk], descriptor(sv + kk * 2048, KV_BYTES / 2, 1024));
+  }
+  wgmma_commit();
+}
+
+// The online softmax of one tile's scores, in place: masks keys past s_kv, updates this
+// thread's two rows' running max (row_max) and sum (row_sum, rescaled), leaves exp2 of the
+// shifted scores in s and returns each row's rescaling of O in alpha.
+__device__ __forceinline__ void softmax(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
+                                        float (&alpha)[2], int key0, int s_kv, int lane,
+                                        float scale_log2) {
+  if (key0 + BLOCK_N > s_kv) {
+#pragma unroll
+    for (int i = 0; i < BLOCK_N / 2; ++i) {
+      const int key = key0 + 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
+      s[i] = key >= s_kv ? -INFINITY : s[i];
+    }
+  }
+  float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+  for (int i = 0; i < BLOCK_N / 2; ++i) tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], s[i]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
+    alpha[r] = exp2f((row_max[r] - tile_max[r]) * scale_log2);
+    row_max[r] = tile_max[r];
+    row_sum[r] *= alpha[r];
+  }
+  const float shift[2] = {row_max[0] * scale_log2, row_max[1] * scale_log2};
+#pragma unroll
+  for (int i = 0; i < BLOCK_N / 2; ++i) {
+    s[i] = exp2f(fmaf(s[i], scale_log2, -shift[(i / 2) % 2]));
+    row_sum[(i / 2) % 2] += s[i];
+  }
+}
+
+// The A fragments of P·V: 16 keys per step, this thread's two rows (lane / 4, + 8) and columns
+// 2·(lane % 4) (+ 8) of each step, from the score accumulators of the same positions.
+__device__ __forceinline__ void pack_scores(uint32_t (&p)[BLOCK_N / 16][4], const float (&s)[64]) {
+#pragma unroll
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p[kk][e] = pack_bf16(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+  }
+}
+
 #endif
 
 }  // namespace
 
-// Shared memory: Q, two stages of K and V, 1024 bytes to align the tiles, two mbarriers
+// Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles, the mbarriers
 // (SHARED_BYTES in kernels/src/attention/sm90.rs).
-extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf16_hd128(
+extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_attention_sm90_bf16_hd128(
     const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,
     const __grid_constant__ CUtensorMap v, const __grid_constant__ CUtensorMap v_tail, int v_split,
     bf16* out, int s_q, int s_kv, int heads, float scale_log2, long long out_batch_stride,
@@ -180,13 +285,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf
   extern __shared__ __align__(1024) unsigned char smem[];
   // The swizzle pattern repeats every 1024 bytes: tiles start on that boundary.
   const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
-  // Q, then stage t's K tile at Q_BYTES + 2t·KV_BYTES and its V tile right after; then one
-  // mbarrier per stage.
+  // Q, the K slots, the V slots; then the mbarriers: Q's, and each slot's K full, V full, K
+  // empty and V empty.
   const uint32_t sq = base;
-  const uint32_t full = sq + Q_BYTES + 4 * KV_BYTES;
+  const auto k_tile = [&](int t) { return sq + Q_BYTES + t * KV_BYTES; };
+  const auto v_tile = [&](int t) { return sq + Q_BYTES + (STAGES + t) * KV_BYTES; };
+  const uint32_t q_full = sq + Q_BYTES + 2 * STAGES * KV_BYTES;
+  const auto k_full = [&](int t) { return q_full + 8 + 32 * t; };
+  const auto v_full = [&](int t) { return q_full + 16 + 32 * t; };
+  const auto k_empty = [&](int t) { return q_full + 24 + 32 * t; };
+  const auto v_empty = [&](int t) { return q_full + 32 + 32 * t; };
 
-  const int wg = threadIdx.x / 128;
-  const int warp = (threadIdx.x / 32) % 4;
+  const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int m0 = blockIdx.x * BLOCK_M;
   const int b = blockIdx.y / heads;
@@ -194,25 +304,51 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf
   const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
 
   if (threadIdx.x == 0) {
-    mbar_init(full, 1);
-    mbar_init(full + 8, 1);
+    mbar_init(q_full, 1);
+    for (int t = 0; t < STAGES; ++t) {
+      mbar_init(k_full(t), 1);
+      mbar_init(v_full(t), 1);
+      mbar_init(k_empty(t), CONSUMER_WARPS);
+      mbar_init(v_empty(t), CONSUMER_WARPS);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  // The V tile of keys [row0, row0 + BLOCK_N), from whichever part holds them.
-  const auto load_v = [&](uint32_t dst, int row0, uint32_t bar) {
-    if (row0 < v_split) {
-      tma_tile<BLOCK_N>(dst, &v, row0, h, b, bar);
-    } else {
-      tma_tile<BLOCK_N>(dst, &v_tail, row0 - v_split, h, b, bar);
+
+  if (warp >= CONSUMER_WARPS) {
+    // The producer: K and V tile j go to slot j % STAGES of their ring once every consumer warp
+    // released the slot's previous use (K_j once S_j is computed, V_j once P_j·V_j is). Its
+    // registers go to the consumers (24 + 2 · 240 per thread of each SM sub-partition's three
+    // warps: the 16384 of its register file).
+    shrink_registers<24>();
+    if (warp == CONSUMER_WARPS && lane == 0) {
+      mbar_expect(q_full, Q_BYTES);
+      tma_tile<BLOCK_M>(sq, &q, m0, h, b, q_full);
+      for (int j = 0; j < tiles; ++j) {
+        const int t = j % STAGES, use = j / STAGES;
+        if (use > 0) mbar_wait(k_empty(t), (use - 1) & 1);
+        mbar_expect(k_full(t), KV_BYTES);
+        tma_tile<BLOCK_N>(k_tile(t), &k, j * BLOCK_N, h, b, k_full(t));
+        if (use > 0) mbar_wait(v_empty(t), (use - 1) & 1);
+        mbar_expect(v_full(t), KV_BYTES);
+        if (j * BLOCK_N < v_split) {
+          tma_tile<BLOCK_N>(v_tile(t), &v, j * BLOCK_N, h, b, v_full(t));
+        } else {
+          tma_tile<BLOCK_N>(v_tile(t), &v_tail, j * BLOCK_N - v_split, h, b, v_full(t));
+        }
+      }
     }
-  };
-  if (threadIdx.x == 0) {
-    mbar_expect(full, Q_BYTES + 2 * KV_BYTES);
-    tma_tile<BLOCK_M>(sq, &q, m0, h, b, full);
-    tma_tile<BLOCK_N>(sq + Q_BYTES, &k, 0, h, b, full);
-    load_v(sq + Q_BYTES + KV_BYTES, 0, full);
+    return;
   }
+
+  grow_registers<240>();
+  const int wg = warp / 4;
+  // This warpgroup's 64 query rows in each half of the Q tile.
+  const uint32_t q_rows = sq + wg * 64 * 128;
+  const auto release = [&](uint32_t empty) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty);
+  };
 
   float o[64];
 #pragma unroll
@@ -221,89 +357,43 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf
   // of the warp's 16, in each 8-column group n of S and O: columns 8n + 2·(lane % 4) + e % 2.
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
-  // This warpgroup's 64 query rows in each half of the Q tile.
-  const uint32_t q_rows = sq + wg * 64 * 128;
+  float alpha[2];
+  float s[64];
+  uint32_t p[BLOCK_N / 16][4];
 
-  for (int j = 0; j < tiles; ++j) {
-    const uint32_t sk = sq + Q_BYTES + (j & 1) * 2 * KV_BYTES;
-    const uint32_t sv = sk + KV_BYTES;
-    // Tile j has landed, and every thread is done with tile j - 1: its stage takes tile j + 1.
-    mbar_wait(full + 8 * (j & 1), (j >> 1) & 1);
-    __syncthreads();
-    if (threadIdx.x == 0 && j + 1 < tiles) {
-      const uint32_t next = sq + Q_BYTES + ((j + 1) & 1) * 2 * KV_BYTES;
-      const uint32_t bar = full + 8 * ((j + 1) & 1);
-      mbar_expect(bar, 2 * KV_BYTES);
-      tma_tile<BLOCK_N>(next, &k, (j + 1) * BLOCK_N, h, b, bar);
-      load_v(next + KV_BYTES, (j + 1) * BLOCK_N, bar);
-    }
+  mbar_wait(q_full, 0);
+  mbar_wait(k_full(0), 0);
+  issue_scores(s, q_rows, k_tile(0));
+  wgmma_wait<0>();
+  fence_registers(s);
+  release(k_empty(0));
+  softmax(s, row_max, row_sum, alpha, 0, s_kv, lane, scale_log2);
+  pack_scores(p, s);
 
-    // S = Q·Kᵀ over the head dim in 16-wide steps: 4 per 64-column half, 32 bytes apart in a
-    // swizzled row; 8-row groups 1024 bytes apart.
-    float s[BLOCK_N / 2];
+  for (int j = 1; j < tiles; ++j) {
+    const int t = j % STAGES, prev = (j - 1) % STAGES;
+    mbar_wait(k_full(t), (j / STAGES) & 1);
+    mbar_wait(v_full(prev), ((j - 1) / STAGES) & 1);
+    issue_scores(s, q_rows, k_tile(t));
+    issue_values(o, p, v_tile(prev));
+    // S_j is done, P_{j−1}·V_{j−1} may still run: its operands stay untouched until the wait.
+    wgmma_wait<1>();
     fence_registers(s);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      const uint32_t step = (kk % 4) * 32;
-      wgmma_ss(s, descriptor(q_rows + (kk / 4) * Q_BYTES / 2 + step, 16, 1024),
-               descriptor(sk + (kk / 4) * KV_BYTES / 2 + step, 16, 1024), kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait();
-    fence_registers(s);
-
-    // Online softmax.
-    float tile_max[2] = {row_max[0], row_max[1]};
-    const bool partial = (j + 1) * BLOCK_N > s_kv;
-#pragma unroll
-    for (int n = 0; n < BLOCK_N / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float& x = s[4 * n + e];
-        const int key = j * BLOCK_N + 8 * n + 2 * (lane % 4) + (e & 1);
-        x = partial && key >= s_kv ? -INFINITY : x;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
-      }
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
-      alpha[r] = exp2f((row_max[r] - tile_max[r]) * scale_log2);
-      row_max[r] = tile_max[r];
-      row_sum[r] *= alpha[r];
-    }
-    const float shift[2] = {row_max[0] * scale_log2, row_max[1] * scale_log2};
-#pragma unroll
-    for (int i = 0; i < BLOCK_N / 2; ++i) {
-      s[i] = exp2f(fmaf(s[i], scale_log2, -shift[(i / 2) % 2]));
-      row_sum[(i / 2) % 2] += s[i];
-    }
+    release(k_empty(t));
+    softmax(s, row_max, row_sum, alpha, j * BLOCK_N, s_kv, lane, scale_log2);
+    wgmma_wait<0>();
+    fence_registers(o);
+    fence_registers(p);
+    release(v_empty(prev));
 #pragma unroll
     for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
-
-    // O += P·V over the tile's keys in 16-key steps (2048 bytes apart); V's two 64-column halves
-    // are the operand's two 64-wide MN atoms (KV_BYTES / 2 apart), its 8-key groups 1024 bytes.
-    uint32_t p[BLOCK_N / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-      p[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-      p[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-      p[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-      p[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    fence_registers(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-      wgmma_rs(o, p[kk], descriptor(sv + kk * 2048, KV_BYTES / 2, 1024));
-    }
-    wgmma_commit();
-    wgmma_wait();
-    fence_registers(o);
+    pack_scores(p, s);
   }
+  const int last = (tiles - 1) % STAGES;
+  mbar_wait(v_full(last), ((tiles - 1) / STAGES) & 1);
+  issue_values(o, p, v_tile(last));
+  wgmma_wait<0>();
+  fence_registers(o);
 
   bf16* ob = out + (size_t)b * out_batch_stride + (size_t)h * HD + 2 * (lane % 4);
   float inv[2];
@@ -313,7 +403,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_attention_sm90_bf
     row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
     inv[r] = 1.f / row_sum[r];
   }
-  const int row = m0 + wg * 64 + warp * 16 + lane / 4;
+  const int row = m0 + wg * 64 + (warp % 4) * 16 + lane / 4;
 #pragma unroll
   for (int n = 0; n < 16; ++n) {
     if (row < s_q) {
