@@ -217,6 +217,9 @@ impl FlashAttention {
                 self.v_tail.as_ref().map(Tensor::shape)
             );
         }
+        if s_kv == 0 {
+            bail!("flash attention: no keys to attend");
+        }
         if self.causal && s_q != s_kv {
             bail!("flash attention: causal needs as many queries as keys ({s_q} vs {s_kv})");
         }

@@ -453,10 +453,13 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     assert!(err.to_string().contains("as many queries as keys"), "{err}");
     let masked = FlashAttention {
         key_mask: Some(Tensor::ones((1, 5), DType::U32, &dev)?),
-        ..op
+        ..op.clone()
     };
     let err = q.apply_op3_no_bwd(&k, &k, &masked).unwrap_err();
     assert!(err.to_string().contains("key mask"), "{err}");
+    let none = randn(&[1, 2, 0, 16], DType::F32, &dev)?;
+    let err = q.apply_op3_no_bwd(&none, &none, &op).unwrap_err();
+    assert!(err.to_string().contains("no keys"), "{err}");
 
     let x = randn(&[2, 3, 8], DType::F32, &dev)?;
     let wrong = modulation(1, 8, DType::F32, &dev)?;
