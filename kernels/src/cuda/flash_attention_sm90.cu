@@ -318,8 +318,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_attention_sm90_bf
   if (warp >= CONSUMER_WARPS) {
     // The producer: K and V tile j go to slot j % STAGES of their ring once every consumer warp
     // released the slot's previous use (K_j once S_j is computed, V_j once P_j·V_j is). Its
-    // registers go to the consumers (24 + 2 · 240 per thread of each SM sub-partition's three
-    // warps: the 16384 of its register file).
+    // registers go to the consumers: 24 + 2 · 240 per thread for each SM sub-partition's three
+    // warps fits its register file (16384). Every register the consumers take, the producer
+    // must have freed (setmaxnreg.inc waits for them: 32 + 240 deadlocks).
     shrink_registers<24>();
     if (warp == CONSUMER_WARPS && lane == 0) {
       mbar_expect(q_full, Q_BYTES);
