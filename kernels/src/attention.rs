@@ -34,8 +34,8 @@ pub struct FlashAttention {
 /// Head dims the CUDA kernel is instantiated for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
-/// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `attention/sm90.rs`): a split V's first
-/// part must hold whole tiles.
+/// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `flash_attention_sm90.cu`): a split V's
+/// first part must hold whole tiles.
 const SM90_TILE_KEYS: usize = 128;
 
 /// Whether [`flash_attention`] runs the CUDA kernel for these queries (B, H, S, hd).

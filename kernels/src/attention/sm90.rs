@@ -14,7 +14,7 @@ use crate::cuda::{FLASH_ATTENTION_SM90, view};
 /// Query rows per block, keys per K/V tile, slots of the K/V ring, threads per block (two
 /// consumer warpgroups and a producer one; `flash_attention_sm90.cu`).
 const BLOCK_M: usize = 128;
-const BLOCK_N: usize = 128;
+const BLOCK_N: usize = super::SM90_TILE_KEYS;
 const STAGES: usize = 3;
 const THREADS: u32 = 384;
 /// Q and the slots' K and V tiles (bf16, head dim 128), 1024 bytes to align them, the mbarriers
