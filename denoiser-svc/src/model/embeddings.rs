@@ -70,29 +70,72 @@ pub struct Rope {
 
 /// `Flux2PosEmbed`: axis `a` owns `axes_dims[a]` head dims; its frequency `j` is
 /// `1 / theta^(2j / axes_dims[a])` and the angle `pos_a · ω_j` is computed in f64, then cos and
-/// sin are cast to f32 (diffusers).
+/// sin are cast to f32 (diffusers). Each axis takes few distinct positions (a 1024² request's
+/// 4608 tokens: at most 512 per axis), so every (axis, position) row is computed once and a
+/// token's row is its axes' rows side by side: the same values as one angle per token and
+/// frequency, without the repeats (295 k f64 cos / sin pairs at 1024², ~10 ms of a request).
 pub fn rope(ids: &[PositionId], axes_dims: &[usize], theta: f64, dev: &Device) -> Result<Rope> {
-    let freqs: Vec<(usize, f64)> = axes_dims
+    let axes: Vec<AxisTable> = axes_dims
         .iter()
         .enumerate()
-        .flat_map(|(axis, &dim)| {
-            (0..dim / 2).map(move |j| (axis, 1.0 / theta.powf((2 * j) as f64 / dim as f64)))
-        })
+        .map(|(axis, &dim)| AxisTable::new(ids.iter().map(|id| id[axis]), dim, theta))
         .collect();
-    let half = freqs.len();
+    let half: usize = axes.iter().map(|a| a.half).sum();
     let mut cos = Vec::with_capacity(ids.len() * half);
     let mut sin = Vec::with_capacity(ids.len() * half);
     for id in ids {
-        for &(axis, omega) in &freqs {
-            let angle = id[axis] as f32 as f64 * omega;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
+        for (table, &pos) in axes.iter().zip(id) {
+            let (c, s) = table.row(pos);
+            cos.extend_from_slice(c);
+            sin.extend_from_slice(s);
         }
     }
     Ok(Rope {
         cos: Tensor::from_vec(cos, (ids.len(), half), dev)?,
         sin: Tensor::from_vec(sin, (ids.len(), half), dev)?,
     })
+}
+
+/// One axis's cos and sin rows (`half` frequencies each) for the distinct positions it takes.
+struct AxisTable {
+    half: usize,
+    positions: Vec<u32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl AxisTable {
+    fn new(positions: impl Iterator<Item = u32>, dim: usize, theta: f64) -> Self {
+        let half = dim / 2;
+        let mut positions: Vec<u32> = positions.collect();
+        positions.sort_unstable();
+        positions.dedup();
+        let omegas: Vec<f64> = (0..half)
+            .map(|j| 1.0 / theta.powf((2 * j) as f64 / dim as f64))
+            .collect();
+        let angles = || {
+            positions
+                .iter()
+                .flat_map(|&p| omegas.iter().map(move |&w| p as f32 as f64 * w))
+        };
+        let cos = angles().map(|a| a.cos() as f32).collect();
+        let sin = angles().map(|a| a.sin() as f32).collect();
+        Self {
+            half,
+            positions,
+            cos,
+            sin,
+        }
+    }
+
+    fn row(&self, pos: u32) -> (&[f32], &[f32]) {
+        let i = self
+            .positions
+            .binary_search(&pos)
+            .expect("the table holds every position of its ids");
+        let cols = i * self.half..(i + 1) * self.half;
+        (&self.cos[cols.clone()], &self.sin[cols])
+    }
 }
 
 #[cfg(test)]
@@ -130,5 +173,33 @@ mod tests {
         // axis 1 (h) freq 0 of token 1: angle 1 rad.
         assert!((cos[1][4] - 1f32.cos()).abs() < 1e-7);
         assert_eq!(cos[1][0], 1.0);
+    }
+
+    /// The per-axis tables give exactly the angle-per-token-and-frequency values.
+    #[test]
+    fn rope_rows_equal_one_angle_per_token_and_frequency() {
+        let mut ids = text_ids(7);
+        ids.extend(grid_ids(0, 3, 5));
+        ids.extend(grid_ids(20, 2, 4));
+        let (axes, theta) = ([6, 10, 10, 6], 2000.0);
+        let r = rope(&ids, &axes, theta, &Device::Cpu).unwrap();
+        let (cos, sin) = (
+            r.cos.to_vec2::<f32>().unwrap(),
+            r.sin.to_vec2::<f32>().unwrap(),
+        );
+        for (t, id) in ids.iter().enumerate() {
+            let angles: Vec<f64> = axes
+                .iter()
+                .enumerate()
+                .flat_map(|(a, &dim)| {
+                    (0..dim / 2)
+                        .map(move |j| id[a] as f64 / theta.powf((2 * j) as f64 / dim as f64))
+                })
+                .collect();
+            let want_cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+            let want_sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+            assert_eq!(cos[t], want_cos, "cos of token {t}");
+            assert_eq!(sin[t], want_sin, "sin of token {t}");
+        }
     }
 }
