@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA release binaries on this (GPU-less) machine and packs them, stripped and
 # xz-compressed, into tools/gpu/bin/ (git-ignored) for the GPU machine:
-#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, and the CUDA test binaries
+#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, gemm-power, and the CUDA test binaries
 #   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
 #   golden suite, klein-tests e2e_goldens; the kernels' GPU parity tests, klein-kernels gpu_parity).
 # Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
@@ -20,6 +20,10 @@ for bin in klein-bench encoder-svc denoiser-svc vae-svc; do
   strip -o "/tmp/$bin" "$CARGO_TARGET_DIR/release/$bin"
   xz -T2 -6 -c "/tmp/$bin" > "$out/$bin.xz"
 done
+# The matmul-rate probe (tools/gpu/device.sh gemm-power): CUDA C++ against cuBLASLt.
+nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/gemm-power tools/gpu/gemm_power.cu \
+  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
+xz -T2 -6 -c /tmp/gemm-power > "$out/gemm-power.xz"
 # The gateway and the klein client run no model: CPU builds, half the size of CUDA ones.
 CARGO_TARGET_DIR=target RUSTFLAGS= cargo build --release --locked -p gateway --bins
 for bin in gateway klein; do

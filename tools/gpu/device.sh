@@ -14,6 +14,9 @@
 #                                     1024² T2I through the gateway, per-process peak memory
 #   tools/gpu/device.sh serve OUT     the one-process stack (`klein serve --device cuda`, the
 #                                     klein-cuda binary) on a random klein-4B: 1024² T2I and I2I
+#   tools/gpu/device.sh gemm-power OUT the bf16 matmul rate in short bursts and sustained for ~3 s,
+#                                     with the SM clock, power and throttle reasons sampled
+#                                     every 250 ms → OUT/gemm-power-smi.csv
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -75,11 +78,19 @@ case "${1:-}" in
     done
     echo "process peak (nvidia-smi now): $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)"
     kill $pid; wait 2>/dev/null; grep -E "ERROR|WARN" "${2:-/tmp}/serve.log" | tail -5 ;;
+  gemm-power)
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active \
+      --format=csv -lms 250 > "${2:-/tmp}/gemm-power-smi.csv" &
+    smi=$!
+    /tmp/klein/gemm-power
+    kill $smi
+    echo "SM clock, power (W), throttle reasons while it ran:"
+    tail -n +2 "${2:-/tmp}/gemm-power-smi.csv" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12 ;;
   vae-algos)
     for algo in implicit-precomp-gemm auto implicit-gemm; do
       /tmp/klein/klein-bench --device cuda:0 components --only vae \
         --sizes 512,768,1024 --vae-dtypes f32 --iters 3 --vae-conv-algorithm "$algo" \
         --json "${2:-/tmp}/vae-$algo.json"
     done ;;
-  *) echo "usage: $0 parity|components|diffusers|stack|vae-algos [OUT]" >&2; exit 64 ;;
+  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|vae-algos [OUT]" >&2; exit 64 ;;
 esac
