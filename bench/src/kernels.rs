@@ -201,6 +201,27 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         bytes_ms(3.0 * x.elem_count() as f64 * 4.0),
         "bytes",
     )?;
+    // A tiled decode's norm halves on the same tensor: the moments over a tile's own part (its
+    // middle 768 rows), the per-channel affine + SiLU with statistics from elsewhere.
+    let (own_rows, own_cols) = ((128, 896), (0, 1024));
+    row(
+        "group_moments",
+        "VAE x (1, 128, 1024, 1024) f32, 32 groups, rows 128..896".to_owned(),
+        &mut || klein_kernels::group_moments(&x, 32, own_rows, own_cols),
+        &mut || reference::group_moments(&x, 32, own_rows, own_cols),
+        bytes_ms(x.elem_count() as f64 * 4.0 * 0.75),
+        "bytes",
+    )?;
+    let scale = Tensor::randn(0f32, 1.0, (1, 128), dev)?;
+    let shift = Tensor::randn(0f32, 1.0, (1, 128), dev)?;
+    row(
+        "channel_affine",
+        "VAE x (1, 128, 1024, 1024) f32, SiLU".to_owned(),
+        &mut || klein_kernels::channel_affine(&x, &scale, &shift, true),
+        &mut || reference::channel_affine(&x, &scale, &shift, true),
+        bytes_ms(2.0 * x.elem_count() as f64 * 4.0),
+        "bytes",
+    )?;
     // The decoder output to u8 pixels; the composition is the device part of the path it
     // replaced (its rounding to u8 ran on the host, over 4 × the bytes).
     let x = Tensor::randn(0f32, 1.0, (1, 3, 1024, 1024), dev)?;

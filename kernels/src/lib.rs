@@ -1,7 +1,8 @@
 //! Fused kernels for the klein models, one place for all of them: the transformer's flash
 //! attention and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm,
-//! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU) and its
-//! convolutions through cuDNN (bias and residual fused, exact / TF32 / split-TF32 arithmetic,
+//! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU), the tiled
+//! decode's group norms with image-wide statistics (moments over a tile's own part, then a
+//! per-channel affine), its convolutions through cuDNN (bias and residual fused, exact / TF32 / split-TF32 arithmetic,
 //! `cudnn` feature; its CPU reference is the composition) and its output's 8-bit quantization.
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
@@ -24,6 +25,7 @@ mod cpu;
 mod cuda;
 mod dequantize;
 mod group_norm;
+mod group_stats;
 mod modulate;
 mod pad;
 mod pixels;
@@ -40,6 +42,7 @@ pub use attention::{
 pub use conv::{Conv, ConvPrecision, ConvWeights, Tf32Split, conv_fused, conv2d, tf32_split};
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, group_norm, group_norm_fused};
+pub use group_stats::{ChannelAffine, GroupMoments, channel_affine, group_moments};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use pad::{PadRows, pad_rows};
 pub use pixels::{RgbU8, rgb_u8};

@@ -6,6 +6,36 @@ use candle_core::{D, DType, Result, Tensor};
 
 use crate::{Conv, PadRows, RopeStyle};
 
+/// Σx and Σx² of each (batch, group) of x (B, C, H, W) over rows `rows.0..rows.1` and columns
+/// `cols.0..cols.1`, in f64. (B·groups, 2)
+pub fn group_moments(
+    x: &Tensor,
+    groups: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let part = x
+        .to_dtype(DType::F64)?
+        .narrow(2, rows.0, rows.1 - rows.0)?
+        .narrow(3, cols.0, cols.1 - cols.0)?
+        .contiguous()?
+        .reshape((b * groups, ()))?;
+    Tensor::cat(&[part.sum_keepdim(1)?, part.sqr()?.sum_keepdim(1)?], 1)
+}
+
+/// `x · scale + shift` per (batch, channel) in f32, rounded to x's dtype, then optionally SiLU
+/// ([`silu`]). x (B, C, H, W), scale and shift (B, C) f32.
+pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, silu: bool) -> Result<Tensor> {
+    let (b, c, _, _) = x.dims4()?;
+    let y = x
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&scale.reshape((b, c, 1, 1))?)?
+        .broadcast_add(&shift.reshape((b, c, 1, 1))?)?
+        .to_dtype(x.dtype())?;
+    if silu { self::silu(&y) } else { Ok(y) }
+}
+
 /// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16).
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     match xs.dtype() {

@@ -7,8 +7,8 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor};
 use common::{max_rel, modulation, randn, rel_l2, rope_tables};
 use klein_kernels::{
-    FlashAttention, GateResidual, GroupNorm, JointQkNormRope, LayerNormModulate, QkNormRope,
-    RmsNorm, RopeStyle, SwiGlu, reference,
+    ChannelAffine, FlashAttention, GateResidual, GroupMoments, GroupNorm, JointQkNormRope,
+    LayerNormModulate, QkNormRope, RmsNorm, RopeStyle, SwiGlu, reference,
 };
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
@@ -436,6 +436,36 @@ fn group_norm_matches_the_composition() -> Result<()> {
     Ok(())
 }
 
+/// A tiled decode's halves of a group norm: the moments over a region of the planes (f64 both
+/// ways, so only summation order differs) and the per-channel affine (+ SiLU).
+#[test]
+fn group_moments_and_channel_affine_match_the_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let x = ((randn(&[2, 12, 6, 9], DType::F32, &dev)? * 2.0)? + 3.0)?.to_dtype(dtype)?;
+        for (rows, cols) in [((0, 6), (0, 9)), ((1, 4), (2, 9))] {
+            let got = x.apply_op1_no_bwd(&GroupMoments {
+                groups: 4,
+                rows,
+                cols,
+            })?;
+            let want = reference::group_moments(&x, 4, rows, cols)?;
+            assert_eq!(got.dims(), &[8, 2]);
+            let rel = rel_l2(&got, &want)?;
+            println!("group_moments {dtype:?} rows {rows:?} cols {cols:?}: rel-L2 {rel:.2e}");
+            assert!(rel <= 1e-12, "rel-L2 {rel}");
+        }
+        let scale = randn(&[2, 12], DType::F32, &dev)?;
+        let shift = randn(&[2, 12], DType::F32, &dev)?;
+        for silu in [false, true] {
+            let got = x.apply_op3_no_bwd(&scale, &shift, &ChannelAffine { silu })?;
+            let want = reference::channel_affine(&x, &scale, &shift, silu)?;
+            check(&format!("channel_affine (silu {silu})"), dtype, &got, &want)?;
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     let dev = Device::Cpu;
@@ -485,6 +515,17 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     let affine = randn(&[8], DType::F32, &dev)?;
     let err = img.apply_op3_no_bwd(&affine, &affine, &op).unwrap_err();
     assert!(err.to_string().contains("divisible by 3 groups"), "{err}");
+    let outside = GroupMoments {
+        groups: 4,
+        rows: (1, 3),
+        cols: (0, 2),
+    };
+    let err = img.apply_op1_no_bwd(&outside).unwrap_err();
+    assert!(err.to_string().contains("not a region of 2 × 2"), "{err}");
+    let err = img
+        .apply_op3_no_bwd(&affine, &affine, &ChannelAffine { silu: false })
+        .unwrap_err();
+    assert!(err.to_string().contains("contiguous (1, 8)"), "{err}");
     Ok(())
 }
 

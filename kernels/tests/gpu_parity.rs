@@ -324,6 +324,41 @@ fn group_norm_matches_the_composition() -> Result<()> {
     Ok(())
 }
 
+/// A tiled decode's group norm in halves at decoder shapes: the moments over a tile's own part
+/// (f32 partial sums combined in f64, against the f64 composition) and the per-channel affine
+/// with SiLU (the composition's roundings; f32 within one FMA rounding).
+#[test]
+fn group_moments_and_channel_affine_match_the_composition() -> Result<()> {
+    let dev = gpu();
+    for (shape, rows, cols) in [
+        ([1, 128, 512, 512], (64, 448), (0, 512)),
+        ([2, 512, 64, 96], (0, 64), (17, 80)),
+    ] {
+        let x = ((randn(&shape, DType::F32, &dev)? * 2.0)? + 1.0)?;
+        for x in [x.clone(), x.to_dtype(DType::BF16)?] {
+            let got = klein_kernels::group_moments(&x, 32, rows, cols)?;
+            let want = reference::group_moments(&x, 32, rows, cols)?;
+            let rel = rel_l2(&got, &want)?;
+            println!("group_moments {:?} {shape:?}: rel-L2 {rel:.2e}", x.dtype());
+            assert!(rel <= 1e-6, "rel-L2 {rel}");
+        }
+        let scale = randn(&[shape[0], shape[1]], DType::F32, &dev)?;
+        let shift = randn(&[shape[0], shape[1]], DType::F32, &dev)?;
+        let got = klein_kernels::channel_affine(&x, &scale, &shift, true)?;
+        let want = reference::channel_affine(&x, &scale, &shift, true)?;
+        let rel = rel_l2(&got, &want)?;
+        println!("channel_affine f32 {shape:?}: rel-L2 {rel:.2e}");
+        assert!(rel <= 1e-6, "rel-L2 {rel}");
+        let x = x.to_dtype(DType::BF16)?;
+        check_elementwise(
+            &format!("channel_affine bf16 {shape:?}"),
+            &klein_kernels::channel_affine(&x, &scale, &shift, true)?,
+            &reference::channel_affine(&x, &scale, &shift, true)?,
+        )?;
+    }
+    Ok(())
+}
+
 /// The cuDNN convolution at each precision against an f64 CPU convolution: exact and split
 /// TF32 at f32 accuracy, one TF32 pass visibly less (which also shows its passes do run on the
 /// tensor cores: `NVIDIA_TF32_OVERRIDE=0` would make all three equal). Weights random f32 (three

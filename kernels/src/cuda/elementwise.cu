@@ -384,6 +384,31 @@ extern "C" __global__ void gate_residual_bf16(const bf16* __restrict__ x,
   }
 }
 
+// Sums `sum` and `sq` over the block (at most 32 warps) and stores the two totals at out[0],
+// out[1] from thread 0.
+__device__ __forceinline__ void block_sum2_store(float sum, float sq, float* __restrict__ out) {
+  __shared__ float s_sum[32], s_sq[32];
+  sum = warp_sum(sum);
+  sq = warp_sum(sq);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    s_sum[warp] = sum;
+    s_sq[warp] = sq;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    sum = lane < warps ? s_sum[lane] : 0.f;
+    sq = lane < warps ? s_sq[lane] : 0.f;
+    sum = warp_sum(sum);
+    sq = warp_sum(sq);
+    if (lane == 0) {
+      out[0] = sum;
+      out[1] = sq;
+    }
+  }
+}
+
 // GroupNorm statistics, pass 1: block (bg, split) sums x − pivot and its square over its share
 // of group bg's n contiguous elements (pivot = the group's first element, which keeps the f32
 // sums of a large group from cancelling). partial: [bg][split][2].
@@ -403,26 +428,7 @@ __device__ __forceinline__ void group_norm_partials(const T* __restrict__ x,
     sum += v;
     sq += v * v;
   }
-  __shared__ float s_sum[32], s_sq[32];
-  sum = warp_sum(sum);
-  sq = warp_sum(sq);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    s_sum[warp] = sum;
-    s_sq[warp] = sq;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const int warps = blockDim.x / 32;
-    sum = lane < warps ? s_sum[lane] : 0.f;
-    sq = lane < warps ? s_sq[lane] : 0.f;
-    sum = warp_sum(sum);
-    sq = warp_sum(sq);
-    if (lane == 0) {
-      partial[((size_t)bg * splits + blockIdx.y) * 2] = sum;
-      partial[((size_t)bg * splits + blockIdx.y) * 2 + 1] = sq;
-    }
-  }
+  block_sum2_store(sum, sq, partial + ((size_t)bg * splits + blockIdx.y) * 2);
 }
 
 // Pass 2: per group, the partials (in f64) → mean and 1/sqrt(var + eps). stats: [bg][2].
@@ -485,6 +491,74 @@ __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
 
 GROUP_NORM(float, f32)
 GROUP_NORM(bf16, bf16)
+
+// A tiled decode's group-norm moments (group_norm.rs, `GroupMoments`): block (bg, split) sums x
+// and x² over its share of the part of group bg's planes inside rows [r0, r0 + rows) and columns
+// [c0, c0 + cols); then per group the partials in f64. partial: [bg][split][2], out: [bg][2].
+template <typename T>
+__device__ __forceinline__ void group_region_partials(const T* __restrict__ x,
+                                                      float* __restrict__ partial, int cpg, int h,
+                                                      int w, int r0, int rows, int c0, int cols) {
+  const int bg = blockIdx.x, splits = gridDim.y;
+  const T* g = x + (size_t)bg * cpg * h * w;
+  const long long plane = (long long)rows * cols, n = plane * cpg;
+  const long long per_split = (n + splits - 1) / splits;
+  const long long begin = blockIdx.y * per_split, end = min(n, begin + per_split);
+  float sum = 0.f, sq = 0.f;
+  for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const long long ch = i / plane, at = i % plane;
+    const float v = (float)g[(ch * h + r0 + at / cols) * w + c0 + at % cols];
+    sum += v;
+    sq += v * v;
+  }
+  block_sum2_store(sum, sq, partial + ((size_t)bg * splits + blockIdx.y) * 2);
+}
+
+extern "C" __global__ void group_region_totals(const float* __restrict__ partial,
+                                               double* __restrict__ out, int groups_total,
+                                               int splits) {
+  const int bg = blockIdx.x * blockDim.x + threadIdx.x;
+  if (bg >= groups_total) return;
+  double sum = 0.0, sq = 0.0;
+  for (int s = 0; s < splits; ++s) {
+    sum += partial[((size_t)bg * splits + s) * 2];
+    sq += partial[((size_t)bg * splits + s) * 2 + 1];
+  }
+  out[bg * 2] = sum;
+  out[bg * 2 + 1] = sq;
+}
+
+// y = x · scale[bc] + shift[bc] in f32, rounded to T; with silu, silu(y) from the rounded y,
+// rounded again: a group norm whose statistics come from elsewhere (`ChannelAffine`).
+template <typename T>
+__device__ __forceinline__ void channel_affine(const T* __restrict__ x,
+                                               const float* __restrict__ scale,
+                                               const float* __restrict__ shift,
+                                               T* __restrict__ out, long long total, long long hw,
+                                               int silu) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long bc = i / hw;
+    float y = (float)(T)((float)x[i] * scale[bc] + shift[bc]);
+    if (silu) y = y / (1.f + __expf(-y));
+    out[i] = (T)y;
+  }
+}
+
+#define GROUP_REGION(T, NAME)                                                                   \
+  extern "C" __global__ void group_region_partials_##NAME(const T* x, float* partial, int cpg,  \
+                                                          int h, int w, int r0, int rows,       \
+                                                          int c0, int cols) {                   \
+    group_region_partials<T>(x, partial, cpg, h, w, r0, rows, c0, cols);                        \
+  }                                                                                             \
+  extern "C" __global__ void channel_affine_##NAME(const T* x, const float* scale,             \
+                                                   const float* shift, T* out, long long total, \
+                                                   long long hw, int silu) {                    \
+    channel_affine<T>(x, scale, shift, out, total, hw, silu);                                   \
+  }
+
+GROUP_REGION(float, f32)
+GROUP_REGION(bf16, bf16)
 
 // The VAE's cuDNN convolutions (conv.rs): the output starts as the bias (plus the residual the
 // block adds) and cuDNN accumulates its products into it (beta = 1); split-TF32 convolutions

@@ -3,8 +3,9 @@
 //! [`Chunking::op_bytes`](super::Chunking).
 //!
 //! For tiled decoding the statistics can come from elsewhere ([`NormStats`]). On a CUDA device
-//! with local statistics the fused kernels of `klein_kernels::group_norm` run instead (no
-//! temporaries, one pass for the statistics and one for the affine).
+//! the kernels of `klein_kernels` run instead, with no temporaries: `group_norm` with the
+//! input's own statistics, and in a tiled decode `group_moments` (what a tile records) and
+//! `channel_affine` (normalising with the statistics it is given).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -69,14 +70,18 @@ impl GroupNorm {
 
     fn apply(&self, x: &Tensor, silu: bool, stats: &mut NormStats) -> Result<Tensor> {
         let groups = self.num_groups;
-        if matches!(stats, NormStats::Local) && klein_kernels::group_norm_fused(x) {
-            return klein_kernels::group_norm(x, &self.weight, &self.bias, groups, self.eps, silu);
-        }
         let (b, c, h, w) = x.dims4()?;
         if c % groups != 0 {
             candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
         }
         let cpg = c / groups;
+        if klein_kernels::group_norm_fused(x) {
+            return self.apply_fused(
+                x,
+                silu,
+                stats.begin_call((b, groups), (h, w), cpg, self.eps)?,
+            );
+        }
         let op_bytes = super::config::op_bytes_in_force(self.op_bytes);
         let step = groups_per_chunk((b * cpg * h * w) as u64, groups, op_bytes);
         let mut call = stats.begin_call((b, groups), (h, w), cpg, self.eps)?;
@@ -91,6 +96,51 @@ impl GroupNorm {
             out.slice_set(&y, 1, g0 * cpg)?;
         }
         Ok(out)
+    }
+
+    /// The CUDA kernels: the fused norm with the input's own statistics; in a tiled decode, the
+    /// moments of the tile's own part (`klein_kernels::group_moments`) and the per-channel
+    /// affine with the statistics the call is given (`klein_kernels::channel_affine`).
+    fn apply_fused(&self, x: &Tensor, silu: bool, mut call: CallStats<'_>) -> Result<Tensor> {
+        let groups = self.num_groups;
+        if let Some(target) = call.record.as_mut() {
+            let moments = klein_kernels::group_moments(x, groups, target.rows, target.cols)?;
+            for (index, m) in moments.to_vec2::<f64>()?.iter().enumerate() {
+                target.add(index, m[0], m[1]);
+            }
+        }
+        match call.replay {
+            None => klein_kernels::group_norm(x, &self.weight, &self.bias, groups, self.eps, silu),
+            Some((mean, rstd)) => {
+                let b = x.dim(0)?;
+                let stat = |v: Vec<f32>| Tensor::from_vec(v, (b, groups, 1, 1), x.device());
+                let (scale, shift) = self.scale_shift(&stat(mean)?, &stat(rstd)?, 0, groups)?;
+                klein_kernels::channel_affine(x, &scale, &shift, silu)
+            }
+        }
+    }
+
+    /// Per (batch, channel) of groups `[g0, g0 + n)`: `scale = rstd · weight`, `shift = bias −
+    /// mean · scale` in f32, from mean and rstd (B, n, 1, 1). → ((B, n · cpg), (B, n · cpg))
+    fn scale_shift(
+        &self,
+        mean: &Tensor,
+        rstd: &Tensor,
+        g0: usize,
+        n: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let b = mean.dim(0)?;
+        let cpg = self.weight.dim(0)? / self.num_groups;
+        let per_channel = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((b, n, 1))?
+                .broadcast_as((b, n, cpg))?
+                .reshape((b, n * cpg))
+        };
+        let weight = self.weight.narrow(0, g0 * cpg, n * cpg)?;
+        let bias = self.bias.narrow(0, g0 * cpg, n * cpg)?;
+        let scale = per_channel(rstd)?.broadcast_mul(&weight)?;
+        let shift = bias.broadcast_sub(&(per_channel(mean)? * &scale)?)?;
+        Ok((scale, shift))
     }
 
     /// Normalises channels `[g0 * cpg, (g0 + n) * cpg)` of the full tensor, given as `x`.
@@ -154,15 +204,7 @@ impl GroupNorm {
                 (mean, (var + self.eps)?.sqrt()?.recip()?)
             }
         };
-        let per_channel = |t: &Tensor| -> Result<Tensor> {
-            t.reshape((b, n, 1))?
-                .broadcast_as((b, n, cpg))?
-                .reshape((b, n * cpg))
-        };
-        let weight = self.weight.narrow(0, g0 * cpg, n * cpg)?;
-        let bias = self.bias.narrow(0, g0 * cpg, n * cpg)?;
-        let scale = per_channel(&rstd)?.broadcast_mul(&weight)?;
-        let shift = bias.broadcast_sub(&(per_channel(&mean)? * &scale)?)?;
+        let (scale, shift) = self.scale_shift(&mean, &rstd, g0, n)?;
         let scale = scale.reshape((b, c, 1, 1))?;
         let shift = shift.reshape((b, c, 1, 1))?;
         let mut y = xf.broadcast_mul(&scale)?;
@@ -263,12 +305,25 @@ mod tests {
         }
     }
 
+    /// The chunked composition (two chunk sizes) and the CUDA path's halves (`apply_fused`,
+    /// whose `klein_kernels` calls take their compositions on the CPU).
     #[test]
     fn recorded_moments_over_a_partition_replay_the_whole_tensor_statistics() {
         let (x, w, b) = inputs();
         let want = naive(&x, &w, &b).silu().unwrap();
-        for op_bytes in [1 << 30, 1] {
+        for (op_bytes, fused) in [(1 << 30, false), (1, false), (1 << 30, true)] {
             let norm = norm(op_bytes, &w, &b);
+            let forward = |x: &Tensor, stats: &mut NormStats| {
+                if !fused {
+                    return norm.forward_silu(x, stats).unwrap();
+                }
+                let (n, c, h, w) = x.dims4().unwrap();
+                let groups = norm.num_groups;
+                let call = stats
+                    .begin_call((n, groups), (h, w), c / groups, norm.eps)
+                    .unwrap();
+                norm.apply_fused(x, true, call).unwrap()
+            };
             // Two "tiles": the top 2 and the bottom 4 of 6 token rows (one token = one row here).
             let mut stats = NormStats::record();
             for (rows, tile) in [
@@ -281,7 +336,7 @@ mod tests {
                     rows: (0, h),
                     cols: (0, 4),
                 });
-                norm.forward_silu(&tile, &mut stats).unwrap();
+                forward(&tile, &mut stats);
             }
             let mut stats = stats.into_replay();
             stats.start_tile(Region {
@@ -289,8 +344,11 @@ mod tests {
                 rows: (0, 6),
                 cols: (0, 4),
             });
-            let got = norm.forward_silu(&x, &mut stats).unwrap();
-            assert!(max_diff(&got, &want) < 1e-4, "op_bytes {op_bytes}");
+            let got = forward(&x, &mut stats);
+            assert!(
+                max_diff(&got, &want) < 1e-4,
+                "op_bytes {op_bytes}, fused {fused}"
+            );
         }
     }
 }
