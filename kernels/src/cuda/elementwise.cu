@@ -431,6 +431,17 @@ __device__ __forceinline__ void group_norm_partials(const T* __restrict__ x,
   block_sum2_store(sum, sq, partial + ((size_t)bg * splits + blockIdx.y) * 2);
 }
 
+// Group bg's partial sums (pass 1's [bg][split][2]) added up in f64.
+__device__ __forceinline__ void sum_partials(const float* __restrict__ partial, int bg,
+                                             int splits, double& sum, double& sq) {
+  sum = 0.0;
+  sq = 0.0;
+  for (int s = 0; s < splits; ++s) {
+    sum += partial[((size_t)bg * splits + s) * 2];
+    sq += partial[((size_t)bg * splits + s) * 2 + 1];
+  }
+}
+
 // Pass 2: per group, the partials (in f64) → mean and 1/sqrt(var + eps). stats: [bg][2].
 template <typename T>
 __device__ __forceinline__ void group_norm_stats(const T* __restrict__ x,
@@ -439,11 +450,8 @@ __device__ __forceinline__ void group_norm_stats(const T* __restrict__ x,
                                                  int splits, long long n, float eps) {
   const int bg = blockIdx.x * blockDim.x + threadIdx.x;
   if (bg >= groups_total) return;
-  double sum = 0.0, sq = 0.0;
-  for (int s = 0; s < splits; ++s) {
-    sum += partial[((size_t)bg * splits + s) * 2];
-    sq += partial[((size_t)bg * splits + s) * 2 + 1];
-  }
+  double sum, sq;
+  sum_partials(partial, bg, splits, sum, sq);
   const double shifted_mean = sum / n;
   const double var = fmax(sq / n - shifted_mean * shifted_mean, 0.0);
   stats[bg * 2] = (float)(shifted_mean + (double)(float)x[(size_t)bg * n]);
@@ -519,11 +527,8 @@ extern "C" __global__ void group_region_totals(const float* __restrict__ partial
                                                int splits) {
   const int bg = blockIdx.x * blockDim.x + threadIdx.x;
   if (bg >= groups_total) return;
-  double sum = 0.0, sq = 0.0;
-  for (int s = 0; s < splits; ++s) {
-    sum += partial[((size_t)bg * splits + s) * 2];
-    sq += partial[((size_t)bg * splits + s) * 2 + 1];
-  }
+  double sum, sq;
+  sum_partials(partial, bg, splits, sum, sq);
   out[bg * 2] = sum;
   out[bg * 2 + 1] = sq;
 }
