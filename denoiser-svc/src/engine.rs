@@ -129,6 +129,8 @@ struct Active {
     run: Run<Rope>,
     job: Job,
     grid: Grid,
+    /// From the engine taking the job off its queue to preparing it (a busy model, other jobs).
+    waited: Duration,
     /// Moving the request onto the device and preparing the run.
     prepare: Duration,
     /// The steps, each until the device finished it.
@@ -154,7 +156,7 @@ fn serve(loaded: &mut Loaded, queue: &mpsc::Receiver<Job>) {
                 continue;
             }
             match loaded.models.resident(&job.request.model).map(|_| ()) {
-                Ok(()) => admit(loaded, job, &mut active),
+                Ok(()) => admit(loaded, job, since, &mut active),
                 Err(DenoiseError::ModelBusy(e)) if since.elapsed() < loaded.model_wait => {
                     tracing::debug!(error = %e, "waiting for the model");
                     waiting.push_back((job, since));
@@ -192,8 +194,9 @@ fn serve(loaded: &mut Loaded, queue: &mpsc::Receiver<Job>) {
     }
 }
 
-/// Prepares a job's run on its (resident) model and queues it, or reports why it cannot run.
-fn admit(loaded: &mut Loaded, job: Job, active: &mut VecDeque<Active>) {
+/// Prepares a job's run on its (resident) model and queues it, or reports why it cannot run;
+/// the engine took the job off its queue at `since`.
+fn admit(loaded: &mut Loaded, job: Job, since: Instant, active: &mut VecDeque<Active>) {
     let grid = job.request.grid;
     let started = Instant::now();
     let prepared = catch_unwind(AssertUnwindSafe(|| {
@@ -207,6 +210,7 @@ fn admit(loaded: &mut Loaded, job: Job, active: &mut VecDeque<Active>) {
                 run,
                 job,
                 grid,
+                waited: started - since,
                 prepare: started.elapsed(),
                 steps: Duration::ZERO,
             };
@@ -297,6 +301,7 @@ fn finish(loaded: &mut Loaded, a: Active) {
         run,
         job,
         grid,
+        waited,
         prepare,
         steps,
     } = a;
@@ -310,6 +315,7 @@ fn finish(loaded: &mut Loaded, a: Active) {
         height = grid.height,
         width = grid.width,
         steps = steps_done,
+        waited_seconds = waited.as_secs_f64(),
         prepare_seconds = prepare.as_secs_f64(),
         steps_seconds = steps.as_secs_f64(),
         to_host_seconds = to_host.as_secs_f64(),

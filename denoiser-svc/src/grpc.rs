@@ -84,8 +84,10 @@ impl Denoiser {
     }
 
     async fn denoise(&self, req: pb::DenoiseRequest) -> Result<DenoiseStream, DenoiseError> {
+        let received = Instant::now();
         let model = self.model(&req.model)?;
         let valid = ValidDenoiseRequest::try_from((req, &model.context))?;
+        let validate_seconds = received.elapsed().as_secs_f64();
         let bytes = admission::activation_bytes(
             &model.config,
             self.dtype,
@@ -102,6 +104,14 @@ impl Denoiser {
         let reservation = self.budget.reserve(bytes).await?;
         let queue_seconds = queued.elapsed().as_secs_f64();
         metrics::histogram!("klein_denoiser_queue_seconds").record(queue_seconds);
+        tracing::info!(
+            height = valid.grid.height,
+            width = valid.grid.width,
+            batch = valid.batch(),
+            validate_seconds,
+            queue_seconds,
+            "denoise accepted"
+        );
         let warnings = valid.warnings.clone();
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         self.engine.submit(Job {
