@@ -60,3 +60,14 @@ pub fn write(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
         other => bail!("klein-kernels: unsupported dtype {other:?}"),
     })
 }
+
+/// A norm's output `v · scale + shift`, rounded by `round`; with `silu`, SiLU of the rounded
+/// value, rounded again (torch's order).
+pub fn affine_silu(v: f32, scale: f32, shift: f32, silu: bool, round: fn(f32) -> f32) -> f32 {
+    let y = round(v * scale + shift);
+    if silu {
+        round(y / (1.0 + (-y).exp()))
+    } else {
+        y
+    }
+}

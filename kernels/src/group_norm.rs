@@ -99,14 +99,11 @@ impl CustomOp3 for GroupNorm {
                 let ch = (i % self.groups) * cpg + j;
                 let scale = rstd * weight[ch];
                 let shift = bias[ch] - mean * scale;
-                out.extend(channel.iter().map(|&v| {
-                    let y = round(v * scale + shift);
-                    if self.silu {
-                        round(y / (1.0 + (-y).exp()))
-                    } else {
-                        y
-                    }
-                }));
+                out.extend(
+                    channel
+                        .iter()
+                        .map(|&v| cpu::affine_silu(v, scale, shift, self.silu, round)),
+                );
             }
         }
         Ok((cpu::write(out, cpu::dtype(xs))?, xl.shape().clone()))

@@ -206,14 +206,9 @@ impl CustomOp3 for ChannelAffine {
             .chunks_exact(hw)
             .zip(scale.iter().zip(&shift))
             .flat_map(|(plane, (&a, &b))| {
-                plane.iter().map(move |&v| {
-                    let y = round(v * a + b);
-                    if self.silu {
-                        round(y / (1.0 + (-y).exp()))
-                    } else {
-                        y
-                    }
-                })
+                plane
+                    .iter()
+                    .map(move |&v| cpu::affine_silu(v, a, b, self.silu, round))
             })
             .collect();
         Ok((cpu::write(out, cpu::dtype(xs))?, xl.shape().clone()))

@@ -2,8 +2,9 @@
 //! attention and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm,
 //! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU), the tiled
 //! decode's group norms with image-wide statistics (moments over a tile's own part, then a
-//! per-channel affine), its convolutions through cuDNN (bias and residual fused, exact / TF32 / split-TF32 arithmetic,
-//! `cudnn` feature; its CPU reference is the composition) and its output's 8-bit quantization.
+//! per-channel affine), its convolutions through cuDNN (bias and residual fused, exact / TF32 /
+//! split-TF32 arithmetic, `cudnn` feature; its CPU reference is the composition) and its
+//! output's 8-bit quantization.
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and

@@ -458,6 +458,15 @@ __device__ __forceinline__ void group_norm_stats(const T* __restrict__ x,
   stats[bg * 2 + 1] = (float)(1.0 / sqrt(var + eps));
 }
 
+// A norm's output x · scale + shift in f32, rounded to T; with silu, silu of the rounded value,
+// rounded again (torch's order).
+template <typename T>
+__device__ __forceinline__ T affine_silu(T x, float scale, float shift, int silu) {
+  float y = (float)(T)((float)x * scale + shift);
+  if (silu) y = y / (1.f + __expf(-y));
+  return (T)y;
+}
+
 // Pass 3: y = x · (rstd · w) + (b − mean · rstd · w), rounded to T; with silu, silu(y) in f32
 // from the rounded y, rounded again (torch's order).
 template <typename T>
@@ -474,9 +483,7 @@ __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
     const long long bg = (bc / channels) * (channels / cpg) + c / cpg;
     const float scale = stats[bg * 2 + 1] * weight[c];
     const float shift = bias[c] - stats[bg * 2] * scale;
-    float y = (float)(T)((float)x[i] * scale + shift);
-    if (silu) y = y / (1.f + __expf(-y));
-    out[i] = (T)y;
+    out[i] = affine_silu<T>(x[i], scale, shift, silu);
   }
 }
 
@@ -500,7 +507,7 @@ __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
 GROUP_NORM(float, f32)
 GROUP_NORM(bf16, bf16)
 
-// A tiled decode's group-norm moments (group_norm.rs, `GroupMoments`): block (bg, split) sums x
+// A tiled decode's group-norm moments (group_stats.rs, `GroupMoments`): block (bg, split) sums x
 // and x² over its share of the part of group bg's planes inside rows [r0, r0 + rows) and columns
 // [c0, c0 + cols); then per group the partials in f64. partial: [bg][split][2], out: [bg][2].
 template <typename T>
@@ -544,9 +551,7 @@ __device__ __forceinline__ void channel_affine(const T* __restrict__ x,
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     const long long bc = i / hw;
-    float y = (float)(T)((float)x[i] * scale[bc] + shift[bc]);
-    if (silu) y = y / (1.f + __expf(-y));
-    out[i] = (T)y;
+    out[i] = affine_silu<T>(x[i], scale[bc], shift[bc], silu);
   }
 }
 
