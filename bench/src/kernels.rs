@@ -189,6 +189,24 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         "flops",
     )?;
 
+    // The VAE decoder's mid-block attention at 1024²: one head of 512 over 128² positions, f32.
+    // Its floor: three TF32 products (split TF32) at half the bf16 rate.
+    let n = 128 * 128;
+    let (q, k, v) = (
+        Tensor::randn(0f32, 1.0, (1, 1, n, 512), dev)?,
+        Tensor::randn(0f32, 1.0, (1, 1, n, 512), dev)?,
+        Tensor::randn(0f32, 1.0, (1, 1, n, 512), dev)?,
+    );
+    row(
+        "flash_attention_f32",
+        format!("VAE mid block: 1 head × {n} positions × 512, f32"),
+        &mut || klein_kernels::flash_attention(&q, &k, &v),
+        &mut || reference::attention(&q, &k, &v),
+        3.0 * 4.0 * (n * n * 512) as f64 / (rates.matmul_tflops / 2.0 * 1e12) * 1e3,
+        "flops",
+    )?;
+    drop((q, k, v));
+
     // The VAE decoder's widest norm: 128 channels at 1024², f32, 32 groups, then SiLU.
     let x = Tensor::randn(0f32, 1.0, (1, 128, 1024, 1024), dev)?;
     let weight = Tensor::randn(0f32, 1.0, 128, dev)?;

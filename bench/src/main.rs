@@ -49,7 +49,8 @@ enum Command {
         /// to the driver after every step (the pool's default).
         #[arg(long, value_enum, value_delimiter = ',', default_value = "keep")]
         denoiser_pool: Vec<components::Pool>,
-        /// Components to time: text_encoder, transformer, vae.
+        /// Components to time: text_encoder, transformer, vae (or only its decode or encode:
+        /// vae_decode, vae_encode).
         #[arg(
             long,
             value_delimiter = ',',
@@ -232,7 +233,11 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            for &px in sizes.iter().filter(|_| wanted("vae")) {
+            let (decode, encode) = (
+                wanted("vae") || wanted("vae_decode"),
+                wanted("vae") || wanted("vae_encode"),
+            );
+            for &px in sizes.iter().filter(|_| decode || encode) {
                 for &dtype in &vae_dtypes {
                     for &precision in &vae_conv_precision {
                         let chunking = vae_svc::model::Chunking {
@@ -242,8 +247,12 @@ fn main() -> ExitCode {
                             ..vae_svc::model::Chunking::default()
                         };
                         let dtype = DType::from(dtype);
-                        emit(components::vae(&dev, dtype, px, true, iters, chunking)?);
-                        emit(components::vae(&dev, dtype, px, false, iters, chunking)?);
+                        if decode {
+                            emit(components::vae(&dev, dtype, px, true, iters, chunking)?);
+                        }
+                        if encode {
+                            emit(components::vae(&dev, dtype, px, false, iters, chunking)?);
+                        }
                     }
                 }
             }

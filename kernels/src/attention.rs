@@ -5,6 +5,8 @@ use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape
 use crate::{cpu, reference};
 
 #[cfg(feature = "cuda")]
+mod f32;
+#[cfg(feature = "cuda")]
 mod sm90;
 
 /// q (B, H, S_q, hd), k and v (B, H_kv, S_kv, hd) → (B, S_q, H·hd) with the heads merged. The
@@ -16,7 +18,9 @@ mod sm90;
 /// §2.6); `causal` lets query i see keys j ≤ i (S_q = S_kv); `key_mask` (B, S_kv) u32 hides the
 /// keys where it is 0 (padding). A query row that sees no key at all comes out as zeros.
 /// On a build for Hopper the unmasked head dim 128 runs a wgmma kernel fed by tensor-map copies
-/// (`flash_attention_sm90.cu`, same contract); everything else the mma.sync kernels.
+/// (`flash_attention_sm90.cu`, same contract); everything else the mma.sync kernels. f32 inputs
+/// (the VAE mid block: one head of 512) take the split-TF32 kernel `flash_attention_f32.cu`,
+/// unmasked with H_kv = H, where the card gives a block its shared memory (199 KiB at 512).
 /// `out_cols` = Some(c) makes the output rows c wide: the heads in the first H·hd columns, the
 /// rest left uninitialised for the caller to fill ([`flash_attention_with_swiglu`]).
 /// `v_tail` (B, H_kv, S_t, hd) holds the values of the keys past v's rows: the op attends
@@ -31,7 +35,7 @@ pub struct FlashAttention {
     pub v_tail: Option<Tensor>,
 }
 
-/// Head dims the CUDA kernel is instantiated for.
+/// Head dims the bf16 CUDA kernel is instantiated for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
 /// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `flash_attention_sm90.cu`): a split V's
@@ -48,14 +52,16 @@ pub fn flash_attention_fused(q: &Tensor) -> bool {
 /// Whether attention with `head_dim` in `dtype` on `device` takes the CUDA kernel (what a
 /// memory estimate made before any tensor exists needs to know).
 pub fn flash_attention_applies(device: &Device, dtype: DType, head_dim: usize) -> bool {
-    cfg!(feature = "cuda")
-        && device.is_cuda()
-        && dtype == DType::BF16
-        && HEAD_DIMS.contains(&head_dim)
+    match (device, dtype) {
+        #[cfg(feature = "cuda")]
+        (Device::Cuda(dev), DType::F32) => f32::applies(dev, head_dim),
+        (Device::Cuda(_), DType::BF16) => cfg!(feature = "cuda") && HEAD_DIMS.contains(&head_dim),
+        _ => false,
+    }
 }
 
-/// Unmasked [`FlashAttention`] with `scale = 1/√hd`: the CUDA kernel on a CUDA bf16 tensor, the
-/// plain Rust forward on the CPU.
+/// Unmasked [`FlashAttention`] with `scale = 1/√hd`: the CUDA kernel on a CUDA tensor where
+/// [`flash_attention_fused`], the plain Rust forward on the CPU.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let op = FlashAttention {
         scale: 1.0 / (q.dim(3)? as f32).sqrt(),
@@ -179,6 +185,14 @@ pub fn masked_attention(
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
+
+/// One input's (batch, head, row) strides, as the kernels' `Strides`.
+#[cfg(feature = "cuda")]
+#[repr(C)]
+struct KernelStrides([i32; 3]);
+// SAFETY: three i32, laid out as the kernels' struct of three ints.
+#[cfg(feature = "cuda")]
+unsafe impl candle_core::cuda::cudarc::driver::DeviceRepr for KernelStrides {}
 
 /// The shapes of one call.
 #[derive(Debug, Clone, Copy)]
@@ -352,19 +366,10 @@ impl CustomOp3 for FlashAttention {
         /// Query rows per block and keys per shared tile (flash_attention.cu).
         const BLOCK_M: usize = 128;
         const BLOCK_N: usize = 32;
-        /// One input's (batch, head, row) strides, as `flash_attention.cu`'s `Strides`.
-        #[repr(C)]
-        struct Strides([i32; 3]);
-        // SAFETY: three i32, laid out as the kernel's struct of three ints.
-        unsafe impl candle_core::cuda::cudarc::driver::DeviceRepr for Strides {}
-
         let d = self.dims(ql, kl, vl)?;
         let (b, h, s_q, hd) = (d.b, d.h, d.s_q, d.hd);
-        if !HEAD_DIMS.contains(&hd) {
-            bail!("flash attention: no kernel for head dim {hd}");
-        }
         let layout = |l: &Layout| match strides(l) {
-            Some(s) => Ok(Strides(s)),
+            Some(s) => Ok(KernelStrides(s)),
             None => bail!(
                 "flash attention: the kernel cannot read {:?} with strides {:?} in place",
                 l.shape(),
@@ -374,6 +379,24 @@ impl CustomOp3 for FlashAttention {
         let (q_strides, k_strides, v_strides) = (layout(ql)?, layout(kl)?, layout(vl)?);
         let masked = self.causal || self.key_mask.is_some() || d.h_kv != h;
         let dev = qs.device().clone();
+        if qs.dtype() == DType::F32 {
+            if !f32::applies(&dev, hd) || masked || self.out_cols.is_some() || self.v_tail.is_some()
+            {
+                bail!(
+                    "flash attention: the f32 kernel attends every key with head dims {:?} (head dim {hd}, masked {masked})",
+                    f32::HEAD_DIMS
+                );
+            }
+            let strides = [q_strides, k_strides, v_strides];
+            let out = f32::forward(&dev, (qs, ql), (ks, kl), (vs, vl), strides, d, self.scale)?;
+            return Ok((
+                candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+                Shape::from((b, s_q, d.cols)),
+            ));
+        }
+        if !HEAD_DIMS.contains(&hd) {
+            bail!("flash attention: no kernel for head dim {hd}");
+        }
         // A build for Hopper runs the unmasked head dim 128 (the FLUX.2 joint attention) on its
         // wgmma / tensor-map kernel; tensor maps take no zero (broadcast) strides.
         let broadcast = [ql, kl, vl].iter().any(|l| l.stride().contains(&0));

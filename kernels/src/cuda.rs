@@ -29,6 +29,12 @@ pub const FLASH_ATTENTION: Module = Module {
     ptx: ptx::FLASH_ATTENTION,
 };
 
+/// The f32 flash attention of one 512-wide head (split TF32, mma.sync).
+pub const FLASH_ATTENTION_F32: Module = Module {
+    name: "klein_flash_attention_f32",
+    ptx: ptx::FLASH_ATTENTION_F32,
+};
+
 /// Hopper's flash attention (wgmma); its kernel is empty in a build for another architecture.
 pub const FLASH_ATTENTION_SM90: Module = Module {
     name: "klein_flash_attention_sm90",
@@ -63,6 +69,20 @@ pub fn block_per_row(rows: usize, width: usize) -> LaunchConfig {
             1,
             1,
         ),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block row per (batch, channel) plane of `hw` elements (`PLANE_LOOP` in elementwise.cu):
+/// `planes` blocks along x, up to four elements per thread along y.
+pub fn plane_grid(planes: usize, hw: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            planes as u32,
+            hw.div_ceil(4 * 256).clamp(1, 65_535) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
 }

@@ -124,7 +124,7 @@ impl CustomOp3 for GroupNorm {
         use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
         use half::bf16;
 
-        use crate::cuda::{ELEMENTWISE, grid_stride, view};
+        use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
         /// Blocks sharing one group's statistics pass.
         const SPLITS: usize = 64;
@@ -149,8 +149,7 @@ impl CustomOp3 for GroupNorm {
         let stats = dev.alloc_zeros::<f32>(groups_total * 2)?;
         let (weight, bias) = (view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
         let (groups_arg, splits, eps) = (groups_total as i32, SPLITS as i32, self.eps);
-        let (total_arg, channels, cpg, hw_arg) =
-            (total as i64, c as i32, (c / self.groups) as i32, hw as i64);
+        let (channels, cpg, hw_arg) = (c as i32, (c / self.groups) as i32, hw as i64);
         let silu = i32::from(self.silu);
         let partials_cfg = LaunchConfig {
             grid_dim: (groups_total as u32, SPLITS as u32, 1),
@@ -182,12 +181,8 @@ impl CustomOp3 for GroupNorm {
                 let f = func("apply")?;
                 let mut l = f.builder();
                 l.arg(&x).arg(&stats).arg(&weight).arg(&bias).arg(&out);
-                l.arg(&total_arg)
-                    .arg(&channels)
-                    .arg(&cpg)
-                    .arg(&hw_arg)
-                    .arg(&silu);
-                unsafe { l.launch(grid_stride(total)) }.w()?;
+                l.arg(&channels).arg(&cpg).arg(&hw_arg).arg(&silu);
+                unsafe { l.launch(plane_grid(b * c, hw)) }.w()?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

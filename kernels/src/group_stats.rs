@@ -230,13 +230,13 @@ impl CustomOp3 for ChannelAffine {
         use candle_core::cuda::cudarc::driver::PushKernelArg;
         use half::bf16;
 
-        use crate::cuda::{ELEMENTWISE, grid_stride, view};
+        use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
         let (planes, hw) = self.dims(xl, scl, shl)?;
         let dev = xs.device().clone();
         let (scale, shift) = (view::<f32>(scs, scl)?, view::<f32>(shs, shl)?);
         let total = planes * hw;
-        let (total_arg, hw_arg, silu) = (total as i64, hw as i64, i32::from(self.silu));
+        let (hw_arg, silu) = (hw as i64, i32::from(self.silu));
         macro_rules! launch {
             ($t:ty, $name:literal) => {{
                 let x = view::<$t>(xs, xl)?;
@@ -244,8 +244,8 @@ impl CustomOp3 for ChannelAffine {
                 let f = dev.get_or_load_custom_func($name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
                 let mut launch = f.builder();
                 launch.arg(&x).arg(&scale).arg(&shift).arg(&out);
-                launch.arg(&total_arg).arg(&hw_arg).arg(&silu);
-                unsafe { launch.launch(grid_stride(total)) }.w()?;
+                launch.arg(&hw_arg).arg(&silu);
+                unsafe { launch.launch(plane_grid(planes, hw)) }.w()?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

@@ -208,6 +208,45 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
     Ok(())
 }
 
+/// The VAE mid block's attention in f32 (split TF32 on the tensor cores) against f64 on the CPU:
+/// f32-class accuracy, where one TF32 pass would be ~3e-4. Partial tiles on both axes, two
+/// heads, a peaked softmax, and the tiny test VAE's width; candle's f32 composition on the GPU
+/// (exact cuBLAS products) is printed for scale.
+#[test]
+fn f32_flash_attention_matches_f64() -> Result<()> {
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    let cases = [
+        (1, 1, 4096, 4096, 512, 1.0), // the 512² decode's mid block
+        (2, 1, 1000, 1031, 512, 1.0),
+        (1, 2, 77, 141, 512, 4.0),
+        (2, 1, 333, 257, 32, 3.0),
+    ];
+    for (b, h, s_q, s_kv, hd, q_scale) in cases {
+        let q = (randn(&[b, h, s_q, hd], DType::F32, &dev)? * q_scale)?;
+        let k = randn(&[b, h, s_kv, hd], DType::F32, &dev)?;
+        let v = randn(&[b, h, s_kv, hd], DType::F32, &dev)?;
+        assert!(klein_kernels::flash_attention_fused(&q));
+        let got = klein_kernels::flash_attention(&q, &k, &v)?;
+        let f64 = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F64);
+        let scores = (f64(&q)?.matmul(&f64(&k)?.t()?)? / (hd as f64).sqrt())?;
+        let e = scores
+            .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+            .exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        let want = p
+            .matmul(&f64(&v)?)?
+            .transpose(1, 2)?
+            .reshape((b, s_q, h * hd))?;
+        let rel = rel_l2(&f64(&got)?, &want)?;
+        let composition = rel_l2(&f64(&reference::attention(&q, &k, &v)?)?, &want)?;
+        println!(
+            "flash_attention f32 {b}x{h}x{s_q}x{s_kv}x{hd}: rel-L2 {rel:.2e} (f32 composition {composition:.2e})"
+        );
+        assert!(rel <= 1e-5, "rel-L2 {rel}");
+    }
+    Ok(())
+}
+
 /// The single block's layout: heads read in place from the fused projection (strided views)
 /// give exactly what contiguous copies give, and `[attention | SwiGLU]` written into one buffer
 /// is exactly their concatenation.

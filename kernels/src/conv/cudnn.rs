@@ -13,7 +13,7 @@ use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor, bail};
 
 use super::{ConvPrecision, CudnnConv};
-use crate::cuda::{ELEMENTWISE, grid_stride, view};
+use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
 thread_local! {
     /// cuDNN handles are neither Send nor Sync: one per thread and device, bound to the
@@ -196,7 +196,8 @@ fn fill(
     hw: usize,
 ) -> Result<()> {
     let total = out.len();
-    let (total_arg, channels, hw) = (total as i64, channels as i32, hw as i64);
+    let planes = total.checked_div(hw).unwrap_or(0);
+    let (channels, hw_arg) = (channels as i32, hw as i64);
     let name = match residual {
         Some(_) => "conv_bias_residual_fill_f32",
         None => "conv_bias_fill_f32",
@@ -207,8 +208,8 @@ fn fill(
     if let Some(r) = residual {
         l.arg(r);
     }
-    l.arg(out).arg(&total_arg).arg(&channels).arg(&hw);
-    unsafe { l.launch(grid_stride(total)) }.w()?;
+    l.arg(out).arg(&channels).arg(&hw_arg);
+    unsafe { l.launch(plane_grid(planes, hw)) }.w()?;
     Ok(())
 }
 

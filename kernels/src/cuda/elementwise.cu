@@ -16,6 +16,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The elements i of one (batch, channel) plane of hw values, the plane being blockIdx.x: the
+// blocks of blockIdx.y and their threads stride over it (launched with cuda::plane_grid), so the
+// plane's per-channel values are read once and no element pays a 64-bit division.
+#define PLANE_LOOP(i, hw)                                                             \
+  for (long long i = blockIdx.y * (long long)blockDim.x + threadIdx.x; i < (hw); \
+       i += (long long)gridDim.y * blockDim.x)
+
 __device__ __forceinline__ float rnd(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 __device__ __forceinline__ float2 load2(const bf16* p) {
@@ -468,23 +475,20 @@ __device__ __forceinline__ T affine_silu(T x, float scale, float shift, int silu
 }
 
 // Pass 3: y = x · (rstd · w) + (b − mean · rstd · w), rounded to T; with silu, silu(y) in f32
-// from the rounded y, rounded again (torch's order).
+// from the rounded y, rounded again (torch's order). One plane per blockIdx.x (PLANE_LOOP).
 template <typename T>
 __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
                                                  const float* __restrict__ stats,
                                                  const float* __restrict__ weight,
                                                  const float* __restrict__ bias,
-                                                 T* __restrict__ out, long long total,
-                                                 int channels, int cpg, long long hw, int silu) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long bc = i / hw;
-    const int c = (int)(bc % channels);
-    const long long bg = (bc / channels) * (channels / cpg) + c / cpg;
-    const float scale = stats[bg * 2 + 1] * weight[c];
-    const float shift = bias[c] - stats[bg * 2] * scale;
-    out[i] = affine_silu<T>(x[i], scale, shift, silu);
-  }
+                                                 T* __restrict__ out, int channels, int cpg,
+                                                 long long hw, int silu) {
+  const long long bc = blockIdx.x;
+  const int c = (int)(bc % channels);
+  const long long bg = (bc / channels) * (channels / cpg) + c / cpg;
+  const float scale = stats[bg * 2 + 1] * weight[c];
+  const float shift = bias[c] - stats[bg * 2] * scale;
+  PLANE_LOOP(i, hw) out[bc * hw + i] = affine_silu<T>(x[bc * hw + i], scale, shift, silu);
 }
 
 #define GROUP_NORM(T, NAME)                                                                    \
@@ -499,9 +503,9 @@ __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
   }                                                                                            \
   extern "C" __global__ void group_norm_apply_##NAME(const T* x, const float* stats,           \
                                                      const float* weight, const float* bias,   \
-                                                     T* out, long long total, int channels,    \
-                                                     int cpg, long long hw, int silu) {        \
-    group_norm_apply<T>(x, stats, weight, bias, out, total, channels, cpg, hw, silu);          \
+                                                     T* out, int channels, int cpg,            \
+                                                     long long hw, int silu) {                 \
+    group_norm_apply<T>(x, stats, weight, bias, out, channels, cpg, hw, silu);                 \
   }
 
 GROUP_NORM(float, f32)
@@ -546,13 +550,10 @@ template <typename T>
 __device__ __forceinline__ void channel_affine(const T* __restrict__ x,
                                                const float* __restrict__ scale,
                                                const float* __restrict__ shift,
-                                               T* __restrict__ out, long long total, long long hw,
-                                               int silu) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long bc = i / hw;
-    out[i] = affine_silu<T>(x[i], scale[bc], shift[bc], silu);
-  }
+                                               T* __restrict__ out, long long hw, int silu) {
+  const long long bc = blockIdx.x;
+  const float a = scale[bc], b = shift[bc];
+  PLANE_LOOP(i, hw) out[bc * hw + i] = affine_silu<T>(x[bc * hw + i], a, b, silu);
 }
 
 #define GROUP_REGION(T, NAME)                                                                   \
@@ -562,9 +563,9 @@ __device__ __forceinline__ void channel_affine(const T* __restrict__ x,
     group_region_partials<T>(x, partial, cpg, h, w, r0, rows, c0, cols);                        \
   }                                                                                             \
   extern "C" __global__ void channel_affine_##NAME(const T* x, const float* scale,             \
-                                                   const float* shift, T* out, long long total, \
-                                                   long long hw, int silu) {                    \
-    channel_affine<T>(x, scale, shift, out, total, hw, silu);                                   \
+                                                   const float* shift, T* out, long long hw,    \
+                                                   int silu) {                                  \
+    channel_affine<T>(x, scale, shift, out, hw, silu);                                          \
   }
 
 GROUP_REGION(float, f32)
@@ -576,24 +577,21 @@ GROUP_REGION(bf16, bf16)
 template <bool RESIDUAL>
 __device__ __forceinline__ void conv_bias_fill(const float* __restrict__ bias,
                                                const float* __restrict__ residual,
-                                               float* __restrict__ out, long long total,
-                                               int channels, long long hw) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const float b = bias[(int)((i / hw) % channels)];
-    out[i] = RESIDUAL ? b + residual[i] : b;
-  }
+                                               float* __restrict__ out, int channels,
+                                               long long hw) {
+  const long long bc = blockIdx.x;
+  const float b = bias[bc % channels];
+  PLANE_LOOP(i, hw) out[bc * hw + i] = RESIDUAL ? b + residual[bc * hw + i] : b;
 }
 
-extern "C" __global__ void conv_bias_fill_f32(const float* bias, float* out, long long total,
-                                              int channels, long long hw) {
-  conv_bias_fill<false>(bias, nullptr, out, total, channels, hw);
+extern "C" __global__ void conv_bias_fill_f32(const float* bias, float* out, int channels,
+                                              long long hw) {
+  conv_bias_fill<false>(bias, nullptr, out, channels, hw);
 }
 
 extern "C" __global__ void conv_bias_residual_fill_f32(const float* bias, const float* residual,
-                                                       float* out, long long total, int channels,
-                                                       long long hw) {
-  conv_bias_fill<true>(bias, residual, out, total, channels, hw);
+                                                       float* out, int channels, long long hw) {
+  conv_bias_fill<true>(bias, residual, out, channels, hw);
 }
 
 extern "C" __global__ void tf32_split_f32(const float* __restrict__ x, float* __restrict__ hi,

@@ -3,8 +3,10 @@
 //! `q, k, v = to_q/to_k/to_v(group_norm(x))` (linear layers with bias).
 //!
 //! At 1024² the decoder attends over 16 384 positions; the full f32 score matrix would take
-//! 1 GiB, so queries are processed in blocks sized by [`Chunking::attention_bytes`]
-//! (scores and softmax are computed in f32, as torch's fused kernels do for bf16 inputs).
+//! 1 GiB. On a CUDA f32 model the flash kernel (`klein_kernels::flash_attention`, split TF32)
+//! never forms it; elsewhere queries are processed in blocks sized by
+//! [`Chunking::attention_bytes`] (scores and softmax are computed in f32, as torch's fused
+//! kernels do for bf16 inputs).
 //!
 //! [`Chunking::attention_bytes`]: super::Chunking
 
@@ -80,7 +82,12 @@ impl Attention {
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
         drop(tokens);
-        let mut o = chunked_attention(&q, &k, &v, self.attention_bytes)?;
+        let mut o = if klein_kernels::flash_attention_applies(x.device(), q.dtype(), c) {
+            let head = |t: &Tensor| t.unsqueeze(1);
+            klein_kernels::flash_attention(&head(&q)?, &head(&k)?, &head(&v)?)?
+        } else {
+            chunked_attention(&q, &k, &v, self.attention_bytes)?
+        };
         drop((q, k, v));
         o = self.to_out.forward(&o)?;
         o.transpose(1, 2)?.reshape((b, c, h, w))? + x
