@@ -27,8 +27,11 @@ if [ -n "$NV" ]; then
   export LD_LIBRARY_PATH
 fi
 mkdir -p /tmp/klein
+# UNPACK=0 keeps /tmp/klein as it is: an A/B script that copies one of two builds into place
+# between steps must set it, or every step would unpack the tree's .xz files (which a warm
+# machine keeps from earlier calls) over its choice.
 for f in tools/gpu/bin/*.xz tools/gpu/bin-tests/*.xz; do
-  [ -f "$f" ] || continue
+  [ -f "$f" ] && [ "${UNPACK:-1}" != 0 ] || continue
   b=/tmp/klein/$(basename "$f" .xz)
   # Always from what this call carried: a warm machine may hold an older build.
   python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$b.new"

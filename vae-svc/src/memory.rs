@@ -18,8 +18,9 @@
 //! `norm_chunk` <= `op_chunk_bytes` (f32 temporaries of a few groups), `conv_band` <=
 //! `op_chunk_bytes` (one band of output rows, including the im2col buffer a CUDA convolution
 //! materialises), `score block` <= `attention_chunk_bytes`; each is at least one group / one
-//! row / one query row. For the released VAE the decode peak is reached by the first ResNet
-//! of the last up block (256 -> 128 channels at full resolution):
+//! row / one query row; where the f32 flash kernel runs the attention (CUDA, head dim 512) there
+//! is no score block and the term is an upper bound. For the released VAE the decode peak is
+//! reached by the first ResNet of the last up block (256 -> 128 channels at full resolution):
 //!
 //! `decode_peak(H, W) ≈ 640 · H · W · dtype_bytes + op_chunk_bytes`
 //!
