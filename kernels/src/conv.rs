@@ -119,6 +119,38 @@ pub fn conv_fused(x: &Tensor) -> bool {
     cfg!(feature = "cudnn") && x.device().is_cuda() && x.dtype() == DType::F32
 }
 
+/// What a convolution's input goes through first, elementwise: a per-(batch, channel) affine (a
+/// group norm's, [`crate::group_norm_affine`]), optionally followed by SiLU, then a
+/// nearest-neighbour ×2 upsampling. cuDNN's TF32 paths apply it inside their NHWC transpose, so
+/// the normalised (or upsampled) input never exists as a tensor; elsewhere [`Self::apply`] runs
+/// first, with the same rounding.
+#[derive(Debug, Clone, Default)]
+pub struct Prologue {
+    /// (scale, shift), each (B, C_in) f32, and whether SiLU follows.
+    pub affine: Option<(Tensor, Tensor, bool)>,
+    pub upsample: bool,
+}
+
+impl Prologue {
+    /// x with the prologue applied: [`crate::channel_affine`], then `upsample_nearest2d`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = match &self.affine {
+            Some((scale, shift, silu)) => crate::channel_affine(x, scale, shift, *silu)?,
+            None => x.clone(),
+        };
+        if self.upsample {
+            let (_, _, h, w) = y.dims4()?;
+            y = y.upsample_nearest2d(2 * h, 2 * w)?;
+        }
+        Ok(y)
+    }
+
+    /// Whether the prologue changes nothing.
+    pub fn is_identity(&self) -> bool {
+        self.affine.is_none() && !self.upsample
+    }
+}
+
 /// `conv(x, weight) + bias (+ residual)`: x (B, C_in, H, W), residual (B, C_out, H_out, W_out)
 /// → (B, C_out, H_out, W_out). x, the weights and the residual share one dtype.
 pub fn conv2d(
@@ -127,6 +159,21 @@ pub fn conv2d(
     residual: Option<&Tensor>,
     conv: Conv,
 ) -> Result<Tensor> {
+    conv2d_with(x, w, residual, conv, &Prologue::default())
+}
+
+/// [`conv2d`] of `prologue.apply(x)`, fused where cuDNN runs TF32 arithmetic.
+pub fn conv2d_with(
+    x: &Tensor,
+    w: &ConvWeights,
+    residual: Option<&Tensor>,
+    conv: Conv,
+    prologue: &Prologue,
+) -> Result<Tensor> {
+    let tf32_on_cudnn = conv_fused(x) && w.nhwc;
+    if !tf32_on_cudnn && !prologue.is_identity() {
+        return conv2d(&prologue.apply(x)?, w, residual, conv);
+    }
     if !conv_fused(x) {
         if w.nhwc {
             bail!(
@@ -136,11 +183,19 @@ pub fn conv2d(
         }
         return reference::conv2d(x, &w.weight, &w.bias, residual, conv);
     }
+    let affine = match &prologue.affine {
+        Some((scale, shift, silu)) => Some((scale.contiguous()?, shift.contiguous()?, *silu)),
+        None => None,
+    };
     let op = CudnnConv {
         conv,
         nhwc: w.nhwc,
         weight_lo: w.weight_lo.clone(),
         residual: residual.map(Tensor::contiguous).transpose()?,
+        prologue: Prologue {
+            affine,
+            upsample: prologue.upsample,
+        },
     };
     x.contiguous()?
         .apply_op3_no_bwd(&w.weight.contiguous()?, &w.bias.contiguous()?, &op)
@@ -201,7 +256,7 @@ fn split_shape(l: &Layout) -> Shape {
 }
 
 /// The cuDNN convolution: x, weight (`w_hi` under split TF32; NHWC under TF32 arithmetic),
-/// bias.
+/// bias; a prologue only with TF32 arithmetic (its NHWC transpose applies it).
 #[derive(Debug, Clone)]
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
 struct CudnnConv {
@@ -209,6 +264,7 @@ struct CudnnConv {
     nhwc: bool,
     weight_lo: Option<Tensor>,
     residual: Option<Tensor>,
+    prologue: Prologue,
 }
 
 impl CustomOp3 for CudnnConv {

@@ -1,7 +1,8 @@
 //! GroupNorm with an affine weight and bias, optionally followed by SiLU: the VAE's norm. The
 //! CUDA path is three kernels (partial sums over each group's share of blocks, per-group
 //! statistics in f64, one pass applying the affine) and no temporaries beyond 16 bytes per
-//! block.
+//! block. [`GroupNormAffine`] stops before the last pass and returns the per-(batch, channel)
+//! affine, for a convolution that applies it on its way in ([`crate::Prologue`]).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
@@ -15,6 +16,15 @@ pub struct GroupNorm {
     pub groups: usize,
     pub eps: f32,
     pub silu: bool,
+}
+
+/// x (B, C, H, W) contiguous f32 or bf16, weight and bias (C) f32 → (2, B, C) f32: `[scale,
+/// shift]` with `scale = rstd · w`, `shift = b − mean · scale`, the affine [`GroupNorm`] applies
+/// (bit for bit on CUDA: the same kernels and expressions).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupNormAffine {
+    pub groups: usize,
+    pub eps: f32,
 }
 
 /// Whether [`group_norm`] runs the CUDA kernels for `x`.
@@ -43,27 +53,73 @@ pub fn group_norm(
     }
 }
 
-impl GroupNorm {
-    /// (B, C, H·W), after checking the layouts.
-    fn dims(&self, x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
-        let (batch, c, h, wd) = x.shape().dims4()?;
-        if !x.is_contiguous() || c % self.groups != 0 {
+/// [`GroupNormAffine`] on a CUDA f32 / bf16 tensor, [`reference::group_norm_affine`] otherwise:
+/// (scale, shift), each (B, C) f32.
+pub fn group_norm_affine(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    if !group_norm_fused(x) {
+        return reference::group_norm_affine(x, weight, bias, groups, eps);
+    }
+    let op = GroupNormAffine {
+        groups,
+        eps: eps as f32,
+    };
+    let both = x.contiguous()?.apply_op3_no_bwd(weight, bias, &op)?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// (B, C, H·W) of a group norm's operands, after checking their layouts.
+fn dims(groups: usize, x: &Layout, w: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
+    let (batch, c, h, wd) = x.shape().dims4()?;
+    if !x.is_contiguous() || c % groups != 0 {
+        bail!(
+            "group_norm: x {:?} must be contiguous with channels divisible by {groups} groups",
+            x.shape()
+        );
+    }
+    for l in [w, b] {
+        if l.shape().dims1()? != c || !l.is_contiguous() {
             bail!(
-                "group_norm: x {:?} must be contiguous with channels divisible by {} groups",
-                x.shape(),
-                self.groups
+                "group_norm: affine {:?} does not fit {c} channels",
+                l.shape()
             );
         }
-        for l in [w, b] {
-            if l.shape().dims1()? != c || !l.is_contiguous() {
-                bail!(
-                    "group_norm: affine {:?} does not fit {c} channels",
-                    l.shape()
-                );
-            }
-        }
-        Ok((batch, c, h * wd))
     }
+    Ok((batch, c, h * wd))
+}
+
+/// The CPU forwards' statistics: per (batch, channel) plane of x (hw values each, `groups`
+/// groups of channels), its affine (scale, shift) from the group's mean and variance in f64.
+fn cpu_affine(
+    x: &[f32],
+    (weight, bias): (&[f32], &[f32]),
+    (c, hw, groups): (usize, usize, usize),
+    eps: f32,
+) -> Vec<(f32, f32)> {
+    let cpg = c / groups;
+    let mut out = Vec::with_capacity(x.len() / hw.max(1));
+    for (i, group) in x.chunks_exact(cpg * hw).enumerate() {
+        let n = group.len() as f64;
+        let mean = group.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = group
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        let rstd = (1.0 / (var + f64::from(eps)).sqrt()) as f32;
+        let mean = mean as f32;
+        for j in 0..cpg {
+            let ch = (i % groups) * cpg + j;
+            let scale = rstd * weight[ch];
+            out.push((scale, bias[ch] - mean * scale));
+        }
+    }
+    out
 }
 
 impl CustomOp3 for GroupNorm {
@@ -80,32 +136,19 @@ impl CustomOp3 for GroupNorm {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = self.dims(xl, wl, bl)?;
+        let (_, c, hw) = dims(self.groups, xl, wl, bl)?;
         let round = cpu::rounder(cpu::dtype(xs));
         let (x, weight, bias) = (cpu::read(xs, xl)?, cpu::read(ws, wl)?, cpu::read(bs, bl)?);
-        let cpg = c / self.groups;
-        let mut out = Vec::with_capacity(x.len());
-        for (i, group) in x.chunks_exact(cpg * hw).enumerate() {
-            let n = group.len() as f64;
-            let mean = group.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-            let var = group
-                .iter()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum::<f64>()
-                / n;
-            let rstd = (1.0 / (var + f64::from(self.eps)).sqrt()) as f32;
-            let mean = mean as f32;
-            for (j, channel) in group.chunks_exact(hw).enumerate() {
-                let ch = (i % self.groups) * cpg + j;
-                let scale = rstd * weight[ch];
-                let shift = bias[ch] - mean * scale;
-                out.extend(
-                    channel
-                        .iter()
-                        .map(|&v| cpu::affine_silu(v, scale, shift, self.silu, round)),
-                );
-            }
-        }
+        let affine = cpu_affine(&x, (&weight, &bias), (c, hw, self.groups), self.eps);
+        let out = x
+            .chunks_exact(hw)
+            .zip(affine)
+            .flat_map(|(plane, (scale, shift))| {
+                plane
+                    .iter()
+                    .map(move |&v| cpu::affine_silu(v, scale, shift, self.silu, round))
+            })
+            .collect();
         Ok((cpu::write(out, cpu::dtype(xs))?, xl.shape().clone()))
     }
 
@@ -121,15 +164,130 @@ impl CustomOp3 for GroupNorm {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda::WrapErr;
-        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda::cudarc::driver::PushKernelArg;
         use half::bf16;
 
         use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
-        /// Blocks sharing one group's statistics pass.
-        const SPLITS: usize = 64;
-        let (b, c, hw) = self.dims(xl, wl, bl)?;
+        let (b, c, hw) = dims(self.groups, xl, wl, bl)?;
         let dev = xs.device().clone();
+        let stats = cuda::stats(xs, xl, b * self.groups, c / self.groups * hw, self.eps)?;
+        let (weight, bias) = (view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
+        let (channels, cpg, hw_arg) = (c as i32, (c / self.groups) as i32, hw as i64);
+        let silu = i32::from(self.silu);
+        macro_rules! launch {
+            ($t:ty, $name:literal) => {{
+                let x = view::<$t>(xs, xl)?;
+                let out = unsafe { dev.alloc::<$t>(b * c * hw)? };
+                let f = dev.get_or_load_custom_func($name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+                let mut l = f.builder();
+                l.arg(&x).arg(&stats).arg(&weight).arg(&bias).arg(&out);
+                l.arg(&channels).arg(&cpg).arg(&hw_arg).arg(&silu);
+                unsafe { l.launch(plane_grid(b * c, hw)) }.w()?;
+                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match xs.dtype() {
+            DType::F32 => launch!(f32, "group_norm_apply_f32"),
+            _ => launch!(bf16, "group_norm_apply_bf16"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for GroupNormAffine {
+    fn name(&self) -> &'static str {
+        "klein-group-norm-affine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, hw) = dims(self.groups, xl, wl, bl)?;
+        let (x, weight, bias) = (cpu::read(xs, xl)?, cpu::read(ws, wl)?, cpu::read(bs, bl)?);
+        let (scale, shift): (Vec<f32>, Vec<f32>) =
+            cpu_affine(&x, (&weight, &bias), (c, hw, self.groups), self.eps)
+                .into_iter()
+                .unzip();
+        Ok((
+            CpuStorage::F32([scale, shift].concat()),
+            Shape::from((2, b, c)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda::WrapErr;
+        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+
+        use crate::cuda::{ELEMENTWISE, view};
+
+        let (b, c, hw) = dims(self.groups, xl, wl, bl)?;
+        let dev = xs.device().clone();
+        let stats = cuda::stats(xs, xl, b * self.groups, c / self.groups * hw, self.eps)?;
+        let (weight, bias) = (view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
+        let planes = b * c;
+        let out = dev.alloc_zeros::<f32>(2 * planes)?;
+        let (planes_arg, channels, cpg) = (planes as i32, c as i32, (c / self.groups) as i32);
+        let f = dev.get_or_load_custom_func(
+            "group_norm_scale_shift",
+            ELEMENTWISE.name,
+            ELEMENTWISE.ptx,
+        )?;
+        let mut l = f.builder();
+        l.arg(&stats).arg(&weight).arg(&bias).arg(&out);
+        l.arg(&planes_arg).arg(&channels).arg(&cpg);
+        let cfg = LaunchConfig {
+            grid_dim: (planes.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { l.launch(cfg) }.w()?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((2, b, c)),
+        ))
+    }
+}
+
+/// The statistics passes both ops share.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda::WrapErr;
+    use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Layout, Result, backend::BackendStorage, bail};
+    use half::bf16;
+
+    use crate::cuda::{ELEMENTWISE, view};
+
+    /// Blocks sharing one group's statistics pass.
+    const SPLITS: usize = 64;
+
+    /// Mean and 1/√(var + eps) of each of the `groups_total` groups of `n` contiguous elements
+    /// of x: [bg][2] f32 (partial sums per block, then per group in f64).
+    pub fn stats(
+        xs: &CudaStorage,
+        xl: &Layout,
+        groups_total: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<CudaSlice<f32>> {
+        let dev = xs.device();
         let name = match xs.dtype() {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
@@ -142,15 +300,9 @@ impl CustomOp3 for GroupNorm {
                 ELEMENTWISE.ptx,
             )
         };
-        let groups_total = b * self.groups;
-        let n = (c / self.groups * hw) as i64;
-        let total = b * c * hw;
         let partial = dev.alloc_zeros::<f32>(groups_total * SPLITS * 2)?;
         let stats = dev.alloc_zeros::<f32>(groups_total * 2)?;
-        let (weight, bias) = (view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
-        let (groups_arg, splits, eps) = (groups_total as i32, SPLITS as i32, self.eps);
-        let (channels, cpg, hw_arg) = (c as i32, (c / self.groups) as i32, hw as i64);
-        let silu = i32::from(self.silu);
+        let (groups_arg, splits, n) = (groups_total as i32, SPLITS as i32, n as i64);
         let partials_cfg = LaunchConfig {
             grid_dim: (groups_total as u32, SPLITS as u32, 1),
             block_dim: (256, 1, 1),
@@ -164,32 +316,21 @@ impl CustomOp3 for GroupNorm {
         macro_rules! launch {
             ($t:ty) => {{
                 let x = view::<$t>(xs, xl)?;
-                let out = unsafe { dev.alloc::<$t>(total)? };
                 let f = func("partials")?;
                 let mut l = f.builder();
                 l.arg(&x).arg(&partial).arg(&n);
                 unsafe { l.launch(partials_cfg) }.w()?;
                 let f = func("stats")?;
                 let mut l = f.builder();
-                l.arg(&x)
-                    .arg(&partial)
-                    .arg(&stats)
-                    .arg(&groups_arg)
-                    .arg(&splits);
-                l.arg(&n).arg(&eps);
+                l.arg(&x).arg(&partial).arg(&stats).arg(&groups_arg);
+                l.arg(&splits).arg(&n).arg(&eps);
                 unsafe { l.launch(stats_cfg) }.w()?;
-                let f = func("apply")?;
-                let mut l = f.builder();
-                l.arg(&x).arg(&stats).arg(&weight).arg(&bias).arg(&out);
-                l.arg(&channels).arg(&cpg).arg(&hw_arg).arg(&silu);
-                unsafe { l.launch(plane_grid(b * c, hw)) }.w()?;
-                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        let out = match xs.dtype() {
+        match xs.dtype() {
             DType::F32 => launch!(f32),
             _ => launch!(bf16),
-        };
-        Ok((out, xl.shape().clone()))
+        }
+        Ok(stats)
     }
 }

@@ -40,9 +40,12 @@ pub use attention::{
     FlashAttention, flash_attention, flash_attention_applies, flash_attention_fused,
     flash_attention_split_v, flash_attention_with_swiglu, masked_attention,
 };
-pub use conv::{Conv, ConvPrecision, ConvWeights, Tf32Split, conv_fused, conv2d, tf32_split};
+pub use conv::{
+    Conv, ConvPrecision, ConvWeights, Prologue, Tf32Split, conv_fused, conv2d, conv2d_with,
+    tf32_split,
+};
 pub use dequantize::dequantize;
-pub use group_norm::{GroupNorm, group_norm, group_norm_fused};
+pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};
 pub use group_stats::{ChannelAffine, GroupMoments, channel_affine, group_moments};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use pad::{PadRows, pad_rows};

@@ -189,6 +189,30 @@ pub fn masked_attention(
         .to_dtype(dtype)
 }
 
+/// A GroupNorm's per-(batch, channel) affine from its statistics in f32: `scale = rstd · weight`,
+/// `shift = bias − mean · scale`. x (B, C, H, W) → ((B, C), (B, C)) f32.
+pub fn group_norm_affine(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (b, c, h, w) = x.dims4()?;
+    let xf = x
+        .to_dtype(DType::F32)?
+        .reshape((b, groups, c / groups * h * w))?;
+    let mean = xf.mean_keepdim(2)?;
+    let centred = xf.broadcast_sub(&mean)?;
+    let rstd = (centred.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?.recip()?;
+    let per_channel = |t: &Tensor| t.repeat((1, 1, c / groups))?.reshape((b, c));
+    let scale = per_channel(&rstd)?.broadcast_mul(&weight.reshape((1, c))?)?;
+    let shift = bias
+        .reshape((1, c))?
+        .broadcast_sub(&per_channel(&mean)?.broadcast_mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
 /// GroupNorm with an affine (f32 weight and bias), statistics and affine in f32, rounded once
 /// to x's dtype; with `silu`, SiLU in f32 of the rounded value, rounded again.
 /// (B, C, H, W) → (B, C, H, W)
@@ -200,24 +224,8 @@ pub fn group_norm(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let xf = x
-        .to_dtype(DType::F32)?
-        .reshape((b, groups, c / groups * h * w))?;
-    let mean = xf.mean_keepdim(2)?;
-    let centred = xf.broadcast_sub(&mean)?;
-    let rstd = (centred.sqr()?.mean_keepdim(2)? + eps)?.sqrt()?.recip()?;
-    let per_channel = |t: &Tensor| t.repeat((1, 1, c / groups))?.reshape((b, c, 1, 1));
-    let scale = per_channel(&rstd)?.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?;
-    let shift = bias
-        .reshape((1, c, 1, 1))?
-        .broadcast_sub(&per_channel(&mean)?.broadcast_mul(&scale)?)?;
-    let y = xf
-        .reshape((b, c, h, w))?
-        .broadcast_mul(&scale)?
-        .broadcast_add(&shift)?
-        .to_dtype(x.dtype())?;
-    if silu { self::silu(&y) } else { Ok(y) }
+    let (scale, shift) = group_norm_affine(x, weight, bias, groups, eps)?;
+    channel_affine(x, &scale, &shift, silu)
 }
 
 /// `conv(x, weight) + bias (+ residual)`, one candle op each (cuDNN's algorithm `conv.algo`

@@ -436,6 +436,63 @@ fn group_norm_matches_the_composition() -> Result<()> {
     Ok(())
 }
 
+/// A group norm's affine alone ([`GroupNormAffine`], what a convolution's prologue applies):
+/// the composition's scale and shift, and applied by `channel_affine` it is the group norm.
+#[test]
+fn group_norm_affine_is_the_norms_affine() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = ((randn(&[2, 12, 5, 7], DType::F32, &dev)? * 2.0)? + 3.0)?;
+    let weight = ((randn(&[12], DType::F32, &dev)? * 0.3)? + 1.0)?;
+    let bias = randn(&[12], DType::F32, &dev)?;
+    let op = klein_kernels::GroupNormAffine {
+        groups: 4,
+        eps: 1e-6,
+    };
+    let both = x.apply_op3_no_bwd(&weight, &bias, &op)?;
+    assert_eq!(both.dims(), &[2, 2, 12]);
+    let (scale, shift) = reference::group_norm_affine(&x, &weight, &bias, 4, 1e-6)?;
+    check("group_norm_affine scale", DType::F32, &both.get(0)?, &scale)?;
+    check("group_norm_affine shift", DType::F32, &both.get(1)?, &shift)?;
+    let normed = klein_kernels::channel_affine(&x, &both.get(0)?, &both.get(1)?, true)?;
+    let want = reference::group_norm(&x, &weight, &bias, 4, 1e-6, true)?;
+    check("channel_affine of the affine", DType::F32, &normed, &want)?;
+    Ok(())
+}
+
+/// Off cuDNN a convolution's prologue is its composition, applied first: the affine, SiLU and
+/// the upsampling of the input, then the convolution.
+#[test]
+fn a_convolutions_prologue_is_applied_first_off_cudnn() -> Result<()> {
+    use klein_kernels::{Conv, ConvPrecision, ConvWeights, Prologue};
+    let dev = Device::Cpu;
+    let x = randn(&[1, 4, 5, 6], DType::F32, &dev)?;
+    let w = ConvWeights::new(
+        randn(&[3, 4, 3, 3], DType::F32, &dev)?,
+        randn(&[3], DType::F32, &dev)?,
+        ConvPrecision::SplitTf32,
+    )?;
+    let (scale, shift) = (
+        randn(&[1, 4], DType::F32, &dev)?,
+        randn(&[1, 4], DType::F32, &dev)?,
+    );
+    let prologue = Prologue {
+        affine: Some((scale.clone(), shift.clone(), true)),
+        upsample: true,
+    };
+    let conv = Conv {
+        padding: 1,
+        stride: 1,
+        precision: ConvPrecision::SplitTf32,
+        algo: None,
+    };
+    let got = klein_kernels::conv2d_with(&x, &w, None, conv, &prologue)?;
+    assert_eq!(got.dims(), &[1, 3, 10, 12]);
+    let input = reference::channel_affine(&x, &scale, &shift, true)?.upsample_nearest2d(10, 12)?;
+    let want = reference::conv2d(&input, &w.weight, &w.bias, None, conv)?;
+    assert_eq!(rel_l2(&got, &want)?, 0.0);
+    Ok(())
+}
+
 /// A tiled decode's halves of a group norm: the moments over a region of the planes (f64 both
 /// ways, so only summation order differs) and the per-channel affine (+ SiLU).
 #[test]

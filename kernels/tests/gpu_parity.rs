@@ -463,6 +463,47 @@ fn cudnn_convolution_precisions_match_f64() -> Result<()> {
     Ok(())
 }
 
+/// A convolution's prologue inside cuDNN's NHWC transpose (a group norm's affine + SiLU, an
+/// upsampling) gives exactly what the convolution of the composed input gives, at both TF32
+/// precisions; the group norm's affine applied alone is the group norm, bit for bit.
+#[cfg(feature = "cudnn")]
+#[test]
+fn a_fused_prologue_changes_nothing() -> Result<()> {
+    use klein_kernels::{Conv, ConvPrecision, ConvWeights, Prologue};
+    let dev = gpu();
+    let x = ((randn(&[2, 64, 33, 40], DType::F32, &dev)? * 2.0)? + 1.0)?;
+    let weight = ((randn(&[64], DType::F32, &dev)? * 0.3)? + 1.0)?;
+    let bias = randn(&[64], DType::F32, &dev)?;
+    let (scale, shift) = klein_kernels::group_norm_affine(&x, &weight, &bias, 32, 1e-6)?;
+    let normed = klein_kernels::channel_affine(&x, &scale, &shift, true)?;
+    let norm = klein_kernels::group_norm(&x, &weight, &bias, 32, 1e-6, true)?;
+    assert_eq!(rel_l2(&normed, &norm)?, 0.0, "the affine is the norm's");
+    let w32 = (randn(&[48, 64, 3, 3], DType::F32, &dev)? * 0.04)?;
+    let b = randn(&[48], DType::F32, &dev)?;
+    for precision in [ConvPrecision::Tf32, ConvPrecision::SplitTf32] {
+        let w = ConvWeights::new(w32.clone(), b.clone(), precision)?;
+        let conv = Conv {
+            padding: 1,
+            stride: 1,
+            precision,
+            algo: Some(candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm),
+        };
+        for upsample in [false, true] {
+            let prologue = Prologue {
+                affine: Some((scale.clone(), shift.clone(), true)),
+                upsample,
+            };
+            let got = klein_kernels::conv2d_with(&x, &w, None, conv, &prologue)?;
+            let want = klein_kernels::conv2d(&prologue.apply(&x)?, &w, None, conv)?;
+            assert_eq!(got.dims(), want.dims());
+            let diff = rel_l2(&got, &want)?;
+            println!("conv prologue {precision:?}, upsample {upsample}: rel-L2 {diff:.2e}");
+            assert_eq!(diff, 0.0, "{precision:?}, upsample {upsample}");
+        }
+    }
+    Ok(())
+}
+
 /// A padded band is a copy: bit-identical to the composition, f32 and bf16.
 #[test]
 fn pad_rows_equals_the_composition() -> Result<()> {

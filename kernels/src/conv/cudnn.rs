@@ -65,6 +65,9 @@ pub fn conv_forward(
     (bs, bl): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
     let (n, c_in, h, w) = xl.shape().dims4()?;
+    // The prologue's upsampling doubles the convolution's input.
+    let up = usize::from(op.prologue.upsample) + 1;
+    let (h, w) = (h * up, w * up);
     let (c_out, w_in, kh, kw) = match (op.nhwc, wl.shape().dims4()?) {
         (true, (k, r, s, c)) => (k, c, r, s),
         (false, dims) => dims,
@@ -87,6 +90,32 @@ pub fn conv_forward(
             op.conv.precision
         );
     }
+    if !op.prologue.is_identity() && (!op.nhwc || h * w > i32::MAX as usize) {
+        bail!(
+            "cudnn conv2d: a prologue needs TF32 arithmetic and fewer than 2³¹ pixels ({h} × {w})"
+        );
+    }
+    let affine_storage = op.prologue.affine.as_ref().map(|(scale, shift, silu)| {
+        (
+            scale.storage_and_layout(),
+            shift.storage_and_layout(),
+            *silu,
+        )
+    });
+    let affine = match &affine_storage {
+        Some(((ss, sl), (hs, hl), silu)) => {
+            if sl.shape().dims() != [n, c_in] || hl.shape().dims() != [n, c_in] {
+                bail!(
+                    "cudnn conv2d: prologue affine {:?} / {:?} for x {:?}",
+                    sl.shape(),
+                    hl.shape(),
+                    xl.shape()
+                );
+            }
+            Some((f32_view(ss, sl)?, f32_view(hs, hl)?, *silu))
+        }
+        None => None,
+    };
     let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
     let shape = Shape::from((n, c_out, oh, ow));
     let residual = op.residual.as_ref().map(Tensor::storage_and_layout);
@@ -160,10 +189,11 @@ pub fn conv_forward(
         pass(&x, &weight, 1.0, &mut out)?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
-    let len = xl.shape().elem_count();
+    let len = n * c_in * h * w;
     let split = op.conv.precision == ConvPrecision::SplitTf32;
     let mut parts = unsafe { dev.alloc::<f32>(if split { 2 * len } else { len })? };
-    to_nhwc(&dev, &x, &mut parts, split, (n, c_in, h * w))?;
+    let prologue = (affine.as_ref(), op.prologue.upsample);
+    to_nhwc(&dev, &x, prologue, &mut parts, split, (n, c_in, h, w))?;
     let mut y = unsafe { dev.alloc::<f32>(total)? };
     let (x_hi, x_lo) = parts.split_at(len);
     pass(&x_hi, &weight, 0.0, &mut y)?;
@@ -222,30 +252,43 @@ fn tiles((n, c, hw): (usize, usize, usize)) -> LaunchConfig {
     }
 }
 
-/// x (N, C, HW) → NHWC in `out`, split into `[hi | lo]` when `split`.
+/// An affine prologue's (scale, shift) and SiLU flag.
+type Affine<'a> = (CudaView<'a, f32>, CudaView<'a, f32>, bool);
+
+/// x (N, C, H, W), through the prologue (an affine, an upsampling to the output's H × W), →
+/// NHWC in `out`, split into `[hi | lo]` when `split`.
 fn to_nhwc(
     dev: &CudaDevice,
     x: &CudaView<'_, f32>,
+    (affine, upsample): (Option<&Affine<'_>>, bool),
     out: &mut CudaSlice<f32>,
     split: bool,
-    dims: (usize, usize, usize),
+    (n, c, h, w): (usize, usize, usize, usize),
 ) -> Result<()> {
-    let (c, hw) = (dims.1 as i32, dims.2 as i64);
     let name = if split {
         "nchw_to_nhwc_split_f32"
     } else {
         "nchw_to_nhwc_f32"
     };
     let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
-    let len = dims.0 * dims.1 * dims.2;
+    let len = n * c * h * w;
     let (mut hi, mut lo) = out.split_at_mut(len);
+    // The kernel takes null pointers for "no affine".
+    let none = 0u64;
+    let silu = i32::from(affine.is_some_and(|a| a.2));
+    let (upsample, c_arg, h_arg, w_arg) = (i32::from(upsample), c as i32, h as i32, w as i32);
     let mut l = f.builder();
-    l.arg(x).arg(&mut hi);
+    l.arg(x);
+    match affine {
+        Some((scale, shift, _)) => l.arg(scale).arg(shift),
+        None => l.arg(&none).arg(&none),
+    };
+    l.arg(&silu).arg(&upsample).arg(&mut hi);
     if split {
         l.arg(&mut lo);
     }
-    l.arg(&c).arg(&hw);
-    unsafe { l.launch(tiles(dims)) }.w()?;
+    l.arg(&c_arg).arg(&h_arg).arg(&w_arg);
+    unsafe { l.launch(tiles((n, c, h * w))) }.w()?;
     Ok(())
 }
 

@@ -474,8 +474,20 @@ __device__ __forceinline__ T affine_silu(T x, float scale, float shift, int silu
   return (T)y;
 }
 
-// Pass 3: y = x · (rstd · w) + (b − mean · rstd · w), rounded to T; with silu, silu(y) in f32
-// from the rounded y, rounded again (torch's order). One plane per blockIdx.x (PLANE_LOOP).
+// Plane bc's (= batch · channels + c) affine from its group's statistics: scale = rstd · w,
+// shift = b − mean · scale.
+__device__ __forceinline__ void norm_affine(const float* __restrict__ stats,
+                                            const float* __restrict__ weight,
+                                            const float* __restrict__ bias, long long bc,
+                                            int channels, int cpg, float& scale, float& shift) {
+  const int c = (int)(bc % channels);
+  const long long bg = (bc / channels) * (channels / cpg) + c / cpg;
+  scale = stats[bg * 2 + 1] * weight[c];
+  shift = bias[c] - stats[bg * 2] * scale;
+}
+
+// Pass 3: y = x · scale + shift, rounded to T; with silu, silu(y) in f32 from the rounded y,
+// rounded again (torch's order). One plane per blockIdx.x (PLANE_LOOP).
 template <typename T>
 __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
                                                  const float* __restrict__ stats,
@@ -484,11 +496,21 @@ __device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
                                                  T* __restrict__ out, int channels, int cpg,
                                                  long long hw, int silu) {
   const long long bc = blockIdx.x;
-  const int c = (int)(bc % channels);
-  const long long bg = (bc / channels) * (channels / cpg) + c / cpg;
-  const float scale = stats[bg * 2 + 1] * weight[c];
-  const float shift = bias[c] - stats[bg * 2] * scale;
+  float scale, shift;
+  norm_affine(stats, weight, bias, bc, channels, cpg, scale, shift);
   PLANE_LOOP(i, hw) out[bc * hw + i] = affine_silu<T>(x[bc * hw + i], scale, shift, silu);
+}
+
+// Or pass 3 as the per-plane affine only, for a consumer that applies it on its way in (the
+// convolutions' NHWC transpose): scale_shift [0][bc] = scale, [1][bc] = shift.
+extern "C" __global__ void group_norm_scale_shift(const float* __restrict__ stats,
+                                                  const float* __restrict__ weight,
+                                                  const float* __restrict__ bias,
+                                                  float* __restrict__ scale_shift, int planes,
+                                                  int channels, int cpg) {
+  const int bc = blockIdx.x * blockDim.x + threadIdx.x;
+  if (bc >= planes) return;
+  norm_affine(stats, weight, bias, bc, channels, cpg, scale_shift[bc], scale_shift[planes + bc]);
 }
 
 #define GROUP_NORM(T, NAME)                                                                    \
@@ -637,16 +659,31 @@ PAD_ROWS(bf16, bf16)
 // split TF32, split on the way) and takes an NHWC output back to NCHW adding the bias and the
 // residual. 32 x 32 tiles through shared memory; grid (pixel tiles, channel tiles, batch),
 // block (32, 8).
+// On the way in x may go through its prologue (conv.rs `Prologue`): with `scale` non-null the
+// per-(batch, channel) affine and optionally SiLU (a group norm, rounded as group_norm_apply
+// rounds), and with `upsample` a nearest-neighbour x2 upsampling: the output is h × w, x is
+// (h/2) × (w/2).
 template <bool SPLIT>
-__device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x, float* __restrict__ hi,
-                                             float* __restrict__ lo, int c, long long hw) {
+__device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
+                                             const float* __restrict__ scale,
+                                             const float* __restrict__ shift, int silu,
+                                             int upsample, float* __restrict__ hi,
+                                             float* __restrict__ lo, int c, int h, int w) {
   __shared__ float tile[32][33];
+  const long long hw = (long long)h * w;
   const long long n = blockIdx.z, p0 = (long long)blockIdx.x * 32;
   const int c0 = blockIdx.y * 32;
+  const long long in_hw = upsample ? hw / 4 : hw;
   for (int j = threadIdx.y; j < 32; j += 8) {
     const int ci = c0 + j;
     const long long p = p0 + threadIdx.x;
-    if (ci < c && p < hw) tile[j][threadIdx.x] = x[(n * c + ci) * hw + p];
+    if (ci < c && p < hw) {
+      const int pi = (int)p;  // h · w < 2³¹ (conv.rs)
+      const long long at = upsample ? (pi / w / 2) * (w / 2) + (pi % w) / 2 : p;
+      float v = x[(n * c + ci) * in_hw + at];
+      if (scale) v = affine_silu<float>(v, scale[n * c + ci], shift[n * c + ci], silu);
+      tile[j][threadIdx.x] = v;
+    }
   }
   __syncthreads();
   for (int j = threadIdx.y; j < 32; j += 8) {
@@ -666,13 +703,16 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x, float*
   }
 }
 
-extern "C" __global__ void nchw_to_nhwc_f32(const float* x, float* out, int c, long long hw) {
-  nchw_to_nhwc<false>(x, out, nullptr, c, hw);
+extern "C" __global__ void nchw_to_nhwc_f32(const float* x, const float* scale,
+                                            const float* shift, int silu, int upsample,
+                                            float* out, int c, int h, int w) {
+  nchw_to_nhwc<false>(x, scale, shift, silu, upsample, out, nullptr, c, h, w);
 }
 
-extern "C" __global__ void nchw_to_nhwc_split_f32(const float* x, float* hi, float* lo, int c,
-                                                  long long hw) {
-  nchw_to_nhwc<true>(x, hi, lo, c, hw);
+extern "C" __global__ void nchw_to_nhwc_split_f32(const float* x, const float* scale,
+                                                  const float* shift, int silu, int upsample,
+                                                  float* hi, float* lo, int c, int h, int w) {
+  nchw_to_nhwc<true>(x, scale, shift, silu, upsample, hi, lo, c, h, w);
 }
 
 template <bool RESIDUAL>

@@ -10,7 +10,7 @@ use super::{
     blocks::{UNetMidBlock2D, UpDecoderBlock2D},
     config::NORM_EPS,
     layers::{Conv2d, Padding},
-    norm::GroupNorm,
+    norm::{GroupNorm, silu_conv},
     norm_stats::NormStats,
 };
 
@@ -75,7 +75,6 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(h, stats)?;
         }
-        h = self.conv_norm_out.forward_silu(&h, stats)?;
-        self.conv_out.forward(&h)
+        silu_conv(&self.conv_norm_out, &self.conv_out, &h, stats, None)
     }
 }

@@ -10,7 +10,7 @@ use super::{
     blocks::{DownEncoderBlock2D, UNetMidBlock2D},
     config::NORM_EPS,
     layers::{Conv2d, Padding},
-    norm::GroupNorm,
+    norm::{GroupNorm, silu_conv},
     norm_stats::NormStats,
 };
 
@@ -69,7 +69,12 @@ impl Encoder {
             h = block.forward(h)?;
         }
         h = self.mid_block.forward(h)?;
-        h = self.conv_norm_out.forward_silu(&h, &mut NormStats::Local)?;
-        self.conv_out.forward(&h)
+        silu_conv(
+            &self.conv_norm_out,
+            &self.conv_out,
+            &h,
+            &mut NormStats::Local,
+            None,
+        )
     }
 }

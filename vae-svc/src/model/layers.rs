@@ -9,9 +9,12 @@
 
 use candle_core::{DType, Result, Tensor, conv::CudnnFwdAlgo};
 use candle_nn::VarBuilder;
-use klein_kernels::{Conv, ConvPrecision, ConvWeights, PadRows};
+use klein_kernels::{Conv, ConvPrecision, ConvWeights, PadRows, Prologue};
 
 use super::{BandCopies, Config};
+
+/// (B, C, H, W).
+type Dims4 = (usize, usize, usize, usize);
 
 /// The dtype a convolution or projection of `x` computes in.
 pub fn gemm_dtype(x: &Tensor) -> DType {
@@ -159,9 +162,51 @@ impl Conv2d {
         self.forward_add(x, None)
     }
 
-    /// `residual + conv(x)`: on cuDNN the residual is added where the bias is (one write).
-    pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    /// `residual + conv(prologue(x))`. Where cuDNN runs TF32 arithmetic on the whole output in
+    /// one band, the prologue (a group norm's affine and SiLU, an upsampling) happens inside
+    /// the convolution's NHWC transpose and its output never exists; otherwise it is applied
+    /// first.
+    pub fn forward_prologue(
+        &self,
+        x: &Tensor,
+        prologue: &Prologue,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if !self.fuses_prologue(x, prologue.upsample)? {
+            return self.forward_add(&prologue.apply(x)?, residual);
+        }
+        let dt = gemm_dtype(x);
+        let weights = self.weights.map(|t| t.to_dtype(dt))?;
+        let conv = Conv {
+            padding: self.padding.top,
+            stride: self.stride,
+            precision: self.precision,
+            algo: self.algo,
+        };
+        klein_kernels::conv2d_with(x, &weights, residual, conv, prologue)
+    }
+
+    /// Whether [`Self::forward_prologue`] fuses its prologue for `x` (upsampled first when
+    /// `upsample`): a cuDNN f32 input, TF32 arithmetic (NHWC weights), the same padding on
+    /// every side and the whole output in one band.
+    pub fn fuses_prologue(&self, x: &Tensor, upsample: bool) -> Result<bool> {
+        if !(klein_kernels::conv_fused(x) && self.weights.nhwc)
+            || self.padding != Padding::same(self.padding.top)
+        {
+            return Ok(false);
+        }
         let (b, c_in, h, w) = x.dims4()?;
+        let up = usize::from(upsample) + 1;
+        let (rows, (_, out_h, _)) = self.band_plan((b, c_in, h * up, w * up), x.dtype())?;
+        Ok(rows >= out_h)
+    }
+
+    /// Output rows per band and the output's (C, H, W) for an input of `dims`.
+    fn band_plan(
+        &self,
+        (b, c_in, h, w): Dims4,
+        dtype: DType,
+    ) -> Result<(usize, (usize, usize, usize))> {
         let (c_out, k) = self.weights.geometry()?;
         let p = self.padding;
         let (out_h, out_w) = (
@@ -182,15 +227,21 @@ impl Conv2d {
         };
         let rows = shape.band_rows(
             p.left + p.right,
-            x.dtype().size_in_bytes() as u64,
+            dtype.size_in_bytes() as u64,
             super::config::op_bytes_in_force(self.op_bytes),
         );
+        Ok((rows, (c_out, out_h, out_w)))
+    }
+
+    /// `residual + conv(x)`: on cuDNN the residual is added where the bias is (one write).
+    pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (rows, (c_out, out_h, out_w)) = self.band_plan(x.dims4()?, x.dtype())?;
         let dt = gemm_dtype(x);
         let weights = self.weights.map(|t| t.to_dtype(dt))?;
         if rows >= out_h {
             return self.band(x, (0, out_h), &weights, residual);
         }
-        let out = Tensor::zeros((b, c_out, out_h, out_w), x.dtype(), x.device())?;
+        let out = Tensor::zeros((x.dim(0)?, c_out, out_h, out_w), x.dtype(), x.device())?;
         for r0 in (0..out_h).step_by(rows) {
             let r1 = (r0 + rows).min(out_h);
             let residual = residual.map(|r| r.narrow(2, r0, r1 - r0)).transpose()?;

@@ -9,9 +9,11 @@
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_kernels::Prologue;
 
 use super::{
     Config,
+    layers::Conv2d,
     norm_stats::{CallStats, NormStats},
 };
 
@@ -31,6 +33,24 @@ pub fn groups_per_chunk(elements_per_group: u64, groups: usize, op_bytes: u64) -
 pub fn temp_bytes(elements_per_group: u64, groups: usize, op_bytes: u64) -> u64 {
     let n = groups_per_chunk(elements_per_group, groups, op_bytes) as u64;
     n * elements_per_group * TEMP_BYTES_PER_ELEMENT
+}
+
+/// `residual + conv(silu(norm(x)))`, the statistics from `stats`. Where the convolution takes
+/// the norm as its prologue (cuDNN, TF32 arithmetic, one band) the normalised tensor never
+/// exists; otherwise the norm runs first.
+pub fn silu_conv(
+    norm: &GroupNorm,
+    conv: &Conv2d,
+    x: &Tensor,
+    stats: &mut NormStats,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    if conv.fuses_prologue(x, false)? {
+        let prologue = norm.silu_prologue(x, stats)?;
+        return conv.forward_prologue(x, &prologue, residual);
+    }
+    let h = norm.forward_silu(x, stats)?;
+    conv.forward_add(&h, residual)
 }
 
 /// GroupNorm with an affine weight and bias (`norm1`, `norm2`, `group_norm`, `conv_norm_out`).
@@ -101,7 +121,49 @@ impl GroupNorm {
     /// The CUDA kernels: the fused norm with the input's own statistics; in a tiled decode, the
     /// moments of the tile's own part (`klein_kernels::group_moments`) and the per-channel
     /// affine with the statistics the call is given (`klein_kernels::channel_affine`).
-    fn apply_fused(&self, x: &Tensor, silu: bool, mut call: CallStats<'_>) -> Result<Tensor> {
+    fn apply_fused(&self, x: &Tensor, silu: bool, call: CallStats<'_>) -> Result<Tensor> {
+        match self.record_and_replay(x, call)? {
+            None => klein_kernels::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.num_groups,
+                self.eps,
+                silu,
+            ),
+            Some((scale, shift)) => klein_kernels::channel_affine(x, &scale, &shift, silu),
+        }
+    }
+
+    /// `silu(group_norm(x))` as a convolution's prologue (its per-(batch, channel) affine, for
+    /// `Conv2d::forward_prologue`), with the statistics from `stats`.
+    pub fn silu_prologue(&self, x: &Tensor, stats: &mut NormStats) -> Result<Prologue> {
+        let groups = self.num_groups;
+        let (b, c, h, w) = x.dims4()?;
+        if c % groups != 0 {
+            candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
+        }
+        let call = stats.begin_call((b, groups), (h, w), c / groups, self.eps)?;
+        let (scale, shift) = match self.record_and_replay(x, call)? {
+            Some(affine) => affine,
+            None => {
+                klein_kernels::group_norm_affine(x, &self.weight, &self.bias, groups, self.eps)?
+            }
+        };
+        Ok(Prologue {
+            affine: Some((scale, shift, true)),
+            upsample: false,
+        })
+    }
+
+    /// A tiled decode's statistics on the CUDA path: records the tile's moments where the call
+    /// records, and returns the per-channel affine ((B, C) scale and shift) where it replays;
+    /// `None` where the input's own statistics apply.
+    fn record_and_replay(
+        &self,
+        x: &Tensor,
+        mut call: CallStats<'_>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let groups = self.num_groups;
         if let Some(target) = call.record.as_mut() {
             let moments = klein_kernels::group_moments(x, groups, target.rows, target.cols)?;
@@ -109,15 +171,13 @@ impl GroupNorm {
                 target.add(index, m[0], m[1]);
             }
         }
-        match call.replay {
-            None => klein_kernels::group_norm(x, &self.weight, &self.bias, groups, self.eps, silu),
-            Some((mean, rstd)) => {
-                let b = x.dim(0)?;
-                let stat = |v: Vec<f32>| Tensor::from_vec(v, (b, groups, 1, 1), x.device());
-                let (scale, shift) = self.scale_shift(&stat(mean)?, &stat(rstd)?, 0, groups)?;
-                klein_kernels::channel_affine(x, &scale, &shift, silu)
-            }
-        }
+        let Some((mean, rstd)) = call.replay else {
+            return Ok(None);
+        };
+        let b = x.dim(0)?;
+        let stat = |v: Vec<f32>| Tensor::from_vec(v, (b, groups, 1, 1), x.device());
+        self.scale_shift(&stat(mean)?, &stat(rstd)?, 0, groups)
+            .map(Some)
     }
 
     /// Per (batch, channel) of groups `[g0, g0 + n)`: `scale = rstd · weight`, `shift = bias −

@@ -1,5 +1,6 @@
 //! `ResnetBlock2D` without a time embedding (diffusers `resnet.py`, spec §1.4):
-//! `h = conv1(silu(norm1(x))); h = conv2(silu(norm2(h))); out = shortcut(x) + h`.
+//! `h = conv1(silu(norm1(x))); h = conv2(silu(norm2(h))); out = shortcut(x) + h`; on cuDNN's
+//! TF32 paths each norm runs inside its convolution ([`silu_conv`]).
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
@@ -8,7 +9,7 @@ use super::{
     Config,
     config::NORM_EPS,
     layers::{Conv2d, Padding},
-    norm::GroupNorm,
+    norm::{GroupNorm, silu_conv},
     norm_stats::NormStats,
 };
 
@@ -48,17 +49,15 @@ impl ResnetBlock2D {
     /// intermediate is dropped as soon as the next one exists, so at most the input and three
     /// activations are alive at once.
     pub fn forward(&self, x: &Tensor, stats: &mut NormStats) -> Result<Tensor> {
-        let mut h = self.norm1.forward_silu(x, stats)?;
-        h = self.conv1.forward(&h)?;
-        h = self.norm2.forward_silu(&h, stats)?;
+        let h = silu_conv(&self.norm1, &self.conv1, x, stats, None)?;
         // The residual sum is written where the last convolution's bias is: conv2 adds the
         // input, or the 1x1 shortcut adds conv2's output (h's input is gone by then).
         match &self.conv_shortcut {
             Some(shortcut) => {
-                h = self.conv2.forward(&h)?;
+                let h = silu_conv(&self.norm2, &self.conv2, &h, stats, None)?;
                 shortcut.forward_add(x, Some(&h))
             }
-            None => self.conv2.forward_add(&h, Some(x)),
+            None => silu_conv(&self.norm2, &self.conv2, &h, stats, Some(x)),
         }
     }
 }

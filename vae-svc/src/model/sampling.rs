@@ -5,6 +5,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_kernels::Prologue;
 
 use super::{
     Config,
@@ -61,10 +62,13 @@ impl Upsample2D {
         Ok(Self { conv })
     }
 
-    /// (B, C, H, W) -> (B, C, 2H, 2W)
+    /// (B, C, H, W) -> (B, C, 2H, 2W); on cuDNN's TF32 paths the convolution reads x through
+    /// the upsampling (no upsampled tensor).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let up = x.upsample_nearest2d(2 * h, 2 * w)?;
-        self.conv.forward(&up)
+        let upsample = Prologue {
+            affine: None,
+            upsample: true,
+        };
+        self.conv.forward_prologue(x, &upsample, None)
     }
 }
