@@ -26,6 +26,8 @@
 // read is free of bank conflicts.
 #include <stdint.h>
 
+#include "cp_async.cuh"
+
 namespace {
 
 constexpr int WARPS = 8;
@@ -33,19 +35,6 @@ constexpr int THREADS = 32 * WARPS;
 constexpr int BLOCK_M = 32;
 constexpr int BLOCK_N = 32;
 constexpr int P_STRIDE = BLOCK_N + 4;
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // The TF32 part of v (its top 19 bits) and the exact remainder.
 __device__ __forceinline__ void split(float v, uint32_t& hi, uint32_t& lo) {
@@ -164,7 +153,7 @@ __device__ __forceinline__ void flash_forward(const float* __restrict__ q,
   const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
   for (int tile = 0; tile < tiles; ++tile) {
     const int n0 = tile * BLOCK_N;
-    cp_async_wait1();  // K_j (and Q) are in; V_j may still be loading
+    cp_async_wait<1>();  // K_j (and Q) are in; V_j may still be loading
     __syncthreads();
     {
       // Partial S over this warp's head-dim slice, all 32 keys. The tensor cores' f32
@@ -222,7 +211,7 @@ __device__ __forceinline__ void flash_forward(const float* __restrict__ q,
       p_tile[at] = p;
       if (lane == 0) row_scale[4 * warp + r] = rescale;
     }
-    cp_async_wait1();  // V_j is in; K_{j+1} may still be loading
+    cp_async_wait<1>();  // V_j is in; K_{j+1} may still be loading
     __syncthreads();
     {
       // This tile's P·V in fresh accumulators (a short truncating chain), then added to the
