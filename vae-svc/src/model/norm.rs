@@ -365,6 +365,17 @@ mod tests {
         }
     }
 
+    /// The norm as a convolution's prologue (`silu_prologue`, its affine applied by
+    /// `Prologue::apply` where the convolution does not fuse it) is the norm.
+    #[test]
+    fn the_norm_as_a_prologue_is_the_norm() {
+        let (x, w, b) = inputs();
+        let norm = norm(1 << 30, &w, &b);
+        let prologue = norm.silu_prologue(&x, &mut NormStats::Local).unwrap();
+        let want = norm.forward_silu(&x, &mut NormStats::Local).unwrap();
+        assert!(max_diff(&prologue.apply(&x).unwrap(), &want) < 1e-5);
+    }
+
     /// The chunked composition (two chunk sizes) and the CUDA path's halves (`apply_fused`,
     /// whose `klein_kernels` calls take their compositions on the CPU).
     #[test]
