@@ -7,15 +7,13 @@
 //! bytes; inserting evicts least-recently-used entries until the total fits the capacity, and
 //! an entry larger than the whole capacity is not stored. Capacity 0 disables the cache.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
-    },
+use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicU64, Ordering},
 };
 
 use bytes::Bytes;
+use klein_runtime::lru::ByteLru;
 
 /// What a cached embedding is looked up by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -50,48 +48,9 @@ pub struct CacheStats {
     pub evictions: u64,
 }
 
-struct Entry {
-    value: CachedEmbedding,
-    bytes: u64,
-    tick: u64,
-}
-
-#[derive(Default)]
-struct Lru {
-    map: HashMap<CacheKey, Entry>,
-    /// Last-use tick -> key; the first entry is the least recently used.
-    order: BTreeMap<u64, CacheKey>,
-    next_tick: u64,
-    bytes: u64,
-}
-
-impl Lru {
-    fn touch(&mut self, key: &CacheKey) -> Option<CachedEmbedding> {
-        let tick = self.next_tick;
-        let entry = self.map.get_mut(key)?;
-        self.order.remove(&entry.tick);
-        entry.tick = tick;
-        self.order.insert(tick, key.clone());
-        self.next_tick += 1;
-        Some(entry.value.clone())
-    }
-
-    fn remove(&mut self, key: &CacheKey) -> bool {
-        match self.map.remove(key) {
-            Some(old) => {
-                self.order.remove(&old.tick);
-                self.bytes -= old.bytes;
-                true
-            }
-            None => false,
-        }
-    }
-}
-
 /// The prompt-embedding cache; shared by all requests.
 pub struct PromptCache {
-    capacity: u64,
-    lru: Mutex<Lru>,
+    lru: Mutex<ByteLru<CacheKey, CachedEmbedding>>,
     hits: AtomicU64,
     misses: AtomicU64,
     evictions: AtomicU64,
@@ -102,22 +61,21 @@ impl PromptCache {
     pub fn new(capacity: u64) -> Self {
         metrics::gauge!("klein_encoder_cache_capacity_bytes").set(capacity as f64);
         Self {
-            capacity,
-            lru: Mutex::default(),
+            lru: Mutex::new(ByteLru::new(capacity)),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Lru> {
+    fn lock(&self) -> MutexGuard<'_, ByteLru<CacheKey, CachedEmbedding>> {
         // Every update below leaves the maps consistent before it can panic.
         self.lru.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The entry for `key`, marked most recently used; counts a hit or a miss.
     pub fn get(&self, key: &CacheKey) -> Option<CachedEmbedding> {
-        let found = self.lock().touch(key);
+        let found = self.lock().get(key);
         let (counter, metric) = match found {
             Some(_) => (&self.hits, "klein_encoder_cache_hits_total"),
             None => (&self.misses, "klein_encoder_cache_misses_total"),
@@ -130,27 +88,10 @@ impl PromptCache {
     /// Stores `value` under `key`, evicting least-recently-used entries to make room.
     pub fn insert(&self, key: CacheKey, value: CachedEmbedding) {
         let bytes = (value.data.len() + key.prompt.len()) as u64;
-        if bytes > self.capacity {
-            return;
-        }
         let mut lru = self.lock();
-        lru.remove(&key);
-        let mut evicted = 0u64;
-        while lru.bytes + bytes > self.capacity {
-            let Some((_, oldest)) = lru.order.pop_first() else {
-                break;
-            };
-            let old = lru.map.remove(&oldest).expect("order and map agree");
-            lru.bytes -= old.bytes;
-            evicted += 1;
-        }
-        let tick = lru.next_tick;
-        lru.next_tick += 1;
-        lru.order.insert(tick, key.clone());
-        lru.map.insert(key, Entry { value, bytes, tick });
-        lru.bytes += bytes;
-        metrics::gauge!("klein_encoder_cache_bytes").set(lru.bytes as f64);
-        metrics::gauge!("klein_encoder_cache_entries").set(lru.map.len() as f64);
+        let evicted = lru.insert(key, value, bytes);
+        metrics::gauge!("klein_encoder_cache_bytes").set(lru.bytes() as f64);
+        metrics::gauge!("klein_encoder_cache_entries").set(lru.len() as f64);
         drop(lru);
         if evicted > 0 {
             self.evictions.fetch_add(evicted, Ordering::Relaxed);
@@ -162,9 +103,9 @@ impl PromptCache {
     pub fn stats(&self) -> CacheStats {
         let lru = self.lock();
         CacheStats {
-            capacity: self.capacity,
-            bytes: lru.bytes,
-            entries: lru.map.len(),
+            capacity: lru.capacity(),
+            bytes: lru.bytes(),
+            entries: lru.len(),
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),

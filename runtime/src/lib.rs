@@ -16,6 +16,7 @@
 //! - [`engine`]: the one thread that owns a model and its device, fed by async callers.
 //! - [`weights`]: diffusers folder layout, sharded safetensors indexes, mmap loading.
 //! - [`models`]: several models per service under host-RAM and device-weight caps (LRU).
+//! - [`lru`]: a bytes-bounded least-recently-used map (the services' caches).
 
 #![deny(rust_2018_idioms)]
 #![deny(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod gpu_memory;
+pub mod lru;
 pub mod models;
 pub mod server;
 pub mod telemetry;
