@@ -46,6 +46,9 @@ pub struct Config {
     /// Seconds a request may wait for its model to become resident while other models' runs
     /// hold the memory, before it is refused with RESOURCE_EXHAUSTED.
     pub model_wait_secs: u64,
+    /// Host memory for validated prompt embeddings kept under handles
+    /// (`DenoiseRequest.embeddings_handle`); 0 turns the cache off.
+    pub embeddings_cache_bytes: ByteSize,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             max_image_pixels: 2048 * 2048,
             max_references: 4,
             model_wait_secs: 120,
+            embeddings_cache_bytes: ByteSize(256 << 20),
         }
     }
 }
@@ -166,4 +170,8 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_wait_secs: Option<u64>,
+    /// Host memory for prompt embeddings kept under handles, e.g. 256MiB (0 = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embeddings_cache_bytes: Option<ByteSize>,
 }

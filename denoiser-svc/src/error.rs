@@ -34,6 +34,10 @@ pub enum DenoiseError {
     /// The model cannot become resident while other models' runs hold the memory.
     #[error("{0}")]
     ModelBusy(RegistryError),
+    /// `embeddings_handle` names embeddings this replica does not hold (any more): the caller
+    /// sends them again.
+    #[error("embeddings handle unknown: {0}; send prompt_embeds")]
+    EmbeddingsUnknown(String),
 }
 
 impl From<RegistryError> for DenoiseError {
@@ -60,6 +64,7 @@ impl DenoiseError {
         match self {
             Self::Validation { .. } => "invalid_argument",
             Self::Admission(_) | Self::ModelBusy(_) => "resource_exhausted",
+            Self::EmbeddingsUnknown(_) => "failed_precondition",
             Self::Engine(EngineError::Stopped) => "unavailable",
             _ => "internal",
         }
@@ -81,6 +86,7 @@ impl From<DenoiseError> for tonic::Status {
                 tonic::Status::resource_exhausted(msg)
             }
             DenoiseError::Engine(EngineError::Stopped) => tonic::Status::unavailable(msg),
+            DenoiseError::EmbeddingsUnknown(_) => tonic::Status::failed_precondition(msg),
             _ if gpu_memory::is_out_of_memory(&msg) => tonic::Status::resource_exhausted(msg),
             _ => tonic::Status::internal(msg),
         }

@@ -9,15 +9,16 @@ use klein_proto::{
 };
 use klein_runtime::{budget::MemoryBudget, models::RegistryStatus};
 use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, codegen::Bytes};
 
 use crate::{
     admission,
+    embeddings::EmbeddingsCache,
     engine::{DenoiseEngine, Event, Job},
     error::DenoiseError,
     model::AttentionConfig,
     served::ServedModel,
-    validate::ValidDenoiseRequest,
+    validate::{self, ValidDenoiseRequest},
 };
 
 /// The service state shared by every call.
@@ -33,6 +34,8 @@ pub struct Denoiser {
     pub attention: AttentionConfig,
     /// The static part of Info; reservations, queue and models are filled per call.
     pub info: pb::ServiceInfo,
+    /// Validated embeddings kept under handles for repeated prompts.
+    pub embeddings: EmbeddingsCache,
 }
 
 /// The gRPC face of [`Denoiser`].
@@ -86,7 +89,19 @@ impl Denoiser {
     async fn denoise(&self, req: pb::DenoiseRequest) -> Result<DenoiseStream, DenoiseError> {
         let received = Instant::now();
         let model = self.model(&req.model)?;
-        let valid = ValidDenoiseRequest::try_from((req, &model.context))?;
+        // Embeddings sent with the request are checked and kept under a new handle; a handle
+        // alone names embeddings an earlier request left (checked then).
+        let (embeddings, handle) =
+            if req.prompt_embeds.is_none() && !req.embeddings_handle.is_empty() {
+                let kept = self.embeddings.get(&req.embeddings_handle)?;
+                (kept, req.embeddings_handle.clone())
+            } else {
+                let sent = validate::embeddings(&req, &model.context)?;
+                let handle = self.embeddings.keep(&sent);
+                let handle = handle.map(|h| Bytes::copy_from_slice(&h));
+                (sent, handle.unwrap_or_default())
+            };
+        let valid = ValidDenoiseRequest::try_from((req, &model.context, embeddings))?;
         let validate_seconds = received.elapsed().as_secs_f64();
         let bytes = admission::activation_bytes(
             &model.config,
@@ -120,7 +135,7 @@ impl Denoiser {
             reservation,
         })?;
         let stream = UnboundedReceiverStream::new(rx)
-            .map(move |event| response(event, &warnings, queue_seconds));
+            .map(move |event| response(event, &warnings, queue_seconds, &handle));
         Ok(Box::pin(stream))
     }
 }
@@ -130,6 +145,7 @@ fn response(
     event: Event,
     warnings: &[String],
     queue_seconds: f64,
+    embeddings_handle: &Bytes,
 ) -> Result<pb::DenoiseResponse, Status> {
     let encode =
         |t: &candle_core::Tensor| tensor::encode(t).map_err(|e| Status::internal(e.to_string()));
@@ -155,6 +171,7 @@ fn response(
                 warnings: warnings.to_vec(),
                 queue_seconds,
                 compute_seconds,
+                embeddings_handle: embeddings_handle.clone(),
             })
         }
         Event::Failed(e) => {

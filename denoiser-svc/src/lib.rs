@@ -16,6 +16,7 @@
 //! - [`preview`]: approximate latent→RGB previews.
 //! - [`validate`]: `DenoiseRequest` → [`validate::ValidDenoiseRequest`] (INVALID_ARGUMENT
 //!   naming the field).
+//! - [`embeddings`]: validated prompt embeddings and the cache that keeps them under handles.
 //! - [`admission`]: the activation-memory estimate a request reserves.
 //! - [`engine`]: the step engine thread (queue, cancellation, progress).
 //! - [`grpc`]: the `DenoiserService` handlers.
@@ -28,6 +29,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod grpc;

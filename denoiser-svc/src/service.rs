@@ -18,6 +18,7 @@ use tonic::service::Routes;
 
 use crate::{
     config::Config,
+    embeddings::EmbeddingsCache,
     engine::{DenoiseEngine, Loaded},
     error::DenoiseError,
     grpc::{Denoiser, DenoiserGrpc},
@@ -172,6 +173,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         device: service_device,
         attention,
         info,
+        embeddings: EmbeddingsCache::new(config.embeddings_cache_bytes.0),
     })
 }
 

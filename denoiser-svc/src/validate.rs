@@ -8,6 +8,7 @@ use klein_proto::{
 };
 
 use crate::{
+    embeddings::Embeddings,
     error::DenoiseError,
     sampler::{Grid, Shift},
 };
@@ -202,10 +203,64 @@ impl RequestContext {
     }
 }
 
+/// The request's own embeddings (`prompt_embeds`, `negative_prompt_embeds`), checked.
+pub fn embeddings(
+    req: &pb::DenoiseRequest,
+    ctx: &RequestContext,
+) -> Result<Embeddings, DenoiseError> {
+    let prompt = float_tensor(req.prompt_embeds.as_ref(), "prompt_embeds")?;
+    let b = match *prompt.dims() {
+        [b, TEXT_TOKENS, c] if c == ctx.context_dim => b,
+        _ => {
+            return Err(invalid(
+                "prompt_embeds",
+                format!(
+                    "shape {:?}, expected [B, {TEXT_TOKENS}, {}] for this model",
+                    prompt.dims(),
+                    ctx.context_dim
+                ),
+            ));
+        }
+    };
+    if b > ctx.max_batch {
+        return Err(invalid(
+            "prompt_embeds",
+            format!("batch {b} exceeds the limit {}", ctx.max_batch),
+        ));
+    }
+    let negative = match req.negative_prompt_embeds.as_ref() {
+        Some(t) => {
+            let t = float_tensor(Some(t), "negative_prompt_embeds")?;
+            expect_shape(
+                &t,
+                "negative_prompt_embeds",
+                prompt.dims(),
+                "same as prompt_embeds",
+            )?;
+            Some(t)
+        }
+        None => None,
+    };
+    Ok(Embeddings { prompt, negative })
+}
+
 impl TryFrom<(pb::DenoiseRequest, &RequestContext)> for ValidDenoiseRequest {
     type Error = DenoiseError;
 
     fn try_from((req, ctx): (pb::DenoiseRequest, &RequestContext)) -> Result<Self, DenoiseError> {
+        let embeddings = embeddings(&req, ctx)?;
+        Self::try_from((req, ctx, embeddings))
+    }
+}
+
+/// The request with embeddings checked before (its own, or those of an earlier request kept
+/// under its `embeddings_handle`).
+impl TryFrom<(pb::DenoiseRequest, &RequestContext, Embeddings)> for ValidDenoiseRequest {
+    type Error = DenoiseError;
+
+    fn try_from(
+        (req, ctx, embeddings): (pb::DenoiseRequest, &RequestContext, Embeddings),
+    ) -> Result<Self, DenoiseError> {
         if !req.model.is_empty() && req.model != ctx.model_id {
             return Err(invalid(
                 "model",
@@ -215,26 +270,24 @@ impl TryFrom<(pb::DenoiseRequest, &RequestContext)> for ValidDenoiseRequest {
                 ),
             ));
         }
-        let prompt_embeds = float_tensor(req.prompt_embeds.as_ref(), "prompt_embeds")?;
+        let Embeddings {
+            prompt: prompt_embeds,
+            negative,
+        } = embeddings;
+        // Kept embeddings were checked against the model they came with.
         let b = match *prompt_embeds.dims() {
-            [b, TEXT_TOKENS, c] if c == ctx.context_dim => b,
+            [b, TEXT_TOKENS, c] if c == ctx.context_dim && b <= ctx.max_batch => b,
             _ => {
                 return Err(invalid(
-                    "prompt_embeds",
+                    "embeddings_handle",
                     format!(
-                        "shape {:?}, expected [B, {TEXT_TOKENS}, {}] for this model",
+                        "names embeddings of shape {:?}, not [B, {TEXT_TOKENS}, {}] for this model",
                         prompt_embeds.dims(),
                         ctx.context_dim
                     ),
                 ));
             }
         };
-        if b > ctx.max_batch {
-            return Err(invalid(
-                "prompt_embeds",
-                format!("batch {b} exceeds the limit {}", ctx.max_batch),
-            ));
-        }
         let grid = ctx.grid(req.grid.as_ref(), "grid")?;
         if req.num_steps == 0 || req.num_steps > MAX_STEPS {
             return Err(invalid(
@@ -243,19 +296,6 @@ impl TryFrom<(pb::DenoiseRequest, &RequestContext)> for ValidDenoiseRequest {
             ));
         }
         let mut warnings = Vec::new();
-        let negative = match req.negative_prompt_embeds.as_ref() {
-            Some(t) => {
-                let t = float_tensor(Some(t), "negative_prompt_embeds")?;
-                expect_shape(
-                    &t,
-                    "negative_prompt_embeds",
-                    prompt_embeds.dims(),
-                    "same as prompt_embeds",
-                )?;
-                Some(t)
-            }
-            None => None,
-        };
         let guidance = match req.guidance_scale {
             Some(g) if !g.is_finite() || g < 0.0 => {
                 return Err(invalid(

@@ -219,6 +219,54 @@ async fn seeds_are_reproducible_and_previews_come_when_asked() {
     );
 }
 
+/// A request's embeddings come back as a handle; a later request sending the handle alone runs
+/// on the same embeddings, a handle this replica does not hold is FAILED_PRECONDITION (the
+/// caller then sends the embeddings), and with the cache off no handle is given.
+#[tokio::test]
+async fn repeated_prompts_send_a_handle_instead_of_their_embeddings() {
+    let mut server = start("tiny-klein-4b", DTypeSpec::F32).await;
+    let embeds = Tensor::randn(0f32, 1.0, (1, 512, 192), &Device::Cpu).unwrap();
+    let sent = pb::DenoiseRequest {
+        prompt_embeds: Some(wire(&embeds)),
+        num_steps: 2,
+        ..valid()
+    };
+    let (_, first) = denoise(&mut server.client, sent.clone()).await.unwrap();
+    assert_eq!(first.embeddings_handle.len(), 16);
+    let by_handle = pb::DenoiseRequest {
+        prompt_embeds: None,
+        embeddings_handle: first.embeddings_handle.clone(),
+        ..sent.clone()
+    };
+    let (_, second) = denoise(&mut server.client, by_handle.clone())
+        .await
+        .unwrap();
+    assert_eq!(second.embeddings_handle, first.embeddings_handle);
+    let latents = |r: &pb::DenoiseResult| unwire(r.latents.as_ref().unwrap()).to_vec3::<f32>();
+    assert_eq!(latents(&first).unwrap(), latents(&second).unwrap());
+    let other = pb::DenoiseRequest {
+        embeddings_handle: Bytes::from(vec![0u8; 16]),
+        ..by_handle.clone()
+    };
+    let err = denoise(&mut server.client, other).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().starts_with("embeddings handle unknown"),
+        "{}",
+        err.message()
+    );
+
+    let mut off = start_with(denoiser_svc::Config {
+        embeddings_cache_bytes: ByteSize(0),
+        ..config("tiny-klein-4b", DTypeSpec::F32)
+    })
+    .await;
+    let (_, result) = denoise(&mut off.client, sent).await.unwrap();
+    assert!(result.embeddings_handle.is_empty());
+    let err = denoise(&mut off.client, by_handle).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
 #[tokio::test]
 async fn info_describes_the_model_and_budget() {
     let mut server = start("tiny-klein-4b", DTypeSpec::Bf16).await;
