@@ -3,8 +3,10 @@
 //!
 //! Promises checked: a dead stage never hangs a client (UNAVAILABLE well within the
 //! deadline, whether the stage dies mid-stream or is down when it is called); after a restart
-//! on the same port the next request succeeds; with two denoiser replicas, requests keep
-//! succeeding while one is down.
+//! on the same port the next request succeeds (a restarted denoiser no longer holds the
+//! embeddings handles the gateway remembers: the gateway encodes and sends them again); a
+//! repeated prompt is served while the encoder is down; with two denoiser replicas, requests
+//! keep succeeding while one is down.
 
 mod harness;
 
@@ -149,10 +151,14 @@ async fn a_killed_stage_gives_unavailable_in_time_and_a_restart_recovers() {
     let vae = StageProcess::start(StageKind::Vae, vae.port).await;
     assert_eq!(run(&mut c, small_request(6, 2)).await.unwrap(), 1);
 
-    // The encoder is down when a request arrives.
+    // The encoder is down when a request with a new prompt arrives.
     encoder.kill();
     let t = Instant::now();
-    let down = run(&mut c, small_request(7, 2)).await.unwrap_err();
+    let new_prompt = pb::GenerateRequest {
+        prompt: "a harbour at dawn".into(),
+        ..small_request(7, 2)
+    };
+    let down = run(&mut c, new_prompt).await.unwrap_err();
     eprintln!(
         "MEASURED faults: encoder down -> {:?} after {:?}",
         down.code(),
@@ -160,6 +166,8 @@ async fn a_killed_stage_gives_unavailable_in_time_and_a_restart_recovers() {
     );
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
     assert!(t.elapsed() < REPORT_WITHIN);
+    // A repeated prompt needs no encoder: the denoiser kept its embeddings under a handle.
+    assert_eq!(run(&mut c, small_request(71, 2)).await.unwrap(), 1);
     let encoder = StageProcess::start(StageKind::Encoder, encoder.port).await;
     assert_eq!(run(&mut c, small_request(8, 2)).await.unwrap(), 1);
 

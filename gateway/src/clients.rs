@@ -24,6 +24,7 @@ use tonic::{
 };
 
 use crate::{
+    embeddings::EmbeddingHandles,
     error::{GatewayError, Stage, connection_lost, downstream},
     routing::Router,
 };
@@ -152,6 +153,8 @@ pub struct Stages {
     pub encoder: Arc<Router>,
     pub denoiser: Arc<Router>,
     pub vae: VaeServiceClient<Channel>,
+    /// The denoisers' embeddings handles, per prompt.
+    pub handles: Arc<EmbeddingHandles>,
     max_attempts: u32,
 }
 
@@ -170,6 +173,7 @@ impl Stages {
             vae: VaeServiceClient::new(balanced_channel(Stage::Vae, vae, tls)?)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            handles: Arc::default(),
             max_attempts: max_attempts.max(1),
         })
     }

@@ -7,6 +7,7 @@
 //!   diffusers-faithful resize/crop/mask preparation; PNG output with text chunks.
 //! - [`clients`]: balanced stage clients, deadlines, trace context, retries, TLS.
 //! - [`replicas`]: health probes that take dead stage replicas out of the balancer.
+//! - [`embeddings`]: the denoisers' embeddings handles a repeated prompt reuses.
 //! - [`auth`]: the optional API key of the ImageService (constant-time compare).
 //! - [`pipeline`]: one request end to end (encode -> denoise -> decode -> PNG).
 //! - [`catalog`]: models and service infos learnt from the stages.
@@ -26,6 +27,7 @@ pub mod catalog;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod embeddings;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -1,5 +1,6 @@
 //! One request end to end: encode (text, and images for I2I / inpaint / references) ->
-//! denoise (streamed progress) -> decode (f32 VAE) -> PNG. Events go to the client as they
+//! denoise (streamed progress) -> decode (f32 VAE) -> PNG. A prompt whose embeddings a
+//! denoiser kept skips the text encoder and sends the handle ([`crate::embeddings`]). Events go to the client as they
 //! happen; dropping the returned future (client gone) drops every downstream call in flight,
 //! which cancels them there too.
 
@@ -12,6 +13,7 @@ use tonic::Status;
 
 use crate::{
     clients::{Deadline, Stages, TraceContext, request, with_retry},
+    embeddings::{HandleKey, is_unknown_handle},
     error::{GatewayError, Stage},
     image_io::{self, PngMetadata},
     tensors,
@@ -76,7 +78,10 @@ pub async fn run(
     )
     .await;
     let t = Instant::now();
-    let text = async {
+    // A prompt whose embeddings a denoiser kept skips the encoder: the request sends the handle.
+    let key = HandleKey::of(&req);
+    let handle = stages.handles.get(&key);
+    let encode_text = || async {
         let msg = pb::TextEncoderServiceEncodeRequest {
             prompts: vec![req.prompt.clone()],
             negative_prompts: if req.cfg.is_some() {
@@ -92,6 +97,12 @@ pub async fn run(
             Ok(async move { client.encode(r).await })
         })
         .await
+    };
+    let text = async {
+        match handle {
+            Some(_) => Ok(None),
+            None => encode_text().await.map(Some),
+        }
     };
     let encode_image = |img: &image::RgbImage| {
         let msg = pb::VaeServiceEncodeRequest {
@@ -131,9 +142,6 @@ pub async fn run(
     let (text, source, refs) = (text?, source?, refs?);
     timings.encode = t.elapsed().as_secs_f64();
 
-    let prompt_embeds = text
-        .prompt_embeds
-        .ok_or_else(|| contract(Stage::Encoder, "no prompt_embeds"))?;
     let grid = pb::LatentGrid {
         height: req.height / 16,
         width: req.width / 16,
@@ -158,13 +166,8 @@ pub async fn run(
         Some(t) => pb::denoise_request::Noise::InitialNoise(t.clone()),
         None => pb::denoise_request::Noise::Seed(req.seed),
     };
-    let denoise = pb::DenoiseRequest {
+    let mut denoise = pb::DenoiseRequest {
         model: req.model.id.clone(),
-        prompt_embeds: Some(tensors::repeat_batch(&prompt_embeds, req.num_images)),
-        negative_prompt_embeds: text
-            .negative_prompt_embeds
-            .as_ref()
-            .map(|t| tensors::repeat_batch(t, req.num_images)),
         grid: Some(grid),
         num_steps: req.steps,
         guidance_scale: req.cfg,
@@ -179,7 +182,12 @@ pub async fn run(
             .collect(),
         preview_every: req.preview_every,
         noise: Some(noise),
+        ..Default::default()
     };
+    match text {
+        Some(text) => with_embeddings(&mut denoise, text, req.num_images)?,
+        None => denoise.embeddings_handle = handle.clone().unwrap_or_default(),
+    }
 
     emit(
         events,
@@ -189,7 +197,18 @@ pub async fn run(
     )
     .await;
     let t = Instant::now();
-    let result = denoise_stream(stages, denoise, trace, &deadline, attempts, events).await?;
+    let result =
+        match denoise_stream(stages, denoise.clone(), trace, &deadline, attempts, events).await {
+            Err(e) if denoise.prompt_embeds.is_none() && is_unknown_handle(&e) => {
+                stages.handles.forget(&key);
+                with_embeddings(&mut denoise, encode_text().await?, req.num_images)?;
+                denoise_stream(stages, denoise, trace, &deadline, attempts, events).await?
+            }
+            result => result?,
+        };
+    stages
+        .handles
+        .remember(key, result.embeddings_handle.clone());
     timings.denoise = t.elapsed().as_secs_f64();
     timings.queue += result.queue_seconds;
     let mut warnings = req.warnings.clone();
@@ -299,6 +318,24 @@ fn strip_batch(mut t: pb::Tensor) -> pb::Tensor {
 
 /// Runs the Denoise stream, forwarding progress; retries on UNAVAILABLE only before the
 /// first event (nothing has happened yet, so the call is still idempotent).
+/// `msg` with the encoder's embeddings, repeated for `num_images`, instead of a handle.
+fn with_embeddings(
+    msg: &mut pb::DenoiseRequest,
+    text: pb::TextEncoderServiceEncodeResponse,
+    num_images: u32,
+) -> Result<(), GatewayError> {
+    let prompt_embeds = text
+        .prompt_embeds
+        .ok_or_else(|| contract(Stage::Encoder, "no prompt_embeds"))?;
+    msg.prompt_embeds = Some(tensors::repeat_batch(&prompt_embeds, num_images));
+    msg.negative_prompt_embeds = text
+        .negative_prompt_embeds
+        .as_ref()
+        .map(|t| tensors::repeat_batch(t, num_images));
+    msg.embeddings_handle = Default::default();
+    Ok(())
+}
+
 async fn denoise_stream(
     stages: &Stages,
     msg: pb::DenoiseRequest,
