@@ -64,8 +64,9 @@ async fn alternating_models_evict_and_reload_under_the_ram_cap() {
         .host_memory_caps(ByteSize(enc_large), ByteSize(tr_large));
     opts.encoder.server.dtype = DTypeSpec::F32;
     opts.denoiser.server.dtype = DTypeSpec::F32;
-    // No prompt cache: every request must run its encoder model.
+    // No prompt cache and no embeddings handles: every request must run its encoder model.
     opts.encoder.cache_bytes = ByteSize(0);
+    opts.denoiser.embeddings_cache_bytes = ByteSize(0);
     // On the CPU the models live in host RAM: lift the device-weight caps (by default the
     // largest model) so that the host-RAM governor is what evicts. On a GPU the host cap only
     // bounds the host copies, and the default device cap evicts.
