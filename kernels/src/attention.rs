@@ -49,19 +49,30 @@ pub fn flash_attention_fused(q: &Tensor) -> bool {
         .is_some_and(|&hd| flash_attention_applies(q.device(), q.dtype(), hd))
 }
 
-/// Whether attention with `head_dim` in `dtype` on `device` takes the CUDA kernel (what a
-/// memory estimate made before any tensor exists needs to know).
+/// Whether attention with `head_dim` in `dtype` on `device` takes the bf16 CUDA kernels, every
+/// mask included (what a memory estimate made before any tensor exists needs to know).
 pub fn flash_attention_applies(device: &Device, dtype: DType, head_dim: usize) -> bool {
-    match (device, dtype) {
-        #[cfg(feature = "cuda")]
-        (Device::Cuda(dev), DType::F32) => f32::applies(dev, head_dim),
-        (Device::Cuda(_), DType::BF16) => cfg!(feature = "cuda") && HEAD_DIMS.contains(&head_dim),
-        _ => false,
+    cfg!(feature = "cuda")
+        && device.is_cuda()
+        && dtype == DType::BF16
+        && HEAD_DIMS.contains(&head_dim)
+}
+
+/// Whether unmasked f32 attention with `head_dim` on `device` takes the split-TF32 kernel (the
+/// VAE mid block's single head; [`flash_attention`] runs it). The transformer and the text
+/// encoder in f32 keep their compositions: this kernel has no masks or grouped heads.
+pub fn flash_attention_f32_applies(device: &Device, head_dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return f32::applies(dev, head_dim);
     }
+    let _ = (device, head_dim);
+    false
 }
 
 /// Unmasked [`FlashAttention`] with `scale = 1/√hd`: the CUDA kernel on a CUDA tensor where
-/// [`flash_attention_fused`], the plain Rust forward on the CPU.
+/// [`flash_attention_fused`] (bf16) or [`flash_attention_f32_applies`] (f32), the plain Rust
+/// forward on the CPU.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let op = FlashAttention {
         scale: 1.0 / (q.dim(3)? as f32).sqrt(),

@@ -225,7 +225,11 @@ fn f32_flash_attention_matches_f64() -> Result<()> {
         let q = (randn(&[b, h, s_q, hd], DType::F32, &dev)? * q_scale)?;
         let k = randn(&[b, h, s_kv, hd], DType::F32, &dev)?;
         let v = randn(&[b, h, s_kv, hd], DType::F32, &dev)?;
-        assert!(klein_kernels::flash_attention_fused(&q));
+        assert!(klein_kernels::flash_attention_f32_applies(&dev, hd));
+        assert!(
+            !klein_kernels::flash_attention_fused(&q),
+            "the f32 transformer and encoder keep their compositions"
+        );
         let got = klein_kernels::flash_attention(&q, &k, &v)?;
         let f64 = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F64);
         let scores = (f64(&q)?.matmul(&f64(&k)?.t()?)? / (hd as f64).sqrt())?;

@@ -82,7 +82,9 @@ impl Attention {
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
         drop(tokens);
-        let mut o = if klein_kernels::flash_attention_applies(x.device(), q.dtype(), c) {
+        let f32_kernel =
+            q.dtype() == DType::F32 && klein_kernels::flash_attention_f32_applies(x.device(), c);
+        let mut o = if f32_kernel {
             let head = |t: &Tensor| t.unsqueeze(1);
             klein_kernels::flash_attention(&head(&q)?, &head(&k)?, &head(&v)?)?
         } else {
