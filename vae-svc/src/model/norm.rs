@@ -88,23 +88,27 @@ impl GroupNorm {
         self.apply(x, true, stats)
     }
 
-    fn apply(&self, x: &Tensor, silu: bool, stats: &mut NormStats) -> Result<Tensor> {
+    /// This call's statistics for x (B, C, H, W), after checking that its channels split into
+    /// the groups.
+    fn begin_call<'s>(&self, x: &Tensor, stats: &'s mut NormStats) -> Result<CallStats<'s>> {
         let groups = self.num_groups;
         let (b, c, h, w) = x.dims4()?;
         if c % groups != 0 {
             candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
         }
-        let cpg = c / groups;
+        stats.begin_call((b, groups), (h, w), c / groups, self.eps)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool, stats: &mut NormStats) -> Result<Tensor> {
+        let mut call = self.begin_call(x, stats)?;
         if klein_kernels::group_norm_fused(x) {
-            return self.apply_fused(
-                x,
-                silu,
-                stats.begin_call((b, groups), (h, w), cpg, self.eps)?,
-            );
+            return self.apply_fused(x, silu, call);
         }
+        let groups = self.num_groups;
+        let (b, c, h, w) = x.dims4()?;
+        let cpg = c / groups;
         let op_bytes = super::config::op_bytes_in_force(self.op_bytes);
         let step = groups_per_chunk((b * cpg * h * w) as u64, groups, op_bytes);
-        let mut call = stats.begin_call((b, groups), (h, w), cpg, self.eps)?;
         if step == groups {
             return self.chunk(x, 0, groups, silu, &mut call);
         }
@@ -138,17 +142,16 @@ impl GroupNorm {
     /// `silu(group_norm(x))` as a convolution's prologue (its per-(batch, channel) affine, for
     /// `Conv2d::forward_prologue`), with the statistics from `stats`.
     pub fn silu_prologue(&self, x: &Tensor, stats: &mut NormStats) -> Result<Prologue> {
-        let groups = self.num_groups;
-        let (b, c, h, w) = x.dims4()?;
-        if c % groups != 0 {
-            candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
-        }
-        let call = stats.begin_call((b, groups), (h, w), c / groups, self.eps)?;
+        let call = self.begin_call(x, stats)?;
         let (scale, shift) = match self.record_and_replay(x, call)? {
             Some(affine) => affine,
-            None => {
-                klein_kernels::group_norm_affine(x, &self.weight, &self.bias, groups, self.eps)?
-            }
+            None => klein_kernels::group_norm_affine(
+                x,
+                &self.weight,
+                &self.bias,
+                self.num_groups,
+                self.eps,
+            )?,
         };
         Ok(Prologue {
             affine: Some((scale, shift, true)),
@@ -388,11 +391,7 @@ mod tests {
                 if !fused {
                     return norm.forward_silu(x, stats).unwrap();
                 }
-                let (n, c, h, w) = x.dims4().unwrap();
-                let groups = norm.num_groups;
-                let call = stats
-                    .begin_call((n, groups), (h, w), c / groups, norm.eps)
-                    .unwrap();
+                let call = norm.begin_call(x, stats).unwrap();
                 norm.apply_fused(x, true, call).unwrap()
             };
             // Two "tiles": the top 2 and the bottom 4 of 6 token rows (one token = one row here).
