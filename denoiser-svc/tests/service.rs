@@ -267,6 +267,26 @@ async fn repeated_prompts_send_a_handle_instead_of_their_embeddings() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 }
 
+/// A handle names one model's embeddings: sent with a request for a model of another context
+/// width it is INVALID_ARGUMENT naming the field, before any work.
+#[tokio::test]
+async fn a_handle_to_another_models_embeddings_is_invalid() {
+    let mut server = start_with(two_models(0)).await;
+    let (_, result) = denoise(&mut server.client, valid()).await.unwrap();
+    let req = pb::DenoiseRequest {
+        prompt_embeds: None,
+        embeddings_handle: result.embeddings_handle,
+        ..for_9b()
+    };
+    let err = denoise(&mut server.client, req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("embeddings_handle:"),
+        "{}",
+        err.message()
+    );
+}
+
 #[tokio::test]
 async fn info_describes_the_model_and_budget() {
     let mut server = start("tiny-klein-4b", DTypeSpec::Bf16).await;
