@@ -1,8 +1,9 @@
 //! GroupNorm with an affine weight and bias, optionally followed by SiLU: the VAE's norm. The
-//! CUDA path is three kernels (partial sums over each group's share of blocks, per-group
-//! statistics in f64, one pass applying the affine) and no temporaries beyond 16 bytes per
-//! block. [`GroupNormAffine`] stops before the last pass and returns the per-(batch, channel)
-//! affine, for a convolution that applies it on its way in ([`crate::Prologue`]).
+//! CUDA path is partial sums over each group's share of blocks, per-group statistics in f64, the
+//! per-(batch, channel) affine, then one pass applying it ([`crate::ChannelAffine`]'s kernel);
+//! no temporaries beyond 16 bytes per block and 8 per plane. [`GroupNormAffine`] stops before
+//! the last pass and returns the affine, for a convolution that applies it on its way in
+//! ([`crate::Prologue`]).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
@@ -162,35 +163,13 @@ impl CustomOp3 for GroupNorm {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda::WrapErr;
-        use candle_core::cuda::cudarc::driver::PushKernelArg;
-        use half::bf16;
-
-        use crate::cuda::{ELEMENTWISE, plane_grid, view};
-
         let (b, c, hw) = dims(self.groups, xl, wl, bl)?;
-        let dev = xs.device().clone();
-        let stats = cuda::stats(xs, xl, b * self.groups, c / self.groups * hw, self.eps)?;
-        let (weight, bias) = (view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
-        let (channels, cpg, hw_arg) = (c as i32, (c / self.groups) as i32, hw as i64);
-        let silu = i32::from(self.silu);
-        macro_rules! launch {
-            ($t:ty, $name:literal) => {{
-                let x = view::<$t>(xs, xl)?;
-                let out = unsafe { dev.alloc::<$t>(b * c * hw)? };
-                let f = dev.get_or_load_custom_func($name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
-                let mut l = f.builder();
-                l.arg(&x).arg(&stats).arg(&weight).arg(&bias).arg(&out);
-                l.arg(&channels).arg(&cpg).arg(&hw_arg).arg(&silu);
-                unsafe { l.launch(plane_grid(b * c, hw)) }.w()?;
-                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match xs.dtype() {
-            DType::F32 => launch!(f32, "group_norm_apply_f32"),
-            _ => launch!(bf16, "group_norm_apply_bf16"),
-        };
+        let norm = (self.groups, self.eps);
+        let affine = cuda::affine(xs, xl, (ws, wl), (bs, bl), (b, c, hw), norm)?;
+        let planes = b * c;
+        let (scale, shift) = (affine.slice(..planes), affine.slice(planes..));
+        let out =
+            crate::group_stats::cuda::channel_affine(xs, xl, (&scale, &shift), hw, self.silu)?;
         Ok((out, xl.shape().clone()))
     }
 }
@@ -231,19 +210,43 @@ impl CustomOp3 for GroupNormAffine {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda::WrapErr;
-        use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
-
-        use crate::cuda::{ELEMENTWISE, view};
-
         let (b, c, hw) = dims(self.groups, xl, wl, bl)?;
-        let dev = xs.device().clone();
-        let stats = cuda::stats(xs, xl, b * self.groups, c / self.groups * hw, self.eps)?;
+        let norm = (self.groups, self.eps);
+        let out = cuda::affine(xs, xl, (ws, wl), (bs, bl), (b, c, hw), norm)?;
+        let dev = candle_core::backend::BackendStorage::device(xs).clone();
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((2, b, c)),
+        ))
+    }
+}
+
+/// The passes both ops share: the statistics and the per-plane affine.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda::WrapErr;
+    use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Layout, Result, backend::BackendStorage, bail};
+    use half::bf16;
+
+    use crate::cuda::{ELEMENTWISE, view};
+
+    /// `[scale | shift]` of each (batch, channel) plane of x (B, C, hw), f32, for `groups` groups
+    /// and `eps`: the statistics, then `scale = rstd · w`, `shift = b − mean · scale`.
+    pub fn affine(
+        xs: &CudaStorage,
+        xl: &Layout,
+        (ws, wl): (&CudaStorage, &Layout),
+        (bs, bl): (&CudaStorage, &Layout),
+        (b, c, hw): (usize, usize, usize),
+        (groups, eps): (usize, f32),
+    ) -> Result<CudaSlice<f32>> {
+        let dev = xs.device();
+        let stats = stats(xs, xl, b * groups, c / groups * hw, eps)?;
         let (weight, bias) = (view::<f32>(ws, wl)?, view::<f32>(bs, bl)?);
         let planes = b * c;
         let out = dev.alloc_zeros::<f32>(2 * planes)?;
-        let (planes_arg, channels, cpg) = (planes as i32, c as i32, (c / self.groups) as i32);
+        let (planes_arg, channels, cpg) = (planes as i32, c as i32, (c / groups) as i32);
         let f = dev.get_or_load_custom_func(
             "group_norm_scale_shift",
             ELEMENTWISE.name,
@@ -258,29 +261,15 @@ impl CustomOp3 for GroupNormAffine {
             shared_mem_bytes: 0,
         };
         unsafe { l.launch(cfg) }.w()?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
-            Shape::from((2, b, c)),
-        ))
+        Ok(out)
     }
-}
-
-/// The statistics passes both ops share.
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::cuda::WrapErr;
-    use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-    use candle_core::{CudaStorage, DType, Layout, Result, backend::BackendStorage, bail};
-    use half::bf16;
-
-    use crate::cuda::{ELEMENTWISE, view};
 
     /// Blocks sharing one group's statistics pass.
     const SPLITS: usize = 64;
 
     /// Mean and 1/√(var + eps) of each of the `groups_total` groups of `n` contiguous elements
     /// of x: [bg][2] f32 (partial sums per block, then per group in f64).
-    pub fn stats(
+    fn stats(
         xs: &CudaStorage,
         xl: &Layout,
         groups_total: usize,

@@ -224,36 +224,53 @@ impl CustomOp3 for ChannelAffine {
         shs: &candle_core::CudaStorage,
         shl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::DType;
-        use candle_core::backend::BackendStorage;
-        use candle_core::cuda::WrapErr;
-        use candle_core::cuda::cudarc::driver::PushKernelArg;
-        use half::bf16;
+        let (_, hw) = self.dims(xl, scl, shl)?;
+        let scale = crate::cuda::view::<f32>(scs, scl)?;
+        let shift = crate::cuda::view::<f32>(shs, shl)?;
+        let out = cuda::channel_affine(xs, xl, (&scale, &shift), hw, self.silu)?;
+        Ok((out, xl.shape().clone()))
+    }
+}
 
-        use crate::cuda::{ELEMENTWISE, plane_grid, view};
+/// The per-plane affine pass, shared with [`crate::GroupNorm`].
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use candle_core::cuda::WrapErr;
+    use candle_core::cuda::cudarc::driver::{CudaView, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Layout, Result, backend::BackendStorage, bail};
+    use half::bf16;
 
-        let (planes, hw) = self.dims(xl, scl, shl)?;
+    use crate::cuda::{ELEMENTWISE, plane_grid, view};
+
+    /// x (planes of `hw` values) · scale + shift per plane, then SiLU where `silu`, in x's
+    /// dtype ([`super::ChannelAffine`]).
+    pub fn channel_affine(
+        xs: &CudaStorage,
+        xl: &Layout,
+        (scale, shift): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+        hw: usize,
+        silu: bool,
+    ) -> Result<CudaStorage> {
         let dev = xs.device().clone();
-        let (scale, shift) = (view::<f32>(scs, scl)?, view::<f32>(shs, shl)?);
-        let total = planes * hw;
-        let (hw_arg, silu) = (hw as i64, i32::from(self.silu));
+        let total = xl.shape().elem_count();
+        let planes = total.checked_div(hw).unwrap_or(0);
+        let (hw_arg, silu) = (hw as i64, i32::from(silu));
         macro_rules! launch {
             ($t:ty, $name:literal) => {{
                 let x = view::<$t>(xs, xl)?;
                 let out = unsafe { dev.alloc::<$t>(total)? };
                 let f = dev.get_or_load_custom_func($name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
                 let mut launch = f.builder();
-                launch.arg(&x).arg(&scale).arg(&shift).arg(&out);
+                launch.arg(&x).arg(scale).arg(shift).arg(&out);
                 launch.arg(&hw_arg).arg(&silu);
                 unsafe { launch.launch(plane_grid(planes, hw)) }.w()?;
-                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        let out = match xs.dtype() {
+        Ok(match xs.dtype() {
             DType::F32 => launch!(f32, "channel_affine_f32"),
             DType::BF16 => launch!(bf16, "channel_affine_bf16"),
             other => bail!("channel_affine: no kernel for {other:?}"),
-        };
-        Ok((out, xl.shape().clone()))
+        })
     }
 }

@@ -474,35 +474,9 @@ __device__ __forceinline__ T affine_silu(T x, float scale, float shift, int silu
   return (T)y;
 }
 
-// Plane bc's (= batch · channels + c) affine from its group's statistics: scale = rstd · w,
-// shift = b − mean · scale.
-__device__ __forceinline__ void norm_affine(const float* __restrict__ stats,
-                                            const float* __restrict__ weight,
-                                            const float* __restrict__ bias, long long bc,
-                                            int channels, int cpg, float& scale, float& shift) {
-  const int c = (int)(bc % channels);
-  const long long bg = (bc / channels) * (channels / cpg) + c / cpg;
-  scale = stats[bg * 2 + 1] * weight[c];
-  shift = bias[c] - stats[bg * 2] * scale;
-}
-
-// Pass 3: y = x · scale + shift, rounded to T; with silu, silu(y) in f32 from the rounded y,
-// rounded again (torch's order). One plane per blockIdx.x (PLANE_LOOP).
-template <typename T>
-__device__ __forceinline__ void group_norm_apply(const T* __restrict__ x,
-                                                 const float* __restrict__ stats,
-                                                 const float* __restrict__ weight,
-                                                 const float* __restrict__ bias,
-                                                 T* __restrict__ out, int channels, int cpg,
-                                                 long long hw, int silu) {
-  const long long bc = blockIdx.x;
-  float scale, shift;
-  norm_affine(stats, weight, bias, bc, channels, cpg, scale, shift);
-  PLANE_LOOP(i, hw) out[bc * hw + i] = affine_silu<T>(x[bc * hw + i], scale, shift, silu);
-}
-
-// Or pass 3 as the per-plane affine only, for a consumer that applies it on its way in (the
-// convolutions' NHWC transpose): scale_shift [0][bc] = scale, [1][bc] = shift.
+// Pass 3: each plane bc's (= batch · channels + c) affine from its group's statistics, scale =
+// rstd · w, shift = b − mean · scale: scale_shift [0][bc] = scale, [1][bc] = shift. Pass 4 is
+// channel_affine (GroupNorm applies it; a convolution's prologue applies it on its way in).
 extern "C" __global__ void group_norm_scale_shift(const float* __restrict__ stats,
                                                   const float* __restrict__ weight,
                                                   const float* __restrict__ bias,
@@ -510,7 +484,11 @@ extern "C" __global__ void group_norm_scale_shift(const float* __restrict__ stat
                                                   int channels, int cpg) {
   const int bc = blockIdx.x * blockDim.x + threadIdx.x;
   if (bc >= planes) return;
-  norm_affine(stats, weight, bias, bc, channels, cpg, scale_shift[bc], scale_shift[planes + bc]);
+  const int c = bc % channels;
+  const int bg = (bc / channels) * (channels / cpg) + c / cpg;
+  const float scale = stats[bg * 2 + 1] * weight[c];
+  scale_shift[bc] = scale;
+  scale_shift[planes + bc] = bias[c] - stats[bg * 2] * scale;
 }
 
 #define GROUP_NORM(T, NAME)                                                                    \
@@ -522,12 +500,6 @@ extern "C" __global__ void group_norm_scale_shift(const float* __restrict__ stat
                                                      float* stats, int groups_total,           \
                                                      int splits, long long n, float eps) {     \
     group_norm_stats<T>(x, partial, stats, groups_total, splits, n, eps);                      \
-  }                                                                                            \
-  extern "C" __global__ void group_norm_apply_##NAME(const T* x, const float* stats,           \
-                                                     const float* weight, const float* bias,   \
-                                                     T* out, int channels, int cpg,            \
-                                                     long long hw, int silu) {                 \
-    group_norm_apply<T>(x, stats, weight, bias, out, channels, cpg, hw, silu);                 \
   }
 
 GROUP_NORM(float, f32)
@@ -660,7 +632,7 @@ PAD_ROWS(bf16, bf16)
 // residual. 32 x 32 tiles through shared memory; grid (pixel tiles, channel tiles, batch),
 // block (32, 8).
 // On the way in x may go through its prologue (conv.rs `Prologue`): with `scale` non-null the
-// per-(batch, channel) affine and optionally SiLU (a group norm, rounded as group_norm_apply
+// per-(batch, channel) affine and optionally SiLU (a group norm, rounded as channel_affine
 // rounds), and with `upsample` a nearest-neighbour x2 upsampling: the output is h × w, x is
 // (h/2) × (w/2).
 template <bool SPLIT>
