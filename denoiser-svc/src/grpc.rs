@@ -89,19 +89,20 @@ impl Denoiser {
     async fn denoise(&self, req: pb::DenoiseRequest) -> Result<DenoiseStream, DenoiseError> {
         let received = Instant::now();
         let model = self.model(&req.model)?;
-        // Embeddings sent with the request are checked and kept under a new handle; a handle
-        // alone names embeddings an earlier request left (checked then).
-        let (embeddings, handle) =
-            if req.prompt_embeds.is_none() && !req.embeddings_handle.is_empty() {
-                let kept = self.embeddings.get(&req.embeddings_handle)?;
-                (kept, req.embeddings_handle.clone())
-            } else {
-                let sent = validate::embeddings(&req, &model.context)?;
-                let handle = self.embeddings.keep(&sent);
-                let handle = handle.map(|h| Bytes::copy_from_slice(&h));
-                (sent, handle.unwrap_or_default())
-            };
-        let valid = ValidDenoiseRequest::try_from((req, &model.context, embeddings))?;
+        // A handle alone names embeddings an earlier request left (checked then); embeddings
+        // sent with the request are checked and, once the whole request is valid, kept under a
+        // new handle.
+        let by_handle = req.prompt_embeds.is_none() && !req.embeddings_handle.is_empty();
+        let (embeddings, mut handle) = if by_handle {
+            let kept = self.embeddings.get(&req.embeddings_handle)?;
+            (kept, req.embeddings_handle.clone())
+        } else {
+            (validate::embeddings(&req, &model.context)?, Bytes::new())
+        };
+        let valid = ValidDenoiseRequest::try_from((req, &model.context, embeddings.clone()))?;
+        if !by_handle && let Some(h) = self.embeddings.keep(&embeddings) {
+            handle = Bytes::copy_from_slice(&h);
+        }
         let validate_seconds = received.elapsed().as_secs_f64();
         let bytes = admission::activation_bytes(
             &model.config,

@@ -1,8 +1,8 @@
 //! One request end to end: encode (text, and images for I2I / inpaint / references) ->
 //! denoise (streamed progress) -> decode (f32 VAE) -> PNG. A prompt whose embeddings a
-//! denoiser kept skips the text encoder and sends the handle ([`crate::embeddings`]). Events go to the client as they
-//! happen; dropping the returned future (client gone) drops every downstream call in flight,
-//! which cancels them there too.
+//! denoiser kept skips the text encoder and sends their handle ([`crate::embeddings`]). Events
+//! go to the client as they happen; dropping the returned future (client gone) drops every
+//! downstream call in flight, which cancels them there too.
 
 use std::time::Instant;
 
@@ -99,10 +99,10 @@ pub async fn run(
         .await
     };
     let text = async {
-        match handle {
-            Some(_) => Ok(None),
-            None => encode_text().await.map(Some),
+        if handle.is_some() {
+            return Ok(None);
         }
+        encode_text().await.map(Some)
     };
     let encode_image = |img: &image::RgbImage| {
         let msg = pb::VaeServiceEncodeRequest {
@@ -316,8 +316,6 @@ fn strip_batch(mut t: pb::Tensor) -> pb::Tensor {
     t
 }
 
-/// Runs the Denoise stream, forwarding progress; retries on UNAVAILABLE only before the
-/// first event (nothing has happened yet, so the call is still idempotent).
 /// `msg` with the encoder's embeddings, repeated for `num_images`, instead of a handle.
 fn with_embeddings(
     msg: &mut pb::DenoiseRequest,
@@ -336,6 +334,8 @@ fn with_embeddings(
     Ok(())
 }
 
+/// Runs the Denoise stream, forwarding progress; retries on UNAVAILABLE only before the
+/// first event (nothing has happened yet, so the call is still idempotent).
 async fn denoise_stream(
     stages: &Stages,
     msg: pb::DenoiseRequest,
