@@ -177,13 +177,7 @@ impl Conv2d {
         }
         let dt = gemm_dtype(x);
         let weights = self.weights.map(|t| t.to_dtype(dt))?;
-        let conv = Conv {
-            padding: self.padding.top,
-            stride: self.stride,
-            precision: self.precision,
-            algo: self.algo,
-        };
-        klein_kernels::conv2d_with(x, &weights, residual, conv, prologue)
+        klein_kernels::conv2d_with(x, &weights, residual, self.conv(self.padding.top), prologue)
     }
 
     /// Whether [`Self::forward_prologue`] fuses its prologue for `x` (upsampled first when
@@ -251,6 +245,16 @@ impl Conv2d {
         Ok(out)
     }
 
+    /// The kernel call's geometry and arithmetic, with `padding` on every side.
+    fn conv(&self, padding: usize) -> Conv {
+        Conv {
+            padding,
+            stride: self.stride,
+            precision: self.precision,
+            algo: self.algo,
+        }
+    }
+
     fn out_len(&self, len: usize, pad: usize, k: usize) -> usize {
         (len + pad).saturating_sub(k) / self.stride + 1
     }
@@ -270,17 +274,11 @@ impl Conv2d {
         let dt = weights.weight.dtype();
         let (_, k) = weights.geometry()?;
         let p = self.padding;
-        let conv = |padding| Conv {
-            padding,
-            stride: self.stride,
-            precision: self.precision,
-            algo: self.algo,
-        };
         let fuse = dt == x.dtype();
         let fused = residual.filter(|_| fuse);
         let y =
             if r0 == 0 && r1 == self.out_len(h, p.top + p.bottom, k) && p == Padding::same(p.top) {
-                klein_kernels::conv2d(&x.to_dtype(dt)?, weights, fused, conv(p.top))?
+                klein_kernels::conv2d(&x.to_dtype(dt)?, weights, fused, self.conv(p.top))?
             } else {
                 // Input rows of the band in padded coordinates, then clipped to the real rows.
                 let start = r0 * self.stride;
@@ -298,7 +296,7 @@ impl Conv2d {
                     right: p.right,
                 };
                 let rows = klein_kernels::pad_rows(x, band)?.to_dtype(dt)?;
-                klein_kernels::conv2d(&rows, weights, fused, conv(0))?
+                klein_kernels::conv2d(&rows, weights, fused, self.conv(0))?
             };
         let y = y.to_dtype(x.dtype())?;
         match residual.filter(|_| !fuse) {
