@@ -7,8 +7,8 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor};
 use common::{max_rel, modulation, randn, rel_l2, rope_tables};
 use klein_kernels::{
-    ChannelAffine, FlashAttention, GateResidual, GroupMoments, GroupNorm, JointQkNormRope,
-    LayerNormModulate, QkNormRope, RmsNorm, RopeStyle, SwiGlu, reference,
+    ChannelAffine, FlashAttention, GateResidual, GroupMoments, GroupNorm, GroupNormAffine,
+    JointQkNormRope, LayerNormModulate, QkNormRope, RmsNorm, RopeStyle, SwiGlu, reference,
 };
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
@@ -444,7 +444,7 @@ fn group_norm_affine_is_the_norms_affine() -> Result<()> {
     let x = ((randn(&[2, 12, 5, 7], DType::F32, &dev)? * 2.0)? + 3.0)?;
     let weight = ((randn(&[12], DType::F32, &dev)? * 0.3)? + 1.0)?;
     let bias = randn(&[12], DType::F32, &dev)?;
-    let op = klein_kernels::GroupNormAffine {
+    let op = GroupNormAffine {
         groups: 4,
         eps: 1e-6,
     };
@@ -583,6 +583,17 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
         .apply_op3_no_bwd(&affine, &affine, &ChannelAffine { silu: false })
         .unwrap_err();
     assert!(err.to_string().contains("contiguous (1, 8)"), "{err}");
+    let err = img
+        .apply_op3_no_bwd(
+            &affine,
+            &affine,
+            &GroupNormAffine {
+                groups: 3,
+                eps: 1e-6,
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("divisible by 3 groups"), "{err}");
     Ok(())
 }
 
