@@ -33,6 +33,7 @@ pub mod grpc;
 pub mod http;
 pub mod image_io;
 pub mod pipeline;
+pub mod png_bands;
 pub mod preprocess;
 pub mod replicas;
 pub mod routing;

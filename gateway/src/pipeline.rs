@@ -252,18 +252,7 @@ pub async fn run(
         ));
     }
     let vae_seconds = t.elapsed().as_secs_f64();
-    let mut pngs = Vec::with_capacity(images.len());
-    for (i, img) in images.iter().enumerate() {
-        let meta = PngMetadata {
-            prompt: &req.prompt,
-            seed: req.seed.wrapping_add(i as u64),
-            steps: req.steps,
-            model: &req.model.id,
-        };
-        let png = image_io::encode_png(img, &meta)
-            .map_err(|e| contract(Stage::Vae, format!("PNG encoding: {e}")))?;
-        pngs.push(png);
-    }
+    let pngs = encode_pngs(images, &req).await?;
     timings.decode = t.elapsed().as_secs_f64();
     let total = started.elapsed().as_secs_f64() + queue_seconds;
     tracing::info!(
@@ -385,4 +374,36 @@ async fn denoise_stream(
         }
     }
     Err(contract(Stage::Denoiser, "stream ended without a result"))
+}
+
+/// The decoded images as PNGs, each with the request's metadata, encoded off the async runtime
+/// (a 1024² image keeps every core busy for a few milliseconds).
+async fn encode_pngs(
+    images: Vec<image::RgbImage>,
+    req: &ValidGenerate,
+) -> Result<Vec<Vec<u8>>, GatewayError> {
+    let failed = |e: String| contract(Stage::Vae, format!("PNG encoding: {e}"));
+    let (prompt, model, seed, steps) = (
+        req.prompt.clone(),
+        req.model.id.clone(),
+        req.seed,
+        req.steps,
+    );
+    tokio::task::spawn_blocking(move || {
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let meta = PngMetadata {
+                    prompt: &prompt,
+                    seed: seed.wrapping_add(i as u64),
+                    steps,
+                    model: &model,
+                };
+                image_io::encode_png(img, &meta).map_err(|e| failed(e.to_string()))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
 }
