@@ -11,11 +11,15 @@
 //!
 //! Split TF32 runs the tensor cores on f32 data without TF32's error: with `x = x_hi + x_lo` and
 //! `w = w_hi + w_lo` ([`tf32_split`]: hi keeps the top 19 bits, exact in TF32; lo is the exact
-//! remainder),
-//! `conv(x, w) = conv(x_hi, w_hi) + conv(x_lo, w_hi) + conv(x_hi, w_lo) + conv(x_lo, w_lo)`;
-//! the last term and lo's own TF32 rounding are ~2⁻²⁰ of the result, so three TF32 passes
-//! with f32 accumulation give f32-class accuracy. Weights trained in bf16 (the released VAE)
-//! are exact in TF32: their `w_lo` is zero and two passes do.
+//! remainder, below 2⁻¹⁰ of the value),
+//! `conv(x, w) = conv(x_hi, w_hi) + conv(x_lo, w_hi) + conv(x_hi, w_lo) + conv(x_lo, w_lo)`.
+//! The first term is one TF32 pass with f32 output, its products exact. The low terms are
+//! ~2⁻¹⁰ of the result, so they run on fp16 tensor cores, twice TF32's rate, with an fp16
+//! output: fp16 has TF32's 10-bit mantissa (`w_hi` and `x_hi` are exact in it), and x_lo's and
+//! the output's fp16 roundings are ~2⁻²² of the result, as lo's TF32 rounding was in three TF32
+//! passes; the last term is dropped (~2⁻²⁰). The transpose back adds the fp16 output. Weights
+//! trained in bf16 (the released VAE) are exact in TF32: their `w_lo` is zero and one low pass
+//! does. fp16's range bounds x_lo, not x: |x| < 6·10⁷.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, bail,
@@ -32,7 +36,8 @@ pub enum ConvPrecision {
     Exact,
     /// One TF32 tensor-core pass (products of 10-bit mantissas; torch's cuDNN default).
     Tf32,
-    /// Two or three TF32 passes over the hi / lo parts: f32-class results on the tensor cores.
+    /// A TF32 pass over the high parts and fp16 passes over the low ones: f32-class results on
+    /// the tensor cores.
     SplitTf32,
 }
 
@@ -187,10 +192,19 @@ pub fn conv2d_with(
         Some((scale, shift, silu)) => Some((scale.contiguous()?, shift.contiguous()?, *silu)),
         None => None,
     };
+    let half_weights = if w.nhwc && conv.precision == ConvPrecision::SplitTf32 {
+        let lo = |t: &Tensor| t.affine(W_LO_SCALE, 0.0)?.to_dtype(DType::F16);
+        Some((
+            w.weight.to_dtype(DType::F16)?,
+            w.weight_lo.as_ref().map(lo).transpose()?,
+        ))
+    } else {
+        None
+    };
     let op = CudnnConv {
         conv,
         nhwc: w.nhwc,
-        weight_lo: w.weight_lo.clone(),
+        half_weights,
         residual: residual.map(Tensor::contiguous).transpose()?,
         prologue: Prologue {
             affine,
@@ -255,6 +269,13 @@ fn split_shape(l: &Layout) -> Shape {
     Shape::from([&[2], l.dims()].concat())
 }
 
+/// Split TF32's scale of the low parts in fp16 (x_lo and the low passes' output; x_hi is
+/// divided by it), a power of two: x_lo, below 2⁻¹⁰ of x, stays clear of fp16's subnormals.
+const LO_SCALE: f32 = 256.0;
+
+/// Split TF32's scale of `w_lo` in fp16 (below 2⁻¹⁰ of the weight).
+const W_LO_SCALE: f64 = 1024.0;
+
 /// The cuDNN convolution: x, weight (`w_hi` under split TF32; NHWC under TF32 arithmetic),
 /// bias; a prologue only with TF32 arithmetic (its NHWC transpose applies it).
 #[derive(Debug, Clone)]
@@ -262,7 +283,9 @@ fn split_shape(l: &Layout) -> Shape {
 struct CudnnConv {
     conv: Conv,
     nhwc: bool,
-    weight_lo: Option<Tensor>,
+    /// Under split TF32, the low-part passes' fp16 weights: `w_hi`, and `w_lo` · [`W_LO_SCALE`]
+    /// where not zero.
+    half_weights: Option<(Tensor, Option<Tensor>)>,
     residual: Option<Tensor>,
     prologue: Prologue,
 }

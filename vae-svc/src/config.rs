@@ -56,8 +56,8 @@ pub enum ConvPrecision {
     Exact,
     /// TF32 tensor cores, one pass (10-bit mantissa products: about 3e-4 from the reference).
     Tf32,
-    /// TF32 tensor cores over the high and low parts of the f32 values (two passes for
-    /// bf16-trained weights, three otherwise): f32-class results.
+    /// A TF32 tensor-core pass over the high parts of the f32 values and fp16 passes over the
+    /// low parts (one for bf16-trained weights, two otherwise): f32-class results.
     SplitTf32,
 }
 

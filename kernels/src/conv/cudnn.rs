@@ -1,24 +1,64 @@
 //! cuDNN's side of [`super::conv2d`]. Exact: the NCHW output filled with `bias (+ residual)`,
 //! then one FMA pass accumulating into it (β = 1). TF32: x transposed to NHWC (and split), one
-//! to three tensor-core passes into an NHWC buffer, then back to NCHW with the bias and the
+//! tensor-core pass into an NHWC buffer (split TF32: the high parts; the low parts' one or two
+//! fp16 passes into an fp16 buffer), then back to NCHW with the low parts, the bias and the
 //! residual.
 
 use std::{cell::RefCell, collections::HashMap, sync::Arc};
 
 use candle_core::backend::BackendStorage;
 use candle_core::conv::CudnnFwdAlgo;
-use candle_core::cuda::cudarc::cudnn::{ConvForward, Cudnn, sys};
+use candle_core::cuda::CudaDType;
+use candle_core::cuda::cudarc::cudnn::{
+    ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor, sys,
+};
+use candle_core::cuda::cudarc::driver::DeviceRepr;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor, bail};
 
-use super::{ConvPrecision, CudnnConv};
+use half::f16;
+
+use super::{ConvPrecision, CudnnConv, LO_SCALE, W_LO_SCALE};
 use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
 thread_local! {
     /// cuDNN handles are neither Send nor Sync: one per thread and device, bound to the
     /// device's stream.
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+}
+
+/// What a convolution's workspace size depends on: device, operand type (f32 / fp16), x, the
+/// filter (C_out, k_h, k_w), padding, stride, algorithm.
+type WorkspaceKey = (DeviceId, bool, [usize; 4], [usize; 3], usize, usize, u32);
+
+thread_local! {
+    /// cuDNN's workspace query costs ~0.15 ms of host time a call on an H200, as much as the
+    /// convolution's launch: a banded decode makes ~500 calls. The answers, per shape.
+    static WORKSPACES: RefCell<HashMap<WorkspaceKey, usize>> = RefCell::new(HashMap::new());
+}
+
+/// Shapes whose workspace size a thread remembers (a 1024² decode has ~60).
+const MAX_WORKSPACE_SHAPES: usize = 4096;
+
+/// The workspace of `key`'s convolution, from the cache or from `query`.
+fn workspace_bytes(
+    key: WorkspaceKey,
+    query: impl FnOnce() -> std::result::Result<usize, candle_core::cuda::cudarc::cudnn::CudnnError>,
+) -> Result<usize> {
+    if let Some(bytes) = WORKSPACES.with(|w| w.borrow().get(&key).copied()) {
+        return Ok(bytes);
+    }
+    let bytes = query().map_err(candle_core::Error::wrap)?.max(1);
+    WORKSPACES.with(|w| {
+        let mut w = w.borrow_mut();
+        // Every image size and band height is a shape: bound the cache, start over when full.
+        if w.len() >= MAX_WORKSPACE_SHAPES {
+            w.clear();
+        }
+        w.insert(key, bytes);
+    });
+    Ok(bytes)
 }
 
 fn handle(dev: &CudaDevice) -> Result<Arc<Cudnn>> {
@@ -47,10 +87,13 @@ fn algorithm(a: CudnnFwdAlgo) -> sys::cudnnConvolutionFwdAlgo_t {
     }
 }
 
-/// The f32 elements of a contiguous CUDA tensor's storage.
-fn f32_view<'a>(s: &'a Storage, l: &Layout) -> Result<CudaView<'a, f32>> {
+/// The elements of a contiguous CUDA tensor's storage.
+fn device_view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a Storage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
     match s {
-        Storage::Cuda(c) if l.is_contiguous() => view::<f32>(c, l),
+        Storage::Cuda(c) if l.is_contiguous() => view::<T>(c, l),
         _ => bail!(
             "cudnn conv2d: {:?} must be a contiguous CUDA tensor",
             l.shape()
@@ -112,7 +155,11 @@ pub fn conv_forward(
                     xl.shape()
                 );
             }
-            Some((f32_view(ss, sl)?, f32_view(hs, hl)?, *silu))
+            Some((
+                device_view::<f32>(ss, sl)?,
+                device_view::<f32>(hs, hl)?,
+                *silu,
+            ))
         }
         None => None,
     };
@@ -126,7 +173,7 @@ pub fn conv_forward(
     }
     let residual = residual
         .as_ref()
-        .map(|(r, rl)| f32_view(r, rl))
+        .map(|(r, rl)| device_view::<f32>(r, rl))
         .transpose()?;
     let dev = xs.device().clone();
     let cudnn = handle(&dev)?;
@@ -171,8 +218,17 @@ pub fn conv_forward(
         Some(a) => algorithm(a),
         None => fwd.pick_algorithm().map_err(wrap)?,
     };
-    let mut workspace =
-        unsafe { dev.alloc::<u8>(fwd.get_workspace_size(algo).map_err(wrap)?.max(1))? };
+    let key = (
+        dev.id(),
+        false,
+        [n, c_in, h, w],
+        [c_out, kh, kw],
+        p,
+        s,
+        algo as u32,
+    );
+    let bytes = workspace_bytes(key, || fwd.get_workspace_size(algo))?;
+    let mut workspace = unsafe { dev.alloc::<u8>(bytes)? };
     let mut pass =
         |x: &CudaView<'_, f32>, weight: &CudaView<'_, f32>, beta: f32, y: &mut CudaSlice<f32>| {
             unsafe { fwd.launch(algo, Some(&mut workspace), (1f32, beta), x, weight, y) }
@@ -190,30 +246,155 @@ pub fn conv_forward(
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
     let len = n * c_in * h * w;
-    let split = op.conv.precision == ConvPrecision::SplitTf32;
-    let mut parts = unsafe { dev.alloc::<f32>(if split { 2 * len } else { len })? };
     let prologue = (affine.as_ref(), op.prologue.upsample);
-    to_nhwc(&dev, &x, prologue, &mut parts, split, (n, c_in, h, w))?;
     let mut y = unsafe { dev.alloc::<f32>(total)? };
-    let (x_hi, x_lo) = parts.split_at(len);
-    pass(&x_hi, &weight, 0.0, &mut y)?;
-    if split {
-        pass(&x_lo, &weight, 1.0, &mut y)?;
-        if let Some(lo) = &op.weight_lo {
-            let (lo, ll) = lo.storage_and_layout();
-            pass(&x_hi, &f32_view(&lo, ll)?, 1.0, &mut y)?;
+    let y_lo = match &op.half_weights {
+        None => {
+            let mut x_nhwc = unsafe { dev.alloc::<f32>(len)? };
+            to_nhwc(
+                &dev,
+                &x,
+                prologue,
+                Nhwc::Whole(&mut x_nhwc),
+                (n, c_in, h, w),
+            )?;
+            pass(&x_nhwc.as_view(), &weight, 0.0, &mut y)?;
+            None
         }
-    }
-    drop(parts);
+        Some((w_hi, w_lo)) => {
+            let mut hi = unsafe { dev.alloc::<f32>(len)? };
+            let mut lo = unsafe { dev.alloc::<f16>(len)? };
+            let mut hi16 = match w_lo {
+                Some(_) => Some(unsafe { dev.alloc::<f16>(len)? }),
+                None => None,
+            };
+            let parts = Nhwc::Split {
+                hi: &mut hi,
+                lo: &mut lo,
+                hi16: hi16.as_mut(),
+            };
+            to_nhwc(&dev, &x, prologue, parts, (n, c_in, h, w))?;
+            pass(&hi.as_view(), &weight, 0.0, &mut y)?;
+            drop(hi);
+            let mut half = HalfConv::new(&dev, &cudnn, op, [n, c_in, h, w], [c_out, kh, kw])?;
+            let mut y_lo = unsafe { dev.alloc::<f16>(total)? };
+            let (w_hi, wl) = w_hi.storage_and_layout();
+            half.pass(&lo, &device_view::<f16>(&w_hi, wl)?, 1.0, 0.0, &mut y_lo)?;
+            if let (Some(hi16), Some(w_lo)) = (&hi16, w_lo) {
+                let (w_lo, ll) = w_lo.storage_and_layout();
+                // x_hi / LO_SCALE and w_lo · W_LO_SCALE: the product back to y_lo's LO_SCALE.
+                let alpha = (f64::from(LO_SCALE) * f64::from(LO_SCALE) / W_LO_SCALE) as f32;
+                half.pass(hi16, &device_view::<f16>(&w_lo, ll)?, alpha, 1.0, &mut y_lo)?;
+            }
+            Some(y_lo)
+        }
+    };
     to_nchw(
         &dev,
-        &y,
+        (&y, y_lo.as_ref()),
         &bias,
         residual.as_ref(),
         &mut out,
         (n, c_out, oh * ow),
     )?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// Split TF32's low-part convolution: fp16 NHWC operands and output, f32 arithmetic on the
+/// tensor cores.
+struct HalfConv {
+    conv: ConvDescriptor<f32>,
+    x: TensorDescriptor<f16>,
+    w: FilterDescriptor<f16>,
+    y: TensorDescriptor<f16>,
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+    workspace: CudaSlice<u8>,
+}
+
+impl HalfConv {
+    fn new(
+        dev: &CudaDevice,
+        cudnn: &Arc<Cudnn>,
+        op: &CudnnConv,
+        [n, c_in, h, w]: [usize; 4],
+        [c_out, kh, kw]: [usize; 3],
+    ) -> Result<Self> {
+        let wrap = candle_core::Error::wrap;
+        let (p, s) = (op.conv.padding, op.conv.stride);
+        let mut conv = cudnn
+            .create_conv2d::<f32>(
+                [p as i32, p as i32],
+                [s as i32, s as i32],
+                [1, 1],
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            )
+            .map_err(wrap)?;
+        // Default math runs fp16 data on a non-tensor-core kernel (10× slower on an H200).
+        conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
+            .map_err(wrap)?;
+        let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        let dims =
+            |a: usize, b: usize, c: usize, d: usize| [a as i32, b as i32, c as i32, d as i32];
+        let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
+        let x = cudnn
+            .create_4d_tensor::<f16>(nhwc, dims(n, c_in, h, w))
+            .map_err(wrap)?;
+        let wd = cudnn
+            .create_4d_filter::<f16>(nhwc, dims(c_out, c_in, kh, kw))
+            .map_err(wrap)?;
+        let y = cudnn
+            .create_4d_tensor::<f16>(nhwc, dims(n, c_out, oh, ow))
+            .map_err(wrap)?;
+        let fwd = ConvForward {
+            conv: &conv,
+            x: &x,
+            w: &wd,
+            y: &y,
+        };
+        let algo = match op.conv.algo {
+            Some(a) => algorithm(a),
+            None => fwd.pick_algorithm().map_err(wrap)?,
+        };
+        let key = (
+            dev.id(),
+            true,
+            [n, c_in, h, w],
+            [c_out, kh, kw],
+            p,
+            s,
+            algo as u32,
+        );
+        let bytes = workspace_bytes(key, || fwd.get_workspace_size(algo))?;
+        let workspace = unsafe { dev.alloc::<u8>(bytes)? };
+        Ok(Self {
+            conv,
+            x,
+            w: wd,
+            y,
+            algo,
+            workspace,
+        })
+    }
+
+    /// `y = alpha · conv(x, w) + beta · y`.
+    fn pass(
+        &mut self,
+        x: &CudaSlice<f16>,
+        w: &CudaView<'_, f16>,
+        alpha: f32,
+        beta: f32,
+        y: &mut CudaSlice<f16>,
+    ) -> Result<()> {
+        let fwd = ConvForward {
+            conv: &self.conv,
+            x: &self.x,
+            w: &self.w,
+            y: &self.y,
+        };
+        let scale = (f16::from_f32(alpha), f16::from_f32(beta));
+        unsafe { fwd.launch(self.algo, Some(&mut self.workspace), scale, x, w, y) }
+            .map_err(candle_core::Error::wrap)
+    }
 }
 
 /// `out = bias (+ residual)`, NCHW.
@@ -255,25 +436,32 @@ fn tiles((n, c, hw): (usize, usize, usize)) -> LaunchConfig {
 /// An affine prologue's (scale, shift) and SiLU flag.
 type Affine<'a> = (CudaView<'a, f32>, CudaView<'a, f32>, bool);
 
+/// Where [`to_nhwc`] writes: x whole, or split TF32's parts (x_hi in f32; x_lo · [`LO_SCALE`]
+/// in fp16; x_hi / [`LO_SCALE`] in fp16 where a `w_lo` pass needs it).
+enum Nhwc<'a> {
+    Whole(&'a mut CudaSlice<f32>),
+    Split {
+        hi: &'a mut CudaSlice<f32>,
+        lo: &'a mut CudaSlice<f16>,
+        hi16: Option<&'a mut CudaSlice<f16>>,
+    },
+}
+
 /// x (N, C, H, W), through the prologue (an affine, an upsampling to the output's H × W), →
-/// NHWC in `out`, split into `[hi | lo]` when `split`.
+/// NHWC in `out`.
 fn to_nhwc(
     dev: &CudaDevice,
     x: &CudaView<'_, f32>,
     (affine, upsample): (Option<&Affine<'_>>, bool),
-    out: &mut CudaSlice<f32>,
-    split: bool,
+    out: Nhwc<'_>,
     (n, c, h, w): (usize, usize, usize, usize),
 ) -> Result<()> {
-    let name = if split {
-        "nchw_to_nhwc_split_f32"
-    } else {
-        "nchw_to_nhwc_f32"
+    let name = match out {
+        Nhwc::Whole(_) => "nchw_to_nhwc_f32",
+        Nhwc::Split { .. } => "nchw_to_nhwc_split_f32",
     };
     let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
-    let len = n * c * h * w;
-    let (mut hi, mut lo) = out.split_at_mut(len);
-    // The kernel takes null pointers for "no affine".
+    // The kernel takes null pointers for "no affine" and "no fp16 x_hi".
     let none = 0u64;
     let silu = i32::from(affine.is_some_and(|a| a.2));
     let (upsample, c_arg, h_arg, w_arg) = (i32::from(upsample), c as i32, h as i32, w as i32);
@@ -283,19 +471,29 @@ fn to_nhwc(
         Some((scale, shift, _)) => l.arg(scale).arg(shift),
         None => l.arg(&none).arg(&none),
     };
-    l.arg(&silu).arg(&upsample).arg(&mut hi);
-    if split {
-        l.arg(&mut lo);
+    l.arg(&silu).arg(&upsample);
+    match out {
+        Nhwc::Whole(out) => {
+            l.arg(out);
+        }
+        Nhwc::Split { hi, lo, hi16 } => {
+            l.arg(hi).arg(lo);
+            match hi16 {
+                Some(hi16) => l.arg(hi16),
+                None => l.arg(&none),
+            };
+            l.arg(&LO_SCALE);
+        }
     }
     l.arg(&c_arg).arg(&h_arg).arg(&w_arg);
     unsafe { l.launch(tiles((n, c, h * w))) }.w()?;
     Ok(())
 }
 
-/// y (N, HW, C) → `out` (N, C, HW) + bias (+ residual).
+/// y (N, HW, C) (+ y_lo / [`LO_SCALE`]) → `out` (N, C, HW) + bias (+ residual).
 fn to_nchw(
     dev: &CudaDevice,
-    y: &CudaSlice<f32>,
+    (y, y_lo): (&CudaSlice<f32>, Option<&CudaSlice<f16>>),
     bias: &CudaView<'_, f32>,
     residual: Option<&CudaView<'_, f32>>,
     out: &mut CudaSlice<f32>,
@@ -307,8 +505,14 @@ fn to_nchw(
         None => "nhwc_to_nchw_bias_f32",
     };
     let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+    let none = 0u64;
     let mut l = f.builder();
-    l.arg(y).arg(bias);
+    l.arg(y);
+    match y_lo {
+        Some(y_lo) => l.arg(y_lo),
+        None => l.arg(&none),
+    };
+    l.arg(&LO_SCALE).arg(bias);
     if let Some(r) = residual {
         l.arg(r);
     }

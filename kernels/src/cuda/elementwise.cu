@@ -3,6 +3,7 @@
 // rounds to bf16 exactly where the op-by-op composition it replaces rounds (torch's rounding,
 // spec §7.1), so the fused result equals the composition up to f32 summation order.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace {
@@ -635,12 +636,17 @@ PAD_ROWS(bf16, bf16)
 // per-(batch, channel) affine and optionally SiLU (a group norm, rounded as channel_affine
 // rounds), and with `upsample` a nearest-neighbour x2 upsampling: the output is h × w, x is
 // (h/2) × (w/2).
+// SPLIT writes x_hi = x with the low 13 mantissa bits cleared (exact in TF32) to `hi` and the
+// remainder x − x_hi scaled by `lo_scale` (a power of two that keeps it out of fp16's subnormal
+// range) and rounded to fp16 to `lo` (|x_lo| < 2⁻¹⁰|x|: fp16's 11 significant bits keep it to
+// ~2⁻²² of x); with `hi16` non-null also x_hi / lo_scale in fp16.
 template <bool SPLIT>
 __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
                                              const float* __restrict__ scale,
                                              const float* __restrict__ shift, int silu,
                                              int upsample, float* __restrict__ hi,
-                                             float* __restrict__ lo, int c, int h, int w) {
+                                             __half* __restrict__ lo, __half* __restrict__ hi16,
+                                             float lo_scale, int c, int h, int w) {
   __shared__ float tile[32][33];
   const long long hw = (long long)h * w;
   const long long n = blockIdx.z, p0 = (long long)blockIdx.x * 32;
@@ -667,7 +673,8 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
       if (SPLIT) {
         const float h = __uint_as_float(__float_as_uint(v) & 0xffffe000u);
         hi[o] = h;
-        lo[o] = v - h;
+        lo[o] = __float2half_rn((v - h) * lo_scale);
+        if (hi16) hi16[o] = __float2half_rn(h / lo_scale);
       } else {
         hi[o] = v;
       }
@@ -678,17 +685,21 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
 extern "C" __global__ void nchw_to_nhwc_f32(const float* x, const float* scale,
                                             const float* shift, int silu, int upsample,
                                             float* out, int c, int h, int w) {
-  nchw_to_nhwc<false>(x, scale, shift, silu, upsample, out, nullptr, c, h, w);
+  nchw_to_nhwc<false>(x, scale, shift, silu, upsample, out, nullptr, nullptr, 1.f, c, h, w);
 }
 
 extern "C" __global__ void nchw_to_nhwc_split_f32(const float* x, const float* scale,
                                                   const float* shift, int silu, int upsample,
-                                                  float* hi, float* lo, int c, int h, int w) {
-  nchw_to_nhwc<true>(x, scale, shift, silu, upsample, hi, lo, c, h, w);
+                                                  float* hi, __half* lo, __half* hi16,
+                                                  float lo_scale, int c, int h, int w) {
+  nchw_to_nhwc<true>(x, scale, shift, silu, upsample, hi, lo, hi16, lo_scale, c, h, w);
 }
 
+// out = y (+ y_lo / lo_scale, the split's scaled fp16 low-part convolution, where y_lo is
+// non-null) + bias (+ residual).
 template <bool RESIDUAL>
 __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
+                                                  const __half* __restrict__ y_lo, float lo_scale,
                                                   const float* __restrict__ bias,
                                                   const float* __restrict__ residual,
                                                   float* __restrict__ out, int c, long long hw) {
@@ -698,7 +709,10 @@ __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
   for (int j = threadIdx.y; j < 32; j += 8) {
     const int ci = c0 + threadIdx.x;
     const long long p = p0 + j;
-    if (ci < c && p < hw) tile[j][threadIdx.x] = y[(n * hw + p) * c + ci];
+    if (ci < c && p < hw) {
+      const long long at = (n * hw + p) * c + ci;
+      tile[j][threadIdx.x] = y_lo ? y[at] + __half2float(y_lo[at]) / lo_scale : y[at];
+    }
   }
   __syncthreads();
   for (int j = threadIdx.y; j < 32; j += 8) {
@@ -712,15 +726,17 @@ __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
   }
 }
 
-extern "C" __global__ void nhwc_to_nchw_bias_f32(const float* y, const float* bias, float* out,
+extern "C" __global__ void nhwc_to_nchw_bias_f32(const float* y, const __half* y_lo,
+                                                 float lo_scale, const float* bias, float* out,
                                                  int c, long long hw) {
-  nhwc_to_nchw_bias<false>(y, bias, nullptr, out, c, hw);
+  nhwc_to_nchw_bias<false>(y, y_lo, lo_scale, bias, nullptr, out, c, hw);
 }
 
-extern "C" __global__ void nhwc_to_nchw_bias_residual_f32(const float* y, const float* bias,
+extern "C" __global__ void nhwc_to_nchw_bias_residual_f32(const float* y, const __half* y_lo,
+                                                          float lo_scale, const float* bias,
                                                           const float* residual, float* out,
                                                           int c, long long hw) {
-  nhwc_to_nchw_bias<true>(y, bias, residual, out, c, hw);
+  nhwc_to_nchw_bias<true>(y, y_lo, lo_scale, bias, residual, out, c, hw);
 }
 
 // Decoder output (B, 3, H, W) → (B, H, W, 3) u8 (pixels.rs): y = clamp(T(x / 2 + 0.5), 0, 1)
