@@ -269,10 +269,6 @@ fn split_shape(l: &Layout) -> Shape {
     Shape::from([&[2], l.dims()].concat())
 }
 
-/// Split TF32's scale of the low parts in fp16 (x_lo and the low passes' output; x_hi is
-/// divided by it), a power of two: x_lo, below 2⁻¹⁰ of x, stays clear of fp16's subnormals.
-const LO_SCALE: f32 = 256.0;
-
 /// Split TF32's scale of `w_lo` in fp16 (below 2⁻¹⁰ of the weight).
 const W_LO_SCALE: f64 = 1024.0;
 

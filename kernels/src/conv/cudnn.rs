@@ -19,7 +19,11 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tenso
 
 use half::f16;
 
-use super::{ConvPrecision, CudnnConv, LO_SCALE, W_LO_SCALE};
+use super::{ConvPrecision, CudnnConv, W_LO_SCALE};
+
+/// Split TF32's scale of the low parts in fp16 (x_lo and the low passes' output; x_hi is
+/// divided by it), a power of two: x_lo, below 2⁻¹⁰ of x, stays clear of fp16's subnormals.
+const LO_SCALE: f32 = 256.0;
 use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
 thread_local! {
