@@ -75,6 +75,6 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(h, stats)?;
         }
-        silu_conv(&self.conv_norm_out, &self.conv_out, &h, stats, None)
+        silu_conv(&self.conv_norm_out, &self.conv_out, h, stats, None)
     }
 }

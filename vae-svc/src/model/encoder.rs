@@ -72,7 +72,7 @@ impl Encoder {
         silu_conv(
             &self.conv_norm_out,
             &self.conv_out,
-            &h,
+            h,
             &mut NormStats::Local,
             None,
         )

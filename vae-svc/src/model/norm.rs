@@ -37,19 +37,23 @@ pub fn temp_bytes(elements_per_group: u64, groups: usize, op_bytes: u64) -> u64 
 
 /// `residual + conv(silu(norm(x)))`, the statistics from `stats`. Where the convolution takes
 /// the norm as its prologue (cuDNN, TF32 arithmetic, one band) the normalised tensor never
-/// exists; otherwise the norm runs first.
+/// exists; otherwise the norm runs first and `x` is dropped as soon as its output exists (a
+/// caller that still needs `x` passes a clone: the tensor stays alive through it). Holding `x`
+/// through the convolution kept one more activation alive than the memory plan counts: the 16
+/// GB plan's tiled 1024² decodes ran out of memory.
 pub fn silu_conv(
     norm: &GroupNorm,
     conv: &Conv2d,
-    x: &Tensor,
+    x: Tensor,
     stats: &mut NormStats,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if conv.fuses_prologue(x, false)? {
-        let prologue = norm.silu_prologue(x, stats)?;
-        return conv.forward_prologue(x, &prologue, residual);
+    if conv.fuses_prologue(&x, false)? {
+        let prologue = norm.silu_prologue(&x, stats)?;
+        return conv.forward_prologue(&x, &prologue, residual);
     }
-    let h = norm.forward_silu(x, stats)?;
+    let h = norm.forward_silu(&x, stats)?;
+    drop(x);
     conv.forward_add(&h, residual)
 }
 

@@ -49,15 +49,16 @@ impl ResnetBlock2D {
     /// intermediate is dropped as soon as the next one exists, so at most the input and three
     /// activations are alive at once.
     pub fn forward(&self, x: &Tensor, stats: &mut NormStats) -> Result<Tensor> {
-        let h = silu_conv(&self.norm1, &self.conv1, x, stats, None)?;
+        let h = silu_conv(&self.norm1, &self.conv1, x.clone(), stats, None)?;
         // The residual sum is written where the last convolution's bias is: conv2 adds the
-        // input, or the 1x1 shortcut adds conv2's output (h's input is gone by then).
+        // input, or the 1x1 shortcut adds conv2's output (h's input is gone by then). h moves
+        // into conv2's call, which drops it once norm2's output exists.
         match &self.conv_shortcut {
             Some(shortcut) => {
-                let h = silu_conv(&self.norm2, &self.conv2, &h, stats, None)?;
+                let h = silu_conv(&self.norm2, &self.conv2, h, stats, None)?;
                 shortcut.forward_add(x, Some(&h))
             }
-            None => silu_conv(&self.norm2, &self.conv2, &h, stats, Some(x)),
+            None => silu_conv(&self.norm2, &self.conv2, h, stats, Some(x)),
         }
     }
 }
