@@ -346,8 +346,8 @@ fn prepare(loaded: &Loaded, req: &ValidDenoiseRequest) -> Result<Request, Denois
     let (b, grid) = (req.batch(), req.grid);
     let channels = resident(loaded, &req.model)?.config().in_channels;
     let noise = match &req.noise {
-        Noise::Seed(seed) => noise::seeded_noise(*seed, b, channels, grid.height, grid.width)?,
-        Noise::Tensor(t) => t.clone(),
+        Noise::Seed(seed) => noise::seeded_tokens(*seed, b, channels, grid.height, grid.width)?,
+        Noise::Tensor(t) => sampler::pack(t)?,
     };
     let mode = match &req.mode {
         ValidMode::TextToImage => Mode::TextToImage,
@@ -377,7 +377,7 @@ fn prepare(loaded: &Loaded, req: &ValidDenoiseRequest) -> Result<Request, Denois
             }),
             None => None,
         },
-        noise: on_device(&sampler::pack(&noise)?)?,
+        noise: on_device(&noise)?,
         grid,
         references: req
             .references
