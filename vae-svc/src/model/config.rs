@@ -60,10 +60,11 @@ pub fn op_bytes_in_force(configured: u64) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BandCopies {
     /// The padded input rows and their copy; on cuDNN with TF32 arithmetic its NHWC copy of
-    /// them, and with split TF32 the high and low parts.
+    /// them, and with split TF32 the high part (f32) and the low part (fp16; and the high part
+    /// in fp16 for weights that are not exact in TF32).
     pub input: usize,
     /// The output rows and the residual's (or the biased copy); on cuDNN with TF32 arithmetic
-    /// its NHWC output.
+    /// its NHWC output, and with split TF32 the low passes' fp16 output too.
     pub output: usize,
 }
 
@@ -73,7 +74,8 @@ impl BandCopies {
         let (input, output) = match (through_cudnn, precision) {
             (false, _) | (true, ConvPrecision::Exact) => (2, 2),
             (true, ConvPrecision::Tf32) => (3, 3),
-            (true, ConvPrecision::SplitTf32) => (5, 3),
+            // Input 3.5–4 and output 3.5 copies since the low parts run on fp16.
+            (true, ConvPrecision::SplitTf32) => (5, 4),
         };
         Self { input, output }
     }
@@ -297,7 +299,7 @@ mod tests {
         assert_eq!(copies(false, ConvPrecision::SplitTf32), (2, 2));
         assert_eq!(copies(true, ConvPrecision::Exact), (2, 2));
         assert_eq!(copies(true, ConvPrecision::Tf32), (3, 3));
-        assert_eq!(copies(true, ConvPrecision::SplitTf32), (5, 3));
+        assert_eq!(copies(true, ConvPrecision::SplitTf32), (5, 4));
         let cpu = Chunking {
             conv_precision: ConvPrecision::SplitTf32,
             ..Chunking::default()
