@@ -10,21 +10,21 @@ use candle_core::backend::BackendStorage;
 use candle_core::conv::CudnnFwdAlgo;
 use candle_core::cuda::CudaDType;
 use candle_core::cuda::cudarc::cudnn::{
-    ConvDescriptor, ConvForward, Cudnn, FilterDescriptor, TensorDescriptor, sys,
+    ConvDescriptor, ConvForward, Cudnn, CudnnDataType, FilterDescriptor, TensorDescriptor, sys,
 };
-use candle_core::cuda::cudarc::driver::DeviceRepr;
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor, bail};
-
 use half::f16;
 
-use super::{ConvPrecision, CudnnConv, W_LO_SCALE};
+use super::{Conv, ConvPrecision, CudnnConv, W_LO_SCALE};
+use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
 /// Split TF32's scale of the low parts in fp16 (x_lo and the low passes' output; x_hi is
 /// divided by it), a power of two: x_lo, below 2⁻¹⁰ of x, stays clear of fp16's subnormals.
 const LO_SCALE: f32 = 256.0;
-use crate::cuda::{ELEMENTWISE, plane_grid, view};
 
 thread_local! {
     /// cuDNN handles are neither Send nor Sync: one per thread and device, bound to the
@@ -32,9 +32,17 @@ thread_local! {
     static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
 }
 
-/// What a convolution's workspace size depends on: device, operand type (f32 / fp16), x, the
-/// filter (C_out, k_h, k_w), padding, stride, algorithm.
-type WorkspaceKey = (DeviceId, bool, [usize; 4], [usize; 3], usize, usize, u32);
+/// What a convolution's workspace size depends on: device, operand type, layout and math type
+/// (cuDNN's enums), x, the filter (C_out, k_h, k_w), padding, stride, algorithm.
+type WorkspaceKey = (
+    DeviceId,
+    [u32; 3],
+    [usize; 4],
+    [usize; 3],
+    usize,
+    usize,
+    u32,
+);
 
 thread_local! {
     /// cuDNN's workspace query costs ~0.15 ms of host time a call on an H200, as much as the
@@ -181,63 +189,15 @@ pub fn conv_forward(
         .transpose()?;
     let dev = xs.device().clone();
     let cudnn = handle(&dev)?;
-    let wrap = candle_core::Error::wrap;
-    let (pi, si) = (p as i32, s as i32);
-    let mut conv = cudnn
-        .create_conv2d::<f32>(
-            [pi, pi],
-            [si, si],
-            [1, 1],
-            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-        )
-        .map_err(wrap)?;
-    conv.set_math_type(if op.nhwc {
-        sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+    let (format, math) = if op.nhwc {
+        let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        (nhwc, sys::cudnnMathType_t::CUDNN_DEFAULT_MATH)
     } else {
-        sys::cudnnMathType_t::CUDNN_FMA_MATH
-    })
-    .map_err(wrap)?;
-    let format = if op.nhwc {
-        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
-    } else {
-        sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        (nchw, sys::cudnnMathType_t::CUDNN_FMA_MATH)
     };
-    let dims = |a: usize, b: usize, c: usize, d: usize| [a as i32, b as i32, c as i32, d as i32];
-    let x_desc = cudnn
-        .create_4d_tensor::<f32>(format, dims(n, c_in, h, w))
-        .map_err(wrap)?;
-    let w_desc = cudnn
-        .create_4d_filter::<f32>(format, dims(c_out, c_in, kh, kw))
-        .map_err(wrap)?;
-    let y_desc = cudnn
-        .create_4d_tensor::<f32>(format, dims(n, c_out, oh, ow))
-        .map_err(wrap)?;
-    let fwd = ConvForward {
-        conv: &conv,
-        x: &x_desc,
-        w: &w_desc,
-        y: &y_desc,
-    };
-    let algo = match op.conv.algo {
-        Some(a) => algorithm(a),
-        None => fwd.pick_algorithm().map_err(wrap)?,
-    };
-    let key = (
-        dev.id(),
-        false,
-        [n, c_in, h, w],
-        [c_out, kh, kw],
-        p,
-        s,
-        algo as u32,
-    );
-    let bytes = workspace_bytes(key, || fwd.get_workspace_size(algo))?;
-    let mut workspace = unsafe { dev.alloc::<u8>(bytes)? };
-    let mut pass =
-        |x: &CudaView<'_, f32>, weight: &CudaView<'_, f32>, beta: f32, y: &mut CudaSlice<f32>| {
-            unsafe { fwd.launch(algo, Some(&mut workspace), (1f32, beta), x, weight, y) }
-                .map_err(wrap)
-        };
+    let geometry = ([n, c_in, h, w], [c_out, kh, kw]);
+    let mut plan = ConvPlan::<f32>::new(&dev, &cudnn, &op.conv, (format, math), geometry)?;
 
     let total = shape.elem_count();
     let x = view::<f32>(xs, xl)?;
@@ -246,7 +206,7 @@ pub fn conv_forward(
     let mut out = unsafe { dev.alloc::<f32>(total)? };
     if !op.nhwc {
         fill(&dev, &bias, residual.as_ref(), &mut out, c_out, oh * ow)?;
-        pass(&x, &weight, 1.0, &mut out)?;
+        plan.pass(&x, &weight, (1.0, 1.0), &mut out)?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
     let len = n * c_in * h * w;
@@ -262,7 +222,7 @@ pub fn conv_forward(
                 Nhwc::Whole(&mut x_nhwc),
                 (n, c_in, h, w),
             )?;
-            pass(&x_nhwc.as_view(), &weight, 0.0, &mut y)?;
+            plan.pass(&x_nhwc, &weight, (1.0, 0.0), &mut y)?;
             None
         }
         Some((w_hi, w_lo)) => {
@@ -278,17 +238,21 @@ pub fn conv_forward(
                 hi16: hi16.as_mut(),
             };
             to_nhwc(&dev, &x, prologue, parts, (n, c_in, h, w))?;
-            pass(&hi.as_view(), &weight, 0.0, &mut y)?;
+            plan.pass(&hi, &weight, (1.0, 0.0), &mut y)?;
             drop(hi);
-            let mut half = HalfConv::new(&dev, &cudnn, op, [n, c_in, h, w], [c_out, kh, kw])?;
+            // Default math runs fp16 data on a non-tensor-core kernel (10× slower on an H200).
+            let tensor_op = (format, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH);
+            let mut half = ConvPlan::<f16>::new(&dev, &cudnn, &op.conv, tensor_op, geometry)?;
             let mut y_lo = unsafe { dev.alloc::<f16>(total)? };
             let (w_hi, wl) = w_hi.storage_and_layout();
-            half.pass(&lo, &device_view::<f16>(&w_hi, wl)?, 1.0, 0.0, &mut y_lo)?;
+            let one = (f16::ONE, f16::ZERO);
+            half.pass(&lo, &device_view::<f16>(&w_hi, wl)?, one, &mut y_lo)?;
             if let (Some(hi16), Some(w_lo)) = (&hi16, w_lo) {
                 let (w_lo, ll) = w_lo.storage_and_layout();
                 // x_hi / LO_SCALE and w_lo · W_LO_SCALE: the product back to y_lo's LO_SCALE.
-                let alpha = (f64::from(LO_SCALE) * f64::from(LO_SCALE) / W_LO_SCALE) as f32;
-                half.pass(hi16, &device_view::<f16>(&w_lo, ll)?, alpha, 1.0, &mut y_lo)?;
+                let alpha = f64::from(LO_SCALE) * f64::from(LO_SCALE) / W_LO_SCALE;
+                let scale = (f16::from_f64(alpha), f16::ONE);
+                half.pass(hi16, &device_view::<f16>(&w_lo, ll)?, scale, &mut y_lo)?;
             }
             Some(y_lo)
         }
@@ -304,28 +268,29 @@ pub fn conv_forward(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
 
-/// Split TF32's low-part convolution: fp16 NHWC operands and output, f32 arithmetic on the
-/// tensor cores.
-struct HalfConv {
+/// One convolution on cuDNN with operands and output of type `T` and f32 arithmetic: its
+/// descriptors, algorithm and workspace, for passes over several operand pairs (split TF32's
+/// high part in f32, its low parts in fp16).
+struct ConvPlan<T: CudnnDataType> {
     conv: ConvDescriptor<f32>,
-    x: TensorDescriptor<f16>,
-    w: FilterDescriptor<f16>,
-    y: TensorDescriptor<f16>,
+    x: TensorDescriptor<T>,
+    w: FilterDescriptor<T>,
+    y: TensorDescriptor<T>,
     algo: sys::cudnnConvolutionFwdAlgo_t,
     workspace: CudaSlice<u8>,
 }
 
-impl HalfConv {
+impl<T: CudnnDataType> ConvPlan<T> {
     fn new(
         dev: &CudaDevice,
         cudnn: &Arc<Cudnn>,
-        op: &CudnnConv,
-        [n, c_in, h, w]: [usize; 4],
-        [c_out, kh, kw]: [usize; 3],
+        conv: &Conv,
+        (format, math): (sys::cudnnTensorFormat_t, sys::cudnnMathType_t),
+        ([n, c_in, h, w], [c_out, kh, kw]): ([usize; 4], [usize; 3]),
     ) -> Result<Self> {
         let wrap = candle_core::Error::wrap;
-        let (p, s) = (op.conv.padding, op.conv.stride);
-        let mut conv = cudnn
+        let (p, s) = (conv.padding, conv.stride);
+        let mut desc = cudnn
             .create_conv2d::<f32>(
                 [p as i32, p as i32],
                 [s as i32, s as i32],
@@ -333,35 +298,33 @@ impl HalfConv {
                 sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
             )
             .map_err(wrap)?;
-        // Default math runs fp16 data on a non-tensor-core kernel (10× slower on an H200).
-        conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH)
-            .map_err(wrap)?;
-        let nhwc = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        desc.set_math_type(math).map_err(wrap)?;
         let dims =
             |a: usize, b: usize, c: usize, d: usize| [a as i32, b as i32, c as i32, d as i32];
         let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
         let x = cudnn
-            .create_4d_tensor::<f16>(nhwc, dims(n, c_in, h, w))
+            .create_4d_tensor::<T>(format, dims(n, c_in, h, w))
             .map_err(wrap)?;
         let wd = cudnn
-            .create_4d_filter::<f16>(nhwc, dims(c_out, c_in, kh, kw))
+            .create_4d_filter::<T>(format, dims(c_out, c_in, kh, kw))
             .map_err(wrap)?;
         let y = cudnn
-            .create_4d_tensor::<f16>(nhwc, dims(n, c_out, oh, ow))
+            .create_4d_tensor::<T>(format, dims(n, c_out, oh, ow))
             .map_err(wrap)?;
         let fwd = ConvForward {
-            conv: &conv,
+            conv: &desc,
             x: &x,
             w: &wd,
             y: &y,
         };
-        let algo = match op.conv.algo {
+        let algo = match conv.algo {
             Some(a) => algorithm(a),
             None => fwd.pick_algorithm().map_err(wrap)?,
         };
+        let kinds = [T::DATA_TYPE as u32, format as u32, math as u32];
         let key = (
             dev.id(),
-            true,
+            kinds,
             [n, c_in, h, w],
             [c_out, kh, kw],
             p,
@@ -371,7 +334,7 @@ impl HalfConv {
         let bytes = workspace_bytes(key, || fwd.get_workspace_size(algo))?;
         let workspace = unsafe { dev.alloc::<u8>(bytes)? };
         Ok(Self {
-            conv,
+            conv: desc,
             x,
             w: wd,
             y,
@@ -383,11 +346,10 @@ impl HalfConv {
     /// `y = alpha · conv(x, w) + beta · y`.
     fn pass(
         &mut self,
-        x: &CudaSlice<f16>,
-        w: &CudaView<'_, f16>,
-        alpha: f32,
-        beta: f32,
-        y: &mut CudaSlice<f16>,
+        x: &impl DevicePtr<T>,
+        w: &impl DevicePtr<T>,
+        (alpha, beta): (T, T),
+        y: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
         let fwd = ConvForward {
             conv: &self.conv,
@@ -395,8 +357,7 @@ impl HalfConv {
             w: &self.w,
             y: &self.y,
         };
-        let scale = (f16::from_f32(alpha), f16::from_f32(beta));
-        unsafe { fwd.launch(self.algo, Some(&mut self.workspace), scale, x, w, y) }
+        unsafe { fwd.launch(self.algo, Some(&mut self.workspace), (alpha, beta), x, w, y) }
             .map_err(candle_core::Error::wrap)
     }
 }
