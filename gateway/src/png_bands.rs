@@ -28,7 +28,7 @@ pub fn zlib_image_data(
     rows: usize,
     threads: usize,
 ) -> io::Result<Vec<u8>> {
-    if stride == 0 || pixels.len() != stride * rows {
+    if stride == 0 || rows == 0 || pixels.len() != stride * rows {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
@@ -253,8 +253,11 @@ mod tests {
     }
 
     #[test]
-    fn a_short_buffer_is_refused() {
+    fn a_short_buffer_or_no_rows_is_refused() {
         let err = zlib_image_data(&[0; 10], 9, 2, 2).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        // No rows would leave the deflate stream without its final block.
+        let err = zlib_image_data(&[], 9, 0, 2).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
