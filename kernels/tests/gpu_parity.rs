@@ -411,11 +411,14 @@ fn group_moments_and_channel_affine_match_the_composition() -> Result<()> {
 fn cudnn_convolution_precisions_match_f64() -> Result<()> {
     use klein_kernels::{Conv, ConvPrecision, ConvWeights};
     let (dev, cpu) = (gpu(), Device::Cpu);
-    // (x shape, c_out, kernel, padding, stride, residual)
+    // (x shape, c_out, kernel, padding, stride, residual); the last two take the transposes'
+    // one-value-per-access path (odd channels, odd pixel counts).
     let cases = [
         ([1, 128, 64, 64], 128, 3, 1, 1, true),
         ([2, 64, 33, 40], 96, 3, 0, 2, false),
         ([1, 256, 48, 48], 128, 1, 0, 1, true),
+        ([1, 3, 15, 17], 5, 3, 1, 1, true),
+        ([2, 32, 15, 17], 64, 3, 1, 1, true),
     ];
     for (shape, c_out, k, padding, stride, with_residual) in cases {
         let x = randn(&shape, DType::F32, &dev)?;
@@ -461,7 +464,10 @@ fn cudnn_convolution_precisions_match_f64() -> Result<()> {
                 exact <= 1e-6 && split <= 2e-6,
                 "{kind}: exact {exact}, split {split}"
             );
-            assert!(tf32 >= 10.0 * split, "{kind}: TF32 {tf32} vs split {split}");
+            // cuDNN runs 3 input channels on FMA kernels even under TF32 math (exact there).
+            if shape[1] > 3 {
+                assert!(tf32 >= 10.0 * split, "{kind}: TF32 {tf32} vs split {split}");
+            }
         }
     }
     Ok(())

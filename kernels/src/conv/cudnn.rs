@@ -217,7 +217,7 @@ pub fn conv_forward(
             let mut x_nhwc = unsafe { dev.alloc::<f32>(len)? };
             to_nhwc(
                 &dev,
-                &x,
+                (&x, xl.start_offset()),
                 prologue,
                 Nhwc::Whole(&mut x_nhwc),
                 (n, c_in, h, w),
@@ -237,7 +237,13 @@ pub fn conv_forward(
                 lo: &mut lo,
                 hi16: hi16.as_mut(),
             };
-            to_nhwc(&dev, &x, prologue, parts, (n, c_in, h, w))?;
+            to_nhwc(
+                &dev,
+                (&x, xl.start_offset()),
+                prologue,
+                parts,
+                (n, c_in, h, w),
+            )?;
             plan.pass(&hi, &weight, (1.0, 0.0), &mut y)?;
             drop(hi);
             // Default math runs fp16 data on a non-tensor-core kernel (10× slower on an H200).
@@ -257,11 +263,15 @@ pub fn conv_forward(
             Some(y_lo)
         }
     };
+    let residual_offset = op
+        .residual
+        .as_ref()
+        .map_or(0, |r| r.layout().start_offset());
     to_nchw(
         &dev,
         (&y, y_lo.as_ref()),
         &bias,
-        residual.as_ref(),
+        residual.as_ref().map(|r| (r, residual_offset)),
         &mut out,
         (n, c_out, oh * ow),
     )?;
@@ -389,12 +399,22 @@ fn fill(
     Ok(())
 }
 
-/// Tiles of 32 pixels × 32 channels per block over (pixels, channels, batch).
+/// Tiles of 64 pixels × 32 channels per block over (pixels, channels, batch), 256 threads.
 fn tiles((n, c, hw): (usize, usize, usize)) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (hw.div_ceil(32) as u32, c.div_ceil(32) as u32, n as u32),
-        block_dim: (32, 8, 1),
+        grid_dim: (hw.div_ceil(64) as u32, c.div_ceil(32) as u32, n as u32),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// The transposes' kernel `name`, or its `_pairs` variant (two neighbours per 8-byte or
+/// 4-byte access) where `c` and `hw` are even and every operand starts at an even element.
+fn transpose_kernel(name: &str, (c, hw): (usize, usize), offsets: &[usize]) -> String {
+    if c % 2 == 0 && hw % 2 == 0 && offsets.iter().all(|o| o % 2 == 0) {
+        format!("{name}_pairs")
+    } else {
+        name.to_owned()
     }
 }
 
@@ -412,11 +432,11 @@ enum Nhwc<'a> {
     },
 }
 
-/// x (N, C, H, W), through the prologue (an affine, an upsampling to the output's H × W), →
-/// NHWC in `out`.
+/// x (N, C, H, W), starting at element `x_offset` of its storage, through the prologue (an
+/// affine, an upsampling to the output's H × W), → NHWC in `out`.
 fn to_nhwc(
     dev: &CudaDevice,
-    x: &CudaView<'_, f32>,
+    (x, x_offset): (&CudaView<'_, f32>, usize),
     (affine, upsample): (Option<&Affine<'_>>, bool),
     out: Nhwc<'_>,
     (n, c, h, w): (usize, usize, usize, usize),
@@ -425,7 +445,8 @@ fn to_nhwc(
         Nhwc::Whole(_) => "nchw_to_nhwc_f32",
         Nhwc::Split { .. } => "nchw_to_nhwc_split_f32",
     };
-    let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+    let name = transpose_kernel(name, (c, h * w), &[x_offset]);
+    let f = dev.get_or_load_custom_func(&name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
     // The kernel takes null pointers for "no affine" and "no fp16 x_hi".
     let none = 0u64;
     let silu = i32::from(affine.is_some_and(|a| a.2));
@@ -455,12 +476,13 @@ fn to_nhwc(
     Ok(())
 }
 
-/// y (N, HW, C) (+ y_lo / [`LO_SCALE`]) → `out` (N, C, HW) + bias (+ residual).
+/// y (N, HW, C) (+ y_lo / [`LO_SCALE`]) → `out` (N, C, HW) + bias (+ residual, starting at
+/// its element offset).
 fn to_nchw(
     dev: &CudaDevice,
     (y, y_lo): (&CudaSlice<f32>, Option<&CudaSlice<f16>>),
     bias: &CudaView<'_, f32>,
-    residual: Option<&CudaView<'_, f32>>,
+    residual: Option<(&CudaView<'_, f32>, usize)>,
     out: &mut CudaSlice<f32>,
     dims: (usize, usize, usize),
 ) -> Result<()> {
@@ -469,7 +491,9 @@ fn to_nchw(
         Some(_) => "nhwc_to_nchw_bias_residual_f32",
         None => "nhwc_to_nchw_bias_f32",
     };
-    let f = dev.get_or_load_custom_func(name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+    let offsets = [residual.map_or(0, |r| r.1)];
+    let name = transpose_kernel(name, (dims.1, dims.2), &offsets);
+    let f = dev.get_or_load_custom_func(&name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
     let none = 0u64;
     let mut l = f.builder();
     l.arg(y);
@@ -478,7 +502,7 @@ fn to_nchw(
         None => l.arg(&none),
     };
     l.arg(&LO_SCALE).arg(bias);
-    if let Some(r) = residual {
+    if let Some((r, _)) = residual {
         l.arg(r);
     }
     l.arg(out).arg(&c).arg(&hw);

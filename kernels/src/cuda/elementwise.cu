@@ -630,114 +630,210 @@ PAD_ROWS(bf16, bf16)
 
 // cuDNN's TF32 convolutions run NHWC: conv.rs hands them NHWC operands (x transposed and, for
 // split TF32, split on the way) and takes an NHWC output back to NCHW adding the bias and the
-// residual. 32 x 32 tiles through shared memory; grid (pixel tiles, channel tiles, batch),
-// block (32, 8).
+// residual. Tiles of 64 pixels × 32 channels through shared memory; grid (pixel tiles, channel
+// tiles, batch), 256 threads. Each thread moves pairs of neighbours: two pixels of a channel
+// plane on the NCHW side, two channels of a pixel on the NHWC side; with PAIRS (c and h · w
+// even, x and the residual at even offsets) as one 8-byte (f32) or 4-byte (fp16) access.
 // On the way in x may go through its prologue (conv.rs `Prologue`): with `scale` non-null the
 // per-(batch, channel) affine and optionally SiLU (a group norm, rounded as channel_affine
 // rounds), and with `upsample` a nearest-neighbour x2 upsampling: the output is h × w, x is
-// (h/2) × (w/2).
+// (h/2) × (w/2), and the two pixels of a pair share one source pixel.
 // SPLIT writes x_hi = x with the low 13 mantissa bits cleared (exact in TF32) to `hi` and the
 // remainder x − x_hi scaled by `lo_scale` (a power of two that keeps it out of fp16's subnormal
 // range) and rounded to fp16 to `lo` (|x_lo| < 2⁻¹⁰|x|: fp16's 11 significant bits keep it to
 // ~2⁻²² of x); with `hi16` non-null also x_hi / lo_scale in fp16.
-template <bool SPLIT>
+constexpr int kTilePixels = 64, kTileChannels = 32;
+
+template <bool SPLIT, bool PAIRS>
 __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
                                              const float* __restrict__ scale,
                                              const float* __restrict__ shift, int silu,
                                              int upsample, float* __restrict__ hi,
                                              __half* __restrict__ lo, __half* __restrict__ hi16,
                                              float lo_scale, int c, int h, int w) {
-  __shared__ float tile[32][33];
+  __shared__ float tile[kTileChannels][kTilePixels + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long hw = (long long)h * w;
-  const long long n = blockIdx.z, p0 = (long long)blockIdx.x * 32;
-  const int c0 = blockIdx.y * 32;
+  const long long n = blockIdx.z, p0 = (long long)blockIdx.x * kTilePixels;
+  const int c0 = blockIdx.y * kTileChannels;
   const long long in_hw = upsample ? hw / 4 : hw;
-  for (int j = threadIdx.y; j < 32; j += 8) {
-    const int ci = c0 + j;
-    const long long p = p0 + threadIdx.x;
-    if (ci < c && p < hw) {
-      const int pi = (int)p;  // h · w < 2³¹ (conv.rs)
-      const long long at = upsample ? (pi / w / 2) * (w / 2) + (pi % w) / 2 : p;
-      float v = x[(n * c + ci) * in_hw + at];
-      if (scale) v = affine_silu<float>(v, scale[n * c + ci], shift[n * c + ci], silu);
-      tile[j][threadIdx.x] = v;
+  // In: a warp per channel row, a pixel pair per lane.
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int r = warp + 8 * j, ci = c0 + r;
+    const long long p = p0 + 2 * lane;
+    float v[2] = {0.f, 0.f};
+    if (ci < c) {
+      const float* plane = x + (n * c + ci) * in_hw;
+      const float a = scale ? scale[n * c + ci] : 1.f, b = scale ? shift[n * c + ci] : 0.f;
+      if (upsample) {
+        // w is even, so pixels p and p + 1 are one source pixel (h · w < 2³¹, conv.rs).
+        if (p < hw) {
+          const int pi = (int)p;
+          v[0] = plane[(pi / w / 2) * (w / 2) + (pi % w) / 2];
+          if (scale) v[0] = affine_silu<float>(v[0], a, b, silu);
+          v[1] = v[0];
+        }
+      } else {
+        if (PAIRS && p < hw) {
+          const float2 t = *reinterpret_cast<const float2*>(plane + p);
+          v[0] = t.x;
+          v[1] = t.y;
+        } else if (!PAIRS) {
+          if (p < hw) v[0] = plane[p];
+          if (p + 1 < hw) v[1] = plane[p + 1];
+        }
+        if (scale) {
+          v[0] = affine_silu<float>(v[0], a, b, silu);
+          v[1] = affine_silu<float>(v[1], a, b, silu);
+        }
+      }
     }
+    tile[r][2 * lane] = v[0];
+    tile[r][2 * lane + 1] = v[1];
   }
   __syncthreads();
-  for (int j = threadIdx.y; j < 32; j += 8) {
-    const int ci = c0 + threadIdx.x;
-    const long long p = p0 + j;
-    if (ci < c && p < hw) {
-      const float v = tile[threadIdx.x][j];
-      const long long o = (n * hw + p) * c + ci;
-      if (SPLIT) {
-        const float h = __uint_as_float(__float_as_uint(v) & 0xffffe000u);
-        hi[o] = h;
-        lo[o] = __float2half_rn((v - h) * lo_scale);
-        if (hi16) hi16[o] = __float2half_rn(h / lo_scale);
+  // Out: a half-warp per pixel, a channel pair per lane.
+  const int k = 2 * (lane & 15), ci = c0 + k;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int q = 2 * warp + (lane >> 4) + 16 * j;
+    const long long p = p0 + q;
+    if (p >= hw || ci >= c) continue;
+    const bool both = PAIRS || ci + 1 < c;
+    const float v[2] = {tile[k][q], both ? tile[k + 1][q] : 0.f};
+    const long long o = (n * hw + p) * c + ci;
+    if (!SPLIT) {
+      if (PAIRS) {
+        *reinterpret_cast<float2*>(hi + o) = make_float2(v[0], v[1]);
       } else {
-        hi[o] = v;
+        hi[o] = v[0];
+        if (both) hi[o + 1] = v[1];
+      }
+      continue;
+    }
+    float vh[2];
+    __half vl[2], vh16[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      vh[i] = __uint_as_float(__float_as_uint(v[i]) & 0xffffe000u);
+      vl[i] = __float2half_rn((v[i] - vh[i]) * lo_scale);
+      vh16[i] = __float2half_rn(vh[i] / lo_scale);
+    }
+    if (PAIRS) {
+      *reinterpret_cast<float2*>(hi + o) = make_float2(vh[0], vh[1]);
+      *reinterpret_cast<__half2*>(lo + o) = __halves2half2(vl[0], vl[1]);
+      if (hi16) *reinterpret_cast<__half2*>(hi16 + o) = __halves2half2(vh16[0], vh16[1]);
+    } else {
+      hi[o] = vh[0];
+      lo[o] = vl[0];
+      if (hi16) hi16[o] = vh16[0];
+      if (both) {
+        hi[o + 1] = vh[1];
+        lo[o + 1] = vl[1];
+        if (hi16) hi16[o + 1] = vh16[1];
       }
     }
   }
 }
 
-extern "C" __global__ void nchw_to_nhwc_f32(const float* x, const float* scale,
-                                            const float* shift, int silu, int upsample,
-                                            float* out, int c, int h, int w) {
-  nchw_to_nhwc<false>(x, scale, shift, silu, upsample, out, nullptr, nullptr, 1.f, c, h, w);
-}
+#define NCHW_TO_NHWC(PAIRS, SUFFIX)                                                            \
+  extern "C" __global__ void nchw_to_nhwc_f32##SUFFIX(const float* x, const float* scale,      \
+                                                      const float* shift, int silu,            \
+                                                      int upsample, float* out, int c, int h,  \
+                                                      int w) {                                 \
+    nchw_to_nhwc<false, PAIRS>(x, scale, shift, silu, upsample, out, nullptr, nullptr, 1.f, c, \
+                               h, w);                                                          \
+  }                                                                                            \
+  extern "C" __global__ void nchw_to_nhwc_split_f32##SUFFIX(                                   \
+      const float* x, const float* scale, const float* shift, int silu, int upsample,          \
+      float* hi, __half* lo, __half* hi16, float lo_scale, int c, int h, int w) {              \
+    nchw_to_nhwc<true, PAIRS>(x, scale, shift, silu, upsample, hi, lo, hi16, lo_scale, c, h,   \
+                              w);                                                              \
+  }
 
-extern "C" __global__ void nchw_to_nhwc_split_f32(const float* x, const float* scale,
-                                                  const float* shift, int silu, int upsample,
-                                                  float* hi, __half* lo, __half* hi16,
-                                                  float lo_scale, int c, int h, int w) {
-  nchw_to_nhwc<true>(x, scale, shift, silu, upsample, hi, lo, hi16, lo_scale, c, h, w);
-}
+NCHW_TO_NHWC(false, )
+NCHW_TO_NHWC(true, _pairs)
 
 // out = y (+ y_lo / lo_scale, the split's scaled fp16 low-part convolution, where y_lo is
 // non-null) + bias (+ residual).
-template <bool RESIDUAL>
+template <bool RESIDUAL, bool PAIRS>
 __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
                                                   const __half* __restrict__ y_lo, float lo_scale,
                                                   const float* __restrict__ bias,
                                                   const float* __restrict__ residual,
                                                   float* __restrict__ out, int c, long long hw) {
-  __shared__ float tile[32][33];
-  const long long n = blockIdx.z, p0 = (long long)blockIdx.x * 32;
-  const int c0 = blockIdx.y * 32;
-  for (int j = threadIdx.y; j < 32; j += 8) {
-    const int ci = c0 + threadIdx.x;
-    const long long p = p0 + j;
-    if (ci < c && p < hw) {
+  __shared__ float tile[kTileChannels][kTilePixels + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const long long n = blockIdx.z, p0 = (long long)blockIdx.x * kTilePixels;
+  const int c0 = blockIdx.y * kTileChannels;
+  // In: a half-warp per pixel, a channel pair per lane.
+  const int k = 2 * (lane & 15);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int q = 2 * warp + (lane >> 4) + 16 * j, ci = c0 + k;
+    const long long p = p0 + q;
+    float v[2] = {0.f, 0.f};
+    if (p < hw && ci < c) {
       const long long at = (n * hw + p) * c + ci;
-      tile[j][threadIdx.x] = y_lo ? y[at] + __half2float(y_lo[at]) / lo_scale : y[at];
+      if (PAIRS) {
+        const float2 t = *reinterpret_cast<const float2*>(y + at);
+        v[0] = t.x;
+        v[1] = t.y;
+        if (y_lo) {
+          const float2 l = __half22float2(*reinterpret_cast<const __half2*>(y_lo + at));
+          v[0] += l.x / lo_scale;
+          v[1] += l.y / lo_scale;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (ci + i < c) v[i] = y_lo ? y[at + i] + __half2float(y_lo[at + i]) / lo_scale : y[at + i];
+        }
+      }
     }
+    tile[k][q] = v[0];
+    tile[k + 1][q] = v[1];
   }
   __syncthreads();
-  for (int j = threadIdx.y; j < 32; j += 8) {
-    const int ci = c0 + j;
-    const long long p = p0 + threadIdx.x;
-    if (ci < c && p < hw) {
-      const long long o = (n * c + ci) * hw + p;
-      const float v = tile[threadIdx.x][j] + bias[ci];
-      out[o] = RESIDUAL ? v + residual[o] : v;
+  // Out: a warp per channel row, a pixel pair per lane.
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int r = warp + 8 * j, ci = c0 + r;
+    const long long p = p0 + 2 * lane;
+    if (ci >= c || p >= hw) continue;
+    const long long o = (n * c + ci) * hw + p;
+    float v[2] = {tile[r][2 * lane] + bias[ci], tile[r][2 * lane + 1] + bias[ci]};
+    if (PAIRS) {
+      if (RESIDUAL) {
+        const float2 t = *reinterpret_cast<const float2*>(residual + o);
+        v[0] += t.x;
+        v[1] += t.y;
+      }
+      *reinterpret_cast<float2*>(out + o) = make_float2(v[0], v[1]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if (p + i < hw) out[o + i] = RESIDUAL ? v[i] + residual[o + i] : v[i];
+      }
     }
   }
 }
 
-extern "C" __global__ void nhwc_to_nchw_bias_f32(const float* y, const __half* y_lo,
-                                                 float lo_scale, const float* bias, float* out,
-                                                 int c, long long hw) {
-  nhwc_to_nchw_bias<false>(y, y_lo, lo_scale, bias, nullptr, out, c, hw);
-}
+#define NHWC_TO_NCHW(PAIRS, SUFFIX)                                                            \
+  extern "C" __global__ void nhwc_to_nchw_bias_f32##SUFFIX(                                    \
+      const float* y, const __half* y_lo, float lo_scale, const float* bias, float* out, int c, \
+      long long hw) {                                                                          \
+    nhwc_to_nchw_bias<false, PAIRS>(y, y_lo, lo_scale, bias, nullptr, out, c, hw);             \
+  }                                                                                            \
+  extern "C" __global__ void nhwc_to_nchw_bias_residual_f32##SUFFIX(                           \
+      const float* y, const __half* y_lo, float lo_scale, const float* bias,                   \
+      const float* residual, float* out, int c, long long hw) {                                \
+    nhwc_to_nchw_bias<true, PAIRS>(y, y_lo, lo_scale, bias, residual, out, c, hw);             \
+  }
 
-extern "C" __global__ void nhwc_to_nchw_bias_residual_f32(const float* y, const __half* y_lo,
-                                                          float lo_scale, const float* bias,
-                                                          const float* residual, float* out,
-                                                          int c, long long hw) {
-  nhwc_to_nchw_bias<true>(y, y_lo, lo_scale, bias, residual, out, c, hw);
-}
+NHWC_TO_NCHW(false, )
+NHWC_TO_NCHW(true, _pairs)
 
 // Decoder output (B, 3, H, W) → (B, H, W, 3) u8 (pixels.rs): y = clamp(T(x / 2 + 0.5), 0, 1)
 // in the dtype T (x / 2 is exact, so the sum rounds once to f32, then to T), then
