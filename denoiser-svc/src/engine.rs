@@ -340,52 +340,61 @@ fn panicked(payload: Box<dyn std::any::Any + Send>) -> DenoiseError {
     EngineError::Panicked(msg).into()
 }
 
-/// Moves a validated request onto the model's device and dtype, drawing seeded noise.
+/// Moves a validated request onto the model's device and dtype, drawing seeded noise on a
+/// thread of its own while this one uploads the rest.
 fn prepare(loaded: &Loaded, req: &ValidDenoiseRequest) -> Result<Request, DenoiseError> {
     let on_device = |t: &Tensor| t.to_device(&loaded.device)?.to_dtype(loaded.dtype);
     let (b, grid) = (req.batch(), req.grid);
     let channels = resident(loaded, &req.model)?.config().in_channels;
-    let noise = match &req.noise {
-        Noise::Seed(seed) => noise::seeded_tokens(*seed, b, channels, grid.height, grid.width)?,
-        Noise::Tensor(t) => sampler::pack(t)?,
-    };
-    let mode = match &req.mode {
-        ValidMode::TextToImage => Mode::TextToImage,
-        ValidMode::ImageToImage {
-            image_latents,
-            strength,
-        } => Mode::ImageToImage {
-            image_latents: on_device(image_latents)?,
-            strength: *strength,
-        },
-        ValidMode::Inpaint {
-            image_latents,
-            mask,
-            strength,
-        } => Mode::Inpaint {
-            image_latents: on_device(image_latents)?,
-            mask: on_device(mask)?,
-            strength: *strength,
-        },
-    };
-    Ok(Request {
-        prompt_embeds: on_device(&req.prompt_embeds)?,
-        guidance: match &req.guidance {
+    std::thread::scope(|s| {
+        let noise = s.spawn(|| match &req.noise {
+            Noise::Seed(seed) => noise::seeded_tokens(*seed, b, channels, grid.height, grid.width),
+            Noise::Tensor(t) => sampler::pack(t),
+        });
+        let mode = match &req.mode {
+            ValidMode::TextToImage => Mode::TextToImage,
+            ValidMode::ImageToImage {
+                image_latents,
+                strength,
+            } => Mode::ImageToImage {
+                image_latents: on_device(image_latents)?,
+                strength: *strength,
+            },
+            ValidMode::Inpaint {
+                image_latents,
+                mask,
+                strength,
+            } => Mode::Inpaint {
+                image_latents: on_device(image_latents)?,
+                mask: on_device(mask)?,
+                strength: *strength,
+            },
+        };
+        let prompt_embeds = on_device(&req.prompt_embeds)?;
+        let guidance = match &req.guidance {
             Some((negative, scale)) => Some(Guidance {
                 negative: on_device(negative)?,
                 scale: *scale,
             }),
             None => None,
-        },
-        noise: on_device(&noise)?,
-        grid,
-        references: req
+        };
+        let references = req
             .references
             .iter()
             .map(|(t, g)| Ok((on_device(t)?, *g)))
-            .collect::<candle_core::Result<_>>()?,
-        mode,
-        num_steps: req.num_steps,
-        shift: req.shift,
+            .collect::<candle_core::Result<_>>()?;
+        let noise = noise
+            .join()
+            .unwrap_or_else(|payload| std::panic::resume_unwind(payload))?;
+        Ok(Request {
+            prompt_embeds,
+            guidance,
+            noise: on_device(&noise)?,
+            grid,
+            references,
+            mode,
+            num_steps: req.num_steps,
+            shift: req.shift,
+        })
     })
 }

@@ -14,6 +14,7 @@
 //! torch's generator cannot be reproduced here; parity tests pass explicit noise instead.
 
 use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
 
 /// SplitMix64, used only to expand a seed into a xoshiro state.
 fn splitmix64(state: &mut u64) -> u64 {
@@ -58,29 +59,26 @@ impl Xoshiro256pp {
 }
 
 /// `count` standard normal values for one seed. The uniforms come from the one sequential
-/// stream; the Box–Muller transforms (a logarithm, a square root and a sine / cosine pair in
-/// f64 per pair, most of a 1024² request's preparation when they ran on one core) run on every
-/// core in chunks, which changes no value.
+/// stream, a chunk at a time; each chunk's Box–Muller transforms (a logarithm, a square root
+/// and a sine / cosine pair in f64 per pair, ~6 ms of one core at 1024²) run on the thread pool
+/// while the stream goes on, which changes no value.
 pub fn normal(seed: u64, count: usize) -> Vec<f32> {
     let mut rng = Xoshiro256pp::seeded(seed);
-    let pairs = count.div_ceil(2);
-    let uniforms: Vec<(f64, f64)> = (0..pairs)
-        .map(|_| (rng.next_open01(), rng.next_open01()))
-        .collect();
-    let mut out = vec![0f32; 2 * pairs];
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = pairs.div_ceil(threads).max(MIN_PAIRS_PER_THREAD);
-    std::thread::scope(|s| {
-        for (u, o) in uniforms.chunks(chunk).zip(out.chunks_mut(2 * chunk)) {
-            s.spawn(move || box_muller(u, o));
+    let mut out = vec![0f32; 2 * count.div_ceil(2)];
+    rayon::scope(|s| {
+        for o in out.chunks_mut(2 * PAIRS_PER_TASK) {
+            let uniforms: Vec<(f64, f64)> = (0..o.len() / 2)
+                .map(|_| (rng.next_open01(), rng.next_open01()))
+                .collect();
+            s.spawn(move |_| box_muller(&uniforms, o));
         }
     });
     out.truncate(count);
     out
 }
 
-/// Below this many pairs a thread costs more than it saves.
-const MIN_PAIRS_PER_THREAD: usize = 8192;
+/// Normal pairs a pool task transforms (its uniforms: 128 KiB).
+const PAIRS_PER_TASK: usize = 8192;
 
 /// Normal pairs from uniform pairs: `r = sqrt(-2 ln u1)`, `(r cos 2πu2, r sin 2πu2)`.
 fn box_muller(uniforms: &[(f64, f64)], out: &mut [f32]) {
@@ -108,8 +106,8 @@ pub fn seeded_noise(
 }
 
 /// [`seeded_noise`] laid out as the sampler's tokens, `[batch, h·w, channels]` (what
-/// `sampler::pack` makes of it): the planes are transposed on every core, not through a
-/// strided copy on one (1.6–2.7 ms of a 1024² request's preparation on an H200 host).
+/// `sampler::pack` makes of it): the planes are transposed on the thread pool, not through a
+/// strided copy on one core (1.6–2.7 ms of a 1024² request's preparation on an H200 host).
 pub fn seeded_tokens(
     seed: u64,
     batch: usize,
@@ -128,25 +126,22 @@ pub fn seeded_tokens(
     Tensor::from_vec(data, (batch, hw, channels), &Device::Cpu)
 }
 
-/// Below this many tokens a thread costs more than it saves.
-const MIN_TOKENS_PER_THREAD: usize = 256;
+/// Tokens a pool task transposes.
+const TOKENS_PER_TASK: usize = 256;
 
-/// `tokens[p · channels + k] = planes[k · hw + p]`, runs of tokens on every core.
+/// `tokens[p · channels + k] = planes[k · hw + p]`, runs of tokens on the thread pool.
 fn planes_to_tokens(planes: &[f32], tokens: &mut [f32], channels: usize, hw: usize) {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = hw.div_ceil(threads).max(MIN_TOKENS_PER_THREAD);
-    std::thread::scope(|s| {
-        for (i, run) in tokens.chunks_mut(per_thread * channels).enumerate() {
-            s.spawn(move || {
-                for (j, token) in run.chunks_mut(channels).enumerate() {
-                    let p = i * per_thread + j;
-                    for (k, v) in token.iter_mut().enumerate() {
-                        *v = planes[k * hw + p];
-                    }
+    tokens
+        .par_chunks_mut(TOKENS_PER_TASK * channels)
+        .enumerate()
+        .for_each(|(i, run)| {
+            for (j, token) in run.chunks_mut(channels).enumerate() {
+                let p = i * TOKENS_PER_TASK + j;
+                for (k, v) in token.iter_mut().enumerate() {
+                    *v = planes[k * hw + p];
                 }
-            });
-        }
-    });
+            }
+        });
 }
 
 #[cfg(test)]
@@ -163,7 +158,7 @@ mod tests {
 
     #[test]
     fn chunked_transforms_equal_one_sequential_pass() {
-        let count = 5 * MIN_PAIRS_PER_THREAD + 3;
+        let count = 5 * PAIRS_PER_TASK + 3;
         let mut rng = Xoshiro256pp::seeded(11);
         let uniforms: Vec<(f64, f64)> = (0..count.div_ceil(2))
             .map(|_| (rng.next_open01(), rng.next_open01()))
