@@ -54,7 +54,8 @@ impl From<TilePlan> for pb::TilePlan {
         let narrow = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         Self {
             tiled: p.tiled,
-            tile_tokens: narrow(p.tile_tokens),
+            tile_tokens: narrow(p.tile_tokens.0),
+            tile_width_tokens: narrow(p.tile_tokens.1),
             overlap_tokens: narrow(p.overlap_tokens),
             tile_count: narrow(p.tile_count),
         }

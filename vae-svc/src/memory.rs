@@ -51,6 +51,8 @@
 //! accumulators `16 · H · W` bytes: the mid block runs on the whole (1/64-size) latent, the up
 //! blocks one tile at a time.
 
+use std::cmp::Reverse;
+
 use candle_core::DType;
 
 use crate::{
@@ -325,15 +327,20 @@ impl MemoryModel {
         self.decode_peak(h, w) + self.io_bytes(grid, batch)
     }
 
-    /// Bytes to reserve for a tiled decode with square tiles of `tile` tokens: the larger of
-    /// the whole-image mid block and one tile's up blocks (next to the whole mid-block output
-    /// and the tile's slice of it), the f32 blending accumulators of one image, and the
-    /// batch's inputs and outputs.
-    pub fn tiled_decode_request(&self, grid: (usize, usize), batch: usize, tile: usize) -> u64 {
+    /// Bytes to reserve for a tiled decode with tiles of `tile` (rows, cols) tokens: the
+    /// larger of the whole-image mid block and one tile's up blocks (next to the whole
+    /// mid-block output and the tile's slice of it), the f32 blending accumulators of one
+    /// image, and the batch's inputs and outputs.
+    pub fn tiled_decode_request(
+        &self,
+        grid: (usize, usize),
+        batch: usize,
+        tile: (usize, usize),
+    ) -> u64 {
         let (h, w) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
         let (th, tw) = (
-            tile.min(grid.0) * PIXELS_PER_TOKEN,
-            tile.min(grid.1) * PIXELS_PER_TOKEN,
+            tile.0.min(grid.0) * PIXELS_PER_TOKEN,
+            tile.1.min(grid.1) * PIXELS_PER_TOKEN,
         );
         let tiles = self.mid_output(h, w) + self.mid_output(th, tw) + self.decode_up_peak(th, tw);
         let accumulators = (self.cfg.out_channels as u64 + 1) * (h * w) as u64 * 4;
@@ -416,35 +423,60 @@ pub fn plan_decode(
         });
     }
     let op_bytes = memory.cfg.chunking.op_bytes;
-    let longest = grid.0.max(grid.1);
-    let largest = if force_tiling {
-        tiling.tile_tokens.min(longest)
-    } else {
-        longest - 1
+    let tiled = |tile: (usize, usize), bytes: u64| {
+        let overlap = tiling.overlap_for(tile.0.min(tile.1));
+        let count =
+            tile_starts(grid.0, tile.0, overlap).len() * tile_starts(grid.1, tile.1, overlap).len();
+        DecodePlan {
+            tiles: TilePlan {
+                tiled: true,
+                tile_tokens: tile,
+                overlap_tokens: min_overlap(grid, tile, overlap),
+                tile_count: count,
+            },
+            overlap_param: overlap,
+            op_bytes,
+            reserve_bytes: bytes,
+        }
     };
-    let smallest = tiling.min_tile_tokens.min(largest).max(1);
-    for tile in (smallest..=largest).rev() {
+    let smallest = |n: usize| tiling.min_tile_tokens.min(n).max(1);
+    let fits = |tile: (usize, usize)| {
         let bytes = memory.tiled_decode_request(grid, batch, tile);
-        if bytes <= capacity {
-            let overlap = tiling.overlap_for(tile);
-            let count =
-                tile_starts(grid.0, tile, overlap).len() * tile_starts(grid.1, tile, overlap).len();
-            return Ok(DecodePlan {
-                tiles: TilePlan {
-                    tiled: true,
-                    tile_tokens: tile,
-                    overlap_tokens: min_overlap(grid, tile, overlap),
-                    tile_count: count,
-                },
-                overlap_param: overlap,
-                op_bytes,
-                reserve_bytes: bytes,
-            });
+        (bytes <= capacity).then(|| tiled(tile, bytes))
+    };
+    if force_tiling {
+        // Square tiles of the configured side, smaller where the budget needs it.
+        let side = tiling.tile_tokens.min(grid.0.max(grid.1));
+        let square = |t: usize| (t.min(grid.0), t.min(grid.1));
+        if let Some(plan) = (smallest(side)..=side).rev().find_map(|t| fits(square(t))) {
+            return Ok(plan);
+        }
+    } else {
+        // Of the tile shapes that fit, the fewest tiles, then the largest (the overlaps grow
+        // with them): where the budget allows, bands across the whole width, which overlap
+        // along one axis only and so decode far fewer tokens twice than square tiles do. For
+        // each height the widest tile that fits (a wider one never reserves less).
+        let mut best: Option<((usize, Reverse<usize>), DecodePlan)> = None;
+        for rows in smallest(grid.0)..=grid.0 {
+            let widths: Vec<usize> = (smallest(grid.1)..=grid.1)
+                .filter(|&cols| (rows, cols) != grid)
+                .collect();
+            let fitting = widths.partition_point(|&cols| fits((rows, cols)).is_some());
+            let Some(plan) = fitting.checked_sub(1).and_then(|i| fits((rows, widths[i]))) else {
+                continue;
+            };
+            let t = plan.tiles;
+            let key = (t.tile_count, Reverse(t.tile_tokens.0 * t.tile_tokens.1));
+            if best.as_ref().is_none_or(|(b, _)| key < *b) {
+                best = Some((key, plan));
+            }
+        }
+        if let Some((_, plan)) = best {
+            return Ok(plan);
         }
     }
-    Err(memory
-        .tiled_decode_request(grid, batch, smallest)
-        .min(untiled))
+    let tile = (smallest(grid.0), smallest(grid.1));
+    Err(memory.tiled_decode_request(grid, batch, tile).min(untiled))
 }
 
 #[cfg(test)]
@@ -495,7 +527,7 @@ mod tests {
     }
 
     #[test]
-    fn plans_untiled_when_it_fits_and_the_largest_fitting_tile_otherwise() {
+    fn plans_untiled_when_it_fits_and_the_tiles_covering_the_fewest_tokens_otherwise() {
         let m = real();
         let grid = (64, 64);
         let untiled = m.decode_request(grid, 1);
@@ -503,26 +535,36 @@ mod tests {
         assert_eq!(plan.tiles, TilePlan::untiled());
         assert_eq!(plan.reserve_bytes, untiled);
 
+        // Just short of untiled: two bands across the whole width, the tallest that fit.
         let plan = plan_decode(&m, grid, 1, untiled - 1, &tiling(), false).unwrap();
         assert!(plan.tiles.tiled);
         assert!(plan.reserve_bytes < untiled);
-        let t = plan.tiles.tile_tokens;
-        assert!((8..64).contains(&t), "{t}");
-        assert!(
-            m.tiled_decode_request(grid, 1, t + 1) > untiled - 1,
-            "tile {t} is the largest that fits"
-        );
-        assert!(plan.tiles.tile_count >= 4);
-
-        let half = m.tiled_decode_request(grid, 1, 32);
-        let plan = plan_decode(&m, grid, 1, half, &tiling(), false).unwrap();
-        assert_eq!(plan.tiles.tile_tokens, 32);
+        let (rows, cols) = plan.tiles.tile_tokens;
+        assert_eq!((cols, plan.tiles.tile_count), (64, 2), "{:?}", plan.tiles);
+        assert!(m.tiled_decode_request(grid, 1, (rows + 1, 64)) > untiled - 1);
         assert_eq!(plan.overlap_param, 4);
-        assert_eq!(
-            plan.tiles.overlap_tokens, 16,
-            "starts 0, 16, 32 on each axis"
-        );
-        assert_eq!(plan.tiles.tile_count, 9);
+        assert_eq!(plan.tiles.overlap_tokens, 2 * rows - 64);
+
+        // The room of a 48-token square: two bands decode about half the tokens four such
+        // squares would (4 · 48² = 9216 a pass against 2 · 64 · at most 36).
+        let square = m.tiled_decode_request(grid, 1, (48, 48));
+        let plan = plan_decode(&m, grid, 1, square, &tiling(), false).unwrap();
+        let t = plan.tiles;
+        assert_eq!((t.tile_tokens.1, t.tile_count), (64, 2), "{t:?}");
+        assert!((34..=36).contains(&t.tile_tokens.0), "{t:?}");
+        assert!(plan.reserve_bytes <= square);
+    }
+
+    #[test]
+    fn tight_budgets_tile_along_both_axes() {
+        let m = real();
+        let grid = (64, 64);
+        let capacity = m.tiled_decode_request(grid, 1, (16, 16));
+        let plan = plan_decode(&m, grid, 1, capacity, &tiling(), false).unwrap();
+        let t = plan.tiles;
+        assert!(t.tile_tokens.0 < 64 && t.tile_tokens.1 < 64, "{t:?}");
+        assert!(t.tile_count >= 4, "{t:?}");
+        assert!(plan.reserve_bytes <= capacity);
     }
 
     #[test]
@@ -583,11 +625,20 @@ mod tests {
     fn forced_tiling_uses_the_configured_tile_and_hopeless_budgets_are_refused() {
         let m = real();
         let plan = plan_decode(&m, (64, 64), 1, u64::MAX, &tiling(), true).unwrap();
-        assert_eq!(plan.tiles.tile_tokens, 32);
+        assert_eq!(plan.tiles.tile_tokens, (32, 32));
+        assert_eq!((plan.overlap_param, plan.tiles.overlap_tokens), (4, 16));
+        assert_eq!(plan.tiles.tile_count, 9, "starts 0, 16, 32 on each axis");
         assert!(plan.tiles.tiled);
         let small = plan_decode(&m, (6, 4), 1, u64::MAX, &tiling(), true).unwrap();
-        assert_eq!((small.tiles.tile_tokens, small.tiles.tile_count), (6, 1));
+        assert_eq!(
+            (small.tiles.tile_tokens, small.tiles.tile_count),
+            ((6, 4), 1)
+        );
+        // Forced square tiles shrink to fit the budget.
+        let room = m.tiled_decode_request((64, 64), 1, (20, 20));
+        let shrunk = plan_decode(&m, (64, 64), 1, room, &tiling(), true).unwrap();
+        assert_eq!(shrunk.tiles.tile_tokens, (20, 20));
         let need = plan_decode(&m, (64, 64), 1, 1 << 20, &tiling(), false).unwrap_err();
-        assert_eq!(need, m.tiled_decode_request((64, 64), 1, 8));
+        assert_eq!(need, m.tiled_decode_request((64, 64), 1, (8, 8)));
     }
 }

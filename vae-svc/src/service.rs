@@ -205,7 +205,7 @@ impl Vae {
             grid = ?req.grid,
             batch = req.batch(),
             tiled = t.tiled,
-            tile_tokens = t.tile_tokens,
+            tile_tokens = ?t.tile_tokens,
             overlap_tokens = t.overlap_tokens,
             tile_count = t.tile_count,
             op_chunk_bytes = plan.op_bytes,

@@ -1,8 +1,9 @@
 //! Tiled decoding with overlap blending.
 //!
 //! The decoder's global part (`conv_in` and the mid block with its attention) runs on the whole
-//! latent, which is 1/64 of the pixels. Its output is cut into square tiles of `tile` tokens
-//! (a token is 16x16 image pixels), spread evenly so that neighbours overlap by at least
+//! latent, which is 1/64 of the pixels. Its output is cut into tiles of `rows` x `cols` tokens
+//! (a token is 16x16 image pixels; bands across the whole width where the budget allows, which
+//! decode the fewest overlapping tokens), spread evenly so that neighbours overlap by at least
 //! `overlap` tokens, and the up blocks decode one tile at a time:
 //! 1. statistics passes record every group norm's input moments over the part of the image
 //!    each tile owns (overlaps split at their middle), giving image-wide statistics; each pass
@@ -32,7 +33,7 @@ use crate::{
 /// Tile settings from the service configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TilingConfig {
-    /// Tile side, tokens, when a request forces tiling.
+    /// Tile side, tokens, when a request forces tiling (square tiles).
     pub tile_tokens: usize,
     /// Wanted overlap between neighbouring tiles, tokens (at most half a tile).
     pub overlap_tokens: usize,
@@ -58,8 +59,8 @@ impl TilingConfig {
 pub struct TilePlan {
     /// Decoded in tiles (forced or for the budget).
     pub tiled: bool,
-    /// Tile side, tokens; 0 when untiled.
-    pub tile_tokens: usize,
+    /// Tile height and width, tokens; (0, 0) when untiled.
+    pub tile_tokens: (usize, usize),
     /// Minimum overlap between neighbouring tiles, tokens; 0 when untiled.
     pub overlap_tokens: usize,
     /// Tiles per image; 1 when untiled.
@@ -71,7 +72,7 @@ impl TilePlan {
     pub fn untiled() -> Self {
         Self {
             tiled: false,
-            tile_tokens: 0,
+            tile_tokens: (0, 0),
             overlap_tokens: 0,
             tile_count: 1,
         }
@@ -161,11 +162,11 @@ fn spans(n: usize, tile: usize, overlap: usize) -> Vec<Span> {
         .collect()
 }
 
-/// Smallest overlap between neighbouring tiles over a `grid`, tokens.
-pub fn min_overlap(grid: (usize, usize), tile: usize, overlap: usize) -> usize {
-    [grid.0, grid.1]
+/// Smallest overlap between neighbouring tiles of `tile` (rows, cols) tokens over a `grid`.
+pub fn min_overlap(grid: (usize, usize), tile: (usize, usize), overlap: usize) -> usize {
+    [(grid.0, tile.0), (grid.1, tile.1)]
         .into_iter()
-        .flat_map(|n| {
+        .flat_map(|(n, tile)| {
             let s = tile_starts(n, tile, overlap);
             let len = tile.min(n);
             s.windows(2)
@@ -179,8 +180,8 @@ pub fn min_overlap(grid: (usize, usize), tile: usize, overlap: usize) -> usize {
 /// A tiled decode's parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TileJob {
-    /// Tile side, tokens.
-    pub tile: usize,
+    /// Tile height and width, tokens.
+    pub tile: (usize, usize),
     /// Overlap asked of [`tile_starts`], tokens.
     pub overlap: usize,
     /// See [`TilingConfig::norm_max_passes`].
@@ -208,8 +209,8 @@ pub fn decode_tiled(
     let per_token = lh / grid.0;
     let (height, width) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
     let mid = model.decode_mid(z)?;
-    let rows = spans(grid.0, tile, overlap);
-    let cols = spans(grid.1, tile, overlap);
+    let rows = spans(grid.0, tile.0, overlap);
+    let cols = spans(grid.1, tile.1, overlap);
     let tiles: Vec<(&Span, &Span)> = rows
         .iter()
         .flat_map(|r| cols.iter().map(move |c| (r, c)))
@@ -308,8 +309,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(min_overlap((64, 10), 32, 4), 16);
-        assert_eq!(min_overlap((8, 8), 32, 4), 0);
+        assert_eq!(min_overlap((64, 10), (32, 32), 4), 16);
+        assert_eq!(min_overlap((8, 8), (32, 32), 4), 0);
+        // A band across the whole width overlaps only along the rows.
+        assert_eq!(min_overlap((64, 64), (37, 64), 8), 10);
     }
 
     #[test]

@@ -97,7 +97,8 @@ async fn f32_service_matches_diffusers_over_the_wire() {
             tiled: false,
             tile_tokens: 0,
             overlap_tokens: 0,
-            tile_count: 1
+            tile_count: 1,
+            tile_width_tokens: 0
         }
     );
 
@@ -128,7 +129,8 @@ async fn f32_service_matches_diffusers_over_the_wire() {
             tiled: true,
             tile_tokens: 4,
             overlap_tokens: 2,
-            tile_count: 2
+            tile_count: 2,
+            tile_width_tokens: 4
         }
     );
 

@@ -92,7 +92,8 @@ async fn forced_tiles_blend_close_to_the_untiled_decode() {
             tiled: true,
             tile_tokens: 8,
             overlap_tokens: 4,
-            tile_count: 2
+            tile_count: 2,
+            tile_width_tokens: 8
         }
     );
     let (a, b) = (
@@ -116,24 +117,41 @@ async fn forced_tiles_blend_close_to_the_untiled_decode() {
     let model = loader::load(&source, DType::F32, &dev).unwrap().model;
     let tokens = from_wire(&latents).to_device(&dev).unwrap();
     let z = model.unpack_latents(&tokens, (8, 12)).unwrap();
+    let decode = |job: &TileJob| {
+        let (pixels, passes) =
+            decode_tiled(&model, &z, (8, 12), job, &CancellationToken::new()).unwrap();
+        let u8 = Tensor::from_vec(
+            image::to_u8(&pixels).unwrap(),
+            (1, 128, 192, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        (u8, passes)
+    };
     let job = TileJob {
-        tile: 8,
+        tile: (8, 8),
         overlap: 4,
         max_passes: 1,
         tolerance: 0.0,
     };
-    let (pixels, passes) =
-        decode_tiled(&model, &z, (8, 12), &job, &CancellationToken::new()).unwrap();
+    let (local, passes) = decode(&job);
     assert_eq!(passes, 1);
-    let local = Tensor::from_vec(
-        image::to_u8(&pixels).unwrap(),
-        (1, 128, 192, 3),
-        &Device::Cpu,
-    )
-    .unwrap();
     let db_local = psnr(&a, &local);
     println!("same tiles with per-tile group-norm statistics: PSNR {db_local:.2} dB");
     assert!(db_local < db);
+
+    // Bands across the whole width (what the budget picks where they fit): two of 6 rows
+    // overlapping by 4, image-wide statistics.
+    let bands = TileJob {
+        tile: (6, 12),
+        overlap: 4,
+        max_passes: 4,
+        tolerance: 0.02,
+    };
+    let (banded, passes) = decode(&bands);
+    let db_bands = psnr(&a, &banded);
+    println!("bands of 6 x 12 tokens, 4-token overlap, {passes} passes: PSNR {db_bands:.2} dB");
+    assert!(db_bands >= 40.0, "PSNR {db_bands:.2} dB");
 }
 
 #[tokio::test]
@@ -158,8 +176,8 @@ async fn a_budget_too_small_for_untiled_decodes_tiled_and_a_hopeless_one_is_refu
         .into_inner();
     let plan = out.tile_plan.unwrap();
     assert!(plan.tiled, "{plan:?}");
-    let tile = plan.tile_tokens as usize;
-    assert!((4..12).contains(&tile), "{plan:?}");
+    let tile = (plan.tile_tokens as usize, plan.tile_width_tokens as usize);
+    assert!(tile.0 <= 8 && tile.1 <= 12 && tile != (8, 12), "{plan:?}");
     assert!(memory.tiled_decode_request(grid, 1, tile) < untiled);
     println!("budget {untiled} - 1 bytes of activations: {plan:?}");
     assert_eq!(
