@@ -10,14 +10,14 @@
 //!    normalises with the previous pass's moments, so they converge to the untiled ones (after
 //!    k passes the first k norms are exact); passes stop when the moments settle;
 //! 2. a final pass decodes every tile with those statistics, and the pixels are blended on
-//!    the host in f32 with weights that ramp linearly across every overlap (the product of a
-//!    vertical and a horizontal ramp), divided by the summed weights.
+//!    the device in f32 with weights that ramp linearly across every overlap (the product of
+//!    a vertical and a horizontal ramp), divided by the summed weights.
 //!
 //! Only one tile's up-block activations live on the device at a time; the price is running
 //! the up blocks once per pass. Without statistics passes (`norm_max_passes = 1`) every tile
 //! normalises with its own statistics, as diffusers' tiled decode does, and seams show.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -195,8 +195,8 @@ pub struct TileJob {
 /// whole latent first, which is small; only the up blocks are tiled. With more than one tile,
 /// statistics passes record image-wide group-norm moments (each pass normalising with the
 /// previous pass's, so they converge to the image-wide ones) until they settle or the pass
-/// limit is reached; the final pass uses them. Returns (1, 3, 16h, 16w) f32 on the CPU and
-/// the number of passes run.
+/// limit is reached; the final pass uses them. Returns (1, 3, 16h, 16w) f32 on the model's
+/// device and the number of passes run.
 pub fn decode_tiled(
     model: &AutoencoderKLFlux2,
     z: &Tensor,
@@ -246,9 +246,10 @@ pub fn decode_tiled(
         }
         stats = stats.into_replay();
     }
-    let mut acc: Vec<f32> = Vec::new();
-    let mut weight = vec![0f32; height * width];
-    let plane = height * width;
+    // The blend, on the device: each tile's pixels weighted by its ramps, added into its
+    // region of the accumulators, divided by the summed weights at the end.
+    let dev = mid.device();
+    let mut blend: Option<(Tensor, Tensor)> = None;
     for &(r, c) in &tiles {
         if cancel.is_cancelled() {
             return Err(VaeError::Cancelled);
@@ -258,32 +259,31 @@ pub fn decode_tiled(
             .decode_up(part(r, c)?, &mut stats)?
             .to_dtype(DType::F32)?;
         let (_, channels, th, tw) = pixels.dims4()?;
-        if acc.is_empty() {
-            acc = vec![0f32; channels * plane];
-        }
-        let values = pixels.flatten_all()?.to_vec1::<f32>()?;
-        let (y0, x0) = (r.start * PIXELS_PER_TOKEN, c.start * PIXELS_PER_TOKEN);
-        for y in 0..th {
-            for x in 0..tw {
-                let w = r.ramp[y] * c.ramp[x];
-                let at = (y0 + y) * width + x0 + x;
-                weight[at] += w;
-                for ch in 0..channels {
-                    acc[ch * plane + at] += w * values[(ch * th + y) * tw + x];
-                }
-            }
-        }
+        let ramps = Tensor::from_slice(&r.ramp, (1, 1, th, 1), dev)?
+            .broadcast_mul(&Tensor::from_slice(&c.ramp, (1, 1, 1, tw), dev)?)?;
+        let at = (r.start * PIXELS_PER_TOKEN, c.start * PIXELS_PER_TOKEN);
+        let (sum, weight) = match blend.take() {
+            Some(b) => b,
+            None => (
+                Tensor::zeros((1, channels, height, width), DType::F32, dev)?,
+                Tensor::zeros((1, 1, height, width), DType::F32, dev)?,
+            ),
+        };
+        blend = Some((
+            add_to_region(&sum, &pixels.broadcast_mul(&ramps)?, at)?,
+            add_to_region(&weight, &ramps, at)?,
+        ));
     }
-    let channels = acc.len() / plane;
-    for ch in 0..channels {
-        for (a, w) in acc[ch * plane..(ch + 1) * plane].iter_mut().zip(&weight) {
-            *a /= w;
-        }
-    }
-    Ok((
-        Tensor::from_vec(acc, (1, channels, height, width), &Device::Cpu)?,
-        passes,
-    ))
+    // Every grid has at least one tile.
+    let (sum, weight) = blend.ok_or(candle_core::Error::Msg("no tiles".into()))?;
+    Ok((sum.broadcast_div(&weight)?, passes))
+}
+
+/// `t` (1, C, H, W) with `x` (1, C, h, w) added to its region at pixel `(y0, x0)`.
+fn add_to_region(t: &Tensor, x: &Tensor, (y0, x0): (usize, usize)) -> candle_core::Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let region = t.narrow(2, y0, h)?.narrow(3, x0, w)?;
+    t.slice_assign(&[0..1, 0..c, y0..y0 + h, x0..x0 + w], &(region + x)?)
 }
 
 #[cfg(test)]
