@@ -440,8 +440,9 @@ pub fn plan_decode(
         }
     };
     let smallest = |n: usize| tiling.min_tile_tokens.min(n).max(1);
+    let request = |tile: (usize, usize)| memory.tiled_decode_request(grid, batch, tile);
     let fits = |tile: (usize, usize)| {
-        let bytes = memory.tiled_decode_request(grid, batch, tile);
+        let bytes = request(tile);
         (bytes <= capacity).then(|| tiled(tile, bytes))
     };
     if force_tiling {
@@ -461,7 +462,7 @@ pub fn plan_decode(
             let widths: Vec<usize> = (smallest(grid.1)..=grid.1)
                 .filter(|&cols| (rows, cols) != grid)
                 .collect();
-            let fitting = widths.partition_point(|&cols| fits((rows, cols)).is_some());
+            let fitting = widths.partition_point(|&cols| request((rows, cols)) <= capacity);
             let Some(plan) = fitting.checked_sub(1).and_then(|i| fits((rows, widths[i]))) else {
                 continue;
             };
@@ -475,8 +476,7 @@ pub fn plan_decode(
             return Ok(plan);
         }
     }
-    let tile = (smallest(grid.0), smallest(grid.1));
-    Err(memory.tiled_decode_request(grid, batch, tile).min(untiled))
+    Err(request((smallest(grid.0), smallest(grid.1))).min(untiled))
 }
 
 #[cfg(test)]
