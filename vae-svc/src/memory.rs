@@ -44,9 +44,10 @@
 //!
 //! # Tiling
 //! A decode whose untiled reservation exceeds the whole activation capacity is decoded in
-//! square tiles of latent tokens ([`crate::tiling`]): [`plan_decode`] picks the largest tile
-//! side whose reservation fits (so the result does not depend on the current load), or the
-//! configured tile side when the request forces tiling. A tiled decode reserves
+//! tiles of latent tokens ([`crate::tiling`]): [`plan_decode`] picks, of the tile shapes whose
+//! reservation fits (so the result does not depend on the current load), the fewest tiles and
+//! then the largest (bands across the whole width where they fit), or square tiles of the
+//! configured side when the request forces tiling. A tiled decode reserves
 //! `max(mid_peak(H, W), mid_out(H, W) + mid_out(tile) + up_peak(tile))` plus the f32 blending
 //! accumulators `16 · H · W` bytes: the mid block runs on the whole (1/64-size) latent, the up
 //! blocks one tile at a time.
