@@ -19,8 +19,8 @@ mod sm90;
 /// keys where it is 0 (padding). A query row that sees no key at all comes out as zeros.
 /// On a build for Hopper the unmasked head dim 128 runs a wgmma kernel fed by tensor-map copies
 /// (`flash_attention_sm90.cu`, same contract); everything else the mma.sync kernels. f32 inputs
-/// (the VAE mid block: one head of 512) take the split-TF32 kernel `flash_attention_f32.cu`,
-/// unmasked with H_kv = H, where the card gives a block its shared memory (199 KiB at 512).
+/// (the VAE mid block: one head of 512) take the split-fp16 kernel `flash_attention_f32.cu`,
+/// unmasked with H_kv = H, where the card gives a block its shared memory (212 KiB at 512).
 /// `out_cols` = Some(c) makes the output rows c wide: the heads in the first H·hd columns, the
 /// rest left uninitialised for the caller to fill ([`flash_attention_with_swiglu`]).
 /// `v_tail` (B, H_kv, S_t, hd) holds the values of the keys past v's rows: the op attends
@@ -58,7 +58,7 @@ pub fn flash_attention_applies(device: &Device, dtype: DType, head_dim: usize) -
         && HEAD_DIMS.contains(&head_dim)
 }
 
-/// Whether unmasked f32 attention with `head_dim` on `device` takes the split-TF32 kernel (the
+/// Whether unmasked f32 attention with `head_dim` on `device` takes the split-fp16 kernel (the
 /// VAE mid block's single head; [`flash_attention`] runs it). The transformer and the text
 /// encoder in f32 keep their compositions: this kernel has no masks or grouped heads.
 pub fn flash_attention_f32_applies(device: &Device, head_dim: usize) -> bool {

@@ -12,14 +12,15 @@
 //! | ResNet conv1 | `X + silu(X) + O + conv_band` |
 //! | ResNet norm2 / conv2 / shortcut | `X + 2·O + (norm_chunk or conv_band)` |
 //! | ResNet residual add | `X + 3·O` with a shortcut conv, `X + 2·O` without |
-//! | mid attention (c at p = H·W/64) | `6·c·p` (x, tokens, q, k, v, projection) and `5·c·p + f32 k, v + score block` |
+//! | mid attention (c at p = H·W/64) | `6·c·p` (x, tokens, q, k, v, projection) and `5·c·p + f32 k, v + max(score block, 12·c·p bytes)` |
 //! | upsample (c at p) | `c·p + 4·c·p + 4·c·p + conv_band` |
 //!
 //! `norm_chunk` <= `op_chunk_bytes` (f32 temporaries of a few groups), `conv_band` <=
 //! `op_chunk_bytes` (one band of output rows, including the im2col buffer a CUDA convolution
 //! materialises), `score block` <= `attention_chunk_bytes`; each is at least one group / one
 //! row / one query row; where the f32 flash kernel runs the attention (CUDA, head dim 512) there
-//! is no score block and the term is an upper bound. For the released VAE the decode peak is
+//! is no score block: its split operands (fp16 high and low parts of q, k, v) take `12·c·p`
+//! bytes instead. For the released VAE the decode peak is
 //! reached by the first ResNet of the last up block (256 -> 128 channels at full resolution):
 //!
 //! `decode_peak(H, W) ≈ 640 · H · W · dtype_bytes + op_chunk_bytes`
@@ -149,7 +150,9 @@ impl Walk<'_> {
         let f32_kv = if self.s == 4 { 0 } else { 2 * c as u64 * p * 4 };
         let rows = query_rows(1, h * w, self.cfg.chunking.attention_bytes) as u64;
         let block = rows * p * 4 * 2 + 2 * rows * c as u64 * 4;
-        self.at(5 * x + f32_kv + block);
+        // Or, where the f32 flash kernel runs, its fp16 high and low parts of q, k and v.
+        let split = 3 * 4 * c as u64 * p;
+        self.at(5 * x + f32_kv + block.max(split));
     }
 
     fn mid(&mut self, c: usize, hw: (usize, usize)) {

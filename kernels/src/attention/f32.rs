@@ -1,24 +1,39 @@
-//! The f32 flash attention (`flash_attention_f32.cu`, split TF32 on the tensor cores): the VAE
+//! The f32 flash attention (`flash_attention_f32.cu`, split fp16 on the tensor cores): the VAE
 //! mid block's attention over the image's positions, one head of 512 (32 in the tiny test VAE).
+//! A pre-pass scales each of Q, K and V by a power of two and splits it into fp16 high and low
+//! parts; the kernel runs three fp16 products per pair.
 
 use candle_core::cuda::WrapErr;
-use candle_core::cuda::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg, sys};
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg, sys};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+use half::f16;
 
 use super::{Dims, KernelStrides};
 use crate::cuda::{FLASH_ATTENTION_F32, view};
 
-/// The head dims the kernel is instantiated for.
-pub const HEAD_DIMS: [usize; 2] = [32, 512];
-/// Query rows per block, keys per K/V tile, threads (`flash_attention_f32.cu`).
-const BLOCK_M: usize = 32;
+/// The head dims the kernel is instantiated for, with their 16-row query tiles per block (the
+/// other warps split the head dim: `8 / row groups` slices).
+const TILINGS: [(usize, usize); 2] = [(32, 4), (512, 2)];
+/// The head dims the kernel takes.
+pub const HEAD_DIMS: [usize; 2] = [TILINGS[0].0, TILINGS[1].0];
+/// Keys per K/V tile, threads (`flash_attention_f32.cu`).
 const BLOCK_N: usize = 32;
 const THREADS: u32 = 256;
 
-/// Q, K and V tiles (rows padded by 4, 4 and 8 floats), four 32 × 36 partial score tiles and 32
-/// row scales, f32: 212.9 KiB at head dim 512.
-const fn shared_bytes(hd: usize) -> usize {
-    4 * (BLOCK_M * (hd + 4) + BLOCK_N * (hd + 4 + hd + 8) + BLOCK_M * (4 * 36 + 1))
+/// Query rows per block at head dim `hd`.
+fn block_m(hd: usize) -> usize {
+    TILINGS
+        .iter()
+        .find(|t| t.0 == hd)
+        .map_or(0, |&(_, row_groups)| 16 * row_groups)
+}
+
+/// K and V tiles and the block's Q, each as fp16 high and low parts, and one f32 partial score
+/// tile (rows of 40) per head-dim slice: 212 KiB at head dim 512.
+fn shared_bytes(hd: usize) -> usize {
+    let m = block_m(hd);
+    let slices = 128 / m;
+    2 * 2 * (2 * BLOCK_N + m) * hd + 4 * slices * m * (BLOCK_N + 8)
 }
 
 /// Whether the kernel takes head dim `hd` on `dev`: an instantiated one whose shared memory the
@@ -34,16 +49,97 @@ pub fn applies(dev: &CudaDevice, hd: usize) -> bool {
             .is_ok_and(|bytes| bytes as usize >= shared_bytes(hd))
 }
 
+/// One operand's fp16 high and low parts, contiguous (B·H, rows, hd).
+struct SplitOperand {
+    hi: CudaSlice<f16>,
+    lo: CudaSlice<f16>,
+}
+
+/// Blocks of the pre-pass grid per head (grid-stride loops over the rest).
+fn prepass(rows: usize, d: Dims) -> LaunchConfig {
+    let blocks = (rows * d.hd / 4).div_ceil(THREADS as usize).clamp(1, 512);
+    LaunchConfig {
+        grid_dim: (blocks as u32, (d.b * d.h) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Q, K and V scaled and split (their largest magnitudes' bits in `max_bits`, Q, K, V).
+fn split(
+    dev: &CudaDevice,
+    operands: [(CudaView<'_, f32>, KernelStrides, usize); 3],
+    d: Dims,
+    max_bits: &mut CudaSlice<u32>,
+) -> Result<[SplitOperand; 3]> {
+    let absmax = dev.get_or_load_custom_func(
+        "attention_absmax_f32",
+        FLASH_ATTENTION_F32.name,
+        FLASH_ATTENTION_F32.ptx,
+    )?;
+    let split_f16 = dev.get_or_load_custom_func(
+        "attention_split_f16",
+        FLASH_ATTENTION_F32.name,
+        FLASH_ATTENTION_F32.ptx,
+    )?;
+    let (heads, hd) = (d.h as i32, d.hd as i32);
+    for (i, (x, strides, rows)) in operands.iter().enumerate() {
+        let mut bits = max_bits.slice_mut(i..i + 1);
+        let rows_arg = *rows as i32;
+        let mut launch = absmax.builder();
+        launch
+            .arg(x)
+            .arg(strides)
+            .arg(&heads)
+            .arg(&rows_arg)
+            .arg(&hd);
+        launch.arg(&mut bits);
+        unsafe { launch.launch(prepass(*rows, d)) }.w()?;
+    }
+    let split_one = |i: usize| -> Result<SplitOperand> {
+        let (x, strides, rows) = &operands[i];
+        let len = d.b * d.h * rows * d.hd;
+        let mut part = SplitOperand {
+            hi: unsafe { dev.alloc::<f16>(len)? },
+            lo: unsafe { dev.alloc::<f16>(len)? },
+        };
+        let bits = max_bits.slice(i..i + 1);
+        let rows_arg = *rows as i32;
+        let mut launch = split_f16.builder();
+        launch
+            .arg(x)
+            .arg(strides)
+            .arg(&heads)
+            .arg(&rows_arg)
+            .arg(&hd);
+        launch.arg(&bits).arg(&mut part.hi).arg(&mut part.lo);
+        unsafe { launch.launch(prepass(*rows, d)) }.w()?;
+        Ok(part)
+    };
+    Ok([split_one(0)?, split_one(1)?, split_one(2)?])
+}
+
 /// Unmasked attention, H_kv = H, head dim d.hd, into a fresh (B, S_q, H · hd) buffer.
 pub(super) fn forward(
     dev: &CudaDevice,
     (qs, ql): (&CudaStorage, &Layout),
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
-    strides: [KernelStrides; 3],
+    [q_strides, k_strides, v_strides]: [KernelStrides; 3],
     d: Dims,
     scale: f32,
 ) -> Result<CudaSlice<f32>> {
+    let mut max_bits = dev.alloc_zeros::<u32>(3)?;
+    let [q, k, v] = split(
+        dev,
+        [
+            (view::<f32>(qs, ql)?, q_strides, d.s_q),
+            (view::<f32>(ks, kl)?, k_strides, d.s_kv),
+            (view::<f32>(vs, vl)?, v_strides, d.s_kv),
+        ],
+        d,
+        &mut max_bits,
+    )?;
     let smem = shared_bytes(d.hd);
     let func = dev.get_or_load_custom_func(
         &format!("flash_attention_f32_hd{}", d.hd),
@@ -55,24 +151,24 @@ pub(super) fn forward(
         smem as i32,
     )
     .w()?;
-    let (q, k, v) = (
-        view::<f32>(qs, ql)?,
-        view::<f32>(ks, kl)?,
-        view::<f32>(vs, vl)?,
-    );
-    let out = unsafe { dev.alloc::<f32>(d.b * d.s_q * d.cols)? };
+    let mut out = unsafe { dev.alloc::<f32>(d.b * d.s_q * d.cols)? };
     let (s_q, s_kv, heads) = (d.s_q as i32, d.s_kv as i32, d.h as i32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let (batch_stride, row_stride) = ((d.s_q * d.cols) as i64, d.cols as i64);
     let cfg = LaunchConfig {
-        grid_dim: (d.s_q.div_ceil(BLOCK_M) as u32, (d.b * d.h) as u32, 1),
+        grid_dim: (d.s_q.div_ceil(block_m(d.hd)) as u32, (d.b * d.h) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let [q_strides, k_strides, v_strides] = strides;
     let mut launch = func.builder();
-    launch.arg(&q).arg(&k).arg(&v).arg(&out);
-    launch.arg(&q_strides).arg(&k_strides).arg(&v_strides);
+    launch
+        .arg(&q.hi)
+        .arg(&q.lo)
+        .arg(&k.hi)
+        .arg(&k.lo)
+        .arg(&v.hi)
+        .arg(&v.lo);
+    launch.arg(&mut out).arg(&max_bits);
     launch.arg(&s_q).arg(&s_kv).arg(&heads).arg(&scale_log2);
     launch.arg(&batch_stride).arg(&row_stride);
     unsafe { launch.launch(cfg) }.w()?;

@@ -23,7 +23,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "cp_async.cuh"
+#include "tiles.cuh"
 
 namespace {
 
@@ -35,18 +35,6 @@ constexpr int WARP_ROWS = 16 * M_TILES;
 constexpr int BLOCK_M = WARPS * WARP_ROWS;
 constexpr int BLOCK_N = 32;
 constexpr int THREADS = 32 * WARPS;
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 
 // d += a · b for one 16×8×16 tile (a row-major 16×16, b column-major 16×8).
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -61,29 +49,6 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
-}
-
-// Element offset of (row, col) in a swizzled [rows][HD] tile; col is a multiple of 8 for
-// 16-byte accesses.
-template <int HD>
-__device__ __forceinline__ int swz(int row, int col) {
-  constexpr int CHUNKS = HD / 8;
-  constexpr int MASK = (CHUNKS < 8 ? CHUNKS : 8) - 1;
-  return row * HD + (((col >> 3) ^ (row & MASK)) << 3) + (col & 7);
-}
-
-// Rows [row0, row0 + ROWS) of a (len, HD) matrix whose rows are `stride` elements apart into a
-// swizzled tile; rows past len are zero.
-template <int HD, int ROWS>
-__device__ __forceinline__ void load_tile(bf16* tile, const bf16* src, int stride, int row0,
-                                          int len) {
-  constexpr int CHUNKS = HD / 8;
-  for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
-    const int r = i / CHUNKS;
-    const int c = (i % CHUNKS) * 8;
-    const bool valid = row0 + r < len;
-    cp_async16(tile + swz<HD>(r, c), src + (size_t)(valid ? row0 + r : 0) * stride + c, valid);
-  }
 }
 
 // (batch, head, row) strides of one input, in elements (each below 2³¹).
@@ -120,9 +85,9 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
   const bf16* vg = v + (size_t)b * vs.batch + (size_t)kv_head * vs.head;
   const unsigned int* mask = MASKED && key_mask ? key_mask + (size_t)b * s_kv : nullptr;
 
-  load_tile<HD, BLOCK_M>(sq, qg, qs.row, m0, s_q);
-  load_tile<HD, BLOCK_N>(sk, kg, ks.row, 0, s_kv);
-  load_tile<HD, BLOCK_N>(sv, vg, vs.row, 0, s_kv);
+  load_tile<HD, BLOCK_M, THREADS>(sq, qg, qs.row, m0, s_q);
+  load_tile<HD, BLOCK_N, THREADS>(sk, kg, ks.row, 0, s_kv);
+  load_tile<HD, BLOCK_N, THREADS>(sv, vg, vs.row, 0, s_kv);
   cp_async_commit();
 
   // Row of this lane's ldmatrix address in each of the warp's 16-row query tiles.
@@ -144,10 +109,9 @@ __device__ __forceinline__ void flash_forward(const bf16* __restrict__ q,
   for (int j = 0; j < tiles; ++j) {
     const int stage = j & 1;
     if (j + 1 < tiles) {
-      load_tile<HD, BLOCK_N>(sk + (stage ^ 1) * BLOCK_N * HD, kg, ks.row, (j + 1) * BLOCK_N,
-                             s_kv);
-      load_tile<HD, BLOCK_N>(sv + (stage ^ 1) * BLOCK_N * HD, vg, vs.row, (j + 1) * BLOCK_N,
-                             s_kv);
+      const int next = (j + 1) * BLOCK_N;
+      load_tile<HD, BLOCK_N, THREADS>(sk + (stage ^ 1) * BLOCK_N * HD, kg, ks.row, next, s_kv);
+      load_tile<HD, BLOCK_N, THREADS>(sv + (stage ^ 1) * BLOCK_N * HD, vg, vs.row, next, s_kv);
       cp_async_commit();
       cp_async_wait<1>();
     } else {

@@ -1,93 +1,76 @@
 // Flash attention in f32 for heads of 512 (the VAE mid block's attention over the image's
-// positions, spec §1.4; 32 for the tiny test VAE): O = softmax(Q Kᵀ · scale) V without the score matrix, f32 in and out,
-// with f32-class accuracy on the tensor cores (split TF32, as the VAE's convolutions): each
-// operand x = x_hi + x_lo, x_hi its top 19 bits (exact in TF32), and
-// a·b ≈ a_hi·b_hi + a_lo·b_hi + a_hi·b_lo, three mma.sync m16n8k8 TF32 products with f32
-// accumulation (the dropped a_lo·b_lo and lo's own TF32 truncation are ~2⁻²⁰ of the product).
-// Online softmax in f32 (exp2 domain).
+// positions, spec §1.4; 32 for the tiny test VAE): O = softmax(Q Kᵀ · scale) V without the
+// score matrix, f32 in and out, with f32-class accuracy on the fp16 tensor cores.
 //
-// Q, K, V (B, H, S, HD) f32 with a contiguous last axis and (batch, head, row) strides in
-// elements, multiples of 4 (16-byte rows); O is written as (B, S_q, H·HD) through
-// out_batch_stride / out_row_stride. Every key is attended.
+// Split fp16. A pre-pass scales each of Q, K and V by the power of two that brings its largest
+// magnitude into [2¹⁴, 2¹⁵) (`attention_absmax_f32`, then `attention_split_f16`) and stores
+// every element x as x_hi = fp16(x) and x_lo = fp16(x − x_hi): 22 significant bits. Then
+// a·b ≈ a_hi·b_hi + a_lo·b_hi + a_hi·b_lo, three mma.sync m16n8k16 products with f32
+// accumulation (the dropped a_lo·b_lo is ~2⁻²² of the product). fp16 keeps TF32's 10-bit
+// mantissa at twice its rate, 16 products per k-step where TF32 takes 8. The scaling keeps
+// x_hi clear of fp16's overflow and puts x_lo's subnormal rounding below 2⁻³⁸ of the tensor's
+// largest value. P = exp2(s − m) ∈ (0, 1] is split the same way after a scaling by 2¹⁴; the
+// three scalings come off the scores' factor and the output's 1 / l, exactly.
 //
-// One block = 8 warps = 32 query rows; K/V tiles of 32 keys. Shared memory holds Q, one K tile,
-// one V tile and four 32 × 32 partial score tiles (213 KiB at HD 512: one block per SM):
-// K_{j+1} loads (cp.async) while the softmax and P·V_j run, V_{j+1} while S_{j+1} runs.
-// - S = Q K_jᵀ: warp w computes rows 16·(w % 2) … + 15 against all 32 keys over a quarter of
-//   the head dim, (w / 2)·HD/4 … + HD/4 − 1; the softmax adds the four quarters.
-// - Softmax: warp w owns rows 4w … 4w + 3, one key per lane.
-// - O += P V_j: warp w owns rows 16·(w % 2) and a quarter of the columns, HD / 4 (at HD 512:
-//   16 n-tiles, 64 accumulator registers per thread).
+// The split operands are contiguous (B·H, S, HD) fp16; O is written as (B, S_q, H·HD) f32
+// through out_batch_stride / out_row_stride. Every key is attended.
+//
+// One block = 8 warps = ROW_GROUPS 16-row query tiles × SLICES = 8 / ROW_GROUPS slices of the
+// head dim; K/V tiles of 32 keys. Shared memory holds one K tile and one V tile (hi and lo),
+// the block's Q (read once into registers) and SLICES partial score tiles (212 KiB at HD 512:
+// one block per SM); K_{j+1} loads (cp.async) while the softmax and P·V_j run, V_{j+1} while
+// S_{j+1} runs.
+// - S = Q K_jᵀ: a warp computes its 16 rows against all 32 keys over its slice of the head dim,
+//   Q's fragments in registers; the softmax adds the slices' partial scores.
+// - Softmax: every warp of a row group computes its 16 rows' (the same values), its P staying
+//   in registers as the next product's operand.
+// - O += P V_j: a warp owns its 16 rows and its slice's HD / SLICES columns (at HD 512: 16
+//   n-tiles, 64 accumulator registers per thread).
 // The tensor cores' f32 accumulation truncates instead of rounding, an error that grows with
-// the number of products chained into one accumulator (at 16 384 keys, 3e-5 rel-L2 when O
-// was one chain). So S's chains are 4 k-steps and O's one K/V tile, each then added into f32
+// the number of products chained into one accumulator (at 16 384 keys, 3e-5 rel-L2 when O was
+// one chain). So S's chains are 2 k-steps and O's one K/V tile, each then added into f32
 // registers with rounding to nearest.
-// Row strides are padded (Q, K: HD + 4 floats; V: HD + 8; scores: 36) so that every fragment
-// read is free of bank conflicts.
+#include <cuda_fp16.h>
 #include <stdint.h>
 
-#include "cp_async.cuh"
+#include "tiles.cuh"
 
 namespace {
 
 constexpr int WARPS = 8;
 constexpr int THREADS = 32 * WARPS;
-constexpr int BLOCK_M = 32;
 constexpr int BLOCK_N = 32;
-constexpr int P_STRIDE = BLOCK_N + 4;
+constexpr int S_STRIDE = BLOCK_N + 8;  // partial score rows: float2 accesses free of conflicts
+constexpr int CHAIN = 2;               // k-steps of S per truncating accumulator
+constexpr float P_SCALE = 16384.f;     // 2¹⁴
 
-// The TF32 part of v (its top 19 bits) and the exact remainder.
-__device__ __forceinline__ void split(float v, uint32_t& hi, uint32_t& lo) {
-  hi = __float_as_uint(v) & 0xffffe000u;
-  lo = __float_as_uint(v - __uint_as_float(hi));
+// 2^e for e in [-126, 127].
+__device__ __forceinline__ float pow2(int e) { return __int_as_float((e + 127) << 23); }
+
+// The exponent of the power of two the pre-pass scales a tensor by, from its largest
+// magnitude's bits: that magnitude into [2¹⁴, 2¹⁵); 0 for an all-zero or non-finite tensor.
+__device__ __forceinline__ int scale_shift(unsigned max_bits) {
+  const int e = static_cast<int>(max_bits >> 23);
+  if (max_bits == 0 || e >= 255) return 0;
+  return 14 - min(max(e - 127, -100), 100);
 }
 
-// d += a · b for one 16×8×8 TF32 tile (a row-major 16×8, b column-major 8×8).
+__device__ __forceinline__ uint32_t pack(__half lo, __half hi) {
+  const __half2 v = __halves2half2(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += a · b for one 16×8×16 tile (a row-major 16×16, b column-major 16×8).
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                     uint32_t b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The A fragment of the 16 × 8 tile at (row0, k0) of a row-major shared matrix, split.
-__device__ __forceinline__ void load_a(const float* m, int stride, int row0, int k0,
-                                       uint32_t (&hi)[4], uint32_t (&lo)[4]) {
-  const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-  const float* p = m + (row0 + g) * stride + k0 + t;
-  split(p[0], hi[0], lo[0]);
-  split(p[8 * stride], hi[1], lo[1]);
-  split(p[4], hi[2], lo[2]);
-  split(p[8 * stride + 4], hi[3], lo[3]);
-}
-
-// Rows [row0, row0 + ROWS) of a (len, HD) matrix whose rows are `stride` elements apart into a
-// shared tile of rows `tile_stride` apart; rows past len are zero.
-template <int HD, int ROWS>
-__device__ __forceinline__ void load_tile(float* tile, int tile_stride, const float* src,
-                                          int stride, int row0, int len) {
-  constexpr int CHUNKS = HD / 4;
-  for (int i = threadIdx.x; i < ROWS * CHUNKS; i += THREADS) {
-    const int r = i / CHUNKS, c = (i % CHUNKS) * 4;
-    const bool valid = row0 + r < len;
-    cp_async16(tile + r * tile_stride + c, src + (size_t)(valid ? row0 + r : 0) * stride + c,
-               valid);
-  }
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
-}
+__device__ __forceinline__ unsigned abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
 
 }  // namespace
 
@@ -96,56 +79,118 @@ struct Strides {
   int batch, head, row;
 };
 
+// The largest |x| of a (B, H, rows, hd) f32 tensor, as its bits, into *max_bits (zeroed by the
+// caller; non-negative floats order as their bits). Rows are 16-byte aligned, hd % 4 == 0.
+// Grid (any, B·H).
+extern "C" __global__ void attention_absmax_f32(const float* __restrict__ x, Strides s, int heads,
+                                                int rows, int hd, unsigned* max_bits) {
+  const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+  const float* base = x + (size_t)b * s.batch + (size_t)h * s.head;
+  const int chunks = hd / 4;
+  unsigned m = 0;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)rows * chunks;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int r = static_cast<int>(i / chunks), c = static_cast<int>(i % chunks) * 4;
+    const float4 v = *reinterpret_cast<const float4*>(base + (size_t)r * s.row + c);
+    m = max(m, max(max(abs_bits(v.x), abs_bits(v.y)), max(abs_bits(v.z), abs_bits(v.w))));
+  }
+  m = __reduce_max_sync(0xffffffffu, m);
+  if (threadIdx.x % 32 == 0) atomicMax(max_bits, m);
+}
+
+// The split of a (B, H, rows, hd) f32 tensor scaled as `max_bits` says: x_hi and x_lo, each
+// contiguous (B·H, rows, hd) fp16. Grid (any, B·H).
+extern "C" __global__ void attention_split_f16(const float* __restrict__ x, Strides s, int heads,
+                                               int rows, int hd,
+                                               const unsigned* __restrict__ max_bits,
+                                               __half* __restrict__ hi, __half* __restrict__ lo) {
+  const float scale = pow2(scale_shift(*max_bits));
+  const int b = blockIdx.y / heads, h = blockIdx.y % heads;
+  const float* base = x + (size_t)b * s.batch + (size_t)h * s.head;
+  const size_t out0 = (size_t)blockIdx.y * rows * hd;
+  const int chunks = hd / 4;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)rows * chunks;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int r = static_cast<int>(i / chunks), c = static_cast<int>(i % chunks) * 4;
+    const float4 v = *reinterpret_cast<const float4*>(base + (size_t)r * s.row + c);
+    const float xs[4] = {v.x * scale, v.y * scale, v.z * scale, v.w * scale};
+    __half xh[4], xl[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      xh[e] = __float2half_rn(xs[e]);
+      xl[e] = __float2half_rn(xs[e] - __half2float(xh[e]));
+    }
+    const size_t at = out0 + (size_t)r * hd + c;
+    *reinterpret_cast<uint2*>(hi + at) = make_uint2(pack(xh[0], xh[1]), pack(xh[2], xh[3]));
+    *reinterpret_cast<uint2*>(lo + at) = make_uint2(pack(xl[0], xl[1]), pack(xl[2], xl[3]));
+  }
+}
+
 namespace {
 
-template <int HD>
-__device__ __forceinline__ void flash_forward(const float* __restrict__ q,
-                                              const float* __restrict__ k,
-                                              const float* __restrict__ v,
-                                              float* __restrict__ out, Strides qs, Strides ks,
-                                              Strides vs, int s_q, int s_kv, int heads,
-                                              float scale_log2, long long out_batch_stride,
+// One split operand: its high and low parts, (B·H, rows, HD) fp16.
+struct Split {
+  const __half* hi;
+  const __half* lo;
+};
+
+template <int HD, int ROW_GROUPS>
+__device__ __forceinline__ void flash_forward(Split q, Split k, Split v, float* __restrict__ out,
+                                              const unsigned* __restrict__ max_bits, int s_q,
+                                              int s_kv, int heads, float scale_log2,
+                                              long long out_batch_stride,
                                               long long out_row_stride) {
-  constexpr int QK_STRIDE = HD + 4;
-  constexpr int V_STRIDE = HD + 8;
-  constexpr int K_SLICE = HD / (WARPS / 2);  // head dims per warp in S
-  constexpr int O_COLS = HD / (WARPS / 2);   // output columns per warp
-  constexpr int S_TILES = BLOCK_N / 8;
-  constexpr int O_TILES = O_COLS / 8;
-  extern __shared__ __align__(16) float smem[];
-  float* q_tile = smem;
-  float* k_tile = q_tile + BLOCK_M * QK_STRIDE;
-  float* v_tile = k_tile + BLOCK_N * QK_STRIDE;
-  // The four head-dim slices' partial scores; the probabilities replace the first.
-  float* s_part = v_tile + BLOCK_N * V_STRIDE;
-  float* p_tile = s_part;
-  float* row_scale = s_part + 4 * BLOCK_M * P_STRIDE;  // per row: the step's rescale, then 1 / l
+  constexpr int SLICES = WARPS / ROW_GROUPS;
+  constexpr int BLOCK_M = 16 * ROW_GROUPS;
+  constexpr int SLICE = HD / SLICES;     // head dims per warp in S, output columns in O
+  constexpr int Q_STEPS = SLICE / 16;    // k-steps of S per warp
+  constexpr int S_TILES = BLOCK_N / 8;   // 8-key n-tiles of S
+  constexpr int O_TILES = SLICE / 8;     // 8-column n-tiles of O per warp
+  static_assert(SLICE % 16 == 0, "a slice is whole k-steps");
+  extern __shared__ __align__(128) unsigned char smem[];
+  __half* k_hi = reinterpret_cast<__half*>(smem);
+  __half* k_lo = k_hi + BLOCK_N * HD;
+  __half* v_hi = k_lo + BLOCK_N * HD;
+  __half* v_lo = v_hi + BLOCK_N * HD;
+  __half* q_hi = v_lo + BLOCK_N * HD;
+  __half* q_lo = q_hi + BLOCK_M * HD;
+  float* s_part = reinterpret_cast<float*>(q_lo + BLOCK_M * HD);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int b = blockIdx.y / heads, h = blockIdx.y % heads;
   const int m0 = blockIdx.x * BLOCK_M;
-  const float* qb = q + (size_t)b * qs.batch + (size_t)h * qs.head;
-  const float* kb = k + (size_t)b * ks.batch + (size_t)h * ks.head;
-  const float* vb = v + (size_t)b * vs.batch + (size_t)h * vs.head;
+  const size_t q0 = (size_t)blockIdx.y * s_q * HD, kv0 = (size_t)blockIdx.y * s_kv * HD;
 
-  load_tile<HD, BLOCK_M>(q_tile, QK_STRIDE, qb, qs.row, m0, s_q);
-  load_tile<HD, BLOCK_N>(k_tile, QK_STRIDE, kb, ks.row, 0, s_kv);
+  load_tile<HD, BLOCK_M, THREADS>(q_hi, q.hi + q0, HD, m0, s_q);
+  load_tile<HD, BLOCK_M, THREADS>(q_lo, q.lo + q0, HD, m0, s_q);
+  load_tile<HD, BLOCK_N, THREADS>(k_hi, k.hi + kv0, HD, 0, s_kv);
+  load_tile<HD, BLOCK_N, THREADS>(k_lo, k.lo + kv0, HD, 0, s_kv);
   cp_async_commit();
-  load_tile<HD, BLOCK_N>(v_tile, V_STRIDE, vb, vs.row, 0, s_kv);
+  load_tile<HD, BLOCK_N, THREADS>(v_hi, v.hi + kv0, HD, 0, s_kv);
+  load_tile<HD, BLOCK_N, THREADS>(v_lo, v.lo + kv0, HD, 0, s_kv);
   cp_async_commit();
 
-  // Rows of this warp's S and O tiles; its head-dim slice of S and its columns of O.
-  const int row0 = 16 * (warp % 2);
-  const int k_slice0 = K_SLICE * (warp / 2), o_col0 = O_COLS * (warp / 2);
-  float* s_mine = s_part + (warp / 2) * BLOCK_M * P_STRIDE;
-  // Softmax: this warp's rows and their running max (exp2 domain) and sum.
-  float row_max[4], row_sum[4];
+  // This warp's 16 rows and its slice: head dims of S, columns of O.
+  const int row0 = 16 * (warp % ROW_GROUPS);
+  const int col0 = SLICE * (warp / ROW_GROUPS);
+  // The scalings: S' = 2^(shift_q + shift_k) S, O' = 2^(shift_v) · P_SCALE · O.
+  const int shift_q = scale_shift(max_bits[0]), shift_k = scale_shift(max_bits[1]);
+  const int shift_v = scale_shift(max_bits[2]);
+  const float s_factor = static_cast<float>(scale_log2 * ldexp(1.0, -(shift_q + shift_k)));
+
+  cp_async_wait<1>();  // Q and K_0 are in
+  __syncthreads();
+  uint32_t qh[Q_STEPS][4], ql[Q_STEPS][4];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    row_max[r] = -INFINITY;
-    row_sum[r] = 0.f;
+  for (int kk = 0; kk < Q_STEPS; ++kk) {
+    const int at = swz<HD>(row0 + lane % 8 + (lane / 8 % 2) * 8, col0 + kk * 16 + lane / 16 * 8);
+    ldmatrix_x4(qh[kk], smem_addr(q_hi + at));
+    ldmatrix_x4(ql[kk], smem_addr(q_lo + at));
   }
+
+  // Rows g and g + 8 of the warp's tile: running max (exp2 domain) and this thread's part of
+  // the running sum.
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   float o[O_TILES][4];
 #pragma unroll
   for (int j = 0; j < O_TILES; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
@@ -153,110 +198,150 @@ __device__ __forceinline__ void flash_forward(const float* __restrict__ q,
   const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
   for (int tile = 0; tile < tiles; ++tile) {
     const int n0 = tile * BLOCK_N;
-    cp_async_wait<1>();  // K_j (and Q) are in; V_j may still be loading
+    cp_async_wait<1>();  // K_j is in; V_j may still be loading
     __syncthreads();
-    {
-      // Partial S over this warp's head-dim slice, all 32 keys. The tensor cores' f32
-      // accumulation truncates, so its error grows with the chain: every 4 k-steps the
-      // accumulators are added (rounding to nearest) into f32 sums.
-      float sum[S_TILES][4] = {};
+    // Partial S over this warp's slice of the head dim, two n-tiles (16 keys) at a time.
+    float* mine = s_part + (warp / ROW_GROUPS) * BLOCK_M * S_STRIDE;
 #pragma unroll
-      for (int k0 = 0; k0 < K_SLICE; k0 += 32) {
-        float hh[S_TILES][4] = {}, cross[S_TILES][4] = {};
+    for (int np = 0; np < S_TILES / 2; ++np) {
+      float sum[2][4] = {};
 #pragma unroll
-        for (int kk = k0; kk < k0 + 32 && kk < K_SLICE; kk += 8) {
-          uint32_t a_hi[4], a_lo[4];
-          load_a(q_tile, QK_STRIDE, row0, k_slice0 + kk, a_hi, a_lo);
+      for (int kc = 0; kc < Q_STEPS; kc += CHAIN) {
+        float hh[2][4] = {}, cross[2][4] = {};
 #pragma unroll
-          for (int n = 0; n < S_TILES; ++n) {
-            const float* kp = k_tile + (8 * n + g) * QK_STRIDE + k_slice0 + kk + t;
-            uint32_t b0_hi, b0_lo, b1_hi, b1_lo;
-            split(kp[0], b0_hi, b0_lo);
-            split(kp[4], b1_hi, b1_lo);
-            mma(hh[n], a_hi, b0_hi, b1_hi);
-            mma(cross[n], a_lo, b0_hi, b1_hi);
-            mma(cross[n], a_hi, b0_lo, b1_lo);
+        for (int kk = kc; kk < kc + CHAIN && kk < Q_STEPS; ++kk) {
+          const int at = swz<HD>(np * 16 + lane % 8 + lane / 16 * 8,
+                                 col0 + kk * 16 + (lane / 8 % 2) * 8);
+          uint32_t kh[4], kl[4];
+          ldmatrix_x4(kh, smem_addr(k_hi + at));
+          ldmatrix_x4(kl, smem_addr(k_lo + at));
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            mma(hh[e], qh[kk], kh[2 * e], kh[2 * e + 1]);
+            mma(cross[e], ql[kk], kh[2 * e], kh[2 * e + 1]);
+            mma(cross[e], qh[kk], kl[2 * e], kl[2 * e + 1]);
           }
         }
 #pragma unroll
-        for (int n = 0; n < S_TILES; ++n)
+        for (int e = 0; e < 2; ++e)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) sum[n][i] += hh[n][i] + cross[n][i];
+          for (int i = 0; i < 4; ++i) sum[e][i] += hh[e][i] + cross[e][i];
       }
-      // c0, c1: row g, keys 2t, 2t + 1; c2, c3: row g + 8.
+      // c0, c1: row g, keys 8n + 2t, + 1; c2, c3: row g + 8.
 #pragma unroll
-      for (int n = 0; n < S_TILES; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          s_mine[(row0 + g + 8 * (i / 2)) * P_STRIDE + 8 * n + 2 * t + i % 2] = sum[n][i];
+      for (int e = 0; e < 2; ++e) {
+        const int key = 8 * (2 * np + e) + 2 * t;
+        *reinterpret_cast<float2*>(mine + (row0 + g) * S_STRIDE + key) =
+            make_float2(sum[e][0], sum[e][1]);
+        *reinterpret_cast<float2*>(mine + (row0 + g + 8) * S_STRIDE + key) =
+            make_float2(sum[e][2], sum[e][3]);
+      }
     }
     __syncthreads();  // K_j is read, the partial scores are in
     if (tile + 1 < tiles) {
-      load_tile<HD, BLOCK_N>(k_tile, QK_STRIDE, kb, ks.row, n0 + BLOCK_N, s_kv);
+      load_tile<HD, BLOCK_N, THREADS>(k_hi, k.hi + kv0, HD, n0 + BLOCK_N, s_kv);
+      load_tile<HD, BLOCK_N, THREADS>(k_lo, k.lo + kv0, HD, n0 + BLOCK_N, s_kv);
     }
     cp_async_commit();
+
+    // The softmax of rows g (e = 0, 1) and g + 8 (e = 2, 3), keys 8n + 2t + e % 2.
+    float s[S_TILES][4];
+    float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int at = (4 * warp + r) * P_STRIDE + lane;
-      constexpr int SLICE = BLOCK_M * P_STRIDE;
-      const float dot = (s_part[at] + s_part[at + SLICE]) +
-                        (s_part[at + 2 * SLICE] + s_part[at + 3 * SLICE]);
-      // Keys past s_kv score −∞; the first tile always holds a key, so m is finite.
-      const float s = n0 + lane < s_kv ? dot * scale_log2 : -INFINITY;
-      const float m = fmaxf(row_max[r], warp_max(s));
-      const float p = exp2f(s - m);
-      const float rescale = exp2f(row_max[r] - m);
-      row_sum[r] = row_sum[r] * rescale + warp_sum(p);
-      row_max[r] = m;
-      p_tile[at] = p;
-      if (lane == 0) row_scale[4 * warp + r] = rescale;
+    for (int n = 0; n < S_TILES; ++n) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float* at = s_part + (row0 + g + 8 * half) * S_STRIDE + 8 * n + 2 * t;
+        float2 dot = *reinterpret_cast<const float2*>(at);
+#pragma unroll
+        for (int sl = 1; sl < SLICES; ++sl) {
+          const float2 part = *reinterpret_cast<const float2*>(at + sl * BLOCK_M * S_STRIDE);
+          dot.x += part.x;
+          dot.y += part.y;
+        }
+        const int key = n0 + 8 * n + 2 * t;
+        // Keys past s_kv score −∞; the first tile always holds a key, so the max is finite.
+        s[n][2 * half] = key < s_kv ? dot.x * s_factor : -INFINITY;
+        s[n][2 * half + 1] = key + 1 < s_kv ? dot.y * s_factor : -INFINITY;
+        tile_max[half] = fmaxf(tile_max[half], fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+      }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      alpha[r] = exp2f(row_max[r] - tile_max[r]);
+      row_max[r] = tile_max[r];
+      row_sum[r] *= alpha[r];
+    }
+    // P · 2¹⁴ split into fp16 parts, packed as the A operands of P·V's k-steps.
+    uint32_t ph[S_TILES / 2][4], pl[S_TILES / 2][4];
+#pragma unroll
+    for (int n = 0; n < S_TILES; ++n) {
+      __half h[4], l[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[n][e] - row_max[e / 2]);
+        row_sum[e / 2] += p;
+        const float scaled = p * P_SCALE;
+        h[e] = __float2half_rn(scaled);
+        l[e] = __float2half_rn(scaled - __half2float(h[e]));
+      }
+      // n-tile 2kt fills a0 (row g) and a1 (row g + 8), n-tile 2kt + 1 a2 and a3.
+      ph[n / 2][2 * (n % 2)] = pack(h[0], h[1]);
+      ph[n / 2][2 * (n % 2) + 1] = pack(h[2], h[3]);
+      pl[n / 2][2 * (n % 2)] = pack(l[0], l[1]);
+      pl[n / 2][2 * (n % 2) + 1] = pack(l[2], l[3]);
     }
     cp_async_wait<1>();  // V_j is in; K_{j+1} may still be loading
     __syncthreads();
-    {
-      // This tile's P·V in fresh accumulators (a short truncating chain), then added to the
-      // rescaled running O with rounding to nearest.
-      uint32_t a_hi[S_TILES][4], a_lo[S_TILES][4];
+    // This tile's P·V in fresh accumulators (a short truncating chain), then added to the
+    // rescaled running O with rounding to nearest.
 #pragma unroll
-      for (int kt = 0; kt < S_TILES; ++kt) load_a(p_tile, P_STRIDE, row0, 8 * kt, a_hi[kt], a_lo[kt]);
-      const float r_lo = row_scale[row0 + g], r_hi = row_scale[row0 + g + 8];
+    for (int dp = 0; dp < O_TILES / 2; ++dp) {
+      float acc[2][4] = {};
 #pragma unroll
-      for (int j = 0; j < O_TILES; ++j) {
-        float acc[4] = {};
+      for (int kt = 0; kt < S_TILES / 2; ++kt) {
+        const int at = swz<HD>(kt * 16 + lane % 8 + (lane / 8 % 2) * 8, col0 + dp * 16 + lane / 16 * 8);
+        uint32_t vh[4], vl[4];
+        ldmatrix_x4_trans(vh, smem_addr(v_hi + at));
+        ldmatrix_x4_trans(vl, smem_addr(v_lo + at));
 #pragma unroll
-        for (int kt = 0; kt < S_TILES; ++kt) {
-          const float* vp = v_tile + (8 * kt + t) * V_STRIDE + o_col0 + 8 * j + g;
-          uint32_t b0_hi, b0_lo, b1_hi, b1_lo;
-          split(vp[0], b0_hi, b0_lo);
-          split(vp[4 * V_STRIDE], b1_hi, b1_lo);
-          mma(acc, a_hi[kt], b0_hi, b1_hi);
-          mma(acc, a_lo[kt], b0_hi, b1_hi);
-          mma(acc, a_hi[kt], b0_lo, b1_lo);
+        for (int e = 0; e < 2; ++e) {
+          mma(acc[e], ph[kt], vh[2 * e], vh[2 * e + 1]);
+          mma(acc[e], pl[kt], vh[2 * e], vh[2 * e + 1]);
+          mma(acc[e], ph[kt], vl[2 * e], vl[2 * e + 1]);
         }
-        o[j][0] = fmaf(o[j][0], r_lo, acc[0]);
-        o[j][1] = fmaf(o[j][1], r_lo, acc[1]);
-        o[j][2] = fmaf(o[j][2], r_hi, acc[2]);
-        o[j][3] = fmaf(o[j][3], r_hi, acc[3]);
+      }
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float* oj = o[2 * dp + e];
+        oj[0] = fmaf(oj[0], alpha[0], acc[e][0]);
+        oj[1] = fmaf(oj[1], alpha[0], acc[e][1]);
+        oj[2] = fmaf(oj[2], alpha[1], acc[e][2]);
+        oj[3] = fmaf(oj[3], alpha[1], acc[e][3]);
       }
     }
-    __syncthreads();  // V_j and P are read
+    __syncthreads();  // V_j is read
     if (tile + 1 < tiles) {
-      load_tile<HD, BLOCK_N>(v_tile, V_STRIDE, vb, vs.row, n0 + BLOCK_N, s_kv);
+      load_tile<HD, BLOCK_N, THREADS>(v_hi, v.hi + kv0, HD, n0 + BLOCK_N, s_kv);
+      load_tile<HD, BLOCK_N, THREADS>(v_lo, v.lo + kv0, HD, n0 + BLOCK_N, s_kv);
     }
     cp_async_commit();
   }
 
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-    if (lane == 0) row_scale[4 * warp + r] = 1.f / row_sum[r];
-  __syncthreads();
+  const int b = blockIdx.y / heads, h = blockIdx.y % heads;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int row = row0 + g + 8 * half;
-    if (m0 + row >= s_q) continue;
-    const float inv = row_scale[row];
-    float* dst = out + b * out_batch_stride + (long long)(m0 + row) * out_row_stride +
-                 (long long)h * HD + o_col0 + 2 * t;
+    float l = row_sum[half];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int row = m0 + row0 + g + 8 * half;
+    if (row >= s_q) continue;
+    const float inv = static_cast<float>(ldexp(1.0 / l, -shift_v) / P_SCALE);
+    float* dst = out + b * out_batch_stride + (long long)row * out_row_stride + (long long)h * HD +
+                 col0 + 2 * t;
 #pragma unroll
     for (int j = 0; j < O_TILES; ++j)
       *reinterpret_cast<float2*>(dst + 8 * j) =
@@ -266,14 +351,16 @@ __device__ __forceinline__ void flash_forward(const float* __restrict__ q,
 
 }  // namespace
 
-#define FLASH_F32(HD)                                                                          \
+#define FLASH_F32(HD, ROW_GROUPS)                                                              \
   extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_attention_f32_hd##HD(        \
-      const float* q, const float* k, const float* v, float* out, Strides qs, Strides ks,      \
-      Strides vs, int s_q, int s_kv, int heads, float scale_log2, long long out_batch_stride, \
+      const __half* q_hi, const __half* q_lo, const __half* k_hi, const __half* k_lo,          \
+      const __half* v_hi, const __half* v_lo, float* out, const unsigned* max_bits, int s_q,   \
+      int s_kv, int heads, float scale_log2, long long out_batch_stride,                       \
       long long out_row_stride) {                                                              \
-    flash_forward<HD>(q, k, v, out, qs, ks, vs, s_q, s_kv, heads, scale_log2,                 \
-                      out_batch_stride, out_row_stride);                                       \
+    flash_forward<HD, ROW_GROUPS>({q_hi, q_lo}, {k_hi, k_lo}, {v_hi, v_lo}, out, max_bits,     \
+                                  s_q, s_kv, heads, scale_log2, out_batch_stride,              \
+                                  out_row_stride);                                             \
   }
 
-FLASH_F32(32)
-FLASH_F32(512)
+FLASH_F32(32, 4)
+FLASH_F32(512, 2)

@@ -3,7 +3,7 @@
 //! `q, k, v = to_q/to_k/to_v(group_norm(x))` (linear layers with bias).
 //!
 //! At 1024² the decoder attends over 16 384 positions; the full f32 score matrix would take
-//! 1 GiB. On a CUDA f32 model the flash kernel (`klein_kernels::flash_attention`, split TF32)
+//! 1 GiB. On a CUDA f32 model the flash kernel (`klein_kernels::flash_attention`, split fp16)
 //! never forms it; elsewhere queries are processed in blocks sized by
 //! [`Chunking::attention_bytes`] (scores and softmax are computed in f32, as torch's fused
 //! kernels do for bf16 inputs).
