@@ -200,6 +200,8 @@ def main():
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     only = set(a.only.split(","))
+    if "pipeline" in only and not {"text_encoder", "transformer", "vae"} <= only:
+        ap.error("--only pipeline needs text_encoder,transformer,vae (it reuses their models)")
     rows = Rows(a.out, a.iters)
     t0 = time.time()
     print("| component | case | dtype | median ms | min ms | peak GiB |\n|---|---|---|---|---|---|")
