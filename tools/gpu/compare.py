@@ -14,8 +14,13 @@ def load_rows(path):
     return data["rows"] if isinstance(data, dict) else data
 
 
+def case(r):
+    """A row's case without klein-bench's configuration note ("decode 1024x1024 (…, op chunks …)")."""
+    return r["case"].split(" (")[0]
+
+
 def main():
-    ours = {(r["component"], r["case"], r["dtype"]): r for r in load_rows(sys.argv[1])}
+    ours = {(r["component"], case(r), r["dtype"]): r for r in load_rows(sys.argv[1])}
     with open(sys.argv[2]) as f:
         ref = json.load(f)
     print(f"diffusers {ref['env'].get('diffusers')} / torch {ref['env'].get('torch')} on "
@@ -23,7 +28,7 @@ def main():
     print("| component | case | dtype | klein ms | diffusers ms | ratio | diffusers peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in ref["rows"]:
-        key = (r["component"], r["case"], r["dtype"])
+        key = (r["component"], case(r), r["dtype"])
         mine = ours.get(key)
         ms = f"{mine['median_ms']:.1f}" if mine else "–"
         ratio = f"{mine['median_ms'] / r['median_ms']:.2f}" if mine else "–"
@@ -31,7 +36,7 @@ def main():
         print(f"| {r['component']} | {r['case']} | {r['dtype']} | {ms} | {r['median_ms']:.1f} | "
               f"{ratio} | {peak} |")
     for key, r in ours.items():
-        if not any((x["component"], x["case"], x["dtype"]) == key for x in ref["rows"]):
+        if not any((x["component"], case(x), x["dtype"]) == key for x in ref["rows"]):
             print(f"| {key[0]} | {key[1]} | {key[2]} | {r['median_ms']:.1f} | – | – | – |")
     if len(sys.argv) > 3:
         with open(sys.argv[3]) as f:

@@ -12,7 +12,7 @@
 //! | ResNet conv1 | `X + silu(X) + O + conv_band` |
 //! | ResNet norm2 / conv2 / shortcut | `X + 2·O + (norm_chunk or conv_band)` |
 //! | ResNet residual add | `X + 3·O` with a shortcut conv, `X + 2·O` without |
-//! | mid attention (c at p = H·W/64) | `6·c·p` (x, tokens, q, k, v, projection) and `5·c·p + f32 k, v + max(score block, 12·c·p bytes)` |
+//! | mid attention (c at p = H·W/64) | `5·c·p` (x, normed x, the q/k/v product; then q) and `6·c·p + f32 k, v + max(score block, 12·c·p bytes)` (x, product, q, output) |
 //! | upsample (c at p) | `c·p + 4·c·p + 4·c·p + conv_band` |
 //!
 //! `norm_chunk` <= `op_chunk_bytes` (f32 temporaries of a few groups), `conv_band` <=
@@ -146,13 +146,15 @@ impl Walk<'_> {
         let p = (h * w) as u64;
         let x = self.t(c, p);
         self.at(3 * x + self.norm_temp(c, p));
-        self.at(6 * x);
+        // x, the normed x and the q, k, v product; then q with its bias beside the product.
+        self.at(5 * x);
         let f32_kv = if self.s == 4 { 0 } else { 2 * c as u64 * p * 4 };
         let rows = query_rows(1, h * w, self.cfg.chunking.attention_bytes) as u64;
         let block = rows * p * 4 * 2 + 2 * rows * c as u64 * 4;
         // Or, where the f32 flash kernel runs, its fp16 high and low parts of q, k and v.
         let split = 3 * 4 * c as u64 * p;
-        self.at(5 * x + f32_kv + block.max(split));
+        // x, the product, q and the output, with the kernel's or the composition's temporaries.
+        self.at(6 * x + f32_kv + block.max(split));
     }
 
     fn mid(&mut self, c: usize, hw: (usize, usize)) {
@@ -638,10 +640,11 @@ mod tests {
             (small.tiles.tile_tokens, small.tiles.tile_count),
             ((6, 4), 1)
         );
-        // Forced square tiles shrink to fit the budget.
-        let room = m.tiled_decode_request((64, 64), 1, (20, 20));
+        // Forced square tiles shrink to the largest that fits the budget.
+        let room = m.tiled_decode_request((64, 64), 1, (22, 22));
+        assert!(m.tiled_decode_request((64, 64), 1, (23, 23)) > room);
         let shrunk = plan_decode(&m, (64, 64), 1, room, &tiling(), true).unwrap();
-        assert_eq!(shrunk.tiles.tile_tokens, (20, 20));
+        assert_eq!(shrunk.tiles.tile_tokens, (22, 22));
         let need = plan_decode(&m, (64, 64), 1, 1 << 20, &tiling(), false).unwrap_err();
         assert_eq!(need, m.tiled_decode_request((64, 64), 1, (8, 8)));
     }

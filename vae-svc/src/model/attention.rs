@@ -1,6 +1,8 @@
 //! The mid-block self-attention (diffusers `Attention` with `AttnProcessor2_0`, one head of
 //! width C, spec §1.4): `x + to_out(softmax(q kᵀ / √C) v)` over the H·W positions, with
-//! `q, k, v = to_q/to_k/to_v(group_norm(x))` (linear layers with bias).
+//! `q, k, v = to_q/to_k/to_v(group_norm(x))` (linear layers with bias). The output projection
+//! writes NCHW directly (`W_out · oᵀ`); its bias and the residual follow in one per-channel
+//! affine and one add.
 //!
 //! At 1024² the decoder attends over 16 384 positions; the full f32 score matrix would take
 //! 1 GiB. On a CUDA f32 model the flash kernel (`klein_kernels::flash_attention`, split fp16)
@@ -13,7 +15,7 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{Config, config::NORM_EPS, layers::Linear, norm::GroupNorm};
+use super::{Config, config::NORM_EPS, layers::gemm_dtype, norm::GroupNorm};
 
 /// Query rows per block so that one block's f32 scores and softmax fit `max_bytes`.
 pub fn query_rows(batch: usize, keys: usize, max_bytes: u64) -> usize {
@@ -46,25 +48,44 @@ pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, max_bytes: u64) -> 
     Ok(out)
 }
 
-/// Single-head spatial self-attention with a residual connection.
+/// Single-head spatial self-attention with a residual connection. The projections are kept as
+/// the forward applies them (checkpoint keys below): q, k and v come out of one product, and
+/// two biases move or drop without changing the result. `to_k`'s bias adds `q·b_k` to every
+/// score of a query, which the softmax cancels. `to_v`'s bias adds `b_v` to every output row,
+/// since each row of the softmax sums to 1, so it joins `to_out`'s bias as `W_out · b_v`.
 #[derive(Debug, Clone)]
 pub struct Attention {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    to_out: Linear,
+    /// `to_q.weight`, `to_k.weight`, `to_v.weight` stacked: (3C, C).
+    qkv_weight: Tensor,
+    /// `to_q.bias` (C).
+    q_bias: Tensor,
+    /// `to_out.0.weight` (C, C).
+    out_weight: Tensor,
+    /// `to_out.0.bias + to_out.0.weight · to_v.bias` (C), f32.
+    out_bias: Tensor,
     attention_bytes: u64,
 }
 
 impl Attention {
     pub fn new(cfg: &Config, channels: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let c = channels;
+        let weight = |name: &str| vb.pp(name).get((c, c), "weight");
+        let bias = |name: &str| vb.pp(name).get(c, "bias");
+        // Read for its shape check only: the softmax cancels it.
+        bias("to_k")?;
+        let out = vb.pp("to_out").pp("0");
+        let out_weight = out.get((c, c), "weight")?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let v_bias = f32(&bias("to_v")?)?.unsqueeze(1)?;
+        let out_bias =
+            (f32(&out.get(c, "bias")?)? + f32(&out_weight)?.matmul(&v_bias)?.squeeze(1)?)?;
         Ok(Self {
             group_norm: GroupNorm::new(cfg, channels, NORM_EPS, vb.pp("group_norm"))?,
-            to_q: Linear::new(channels, channels, vb.pp("to_q"))?,
-            to_k: Linear::new(channels, channels, vb.pp("to_k"))?,
-            to_v: Linear::new(channels, channels, vb.pp("to_v"))?,
-            to_out: Linear::new(channels, channels, vb.pp("to_out").pp("0"))?,
+            qkv_weight: Tensor::cat(&[weight("to_q")?, weight("to_k")?, weight("to_v")?], 0)?,
+            q_bias: bias("to_q")?,
+            out_weight,
+            out_bias,
             attention_bytes: cfg.chunking.attention_bytes,
         })
     }
@@ -72,27 +93,46 @@ impl Attention {
     /// (B, C, H, W) -> (B, C, H, W)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let dt = gemm_dtype(x);
+        // (B, H·W, C) as a transposed view of the normed x: the product reads it in place.
         let tokens = self
             .group_norm
             .forward(x)?
             .reshape((b, c, h * w))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = self.to_q.forward(&tokens)?;
-        let k = self.to_k.forward(&tokens)?;
-        let v = self.to_v.forward(&tokens)?;
+            .to_dtype(dt)?
+            .transpose(1, 2)?;
+        let qkv = tokens.matmul(&self.qkv_weight.to_dtype(dt)?.broadcast_left(b)?.t()?)?;
         drop(tokens);
+        let q = qkv
+            .narrow(2, 0, c)?
+            .broadcast_add(&self.q_bias.to_dtype(dt)?)?
+            .to_dtype(x.dtype())?;
+        let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
         let f32_kernel =
             q.dtype() == DType::F32 && klein_kernels::flash_attention_f32_applies(x.device(), c);
-        let mut o = if f32_kernel {
+        let o = if f32_kernel {
+            // k and v are read in place, rows 3C apart.
             let head = |t: &Tensor| t.unsqueeze(1);
             klein_kernels::flash_attention(&head(&q)?, &head(&k)?, &head(&v)?)?
         } else {
-            chunked_attention(&q, &k, &v, self.attention_bytes)?
+            let own = |t: &Tensor| t.to_dtype(x.dtype())?.contiguous();
+            chunked_attention(&q, &own(&k)?, &own(&v)?, self.attention_bytes)?
         };
-        drop((q, k, v));
-        o = self.to_out.forward(&o)?;
-        o.transpose(1, 2)?.reshape((b, c, h, w))? + x
+        drop((q, qkv));
+        // W_out · oᵀ: (B, C, H·W), the NCHW layout, with o read transposed in place.
+        let out_weight = self.out_weight.to_dtype(dt)?.broadcast_left(b)?;
+        let y = out_weight
+            .matmul(&o.to_dtype(dt)?.transpose(1, 2)?)?
+            .to_dtype(x.dtype())?
+            .reshape((b, c, h, w))?;
+        drop(o);
+        let ones = Tensor::ones((b, c), DType::F32, x.device())?;
+        let bias = self
+            .out_bias
+            .unsqueeze(0)?
+            .broadcast_as((b, c))?
+            .contiguous()?;
+        klein_kernels::channel_affine(&y, &ones, &bias, false)? + x
     }
 }
 

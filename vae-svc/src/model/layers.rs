@@ -1,11 +1,11 @@
 //! The linear primitives of the VAE, written so that no temporary grows past
 //! [`Chunking::op_bytes`](super::Chunking):
 //! - [`Conv2d`] with explicit (possibly asymmetric) padding, run in bands of output rows so the
-//!   im2col buffer of a 3x3 convolution at 1024² never exists whole;
-//! - [`Linear`] with bias (the attention projections).
+//!   im2col buffer of a 3x3 convolution at 1024² never exists whole.
 //!
-//! candle's CPU backend has no bf16 GEMM, so on the CPU the convolutions and projections of a
-//! bf16 model compute in f32 and round once, as torch's CPU kernels do ([`gemm_dtype`]).
+//! candle's CPU backend has no bf16 GEMM, so on the CPU the convolutions (and the attention's
+//! projections) of a bf16 model compute in f32 and round once, as torch's CPU kernels do
+//! ([`gemm_dtype`]).
 
 use candle_core::{DType, Result, Tensor, conv::CudnnFwdAlgo};
 use candle_nn::VarBuilder;
@@ -303,33 +303,6 @@ impl Conv2d {
             Some(r) => r + y,
             None => Ok(y),
         }
-    }
-}
-
-/// `y = x Wᵀ + b` over the last dimension.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    /// Loads `weight` (out, in) and `bias` (out).
-    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder<'_>) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((c_out, c_in), "weight")?,
-            bias: vb.get(c_out, "bias")?,
-        })
-    }
-
-    /// (B, N, in) -> (B, N, out)
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = gemm_dtype(x);
-        let batch = x.dim(0)?;
-        let w = self.weight.to_dtype(dt)?.broadcast_left(batch)?.t()?;
-        let y = x.to_dtype(dt)?.matmul(&w)?;
-        y.broadcast_add(&self.bias.to_dtype(dt)?)?
-            .to_dtype(x.dtype())
     }
 }
 
