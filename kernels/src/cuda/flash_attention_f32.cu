@@ -19,7 +19,8 @@
 // head dim; K/V tiles of 32 keys. Shared memory holds one K tile and one V tile (hi and lo),
 // the block's Q (read once into registers) and SLICES partial score tiles (212 KiB at HD 512:
 // one block per SM); K_{j+1} loads (cp.async) while the softmax and P·V_j run, V_{j+1} while
-// S_{j+1} runs.
+// S_{j+1} runs. Three barriers a tile: K_j in (and V's tile free), the partial scores in, V_j
+// in.
 // - S = Q K_jᵀ: a warp computes its 16 rows against all 32 keys over its slice of the head dim,
 //   Q's fragments in registers; the softmax adds the slices' partial scores.
 // - Softmax: every warp of a row group computes its 16 rows' (the same values), its P staying
@@ -198,8 +199,13 @@ __device__ __forceinline__ void flash_forward(Split q, Split k, Split v, float* 
   const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
   for (int tile = 0; tile < tiles; ++tile) {
     const int n0 = tile * BLOCK_N;
-    cp_async_wait<1>();  // K_j is in; V_j may still be loading
-    __syncthreads();
+    if (tile > 0) {
+      cp_async_wait<0>();  // K_j is in
+      __syncthreads();     // ... and every warp is past P·V_{j-1}: V's tile is free
+      load_tile<HD, BLOCK_N, THREADS>(v_hi, v.hi + kv0, HD, n0, s_kv);
+      load_tile<HD, BLOCK_N, THREADS>(v_lo, v.lo + kv0, HD, n0, s_kv);
+      cp_async_commit();
+    }
     // Partial S over this warp's slice of the head dim, two n-tiles (16 keys) at a time.
     float* mine = s_part + (warp / ROW_GROUPS) * BLOCK_M * S_STRIDE;
 #pragma unroll
@@ -323,12 +329,6 @@ __device__ __forceinline__ void flash_forward(Split q, Split k, Split v, float* 
         oj[3] = fmaf(oj[3], alpha[1], acc[e][3]);
       }
     }
-    __syncthreads();  // V_j is read
-    if (tile + 1 < tiles) {
-      load_tile<HD, BLOCK_N, THREADS>(v_hi, v.hi + kv0, HD, n0 + BLOCK_N, s_kv);
-      load_tile<HD, BLOCK_N, THREADS>(v_lo, v.lo + kv0, HD, n0 + BLOCK_N, s_kv);
-    }
-    cp_async_commit();
   }
 
   const int b = blockIdx.y / heads, h = blockIdx.y % heads;
