@@ -4,7 +4,9 @@
 //! parts; the kernel runs three fp16 products per pair.
 
 use candle_core::cuda::WrapErr;
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg, sys};
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg, sys,
+};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 use half::f16;
 
@@ -82,38 +84,35 @@ fn split(
         FLASH_ATTENTION_F32.name,
         FLASH_ATTENTION_F32.ptx,
     )?;
-    let (heads, hd) = (d.h as i32, d.hd as i32);
-    for (i, (x, strides, rows)) in operands.iter().enumerate() {
+    // Both kernels start with (x, strides, heads, rows, hd).
+    let dims = operands
+        .each_ref()
+        .map(|o| [d.h as i32, o.2 as i32, d.hd as i32]);
+    fn operand<'a>(
+        launch: &mut LaunchArgs<'a>,
+        (x, strides, _): &'a (CudaView<'_, f32>, KernelStrides, usize),
+        [heads, rows, hd]: &'a [i32; 3],
+    ) {
+        launch.arg(x).arg(strides).arg(heads).arg(rows).arg(hd);
+    }
+    for i in 0..3 {
         let mut bits = max_bits.slice_mut(i..i + 1);
-        let rows_arg = *rows as i32;
         let mut launch = absmax.builder();
-        launch
-            .arg(x)
-            .arg(strides)
-            .arg(&heads)
-            .arg(&rows_arg)
-            .arg(&hd);
+        operand(&mut launch, &operands[i], &dims[i]);
         launch.arg(&mut bits);
-        unsafe { launch.launch(prepass(*rows, d)) }.w()?;
+        unsafe { launch.launch(prepass(operands[i].2, d)) }.w()?;
     }
     let split_one = |i: usize| -> Result<SplitOperand> {
-        let (x, strides, rows) = &operands[i];
-        let len = d.b * d.h * rows * d.hd;
+        let len = d.b * d.h * operands[i].2 * d.hd;
         let mut part = SplitOperand {
             hi: unsafe { dev.alloc::<f16>(len)? },
             lo: unsafe { dev.alloc::<f16>(len)? },
         };
         let bits = max_bits.slice(i..i + 1);
-        let rows_arg = *rows as i32;
         let mut launch = split_f16.builder();
-        launch
-            .arg(x)
-            .arg(strides)
-            .arg(&heads)
-            .arg(&rows_arg)
-            .arg(&hd);
+        operand(&mut launch, &operands[i], &dims[i]);
         launch.arg(&bits).arg(&mut part.hi).arg(&mut part.lo);
-        unsafe { launch.launch(prepass(*rows, d)) }.w()?;
+        unsafe { launch.launch(prepass(operands[i].2, d)) }.w()?;
         Ok(part)
     };
     Ok([split_one(0)?, split_one(1)?, split_one(2)?])
