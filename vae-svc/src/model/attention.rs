@@ -101,24 +101,33 @@ impl Attention {
             .reshape((b, c, h * w))?
             .to_dtype(dt)?
             .transpose(1, 2)?;
-        let qkv = tokens.matmul(&self.qkv_weight.to_dtype(dt)?.broadcast_left(b)?.t()?)?;
-        drop(tokens);
-        let q = qkv
-            .narrow(2, 0, c)?
-            .broadcast_add(&self.q_bias.to_dtype(dt)?)?
-            .to_dtype(x.dtype())?;
-        let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
+        // Rows [from, from + n) of the stacked projections, applied to every token.
+        let weight = self.qkv_weight.to_dtype(dt)?;
+        let project = |tokens: &Tensor, from: usize, n: usize| {
+            tokens.matmul(&weight.narrow(0, from, n)?.broadcast_left(b)?.t()?)
+        };
+        let q_bias = self.q_bias.to_dtype(dt)?;
         let f32_kernel =
-            q.dtype() == DType::F32 && klein_kernels::flash_attention_f32_applies(x.device(), c);
+            x.dtype() == DType::F32 && klein_kernels::flash_attention_f32_applies(x.device(), c);
         let o = if f32_kernel {
-            // k and v are read in place, rows 3C apart.
+            // One product for all three; the kernel reads k and v in place, rows 3C apart.
+            let qkv = project(&tokens, 0, 3 * c)?;
+            drop(tokens);
+            let q = qkv.narrow(2, 0, c)?.broadcast_add(&q_bias)?;
+            let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
             let head = |t: &Tensor| t.unsqueeze(1);
             klein_kernels::flash_attention(&head(&q)?, &head(&k)?, &head(&v)?)?
         } else {
-            let own = |t: &Tensor| t.to_dtype(x.dtype())?.contiguous();
-            chunked_attention(&q, &own(&k)?, &own(&v)?, self.attention_bytes)?
+            // The composition's products take contiguous q, k and v: one product each.
+            let own = |t: Tensor| t.to_dtype(x.dtype());
+            let q = own(project(&tokens, 0, c)?.broadcast_add(&q_bias)?)?;
+            let (k, v) = (
+                own(project(&tokens, c, c)?)?,
+                own(project(&tokens, 2 * c, c)?)?,
+            );
+            drop(tokens);
+            chunked_attention(&q, &k, &v, self.attention_bytes)?
         };
-        drop((q, qkv));
         // W_out · oᵀ: (B, C, H·W), the NCHW layout, with o read transposed in place.
         let out_weight = self.out_weight.to_dtype(dt)?.broadcast_left(b)?;
         let y = out_weight
