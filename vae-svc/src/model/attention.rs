@@ -49,8 +49,9 @@ pub fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, max_bytes: u64) -> 
 }
 
 /// Single-head spatial self-attention with a residual connection. The projections are kept as
-/// the forward applies them (checkpoint keys below): q, k and v come out of one product, and
-/// two biases move or drop without changing the result. `to_k`'s bias adds `q·b_k` to every
+/// the forward applies them (checkpoint keys below): stacked, so that the flash kernel's path
+/// takes q, k and v from one product (the composition takes one product each), and two biases
+/// move or drop without changing the result. `to_k`'s bias adds `q·b_k` to every
 /// score of a query, which the softmax cancels. `to_v`'s bias adds `b_v` to every output row,
 /// since each row of the softmax sums to 1, so it joins `to_out`'s bias as `W_out · b_v`.
 #[derive(Debug, Clone)]
