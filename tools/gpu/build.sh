@@ -5,6 +5,10 @@
 #   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
 #   golden suite, klein-tests e2e_goldens; the kernels' GPU parity tests, klein-kernels gpu_parity).
 # Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
+# A baseline of another commit (a git worktree) needs a CARGO_TARGET_DIR of its own: cargo hashes
+# workspace crates relative to the workspace root, so a worktree build in target/cuda replaces
+# this tree's artifacts, and a later build here can take them as fresh (it did once: a
+# "new" binary that ran the old attention kernel).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo fetch --locked
