@@ -22,9 +22,9 @@ pub fn peak_bytes(dev: &Device) -> Option<u64> {
     pool::used_high(dev)
 }
 
-/// Starts a new high-water mark at the bytes in use now.
+/// Starts new high-water marks (bytes in use, bytes reserved) at their values now.
 pub fn reset_peak(dev: &Device) {
-    pool::reset_used_high(dev);
+    pool::reset_highs(dev);
 }
 
 /// Bytes the driver reports free for this process on `dev`, after returning the pool's unused
@@ -57,14 +57,63 @@ pub fn retry_out_of_memory<T, E: std::fmt::Display>(
     dev: &Device,
     mut job: impl FnMut() -> Result<T, E>,
 ) -> Result<T, E> {
-    match job() {
+    fall_back_on_out_of_memory(dev, |_| job())
+}
+
+/// Which run of a job [`fall_back_on_out_of_memory`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The job as planned.
+    First,
+    /// After the first ran out of device memory and the pool went back to the driver.
+    Retry,
+}
+
+/// [`retry_out_of_memory`] for a job that can run smaller: `job(Attempt::Retry)` may take a
+/// plan of less memory. A pool freshly handed back can still run out where the live bytes are
+/// far below the limit: under an MPS limit the 16 GB plan's tiled decode failed its retry with
+/// 1.25 GB in use at its peak and 2.85 GB reserved by the pool (its pieces cut for other
+/// sizes), so the same plan again is no sure way out.
+pub fn fall_back_on_out_of_memory<T, E: std::fmt::Display>(
+    dev: &Device,
+    mut job: impl FnMut(Attempt) -> Result<T, E>,
+) -> Result<T, E> {
+    match job(Attempt::First) {
         Err(e) if is_out_of_memory(&e.to_string()) => {
-            tracing::warn!(error = %e, "out of device memory; pool handed back, retrying once");
+            tracing::warn!(
+                error = %e,
+                memory = ?snapshot(dev),
+                "out of device memory; pool handed back, retrying once"
+            );
             release_freed_memory(dev);
-            job()
+            let outcome = job(Attempt::Retry);
+            if let Err(e) = &outcome
+                && is_out_of_memory(&e.to_string())
+            {
+                tracing::warn!(memory = ?snapshot(dev), "out of device memory again after the retry");
+            }
+            outcome
         }
         outcome => outcome,
     }
+}
+
+/// Where this process's device memory is, for out-of-memory reports: the default pool's bytes
+/// in use and reserved from the driver (now and their high-water marks) and what the driver
+/// has free. Under an MPS limit, `free` shrinking while the pool does not points at memory
+/// outside the pool (lazily loaded kernels, library workspaces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub used: u64,
+    pub used_high: u64,
+    pub reserved: u64,
+    pub reserved_high: u64,
+    pub free: u64,
+}
+
+/// [`Snapshot`] of `dev` without trimming the pool; `None` on the CPU.
+pub fn snapshot(dev: &Device) -> Option<Snapshot> {
+    pool::snapshot(dev)
 }
 
 /// Free memory kept back by [`fit_budget`] for pool fragmentation and library scratch.
@@ -126,6 +175,22 @@ mod pool {
         get(dev, CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
     }
 
+    pub fn snapshot(dev: &Device) -> Option<super::Snapshot> {
+        use CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            CU_MEMPOOL_ATTR_USED_MEM_CURRENT, CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        };
+        let cuda = dev.as_cuda_device().ok()?;
+        let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        Some(super::Snapshot {
+            used: get(dev, CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            used_high: get(dev, CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved: get(dev, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            reserved_high: get(dev, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+            free: free as u64,
+        })
+    }
+
     pub fn trim(dev: &Device) {
         let Some(pool) = default_pool(dev) else {
             return;
@@ -159,21 +224,21 @@ mod pool {
         }
     }
 
-    pub fn reset_used_high(dev: &Device) {
+    pub fn reset_highs(dev: &Device) {
         let Some(pool) = default_pool(dev) else {
             return;
         };
         if dev.synchronize().is_err() {
             return;
         }
-        let mut zero = 0u64;
-        // SAFETY: the driver only accepts 0 for this attribute, passed as a valid cuuint64_t.
-        unsafe {
-            cuMemPoolSetAttribute(
-                pool,
-                CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&raw mut zero).cast(),
-            );
+        for attr in [
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        ] {
+            let mut zero = 0u64;
+            // SAFETY: the driver only accepts 0 for these attributes, passed as a valid
+            // cuuint64_t.
+            unsafe { cuMemPoolSetAttribute(pool, attr, (&raw mut zero).cast()) };
         }
     }
 }
@@ -190,6 +255,10 @@ mod pool {
         None
     }
 
+    pub fn snapshot(_: &Device) -> Option<super::Snapshot> {
+        None
+    }
+
     pub fn free(_: &Device) -> Option<u64> {
         None
     }
@@ -198,7 +267,7 @@ mod pool {
 
     pub fn trim(_: &Device) {}
 
-    pub fn reset_used_high(_: &Device) {}
+    pub fn reset_highs(_: &Device) {}
 }
 
 #[cfg(test)]
@@ -235,11 +304,37 @@ mod tests {
     }
 
     #[test]
+    fn the_fallback_runs_only_after_an_out_of_memory() {
+        let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        let attempts = |first: Result<u8, &'static str>| {
+            let mut seen = Vec::new();
+            let got = fall_back_on_out_of_memory(&Device::Cpu, |attempt| {
+                seen.push(attempt);
+                match attempt {
+                    Attempt::First => first,
+                    Attempt::Retry => Ok(2),
+                }
+            });
+            (got, seen)
+        };
+        assert_eq!(
+            attempts(Err(oom)),
+            (Ok(2), vec![Attempt::First, Attempt::Retry])
+        );
+        assert_eq!(attempts(Ok(1)), (Ok(1), vec![Attempt::First]));
+        assert_eq!(
+            attempts(Err("shape mismatch")),
+            (Err("shape mismatch"), vec![Attempt::First])
+        );
+    }
+
+    #[test]
     fn the_cpu_has_no_pool_figures() {
         reset_peak(&Device::Cpu);
         assert_eq!(peak_bytes(&Device::Cpu), None);
         assert_eq!(used_bytes(&Device::Cpu), None);
         assert_eq!(free_bytes(&Device::Cpu), None);
+        assert_eq!(snapshot(&Device::Cpu), None);
         let budget = MemoryBudget::new("test", 1 << 30, 4);
         assert_eq!(fit_budget(&budget, &Device::Cpu, 0), None);
         assert_eq!(budget.snapshot().capacity, 1 << 30);

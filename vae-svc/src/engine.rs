@@ -6,14 +6,14 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use klein_runtime::gpu_memory;
+use klein_runtime::gpu_memory::{self, Attempt};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::VaeError,
     image,
     loader::WeightsFormat,
-    memory::DecodePlan,
+    memory::{DecodePlan, DecodePlans},
     model::{AutoencoderKLFlux2, Config, config::with_op_bytes},
     tiling::{self, TileJob, TilingConfig},
     validate::PIXELS_PER_TOKEN,
@@ -35,6 +35,15 @@ struct DecodeTimes {
     decode: Duration,
     /// Quantisation to u8 and the copy to the host.
     to_host: Duration,
+}
+
+/// A decode's images and the plan that made them.
+#[derive(Debug)]
+pub struct DecodedImages {
+    /// RGB u8 `[B, 16h, 16w, 3]` on the CPU.
+    pub images: Tensor,
+    /// The plan the images were decoded with: the first, or its fallback.
+    pub plan: DecodePlan,
 }
 
 /// The model and its device.
@@ -105,26 +114,51 @@ impl Runner {
     }
 
     /// Packed latents `[B, h * w, 128]` (CPU) -> RGB u8 `[B, 16h, 16w, 3]` on the CPU,
-    /// untiled or tiled, with the operation chunk, as planned.
+    /// untiled or tiled, with the operation chunk, as planned; after an out-of-memory, from a
+    /// pool handed back and as the fallback plans.
     pub fn decode(
         &self,
         latents: &Tensor,
         grid: (usize, usize),
-        settings: (&DecodePlan, &TilingConfig),
+        (plans, tiling): (&DecodePlans, &TilingConfig),
         cancel: &CancellationToken,
-    ) -> Result<Tensor, VaeError> {
+    ) -> Result<DecodedImages, VaeError> {
         let mut times = DecodeTimes::default();
-        let out = with_op_bytes(settings.0.op_bytes, || {
-            gpu_memory::retry_out_of_memory(&self.device, || {
-                self.decode_latents(latents, grid, settings, cancel, &mut times)
+        gpu_memory::reset_peak(&self.device);
+        let resident = gpu_memory::used_bytes(&self.device);
+        let (images, plan) = gpu_memory::fall_back_on_out_of_memory(&self.device, |attempt| {
+            let plan = match (attempt, plans.fallback) {
+                (Attempt::Retry, Some(fallback)) => {
+                    tracing::warn!(plan = ?fallback, "decoding again with the fallback plan");
+                    metrics::counter!("klein_vae_decode_fallbacks_total").increment(1);
+                    fallback
+                }
+                _ => plans.first,
+            };
+            with_op_bytes(plan.op_bytes, || {
+                self.decode_latents(latents, grid, (&plan, tiling), cancel, &mut times)
             })
+            .map(|images| (images, plan))
         })?;
+        let reserve_bytes = plans.first.reserve_bytes;
+        let peak_bytes = resident
+            .zip(gpu_memory::peak_bytes(&self.device))
+            .map(|(resident, high)| high.saturating_sub(resident));
         tracing::info!(
             decode_seconds = times.decode.as_secs_f64(),
             to_host_seconds = times.to_host.as_secs_f64(),
+            peak_bytes,
+            reserve_bytes,
             "decode done"
         );
-        Ok(out)
+        if peak_bytes.is_some_and(|peak| peak > reserve_bytes) {
+            tracing::warn!(
+                peak_bytes,
+                reserve_bytes,
+                "the decode's device memory peak exceeded its reservation"
+            );
+        }
+        Ok(DecodedImages { images, plan })
     }
 
     fn decode_latents(

@@ -408,6 +408,33 @@ pub struct DecodePlan {
     pub reserve_bytes: u64,
 }
 
+/// A decode's plan and the one it falls back to when the first run meets an out-of-memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlans {
+    /// The plan the budget reserved for.
+    pub first: DecodePlan,
+    /// The same request planned into half of `first`'s reservation (smaller tiles, or tiles
+    /// where `first` was untiled), run from a pool handed back to the driver; `None` where
+    /// nothing fits that. Under an MPS limit the pool's pieces can leave a plan that fits the
+    /// budget without room (see [`klein_runtime::gpu_memory::fall_back_on_out_of_memory`]).
+    pub fallback: Option<DecodePlan>,
+}
+
+impl DecodePlans {
+    /// `first` and its fallback.
+    pub fn new(
+        memory: &MemoryModel,
+        (grid, batch): ((usize, usize), usize),
+        first: DecodePlan,
+        tiling: &TilingConfig,
+        force_tiling: bool,
+    ) -> Self {
+        let half = first.reserve_bytes / 2;
+        let fallback = plan_decode(memory, grid, batch, half, tiling, force_tiling).ok();
+        Self { first, fallback }
+    }
+}
+
 /// Chooses untiled or tiled decoding for a request, and its operation chunk. `Err(bytes)` is
 /// the smallest reservation any plan needs when even the smallest tile does not fit
 /// `capacity`.
@@ -559,6 +586,33 @@ mod tests {
         assert_eq!((t.tile_tokens.1, t.tile_count), (64, 2), "{t:?}");
         assert!((34..=36).contains(&t.tile_tokens.0), "{t:?}");
         assert!(plan.reserve_bytes <= square);
+    }
+
+    #[test]
+    fn a_decode_falls_back_to_a_plan_of_half_its_reservation() {
+        let m = real();
+        let grid = (64, 64);
+        let plan = |capacity| plan_decode(&m, grid, 1, capacity, &tiling(), false).unwrap();
+        let untiled = plan(u64::MAX);
+        let plans = DecodePlans::new(&m, (grid, 1), untiled, &tiling(), false);
+        let fallback = plans.fallback.expect("bands fit half an untiled decode");
+        assert!(fallback.tiles.tiled, "{fallback:?}");
+        assert!(fallback.reserve_bytes <= untiled.reserve_bytes / 2);
+
+        let bands = plan(untiled.reserve_bytes - 1);
+        let fallback = DecodePlans::new(&m, (grid, 1), bands, &tiling(), false)
+            .fallback
+            .expect("smaller tiles fit");
+        let area = |p: DecodePlan| p.tiles.tile_tokens.0 * p.tiles.tile_tokens.1;
+        assert!(area(fallback) < area(bands), "{fallback:?} vs {bands:?}");
+        assert!(fallback.reserve_bytes <= bands.reserve_bytes / 2);
+
+        let least = plan(m.tiled_decode_request(grid, 1, (8, 8)));
+        let plans = DecodePlans::new(&m, (grid, 1), least, &tiling(), false);
+        assert_eq!(
+            plans.fallback, None,
+            "nothing fits half the smallest tile's room"
+        );
     }
 
     #[test]

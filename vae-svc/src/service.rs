@@ -21,7 +21,7 @@ use crate::{
     engine::{Facts, Runner},
     error::VaeError,
     loader::{self, ModelSource},
-    memory::{DecodePlan, MemoryModel, plan_decode, plan_encode},
+    memory::{DecodePlan, DecodePlans, MemoryModel, plan_decode, plan_encode},
     tiling::{TilePlan, TilingConfig},
     validate::{Limits, PACKED_CHANNELS, PIXELS_PER_TOKEN, ValidDecodeRequest, ValidEncodeRequest},
 };
@@ -200,6 +200,13 @@ impl Vae {
     pub async fn decode(&self, req: ValidDecodeRequest) -> Result<Decoded, VaeError> {
         let req = req.within(&self.limits)?;
         let plan = self.plan(req.grid, req.batch(), req.force_tiling)?;
+        let plans = DecodePlans::new(
+            &self.memory,
+            (req.grid, req.batch()),
+            plan,
+            &self.tiling,
+            req.force_tiling,
+        );
         let t = plan.tiles;
         tracing::info!(
             grid = ?req.grid,
@@ -221,9 +228,12 @@ impl Vae {
         let (latents, grid, tiling) = (req.latents, req.grid, self.tiling);
         let images = self
             .engine
-            .run(move |r: &mut Runner| r.decode(&latents, grid, (&plan, &tiling), &cancel))
+            .run(move |r: &mut Runner| r.decode(&latents, grid, (&plans, &tiling), &cancel))
             .await??;
-        Ok(Decoded { images, plan: t })
+        Ok(Decoded {
+            images: images.images,
+            plan: images.plan.tiles,
+        })
     }
 
     /// Decodes a small zero latent through the whole path (budget, engine, postprocess).
