@@ -192,27 +192,122 @@ pub fn conv2d_with(
         Some((scale, shift, silu)) => Some((scale.contiguous()?, shift.contiguous()?, *silu)),
         None => None,
     };
-    let half_weights = if w.nhwc && conv.precision == ConvPrecision::SplitTf32 {
-        let lo = |t: &Tensor| t.affine(W_LO_SCALE, 0.0)?.to_dtype(DType::F16);
-        Some((
-            w.weight.to_dtype(DType::F16)?,
-            w.weight_lo.as_ref().map(lo).transpose()?,
-        ))
-    } else {
-        None
-    };
     let op = CudnnConv {
         conv,
         nhwc: w.nhwc,
-        half_weights,
+        half_weights: half_weights(w, conv)?,
         residual: residual.map(Tensor::contiguous).transpose()?,
         prologue: Prologue {
             affine,
             upsample: prologue.upsample,
         },
+        subpixel: false,
     };
     x.contiguous()?
         .apply_op3_no_bwd(&w.weight.contiguous()?, &w.bias.contiguous()?, &op)
+}
+
+/// Under split TF32 on cuDNN, the low-part passes' fp16 weights: `w_hi`, and `w_lo` ·
+/// [`W_LO_SCALE`] where not zero.
+fn half_weights(w: &ConvWeights, conv: Conv) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    if !(w.nhwc && conv.precision == ConvPrecision::SplitTf32) {
+        return Ok(None);
+    }
+    let lo = |t: &Tensor| t.affine(W_LO_SCALE, 0.0)?.to_dtype(DType::F16);
+    Ok(Some((
+        w.weight.to_dtype(DType::F16)?,
+        w.weight_lo.as_ref().map(lo).transpose()?,
+    )))
+}
+
+/// Which rows of a 3×3 filter fall on row r of phase a's 2×2 filter, `PHASE_TAPS[a][r]` (and
+/// the same for columns): output row 2i + a of a ×2 nearest upsampling followed by a 3×3
+/// convolution (padding 1) reads upsampled rows 2i + a − 1 ..= 2i + a + 1, which are x's rows
+/// i − 1, i, i (a = 0) or i, i, i + 1 (a = 1).
+const PHASE_TAPS: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
+
+/// The filters of [`upsample_conv2d`] from a 3×3 convolution's `weight` (C_out, C_in, 3, 3):
+/// (4 · C_out, C_in, 2, 2), phase (a, b)'s filter at output channels `(2a + b) · C_out ..`,
+/// each of its taps the sum of the 3×3 taps that the upsampling puts on one input pixel. Its
+/// bias is the convolution's, repeated four times.
+pub fn subpixel_weights(weight: &Tensor) -> Result<Tensor> {
+    let (_, _, kh, kw) = weight.dims4()?;
+    if (kh, kw) != (3, 3) {
+        bail!("subpixel_weights: a 3×3 filter, not {kh}×{kw}");
+    }
+    let taps = |t: &Tensor, axis: usize, rows: &[usize]| -> Result<Tensor> {
+        let mut sum = t.narrow(axis, rows[0], 1)?;
+        for &r in &rows[1..] {
+            sum = (sum + t.narrow(axis, r, 1)?)?;
+        }
+        Ok(sum)
+    };
+    let mut phases = Vec::with_capacity(4);
+    for row_taps in PHASE_TAPS {
+        let rows = row_taps
+            .iter()
+            .map(|r| taps(weight, 2, r))
+            .collect::<Result<Vec<_>>>()?;
+        let rows = Tensor::cat(&rows, 2)?;
+        for col_taps in PHASE_TAPS {
+            let cols = col_taps
+                .iter()
+                .map(|c| taps(&rows, 3, c))
+                .collect::<Result<Vec<_>>>()?;
+            phases.push(Tensor::cat(&cols, 3)?);
+        }
+    }
+    Tensor::cat(&phases, 0)?.contiguous()
+}
+
+/// A ×2 nearest upsampling of x (B, C_in, H, W) followed by the 3×3 convolution (padding 1)
+/// whose [`subpixel_weights`] (and bias repeated four times) `w` holds → (B, C_out, 2H, 2W):
+/// one 2×2 convolution with padding 1 over x, (H + 1) × (W + 1) pixels of 4 · C_out phases,
+/// of which output pixel (2i + a, 2j + b) is phase (a, b) at (i + a, j + b). 16 products an
+/// output where the upsampled convolution takes 36, and x is read at its own size. On cuDNN
+/// (TF32 arithmetic, C_out even) the transpose back to NCHW interleaves the phases; elsewhere
+/// the composition.
+pub fn upsample_conv2d(x: &Tensor, w: &ConvWeights, conv: Conv) -> Result<Tensor> {
+    let (phases, k) = w.geometry()?;
+    if k != 2 || phases % 4 != 0 {
+        bail!("upsample_conv2d: 2×2 filters of 4 phases, not {phases} of {k}×{k}");
+    }
+    let c_out = phases / 4;
+    let conv = Conv {
+        padding: 1,
+        stride: 1,
+        ..conv
+    };
+    if conv_fused(x) && w.nhwc && c_out % 2 == 0 {
+        let op = CudnnConv {
+            conv,
+            nhwc: true,
+            half_weights: half_weights(w, conv)?,
+            residual: None,
+            prologue: Prologue::default(),
+            subpixel: true,
+        };
+        return x.contiguous()?.apply_op3_no_bwd(
+            &w.weight.contiguous()?,
+            &w.bias.contiguous()?,
+            &op,
+        );
+    }
+    let (_, _, h, wd) = x.dims4()?;
+    let y = conv2d(x, w, None, conv)?;
+    let phase = |a: usize, b: usize| {
+        y.narrow(1, (2 * a + b) * c_out, c_out)?
+            .narrow(2, a, h)?
+            .narrow(3, b, wd)
+    };
+    let rows = (0..2)
+        .map(|a| {
+            let (n, c) = (y.dim(0)?, c_out);
+            Tensor::stack(&[phase(a, 0)?, phase(a, 1)?], 4)?.reshape((n, c, h, 2 * wd))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (n, c) = (y.dim(0)?, c_out);
+    Tensor::stack(&rows, 3)?.reshape((n, c, 2 * h, 2 * wd))
 }
 
 /// `x` (any shape, f32) → (2, ..x's shape): `[x_hi, x_lo]`, `x_hi` = x with the low 13 mantissa
@@ -284,6 +379,8 @@ struct CudnnConv {
     half_weights: Option<(Tensor, Option<Tensor>)>,
     residual: Option<Tensor>,
     prologue: Prologue,
+    /// The weights are [`upsample_conv2d`]'s phases: the output interleaves them.
+    subpixel: bool,
 }
 
 impl CustomOp3 for CudnnConv {
@@ -474,5 +571,45 @@ mod tests {
             .unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// The phases are the upsampled convolution, in f64 to the last bits; odd sizes included.
+    #[test]
+    fn upsampling_phases_are_the_upsampled_convolution() {
+        let dev = Device::Cpu;
+        for (c_in, c_out, h, w) in [(3, 4, 5, 7), (2, 6, 1, 1), (4, 2, 6, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (2, c_in, h, w), &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let weight = Tensor::randn(0f32, 0.3, (c_out, c_in, 3, 3), &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let bias = Tensor::randn(0f32, 1.0, c_out, &dev)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let conv = Conv {
+                padding: 1,
+                stride: 1,
+                precision: ConvPrecision::SplitTf32,
+                algo: None,
+            };
+            let phases = ConvWeights::new(
+                subpixel_weights(&weight).unwrap(),
+                Tensor::cat(&[&bias; 4], 0).unwrap(),
+                ConvPrecision::SplitTf32,
+            )
+            .unwrap();
+            let got = upsample_conv2d(&x, &phases, conv).unwrap();
+            let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
+            let whole = ConvWeights::new(weight, bias, ConvPrecision::Exact).unwrap();
+            let want = conv2d(&up, &whole, None, conv).unwrap();
+            assert_eq!(got.dims(), [2, c_out, 2 * h, 2 * w]);
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = diff.to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-12, "{c_in} → {c_out}, {h} × {w}: {diff}");
+        }
     }
 }

@@ -517,6 +517,64 @@ fn a_fused_prologue_changes_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A ×2 upsampling and 3×3 convolution as four 2×2 phase convolutions over the small input
+/// (`upsample_conv2d`) against the upsampled convolution in f64: split TF32 at f32 accuracy,
+/// for random f32 and bf16-valued weights (the phases' summed taps are not exact in TF32, so
+/// both take the third pass), on the phase-interleaving transpose (even C_out) and the
+/// composition (odd C_out).
+#[cfg(feature = "cudnn")]
+#[test]
+fn upsampling_phases_match_f64() -> Result<()> {
+    use klein_kernels::{Conv, ConvPrecision, ConvWeights, Prologue};
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    for (shape, c_out) in [
+        ([1, 64, 33, 40], 64),
+        ([2, 32, 15, 17], 48),
+        ([1, 16, 8, 9], 5),
+    ] {
+        let x = randn(&shape, DType::F32, &dev)?;
+        let scale = 1.0 / ((shape[1] * 9) as f64).sqrt();
+        let w32 = (randn(&[c_out, shape[1], 3, 3], DType::F32, &dev)? * scale)?;
+        let bias = randn(&[c_out], DType::F32, &dev)?;
+        let w_bf16 = w32.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let (h, w) = (shape[2], shape[3]);
+        for (kind, weight) in [("f32 weights", &w32), ("bf16-valued weights", &w_bf16)] {
+            let f64 = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F64);
+            let up = f64(&x)?.upsample_nearest2d(2 * h, 2 * w)?;
+            let want = up
+                .conv2d(&f64(weight)?, 1, 1, 1, 1)?
+                .broadcast_add(&f64(&bias)?.reshape((1, c_out, 1, 1))?)?;
+            let conv = Conv {
+                padding: 1,
+                stride: 1,
+                precision: ConvPrecision::SplitTf32,
+                algo: Some(candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm),
+            };
+            let phases = ConvWeights::new(
+                klein_kernels::subpixel_weights(weight)?,
+                Tensor::cat(&[&bias; 4], 0)?,
+                ConvPrecision::SplitTf32,
+            )?;
+            let got = klein_kernels::upsample_conv2d(&x, &phases, conv)?;
+            assert_eq!(got.dims(), want.dims());
+            let err = rel_l2(&got.to_device(&cpu)?.to_dtype(DType::F64)?, &want)?;
+            let whole = ConvWeights::new(weight.clone(), bias.clone(), ConvPrecision::SplitTf32)?;
+            let upsample = Prologue {
+                affine: None,
+                upsample: true,
+            };
+            let fused = klein_kernels::conv2d_with(&x, &whole, None, conv, &upsample)?;
+            let fused_err = rel_l2(&fused.to_device(&cpu)?.to_dtype(DType::F64)?, &want)?;
+            println!(
+                "upsampling phases {shape:?} → {c_out}, {kind}: rel-L2 {err:.2e} \
+                 (upsampled convolution {fused_err:.2e})"
+            );
+            assert!(err <= 2e-6, "{shape:?} {kind}: {err}");
+        }
+    }
+    Ok(())
+}
+
 /// A padded band is a copy: bit-identical to the composition, f32 and bf16.
 #[test]
 fn pad_rows_equals_the_composition() -> Result<()> {

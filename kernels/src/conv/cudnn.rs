@@ -145,6 +145,18 @@ pub fn conv_forward(
             op.conv.precision
         );
     }
+    if op.subpixel
+        && (!op.nhwc
+            || !op.prologue.is_identity()
+            || op.residual.is_some()
+            || (kh, kw, p, s) != (2, 2, 1, 1)
+            || c_out % 8 != 0)
+    {
+        bail!(
+            "cudnn conv2d: upsampling phases need TF32 arithmetic, 2×2 filters with padding 1, \
+             4 phases of an even channel count ({c_out}), no prologue and no residual"
+        );
+    }
     if !op.prologue.is_identity() && (!op.nhwc || h * w > i32::MAX as usize) {
         bail!(
             "cudnn conv2d: a prologue needs TF32 arithmetic and fewer than 2³¹ pixels ({h} × {w})"
@@ -176,7 +188,10 @@ pub fn conv_forward(
         None => None,
     };
     let (oh, ow) = ((h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1);
-    let shape = Shape::from((n, c_out, oh, ow));
+    let shape = match op.subpixel {
+        true => Shape::from((n, c_out / 4, 2 * h, 2 * w)),
+        false => Shape::from((n, c_out, oh, ow)),
+    };
     let residual = op.residual.as_ref().map(Tensor::storage_and_layout);
     if let Some((_, rl)) = &residual
         && rl.shape() != &shape
@@ -199,11 +214,11 @@ pub fn conv_forward(
     let geometry = ([n, c_in, h, w], [c_out, kh, kw]);
     let mut plan = ConvPlan::<f32>::new(&dev, &cudnn, &op.conv, (format, math), geometry)?;
 
-    let total = shape.elem_count();
+    let total = n * c_out * oh * ow;
     let x = view::<f32>(xs, xl)?;
     let weight = view::<f32>(ws, wl)?;
     let bias = view::<f32>(bs, bl)?;
-    let mut out = unsafe { dev.alloc::<f32>(total)? };
+    let mut out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
     if !op.nhwc {
         fill(&dev, &bias, residual.as_ref(), &mut out, c_out, oh * ow)?;
         plan.pass(&x, &weight, (1.0, 1.0), &mut out)?;
@@ -263,6 +278,16 @@ pub fn conv_forward(
             Some(y_lo)
         }
     };
+    if op.subpixel {
+        to_nchw_subpixel(
+            &dev,
+            (&y, y_lo.as_ref()),
+            &bias,
+            &mut out,
+            (n, c_out / 4, h, w),
+        )?;
+        return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+    }
     let residual_offset = op
         .residual
         .as_ref()
@@ -473,6 +498,43 @@ fn to_nhwc(
     }
     l.arg(&c_arg).arg(&h_arg).arg(&w_arg);
     unsafe { l.launch(tiles((n, c, h * w))) }.w()?;
+    Ok(())
+}
+
+/// [`super::upsample_conv2d`]'s phases y (N, (H + 1) · (W + 1), 4C) (+ y_lo / [`LO_SCALE`])
+/// → `out` (N, C, 2H, 2W) + bias, for dims (N, C, H, W).
+fn to_nchw_subpixel(
+    dev: &CudaDevice,
+    (y, y_lo): (&CudaSlice<f32>, Option<&CudaSlice<f16>>),
+    bias: &CudaView<'_, f32>,
+    out: &mut CudaSlice<f32>,
+    (n, c, h, w): (usize, usize, usize, usize),
+) -> Result<()> {
+    let f = dev.get_or_load_custom_func(
+        "nhwc_subpixel_to_nchw_bias_f32",
+        ELEMENTWISE.name,
+        ELEMENTWISE.ptx,
+    )?;
+    let none = 0u64;
+    let (c_arg, h_arg, w_arg) = (c as i32, h as i32, w as i32);
+    let mut l = f.builder();
+    l.arg(y);
+    match y_lo {
+        Some(y_lo) => l.arg(y_lo),
+        None => l.arg(&none),
+    };
+    l.arg(&LO_SCALE).arg(bias).arg(out);
+    l.arg(&c_arg).arg(&h_arg).arg(&w_arg);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            w.div_ceil(32) as u32,
+            2 * h as u32,
+            (n * c.div_ceil(32)) as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { l.launch(cfg) }.w()?;
     Ok(())
 }
 

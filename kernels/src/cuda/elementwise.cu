@@ -835,6 +835,62 @@ __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
 NHWC_TO_NCHW(false, )
 NHWC_TO_NCHW(true, _pairs)
 
+// A ×2 nearest upsampling then a 3×3 convolution, run as one 2×2 convolution with padding 1
+// and four phase filters over the low-resolution x (conv.rs `upsample_conv2d`): its NHWC output
+// y (N, (H + 1) · (W + 1), 4C) (+ y_lo / lo_scale) holds phase (a, b)'s channels at
+// [(2a + b) · C, (2a + b + 1) · C) and output pixel (2i + a, 2j + b) at y's pixel (i + a, j + b).
+// out (N, C, 2H, 2W) = that + bias. C even (pairs of channels per access). Grid (⌈W / 32⌉,
+// 2H, N · ⌈C / 32⌉), 256 threads: a block takes 32 low-resolution pixels of row i, both
+// column phases b of row phase a, 32 channels, and writes 64 neighbouring output pixels a row.
+constexpr int kSubTilePixels = 32, kSubTileChannels = 32;
+
+extern "C" __global__ void nhwc_subpixel_to_nchw_bias_f32(const float* __restrict__ y,
+                                                          const __half* __restrict__ y_lo,
+                                                          float lo_scale,
+                                                          const float* __restrict__ bias,
+                                                          float* __restrict__ out, int c, int h,
+                                                          int w) {
+  __shared__ float tile[kSubTileChannels][2 * kSubTilePixels + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int j0 = blockIdx.x * kSubTilePixels, i = blockIdx.y >> 1, a = blockIdx.y & 1;
+  const int channel_tiles = (c + kSubTileChannels - 1) / kSubTileChannels;
+  const int n = blockIdx.z / channel_tiles, c0 = (blockIdx.z % channel_tiles) * kSubTileChannels;
+  const long long wp = w + 1;
+  // In: a half-warp per (column phase, pixel), a channel pair per lane.
+  const int k = 2 * (lane & 15);
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int row = 2 * warp + (lane >> 4) + 16 * it;  // 0..63: b = row / 32, pixel row % 32
+    const int b = row >> 5, q = row & 31, j = j0 + q, ci = c0 + k;
+    float v[2] = {0.f, 0.f};
+    if (j < w && ci < c) {
+      const long long pixel = ((long long)n * (h + 1) + i + a) * wp + j + b;
+      const long long at = pixel * 4 * c + (long long)(2 * a + b) * c + ci;
+      const float2 t = *reinterpret_cast<const float2*>(y + at);
+      v[0] = t.x;
+      v[1] = t.y;
+      if (y_lo) {
+        const float2 l = __half22float2(*reinterpret_cast<const __half2*>(y_lo + at));
+        v[0] += l.x / lo_scale;
+        v[1] += l.y / lo_scale;
+      }
+    }
+    tile[k][2 * q + b] = v[0];
+    tile[k + 1][2 * q + b] = v[1];
+  }
+  __syncthreads();
+  // Out: a warp per channel, a pair of neighbouring output pixels (b = 0, 1) per lane.
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int r = warp + 8 * it, ci = c0 + r, j = j0 + lane;
+    if (ci >= c || j >= w) continue;
+    const long long o = (((long long)n * c + ci) * 2 * h + 2 * i + a) * 2 * w + 2 * j;
+    const float bi = bias[ci];
+    *reinterpret_cast<float2*>(out + o) =
+        make_float2(tile[r][2 * lane] + bi, tile[r][2 * lane + 1] + bi);
+  }
+}
+
 // Decoder output (B, 3, H, W) → (B, H, W, 3) u8 (pixels.rs): y = clamp(T(x / 2 + 0.5), 0, 1)
 // in the dtype T (x / 2 is exact, so the sum rounds once to f32, then to T), then
 // rint(f32(y) · 255), rint rounding ties to even as numpy's round does.

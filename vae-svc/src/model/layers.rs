@@ -177,7 +177,7 @@ impl Conv2d {
         }
         let dt = gemm_dtype(x);
         let weights = self.weights.map(|t| t.to_dtype(dt))?;
-        klein_kernels::conv2d_with(x, &weights, residual, self.conv(self.padding.top), prologue)
+        klein_kernels::conv2d_with(x, &weights, residual, self.call(self.padding.top), prologue)
     }
 
     /// Whether [`Self::forward_prologue`] fuses its prologue for `x` (upsampled first when
@@ -245,8 +245,13 @@ impl Conv2d {
         Ok(out)
     }
 
+    /// Whether cuDNN runs this convolution with TF32 arithmetic (its weights NHWC).
+    pub fn runs_tf32_on_cudnn(&self) -> bool {
+        self.weights.nhwc
+    }
+
     /// The kernel call's geometry and arithmetic, with `padding` on every side.
-    fn conv(&self, padding: usize) -> Conv {
+    pub fn call(&self, padding: usize) -> Conv {
         Conv {
             padding,
             stride: self.stride,
@@ -278,7 +283,7 @@ impl Conv2d {
         let fused = residual.filter(|_| fuse);
         let y =
             if r0 == 0 && r1 == self.out_len(h, p.top + p.bottom, k) && p == Padding::same(p.top) {
-                klein_kernels::conv2d(&x.to_dtype(dt)?, weights, fused, self.conv(p.top))?
+                klein_kernels::conv2d(&x.to_dtype(dt)?, weights, fused, self.call(p.top))?
             } else {
                 // Input rows of the band in padded coordinates, then clipped to the real rows.
                 let start = r0 * self.stride;
@@ -296,7 +301,7 @@ impl Conv2d {
                     right: p.right,
                 };
                 let rows = klein_kernels::pad_rows(x, band)?.to_dtype(dt)?;
-                klein_kernels::conv2d(&rows, weights, fused, self.conv(0))?
+                klein_kernels::conv2d(&rows, weights, fused, self.call(0))?
             };
         let y = y.to_dtype(x.dtype())?;
         match residual.filter(|_| !fuse) {
