@@ -13,7 +13,7 @@ use std::{
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
-use klein_runtime::weights;
+use klein_runtime::{gpu_memory, weights};
 
 use crate::{
     error::VaeError,
@@ -61,7 +61,8 @@ pub struct Loaded {
     pub model: AutoencoderKLFlux2,
     pub config: Config,
     pub format: WeightsFormat,
-    /// Bytes of the tensors read from the weights, in the compute dtype.
+    /// Bytes of the tensors read from the weights, in the compute dtype; on CUDA at least the
+    /// device memory the loaded model holds.
     pub weight_bytes: u64,
     /// The folder (pipeline) or file name.
     pub model_id: String,
@@ -121,12 +122,19 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
         bytes: bytes.clone(),
     };
     let vb = VarBuilder::from_backend(Box::new(counting), dtype, device.clone());
+    let pool_before = gpu_memory::used_bytes(device);
     let model = AutoencoderKLFlux2::new(&config, vb)?;
+    // On CUDA what stays resident, which the tensors read undercount where the model keeps
+    // derived weights (split TF32's low parts, the upsamplers' phase filters).
+    let resident = gpu_memory::used_bytes(device)
+        .zip(pool_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let read = bytes.load(Ordering::Relaxed);
     Ok(Loaded {
         model,
         config,
         format,
-        weight_bytes: bytes.load(Ordering::Relaxed),
+        weight_bytes: resident.map_or(read, |r| r.max(read)),
         model_id,
     })
 }
