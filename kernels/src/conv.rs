@@ -101,6 +101,36 @@ impl ConvWeights {
         })
     }
 
+    /// The weights of [`upsample_conv2d`] for this 3×3 convolution (padding 1): its phase
+    /// filters ([`phase_filters`]) in the same layout, with its bias four times. NHWC weights are split
+    /// again ([`tf32_split`] of `weight + weight_lo`), their low part kept whatever its values:
+    /// the summed taps are rarely exact in TF32, and checking would wait for the device. Built
+    /// per call, a few small operations, so that no second copy of the filters stays resident.
+    pub fn upsampling_phases(&self) -> Result<Self> {
+        let whole = match &self.weight_lo {
+            Some(lo) => (&self.weight + lo)?,
+            None => self.weight.clone(),
+        };
+        let axes = if self.nhwc { (1, 2) } else { (2, 3) };
+        let phases = phase_filters(&whole, axes)?;
+        let bias = Tensor::cat(&[&self.bias; 4], 0)?;
+        if !self.nhwc {
+            return Ok(Self {
+                weight: phases,
+                weight_lo: None,
+                bias,
+                nhwc: false,
+            });
+        }
+        let parts = tf32_split(&phases)?;
+        Ok(Self {
+            weight: parts.get(0)?,
+            weight_lo: Some(parts.get(1)?),
+            bias,
+            nhwc: true,
+        })
+    }
+
     /// (C_out, k): the output channels and the kernel side.
     pub fn geometry(&self) -> Result<(usize, usize)> {
         let (c_out, a, b, _) = self.weight.dims4()?;
@@ -226,14 +256,15 @@ fn half_weights(w: &ConvWeights, conv: Conv) -> Result<Option<(Tensor, Option<Te
 /// i − 1, i, i (a = 0) or i, i, i + 1 (a = 1).
 const PHASE_TAPS: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
 
-/// The filters of [`upsample_conv2d`] from a 3×3 convolution's `weight` (C_out, C_in, 3, 3):
-/// (4 · C_out, C_in, 2, 2), phase (a, b)'s filter at output channels `(2a + b) · C_out ..`,
-/// each of its taps the sum of the 3×3 taps that the upsampling puts on one input pixel. Its
-/// bias is the convolution's, repeated four times.
-pub fn subpixel_weights(weight: &Tensor) -> Result<Tensor> {
-    let (_, _, kh, kw) = weight.dims4()?;
+/// The filters of [`upsample_conv2d`] from a 3×3 convolution's `weight`, whose kernel rows and
+/// columns lie on `axes` (2, 3 for (C_out, C_in, k, k); 1, 2 for NHWC's (C_out, k, k, C_in)):
+/// the same layout with 4 · C_out output channels and 2×2 taps, phase (a, b)'s filter at
+/// output channels `(2a + b) · C_out ..`, each of its taps the sum of the 3×3 taps that the
+/// upsampling puts on one input pixel.
+fn phase_filters(weight: &Tensor, (row_axis, col_axis): (usize, usize)) -> Result<Tensor> {
+    let (kh, kw) = (weight.dim(row_axis)?, weight.dim(col_axis)?);
     if (kh, kw) != (3, 3) {
-        bail!("subpixel_weights: a 3×3 filter, not {kh}×{kw}");
+        bail!("upsampling phases: a 3×3 filter, not {kh}×{kw}");
     }
     let taps = |t: &Tensor, axis: usize, rows: &[usize]| -> Result<Tensor> {
         let mut sum = t.narrow(axis, rows[0], 1)?;
@@ -246,22 +277,22 @@ pub fn subpixel_weights(weight: &Tensor) -> Result<Tensor> {
     for row_taps in PHASE_TAPS {
         let rows = row_taps
             .iter()
-            .map(|r| taps(weight, 2, r))
+            .map(|r| taps(weight, row_axis, r))
             .collect::<Result<Vec<_>>>()?;
-        let rows = Tensor::cat(&rows, 2)?;
+        let rows = Tensor::cat(&rows, row_axis)?;
         for col_taps in PHASE_TAPS {
             let cols = col_taps
                 .iter()
-                .map(|c| taps(&rows, 3, c))
+                .map(|c| taps(&rows, col_axis, c))
                 .collect::<Result<Vec<_>>>()?;
-            phases.push(Tensor::cat(&cols, 3)?);
+            phases.push(Tensor::cat(&cols, col_axis)?);
         }
     }
     Tensor::cat(&phases, 0)?.contiguous()
 }
 
 /// A ×2 nearest upsampling of x (B, C_in, H, W) followed by the 3×3 convolution (padding 1)
-/// whose [`subpixel_weights`] (and bias repeated four times) `w` holds → (B, C_out, 2H, 2W):
+/// whose [`ConvWeights::upsampling_phases`] `w` holds → (B, C_out, 2H, 2W):
 /// one 2×2 convolution with padding 1 over x, (H + 1) × (W + 1) pixels of 4 · C_out phases,
 /// of which output pixel (2i + a, 2j + b) is phase (a, b) at (i + a, j + b). 16 products an
 /// output where the upsampled convolution takes 36, and x is read at its own size. On cuDNN
@@ -596,15 +627,11 @@ mod tests {
                 precision: ConvPrecision::SplitTf32,
                 algo: None,
             };
-            let phases = ConvWeights::new(
-                subpixel_weights(&weight).unwrap(),
-                Tensor::cat(&[&bias; 4], 0).unwrap(),
-                ConvPrecision::SplitTf32,
-            )
-            .unwrap();
+            let whole = ConvWeights::new(weight, bias, ConvPrecision::SplitTf32).unwrap();
+            let phases = whole.upsampling_phases().unwrap();
+            assert_eq!(phases.weight.dims(), [4 * c_out, c_in, 2, 2]);
             let got = upsample_conv2d(&x, &phases, conv).unwrap();
             let up = x.upsample_nearest2d(2 * h, 2 * w).unwrap();
-            let whole = ConvWeights::new(weight, bias, ConvPrecision::Exact).unwrap();
             let want = conv2d(&up, &whole, None, conv).unwrap();
             assert_eq!(got.dims(), [2, c_out, 2 * h, 2 * w]);
             let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap();

@@ -42,7 +42,7 @@ pub use attention::{
 };
 pub use conv::{
     Conv, ConvPrecision, ConvWeights, Prologue, Tf32Split, conv_fused, conv2d, conv2d_with,
-    subpixel_weights, tf32_split, upsample_conv2d,
+    tf32_split, upsample_conv2d,
 };
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};

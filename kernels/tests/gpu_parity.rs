@@ -518,9 +518,9 @@ fn a_fused_prologue_changes_nothing() -> Result<()> {
 }
 
 /// A ×2 upsampling and 3×3 convolution as four 2×2 phase convolutions over the small input
-/// (`upsample_conv2d`) against the upsampled convolution in f64: split TF32 at f32 accuracy,
-/// for random f32 and bf16-valued weights (the phases' summed taps are not exact in TF32, so
-/// both take the third pass), on the phase-interleaving transpose (even C_out) and the
+/// (`upsample_conv2d`, the phases built from the NHWC split weights) against the upsampled
+/// convolution in f64: split TF32 at f32 accuracy, for random f32 and bf16-valued weights
+/// (both take the third pass), on the phase-interleaving transpose (even C_out) and the
 /// composition (odd C_out).
 #[cfg(feature = "cudnn")]
 #[test]
@@ -550,15 +550,11 @@ fn upsampling_phases_match_f64() -> Result<()> {
                 precision: ConvPrecision::SplitTf32,
                 algo: Some(candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm),
             };
-            let phases = ConvWeights::new(
-                klein_kernels::subpixel_weights(weight)?,
-                Tensor::cat(&[&bias; 4], 0)?,
-                ConvPrecision::SplitTf32,
-            )?;
+            let whole = ConvWeights::new(weight.clone(), bias.clone(), ConvPrecision::SplitTf32)?;
+            let phases = whole.upsampling_phases()?;
             let got = klein_kernels::upsample_conv2d(&x, &phases, conv)?;
             assert_eq!(got.dims(), want.dims());
             let err = rel_l2(&got.to_device(&cpu)?.to_dtype(DType::F64)?, &want)?;
-            let whole = ConvWeights::new(weight.clone(), bias.clone(), ConvPrecision::SplitTf32)?;
             let upsample = Prologue {
                 affine: None,
                 upsample: true,

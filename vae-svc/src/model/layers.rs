@@ -245,6 +245,11 @@ impl Conv2d {
         Ok(out)
     }
 
+    /// The weights as the convolution runs them.
+    pub fn weights(&self) -> &ConvWeights {
+        &self.weights
+    }
+
     /// Whether cuDNN runs this convolution with TF32 arithmetic (its weights NHWC).
     pub fn runs_tf32_on_cudnn(&self) -> bool {
         self.weights.nhwc

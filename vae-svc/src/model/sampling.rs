@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::{ConvWeights, Prologue};
+use klein_kernels::Prologue;
 
 use super::{
     Config,
@@ -48,44 +48,29 @@ impl Downsample2D {
 #[derive(Debug, Clone)]
 pub struct Upsample2D {
     conv: Conv2d,
-    /// Where cuDNN runs the convolution with TF32 arithmetic: its upsampling phases
-    /// ([`klein_kernels::upsample_conv2d`]), four 2×2 filters over the input at its own size.
-    phases: Option<ConvWeights>,
 }
 
 impl Upsample2D {
     pub fn new(cfg: &Config, channels: usize, vb: VarBuilder<'_>) -> Result<Self> {
-        let vb = vb.pp("conv");
         let conv = Conv2d::new(
             cfg,
             (channels, channels, 3),
             1,
             Padding::same(1),
-            vb.clone(),
+            vb.pp("conv"),
         )?;
-        let phases = if conv.runs_tf32_on_cudnn() {
-            let weight = vb.get((channels, channels, 3, 3), "weight")?;
-            let bias = vb.get(channels, "bias")?;
-            Some(ConvWeights::new(
-                klein_kernels::subpixel_weights(&weight)?,
-                Tensor::cat(&[&bias; 4], 0)?,
-                cfg.chunking.conv_precision,
-            )?)
-        } else {
-            None
-        };
-        Ok(Self { conv, phases })
+        Ok(Self { conv })
     }
 
     /// (B, C, H, W) -> (B, C, 2H, 2W). Where cuDNN runs TF32 arithmetic on the whole output in
-    /// one band: the phases (16 products an output instead of 36, x read at its own size);
-    /// otherwise the convolution of the upsampled x, on cuDNN reading x through the upsampling
-    /// (no upsampled tensor).
+    /// one band: the convolution's upsampling phases ([`klein_kernels::upsample_conv2d`], four
+    /// 2×2 filters over x at its own size: 16 products an output instead of 36); otherwise the
+    /// convolution of the upsampled x, on cuDNN reading x through the upsampling (no upsampled
+    /// tensor).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(phases) = &self.phases
-            && self.conv.fuses_prologue(x, true)?
-        {
-            return klein_kernels::upsample_conv2d(x, phases, self.conv.call(1));
+        if self.conv.runs_tf32_on_cudnn() && self.conv.fuses_prologue(x, true)? {
+            let phases = self.conv.weights().upsampling_phases()?;
+            return klein_kernels::upsample_conv2d(x, &phases, self.conv.call(1));
         }
         let upsample = Prologue {
             affine: None,
