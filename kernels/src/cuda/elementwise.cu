@@ -755,6 +755,20 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
 NCHW_TO_NHWC(false, )
 NCHW_TO_NHWC(true, _pairs)
 
+// Two neighbouring channels of a convolution's NHWC output at element `at` (even): y, plus
+// y_lo / lo_scale (the split's scaled fp16 low-part convolution) where y_lo is non-null.
+__device__ __forceinline__ float2 output_pair(const float* __restrict__ y,
+                                              const __half* __restrict__ y_lo, float lo_scale,
+                                              long long at) {
+  float2 v = *reinterpret_cast<const float2*>(y + at);
+  if (y_lo) {
+    const float2 l = __half22float2(*reinterpret_cast<const __half2*>(y_lo + at));
+    v.x += l.x / lo_scale;
+    v.y += l.y / lo_scale;
+  }
+  return v;
+}
+
 // out = y (+ y_lo / lo_scale, the split's scaled fp16 low-part convolution, where y_lo is
 // non-null) + bias (+ residual).
 template <bool RESIDUAL, bool PAIRS>
@@ -777,14 +791,9 @@ __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
     if (p < hw && ci < c) {
       const long long at = (n * hw + p) * c + ci;
       if (PAIRS) {
-        const float2 t = *reinterpret_cast<const float2*>(y + at);
+        const float2 t = output_pair(y, y_lo, lo_scale, at);
         v[0] = t.x;
         v[1] = t.y;
-        if (y_lo) {
-          const float2 l = __half22float2(*reinterpret_cast<const __half2*>(y_lo + at));
-          v[0] += l.x / lo_scale;
-          v[1] += l.y / lo_scale;
-        }
       } else {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -866,14 +875,9 @@ extern "C" __global__ void nhwc_subpixel_to_nchw_bias_f32(const float* __restric
     if (j < w && ci < c) {
       const long long pixel = ((long long)n * (h + 1) + i + a) * wp + j + b;
       const long long at = pixel * 4 * c + (long long)(2 * a + b) * c + ci;
-      const float2 t = *reinterpret_cast<const float2*>(y + at);
+      const float2 t = output_pair(y, y_lo, lo_scale, at);
       v[0] = t.x;
       v[1] = t.y;
-      if (y_lo) {
-        const float2 l = __half22float2(*reinterpret_cast<const __half2*>(y_lo + at));
-        v[0] += l.x / lo_scale;
-        v[1] += l.y / lo_scale;
-      }
     }
     tile[k][2 * q + b] = v[0];
     tile[k + 1][2 * q + b] = v[1];
