@@ -249,7 +249,9 @@ pub fn decode_tiled(
     // The blend, on the device: each tile's pixels weighted by its ramps, added into its
     // region of the accumulators, divided by the summed weights at the end.
     let dev = mid.device();
-    let mut blend: Option<(Tensor, Tensor)> = None;
+    let channels = model.out_channels();
+    let mut sum = Tensor::zeros((1, channels, height, width), DType::F32, dev)?;
+    let mut weight = Tensor::zeros((1, 1, height, width), DType::F32, dev)?;
     for &(r, c) in &tiles {
         if cancel.is_cancelled() {
             return Err(VaeError::Cancelled);
@@ -258,24 +260,13 @@ pub fn decode_tiled(
         let pixels = model
             .decode_up(part(r, c)?, &mut stats)?
             .to_dtype(DType::F32)?;
-        let (_, channels, th, tw) = pixels.dims4()?;
+        let (_, _, th, tw) = pixels.dims4()?;
         let ramps = Tensor::from_slice(&r.ramp, (1, 1, th, 1), dev)?
             .broadcast_mul(&Tensor::from_slice(&c.ramp, (1, 1, 1, tw), dev)?)?;
         let at = (r.start * PIXELS_PER_TOKEN, c.start * PIXELS_PER_TOKEN);
-        let (sum, weight) = match blend.take() {
-            Some(b) => b,
-            None => (
-                Tensor::zeros((1, channels, height, width), DType::F32, dev)?,
-                Tensor::zeros((1, 1, height, width), DType::F32, dev)?,
-            ),
-        };
-        blend = Some((
-            add_to_region(&sum, &pixels.broadcast_mul(&ramps)?, at)?,
-            add_to_region(&weight, &ramps, at)?,
-        ));
+        sum = add_to_region(&sum, &pixels.broadcast_mul(&ramps)?, at)?;
+        weight = add_to_region(&weight, &ramps, at)?;
     }
-    // Every grid has at least one tile.
-    let (sum, weight) = blend.ok_or(candle_core::Error::Msg("no tiles".into()))?;
     Ok((sum.broadcast_div(&weight)?, passes))
 }
 

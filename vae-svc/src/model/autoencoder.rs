@@ -25,6 +25,8 @@ pub struct AutoencoderKLFlux2 {
     post_quant_conv: Option<Conv2d>,
     bn: BatchNorm,
     latent_channels: usize,
+    /// Channels of a decoded image.
+    out_channels: usize,
     patch_size: [usize; 2],
     dtype: DType,
 }
@@ -62,6 +64,7 @@ impl AutoencoderKLFlux2 {
             post_quant_conv,
             bn: BatchNorm::new(cfg, vb.pp("bn"))?,
             latent_channels: lc,
+            out_channels: cfg.out_channels,
             patch_size: cfg.patch_size,
             dtype: vb.dtype(),
         })
@@ -70,6 +73,11 @@ impl AutoencoderKLFlux2 {
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Channels of a decoded image.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
     }
 
     /// The posterior mean (`latent_dist.mode()`; no sampling).
