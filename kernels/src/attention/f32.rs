@@ -22,33 +22,33 @@ pub const HEAD_DIMS: [usize; 2] = [TILINGS[0].0, TILINGS[1].0];
 const BLOCK_N: usize = 32;
 const THREADS: u32 = 256;
 
-/// Query rows per block at head dim `hd`.
-fn block_m(hd: usize) -> usize {
+/// The 16-row query tiles of a block at head dim `hd` (its other warps split the head dim into
+/// `8 / row groups` slices); `None` where the kernel is not instantiated.
+fn row_groups(hd: usize) -> Option<usize> {
     TILINGS
         .iter()
         .find(|t| t.0 == hd)
-        .map_or(0, |&(_, row_groups)| 16 * row_groups)
+        .map(|&(_, groups)| groups)
 }
 
 /// K and V tiles and the block's Q, each as fp16 high and low parts, and one f32 partial score
 /// tile (rows of 40) per head-dim slice: 212 KiB at head dim 512.
-fn shared_bytes(hd: usize) -> usize {
-    let m = block_m(hd);
-    let slices = 128 / m;
+fn shared_bytes(hd: usize, row_groups: usize) -> usize {
+    let (m, slices) = (16 * row_groups, 8 / row_groups);
     2 * 2 * (2 * BLOCK_N + m) * hd + 4 * slices * m * (BLOCK_N + 8)
 }
 
 /// Whether the kernel takes head dim `hd` on `dev`: an instantiated one whose shared memory the
 /// card gives a block (at 512: Hopper and A100-class cards; not consumer cards, ~100 KiB).
 pub fn applies(dev: &CudaDevice, hd: usize) -> bool {
-    HEAD_DIMS.contains(&hd)
-        && dev
-            .cuda_stream()
+    row_groups(hd).is_some_and(|groups| {
+        dev.cuda_stream()
             .context()
             .attribute(
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
-            .is_ok_and(|bytes| bytes as usize >= shared_bytes(hd))
+            .is_ok_and(|bytes| bytes as usize >= shared_bytes(hd, groups))
+    })
 }
 
 /// One operand's fp16 high and low parts, contiguous (B·H, rows, hd).
@@ -128,6 +128,9 @@ pub(super) fn forward(
     d: Dims,
     scale: f32,
 ) -> Result<CudaSlice<f32>> {
+    let Some(groups) = row_groups(d.hd) else {
+        candle_core::bail!("f32 flash attention: no kernel for head dim {}", d.hd);
+    };
     let mut max_bits = dev.alloc_zeros::<u32>(3)?;
     let [q, k, v] = split(
         dev,
@@ -139,7 +142,7 @@ pub(super) fn forward(
         d,
         &mut max_bits,
     )?;
-    let smem = shared_bytes(d.hd);
+    let smem = shared_bytes(d.hd, groups);
     let func = dev.get_or_load_custom_func(
         &format!("flash_attention_f32_hd{}", d.hd),
         FLASH_ATTENTION_F32.name,
@@ -155,7 +158,7 @@ pub(super) fn forward(
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let (batch_stride, row_stride) = ((d.s_q * d.cols) as i64, d.cols as i64);
     let cfg = LaunchConfig {
-        grid_dim: (d.s_q.div_ceil(block_m(d.hd)) as u32, (d.b * d.h) as u32, 1),
+        grid_dim: (d.s_q.div_ceil(16 * groups) as u32, (d.b * d.h) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
