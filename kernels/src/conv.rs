@@ -102,10 +102,11 @@ impl ConvWeights {
     }
 
     /// The weights of [`upsample_conv2d`] for this 3×3 convolution (padding 1): its phase
-    /// filters ([`phase_filters`]) in the same layout, with its bias four times. NHWC weights are split
-    /// again ([`tf32_split`] of `weight + weight_lo`), their low part kept whatever its values:
-    /// the summed taps are rarely exact in TF32, and checking would wait for the device. Built
-    /// per call, a few small operations, so that no second copy of the filters stays resident.
+    /// filters ([`phase_filters`]) in the same layout, with its bias four times. NHWC weights
+    /// are split again ([`tf32_split`] of `weight + weight_lo`), their low part kept whatever
+    /// its values: the summed taps are rarely exact in TF32, and checking would wait for the
+    /// device. Built per call, a few small operations, so that no second copy of the filters
+    /// stays resident.
     pub fn upsampling_phases(&self) -> Result<Self> {
         let whole = match &self.weight_lo {
             Some(lo) => (&self.weight + lo)?,
@@ -324,21 +325,18 @@ pub fn upsample_conv2d(x: &Tensor, w: &ConvWeights, conv: Conv) -> Result<Tensor
             &op,
         );
     }
-    let (_, _, h, wd) = x.dims4()?;
+    let (n, _, h, wd) = x.dims4()?;
     let y = conv2d(x, w, None, conv)?;
     let phase = |a: usize, b: usize| {
         y.narrow(1, (2 * a + b) * c_out, c_out)?
             .narrow(2, a, h)?
             .narrow(3, b, wd)
     };
+    // Output row 2i + a interleaves phases (a, 0) and (a, 1); the rows interleave a = 0, 1.
     let rows = (0..2)
-        .map(|a| {
-            let (n, c) = (y.dim(0)?, c_out);
-            Tensor::stack(&[phase(a, 0)?, phase(a, 1)?], 4)?.reshape((n, c, h, 2 * wd))
-        })
+        .map(|a| Tensor::stack(&[phase(a, 0)?, phase(a, 1)?], 4)?.reshape((n, c_out, h, 2 * wd)))
         .collect::<Result<Vec<_>>>()?;
-    let (n, c) = (y.dim(0)?, c_out);
-    Tensor::stack(&rows, 3)?.reshape((n, c, 2 * h, 2 * wd))
+    Tensor::stack(&rows, 3)?.reshape((n, c_out, 2 * h, 2 * wd))
 }
 
 /// `x` (any shape, f32) → (2, ..x's shape): `[x_hi, x_lo]`, `x_hi` = x with the low 13 mantissa
