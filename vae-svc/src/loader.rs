@@ -125,7 +125,7 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
     let pool_before = gpu_memory::used_bytes(device);
     let model = AutoencoderKLFlux2::new(&config, vb)?;
     // On CUDA what stays resident, which the tensors read undercount where the model keeps
-    // derived weights (split TF32's low parts, the upsamplers' phase filters).
+    // derived weights (split TF32's low parts of weights not exact in TF32).
     let resident = gpu_memory::used_bytes(device)
         .zip(pool_before)
         .map(|(after, before)| after.saturating_sub(before));

@@ -163,9 +163,8 @@ impl Conv2d {
     }
 
     /// `residual + conv(prologue(x))`. Where cuDNN runs TF32 arithmetic on the whole output in
-    /// one band, the prologue (a group norm's affine and SiLU, an upsampling) happens inside
-    /// the convolution's NHWC transpose and its output never exists; otherwise it is applied
-    /// first.
+    /// one band, the prologue (a group norm's affine and SiLU) happens inside the convolution's
+    /// NHWC transpose and its output never exists; otherwise it is applied first.
     pub fn forward_prologue(
         &self,
         x: &Tensor,
@@ -248,11 +247,6 @@ impl Conv2d {
     /// The weights as the convolution runs them.
     pub fn weights(&self) -> &ConvWeights {
         &self.weights
-    }
-
-    /// Whether cuDNN runs this convolution with TF32 arithmetic (its weights NHWC).
-    pub fn runs_tf32_on_cudnn(&self) -> bool {
-        self.weights.nhwc
     }
 
     /// The kernel call's geometry and arithmetic, with `padding` on every side.

@@ -5,7 +5,6 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::Prologue;
 
 use super::{
     Config,
@@ -64,18 +63,14 @@ impl Upsample2D {
 
     /// (B, C, H, W) -> (B, C, 2H, 2W). Where cuDNN runs TF32 arithmetic on the whole output in
     /// one band: the convolution's upsampling phases ([`klein_kernels::upsample_conv2d`], four
-    /// 2×2 filters over x at its own size: 16 products an output instead of 36); otherwise the
-    /// convolution of the upsampled x, on cuDNN reading x through the upsampling (no upsampled
-    /// tensor).
+    /// 2×2 filters over x at its own size: 16 products an output instead of 36); otherwise
+    /// (bands, exact arithmetic, the CPU) the convolution of the upsampled x.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.conv.runs_tf32_on_cudnn() && self.conv.fuses_prologue(x, true)? {
+        if self.conv.fuses_prologue(x, true)? {
             let phases = self.conv.weights().upsampling_phases()?;
             return klein_kernels::upsample_conv2d(x, &phases, self.conv.call(1));
         }
-        let upsample = Prologue {
-            affine: None,
-            upsample: true,
-        };
-        self.conv.forward_prologue(x, &upsample, None)
+        let (_, _, h, w) = x.dims4()?;
+        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
 }
