@@ -5,7 +5,10 @@
 //! memory.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{
+    Mutex, MutexGuard, PoisonError,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -38,55 +41,69 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Activations (of `activation` bytes) that `forward` holds at its peak beyond what was alive
-/// before it, after one warm-up call (lazily built state is not counted), checking that the
-/// output keeps the input's shape.
-fn peak_activations(x: &Tensor, activation: usize, forward: impl Fn() -> Tensor) -> f64 {
-    drop(forward());
+/// The counters are the whole process's: tests run one at a time, or one test's allocations
+/// (or its reset of the peak) land in another's measurement.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Channels and side of the blocks' input: (1, C, SIDE, SIDE) f32, one "activation".
+const C: usize = 32;
+const SIDE: usize = 96;
+
+/// Activations that `forward` holds at its peak beyond what was alive before it, on a random
+/// input, after one warm-up call (lazily built state is not counted), checking that the output
+/// keeps the input's shape.
+fn peak_activations(forward: impl Fn(&Tensor) -> Tensor) -> f64 {
+    let x = Tensor::randn(0f32, 1.0, (1, C, SIDE, SIDE), &Device::Cpu).unwrap();
+    drop(forward(&x));
     let before = CURRENT.load(Ordering::SeqCst);
     PEAK.store(before, Ordering::SeqCst);
-    let out = forward();
+    let out = forward(&x);
     let extra = PEAK.load(Ordering::SeqCst) - before;
     assert_eq!(out.dims(), x.dims());
-    extra as f64 / activation as f64
+    extra as f64 / (C * SIDE * SIDE * 4) as f64
+}
+
+/// `{prefix}.weight` (ones) and `{prefix}.bias` (zeros) of a C-channel group norm.
+fn group_norm(prefix: &str) -> [(String, Tensor); 2] {
+    let dev = Device::Cpu;
+    [
+        (
+            format!("{prefix}.weight"),
+            Tensor::ones(C, DType::F32, &dev).unwrap(),
+        ),
+        (
+            format!("{prefix}.bias"),
+            Tensor::zeros(C, DType::F32, &dev).unwrap(),
+        ),
+    ]
 }
 
 #[test]
 fn a_resnet_block_holds_two_activations_besides_its_input() {
+    let _serial = one_at_a_time();
     let dev = Device::Cpu;
     let mut cfg = Config::default();
     // Convolution bands of a few rows: their temporaries stay small next to an activation.
     cfg.chunking.op_bytes = 64 << 10;
-    let (c, h, w) = (32, 96, 96);
-    let activation = c * h * w * 4;
-    let vb = VarBuilder::from_tensors(
-        [
-            ("norm1.weight", Tensor::ones(c, DType::F32, &dev).unwrap()),
-            ("norm1.bias", Tensor::zeros(c, DType::F32, &dev).unwrap()),
-            (
-                "conv1.weight",
-                Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev).unwrap(),
-            ),
-            ("conv1.bias", Tensor::zeros(c, DType::F32, &dev).unwrap()),
-            ("norm2.weight", Tensor::ones(c, DType::F32, &dev).unwrap()),
-            ("norm2.bias", Tensor::zeros(c, DType::F32, &dev).unwrap()),
-            (
-                "conv2.weight",
-                Tensor::randn(0f32, 0.05, (c, c, 3, 3), &dev).unwrap(),
-            ),
-            ("conv2.bias", Tensor::zeros(c, DType::F32, &dev).unwrap()),
-        ]
+    let mut tensors: Vec<(String, Tensor)> = [group_norm("norm1"), group_norm("norm2")]
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect(),
-        DType::F32,
-        &dev,
-    );
-    let block = ResnetBlock2D::new(&cfg, c, c, vb).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, c, h, w), &dev).unwrap();
-    let peak = peak_activations(&x, activation, || {
-        block.forward(&x, &mut NormStats::Local).unwrap()
-    });
+        .flatten()
+        .collect();
+    for conv in ["conv1", "conv2"] {
+        let weight = Tensor::randn(0f32, 0.05, (C, C, 3, 3), &dev).unwrap();
+        tensors.push((format!("{conv}.weight"), weight));
+        tensors.push((
+            format!("{conv}.bias"),
+            Tensor::zeros(C, DType::F32, &dev).unwrap(),
+        ));
+    }
+    let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
+    let block = ResnetBlock2D::new(&cfg, C, C, vb).unwrap();
+    let peak = peak_activations(|x| block.forward(x, &mut NormStats::Local).unwrap());
     println!("peak beyond the input: {peak:.2} activations");
     assert!(
         peak < 2.5,
@@ -100,32 +117,21 @@ fn a_resnet_block_holds_two_activations_besides_its_input() {
 /// held the product through the output projection and copied k and v out of it: 7.2.
 #[test]
 fn the_attention_lets_its_product_go_before_the_output_projection() {
+    let _serial = one_at_a_time();
     let dev = Device::Cpu;
     let mut cfg = Config::default();
     // Score blocks of a few query rows: small next to an activation.
     cfg.chunking.attention_bytes = 256 << 10;
-    let (c, h, w) = (32, 96, 96);
-    let activation = c * h * w * 4;
-    let mut tensors = vec![
-        (
-            "group_norm.weight".to_string(),
-            Tensor::ones(c, DType::F32, &dev).unwrap(),
-        ),
-        (
-            "group_norm.bias".to_string(),
-            Tensor::zeros(c, DType::F32, &dev).unwrap(),
-        ),
-    ];
+    let mut tensors = Vec::from(group_norm("group_norm"));
     for name in ["to_q", "to_k", "to_v", "to_out.0"] {
-        let weight = Tensor::randn(0f32, 0.1, (c, c), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 0.1, c, &dev).unwrap();
+        let weight = Tensor::randn(0f32, 0.1, (C, C), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 0.1, C, &dev).unwrap();
         tensors.push((format!("{name}.weight"), weight));
         tensors.push((format!("{name}.bias"), bias));
     }
     let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
-    let attention = Attention::new(&cfg, c, vb).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, c, h, w), &dev).unwrap();
-    let peak = peak_activations(&x, activation, || attention.forward(&x).unwrap());
+    let attention = Attention::new(&cfg, C, vb).unwrap();
+    let peak = peak_activations(|x| attention.forward(x).unwrap());
     println!("attention: peak beyond the input {peak:.2} activations");
     assert!(
         peak < 5.0,
