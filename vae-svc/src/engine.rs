@@ -64,7 +64,9 @@ fn check(cancel: &CancellationToken) -> Result<(), VaeError> {
 impl Runner {
     /// Convolution bands reuse the memory earlier bands (and earlier jobs) freed
     /// ([`gpu_memory::keep_freed_memory`]); a job that runs out of memory hands it back and is
-    /// run once more ([`gpu_memory::retry_out_of_memory`]; jobs only read their inputs).
+    /// run once more (jobs only read their inputs): an encode as it was
+    /// ([`gpu_memory::retry_out_of_memory`]), a decode at its fallback plan
+    /// ([`gpu_memory::fall_back_on_out_of_memory`], [`DecodePlans`]).
     pub fn new(model: AutoencoderKLFlux2, device: Device, facts: Facts) -> Self {
         gpu_memory::keep_freed_memory(&device);
         Self {
