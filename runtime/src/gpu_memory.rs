@@ -104,10 +104,15 @@ pub fn fall_back_on_out_of_memory<T, E: std::fmt::Display>(
 /// outside the pool (lazily loaded kernels, library workspaces).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapshot {
+    /// Bytes of the pool's allocations alive now.
     pub used: u64,
+    /// Their high-water mark since the last [`reset_peak`].
     pub used_high: u64,
+    /// Bytes the pool holds from the driver now (in use or kept for reuse).
     pub reserved: u64,
+    /// Their high-water mark since the last [`reset_peak`].
     pub reserved_high: u64,
+    /// Bytes the driver has free for this process (under MPS: left of its limit).
     pub free: u64,
 }
 
