@@ -156,34 +156,27 @@ pub fn conv_fused(x: &Tensor) -> bool {
 }
 
 /// What a convolution's input goes through first, elementwise: a per-(batch, channel) affine (a
-/// group norm's, [`crate::group_norm_affine`]), optionally followed by SiLU, then a
-/// nearest-neighbour ×2 upsampling. cuDNN's TF32 paths apply it inside their NHWC transpose, so
-/// the normalised (or upsampled) input never exists as a tensor; elsewhere [`Self::apply`] runs
-/// first, with the same rounding.
+/// group norm's, [`crate::group_norm_affine`]), optionally followed by SiLU. cuDNN's TF32 paths
+/// apply it inside their NHWC transpose, so the normalised input never exists as a tensor;
+/// elsewhere [`Self::apply`] runs first, with the same rounding.
 #[derive(Debug, Clone, Default)]
 pub struct Prologue {
     /// (scale, shift), each (B, C_in) f32, and whether SiLU follows.
     pub affine: Option<(Tensor, Tensor, bool)>,
-    pub upsample: bool,
 }
 
 impl Prologue {
-    /// x with the prologue applied: [`crate::channel_affine`], then `upsample_nearest2d`.
+    /// x with the prologue applied: [`crate::channel_affine`].
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = match &self.affine {
-            Some((scale, shift, silu)) => crate::channel_affine(x, scale, shift, *silu)?,
-            None => x.clone(),
-        };
-        if self.upsample {
-            let (_, _, h, w) = y.dims4()?;
-            y = y.upsample_nearest2d(2 * h, 2 * w)?;
+        match &self.affine {
+            Some((scale, shift, silu)) => crate::channel_affine(x, scale, shift, *silu),
+            None => Ok(x.clone()),
         }
-        Ok(y)
     }
 
     /// Whether the prologue changes nothing.
     pub fn is_identity(&self) -> bool {
-        self.affine.is_none() && !self.upsample
+        self.affine.is_none()
     }
 }
 
@@ -228,10 +221,7 @@ pub fn conv2d_with(
         nhwc: w.nhwc,
         half_weights: half_weights(w, conv)?,
         residual: residual.map(Tensor::contiguous).transpose()?,
-        prologue: Prologue {
-            affine,
-            upsample: prologue.upsample,
-        },
+        prologue: Prologue { affine },
         subpixel: false,
     };
     x.contiguous()?

@@ -120,9 +120,6 @@ pub fn conv_forward(
     (bs, bl): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, Shape)> {
     let (n, c_in, h, w) = xl.shape().dims4()?;
-    // The prologue's upsampling doubles the convolution's input.
-    let up = usize::from(op.prologue.upsample) + 1;
-    let (h, w) = (h * up, w * up);
     let (c_out, w_in, kh, kw) = match (op.nhwc, wl.shape().dims4()?) {
         (true, (k, r, s, c)) => (k, c, r, s),
         (false, dims) => dims,
@@ -157,10 +154,8 @@ pub fn conv_forward(
              4 phases of an even channel count ({c_out}), no prologue and no residual"
         );
     }
-    if !op.prologue.is_identity() && (!op.nhwc || h * w > i32::MAX as usize) {
-        bail!(
-            "cudnn conv2d: a prologue needs TF32 arithmetic and fewer than 2³¹ pixels ({h} × {w})"
-        );
+    if !op.prologue.is_identity() && !op.nhwc {
+        bail!("cudnn conv2d: a prologue needs TF32 arithmetic");
     }
     let affine_storage = op.prologue.affine.as_ref().map(|(scale, shift, silu)| {
         (
@@ -225,7 +220,6 @@ pub fn conv_forward(
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
     let len = n * c_in * h * w;
-    let prologue = (affine.as_ref(), op.prologue.upsample);
     let mut y = unsafe { dev.alloc::<f32>(total)? };
     let y_lo = match &op.half_weights {
         None => {
@@ -233,7 +227,7 @@ pub fn conv_forward(
             to_nhwc(
                 &dev,
                 (&x, xl.start_offset()),
-                prologue,
+                affine.as_ref(),
                 Nhwc::Whole(&mut x_nhwc),
                 (n, c_in, h, w),
             )?;
@@ -255,7 +249,7 @@ pub fn conv_forward(
             to_nhwc(
                 &dev,
                 (&x, xl.start_offset()),
-                prologue,
+                affine.as_ref(),
                 parts,
                 (n, c_in, h, w),
             )?;
@@ -457,12 +451,12 @@ enum Nhwc<'a> {
     },
 }
 
-/// x (N, C, H, W), starting at element `x_offset` of its storage, through the prologue (an
-/// affine, an upsampling to the output's H × W), → NHWC in `out`.
+/// x (N, C, H, W), starting at element `x_offset` of its storage, through the prologue's
+/// affine where given, → NHWC in `out`.
 fn to_nhwc(
     dev: &CudaDevice,
     (x, x_offset): (&CudaView<'_, f32>, usize),
-    (affine, upsample): (Option<&Affine<'_>>, bool),
+    affine: Option<&Affine<'_>>,
     out: Nhwc<'_>,
     (n, c, h, w): (usize, usize, usize, usize),
 ) -> Result<()> {
@@ -475,14 +469,14 @@ fn to_nhwc(
     // The kernel takes null pointers for "no affine" and "no fp16 x_hi".
     let none = 0u64;
     let silu = i32::from(affine.is_some_and(|a| a.2));
-    let (upsample, c_arg, h_arg, w_arg) = (i32::from(upsample), c as i32, h as i32, w as i32);
+    let (c_arg, h_arg, w_arg) = (c as i32, h as i32, w as i32);
     let mut l = f.builder();
     l.arg(x);
     match affine {
         Some((scale, shift, _)) => l.arg(scale).arg(shift),
         None => l.arg(&none).arg(&none),
     };
-    l.arg(&silu).arg(&upsample);
+    l.arg(&silu);
     match out {
         Nhwc::Whole(out) => {
             l.arg(out);

@@ -636,8 +636,7 @@ PAD_ROWS(bf16, bf16)
 // even, x and the residual at even offsets) as one 8-byte (f32) or 4-byte (fp16) access.
 // On the way in x may go through its prologue (conv.rs `Prologue`): with `scale` non-null the
 // per-(batch, channel) affine and optionally SiLU (a group norm, rounded as channel_affine
-// rounds), and with `upsample` a nearest-neighbour x2 upsampling: the output is h × w, x is
-// (h/2) × (w/2), and the two pixels of a pair share one source pixel.
+// rounds).
 // SPLIT writes x_hi = x with the low 13 mantissa bits cleared (exact in TF32) to `hi` and the
 // remainder x − x_hi scaled by `lo_scale` (a power of two that keeps it out of fp16's subnormal
 // range) and rounded to fp16 to `lo` (|x_lo| < 2⁻¹⁰|x|: fp16's 11 significant bits keep it to
@@ -648,15 +647,14 @@ template <bool SPLIT, bool PAIRS>
 __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
                                              const float* __restrict__ scale,
                                              const float* __restrict__ shift, int silu,
-                                             int upsample, float* __restrict__ hi,
-                                             __half* __restrict__ lo, __half* __restrict__ hi16,
-                                             float lo_scale, int c, int h, int w) {
+                                             float* __restrict__ hi, __half* __restrict__ lo,
+                                             __half* __restrict__ hi16, float lo_scale, int c,
+                                             int h, int w) {
   __shared__ float tile[kTileChannels][kTilePixels + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long hw = (long long)h * w;
   const long long n = blockIdx.z, p0 = (long long)blockIdx.x * kTilePixels;
   const int c0 = blockIdx.y * kTileChannels;
-  const long long in_hw = upsample ? hw / 4 : hw;
   // In: a warp per channel row, a pixel pair per lane.
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -664,29 +662,19 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
     const long long p = p0 + 2 * lane;
     float v[2] = {0.f, 0.f};
     if (ci < c) {
-      const float* plane = x + (n * c + ci) * in_hw;
-      const float a = scale ? scale[n * c + ci] : 1.f, b = scale ? shift[n * c + ci] : 0.f;
-      if (upsample) {
-        // w is even, so pixels p and p + 1 are one source pixel (h · w < 2³¹, conv.rs).
-        if (p < hw) {
-          const int pi = (int)p;
-          v[0] = plane[(pi / w / 2) * (w / 2) + (pi % w) / 2];
-          if (scale) v[0] = affine_silu<float>(v[0], a, b, silu);
-          v[1] = v[0];
-        }
-      } else {
-        if (PAIRS && p < hw) {
-          const float2 t = *reinterpret_cast<const float2*>(plane + p);
-          v[0] = t.x;
-          v[1] = t.y;
-        } else if (!PAIRS) {
-          if (p < hw) v[0] = plane[p];
-          if (p + 1 < hw) v[1] = plane[p + 1];
-        }
-        if (scale) {
-          v[0] = affine_silu<float>(v[0], a, b, silu);
-          v[1] = affine_silu<float>(v[1], a, b, silu);
-        }
+      const float* plane = x + (n * c + ci) * hw;
+      if (PAIRS && p < hw) {
+        const float2 t = *reinterpret_cast<const float2*>(plane + p);
+        v[0] = t.x;
+        v[1] = t.y;
+      } else if (!PAIRS) {
+        if (p < hw) v[0] = plane[p];
+        if (p + 1 < hw) v[1] = plane[p + 1];
+      }
+      if (scale) {
+        const float a = scale[n * c + ci], b = shift[n * c + ci];
+        v[0] = affine_silu<float>(v[0], a, b, silu);
+        v[1] = affine_silu<float>(v[1], a, b, silu);
       }
     }
     tile[r][2 * lane] = v[0];
@@ -740,16 +728,13 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
 #define NCHW_TO_NHWC(PAIRS, SUFFIX)                                                            \
   extern "C" __global__ void nchw_to_nhwc_f32##SUFFIX(const float* x, const float* scale,      \
                                                       const float* shift, int silu,            \
-                                                      int upsample, float* out, int c, int h,  \
-                                                      int w) {                                 \
-    nchw_to_nhwc<false, PAIRS>(x, scale, shift, silu, upsample, out, nullptr, nullptr, 1.f, c, \
-                               h, w);                                                          \
+                                                      float* out, int c, int h, int w) {       \
+    nchw_to_nhwc<false, PAIRS>(x, scale, shift, silu, out, nullptr, nullptr, 1.f, c, h, w);    \
   }                                                                                            \
   extern "C" __global__ void nchw_to_nhwc_split_f32##SUFFIX(                                   \
-      const float* x, const float* scale, const float* shift, int silu, int upsample,          \
-      float* hi, __half* lo, __half* hi16, float lo_scale, int c, int h, int w) {              \
-    nchw_to_nhwc<true, PAIRS>(x, scale, shift, silu, upsample, hi, lo, hi16, lo_scale, c, h,   \
-                              w);                                                              \
+      const float* x, const float* scale, const float* shift, int silu, float* hi, __half* lo, \
+      __half* hi16, float lo_scale, int c, int h, int w) {                                     \
+    nchw_to_nhwc<true, PAIRS>(x, scale, shift, silu, hi, lo, hi16, lo_scale, c, h, w);         \
   }
 
 NCHW_TO_NHWC(false, )

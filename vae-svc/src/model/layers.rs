@@ -171,7 +171,7 @@ impl Conv2d {
         prologue: &Prologue,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if !self.fuses_prologue(x, prologue.upsample)? {
+        if !self.fuses_prologue(x, false)? {
             return self.forward_add(&prologue.apply(x)?, residual);
         }
         let dt = gemm_dtype(x);
@@ -179,9 +179,10 @@ impl Conv2d {
         klein_kernels::conv2d_with(x, &weights, residual, self.call(self.padding.top), prologue)
     }
 
-    /// Whether [`Self::forward_prologue`] fuses its prologue for `x` (upsampled first when
-    /// `upsample`): a cuDNN f32 input, TF32 arithmetic (NHWC weights), the same padding on
-    /// every side and the whole output in one band.
+    /// Whether [`Self::forward_prologue`] fuses its prologue for `x`, or with `upsample` whether
+    /// `Upsample2D` runs its phases for the convolution of x upsampled ×2: a cuDNN f32 input,
+    /// TF32 arithmetic (NHWC weights), the same padding on every side and the whole output in
+    /// one band.
     pub fn fuses_prologue(&self, x: &Tensor, upsample: bool) -> Result<bool> {
         if !(klein_kernels::conv_fused(x) && self.weights.nhwc)
             || self.padding != Padding::same(self.padding.top)

@@ -159,7 +159,6 @@ impl GroupNorm {
         };
         Ok(Prologue {
             affine: Some((scale, shift, true)),
-            upsample: false,
         })
     }
 
