@@ -98,6 +98,26 @@ pub fn fall_back_on_out_of_memory<T, E: std::fmt::Display>(
     }
 }
 
+/// Hands the pool's unused memory back to the driver when the driver has less than `bytes` free
+/// and the pool holds unused pieces: an operation about to reserve about `bytes` then cuts its
+/// allocations from memory handed out afresh rather than from pieces cut for other shapes,
+/// which under an MPS limit can fail although the bytes are there (the 16 GB plan's tiled
+/// decodes: 8 of 28 first tries from a pool that kept the last job's pieces ran out of memory,
+/// 1 of 8 retries from a pool handed back). Returns whether it did; nothing on the CPU.
+pub fn make_room(dev: &Device, bytes: u64) -> bool {
+    let short = snapshot(dev).is_some_and(|s| room_needs_trim(&s, bytes));
+    if short {
+        release_freed_memory(dev);
+    }
+    short
+}
+
+/// Whether `bytes` more would have to come from the pool's cached pieces: the driver has less
+/// free, and the pool holds unused memory that trimming would return.
+fn room_needs_trim(s: &Snapshot, bytes: u64) -> bool {
+    s.free < bytes && s.reserved > s.used
+}
+
 /// Where this process's device memory is, for out-of-memory reports: the default pool's bytes
 /// in use and reserved from the driver (now and their high-water marks) and what the driver
 /// has free. Under an MPS limit, `free` shrinking while the pool does not points at memory
@@ -285,6 +305,24 @@ mod tests {
         let oom = r#"model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
         assert!(is_out_of_memory(oom));
         assert!(!is_out_of_memory("model: shape mismatch in matmul"));
+    }
+
+    #[test]
+    fn room_is_made_only_from_unused_pieces_and_only_when_short() {
+        let pool = |used, reserved, free| Snapshot {
+            used,
+            used_high: used,
+            reserved,
+            reserved_high: reserved,
+            free,
+        };
+        // 300 MB free, 1 GB reserved of which 400 MB unused: a 500 MB job needs the pieces.
+        assert!(room_needs_trim(&pool(600, 1000, 300), 500));
+        // Enough handed out afresh: the pool stays as it is.
+        assert!(!room_needs_trim(&pool(600, 1000, 800), 500));
+        // Short, but every reserved byte is in use: trimming returns nothing.
+        assert!(!room_needs_trim(&pool(1000, 1000, 300), 500));
+        assert!(!make_room(&Device::Cpu, u64::MAX));
     }
 
     #[test]

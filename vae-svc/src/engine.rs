@@ -116,8 +116,9 @@ impl Runner {
     }
 
     /// Packed latents `[B, h * w, 128]` (CPU) -> RGB u8 `[B, 16h, 16w, 3]` on the CPU,
-    /// untiled or tiled, with the operation chunk, as planned; after an out-of-memory, from a
-    /// pool handed back and as the fallback plans.
+    /// untiled or tiled, with the operation chunk, as planned; from a pool handed back first
+    /// where the driver has less free than the plan reserves ([`gpu_memory::make_room`]);
+    /// after an out-of-memory, from a pool handed back and as the fallback plans.
     pub fn decode(
         &self,
         latents: &Tensor,
@@ -126,6 +127,7 @@ impl Runner {
         cancel: &CancellationToken,
     ) -> Result<DecodedImages, VaeError> {
         let mut times = DecodeTimes::default();
+        let made_room = gpu_memory::make_room(&self.device, plans.first.reserve_bytes);
         gpu_memory::reset_peak(&self.device);
         let resident = gpu_memory::used_bytes(&self.device);
         let (images, plan) = gpu_memory::fall_back_on_out_of_memory(&self.device, |attempt| {
@@ -151,6 +153,7 @@ impl Runner {
             to_host_seconds = times.to_host.as_secs_f64(),
             peak_bytes,
             reserve_bytes,
+            made_room,
             "decode done"
         );
         if peak_bytes.is_some_and(|peak| peak > reserve_bytes) {
