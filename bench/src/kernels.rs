@@ -106,6 +106,17 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         bytes_ms(3.0 * act),
         "bytes",
     )?;
+    row(
+        "gate_residual_norm",
+        format!("x, y (1, {s}, {DIM}) → the residual and its LayerNorm + modulation"),
+        &mut || Ok(klein_kernels::gate_residual_norm(&x, &y, gate, shift, scale, 1e-6)?.0),
+        &mut || {
+            let r = reference::gate_residual(&x, &y, gate)?;
+            reference::layer_norm_modulate(&r, shift, scale, 1e-6)
+        },
+        bytes_ms(4.0 * act),
+        "bytes",
+    )?;
 
     let p = randn(&[1, s, 3 * DIM + 2 * MLP], dev)?;
     let (g0, u0) = (3 * DIM, 3 * DIM + MLP);

@@ -73,6 +73,20 @@ pub fn block_per_row(rows: usize, width: usize) -> LaunchConfig {
     }
 }
 
+/// One block of 128 threads per row of a norm that holds its row in registers (`BLOCK_ROW_VECS`
+/// 16-byte vectors a thread in elementwise.cu): small blocks keep many rows in flight on an SM
+/// between the row's reductions.
+const NORM_ROW_THREADS: usize = 128;
+
+/// One [`NORM_ROW_THREADS`]-thread block per row.
+pub fn norm_block_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (NORM_ROW_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// One block row per (batch, channel) plane of `hw` elements (`PLANE_LOOP` in elementwise.cu):
 /// `planes` blocks along x, up to four elements per thread along y.
 pub fn plane_grid(planes: usize, hw: usize) -> LaunchConfig {

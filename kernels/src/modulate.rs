@@ -91,7 +91,7 @@ impl CustomOp3 for LayerNormModulate {
         use candle_core::cuda::cudarc::driver::PushKernelArg;
         use half::bf16;
 
-        use crate::cuda::{ELEMENTWISE, view, warp_per_item};
+        use crate::cuda::{ELEMENTWISE, norm_block_per_row, view};
 
         let (b, s, d) = row_dims(xl, &[shl, scl])?;
         if shl.stride()[0] != scl.stride()[0] {
@@ -109,17 +109,16 @@ impl CustomOp3 for LayerNormModulate {
             view::<bf16>(shs, shl)?,
             view::<bf16>(scs, scl)?,
         );
-        let (rows, per_batch, dim) = ((b * s) as i32, s as i32, d as i32);
+        let (per_batch, dim) = (s as i32, d as i32);
         let mod_stride = shl.stride()[0] as i64;
         let mut launch = func.builder();
         launch.arg(&x).arg(&shift).arg(&scale).arg(&out);
         launch
-            .arg(&rows)
             .arg(&per_batch)
             .arg(&dim)
             .arg(&mod_stride)
             .arg(&self.eps);
-        unsafe { launch.launch(warp_per_item(b * s)) }.w()?;
+        unsafe { launch.launch(norm_block_per_row(b * s)) }.w()?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             xl.shape().clone(),

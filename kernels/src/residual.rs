@@ -19,7 +19,8 @@ pub fn gate_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn dims(xl: &Layout, yl: &Layout, gl: &Layout) -> Result<(usize, usize, usize)> {
+/// (B, S, D) after checking y and the gate against x.
+pub(crate) fn dims(xl: &Layout, yl: &Layout, gl: &Layout) -> Result<(usize, usize, usize)> {
     if xl.shape() != yl.shape() || !yl.is_contiguous() {
         bail!(
             "gate_residual: y {:?} must be contiguous and shaped like x {:?}",

@@ -7,8 +7,9 @@ mod common;
 use candle_core::{D, DType, Device, Result, Tensor};
 use common::{max_rel, modulation, randn, rel_l2, rope_tables};
 use klein_kernels::{
-    ChannelAffine, FlashAttention, GateResidual, GroupMoments, GroupNorm, GroupNormAffine,
-    JointQkNormRope, LayerNormModulate, QkNormRope, RmsNorm, RopeStyle, SwiGlu, reference,
+    ChannelAffine, FlashAttention, GateResidual, GateResidualNorm, GroupMoments, GroupNorm,
+    GroupNormAffine, JointQkNormRope, LayerNormModulate, QkNormRope, RmsNorm, RopeStyle, SwiGlu,
+    reference,
 };
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
@@ -82,6 +83,38 @@ fn gate_residual_matches_the_composition() -> Result<()> {
             &got,
             &reference::gate_residual(&x, &y, &m[2])?,
         )?;
+    }
+    Ok(())
+}
+
+/// The residual and its norm in one op: exactly the two ops one after the other, and the
+/// composition within one rounding.
+#[test]
+fn gate_residual_norm_is_the_residual_then_its_norm() -> Result<()> {
+    let dev = Device::Cpu;
+    for dtype in [DType::F32, DType::BF16] {
+        let (x, y) = (
+            (randn(&[2, 5, 40], dtype, &dev)? * 3.0)?,
+            randn(&[2, 5, 40], dtype, &dev)?,
+        );
+        let m = modulation(2, 40, dtype, &dev)?;
+        let op = GateResidualNorm {
+            eps: 1e-6,
+            shift: m[0].clone(),
+            scale: m[1].clone(),
+        };
+        let both = x.apply_op3_no_bwd(&y, &m[2], &op)?;
+        assert_eq!(both.dims(), [2, 2, 5, 40]);
+        let r = x.apply_op3_no_bwd(&y, &m[2], &GateResidual)?;
+        let n = r.apply_op3_no_bwd(&m[0], &m[1], &LayerNormModulate { eps: 1e-6 })?;
+        assert_eq!(rel_l2(&both.get(0)?, &r)?, 0.0);
+        assert_eq!(rel_l2(&both.get(1)?, &n)?, 0.0);
+        let want_r = reference::gate_residual(&x, &y, &m[2])?;
+        let want_n = reference::layer_norm_modulate(&want_r, &m[0], &m[1], 1e-6)?;
+        check("gate_residual_norm residual", dtype, &both.get(0)?, &want_r)?;
+        check("gate_residual_norm norm", dtype, &both.get(1)?, &want_n)?;
+        let (pr, pn) = klein_kernels::gate_residual_norm(&x, &y, &m[2], &m[0], &m[1], 1e-6)?;
+        assert_eq!((rel_l2(&pr, &want_r)?, rel_l2(&pn, &want_n)?), (0.0, 0.0));
     }
     Ok(())
 }

@@ -47,11 +47,23 @@ fn elementwise_kernels_match_the_composition() -> Result<()> {
             &reference::layer_norm_modulate(&x, &m[0], &m[1], 1e-6)?,
         )?;
         let y = randn(&[b, s, d], DType::BF16, &dev)?;
+        let r = klein_kernels::gate_residual(&x, &y, &m[2])?;
         check_elementwise(
             &format!("gate_residual d {d}"),
-            &klein_kernels::gate_residual(&x, &y, &m[2])?,
+            &r,
             &reference::gate_residual(&x, &y, &m[2])?,
         )?;
+        // The residual and its norm in one kernel (the pair paths where the rows do not take
+        // it): exactly the two kernels.
+        let (fused_r, fused_n) =
+            klein_kernels::gate_residual_norm(&x, &y, &m[2], &m[0], &m[1], 1e-6)?;
+        let n = klein_kernels::layer_norm_modulate(&r, &m[0], &m[1], 1e-6)?;
+        assert_eq!(
+            rel_l2(&fused_r, &r)?,
+            0.0,
+            "gate_residual_norm residual d {d}"
+        );
+        assert_eq!(rel_l2(&fused_n, &n)?, 0.0, "gate_residual_norm norm d {d}");
         let p = (randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)? * 2.0)?;
         let (gate, up) = (
             p.narrow(D::Minus1, 3 * d, f)?,
@@ -256,29 +268,31 @@ fn f32_flash_attention_matches_f64() -> Result<()> {
 
 /// The single block's layout: heads read in place from the fused projection (strided views)
 /// give exactly what contiguous copies give, and `[attention | SwiGLU]` written into one buffer
-/// is exactly their concatenation.
+/// is exactly their concatenation, batch 1 and 2.
 #[test]
 fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
     let dev = gpu();
-    let (s, d, h, hd, f) = (1024 + 77, 3072, 24, 128, 9216);
-    let p = randn(&[1, s, 3 * d + 2 * f], DType::BF16, &dev)?;
-    let head = |i: usize| -> Result<Tensor> {
-        p.reshape((1, s, (3 * d + 2 * f) / hd, hd))?
-            .narrow(2, i * h, h)?
-            .transpose(1, 2)
-    };
-    let (q, k, v) = (head(0)?, head(1)?, head(2)?);
-    let dense = |t: &Tensor| t.contiguous();
-    let strided = klein_kernels::flash_attention(&q, &k, &v)?;
-    let copied = klein_kernels::flash_attention(&dense(&q)?, &dense(&k)?, &dense(&v)?)?;
-    assert_eq!(rel_l2(&strided, &copied)?, 0.0, "strided heads");
-    let (gate, up) = (
-        p.narrow(D::Minus1, 3 * d, f)?,
-        p.narrow(D::Minus1, 3 * d + f, f)?,
-    );
-    let joint = klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?;
-    let cat = Tensor::cat(&[copied, klein_kernels::swiglu(&gate, &up)?], D::Minus1)?;
-    assert_eq!(rel_l2(&joint, &cat)?, 0.0, "joint output");
+    let (d, h, hd, f) = (3072, 24, 128, 9216);
+    for (b, s) in [(1, 1024 + 77), (2, 512 + 256)] {
+        let p = randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)?;
+        let head = |i: usize| -> Result<Tensor> {
+            p.reshape((b, s, (3 * d + 2 * f) / hd, hd))?
+                .narrow(2, i * h, h)?
+                .transpose(1, 2)
+        };
+        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+        let dense = |t: &Tensor| t.contiguous();
+        let strided = klein_kernels::flash_attention(&q, &k, &v)?;
+        let copied = klein_kernels::flash_attention(&dense(&q)?, &dense(&k)?, &dense(&v)?)?;
+        assert_eq!(rel_l2(&strided, &copied)?, 0.0, "strided heads, batch {b}");
+        let (gate, up) = (
+            p.narrow(D::Minus1, 3 * d, f)?,
+            p.narrow(D::Minus1, 3 * d + f, f)?,
+        );
+        let joint = klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?;
+        let cat = Tensor::cat(&[copied, klein_kernels::swiglu(&gate, &up)?], D::Minus1)?;
+        assert_eq!(rel_l2(&joint, &cat)?, 0.0, "joint output, batch {b}");
+    }
     Ok(())
 }
 

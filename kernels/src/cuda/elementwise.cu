@@ -62,14 +62,19 @@ __device__ __forceinline__ void loadv(const bf16* p, float* f) {
   }
 }
 
+// Eight floats rounded to bf16 in 16 bytes.
+__device__ __forceinline__ uint4 pack8(const float* f) {
+  uint4 u;
+  bf16x2* h = reinterpret_cast<bf16x2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return u;
+}
+
 template <int V>
 __device__ __forceinline__ void storev(bf16* p, const float* f) {
   if constexpr (V == 8) {
-    uint4 u;
-    bf16x2* h = reinterpret_cast<bf16x2*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    *reinterpret_cast<uint4*>(p) = u;
+    *reinterpret_cast<uint4*>(p) = pack8(f);
   } else {
     store2(p, f[0], f[1]);
   }
@@ -106,66 +111,154 @@ __device__ __forceinline__ float row_sum(const uint4 (&buf)[ROW_VECS], int dim, 
   return warp_sum(acc);
 }
 
+// A row that one block (blockDim.x a multiple of 32, cuda::norm_block_per_row) holds in registers:
+// thread t's vector k is the 8 values from column 8 · (t + blockDim.x · k). Rows of dim % 8 == 0,
+// at most BLOCK_ROW_VECS · 8 · blockDim.x wide, 16-byte aligned.
+constexpr int BLOCK_ROW_VECS = 4;
+
+__device__ __forceinline__ bool block_row_fits(int dim) {
+  return dim % 8 == 0 && dim <= BLOCK_ROW_VECS * 8 * (int)blockDim.x;
+}
+
+// Σ v over the block, every thread getting the same total; `part` holds 32 floats of shared
+// memory that the next call must not reuse (back-to-back sums alternate two).
+__device__ __forceinline__ float block_sum(float v, float* part) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+  __syncthreads();
+  return warp_sum(threadIdx.x % 32 < blockDim.x / 32 ? part[threadIdx.x % 32] : 0.f);
+}
+
+// The row's mean and 1 / sqrt(variance + eps), the variance about the mean (two passes over
+// the registers), from the thread's `sum` of its values and its vectors.
+__device__ __forceinline__ float2 block_row_moments(const uint4 (&buf)[BLOCK_ROW_VECS], float sum,
+                                                   int dim, float eps) {
+  __shared__ float part[2][32];
+  const float mean = block_sum(sum, part[0]) / dim;
+  float sq = 0.f;
+#pragma unroll
+  for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
+    if (8 * (threadIdx.x + blockDim.x * k) >= dim) break;
+    float v[8];
+    unpack8(buf[k], v);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sq += (v[i] - mean) * (v[i] - mean);
+  }
+  return make_float2(mean, rsqrtf(block_sum(sq, part[1]) / dim + eps));
+}
+
+// (1 + scale) ⊙ LayerNorm(row) + shift for a row the block holds (`sum`: the thread's sum of its
+// values), into orow; shift, scale and orow 16-byte aligned.
+__device__ __forceinline__ void modulate_block_row(const uint4 (&buf)[BLOCK_ROW_VECS], float sum,
+                                                   const bf16* sh, const bf16* sc, bf16* orow,
+                                                   int dim, float eps) {
+  const float2 m = block_row_moments(buf, sum, dim, eps);
+#pragma unroll
+  for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
+    const int c = 8 * (threadIdx.x + blockDim.x * k);
+    if (c >= dim) break;
+    float v[8], a[8], b[8];
+    unpack8(buf[k], v);
+    loadv<8>(sc + c, a);
+    loadv<8>(sh + c, b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = rnd(rnd(1.f + a[i]) * rnd((v[i] - m.x) * m.y)) + b[i];
+    storev<8>(orow + c, v);
+  }
+}
+
 }  // namespace
 
 // out = (1 + scale) ⊙ LayerNorm(x) + shift. x, out: (rows, dim) contiguous; shift and scale:
 // one dim-vector per batch item (rows_per_batch rows each), batch stride in elements.
-// One warp per row; dim even. A row of dim % 8 == 0, at most ROW_VECS * 256 wide, with every
-// operand 16-byte aligned is read once into registers in 16-byte accesses; others stream
-// bf16 pairs three times.
+// One block per row (cuda::norm_block_per_row); dim even. A row that fits the block's registers
+// (block_row_fits) with every operand 16-byte aligned is read once in 16-byte accesses; others
+// stream bf16 pairs three times.
 extern "C" __global__ void layer_norm_modulate_bf16(const bf16* __restrict__ x,
                                                     const bf16* __restrict__ shift,
                                                     const bf16* __restrict__ scale,
-                                                    bf16* __restrict__ out, int rows,
-                                                    int rows_per_batch, int dim,
-                                                    long long mod_batch_stride, float eps) {
-  const int row = global_warp();
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  const bf16* xr = x + (size_t)row * dim;
-  const size_t mod = (size_t)(row / rows_per_batch) * mod_batch_stride;
+                                                    bf16* __restrict__ out, int rows_per_batch,
+                                                    int dim, long long mod_batch_stride,
+                                                    float eps) {
+  const size_t row = blockIdx.x;
+  const bf16* xr = x + row * dim;
+  const size_t mod = (row / rows_per_batch) * mod_batch_stride;
   const bf16 *sh = shift + mod, *sc = scale + mod;
-  bf16* orow = out + (size_t)row * dim;
-  if (dim % 8 == 0 && dim <= ROW_VECS * 256 && aligned16(xr) && aligned16(sh) && aligned16(sc) &&
-      aligned16(orow)) {
-    uint4 buf[ROW_VECS];
-    load_row(xr, dim, lane, buf);
-    const float mean = row_sum(buf, dim, lane, [](float v) { return v; }) / dim;
-    const float var = row_sum(buf, dim, lane, [mean](float v) { return (v - mean) * (v - mean); });
-    const float rstd = rsqrtf(var / dim + eps);
+  bf16* orow = out + row * dim;
+  if (block_row_fits(dim) && aligned16(xr) && aligned16(sh) && aligned16(sc) && aligned16(orow)) {
+    uint4 buf[BLOCK_ROW_VECS];
+    float sum = 0.f;
 #pragma unroll
-    for (int k = 0; k < ROW_VECS; ++k) {
-      const int c = 8 * (lane + 32 * k);
+    for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
+      const int c = 8 * (threadIdx.x + blockDim.x * k);
       if (c >= dim) break;
-      float v[8], a[8], b[8];
+      buf[k] = *reinterpret_cast<const uint4*>(xr + c);
+      float v[8];
       unpack8(buf[k], v);
-      loadv<8>(sc + c, a);
-      loadv<8>(sh + c, b);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = rnd(rnd(1.f + a[i]) * rnd((v[i] - mean) * rstd)) + b[i];
-      storev<8>(orow + c, v);
+      for (int i = 0; i < 8; ++i) sum += v[i];
     }
+    modulate_block_row(buf, sum, sh, sc, orow, dim, eps);
     return;
   }
+  __shared__ float part[2][32];
   float sum = 0.f;
-  for (int i = 2 * lane; i < dim; i += 64) {
+  for (int i = 2 * threadIdx.x; i < dim; i += 2 * blockDim.x) {
     const float2 v = load2(xr + i);
     sum += v.x + v.y;
   }
-  const float mean = warp_sum(sum) / dim;
+  const float mean = block_sum(sum, part[0]) / dim;
   float var = 0.f;
-  for (int i = 2 * lane; i < dim; i += 64) {
+  for (int i = 2 * threadIdx.x; i < dim; i += 2 * blockDim.x) {
     const float2 v = load2(xr + i);
     var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean);
   }
-  const float rstd = rsqrtf(warp_sum(var) / dim + eps);
-  for (int i = 2 * lane; i < dim; i += 64) {
+  const float rstd = rsqrtf(block_sum(var, part[1]) / dim + eps);
+  for (int i = 2 * threadIdx.x; i < dim; i += 2 * blockDim.x) {
     const float2 v = load2(xr + i);
     const float2 b = load2(sh + i);
     const float2 a = load2(sc + i);
     const float n0 = rnd((v.x - mean) * rstd), n1 = rnd((v.y - mean) * rstd);
     store2(orow + i, rnd(rnd(1.f + a.x) * n0) + b.x, rnd(rnd(1.f + a.y) * n1) + b.y);
   }
+}
+
+// r = x + gate ⊙ y (gate_residual_bf16) into out's first rows · dim values and
+// (1 + scale) ⊙ LayerNorm(r) + shift (layer_norm_modulate_bf16) into the next, the row read once
+// and r kept in registers. x, y: (rows, dim) contiguous; gate, shift and scale: one dim-vector
+// per batch item (rows_per_batch rows each), batch strides in elements. One block per row
+// (cuda::norm_block_per_row, rows = gridDim.x); the row fits the block's registers (block_row_fits)
+// and every operand is 16-byte aligned (the host checks).
+extern "C" __global__ void gate_residual_layer_norm_modulate_bf16(
+    const bf16* __restrict__ x, const bf16* __restrict__ y, const bf16* __restrict__ gate,
+    const bf16* __restrict__ shift, const bf16* __restrict__ scale, bf16* __restrict__ out,
+    int rows_per_batch, int dim, long long gate_batch_stride, long long mod_batch_stride,
+    float eps) {
+  const size_t row = blockIdx.x;
+  const size_t at = row * dim;
+  const size_t batch = row / rows_per_batch;
+  const bf16* g = gate + batch * gate_batch_stride;
+  uint4 buf[BLOCK_ROW_VECS];
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
+    const int c = 8 * (threadIdx.x + blockDim.x * k);
+    if (c >= dim) break;
+    float xv[8], yv[8], gv[8];
+    loadv<8>(x + at + c, xv);
+    loadv<8>(y + at + c, yv);
+    loadv<8>(g + c, gv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) xv[i] += rnd(yv[i] * gv[i]);
+    buf[k] = pack8(xv);
+    *reinterpret_cast<uint4*>(out + at + c) = buf[k];
+    unpack8(buf[k], xv);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += xv[i];
+  }
+  const size_t mod = batch * mod_batch_stride;
+  modulate_block_row(buf, sum, shift + mod, scale + mod, out + (size_t)gridDim.x * dim + at, dim,
+                     eps);
 }
 
 // out = weight ⊙ bf16(x · rsqrt(mean(x²) + eps)) over rows of dim: torch's RMSNorm on bf16
