@@ -5,7 +5,9 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder, linear_no_bias};
 
-use klein_kernels::{gate_residual, layer_norm_modulate, reference::silu, swiglu};
+use klein_kernels::{
+    gate_residual, gate_residual_norm, layer_norm_modulate, reference::silu, swiglu,
+};
 
 use super::{
     attention::attention,
@@ -102,6 +104,47 @@ impl<'a> Mod<'a> {
             gate: &chunks[3 * index + 2],
         }
     }
+}
+
+/// A residual stream between blocks: `x` and, where the block before computed it together with
+/// its last residual, `normed`: the next block's attention norm of x (the blocks of one kind
+/// share their modulation, so the block before knows it).
+pub struct Stream {
+    pub x: Tensor,
+    normed: Option<Tensor>,
+}
+
+impl Stream {
+    pub fn new(x: Tensor) -> Self {
+        Self { x, normed: None }
+    }
+
+    /// `(1 + scale) ⊙ LayerNorm(x) + shift` with `m`'s shift and scale: the norm the block
+    /// before made, else computed now.
+    fn norm(&self, m: &Mod<'_>, eps: f64) -> Result<Tensor> {
+        match &self.normed {
+            Some(n) => Ok(n.clone()),
+            None => layer_norm_modulate(&self.x, m.shift, m.scale, eps),
+        }
+    }
+}
+
+/// `x + gate ⊙ y` as a stream; with `next`, also the norm of the result under `next`'s shift
+/// and scale, in the same pass.
+fn residual(
+    x: &Tensor,
+    y: &Tensor,
+    gate: &Tensor,
+    next: Option<&Mod<'_>>,
+    eps: f64,
+) -> Result<Stream> {
+    Ok(match next {
+        Some(m) => {
+            let (x, n) = gate_residual_norm(x, y, gate, m.shift, m.scale, eps)?;
+            Stream { x, normed: Some(n) }
+        }
+        None => Stream::new(gate_residual(x, y, gate)?),
+    })
 }
 
 /// Columns `col..col + D` of a contiguous (B, S, C) projection as heads (B, H, S, hd): a strided
@@ -218,30 +261,39 @@ impl Flux2TransformerBlock {
         })
     }
 
-    /// img (B, N, D), txt (B, L, D) → updated (img, txt).
+    /// img (B, N, D), txt (B, L, D) → updated (img, txt). With `next_block`, another double
+    /// block follows: its attention norms come out with the streams.
     pub fn forward(
         &self,
-        img: &Tensor,
-        txt: &Tensor,
+        img: &Stream,
+        txt: &Stream,
         mod_img: &[Tensor],
         mod_txt: &[Tensor],
         rope: &Rope,
-    ) -> Result<(Tensor, Tensor)> {
+        next_block: bool,
+    ) -> Result<(Stream, Stream)> {
         let (msa, mlp) = (Mod::set(mod_img, 0), Mod::set(mod_img, 1));
         let (c_msa, c_mlp) = (Mod::set(mod_txt, 0), Mod::set(mod_txt, 1));
 
         let eps = self.eps;
-        let a_img = layer_norm_modulate(img, msa.shift, msa.scale, eps)?;
-        let a_txt = layer_norm_modulate(txt, c_msa.shift, c_msa.scale, eps)?;
-        let (o_img, o_txt) = self.attn.forward(&a_img, &a_txt, rope)?;
+        let (o_img, o_txt) =
+            self.attn
+                .forward(&img.norm(&msa, eps)?, &txt.norm(&c_msa, eps)?, rope)?;
 
-        let img = gate_residual(img, &o_img, msa.gate)?;
-        let m_img = layer_norm_modulate(&img, mlp.shift, mlp.scale, eps)?;
-        let img = gate_residual(&img, &self.ff.forward(&m_img)?, mlp.gate)?;
+        let (img, m_img) = gate_residual_norm(&img.x, &o_img, msa.gate, mlp.shift, mlp.scale, eps)?;
+        let next = next_block.then_some(&msa);
+        let img = residual(&img, &self.ff.forward(&m_img)?, mlp.gate, next, eps)?;
 
-        let txt = gate_residual(txt, &o_txt, c_msa.gate)?;
-        let m_txt = layer_norm_modulate(&txt, c_mlp.shift, c_mlp.scale, eps)?;
-        let txt = gate_residual(&txt, &self.ff_context.forward(&m_txt)?, c_mlp.gate)?;
+        let (txt, m_txt) =
+            gate_residual_norm(&txt.x, &o_txt, c_msa.gate, c_mlp.shift, c_mlp.scale, eps)?;
+        let next = next_block.then_some(&c_msa);
+        let txt = residual(
+            &txt,
+            &self.ff_context.forward(&m_txt)?,
+            c_mlp.gate,
+            next,
+            eps,
+        )?;
         Ok((img, txt))
     }
 }
@@ -311,12 +363,18 @@ impl Flux2SingleTransformerBlock {
         })
     }
 
-    /// x = [txt; img] (B, S, D) → (B, S, D)
-    pub fn forward(&self, x: &Tensor, mods: &[Tensor], rope: &Rope) -> Result<Tensor> {
+    /// x = [txt; img] (B, S, D) → (B, S, D). With `next_block`, another single block follows:
+    /// its attention norm comes out with the stream.
+    pub fn forward(
+        &self,
+        x: &Stream,
+        mods: &[Tensor],
+        rope: &Rope,
+        next_block: bool,
+    ) -> Result<Stream> {
         let m = Mod::set(mods, 0);
-        let a = layer_norm_modulate(x, m.shift, m.scale, self.eps)?;
-        let y = self.attn.forward(&a, rope)?;
-        gate_residual(x, &y, m.gate)
+        let y = self.attn.forward(&x.norm(&m, self.eps)?, rope)?;
+        residual(&x.x, &y, m.gate, next_block.then_some(&m), self.eps)
     }
 }
 

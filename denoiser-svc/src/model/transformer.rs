@@ -17,7 +17,7 @@ use super::{
     attention::AttentionConfig,
     blocks::{
         AdaLayerNormContinuous, Flux2Modulation, Flux2SingleTransformerBlock,
-        Flux2TimestepGuidanceEmbeddings, Flux2TransformerBlock,
+        Flux2TimestepGuidanceEmbeddings, Flux2TransformerBlock, Stream,
     },
     embeddings::{PositionId, Rope, rope},
 };
@@ -261,16 +261,19 @@ impl Flux2Transformer2DModel {
         let mod_txt = self.double_stream_modulation_txt.forward(&temb)?;
         let mod_single = self.single_stream_modulation.forward(&temb)?;
 
-        let mut img = self.x_embedder.forward(hidden_states)?;
-        let mut txt = self.context_embedder.forward(encoder_hidden_states)?;
-        for block in &self.transformer_blocks {
-            (img, txt) = block.forward(&img, &txt, &mod_img, &mod_txt, rope)?;
+        let mut img = Stream::new(self.x_embedder.forward(hidden_states)?);
+        let mut txt = Stream::new(self.context_embedder.forward(encoder_hidden_states)?);
+        let doubles = self.transformer_blocks.len();
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            (img, txt) = block.forward(&img, &txt, &mod_img, &mod_txt, rope, i + 1 < doubles)?;
         }
-        let txt_len = txt.dim(1)?;
-        let mut x = Tensor::cat(&[txt, img], 1)?;
-        for block in &self.single_transformer_blocks {
-            x = block.forward(&x, &mod_single, rope)?;
+        let txt_len = txt.x.dim(1)?;
+        let mut x = Stream::new(Tensor::cat(&[txt.x, img.x], 1)?);
+        let singles = self.single_transformer_blocks.len();
+        for (i, block) in self.single_transformer_blocks.iter().enumerate() {
+            x = block.forward(&x, &mod_single, rope, i + 1 < singles)?;
         }
+        let x = x.x;
         let img = x.narrow(1, txt_len, x.dim(1)? - txt_len)?;
         self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
     }
