@@ -201,6 +201,13 @@ impl MemoryModel {
         }
     }
 
+    /// The same estimates at an operation chunk of `op_bytes`.
+    fn at_op_bytes(&self, op_bytes: u64) -> Self {
+        let mut m = self.clone();
+        m.cfg.chunking.op_bytes = op_bytes;
+        m
+    }
+
     /// The largest operation chunk a job may plan.
     pub fn max_op_bytes(&self) -> u64 {
         self.max_op_bytes
@@ -224,12 +231,10 @@ impl MemoryModel {
     /// The largest operation chunk of the ladder whose reservation `need` fits `capacity`, with
     /// that reservation; else the configured chunk's.
     fn largest_fitting(&self, capacity: u64, need: impl Fn(&Self) -> u64) -> (u64, u64) {
-        let mut m = self.clone();
         let mut plan = (0, 0);
         // The ladder ends with the configured chunk: the fallback is the last one tried.
         for op_bytes in self.op_chunk_ladder() {
-            m.cfg.chunking.op_bytes = op_bytes;
-            plan = (op_bytes, need(&m));
+            plan = (op_bytes, need(&self.at_op_bytes(op_bytes)));
             if plan.1 <= capacity {
                 break;
             }
@@ -446,6 +451,13 @@ impl DecodePlans {
 /// Chooses untiled or tiled decoding for a request, and its operation chunk. `Err(bytes)` is
 /// the smallest reservation any plan needs when even the smallest tile does not fit
 /// `capacity`.
+///
+/// An untiled decode takes the largest chunk of the ladder ([`MemoryModel::op_chunk_ladder`])
+/// that fits. A forced tiling takes the configured chunk. Otherwise the tiles trade against the
+/// chunk: of the ladder's chunks, the largest whose best tiling needs at most one tile more than
+/// the fewest any chunk allows. Taller convolution bands outweigh a third band: the 16 GB
+/// plan's tiled 1024² decode (H200, under its MPS limit) took 0.90–1.21 s as two bands at
+/// 128 MiB chunks, 0.92–0.96 s as three at 256 MiB and 0.61–0.63 s as three at 512 MiB.
 pub fn plan_decode(
     memory: &MemoryModel,
     grid: (usize, usize),
@@ -463,61 +475,97 @@ pub fn plan_decode(
             reserve_bytes: untiled,
         });
     }
-    let op_bytes = memory.cfg.chunking.op_bytes;
-    let tiled = |tile: (usize, usize), bytes: u64| {
-        let overlap = tiling.overlap_for(tile.0.min(tile.1));
-        let count =
-            tile_starts(grid.0, tile.0, overlap).len() * tile_starts(grid.1, tile.1, overlap).len();
-        DecodePlan {
-            tiles: TilePlan {
-                tiled: true,
-                tile_tokens: tile,
-                overlap_tokens: min_overlap(grid, tile, overlap),
-                tile_count: count,
-            },
-            overlap_param: overlap,
-            op_bytes,
-            reserve_bytes: bytes,
-        }
+    let smallest = |n: usize| tiling.min_tile_tokens.min(n).max(1);
+    let least = (smallest(grid.0), smallest(grid.1));
+    let tiled = if force_tiling {
+        forced_tiles(memory, grid, batch, capacity, tiling)
+    } else {
+        let plans: Vec<DecodePlan> = memory
+            .op_chunk_ladder()
+            .into_iter()
+            .map(|op_bytes| memory.at_op_bytes(op_bytes))
+            .filter(|m| m.tiled_decode_request(grid, batch, least) <= capacity)
+            .filter_map(|m| fewest_tiles(&m, grid, batch, capacity, tiling))
+            .collect();
+        let fewest = plans.iter().map(|p| p.tiles.tile_count).min();
+        plans
+            .into_iter()
+            .find(|p| fewest.is_some_and(|f| p.tiles.tile_count <= f + 1))
     };
+    tiled.ok_or_else(|| memory.tiled_decode_request(grid, batch, least).min(untiled))
+}
+
+/// The tiled plan of `tile` (rows, cols) tokens at `memory`'s operation chunk, reserving `bytes`.
+fn tiled_plan(
+    memory: &MemoryModel,
+    grid: (usize, usize),
+    tile: (usize, usize),
+    bytes: u64,
+    tiling: &TilingConfig,
+) -> DecodePlan {
+    let overlap = tiling.overlap_for(tile.0.min(tile.1));
+    let count =
+        tile_starts(grid.0, tile.0, overlap).len() * tile_starts(grid.1, tile.1, overlap).len();
+    DecodePlan {
+        tiles: TilePlan {
+            tiled: true,
+            tile_tokens: tile,
+            overlap_tokens: min_overlap(grid, tile, overlap),
+            tile_count: count,
+        },
+        overlap_param: overlap,
+        op_bytes: memory.cfg.chunking.op_bytes,
+        reserve_bytes: bytes,
+    }
+}
+
+/// Square tiles of the configured side, smaller where `capacity` needs it.
+fn forced_tiles(
+    memory: &MemoryModel,
+    grid: (usize, usize),
+    batch: usize,
+    capacity: u64,
+    tiling: &TilingConfig,
+) -> Option<DecodePlan> {
+    let side = tiling.tile_tokens.min(grid.0.max(grid.1));
+    let smallest = tiling.min_tile_tokens.min(side).max(1);
+    (smallest..=side).rev().find_map(|t| {
+        let tile = (t.min(grid.0), t.min(grid.1));
+        let bytes = memory.tiled_decode_request(grid, batch, tile);
+        (bytes <= capacity).then(|| tiled_plan(memory, grid, tile, bytes, tiling))
+    })
+}
+
+/// Of the tile shapes that fit `capacity` at `memory`'s operation chunk, the fewest tiles, then
+/// the largest (the overlaps grow with them): where the budget allows, bands across the whole
+/// width, which overlap along one axis only and so decode far fewer tokens twice than square
+/// tiles do. For each height the widest tile that fits (a wider one never reserves less).
+fn fewest_tiles(
+    memory: &MemoryModel,
+    grid: (usize, usize),
+    batch: usize,
+    capacity: u64,
+    tiling: &TilingConfig,
+) -> Option<DecodePlan> {
     let smallest = |n: usize| tiling.min_tile_tokens.min(n).max(1);
     let request = |tile: (usize, usize)| memory.tiled_decode_request(grid, batch, tile);
-    let fits = |tile: (usize, usize)| {
-        let bytes = request(tile);
-        (bytes <= capacity).then(|| tiled(tile, bytes))
-    };
-    if force_tiling {
-        // Square tiles of the configured side, smaller where the budget needs it.
-        let side = tiling.tile_tokens.min(grid.0.max(grid.1));
-        let square = |t: usize| (t.min(grid.0), t.min(grid.1));
-        if let Some(plan) = (smallest(side)..=side).rev().find_map(|t| fits(square(t))) {
-            return Ok(plan);
-        }
-    } else {
-        // Of the tile shapes that fit, the fewest tiles, then the largest (the overlaps grow
-        // with them): where the budget allows, bands across the whole width, which overlap
-        // along one axis only and so decode far fewer tokens twice than square tiles do. For
-        // each height the widest tile that fits (a wider one never reserves less).
-        let mut best: Option<((usize, Reverse<usize>), DecodePlan)> = None;
-        for rows in smallest(grid.0)..=grid.0 {
-            let widths: Vec<usize> = (smallest(grid.1)..=grid.1)
-                .filter(|&cols| (rows, cols) != grid)
-                .collect();
-            let fitting = widths.partition_point(|&cols| request((rows, cols)) <= capacity);
-            let Some(plan) = fitting.checked_sub(1).and_then(|i| fits((rows, widths[i]))) else {
-                continue;
-            };
-            let t = plan.tiles;
-            let key = (t.tile_count, Reverse(t.tile_tokens.0 * t.tile_tokens.1));
-            if best.as_ref().is_none_or(|(b, _)| key < *b) {
-                best = Some((key, plan));
-            }
-        }
-        if let Some((_, plan)) = best {
-            return Ok(plan);
+    let mut best: Option<((usize, Reverse<usize>), DecodePlan)> = None;
+    for rows in smallest(grid.0)..=grid.0 {
+        let widths: Vec<usize> = (smallest(grid.1)..=grid.1)
+            .filter(|&cols| (rows, cols) != grid)
+            .collect();
+        let fitting = widths.partition_point(|&cols| request((rows, cols)) <= capacity);
+        let Some(cols) = fitting.checked_sub(1).map(|i| widths[i]) else {
+            continue;
+        };
+        let plan = tiled_plan(memory, grid, (rows, cols), request((rows, cols)), tiling);
+        let t = plan.tiles;
+        let key = (t.tile_count, Reverse(t.tile_tokens.0 * t.tile_tokens.1));
+        if best.as_ref().is_none_or(|(b, _)| key < *b) {
+            best = Some((key, plan));
         }
     }
-    Err(request((smallest(grid.0), smallest(grid.1))).min(untiled))
+    best.map(|(_, plan)| plan)
 }
 
 #[cfg(test)]
@@ -686,12 +734,10 @@ mod tests {
         let tight = at(min).decode_request(grid, 1);
         let plan = plan_decode(&m, grid, 1, tight, &tiling(), false).unwrap();
         assert_eq!((plan.tiles, plan.op_bytes), (TilePlan::untiled(), min));
-        // A tiled decode, forced or for want of room, takes the configured chunk.
-        for (capacity, force) in [(u64::MAX, true), (tight - 1, false)] {
-            let plan = plan_decode(&m, grid, 1, capacity, &tiling(), force).unwrap();
-            assert!(plan.tiles.tiled);
-            assert_eq!(plan.op_bytes, min);
-        }
+        // A forced tiling takes the configured chunk.
+        let forced = plan_decode(&m, grid, 1, u64::MAX, &tiling(), true).unwrap();
+        assert!(forced.tiles.tiled);
+        assert_eq!(forced.op_bytes, min);
         let encode = plan_encode(&m, (1024, 1024), 1, u64::MAX);
         assert_eq!(encode.op_bytes, 16 << 30);
         assert_eq!(
@@ -701,6 +747,53 @@ mod tests {
         let refused = plan_encode(&m, (1024, 1024), 1, 0);
         assert_eq!(refused.op_bytes, min);
         assert_eq!(refused.reserve_bytes, at(min).encode_request(1024, 1024, 1));
+    }
+
+    /// A tiled decode for want of room takes the largest chunk whose tiling needs at most one
+    /// tile more than the fewest any chunk allows: on the 16 GB plan's VAE capacity, three bands
+    /// at a chunk above the configured one rather than two at the configured one.
+    #[test]
+    fn tiled_decodes_trade_a_tile_for_taller_convolution_bands() {
+        let min = Config::default().chunking.op_bytes;
+        let m = real().with_max_op_bytes(16 << 30);
+        let grid = (64, 64);
+        let capacity = 1_811_000_000;
+        let plan = plan_decode(&m, grid, 1, capacity, &tiling(), false).unwrap();
+        let per_chunk: Vec<(u64, usize)> = m
+            .op_chunk_ladder()
+            .into_iter()
+            .filter_map(|op| {
+                let only = real().at_op_bytes(op);
+                let p = plan_decode(&only, grid, 1, capacity, &tiling(), false).ok()?;
+                Some((op, p.tiles.tile_count))
+            })
+            .collect();
+        let fewest = per_chunk.iter().map(|&(_, n)| n).min().unwrap();
+        let chosen = per_chunk
+            .iter()
+            .find(|&&(_, n)| n <= fewest + 1)
+            .copied()
+            .unwrap();
+        assert_eq!(
+            (plan.op_bytes, plan.tiles.tile_count),
+            chosen,
+            "{per_chunk:?}"
+        );
+        assert!(
+            plan.op_bytes > min && plan.tiles.tile_count == fewest + 1,
+            "{plan:?}"
+        );
+        assert!(plan.reserve_bytes <= capacity);
+        assert_eq!(
+            plan.tiles.tile_tokens.1, 64,
+            "bands across the width: {plan:?}"
+        );
+        assert_eq!(
+            plan.reserve_bytes,
+            real()
+                .at_op_bytes(plan.op_bytes)
+                .tiled_decode_request(grid, 1, plan.tiles.tile_tokens)
+        );
     }
 
     #[test]
