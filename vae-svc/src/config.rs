@@ -99,12 +99,14 @@ pub struct Config {
     /// Largest f32 attention score block (scores + softmax) of the mid-block attention.
     pub attention_chunk_bytes: ByteSize,
     /// Working set of one convolution band or group-norm chunk that every job may take (and
-    /// tiled decodes do).
+    /// forced tilings do).
     pub op_chunk_bytes: ByteSize,
     /// Largest working set a job may take where convolutions hold no im2col rows (cuDNN's
     /// implicit GEMM): each encode and untiled decode plans the largest chunk, halving down to
     /// `op_chunk_bytes`, whose reservation fits the activation capacity (taller convolution
-    /// bands are faster; docs/performance.md, ninth session). Elsewhere `op_chunk_bytes`.
+    /// bands are faster; docs/performance.md, ninth session), and a tiled decode the largest
+    /// whose tiling needs at most one tile more than the fewest (seventeenth session).
+    /// Elsewhere `op_chunk_bytes`.
     pub max_op_chunk_bytes: ByteSize,
     /// Tile side, latent tokens (16 px each), for requests that force tiling.
     pub tile_tokens: usize,

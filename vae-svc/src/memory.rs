@@ -414,8 +414,9 @@ pub struct DecodePlan {
     pub tiles: TilePlan,
     /// The overlap asked of the tile layout ([`tile_starts`]), tokens.
     pub overlap_param: usize,
-    /// The operation chunk of the job: the largest that lets an untiled decode fit; a tiled
-    /// decode takes the configured one.
+    /// The operation chunk of the job: the largest that lets an untiled decode fit; for a tiled
+    /// decode the largest whose tiling needs at most one tile more than the fewest
+    /// ([`plan_decode`]); a forced tiling takes the configured one.
     pub op_bytes: u64,
     /// Bytes reserved through the admission budget.
     pub reserve_bytes: u64,
