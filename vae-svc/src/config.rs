@@ -124,6 +124,13 @@ pub struct Config {
     /// The arithmetic of the f32 convolutions on cuDNN (split TF32 by default: tensor-core
     /// speed at f32 accuracy); the matmuls stay exact f32. Elsewhere convolutions are exact.
     pub conv_precision: ConvPrecision,
+    /// On a GPU, the side (pixels, a multiple of 16; at most `max_image_side`) of a square zero
+    /// image decoded, best effort, before the service reports ready, planned as a request of
+    /// that size would be:
+    /// the kernels the driver compiles for its convolution shapes then compile at start-up,
+    /// not in the first such request (3.96 s for the 16 GB plan's first tiled 1024² decode on
+    /// a fresh H200; docs/performance.md, seventeenth session). 0 turns it off.
+    pub warm_up_side: usize,
     /// cuDNN algorithm of every convolution (cuDNN builds only). The default, implicit
     /// precomputed GEMM, needs a workspace of kilobytes for every shape, so the activation
     /// estimate holds; `auto` lets cuDNN pick per shape (docs/performance.md compares them).
@@ -154,6 +161,7 @@ impl Default for Config {
             min_tile_tokens: 8,
             tile_norm_max_passes: 4,
             tile_norm_tolerance: 0.02,
+            warm_up_side: 1024,
             conv_precision: ConvPrecision::SplitTf32,
             conv_algorithm: ConvAlgorithm::ImplicitPrecompGemm,
         }
@@ -186,6 +194,9 @@ impl Config {
         }
         if self.max_op_chunk_bytes.0 < self.op_chunk_bytes.0 {
             return rule("max_op_chunk_bytes must be >= op_chunk_bytes");
+        }
+        if !self.warm_up_side.is_multiple_of(16) {
+            return rule("warm_up_side must be 0 or a multiple of 16");
         }
         Ok(())
     }
@@ -292,6 +303,17 @@ mod tests {
             Some(CudnnFwdAlgo::WinogradNonFused)
         );
         assert!(Flags::try_parse_from(["vae-svc", "--conv-algorithm", "fastest"]).is_err());
+    }
+
+    #[test]
+    fn the_warm_up_side_is_a_whole_number_of_tokens() {
+        assert_eq!(load_args(&[]).warm_up_side, 1024);
+        let mut config = load_args(&[]);
+        config.warm_up_side = 0;
+        assert!(config.check().is_ok());
+        config.warm_up_side = 1000;
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("warm_up_side"), "{err}");
     }
 
     #[test]

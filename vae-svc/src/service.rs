@@ -11,6 +11,7 @@ use candle_core::{DType, Tensor};
 use klein_proto::pb;
 use klein_runtime::{
     budget::{AdmissionError, MemoryBudget},
+    device::DeviceSpec,
     engine::Engine,
     gpu_memory,
 };
@@ -61,6 +62,8 @@ pub struct Vae {
     dtype: DType,
     device: String,
     budget_bytes: u64,
+    /// `Config::warm_up_side` (at most `max_image_side`) on a GPU, else 0.
+    warm_up_side: usize,
 }
 
 impl Vae {
@@ -143,6 +146,10 @@ impl Vae {
             dtype,
             device: config.server.device.to_string(),
             budget_bytes,
+            warm_up_side: match config.server.device {
+                DeviceSpec::Cuda(_) => config.warm_up_side.min(config.max_image_side),
+                DeviceSpec::Cpu => 0,
+            },
         })
     }
 
@@ -269,7 +276,46 @@ impl Vae {
                 gpu_memory::fit_budget(&budget, r.device(), gpu_memory::FIT_MARGIN_BYTES)
             })
             .await?;
+        self.warm_up_at_size().await;
         Ok(())
+    }
+
+    /// Decodes a zero image of `warm_up_side` pixels square as a request of that size would
+    /// run, if that is on; a failure is logged and the service starts anyway (the request's own
+    /// first decode then pays the compilation).
+    async fn warm_up_at_size(&self) {
+        let side = self.warm_up_side / PIXELS_PER_TOKEN;
+        if side == 0 {
+            return;
+        }
+        let req = Tensor::zeros(
+            (1, side * side, PACKED_CHANNELS),
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .map(|latents| ValidDecodeRequest {
+            latents,
+            grid: (side, side),
+            force_tiling: false,
+        });
+        let started = std::time::Instant::now();
+        let outcome = match req {
+            Ok(req) => self.decode(req).await,
+            Err(e) => Err(e.into()),
+        };
+        match outcome {
+            Ok(decoded) => tracing::info!(
+                side = self.warm_up_side,
+                tiled = decoded.plan.tiled,
+                seconds = started.elapsed().as_secs_f64(),
+                "warm-up decode at the common size done"
+            ),
+            Err(error) => tracing::warn!(
+                side = self.warm_up_side,
+                %error,
+                "warm-up decode at the common size failed; the first such request compiles its kernels"
+            ),
+        }
     }
 
     /// The Info description.
