@@ -245,9 +245,8 @@ impl Vae {
 
     /// Decodes a small zero latent through the whole path (budget, engine, postprocess), untiled
     /// and then tiled, so that the tiled path's kernels load here rather than in a request (0.95
-    /// s on a fresh H200, 0.015 s once the driver's cache holds them). Kernels for a request's
-    /// own convolution shapes still compile at their first use on a machine: the 16 GB plan's
-    /// first tiled 1024² decode took 3.96 s there, then 0.62–0.67 s.
+    /// s on a fresh H200, 0.015 s once the driver's cache holds them); then at the common size
+    /// ([`Self::warm_up_at_size`]), whose convolution shapes need kernels of their own.
     pub async fn warm_up(&self) -> Result<(), VaeError> {
         let (h, w) = WARM_UP_GRID;
         for force_tiling in [false, true] {
