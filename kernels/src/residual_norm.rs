@@ -36,7 +36,8 @@ pub fn gate_residual_norm(
     let d = x.dim(2)?;
     let vectors = [gate, shift, scale]
         .iter()
-        .all(|t| vector_layout(t.layout()));
+        .all(|t| vector_layout(t.layout()))
+        && shift.stride().first() == scale.stride().first();
     if crate::fused(x) && d.is_multiple_of(8) && d <= MAX_DIM && vectors {
         let op = GateResidualNorm {
             eps: eps as f32,
