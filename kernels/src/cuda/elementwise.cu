@@ -392,17 +392,20 @@ extern "C" __global__ void qk_norm_rope_interleaved128_bf16(
   const float4 s4 = reinterpret_cast<const float4*>(sin + (size_t)(rope_offset + s) * 64)[l];
   c[0] = c4.x, c[1] = c4.y, c[2] = c4.z, c[3] = c4.w;
   sn[0] = s4.x, sn[1] = s4.y, sn[2] = s4.z, sn[3] = s4.w;
+  // Every head's 16 bytes are loaded before the first reduction: four loads in flight a
+  // thread rather than one at a time between the shuffles.
+  uint4 raw[QK_HEADS_PER_WARP / 2];
+#pragma unroll
+  for (int j = 0; j < QK_HEADS_PER_WARP; j += 2) {
+    const int h = group * QK_HEADS_PER_WARP + j + half;
+    raw[j / 2] = h < heads ? *reinterpret_cast<const uint4*>(xr + h * 128) : make_uint4(0, 0, 0, 0);
+  }
 #pragma unroll
   for (int j = 0; j < QK_HEADS_PER_WARP; j += 2) {
     const int h = group * QK_HEADS_PER_WARP + j + half;
     const bool live = h < heads;
     float v[8];
-    if (live) {
-      loadv<8>(xr + h * 128, v);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = 0.f;
-    }
+    unpack8(raw[j / 2], v);
     float sq = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) sq += v[i] * v[i];
