@@ -129,30 +129,30 @@ __device__ __forceinline__ float block_sum(float v, float* part) {
   return warp_sum(threadIdx.x % 32 < blockDim.x / 32 ? part[threadIdx.x % 32] : 0.f);
 }
 
-// The row's mean and 1 / sqrt(variance + eps), the variance about the mean (two passes over
-// the registers), from the thread's `sum` of its values and its vectors.
-__device__ __forceinline__ float2 block_row_moments(const uint4 (&buf)[BLOCK_ROW_VECS], float sum,
-                                                   int dim, float eps) {
-  __shared__ float part[2][32];
-  const float mean = block_sum(sum, part[0]) / dim;
-  float sq = 0.f;
+// Σ f(v) over the thread's values of a row the block holds.
+template <typename F>
+__device__ __forceinline__ float block_row_part(const uint4 (&buf)[BLOCK_ROW_VECS], int dim, F f) {
+  float acc = 0.f;
 #pragma unroll
   for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
     if (8 * (threadIdx.x + blockDim.x * k) >= dim) break;
     float v[8];
     unpack8(buf[k], v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) sq += (v[i] - mean) * (v[i] - mean);
+    for (int i = 0; i < 8; ++i) acc += f(v[i]);
   }
-  return make_float2(mean, rsqrtf(block_sum(sq, part[1]) / dim + eps));
+  return acc;
 }
 
-// (1 + scale) ⊙ LayerNorm(row) + shift for a row the block holds (`sum`: the thread's sum of its
-// values), into orow; shift, scale and orow 16-byte aligned.
-__device__ __forceinline__ void modulate_block_row(const uint4 (&buf)[BLOCK_ROW_VECS], float sum,
+// (1 + scale) ⊙ LayerNorm(row) + shift for a row the block holds, into orow (the mean, then the
+// variance about it: two passes over the registers); shift, scale and orow 16-byte aligned.
+__device__ __forceinline__ void modulate_block_row(const uint4 (&buf)[BLOCK_ROW_VECS],
                                                    const bf16* sh, const bf16* sc, bf16* orow,
                                                    int dim, float eps) {
-  const float2 m = block_row_moments(buf, sum, dim, eps);
+  __shared__ float part[2][32];
+  const float mean = block_sum(block_row_part(buf, dim, [](float v) { return v; }), part[0]) / dim;
+  const float sq = block_row_part(buf, dim, [mean](float v) { return (v - mean) * (v - mean); });
+  const float2 m = make_float2(mean, rsqrtf(block_sum(sq, part[1]) / dim + eps));
 #pragma unroll
   for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
     const int c = 8 * (threadIdx.x + blockDim.x * k);
@@ -187,18 +187,13 @@ extern "C" __global__ void layer_norm_modulate_bf16(const bf16* __restrict__ x,
   bf16* orow = out + row * dim;
   if (block_row_fits(dim) && aligned16(xr) && aligned16(sh) && aligned16(sc) && aligned16(orow)) {
     uint4 buf[BLOCK_ROW_VECS];
-    float sum = 0.f;
 #pragma unroll
     for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
       const int c = 8 * (threadIdx.x + blockDim.x * k);
       if (c >= dim) break;
       buf[k] = *reinterpret_cast<const uint4*>(xr + c);
-      float v[8];
-      unpack8(buf[k], v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) sum += v[i];
     }
-    modulate_block_row(buf, sum, sh, sc, orow, dim, eps);
+    modulate_block_row(buf, sh, sc, orow, dim, eps);
     return;
   }
   __shared__ float part[2][32];
@@ -239,7 +234,6 @@ extern "C" __global__ void gate_residual_layer_norm_modulate_bf16(
   const size_t batch = row / rows_per_batch;
   const bf16* g = gate + batch * gate_batch_stride;
   uint4 buf[BLOCK_ROW_VECS];
-  float sum = 0.f;
 #pragma unroll
   for (int k = 0; k < BLOCK_ROW_VECS; ++k) {
     const int c = 8 * (threadIdx.x + blockDim.x * k);
@@ -252,18 +246,14 @@ extern "C" __global__ void gate_residual_layer_norm_modulate_bf16(
     for (int i = 0; i < 8; ++i) xv[i] += rnd(yv[i] * gv[i]);
     buf[k] = pack8(xv);
     *reinterpret_cast<uint4*>(out + at + c) = buf[k];
-    unpack8(buf[k], xv);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sum += xv[i];
   }
   const size_t mod = batch * mod_batch_stride;
-  modulate_block_row(buf, sum, shift + mod, scale + mod, out + (size_t)gridDim.x * dim + at, dim,
-                     eps);
+  modulate_block_row(buf, shift + mod, scale + mod, out + (size_t)gridDim.x * dim + at, dim, eps);
 }
 
 // out = weight ⊙ bf16(x · rsqrt(mean(x²) + eps)) over rows of dim: torch's RMSNorm on bf16
 // (normalised in f32, rounded, then the weight product rounded). x, out: (rows, dim)
-// contiguous; one warp per row; dim even; rows read into registers as layer_norm_modulate's.
+// contiguous; one warp per row; dim even; rows read once into registers (load_row).
 extern "C" __global__ void rms_norm_bf16(const bf16* __restrict__ x, const bf16* __restrict__ weight,
                                          bf16* __restrict__ out, int rows, int dim, float eps) {
   const int row = global_warp();
