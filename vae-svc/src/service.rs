@@ -248,25 +248,9 @@ impl Vae {
     /// s on a fresh H200, 0.015 s once the driver's cache holds them); then at the common size
     /// ([`Self::warm_up_at_size`]), whose convolution shapes need kernels of their own.
     pub async fn warm_up(&self) -> Result<(), VaeError> {
-        let (h, w) = WARM_UP_GRID;
         for force_tiling in [false, true] {
-            let latents = Tensor::zeros(
-                (1, h * w, PACKED_CHANNELS),
-                DType::F32,
-                &candle_core::Device::Cpu,
-            )?;
-            let req = ValidDecodeRequest {
-                latents,
-                grid: WARM_UP_GRID,
-                force_tiling,
-            };
-            let started = std::time::Instant::now();
-            self.decode(req).await?;
-            tracing::info!(
-                tiled = force_tiling,
-                seconds = started.elapsed().as_secs_f64(),
-                "warm-up decode done"
-            );
+            let (decoded, seconds) = self.decode_zeros(WARM_UP_GRID, force_tiling).await?;
+            tracing::info!(tiled = decoded.plan.tiled, seconds, "warm-up decode done");
         }
         // cuDNN and cuBLAS are loaded now: what is free is what activations really have.
         let budget = self.budget.clone();
@@ -287,26 +271,11 @@ impl Vae {
         if side == 0 {
             return;
         }
-        let req = Tensor::zeros(
-            (1, side * side, PACKED_CHANNELS),
-            DType::F32,
-            &candle_core::Device::Cpu,
-        )
-        .map(|latents| ValidDecodeRequest {
-            latents,
-            grid: (side, side),
-            force_tiling: false,
-        });
-        let started = std::time::Instant::now();
-        let outcome = match req {
-            Ok(req) => self.decode(req).await,
-            Err(e) => Err(e.into()),
-        };
-        match outcome {
-            Ok(decoded) => tracing::info!(
+        match self.decode_zeros((side, side), false).await {
+            Ok((decoded, seconds)) => tracing::info!(
                 side = self.warm_up_side,
                 tiled = decoded.plan.tiled,
-                seconds = started.elapsed().as_secs_f64(),
+                seconds,
                 "warm-up decode at the common size done"
             ),
             Err(error) => tracing::warn!(
@@ -315,6 +284,28 @@ impl Vae {
                 "warm-up decode at the common size failed; the first such request compiles its kernels"
             ),
         }
+    }
+
+    /// Decodes one zero latent of `grid` through the whole path (budget, engine, postprocess);
+    /// returns the result and the seconds it took.
+    async fn decode_zeros(
+        &self,
+        grid: (usize, usize),
+        force_tiling: bool,
+    ) -> Result<(Decoded, f64), VaeError> {
+        let latents = Tensor::zeros(
+            (1, grid.0 * grid.1, PACKED_CHANNELS),
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )?;
+        let req = ValidDecodeRequest {
+            latents,
+            grid,
+            force_tiling,
+        };
+        let started = std::time::Instant::now();
+        let decoded = self.decode(req).await?;
+        Ok((decoded, started.elapsed().as_secs_f64()))
     }
 
     /// The Info description.
