@@ -171,7 +171,7 @@ impl Conv2d {
         prologue: &Prologue,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if !self.fuses_prologue(x, false)? {
+        if !self.one_tf32_band(x, false)? {
             return self.forward_add(&prologue.apply(x)?, residual);
         }
         let dt = gemm_dtype(x);
@@ -179,18 +179,18 @@ impl Conv2d {
         klein_kernels::conv2d_with(x, &weights, residual, self.call(self.padding.top), prologue)
     }
 
-    /// Whether [`Self::forward_prologue`] fuses its prologue for `x`, or with `upsample` whether
-    /// `Upsample2D` runs its phases for the convolution of x upsampled ×2: a cuDNN f32 input,
-    /// TF32 arithmetic (NHWC weights), the same padding on every side and the whole output in
-    /// one band.
-    pub fn fuses_prologue(&self, x: &Tensor, upsample: bool) -> Result<bool> {
+    /// Whether cuDNN runs this convolution over `x` (x upsampled ×2 with `upsampled`) in TF32
+    /// arithmetic on the whole output in one band: a cuDNN f32 input, NHWC weights, the same
+    /// padding on every side. There [`Self::forward_prologue`] fuses its prologue and
+    /// `Upsample2D` runs its phases.
+    pub fn one_tf32_band(&self, x: &Tensor, upsampled: bool) -> Result<bool> {
         if !(klein_kernels::conv_fused(x) && self.weights.nhwc)
             || self.padding != Padding::same(self.padding.top)
         {
             return Ok(false);
         }
         let (b, c_in, h, w) = x.dims4()?;
-        let up = usize::from(upsample) + 1;
+        let up = usize::from(upsampled) + 1;
         let (rows, (_, out_h, _)) = self.band_plan((b, c_in, h * up, w * up), x.dtype())?;
         Ok(rows >= out_h)
     }

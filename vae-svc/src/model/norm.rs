@@ -48,7 +48,7 @@ pub fn silu_conv(
     stats: &mut NormStats,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if conv.fuses_prologue(&x, false)? {
+    if conv.one_tf32_band(&x, false)? {
         let prologue = norm.silu_prologue(&x, stats)?;
         return conv.forward_prologue(&x, &prologue, residual);
     }
