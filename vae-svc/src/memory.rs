@@ -476,97 +476,121 @@ pub fn plan_decode(
             reserve_bytes: untiled,
         });
     }
-    let smallest = |n: usize| tiling.min_tile_tokens.min(n).max(1);
-    let least = (smallest(grid.0), smallest(grid.1));
+    let search = TileSearch {
+        memory,
+        grid,
+        batch,
+        capacity,
+        tiling,
+    };
+    let least = (search.smallest(grid.0), search.smallest(grid.1));
     let tiled = if force_tiling {
-        forced_tiles(memory, grid, batch, capacity, tiling)
+        search.forced()
     } else {
         let plans: Vec<DecodePlan> = memory
             .op_chunk_ladder()
             .into_iter()
             .map(|op_bytes| memory.at_op_bytes(op_bytes))
-            .filter(|m| m.tiled_decode_request(grid, batch, least) <= capacity)
-            .filter_map(|m| fewest_tiles(&m, grid, batch, capacity, tiling))
+            .filter_map(|m| {
+                let at_chunk = TileSearch {
+                    memory: &m,
+                    ..search
+                };
+                (at_chunk.request(least) <= capacity)
+                    .then(|| at_chunk.fewest())
+                    .flatten()
+            })
             .collect();
         let fewest = plans.iter().map(|p| p.tiles.tile_count).min();
         plans
             .into_iter()
             .find(|p| fewest.is_some_and(|f| p.tiles.tile_count <= f + 1))
     };
-    tiled.ok_or_else(|| memory.tiled_decode_request(grid, batch, least).min(untiled))
+    tiled.ok_or_else(|| search.request(least).min(untiled))
 }
 
-/// The tiled plan of `tile` (rows, cols) tokens at `memory`'s operation chunk, reserving `bytes`.
-fn tiled_plan(
-    memory: &MemoryModel,
+/// The tile shapes of one decode request that fit `capacity` at `memory`'s operation chunk.
+#[derive(Clone, Copy)]
+struct TileSearch<'a> {
+    memory: &'a MemoryModel,
     grid: (usize, usize),
-    tile: (usize, usize),
-    bytes: u64,
-    tiling: &TilingConfig,
-) -> DecodePlan {
-    let overlap = tiling.overlap_for(tile.0.min(tile.1));
-    let count =
-        tile_starts(grid.0, tile.0, overlap).len() * tile_starts(grid.1, tile.1, overlap).len();
-    DecodePlan {
-        tiles: TilePlan {
-            tiled: true,
-            tile_tokens: tile,
-            overlap_tokens: min_overlap(grid, tile, overlap),
-            tile_count: count,
-        },
-        overlap_param: overlap,
-        op_bytes: memory.cfg.chunking.op_bytes,
-        reserve_bytes: bytes,
+    batch: usize,
+    capacity: u64,
+    tiling: &'a TilingConfig,
+}
+
+impl TileSearch<'_> {
+    /// The smallest tile side the budget may fall back to along an axis of `n` tokens.
+    fn smallest(&self, n: usize) -> usize {
+        self.tiling.min_tile_tokens.min(n).max(1)
     }
-}
 
-/// Square tiles of the configured side, smaller where `capacity` needs it.
-fn forced_tiles(
-    memory: &MemoryModel,
-    grid: (usize, usize),
-    batch: usize,
-    capacity: u64,
-    tiling: &TilingConfig,
-) -> Option<DecodePlan> {
-    let side = tiling.tile_tokens.min(grid.0.max(grid.1));
-    let smallest = tiling.min_tile_tokens.min(side).max(1);
-    (smallest..=side).rev().find_map(|t| {
-        let tile = (t.min(grid.0), t.min(grid.1));
-        let bytes = memory.tiled_decode_request(grid, batch, tile);
-        (bytes <= capacity).then(|| tiled_plan(memory, grid, tile, bytes, tiling))
-    })
-}
+    /// Bytes to reserve with tiles of `tile` (rows, cols) tokens.
+    fn request(&self, tile: (usize, usize)) -> u64 {
+        self.memory
+            .tiled_decode_request(self.grid, self.batch, tile)
+    }
 
-/// Of the tile shapes that fit `capacity` at `memory`'s operation chunk, the fewest tiles, then
-/// the largest (the overlaps grow with them): where the budget allows, bands across the whole
-/// width, which overlap along one axis only and so decode far fewer tokens twice than square
-/// tiles do. For each height the widest tile that fits (a wider one never reserves less).
-fn fewest_tiles(
-    memory: &MemoryModel,
-    grid: (usize, usize),
-    batch: usize,
-    capacity: u64,
-    tiling: &TilingConfig,
-) -> Option<DecodePlan> {
-    let smallest = |n: usize| tiling.min_tile_tokens.min(n).max(1);
-    let request = |tile: (usize, usize)| memory.tiled_decode_request(grid, batch, tile);
-    let mut best: Option<((usize, Reverse<usize>), DecodePlan)> = None;
-    for rows in smallest(grid.0)..=grid.0 {
-        let widths: Vec<usize> = (smallest(grid.1)..=grid.1)
-            .filter(|&cols| (rows, cols) != grid)
-            .collect();
-        let fitting = widths.partition_point(|&cols| request((rows, cols)) <= capacity);
-        let Some(cols) = fitting.checked_sub(1).map(|i| widths[i]) else {
-            continue;
-        };
-        let plan = tiled_plan(memory, grid, (rows, cols), request((rows, cols)), tiling);
-        let t = plan.tiles;
-        let key = (t.tile_count, Reverse(t.tile_tokens.0 * t.tile_tokens.1));
-        if best.as_ref().is_none_or(|(b, _)| key < *b) {
-            best = Some((key, plan));
+    /// The plan of `tile` tokens if it fits.
+    fn fits(&self, tile: (usize, usize)) -> Option<DecodePlan> {
+        let bytes = self.request(tile);
+        (bytes <= self.capacity).then(|| self.plan(tile, bytes))
+    }
+
+    /// The tiled plan of `tile` tokens, reserving `bytes`.
+    fn plan(&self, tile: (usize, usize), bytes: u64) -> DecodePlan {
+        let (grid, overlap) = (self.grid, self.tiling.overlap_for(tile.0.min(tile.1)));
+        let count =
+            tile_starts(grid.0, tile.0, overlap).len() * tile_starts(grid.1, tile.1, overlap).len();
+        DecodePlan {
+            tiles: TilePlan {
+                tiled: true,
+                tile_tokens: tile,
+                overlap_tokens: min_overlap(grid, tile, overlap),
+                tile_count: count,
+            },
+            overlap_param: overlap,
+            op_bytes: self.memory.cfg.chunking.op_bytes,
+            reserve_bytes: bytes,
         }
     }
-    best.map(|(_, plan)| plan)
+
+    /// Square tiles of the configured side, smaller where the capacity needs it.
+    fn forced(&self) -> Option<DecodePlan> {
+        let grid = self.grid;
+        let side = self.tiling.tile_tokens.min(grid.0.max(grid.1));
+        (self.smallest(side)..=side)
+            .rev()
+            .find_map(|t| self.fits((t.min(grid.0), t.min(grid.1))))
+    }
+
+    /// Of the tile shapes that fit, the fewest tiles, then the largest (the overlaps grow with
+    /// them): where the budget allows, bands across the whole width, which overlap along one
+    /// axis only and so decode far fewer tokens twice than square tiles do. For each height
+    /// the widest tile that fits (a wider one never reserves less).
+    fn fewest(&self) -> Option<DecodePlan> {
+        let grid = self.grid;
+        let mut best: Option<((usize, Reverse<usize>), DecodePlan)> = None;
+        for rows in self.smallest(grid.0)..=grid.0 {
+            let widths: Vec<usize> = (self.smallest(grid.1)..=grid.1)
+                .filter(|&cols| (rows, cols) != grid)
+                .collect();
+            let fitting =
+                widths.partition_point(|&cols| self.request((rows, cols)) <= self.capacity);
+            let Some(plan) = fitting
+                .checked_sub(1)
+                .and_then(|i| self.fits((rows, widths[i])))
+            else {
+                continue;
+            };
+            let t = plan.tiles;
+            let key = (t.tile_count, Reverse(t.tile_tokens.0 * t.tile_tokens.1));
+            if best.as_ref().is_none_or(|(b, _)| key < *b) {
+                best = Some((key, plan));
+            }
+        }
+        best.map(|(_, plan)| plan)
+    }
 }
 
 #[cfg(test)]
