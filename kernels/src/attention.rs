@@ -6,6 +6,8 @@ use crate::{cpu, reference};
 
 #[cfg(feature = "cuda")]
 mod f32;
+#[cfg(any(feature = "cuda", test))]
+mod schedule;
 #[cfg(feature = "cuda")]
 mod sm90;
 
@@ -24,7 +26,7 @@ mod sm90;
 /// `out_cols` = Some(c) makes the output rows c wide: the heads in the first H·hd columns, the
 /// rest left uninitialised for the caller to fill ([`flash_attention_with_swiglu`]).
 /// `v_tail` (B, H_kv, S_t, hd) holds the values of the keys past v's rows: the op attends
-/// `cat([v, v_tail], 2)` without the concatenation (Hopper's kernel, v's rows a multiple of 128;
+/// `cat([v, v_tail], 2)` without the concatenation (Hopper's kernel, v's rows a multiple of 16;
 /// [`flash_attention_split_v`] concatenates where the kernel does not apply).
 #[derive(Debug, Clone)]
 pub struct FlashAttention {
@@ -38,9 +40,9 @@ pub struct FlashAttention {
 /// Head dims the bf16 CUDA kernel is instantiated for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
-/// Keys per K/V tile of Hopper's kernel (`BLOCK_N` in `flash_attention_sm90.cu`): a split V's
-/// first part must hold whole tiles.
-const SM90_TILE_KEYS: usize = 128;
+/// Rows of the strips in which Hopper's kernel loads a K/V tile across a split V's two parts
+/// (`V_STRIP` in `flash_attention_sm90.cu`): the first part must hold whole strips.
+const SM90_V_STRIP: usize = 16;
 
 /// Whether [`flash_attention`] runs the CUDA kernel for these queries (B, H, S, hd).
 pub fn flash_attention_fused(q: &Tensor) -> bool {
@@ -98,7 +100,7 @@ pub fn flash_attention_split_v(
         && flash_attention_fused(q)
         && hd == 128
         && q.dim(1)? == v.dim(1)?
-        && v.dim(2)?.is_multiple_of(SM90_TILE_KEYS)
+        && v.dim(2)?.is_multiple_of(SM90_V_STRIP)
         && [q, k, v, v_tail].iter().all(|t| !t.stride().contains(&0));
     if !in_place {
         return flash_attention(q, k, &Tensor::cat(&[v, v_tail], 2)?);

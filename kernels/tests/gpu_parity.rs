@@ -195,9 +195,10 @@ fn q4k_dequantization_matches_candle() -> Result<()> {
 fn flash_attention_matches_the_f32_composition() -> Result<()> {
     let dev = gpu();
     let cases = [
-        (1, 24, 4608, 4608, 128), // the 1024² transformer step
+        (1, 24, 4608, 4608, 128), // the 1024² transformer step (Hopper: 144-key tiles)
+        (1, 24, 1536, 1536, 128), // the 512² step (Hopper: 128-key tiles)
         (2, 3, 37, 70, 128),      // partial tiles on both axes
-        (2, 3, 1000, 1031, 128),  // several tiles, partial on both axes
+        (2, 3, 1000, 1031, 128),  // several tiles, partial on both axes (Hopper: 144 keys)
         (1, 2, 300, 300, 64),
         (2, 2, 77, 141, 32), // the tiny fixtures' head dim
     ];
@@ -297,17 +298,21 @@ fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
 }
 
 /// The double block's values read in place from two projections (text rows, then image rows;
-/// Hopper's kernel switches tensor maps at the 512-key boundary) give exactly what their
-/// concatenation gives; a first part that is not whole 128-key tiles takes the concatenation.
+/// Hopper's kernel switches tensor maps at the 512-key boundary, loading the key tile across it
+/// in 16-row strips: 144-key tiles at the 1024² step's 4608 keys, 128-key ones elsewhere) give
+/// exactly what their concatenation gives; a first part that is not whole strips (77 rows)
+/// takes the concatenation.
 #[test]
 fn split_values_change_nothing() -> Result<()> {
     let dev = gpu();
     let (d, h, hd) = (3072, 24, 128);
     for (b, txt, img) in [
+        (1, 512, 4096),
         (1, 512, 1024 + 77),
         (2, 512, 256),
         (1, 77, 300),
         (1, 64, 300),
+        (1, 48, 300),
     ] {
         let s = txt + img;
         let q = randn(&[b, h, s, hd], DType::BF16, &dev)?;

@@ -9,18 +9,15 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 use half::bf16;
 
 use super::Dims;
+use super::schedule::{BLOCK_M, KeyTiles, Schedule};
 use crate::cuda::{FLASH_ATTENTION_SM90, view};
 
-/// Query rows per block, keys per K/V tile, slots of the K/V ring, threads per block (two
-/// consumer warpgroups and a producer one; `flash_attention_sm90.cu`).
-const BLOCK_M: usize = 128;
-const BLOCK_N: usize = super::SM90_TILE_KEYS;
-const STAGES: usize = 3;
+/// Threads per block: two consumer warpgroups and a producer one (`flash_attention_sm90.cu`).
 const THREADS: u32 = 384;
-/// Q and the slots' K and V tiles (bf16, head dim 128), 1024 bytes to align them, the mbarriers
-/// (Q's, and each slot's K full, V full, K empty and V empty): 225.1 KiB of the SM's 227.
-const SHARED_BYTES: usize =
-    (BLOCK_M + 2 * STAGES * BLOCK_N) * 128 * 2 + 1024 + 8 * (1 + 4 * STAGES);
+
+/// Floats of one partial result: per consumer warpgroup, its 64 rows' unnormalised O and each
+/// row's max and sum (`PART_FLOATS` in the kernel).
+const PART_FLOATS: usize = 2 * (64 * 128 + 4 * 128);
 
 /// The driver's opaque tensor-map descriptor, passed by value.
 #[repr(transparent)]
@@ -65,7 +62,7 @@ fn tensor_map(ptr: sys::CUdeviceptr, l: &Layout, rows: usize) -> Result<TensorMa
 
 /// Unmasked attention with head dim 128 (H_kv = H) into a fresh (B, S_q, d.cols) buffer; with
 /// `v_tail`, the values of the keys past v's rows come from it (v's rows a multiple of
-/// [`BLOCK_N`]).
+/// [`super::SM90_V_STRIP`]).
 pub(super) fn forward(
     dev: &CudaDevice,
     (qs, ql): (&CudaStorage, &Layout),
@@ -75,14 +72,15 @@ pub(super) fn forward(
     d: Dims,
     scale: f32,
 ) -> Result<CudaSlice<bf16>> {
+    let tiles_of = KeyTiles::for_keys(d.s_kv);
     let func = dev.get_or_load_custom_func(
-        "flash_attention_sm90_bf16_hd128",
+        tiles_of.kernel,
         FLASH_ATTENTION_SM90.name,
         FLASH_ATTENTION_SM90.ptx,
     )?;
     func.set_attribute(
         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        SHARED_BYTES as i32,
+        tiles_of.shared_bytes() as i32,
     )
     .w()?;
     let stream = dev.cuda_stream();
@@ -96,10 +94,12 @@ pub(super) fn forward(
         k.device_ptr(&stream),
         v.device_ptr(&stream),
     );
+    let keys = tiles_of.keys;
+    let strip = super::SM90_V_STRIP;
     let maps = (
         tensor_map(q_ptr, ql, BLOCK_M)?,
-        tensor_map(k_ptr, kl, BLOCK_N)?,
-        tensor_map(v_ptr, vl, BLOCK_N)?,
+        tensor_map(k_ptr, kl, keys)?,
+        tensor_map(v_ptr, vl, keys)?,
     );
     let tail = match v_tail {
         Some((ts, tl)) => Some((view::<bf16>(ts, tl)?, tl)),
@@ -107,26 +107,51 @@ pub(super) fn forward(
     };
     let tail_ptr = tail.as_ref().map(|(t, tl)| (t.device_ptr(&stream), *tl));
     // Without a tail every key's row is below v_split.
-    let (tail_map, v_split) = match &tail_ptr {
+    let (tail_map, tail_strips, v_split) = match &tail_ptr {
         Some(((ptr, _), tl)) => {
             let v_rows = vl.dims()[2];
-            if !v_rows.is_multiple_of(BLOCK_N) {
+            if !v_rows.is_multiple_of(strip) {
                 candle_core::bail!(
-                    "flash attention: v's {v_rows} rows before its tail are not whole {BLOCK_N}-key tiles"
+                    "flash attention: v's {v_rows} rows before its tail are not whole {strip}-row strips"
                 );
             }
-            (tensor_map(*ptr, tl, BLOCK_N)?, v_rows as i32)
+            (
+                tensor_map(*ptr, tl, keys)?,
+                tensor_map(*ptr, tl, strip)?,
+                v_rows as i32,
+            )
         }
-        None => (tensor_map(v_ptr, vl, BLOCK_N)?, i32::MAX),
+        None => (
+            tensor_map(v_ptr, vl, keys)?,
+            tensor_map(v_ptr, vl, strip)?,
+            i32::MAX,
+        ),
     };
+    let v_strips = tensor_map(v_ptr, vl, strip)?;
     let out = unsafe { dev.alloc::<bf16>(d.b * d.s_q * d.cols)? };
     let (s_q, s_kv, heads) = (d.s_q as i32, d.s_kv as i32, d.h as i32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let (batch_stride, row_stride) = ((d.s_q * d.cols) as i64, d.cols as i64);
+    let q_tiles = d.s_q.div_ceil(BLOCK_M);
+    let tiles = q_tiles * d.b * d.h;
+    let sms = stream
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let plan = Schedule::new(tiles, d.s_kv.div_ceil(keys), sms as usize);
+    // Every part's slot is written before it is read; the arrival counters start at zero.
+    let partials = unsafe { dev.alloc::<f32>((plan.part_slots() * PART_FLOATS).max(1))? };
+    let arrivals = dev.alloc_zeros::<u32>((2 * plan.split_tiles()).max(1))?;
+    let (q_tiles, tiles, rounds, split_blocks) = (
+        q_tiles as i32,
+        tiles as i32,
+        plan.rounds as i32,
+        plan.split_blocks as i32,
+    );
     let cfg = LaunchConfig {
-        grid_dim: (d.s_q.div_ceil(BLOCK_M) as u32, (d.b * d.h) as u32, 1),
+        grid_dim: (plan.blocks as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: SHARED_BYTES as u32,
+        shared_mem_bytes: tiles_of.shared_bytes() as u32,
     };
     let mut launch = func.builder();
     launch
@@ -134,10 +159,18 @@ pub(super) fn forward(
         .arg(&maps.1)
         .arg(&maps.2)
         .arg(&tail_map)
+        .arg(&v_strips)
+        .arg(&tail_strips)
         .arg(&v_split);
     launch.arg(&out);
     launch.arg(&s_q).arg(&s_kv).arg(&heads).arg(&scale_log2);
     launch.arg(&batch_stride).arg(&row_stride);
+    launch
+        .arg(&q_tiles)
+        .arg(&tiles)
+        .arg(&rounds)
+        .arg(&split_blocks);
+    launch.arg(&partials).arg(&arrivals);
     unsafe { launch.launch(cfg) }.w()?;
     Ok(out)
 }

@@ -5,22 +5,24 @@
 //
 // Q, K and V come as tensor maps over (batch, head, row, col) with 128-byte swizzling (built by
 // the host from the tensors' strides: heads are read in place). V may come in two parts: key
-// rows below v_split from v, the others from v_tail (row − v_split), v_split a multiple of the
-// 128-key tile (the FLUX.2 double block's text and image values, each read in place from its
+// rows below v_split from v, the others from v_tail (row − v_split), v_split a multiple of
+// V_STRIP (the FLUX.2 double block's text and image values, each read in place from its
 // stream's projection). The output is written as (B, S_q, H·128) through out_batch_stride /
 // out_row_stride (elements).
 //
-// One block per SM: 128 query rows, two consumer warpgroups of 64 rows each and one producer
-// warpgroup (FlashAttention-3's warp specialisation). The producer's first thread loads Q once,
-// then K and V tiles of 128 keys into two rings of STAGES slots each: a "full" mbarrier per
-// slot counts the bytes landing, an "empty" one the eight consumer warps done with the slot (K_j
-// once S_j is computed, V_j once P_j·V_j is), so K runs a tile ahead of V. The producer hands its
-// registers to the consumers (setmaxnreg). Shared memory holds the tiles in the layout the copy
-// engine writes and the tensor cores read: a tile is two 64-column halves, each row 128 bytes,
-// the 16-byte chunk c of row r stored at chunk c ^ (r % 8).
+// Persistent blocks, one per SM, each working through a list of query tiles (Schedule): 128
+// query rows, two consumer warpgroups of 64 rows each and one producer warpgroup
+// (FlashAttention-3's warp specialisation). The producer's first thread loads each tile's Q,
+// then its K and V tiles of BLOCK_N keys (128 or 144: one kernel each) into two rings of STAGES
+// slots: a "full" mbarrier per slot counts the bytes landing, an "empty" one the eight consumer
+// warps done with the slot (K_j once S_j is computed, V_j once P_j·V_j is), so K runs a tile
+// ahead of V, and the next tile's loads start while the consumers finish this one. The producer
+// hands its registers to the consumers (setmaxnreg). Shared memory holds the tiles in the layout
+// the copy engine writes and the tensor cores read: a tile is two 64-column halves, each row 128
+// bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8).
 //
 // Each consumer warpgroup overlaps its softmax with its own matrix products: it issues
-// S_j = Q·K_jᵀ (m64n128k16, both operands from shared memory, K-major) and O += P_{j−1}·V_{j−1}
+// S_j = Q·K_jᵀ (m64nBLOCK_Nk16, both operands from shared memory, K-major) and O += P_{j−1}·V_{j−1}
 // (m64n128k16, P from registers: the previous scores rounded to bf16 are the A fragments; V from
 // shared memory as an MN-major operand, no transposition), waits for S_j only, computes its
 // softmax while P·V runs on the tensor cores, then waits for P·V, rescales O and packs P_j.
@@ -39,11 +41,12 @@ constexpr int THREADS = 384;
 
 constexpr int HD = 128;
 constexpr int BLOCK_M = 128;
-constexpr int BLOCK_N = 128;
-constexpr int STAGES = 3;
 constexpr int CONSUMER_WARPS = 8;
 constexpr uint32_t Q_BYTES = BLOCK_M * HD * 2;
-constexpr uint32_t KV_BYTES = BLOCK_N * HD * 2;
+// Rows of a V strip: a tile across V's split loads in strips (v_split a multiple of it).
+constexpr int V_STRIP = 16;
+// Bytes of a K or V tile of n keys.
+__host__ __device__ constexpr uint32_t kv_bytes(int n) { return n * HD * 2; }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -146,7 +149,7 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
          (static_cast<uint64_t>(stride >> 4) << 32) | (1ull << 62);
 }
 
-// The 64 accumulator operands of an m64n128 wgmma.
+// The accumulator operands of an m64n128 wgmma (64) and of an m64n144 one (72).
 #define ACC_64 \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), \
   "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
@@ -164,6 +167,9 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
   "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
   "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define ACC_72 \
+  ACC_64, "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), \
+  "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71])
 #define REGS_64 \
   "{%0, %1, %2, %3, %4, %5, %6, %7, " \
   "%8, %9, %10, %11, %12, %13, %14, %15, " \
@@ -173,17 +179,47 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, 
   "%40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, " \
   "%56, %57, %58, %59, %60, %61, %62, %63}"
+#define REGS_72 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, " \
+  "%8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, " \
+  "%40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, " \
+  "%56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71}"
 
-// d = A·B (accumulate = 0) or d += A·B for one m64n128k16 step; A and B in shared memory, both
-// K-major.
-__device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " REGS_64
-      ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : ACC_64
-      : "l"(a), "l"(b), "r"(accumulate));
-}
+// d = A·B (accumulate = 0) or d += A·B for one m64nNk16 step of the scores (N keys); A and B in
+// shared memory, both K-major.
+template <int N>
+struct ScoreMma;
+
+template <>
+struct ScoreMma<128> {
+  __device__ __forceinline__ static void run(float (&d)[64], uint64_t a, uint64_t b,
+                                             int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " REGS_64
+        ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : ACC_64
+        : "l"(a), "l"(b), "r"(accumulate));
+  }
+};
+
+template <>
+struct ScoreMma<144> {
+  __device__ __forceinline__ static void run(float (&d)[72], uint64_t a, uint64_t b,
+                                             int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %74, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n144k16.f32.bf16.bf16 " REGS_72
+        ", %72, %73, p, 1, 1, 0, 0;\n}\n"
+        : ACC_72
+        : "l"(a), "l"(b), "r"(accumulate));
+  }
+};
 
 // d += A·B for one m64n128k16 step; A in registers, B in shared memory, MN-major.
 __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
@@ -202,14 +238,17 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 
 // Issues S = Q·Kᵀ over the head dim in 16-wide steps: 4 per 64-column half, 32 bytes apart in
 // a swizzled row; 8-row groups 1024 bytes apart.
-__device__ __forceinline__ void issue_scores(float (&s)[64], uint32_t q_rows, uint32_t sk) {
+template <int BLOCK_N>
+__device__ __forceinline__ void issue_scores(float (&s)[BLOCK_N / 2], uint32_t q_rows,
+                                             uint32_t sk) {
   fence_registers(s);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     const uint32_t step = (kk % 4) * 32;
-    wgmma_ss(s, descriptor(q_rows + (kk / 4) * Q_BYTES / 2 + step, 16, 1024),
-             descriptor(sk + (kk / 4) * KV_BYTES / 2 + step, 16, 1024), kk > 0);
+    ScoreMma<BLOCK_N>::run(s, descriptor(q_rows + (kk / 4) * Q_BYTES / 2 + step, 16, 1024),
+                           descriptor(sk + (kk / 4) * kv_bytes(BLOCK_N) / 2 + step, 16, 1024),
+                           kk > 0);
   }
   wgmma_commit();
 }
@@ -217,13 +256,14 @@ __device__ __forceinline__ void issue_scores(float (&s)[64], uint32_t q_rows, ui
 // Issues O += P·V over the tile's keys in 16-key steps (2048 bytes apart); V's two 64-column
 // halves are the operand's two 64-wide MN atoms (KV_BYTES / 2 apart), its 8-key groups 1024
 // bytes.
+template <int BLOCK_N>
 __device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)[BLOCK_N / 16][4],
                                              uint32_t sv) {
   fence_registers(o);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-    wgmma_rs(o, p[kk], descriptor(sv + kk * 2048, KV_BYTES / 2, 1024));
+    wgmma_rs(o, p[kk], descriptor(sv + kk * 2048, kv_bytes(BLOCK_N) / 2, 1024));
   }
   wgmma_commit();
 }
@@ -231,7 +271,8 @@ __device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)
 // The online softmax of one tile's scores, in place: masks keys past s_kv, updates this
 // thread's two rows' running max (row_max) and sum (row_sum, rescaled), leaves exp2 of the
 // shifted scores in s and returns each row's rescaling of O in alpha.
-__device__ __forceinline__ void softmax(float (&s)[64], float (&row_max)[2], float (&row_sum)[2],
+template <int BLOCK_N>
+__device__ __forceinline__ void softmax(float (&s)[BLOCK_N / 2], float (&row_max)[2], float (&row_sum)[2],
                                         float (&alpha)[2], int key0, int s_kv, int lane,
                                         float scale_log2) {
   if (key0 + BLOCK_N > s_kv) {
@@ -262,7 +303,9 @@ __device__ __forceinline__ void softmax(float (&s)[64], float (&row_max)[2], flo
 
 // The A fragments of P·V: 16 keys per step, this thread's two rows (lane / 4, + 8) and columns
 // 2·(lane % 4) (+ 8) of each step, from the score accumulators of the same positions.
-__device__ __forceinline__ void pack_scores(uint32_t (&p)[BLOCK_N / 16][4], const float (&s)[64]) {
+template <int BLOCK_N>
+__device__ __forceinline__ void pack_scores(uint32_t (&p)[BLOCK_N / 16][4],
+                                            const float (&s)[BLOCK_N / 2]) {
 #pragma unroll
   for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
 #pragma unroll
@@ -270,41 +313,189 @@ __device__ __forceinline__ void pack_scores(uint32_t (&p)[BLOCK_N / 16][4], cons
   }
 }
 
+
+// One block's share of the work, the same sequence for its producer and its consumers. A work
+// item is one query tile (128 rows of one batch item and head) against its key tiles [kb0,
+// kb1). The first `rounds` items of block g are whole tiles n · gridDim.x + g. The query tiles
+// left after them (fewer than the blocks) would run as one partial wave; instead their
+// (tile, key tile) pairs, in order, are cut into split_blocks equal ranges, one per block:
+// block g takes [g · W / P, (g + 1) · W / P), one item per tile the range touches. An item
+// short of its tile's keys writes its partial result to slot 2g (its range's first tile) or
+// 2g + 1 (its last), and the tile's last part to finish merges them.
+struct Schedule {
+  int tiles;         // query tiles over every batch item and head
+  int key_tiles;     // key tiles a query tile attends
+  int rounds;        // whole tiles a block takes before the split
+  int split_blocks;  // blocks sharing the remaining tiles' key tiles (0: none remain)
+
+  __device__ int first_split_tile() const { return rounds * gridDim.x; }
+  __device__ int split_units() const { return (tiles - first_split_tile()) * key_tiles; }
+  __device__ int range_start(int g) const {
+    return static_cast<int>(static_cast<long long>(g) * split_units() / split_blocks);
+  }
+  // The block whose range holds split unit u.
+  __device__ int block_of(int u) const {
+    const long long w = split_units();
+    return static_cast<int>(((u + 1ll) * split_blocks + w - 1) / w) - 1;
+  }
+  // Block g's item n: false past its last.
+  __device__ bool item(int g, int n, int& tile, int& kb0, int& kb1, int& slot) const {
+    if (n < rounds) {
+      tile = n * gridDim.x + g;
+      kb0 = 0;
+      kb1 = key_tiles;
+      slot = -1;
+      return true;
+    }
+    if (g >= split_blocks) return false;
+    const int begin = range_start(g), end = range_start(g + 1);
+    const int first = begin / key_tiles, t = first + n - rounds;
+    if (t * key_tiles >= end) return false;
+    tile = first_split_tile() + t;
+    kb0 = max(begin - t * key_tiles, 0);
+    kb1 = min(end - t * key_tiles, key_tiles);
+    slot = kb0 == 0 && kb1 == key_tiles ? -1 : 2 * g + (t != first);
+    return true;
+  }
+};
+
+// A partial result: per consumer warpgroup, O unnormalised (16 float4 per thread, stored
+// float4-index-major so a warp's stores are contiguous), then each thread's two rows' max and
+// sum.
+constexpr int PART_O = 64 * 128;
+constexpr int PART_FLOATS = PART_O + 4 * 128;
+
+__device__ __forceinline__ void named_barrier(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
+}
+
+// Whether any of the warpgroup's 128 threads passes `x` (a barrier among them).
+__device__ __forceinline__ bool any_in_warpgroup(int id, bool x) {
+  uint32_t r;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 q, %1, 0;\nbar.red.or.pred p, %2, 128, q;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(r)
+      : "r"(static_cast<uint32_t>(x)), "r"(id)
+      : "memory");
+  return r != 0;
+}
+
+// This thread's 64 values of O scaled per row, as bf16, into rows row and row + 8 below s_q.
+__device__ __forceinline__ void store_rows(bf16* ob, const float (&o)[64], const float (&f)[2],
+                                           int row, int s_q, long long out_row_stride) {
+#pragma unroll
+  for (int n = 0; n < 16; ++n) {
+    if (row < s_q) {
+      *reinterpret_cast<uint32_t*>(ob + (size_t)row * out_row_stride + n * 8) =
+          pack_bf16(o[4 * n] * f[0], o[4 * n + 1] * f[0]);
+    }
+    if (row + 8 < s_q) {
+      *reinterpret_cast<uint32_t*>(ob + (size_t)(row + 8) * out_row_stride + n * 8) =
+          pack_bf16(o[4 * n + 2] * f[1], o[4 * n + 3] * f[1]);
+    }
+  }
+}
+
+// Stores this warpgroup's part of a split tile; the last of the tile's parts to arrive (counted
+// per tile and warpgroup) merges every part, in block order, into o and sum (true).
+__device__ __forceinline__ bool merge_parts(float (&o)[64], float (&row_max)[2],
+                                            float (&row_sum)[2], const Schedule& sched,
+                                            int tile, int slot, int wg, float* partials,
+                                            unsigned* arrivals, float scale_log2) {
+  const int tid = threadIdx.x % 128;
+  float* part = partials + (static_cast<size_t>(slot) * 2 + wg) * PART_FLOATS;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    __stcg(reinterpret_cast<float4*>(part) + i * 128 + tid,
+           make_float4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]));
+  }
+  __stcg(part + PART_O + tid, row_max[0]);
+  __stcg(part + PART_O + 128 + tid, row_max[1]);
+  __stcg(part + PART_O + 256 + tid, row_sum[0]);
+  __stcg(part + PART_O + 384 + tid, row_sum[1]);
+  __threadfence();
+  named_barrier(1 + wg);
+  const int t = tile - sched.first_split_tile();
+  const int g0 = sched.block_of(t * sched.key_tiles);
+  const int g1 = sched.block_of((t + 1) * sched.key_tiles - 1);
+  bool last = false;
+  if (tid == 0) last = atomicAdd(arrivals + 2 * t + wg, 1u) == static_cast<unsigned>(g1 - g0);
+  if (!any_in_warpgroup(1 + wg, last)) return false;
+  __threadfence();
+  const auto slot_of = [&](int g) {
+    return 2 * g + (t != sched.range_start(g) / sched.key_tiles);
+  };
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_max[r] = -INFINITY;
+    row_sum[r] = 0.f;
+  }
+  for (int g = g0; g <= g1; ++g) {
+    const float* p = partials + (static_cast<size_t>(slot_of(g)) * 2 + wg) * PART_FLOATS;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_max[r] = fmaxf(row_max[r], __ldcg(p + PART_O + 128 * r + tid));
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.f;
+  for (int g = g0; g <= g1; ++g) {
+    const float* p = partials + (static_cast<size_t>(slot_of(g)) * 2 + wg) * PART_FLOATS;
+    float f[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      f[r] = exp2f((__ldcg(p + PART_O + 128 * r + tid) - row_max[r]) * scale_log2);
+      row_sum[r] += __ldcg(p + PART_O + 256 + 128 * r + tid) * f[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p) + i * 128 + tid);
+      o[4 * i] += v.x * f[0];
+      o[4 * i + 1] += v.y * f[0];
+      o[4 * i + 2] += v.z * f[1];
+      o[4 * i + 3] += v.w * f[1];
+    }
+  }
+  return true;
+}
+
 #endif
 
 }  // namespace
 
-// Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles, the mbarriers
-// (SHARED_BYTES in kernels/src/attention/sm90.rs).
-extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_attention_sm90_bf16_hd128(
-    const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,
-    const __grid_constant__ CUtensorMap v, const __grid_constant__ CUtensorMap v_tail, int v_split,
-    bf16* out, int s_q, int s_kv, int heads, float scale_log2, long long out_batch_stride,
-    long long out_row_stride) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// The kernel's body for key tiles of BLOCK_N keys in rings of STAGES slots.
+template <int BLOCK_N, int STAGES>
+__device__ __forceinline__ void attend(
+    const CUtensorMap& q, const CUtensorMap& k, const CUtensorMap& v, const CUtensorMap& v_tail,
+    const CUtensorMap& v_strips, const CUtensorMap& v_tail_strips, int v_split, bf16* out,
+    int s_q, int s_kv, int heads, float scale_log2, long long out_batch_stride,
+    long long out_row_stride, int q_tiles, int tiles, int rounds, int split_blocks,
+    float* partials, unsigned* arrivals) {
   extern __shared__ __align__(1024) unsigned char smem[];
   // The swizzle pattern repeats every 1024 bytes: tiles start on that boundary.
   const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
-  // Q, the K slots, the V slots; then the mbarriers: Q's, and each slot's K full, V full, K
-  // empty and V empty.
+  // Q, the K slots, the V slots; then the mbarriers: Q full and Q empty, and each slot's K
+  // full, V full, K empty and V empty.
   const uint32_t sq = base;
+  constexpr uint32_t KV_BYTES = kv_bytes(BLOCK_N);
   const auto k_tile = [&](int t) { return sq + Q_BYTES + t * KV_BYTES; };
   const auto v_tile = [&](int t) { return sq + Q_BYTES + (STAGES + t) * KV_BYTES; };
   const uint32_t q_full = sq + Q_BYTES + 2 * STAGES * KV_BYTES;
-  const auto k_full = [&](int t) { return q_full + 8 + 32 * t; };
-  const auto v_full = [&](int t) { return q_full + 16 + 32 * t; };
-  const auto k_empty = [&](int t) { return q_full + 24 + 32 * t; };
-  const auto v_empty = [&](int t) { return q_full + 32 + 32 * t; };
+  const uint32_t q_empty = q_full + 8;
+  const auto k_full = [&](int t) { return q_full + 16 + 32 * t; };
+  const auto v_full = [&](int t) { return q_full + 24 + 32 * t; };
+  const auto k_empty = [&](int t) { return q_full + 32 + 32 * t; };
+  const auto v_empty = [&](int t) { return q_full + 40 + 32 * t; };
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int m0 = blockIdx.x * BLOCK_M;
-  const int b = blockIdx.y / heads;
-  const int h = blockIdx.y % heads;
-  const int tiles = (s_kv + BLOCK_N - 1) / BLOCK_N;
+  const int g = blockIdx.x;
+  const Schedule sched{tiles, (s_kv + BLOCK_N - 1) / BLOCK_N, rounds, split_blocks};
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
+    mbar_init(q_empty, CONSUMER_WARPS);
     for (int t = 0; t < STAGES; ++t) {
       mbar_init(k_full(t), 1);
       mbar_init(v_full(t), 1);
@@ -315,27 +506,47 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_attention_sm90_bf
   }
   __syncthreads();
 
+  int tile, kb0, kb1, slot;
   if (warp >= CONSUMER_WARPS) {
-    // The producer: K and V tile j go to slot j % STAGES of their ring once every consumer warp
-    // released the slot's previous use (K_j once S_j is computed, V_j once P_j·V_j is). Its
-    // registers go to the consumers: 24 + 2 · 240 per thread for each SM sub-partition's three
-    // warps fits its register file (16384). Every register the consumers take, the producer
-    // must have freed (setmaxnreg.inc waits for them: 32 + 240 deadlocks).
+    // The producer: each item's Q once the consumers are done with the last one's (after its
+    // last S), then its K and V tiles through the rings: key tile c of the block's sequence
+    // goes to slot c % STAGES once every consumer warp released the slot's previous use (K
+    // once S is computed, V once P·V is), so K runs a tile ahead of V and the next item's
+    // tiles load while the consumers finish this one. Its registers go to the consumers: 24 +
+    // 2 · 240 per thread for each SM sub-partition's three warps fits its register file
+    // (16384). Every register the consumers take, the producer must have freed
+    // (setmaxnreg.inc waits for them: 32 + 240 deadlocks).
     shrink_registers<24>();
-    if (warp == CONSUMER_WARPS && lane == 0) {
+    if (warp != CONSUMER_WARPS || lane != 0) return;
+    int c = 0;
+    for (int n = 0; sched.item(g, n, tile, kb0, kb1, slot); ++n) {
+      const int bh = tile / q_tiles, m0 = (tile % q_tiles) * BLOCK_M;
+      const int b = bh / heads, h = bh % heads;
+      if (n > 0) mbar_wait(q_empty, (n - 1) & 1);
       mbar_expect(q_full, Q_BYTES);
       tma_tile<BLOCK_M>(sq, &q, m0, h, b, q_full);
-      for (int j = 0; j < tiles; ++j) {
-        const int t = j % STAGES, use = j / STAGES;
+      for (int j = kb0; j < kb1; ++j, ++c) {
+        const int t = c % STAGES, use = c / STAGES;
         if (use > 0) mbar_wait(k_empty(t), (use - 1) & 1);
         mbar_expect(k_full(t), KV_BYTES);
         tma_tile<BLOCK_N>(k_tile(t), &k, j * BLOCK_N, h, b, k_full(t));
         if (use > 0) mbar_wait(v_empty(t), (use - 1) & 1);
         mbar_expect(v_full(t), KV_BYTES);
-        if (j * BLOCK_N < v_split) {
-          tma_tile<BLOCK_N>(v_tile(t), &v, j * BLOCK_N, h, b, v_full(t));
+        const int row0 = j * BLOCK_N;
+        if (row0 + BLOCK_N <= v_split) {
+          tma_tile<BLOCK_N>(v_tile(t), &v, row0, h, b, v_full(t));
+        } else if (row0 >= v_split) {
+          tma_tile<BLOCK_N>(v_tile(t), &v_tail, row0 - v_split, h, b, v_full(t));
         } else {
-          tma_tile<BLOCK_N>(v_tile(t), &v_tail, j * BLOCK_N - v_split, h, b, v_full(t));
+          // A tile across the split: strips of V_STRIP rows, each from its side.
+          for (int r = 0; r < BLOCK_N; r += V_STRIP) {
+            const uint32_t dst = v_tile(t) + r * 128;
+            if (row0 + r < v_split) {
+              tma_tile<BLOCK_N>(dst, &v_strips, row0 + r, h, b, v_full(t));
+            } else {
+              tma_tile<BLOCK_N>(dst, &v_tail_strips, row0 + r - v_split, h, b, v_full(t));
+            }
+          }
         }
       }
     }
@@ -350,71 +561,112 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_attention_sm90_bf
     __syncwarp();
     if (lane == 0) mbar_arrive(empty);
   };
-
-  float o[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
   // This thread's two rows of the warpgroup's 64: lane / 4 (e = 0, 1) and lane / 4 + 8 (e = 2, 3)
   // of the warp's 16, in each 8-column group n of S and O: columns 8n + 2·(lane % 4) + e % 2.
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
-  float alpha[2];
-  float s[64];
+  float o[64];
+  float row_max[2], row_sum[2], alpha[2];
+  float s[BLOCK_N / 2];
   uint32_t p[BLOCK_N / 16][4];
 
-  mbar_wait(q_full, 0);
-  mbar_wait(k_full(0), 0);
-  issue_scores(s, q_rows, k_tile(0));
-  wgmma_wait<0>();
-  fence_registers(s);
-  release(k_empty(0));
-  softmax(s, row_max, row_sum, alpha, 0, s_kv, lane, scale_log2);
-  pack_scores(p, s);
-
-  for (int j = 1; j < tiles; ++j) {
-    const int t = j % STAGES, prev = (j - 1) % STAGES;
-    mbar_wait(k_full(t), (j / STAGES) & 1);
-    mbar_wait(v_full(prev), ((j - 1) / STAGES) & 1);
-    issue_scores(s, q_rows, k_tile(t));
-    issue_values(o, p, v_tile(prev));
-    // S_j is done, P_{j−1}·V_{j−1} may still run: its operands stay untouched until the wait.
-    wgmma_wait<1>();
+  int c = 0;
+  for (int n = 0; sched.item(g, n, tile, kb0, kb1, slot); ++n) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+    const int count = kb1 - kb0;
+    mbar_wait(q_full, n & 1);
+    mbar_wait(k_full(c % STAGES), (c / STAGES) & 1);
+    issue_scores<BLOCK_N>(s, q_rows, k_tile(c % STAGES));
+    wgmma_wait<0>();
     fence_registers(s);
-    release(k_empty(t));
-    softmax(s, row_max, row_sum, alpha, j * BLOCK_N, s_kv, lane, scale_log2);
+    release(k_empty(c % STAGES));
+    if (count == 1) release(q_empty);
+    softmax<BLOCK_N>(s, row_max, row_sum, alpha, kb0 * BLOCK_N, s_kv, lane, scale_log2);
+    pack_scores<BLOCK_N>(p, s);
+
+    for (int j = 1; j < count; ++j) {
+      const int t = (c + j) % STAGES, prev = (c + j - 1) % STAGES;
+      mbar_wait(k_full(t), ((c + j) / STAGES) & 1);
+      mbar_wait(v_full(prev), ((c + j - 1) / STAGES) & 1);
+      issue_scores<BLOCK_N>(s, q_rows, k_tile(t));
+      issue_values<BLOCK_N>(o, p, v_tile(prev));
+      // S_j is done, P_{j−1}·V_{j−1} may still run: its operands stay untouched until the wait.
+      wgmma_wait<1>();
+      fence_registers(s);
+      release(k_empty(t));
+      if (j == count - 1) release(q_empty);
+      softmax<BLOCK_N>(s, row_max, row_sum, alpha, (kb0 + j) * BLOCK_N, s_kv, lane, scale_log2);
+      wgmma_wait<0>();
+      fence_registers(o);
+      fence_registers(p);
+      release(v_empty(prev));
+#pragma unroll
+      for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
+      pack_scores<BLOCK_N>(p, s);
+    }
+    c += count;
+    const int last = (c - 1) % STAGES;
+    mbar_wait(v_full(last), ((c - 1) / STAGES) & 1);
+    issue_values<BLOCK_N>(o, p, v_tile(last));
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(p);
-    release(v_empty(prev));
-#pragma unroll
-    for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
-    pack_scores(p, s);
-  }
-  const int last = (tiles - 1) % STAGES;
-  mbar_wait(v_full(last), ((tiles - 1) / STAGES) & 1);
-  issue_values(o, p, v_tile(last));
-  wgmma_wait<0>();
-  fence_registers(o);
+    release(v_empty(last));
 
-  bf16* ob = out + (size_t)b * out_batch_stride + (size_t)h * HD + 2 * (lane % 4);
-  float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
-    inv[r] = 1.f / row_sum[r];
-  }
-  const int row = m0 + wg * 64 + (warp % 4) * 16 + lane / 4;
-#pragma unroll
-  for (int n = 0; n < 16; ++n) {
-    if (row < s_q) {
-      *reinterpret_cast<uint32_t*>(ob + (size_t)row * out_row_stride + n * 8) =
-          pack_bf16(o[4 * n] * inv[0], o[4 * n + 1] * inv[0]);
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
     }
-    if (row + 8 < s_q) {
-      *reinterpret_cast<uint32_t*>(ob + (size_t)(row + 8) * out_row_stride + n * 8) =
-          pack_bf16(o[4 * n + 2] * inv[1], o[4 * n + 3] * inv[1]);
+    if (slot >= 0 && !merge_parts(o, row_max, row_sum, sched, tile, slot, wg, partials, arrivals,
+                                  scale_log2)) {
+      continue;
     }
+    const int bh = tile / q_tiles;
+    bf16* ob = out + (size_t)(bh / heads) * out_batch_stride + (size_t)(bh % heads) * HD +
+               2 * (lane % 4);
+    const float inv[2] = {1.f / row_sum[0], 1.f / row_sum[1]};
+    const int row = (tile % q_tiles) * BLOCK_M + wg * 64 + (warp % 4) * 16 + lane / 4;
+    store_rows(ob, o, inv, row, s_q, out_row_stride);
   }
+}
+
+#endif
+
+// The kernels' parameters: Q, K and V tensor maps (boxes of 64 columns × the block's rows or
+// the key tile's), V's tail, and both again in boxes of V_STRIP rows (the tile across the
+// split); the output; the schedule (Schedule) and its partial results: `partials` holds
+// 2 · split_blocks slots of 2 · PART_FLOATS, `arrivals` one zeroed counter per split tile and
+// consumer warpgroup. Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles,
+// the mbarriers (`shared_bytes` in kernels/src/attention/sm90.rs).
+#define ATTENTION_PARAMS                                                                      \
+  const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,               \
+      const __grid_constant__ CUtensorMap v, const __grid_constant__ CUtensorMap v_tail,      \
+      const __grid_constant__ CUtensorMap v_strips,                                           \
+      const __grid_constant__ CUtensorMap v_tail_strips, int v_split, bf16 *out, int s_q,     \
+      int s_kv, int heads, float scale_log2, long long out_batch_stride,                      \
+      long long out_row_stride, int q_tiles, int tiles, int rounds, int split_blocks,         \
+      float *partials, unsigned *arrivals
+#define ATTENTION_ARGS                                                                        \
+  q, k, v, v_tail, v_strips, v_tail_strips, v_split, out, s_q, s_kv, heads, scale_log2,       \
+      out_batch_stride, out_row_stride, q_tiles, tiles, rounds, split_blocks, partials, arrivals
+
+// Key tiles of 128 keys, three slots a ring.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    flash_attention_sm90_bf16_hd128_n128(ATTENTION_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  attend<128, 3>(ATTENTION_ARGS);
+#endif
+}
+
+// Key tiles of 144 keys, two slots a ring.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    flash_attention_sm90_bf16_hd128_n144(ATTENTION_PARAMS) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  attend<144, 2>(ATTENTION_ARGS);
 #endif
 }
