@@ -22,10 +22,11 @@
 // bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8).
 //
 // Each consumer warpgroup overlaps its softmax with its own matrix products: it issues
-// S_j = Q·K_jᵀ (m64nBLOCK_Nk16, both operands from shared memory, K-major) and O += P_{j−1}·V_{j−1}
-// (m64n128k16, P from registers: the previous scores rounded to bf16 are the A fragments; V from
-// shared memory as an MN-major operand, no transposition), waits for S_j only, computes its
-// softmax while P·V runs on the tensor cores, then waits for P·V, rescales O and packs P_j.
+// S_j = Q·K_jᵀ (m64nNk16 for N = BLOCK_N keys, both operands from shared memory, K-major) and
+// O += P_{j−1}·V_{j−1} (m64n128k16, P from registers: the previous scores rounded to bf16 are
+// the A fragments; V from shared memory as an MN-major operand, no transposition), waits for
+// S_j only, computes its softmax while P·V runs on the tensor cores, then waits for P·V,
+// rescales O and packs P_j.
 #include <cuda_bf16.h>
 #include <cuda.h>
 #include <stdint.h>
@@ -272,9 +273,9 @@ __device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)
 // thread's two rows' running max (row_max) and sum (row_sum, rescaled), leaves exp2 of the
 // shifted scores in s and returns each row's rescaling of O in alpha.
 template <int BLOCK_N>
-__device__ __forceinline__ void softmax(float (&s)[BLOCK_N / 2], float (&row_max)[2], float (&row_sum)[2],
-                                        float (&alpha)[2], int key0, int s_kv, int lane,
-                                        float scale_log2) {
+__device__ __forceinline__ void softmax(float (&s)[BLOCK_N / 2], float (&row_max)[2],
+                                        float (&row_sum)[2], float (&alpha)[2], int key0,
+                                        int s_kv, int lane, float scale_log2) {
   if (key0 + BLOCK_N > s_kv) {
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) {
@@ -647,10 +648,10 @@ __device__ __forceinline__ void attend(
   const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,               \
       const __grid_constant__ CUtensorMap v, const __grid_constant__ CUtensorMap v_tail,      \
       const __grid_constant__ CUtensorMap v_strips,                                           \
-      const __grid_constant__ CUtensorMap v_tail_strips, int v_split, bf16 *out, int s_q,     \
+      const __grid_constant__ CUtensorMap v_tail_strips, int v_split, bf16* out, int s_q,     \
       int s_kv, int heads, float scale_log2, long long out_batch_stride,                      \
       long long out_row_stride, int q_tiles, int tiles, int rounds, int split_blocks,         \
-      float *partials, unsigned *arrivals
+      float* partials, unsigned* arrivals
 #define ATTENTION_ARGS                                                                        \
   q, k, v, v_tail, v_strips, v_tail_strips, v_split, out, s_q, s_kv, heads, scale_log2,       \
       out_batch_stride, out_row_stride, q_tiles, tiles, rounds, split_blocks, partials, arrivals
