@@ -40,7 +40,7 @@ impl KeyTiles {
 
     /// Q and the rings' K and V tiles (bf16, head dim 128), 1024 bytes to align them, the
     /// mbarriers (Q full and empty, and each slot's K full, V full, K empty and V empty):
-    /// 225.1 KiB of the SM's 227 for 128-key tiles, 176.1 for 144.
+    /// 225.1 KiB of the SM's 227 for 128-key tiles, 177.1 for 144.
     pub fn shared_bytes(self) -> usize {
         (BLOCK_M + 2 * self.stages * self.keys) * 128 * 2 + 1024 + 8 * (2 + 4 * self.stages)
     }
