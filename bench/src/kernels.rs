@@ -1,6 +1,7 @@
 //! Micro-benchmarks of `klein_kernels`: each fused kernel next to the stock-candle composition
 //! it replaces, on the klein-4B shapes of one 1024² transformer step (4096 image + 512 text
-//! tokens, D 3072, 24 heads of 128, MLP 9216), of the Qwen3-4B text encoder (512 tokens,
+//! tokens, D 3072, 24 heads of 128, MLP 9216; the attention also at 512²'s 1024 + 512 tokens),
+//! of the Qwen3-4B text encoder (512 tokens,
 //! hidden 2560, 32 query / 8 key-value heads of 128, MLP 9728, 4-bit linears) and of a 1024²
 //! VAE decode, with the kernel's floor on this card: bytes moved at the device-copy rate
 //! (GroupNorm: two reads and a write), or FLOPs at the bf16 matmul rate.
@@ -185,20 +186,23 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         "bytes",
     )?;
 
-    let (q, k, v) = (
-        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
-        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
-        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
-    );
-    let flops = 4.0 * (s * s * HEAD_DIM * HEADS) as f64;
-    row(
-        "flash_attention",
-        format!("{HEADS} heads × {s} tokens × {HEAD_DIM}"),
-        &mut || klein_kernels::flash_attention(&q, &k, &v),
-        &mut || reference::attention(&q, &k, &v),
-        flops / (rates.matmul_tflops * 1e12) * 1e3,
-        "flops",
-    )?;
+    // The 1024² step's joint attention (Hopper: 144-key tiles) and the 512² step's (128-key).
+    for tokens in [s, TXT + IMG / 4] {
+        let (q, k, v) = (
+            randn(&[1, HEADS, tokens, HEAD_DIM], dev)?,
+            randn(&[1, HEADS, tokens, HEAD_DIM], dev)?,
+            randn(&[1, HEADS, tokens, HEAD_DIM], dev)?,
+        );
+        let flops = 4.0 * (tokens * tokens * HEAD_DIM * HEADS) as f64;
+        row(
+            "flash_attention",
+            format!("{HEADS} heads × {tokens} tokens × {HEAD_DIM}"),
+            &mut || klein_kernels::flash_attention(&q, &k, &v),
+            &mut || reference::attention(&q, &k, &v),
+            flops / (rates.matmul_tflops * 1e12) * 1e3,
+            "flops",
+        )?;
+    }
 
     // The VAE decoder's mid-block attention at 1024²: one head of 512 over 128² positions, f32.
     // Its floor: three fp16 products (split fp16) at the bf16 rate.
