@@ -21,6 +21,7 @@ const PART_FLOATS: usize = 2 * (64 * 128 + 4 * 128);
 
 /// The driver's opaque tensor-map descriptor, passed by value.
 #[repr(transparent)]
+#[derive(Clone, Copy)]
 struct TensorMap(sys::CUtensorMap);
 // SAFETY: a plain 128-byte struct, the kernel's `const __grid_constant__ CUtensorMap`.
 unsafe impl DeviceRepr for TensorMap {}
@@ -106,7 +107,8 @@ pub(super) fn forward(
         None => None,
     };
     let tail_ptr = tail.as_ref().map(|(t, tl)| (t.device_ptr(&stream), *tl));
-    // Without a tail every key's row is below v_split.
+    let v_strips = tensor_map(v_ptr, vl, strip)?;
+    // Without a tail every key's row is below v_split (the tail's maps are v's, never read).
     let (tail_map, tail_strips, v_split) = match &tail_ptr {
         Some(((ptr, _), tl)) => {
             let v_rows = vl.dims()[2];
@@ -121,13 +123,8 @@ pub(super) fn forward(
                 v_rows as i32,
             )
         }
-        None => (
-            tensor_map(v_ptr, vl, keys)?,
-            tensor_map(v_ptr, vl, strip)?,
-            i32::MAX,
-        ),
+        None => (maps.2, v_strips, i32::MAX),
     };
-    let v_strips = tensor_map(v_ptr, vl, strip)?;
     let out = unsafe { dev.alloc::<bf16>(d.b * d.s_q * d.cols)? };
     let (s_q, s_kv, heads) = (d.s_q as i32, d.s_kv as i32, d.h as i32);
     let scale_log2 = scale * std::f32::consts::LOG2_E;
