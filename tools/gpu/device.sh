@@ -17,6 +17,9 @@
 #   tools/gpu/device.sh gemm-power OUT the bf16 matmul rate in short bursts and sustained for ~3 s,
 #                                     with the SM clock, power and throttle reasons sampled
 #                                     every 250 ms → OUT/gemm-power-smi.csv
+#   tools/gpu/device.sh gemm-algos OUT cuBLASLt's candidate algorithms for each of the step's
+#                                     GEMM shapes, timed round-robin at the power cap, with
+#                                     the clock and power sampled → OUT/gemm-algos-smi.csv
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -89,6 +92,14 @@ case "${1:-}" in
     kill $smi
     echo "SM clock, power (W), throttle reasons while it ran:"
     tail -n +2 "${2:-/tmp}/gemm-power-smi.csv" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12 ;;
+  gemm-algos)
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active \
+      --format=csv -lms 250 > "${2:-/tmp}/gemm-algos-smi.csv" &
+    smi=$!
+    /tmp/klein/gemm-algos
+    kill $smi
+    echo "SM clock, power (W), throttle reasons while it ran:"
+    tail -n +2 "${2:-/tmp}/gemm-algos-smi.csv" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12 ;;
   vae-algos)
     for algo in implicit-precomp-gemm auto implicit-gemm; do
       /tmp/klein/klein-bench --device cuda:0 components --only vae \
