@@ -154,7 +154,11 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Command::Step { iters, json } => (|| {
-            let rows = step::run(&dev, iters)?;
+            // Each GEMM shape is tuned at its first call, as denoiser-svc's warm-up tunes.
+            let (rows, tuned) = klein_kernels::tune_linear(|| step::run(&dev, iters))?;
+            for t in tuned {
+                eprintln!("GEMM tuned: {t}");
+            }
             println!(
                 "| part | kind | per step | ms each | TFLOP/s | ms per step |\n|---|---|---|---|---|---|"
             );

@@ -6,8 +6,7 @@
 //! and embedding layers, the output norm and projection, launch gaps) is the difference.
 
 use candle_core::{D, Device, Module, Result, Tensor};
-use candle_nn::Linear;
-use klein_kernels::RopeStyle;
+use klein_kernels::{Linear, RopeStyle};
 use serde::Serialize;
 
 use crate::{
@@ -39,7 +38,7 @@ const SINGLE: usize = 20;
 
 /// A bias-free linear layer (out, in) with random weights.
 fn linear(out: usize, inp: usize, dev: &Device) -> Result<Linear> {
-    Ok(Linear::new((randn(&[out, inp], dev)? * 0.02)?, None))
+    Ok(Linear::new((randn(&[out, inp], dev)? * 0.02)?))
 }
 
 /// Columns `col..col + DIM` of a (B, S, C) projection as heads (B, H, S, hd), viewed in place

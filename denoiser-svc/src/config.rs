@@ -49,6 +49,13 @@ pub struct Config {
     /// Host memory for validated prompt embeddings kept under handles
     /// (`DenoiseRequest.embeddings_handle`); 0 turns the cache off.
     pub embeddings_cache_bytes: ByteSize,
+    /// On a GPU in bf16, the side (pixels, a multiple of 16) of a square random image that each
+    /// model on the device runs one step of before the service reports ready, with the linear
+    /// layers' GEMM tuning on (`klein_kernels::tune_linear`): that size's largest products then
+    /// run the fastest cuBLASLt algorithm at the card's power cap (−0.5 ms a 1024² step on an
+    /// H100; docs/performance.md, nineteenth session), other sizes cuBLASLt's heuristic choice.
+    /// Best effort; at most `max_image_side`; 0 turns it off.
+    pub warm_up_side: u32,
 }
 
 impl Default for Config {
@@ -71,6 +78,7 @@ impl Default for Config {
             max_references: 4,
             model_wait_secs: 120,
             embeddings_cache_bytes: ByteSize(256 << 20),
+            warm_up_side: 1024,
         }
     }
 }
@@ -174,4 +182,8 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embeddings_cache_bytes: Option<ByteSize>,
+    /// Side of the GPU warm-up step that tunes the GEMMs, pixels (0 = off).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_up_side: Option<u32>,
 }

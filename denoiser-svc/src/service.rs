@@ -24,7 +24,7 @@ use crate::{
     grpc::{Denoiser, DenoiserGrpc},
     model::{AttentionConfig, grid_ids, text_ids},
     served::ServedModel,
-    validate::TEXT_TOKENS,
+    validate::{PIXELS_PER_TOKEN, TEXT_TOKENS},
     weights::{Checkpoint, TransformerSource},
 };
 
@@ -64,6 +64,11 @@ pub async fn serve(
 
 /// Everything before serving: checks, budget, engine (models loaded and warmed up).
 pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
+    if !config.warm_up_side.is_multiple_of(PIXELS_PER_TOKEN as u32) {
+        return Err(DenoiseError::Config(
+            "warm_up_side must be 0 or a multiple of 16 (pixels per latent token)".into(),
+        ));
+    }
     let entries = config.model_entries();
     if entries.is_empty() {
         return Err(DenoiseError::Config(
@@ -77,6 +82,13 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         ));
     }
     let device = config.server.device.open()?;
+    // Only bf16 on a GPU runs the linear layers on cuBLASLt.
+    let tune_side = match device {
+        candle_core::Device::Cuda(_) if dtype == DType::BF16 => {
+            config.warm_up_side.min(config.max_image_side) as usize
+        }
+        _ => 0,
+    };
     let attention = AttentionConfig {
         max_score_bytes: config.attention_chunk_bytes.0 as usize,
     };
@@ -129,6 +141,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         for id in models.status().models().iter().filter(|m| m.on_device) {
             if let Some(model) = models.get(&id.id) {
                 warm_up(model, &device, dtype)?;
+                tune(model, &device, dtype, tune_side);
             }
         }
         // cuBLAS is loaded now: what is free is what activations really have.
@@ -192,4 +205,51 @@ fn warm_up(
     let rope = model.rope(&ids, device)?;
     model.forward(&x, &ctx, &[1000.0], &rope)?;
     Ok(())
+}
+
+/// One step over a random `side`² image (0: none) with the GEMM tuning on
+/// (`klein_kernels::tune_linear`): random rather than zero values, since at the power cap a
+/// product's speed depends on its operands' bits. Best effort: a failure leaves the heuristic's
+/// algorithms in place.
+fn tune(
+    model: &crate::model::Flux2Transformer2DModel,
+    device: &candle_core::Device,
+    dtype: DType,
+    side: usize,
+) {
+    if side == 0 {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let tokens = side / PIXELS_PER_TOKEN;
+    let run = || -> candle_core::Result<Vec<klein_kernels::Tuned>> {
+        let cfg = model.config();
+        let x = Tensor::randn(0f32, 1.0, (1, tokens * tokens, cfg.in_channels), device)?
+            .to_dtype(dtype)?;
+        let ctx = Tensor::randn(0f32, 1.0, (1, TEXT_TOKENS, cfg.joint_attention_dim), device)?
+            .to_dtype(dtype)?;
+        let mut ids = text_ids(TEXT_TOKENS);
+        ids.extend(grid_ids(0, tokens, tokens));
+        let rope = model.rope(&ids, device)?;
+        let (_, tuned) = klein_kernels::tune_linear(|| model.forward(&x, &ctx, &[1000.0], &rope))?;
+        device.synchronize()?;
+        Ok(tuned)
+    };
+    match run() {
+        Ok(tuned) => {
+            for t in &tuned {
+                tracing::info!(side, "GEMM tuned: {t}");
+            }
+            tracing::info!(
+                side,
+                shapes = tuned.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "GEMMs tuned at the warm-up size"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(side, error = %e, "GEMM tuning step failed; heuristic algorithms kept")
+        }
+    }
+    gpu_memory::release_freed_memory(device);
 }

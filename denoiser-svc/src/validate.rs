@@ -17,6 +17,8 @@ use crate::{
 pub const TEXT_TOKENS: usize = 512;
 /// Largest step count.
 pub const MAX_STEPS: u32 = 200;
+/// Image pixels along a side of one latent token (VAE ×8, 2×2 patches).
+pub const PIXELS_PER_TOKEN: usize = 16;
 
 /// What requests are checked against: the loaded model and the configured limits.
 #[derive(Debug, Clone)]
@@ -151,7 +153,7 @@ impl RequestContext {
                 format!("{h}x{w} tokens; both sides must be >= 1"),
             ));
         }
-        let side = self.max_image_side / 16;
+        let side = self.max_image_side / PIXELS_PER_TOKEN;
         if h > side || w > side {
             return Err(invalid(
                 field,

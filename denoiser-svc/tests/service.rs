@@ -343,6 +343,14 @@ async fn a_budget_smaller_than_the_weights_refuses_to_start() {
     denoise(&mut server.client, valid()).await.unwrap();
 }
 
+#[tokio::test]
+async fn a_warm_up_side_off_the_token_grid_refuses_to_start() {
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.warm_up_side = 1000;
+    let err = startup_error(cfg).await;
+    assert!(err.contains("warm_up_side"), "{err}");
+}
+
 /// The service with the 4B-shaped default model and the 9B-shaped one as "9b"; by default only
 /// one model's weights fit the device-weight cap at a time.
 fn two_models(model_wait_secs: u64) -> denoiser_svc::Config {

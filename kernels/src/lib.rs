@@ -4,7 +4,9 @@
 //! decode's group norms with image-wide statistics (moments over a tile's own part, then a
 //! per-channel affine), its convolutions through cuDNN (bias and residual fused, exact / TF32 /
 //! split-TF32 arithmetic, `cudnn` feature; its CPU reference is the composition) and its
-//! output's 8-bit quantization.
+//! output's 8-bit quantization; and the transformer's linear layers ([`Linear`]: cuBLASLt on
+//! CUDA bf16, with each large product's algorithm optionally tuned at the card's power cap,
+//! [`tune_linear`]).
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
@@ -27,6 +29,7 @@ mod cuda;
 mod dequantize;
 mod group_norm;
 mod group_stats;
+mod linear;
 mod modulate;
 mod pad;
 mod pixels;
@@ -48,6 +51,7 @@ pub use conv::{
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};
 pub use group_stats::{ChannelAffine, GroupMoments, channel_affine, group_moments};
+pub use linear::{Linear, TUNED_FLOP, Tuned, XWt, linear_no_bias, tune_linear};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use pad::{PadRows, pad_rows};
 pub use pixels::{RgbU8, rgb_u8};

@@ -191,6 +191,58 @@ fn q4k_dequantization_matches_candle() -> Result<()> {
 /// independent roundings of at most 2⁻⁸ relative each are about 0.8·2⁻⁸ in rel-L2, so 2⁻⁸
 /// bounds it; a wrong tile, mask or rescale is off by O(1). The all-bf16 composition's error
 /// (7.3e-3 at the 1024² shape) is printed next to it for scale.
+/// The linear layers' cuBLASLt product against candle's matmul (cuBLAS; both accumulate in
+/// f32): the 1024² double block's MLP input (large enough to be tuned), an odd one, a sequence
+/// narrowed in a batch of two (the double block's output projections), and a 2D x. Each runs on
+/// a fresh thread (a fresh algorithm table) untuned, then tuned: tuning must change no bit.
+#[test]
+fn linear_matches_candle_and_tuning_changes_no_bit() -> Result<()> {
+    use candle_core::{IndexOp, Module};
+    let dev = gpu();
+    // (x's dims, N, the rows kept of x's second axis)
+    type Case<'a> = (&'a [usize], usize, Option<(usize, usize)>);
+    let cases: [Case; 4] = [
+        (&[1, 4096, 3072], 18432, None),
+        (&[2, 37, 40], 24, None),
+        (&[2, 9, 64], 48, Some((2, 7))),
+        (&[300, 128], 200, None),
+    ];
+    for (x_dims, n, narrow) in cases {
+        let k = *x_dims.last().expect("rank 2 or 3");
+        let x = randn(x_dims, DType::BF16, &dev)?;
+        let x = match narrow {
+            Some((start, len)) => x.i((.., start..start + len, ..))?,
+            None => x,
+        };
+        let w = (randn(&[n, k], DType::BF16, &dev)? * 0.05)?.to_dtype(DType::BF16)?;
+        let linear = klein_kernels::Linear::new(w.clone());
+        let run = |tuned: bool| {
+            let (linear, x) = (linear.clone(), x.clone());
+            std::thread::spawn(move || {
+                if tuned {
+                    let (y, report) = klein_kernels::tune_linear(|| linear.forward(&x))?;
+                    for t in report {
+                        println!("linear tuned: {t}");
+                    }
+                    Ok(y)
+                } else {
+                    linear.forward(&x)
+                }
+            })
+            .join()
+            .expect("linear thread")
+        };
+        let (plain, tuned) = (run(false)?, run(true)?);
+        let want = candle_nn::Linear::new(w, None).forward(&x)?;
+        assert_eq!(plain.dims(), want.dims());
+        let rel = rel_l2(&plain, &want)?;
+        println!("linear {x_dims:?} (narrowed {narrow:?}) -> {n}: rel-L2 to candle {rel:.2e}");
+        assert!(rel <= BF16_ULP / 4.0, "rel-L2 {rel}");
+        assert_eq!(rel_l2(&tuned, &plain)?, 0.0, "tuned {x_dims:?} -> {n}");
+    }
+    Ok(())
+}
+
 #[test]
 fn flash_attention_matches_the_f32_composition() -> Result<()> {
     let dev = gpu();

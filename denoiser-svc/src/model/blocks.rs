@@ -3,10 +3,10 @@
 //! and the adaptive output norm.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear_no_bias};
-
+use candle_nn::VarBuilder;
 use klein_kernels::{
-    gate_residual, gate_residual_norm, layer_norm_modulate, reference::silu, swiglu,
+    Linear, gate_residual, gate_residual_norm, layer_norm_modulate, linear_no_bias,
+    reference::silu, swiglu,
 };
 
 use super::{
@@ -185,7 +185,7 @@ fn stacked(d: usize, vb: &VarBuilder<'_>, names: &[&str]) -> Result<Linear> {
         .iter()
         .map(|n| vb.pp(n).get((d, d), "weight"))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Linear::new(Tensor::cat(&weights, 0)?, None))
+    Ok(Linear::new(Tensor::cat(&weights, 0)?))
 }
 
 impl Flux2Attention {

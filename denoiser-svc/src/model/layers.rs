@@ -3,7 +3,8 @@
 //! composition elsewhere.
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear_no_bias};
+use candle_nn::VarBuilder;
+use klein_kernels::{Linear, linear_no_bias};
 
 use super::{embeddings::Rope, transformer::Config};
 

@@ -10,7 +10,8 @@
 //! (spec §7.1); norms, softmax and RoPE compute in f32 internally.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear_no_bias};
+use candle_nn::VarBuilder;
+use klein_kernels::{Linear, linear_no_bias};
 use serde::Deserialize;
 
 use super::{

@@ -997,3 +997,23 @@ extern "C" __global__ void rgb_u8_bf16(const bf16* x, unsigned char* out, long l
                                        long long pixels) {
   rgb_u8(x, out, plane, pixels);
 }
+
+// A fingerprint of n 16-bit values (their bits): the sum over i of (bits_i + 1) · h(i) mod 2⁶⁴,
+// into *out (zeroed by the caller). Order-free, so any grid gives the same value; two outputs
+// that differ in a bit differ in it but for a 2⁻⁶⁴ chance. The GEMM tuning compares its
+// candidates' outputs with it (kernels/src/linear/cublaslt.rs).
+extern "C" __global__ void fingerprint_u16(const uint16_t* __restrict__ x, long long n,
+                                           unsigned long long* out) {
+  unsigned long long sum = 0;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    unsigned long long h = (unsigned long long)i * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 29;
+    sum += ((unsigned long long)x[i] + 1) * (h | 1);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+  if (threadIdx.x % 32 == 0) atomicAdd(out, sum);
+}

@@ -1,0 +1,224 @@
+//! `x Wᵀ`, the transformer's linear layers without bias. On CUDA bf16 the product runs on
+//! cuBLASLt with an algorithm chosen per shape: the heuristic's first choice, or, for a shape
+//! first met inside [`tune_linear`], the fastest of its candidates at the card's power cap whose
+//! output is bit-identical to the first choice's (`linear/cublaslt.rs`). Elsewhere it is
+//! candle_nn's `Linear`.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor, bail};
+
+use crate::cpu;
+
+#[cfg(feature = "cuda")]
+mod cublaslt;
+
+/// A linear layer without bias: `weight` (N, K), x (…, K) → (…, N).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, None),
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+/// `linear_no_bias` of candle_nn, as a [`Linear`].
+pub fn linear_no_bias(
+    in_dim: usize,
+    out_dim: usize,
+    vb: candle_nn::VarBuilder<'_>,
+) -> Result<Linear> {
+    Ok(Linear {
+        inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
+    })
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight();
+        if crate::fused(x) && crate::fused(w) && matches!(x.rank(), 2 | 3) {
+            x.apply_op2_no_bwd(w, &XWt)
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}
+
+/// Runs `f` with GEMM tuning on: a bf16 linear of a shape this thread has not met before, large
+/// enough to matter ([`TUNED_FLOP`]), times cuBLASLt's candidates and keeps a clearly faster one
+/// for every later call of that shape. A service runs its warm-up in it, so requests never pay
+/// for the timing; shapes first met outside it keep the heuristic's first choice. Also returns
+/// what it tuned (nothing without CUDA).
+pub fn tune_linear<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tuned>)> {
+    #[cfg(feature = "cuda")]
+    {
+        cublaslt::tuning(f)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok((f()?, Vec::new()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use cublaslt::Tuned;
+
+/// What [`tune_linear`] reports per shape (never produced without CUDA).
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuned;
+
+#[cfg(not(feature = "cuda"))]
+impl std::fmt::Display for Tuned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no tuning without CUDA")
+    }
+}
+
+/// Products below this many FLOPs keep the heuristic's choice even while tuning: ~0.45 ms at a
+/// Hopper card's power-capped rate, so the timing's noise stays well below the differences
+/// worth taking. At 1024² the single block's two products and the double block's image MLP
+/// input are above it.
+pub const TUNED_FLOP: f64 = 300e9;
+
+/// x (B, S, K) or (S, K) with unit last stride, W (N, K) contiguous → x Wᵀ (B, S, N) or (S, N),
+/// accumulated in f32 and rounded once to the dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct XWt;
+
+/// The product's dimensions from the layouts: (batch, rows, K, N, row stride, batch stride) of x.
+pub(crate) fn dims(xl: &Layout, wl: &Layout) -> Result<[usize; 6]> {
+    let (n, k) = wl.shape().dims2()?;
+    if !wl.is_contiguous() {
+        bail!("linear: the weight {:?} must be contiguous", wl.shape());
+    }
+    let (b, s, xk, sb, sr, sk) = match (xl.dims(), xl.stride()) {
+        (&[s, k], &[sr, sk]) => (1, s, k, s * sr, sr, sk),
+        (&[b, s, k], &[sb, sr, sk]) => (b, s, k, sb, sr, sk),
+        _ => bail!("linear: x {:?} must be (B, S, K) or (S, K)", xl.shape()),
+    };
+    if xk != k || (sk != 1 && k > 1) {
+        bail!(
+            "linear: x {:?} (strides {:?}) must end in K = {k} with unit stride",
+            xl.shape(),
+            xl.stride()
+        );
+    }
+    // A single row's or batch item's stride is free: take the packed one.
+    let sr = if s == 1 { k } else { sr };
+    let sb = if b == 1 { s * sr } else { sb };
+    Ok([b, s, k, n, sr, sb])
+}
+
+fn out_shape(xl: &Layout, n: usize) -> Shape {
+    let mut dims = xl.dims().to_vec();
+    *dims.last_mut().expect("rank 2 or 3") = n;
+    Shape::from(dims)
+}
+
+impl CustomOp2 for XWt {
+    fn name(&self) -> &'static str {
+        "klein-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [b, s, k, n, _, _] = dims(xl, wl)?;
+        let (x, w) = (cpu::read(xs, xl)?, cpu::read(ws, wl)?);
+        let round = cpu::rounder(cpu::dtype(xs));
+        let out = (0..b * s)
+            .flat_map(|r| {
+                let (x, w) = (&x[r * k..(r + 1) * k], &w);
+                (0..n).map(move |j| {
+                    let row = &w[j * k..(j + 1) * k];
+                    round(x.iter().zip(row).map(|(a, b)| a * b).sum())
+                })
+            })
+            .collect();
+        Ok((cpu::write(out, cpu::dtype(xs))?, out_shape(xl, n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = dims(xl, wl)?;
+        let out = cublaslt::x_wt(xs, xl, ws, wl, d)?;
+        Ok((out, out_shape(xl, d[3])))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, IndexOp};
+
+    use super::*;
+
+    /// The op's CPU reference against candle's matmul, on a strided batch (a narrowed
+    /// sequence, as the double block's output projections take).
+    #[test]
+    fn reference_matches_candle_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev)?;
+        let full = Tensor::randn(0f32, 1.0, (2, 9, 40), &dev)?;
+        let x = full.i((.., 2..9, ..))?;
+        let got = x.apply_op2_no_bwd(&w, &XWt)?;
+        let want = x.broadcast_matmul(&w.t()?)?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "max |diff| {diff}");
+        let bf = x
+            .to_dtype(DType::BF16)?
+            .apply_op2_no_bwd(&w.to_dtype(DType::BF16)?, &XWt)?;
+        assert_eq!(bf.dims(), &[2, 7, 24]);
+        assert_eq!(bf.dtype(), DType::BF16);
+        Ok(())
+    }
+
+    #[test]
+    fn dims_take_packed_strides_where_free() -> Result<()> {
+        let w = Layout::contiguous((24, 40));
+        let one_row = Layout::new((3, 1, 40).into(), vec![400, 7, 1], 0);
+        assert_eq!(dims(&one_row, &w)?, [3, 1, 40, 24, 40, 400]);
+        let narrowed = Layout::new((1, 7, 40).into(), vec![360, 40, 1], 80);
+        assert_eq!(dims(&narrowed, &w)?, [1, 7, 40, 24, 40, 280]);
+        let bad = Layout::new((7, 40).into(), vec![1, 7], 0);
+        assert!(dims(&bad, &w).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn module_falls_back_to_candle_on_the_cpu() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 40), &dev)?;
+        let got = Linear::new(w.clone()).forward(&x)?;
+        let want = candle_nn::Linear::new(w, None).forward(&x)?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,510 @@
+//! cuBLASLt's side of [`super::XWt`]: bf16 operands, f32 accumulation, one rounding to bf16.
+//! Row-major x (rows × K) · Wᵀ is column-major Wᵀ (N × K, transposed) · x (K × rows), so W is
+//! operand A, x operand B, and a strided batch of x items shares W (batch stride 0).
+//!
+//! Each thread keeps, per device, a handle, a workspace and the algorithm of every shape it has
+//! run. A shape's algorithm is the heuristic's first choice (the kernel cuBLAS's own GEMM call
+//! picks) unless the shape is first met inside [`tuning`] and is large enough: then every
+//! candidate of the heuristic whose output is bit-identical to the first choice's is timed,
+//! round-robin after 300 ms of the first choice, each taking ~10 ms turns back to back so that
+//! all of them run in the sustained, power-capped state of a real step (short bursts
+//! over-promise: docs/performance.md), and the one with the least median time is kept if it
+//! beats the first choice by at least 4 %. Tuning changes which kernel runs, never a bit of the
+//! result.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::{HashMap, hash_map::Entry},
+    ffi::c_void,
+    mem,
+    ptr::null_mut,
+};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::cublaslt::{result, sys};
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    sys::{CUdeviceptr, CUevent_flags},
+};
+use candle_core::cuda::{DeviceId, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, bail};
+use half::bf16;
+
+use super::TUNED_FLOP;
+use crate::cuda::{ELEMENTWISE, view};
+
+/// Workspace bytes per thread and device (NVIDIA's advice for Hopper, what cuBLAS itself takes).
+const WORKSPACE: usize = 32 << 20;
+/// Candidates asked of the heuristic.
+const CANDIDATES: usize = 8;
+/// Milliseconds of the first choice's calls that bring the card to its sustained state.
+const HEAT_MS: f32 = 300.0;
+/// Timed rounds over the candidates.
+const ROUNDS: usize = 5;
+/// A candidate replaces the heuristic's first choice only if its median time is at most this
+/// fraction of the first's. Smaller differences are within the rounds' spread, and a whole step
+/// (GEMMs between attention and elementwise kernels) does not run in exactly the GEMM-only
+/// state the turns measure: on an H200 the tuner once preferred the single block's `to_out`
+/// algorithm by 2 % and the step was no faster with it (docs/performance.md, nineteenth
+/// session).
+const MIN_GAIN: f32 = 0.96;
+/// Milliseconds of back-to-back calls in one candidate's turn.
+const TURN_MS: f32 = 10.0;
+/// Shapes a thread remembers; it starts over when full.
+const MAX_SHAPES: usize = 4096;
+
+type Algo = sys::cublasLtMatmulAlgo_t;
+
+/// What a product's algorithm depends on: the device, (batch, rows, K, N, x's row stride, x's
+/// batch stride) and the alignments of W, x and the output.
+type Key = (DeviceId, [usize; 6], [u32; 3]);
+
+thread_local! {
+    static LT: RefCell<HashMap<DeviceId, Lt>> = RefCell::new(HashMap::new());
+    static TUNING: Cell<bool> = const { Cell::new(false) };
+    /// What the innermost [`tuning`] scope has tuned so far.
+    static TUNED: RefCell<Vec<Tuned>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with tuning on (see the module's doc); also returns what it tuned.
+pub fn tuning<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tuned>)> {
+    let was = TUNING.replace(true);
+    let outer = TUNED.take();
+    let out = f();
+    TUNING.set(was);
+    let tuned = TUNED.replace(outer);
+    Ok((out?, tuned))
+}
+
+fn lt_error(e: result::CublasError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("linear: cuBLASLt: {e:?}"))
+}
+
+/// A handle, a workspace and the algorithms chosen so far, for one thread and device.
+struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    algos: HashMap<Key, Algo>,
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        // At thread exit the context may be gone already; nothing is left to free then.
+        let _ = unsafe { result::destroy_handle(self.handle) };
+    }
+}
+
+/// The three pointers of a product.
+#[derive(Clone, Copy)]
+struct Operands {
+    w: CUdeviceptr,
+    x: CUdeviceptr,
+    y: CUdeviceptr,
+}
+
+/// The operation and layouts of one shape, freed on drop.
+struct Problem {
+    dims: [usize; 6],
+    op: sys::cublasLtMatmulDesc_t,
+    w: sys::cublasLtMatrixLayout_t,
+    x: sys::cublasLtMatrixLayout_t,
+    y: sys::cublasLtMatrixLayout_t,
+}
+
+impl Drop for Problem {
+    fn drop(&mut self) {
+        unsafe {
+            for layout in [self.w, self.x, self.y] {
+                if !layout.is_null() {
+                    let _ = result::destroy_matrix_layout(layout);
+                }
+            }
+            if !self.op.is_null() {
+                let _ = result::destroy_matmul_desc(self.op);
+            }
+        }
+    }
+}
+
+/// A matrix layout of bf16 `rows` × `cols` (column-major, leading dimension `ld`), `batch` of
+/// them `stride` elements apart.
+fn layout(
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    batch: usize,
+    stride: usize,
+) -> Result<sys::cublasLtMatrixLayout_t> {
+    let l = result::create_matrix_layout(
+        sys::cudaDataType::CUDA_R_16BF,
+        rows as u64,
+        cols as u64,
+        ld as i64,
+    )
+    .map_err(lt_error)?;
+    if batch > 1 {
+        let (count, offset) = (batch as i32, stride as i64);
+        unsafe {
+            result::set_matrix_layout_attribute(
+                l,
+                sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                (&count as *const i32).cast(),
+                mem::size_of::<i32>(),
+            )
+            .and_then(|()| {
+                result::set_matrix_layout_attribute(
+                    l,
+                    sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                    (&offset as *const i64).cast(),
+                    mem::size_of::<i64>(),
+                )
+            })
+            .map_err(lt_error)?;
+        }
+    }
+    Ok(l)
+}
+
+impl Problem {
+    fn new(dims: [usize; 6]) -> Result<Self> {
+        let [b, s, k, n, sr, sb] = dims;
+        let mut p = Self {
+            dims,
+            op: null_mut(),
+            w: null_mut(),
+            x: null_mut(),
+            y: null_mut(),
+        };
+        p.op = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+        .map_err(lt_error)?;
+        // cublasOperation_t's CUBLAS_OP_T (cudarc's cuBLASLt bindings leave that enum out).
+        let transpose = 1i32;
+        unsafe {
+            result::set_matmul_desc_attribute(
+                p.op,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&transpose as *const i32).cast(),
+                mem::size_of::<i32>(),
+            )
+            .map_err(lt_error)?;
+        }
+        p.w = layout(k, n, k, b, 0)?;
+        p.x = layout(k, s, sr, b, sb)?;
+        p.y = layout(n, s, n, b, s * n)?;
+        Ok(p)
+    }
+}
+
+/// The largest power of two (at most 256) dividing a pointer.
+fn alignment(p: CUdeviceptr) -> u32 {
+    1 << p.trailing_zeros().min(8)
+}
+
+impl Lt {
+    fn new(stream: &std::sync::Arc<CudaStream>) -> Result<Self> {
+        let handle = result::create_handle().map_err(lt_error)?;
+        let workspace = match unsafe { stream.alloc::<u8>(WORKSPACE) } {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = unsafe { result::destroy_handle(handle) };
+                return Err(e).w();
+            }
+        };
+        Ok(Self {
+            handle,
+            workspace,
+            algos: HashMap::new(),
+        })
+    }
+
+    /// The heuristic's candidates for `p`, best first.
+    fn candidates(&self, p: &Problem, align: [u32; 3]) -> Result<Vec<Algo>> {
+        use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        let pref = result::create_matmul_pref().map_err(lt_error)?;
+        let set = |attr, value: *const c_void, size| unsafe {
+            result::set_matmul_pref_attribute(pref, attr, value, size)
+        };
+        let bytes = WORKSPACE as u64;
+        let mut status = set(
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&bytes as *const u64).cast(),
+            mem::size_of::<u64>(),
+        );
+        for (attr, a) in [
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ]
+        .into_iter()
+        .zip([align[0], align[1], align[2], align[2]])
+        {
+            status = status.and_then(|()| set(attr, (&a as *const u32).cast(), 4));
+        }
+        let mut found: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] =
+            unsafe { mem::zeroed() };
+        let mut count = 0;
+        let status = status.and_then(|()| unsafe {
+            sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                p.op,
+                p.w,
+                p.x,
+                p.y,
+                p.y,
+                pref,
+                CANDIDATES as i32,
+                found.as_mut_ptr(),
+                &mut count,
+            )
+            .result()
+        });
+        let _ = unsafe { result::destroy_matmul_pref(pref) };
+        status.map_err(lt_error)?;
+        Ok(found[..count.max(0) as usize]
+            .iter()
+            .filter(|f| f.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+            .map(|f| f.algo)
+            .collect())
+    }
+
+    /// Enqueues y = x Wᵀ with `algo`.
+    fn run(&mut self, p: &Problem, algo: &Algo, o: Operands, stream: &CudaStream) -> Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        let (workspace, _guard) = self.workspace.device_ptr_mut(stream);
+        unsafe {
+            result::matmul(
+                self.handle,
+                p.op,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                o.w as *const c_void,
+                p.w,
+                o.x as *const c_void,
+                p.x,
+                o.y as *const c_void,
+                p.y,
+                o.y as *mut c_void,
+                p.y,
+                algo,
+                workspace as *mut c_void,
+                WORKSPACE,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(lt_error)
+    }
+
+    /// Milliseconds per call of `calls` back-to-back calls.
+    fn time(
+        &mut self,
+        p: &Problem,
+        algo: &Algo,
+        o: Operands,
+        stream: &CudaStream,
+        calls: usize,
+    ) -> Result<f32> {
+        let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.record_event(timed).w()?;
+        for _ in 0..calls {
+            self.run(p, algo, o, stream)?;
+        }
+        let end = stream.record_event(timed).w()?;
+        Ok(start.elapsed_ms(&end).w()? / calls as f32)
+    }
+
+    /// The fastest of `found` at the power cap among those whose output is bit-identical to the
+    /// first's (the first unless another is clearly faster); leaves that output in y.
+    fn tune(
+        &mut self,
+        p: &Problem,
+        found: &[Algo],
+        o: Operands,
+        dev: &CudaDevice,
+        y: &CudaSlice<bf16>,
+    ) -> Result<(Algo, Tuned)> {
+        let stream = dev.cuda_stream();
+        self.run(p, &found[0], o, &stream)?;
+        let reference = fingerprint(dev, y)?;
+        let mut same = vec![found[0]];
+        for algo in &found[1..] {
+            if self.run(p, algo, o, &stream).is_ok() && fingerprint(dev, y)? == reference {
+                same.push(*algo);
+            }
+        }
+        let only = Tuned {
+            dims: p.dims,
+            candidates: 1,
+            first_ms: f32::NAN,
+            chosen: 0,
+            chosen_ms: f32::NAN,
+            tile: tile(&same[0]),
+        };
+        if same.len() == 1 {
+            // y holds the last candidate's output, which differed: the first's again.
+            self.run(p, &same[0], o, &stream)?;
+            return Ok((same[0], only));
+        }
+        let one = self.time(p, &same[0], o, &stream, 2)?;
+        let calls = |ms: f32| (ms / one.max(1e-3)).ceil().clamp(1.0, 10_000.0) as usize;
+        // The card into its sustained, power-capped state (a warm-up's first products find it
+        // cool and boosting), then the timed rounds.
+        self.time(p, &same[0], o, &stream, calls(HEAT_MS))?;
+        let mut ms = vec![Vec::with_capacity(ROUNDS); same.len()];
+        for _ in 0..ROUNDS {
+            for (algo, times) in same.iter().zip(&mut ms) {
+                times.push(self.time(p, algo, o, &stream, calls(TURN_MS))?);
+            }
+        }
+        let median = |t: &mut Vec<f32>| {
+            t.sort_by(f32::total_cmp);
+            t[t.len() / 2]
+        };
+        let medians: Vec<f32> = ms.iter_mut().map(median).collect();
+        let fastest = (0..same.len())
+            .min_by(|&a, &b| medians[a].total_cmp(&medians[b]))
+            .expect("at least two candidates");
+        let chosen = if medians[fastest] <= MIN_GAIN * medians[0] {
+            fastest
+        } else {
+            0
+        };
+        Ok((
+            same[chosen],
+            Tuned {
+                dims: p.dims,
+                candidates: same.len(),
+                first_ms: medians[0],
+                chosen: found.iter().position(|a| *a == same[chosen]).unwrap_or(0),
+                chosen_ms: medians[chosen],
+                tile: tile(&same[chosen]),
+            },
+        ))
+    }
+}
+
+/// One shape's tuning: among how many bit-identical candidates, the heuristic's first choice's
+/// median ms per call in the turns, and the candidate kept (its rank in the heuristic's list;
+/// 0 when none was clearly faster) with its median.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuned {
+    /// (batch, rows, K, N, x's row stride, x's batch stride).
+    pub dims: [usize; 6],
+    pub candidates: usize,
+    pub first_ms: f32,
+    pub chosen: usize,
+    pub chosen_ms: f32,
+    /// cuBLASLt's tile of the kept candidate (`cublasLtMatmulTile_t`, e.g. 197 = 168 × 128).
+    pub tile: i32,
+}
+
+impl std::fmt::Display for Tuned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [b, s, k, n, ..] = self.dims;
+        write!(
+            f,
+            "{b}×{s}×{k} → {n}: candidate {} of {} (tile id {}), {:.3} ms against the first's \
+             {:.3}",
+            self.chosen, self.candidates, self.tile, self.chosen_ms, self.first_ms
+        )
+    }
+}
+
+/// cuBLASLt's tile id of `algo` (0 where it does not say).
+fn tile(algo: &Algo) -> i32 {
+    let (mut tile, mut written) = (0i32, 0usize);
+    let status = unsafe {
+        sys::cublasLtMatmulAlgoConfigGetAttribute(
+            algo,
+            sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_TILE_ID,
+            (&mut tile as *mut i32).cast(),
+            mem::size_of::<i32>(),
+            &mut written,
+        )
+    };
+    if status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        tile
+    } else {
+        0
+    }
+}
+
+/// The fingerprint of a bf16 buffer's bits (`fingerprint_u16` in elementwise.cu).
+fn fingerprint(dev: &CudaDevice, y: &CudaSlice<bf16>) -> Result<u64> {
+    let stream = dev.cuda_stream();
+    let func = dev.get_or_load_custom_func("fingerprint_u16", ELEMENTWISE.name, ELEMENTWISE.ptx)?;
+    let out = stream.alloc_zeros::<u64>(1).w()?;
+    let n = y.len() as i64;
+    let mut launch = func.builder();
+    launch.arg(y).arg(&n).arg(&out);
+    let cfg = LaunchConfig {
+        grid_dim: ((y.len().div_ceil(256 * 8)).clamp(1, 1024) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(stream.clone_dtoh(&out).w()?[0])
+}
+
+/// x Wᵀ for the dimensions of [`super::dims`], into a new buffer.
+pub fn x_wt(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    [b, s, k, n, sr, sb]: [usize; 6],
+) -> Result<CudaStorage> {
+    // Batch items one row stride apart are one matrix.
+    let (b, s) = if b > 1 && sb == s * sr {
+        (1, b * s)
+    } else {
+        (b, s)
+    };
+    let dims = [b, s, k, n, sr, if b == 1 { s * sr } else { sb }];
+    let dev = xs.device().clone();
+    let stream = dev.cuda_stream();
+    let (x, w) = (view::<bf16>(xs, xl)?, view::<bf16>(ws, wl)?);
+    let mut y = unsafe { dev.alloc::<bf16>(b * s * n)? };
+    let ((xp, _gx), (wp, _gw)) = (x.device_ptr(&stream), w.device_ptr(&stream));
+    let yp = y.device_ptr_mut(&stream).0;
+    let o = Operands {
+        w: wp,
+        x: xp,
+        y: yp,
+    };
+    let align = [alignment(wp), alignment(xp), alignment(yp)];
+    let key = (dev.id(), dims, align);
+    let problem = Problem::new(dims)?;
+    LT.with(|lt| -> Result<()> {
+        let mut lts = lt.borrow_mut();
+        let lt = match lts.entry(dev.id()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Lt::new(&stream)?),
+        };
+        if let Some(algo) = lt.algos.get(&key).copied() {
+            return lt.run(&problem, &algo, o, &stream);
+        }
+        let found = lt.candidates(&problem, align)?;
+        if found.is_empty() {
+            bail!("linear: cuBLASLt has no algorithm for x Wᵀ of {dims:?}");
+        }
+        let flop = 2.0 * (b * s * k * n) as f64;
+        let algo = if TUNING.get() && flop >= TUNED_FLOP && found.len() > 1 {
+            let (algo, tuned) = lt.tune(&problem, &found, o, &dev, &y)?;
+            TUNED.with(|t| t.borrow_mut().push(tuned));
+            algo
+        } else {
+            lt.run(&problem, &found[0], o, &stream)?;
+            found[0]
+        };
+        if lt.algos.len() >= MAX_SHAPES {
+            lt.algos.clear();
+        }
+        lt.algos.insert(key, algo);
+        Ok(())
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev))
+}
