@@ -41,6 +41,17 @@ for f in tools/gpu/bin/*.xz tools/gpu/bin-tests/*.xz; do
   chmod +x "$b.new" && mv -f "$b.new" "$b"
 done
 export KLEIN_FIXTURES_DIR=$PWD/tests/fixtures KLEIN_TEST_DEVICE=cuda:0
+# Runs $1 while nvidia-smi samples the SM clock, power and throttle reasons into $2 every
+# 250 ms, then counts the samples.
+sampled() {
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active \
+    --format=csv -lms 250 > "$2" &
+  local smi=$!
+  "$1"
+  kill $smi
+  echo "SM clock, power (W), throttle reasons while it ran:"
+  tail -n +2 "$2" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12
+}
 case "${1:-}" in
   parity)
     # No NVIDIA_TF32_OVERRIDE: the VAE's convolutions set their math type per call (split TF32
@@ -84,22 +95,8 @@ case "${1:-}" in
     done
     echo "process peak (nvidia-smi now): $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)"
     kill $pid; wait 2>/dev/null; grep -E "ERROR|WARN" "${2:-/tmp}/serve.log" | tail -5 ;;
-  gemm-power)
-    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active \
-      --format=csv -lms 250 > "${2:-/tmp}/gemm-power-smi.csv" &
-    smi=$!
-    /tmp/klein/gemm-power
-    kill $smi
-    echo "SM clock, power (W), throttle reasons while it ran:"
-    tail -n +2 "${2:-/tmp}/gemm-power-smi.csv" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12 ;;
-  gemm-algos)
-    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active \
-      --format=csv -lms 250 > "${2:-/tmp}/gemm-algos-smi.csv" &
-    smi=$!
-    /tmp/klein/gemm-algos
-    kill $smi
-    echo "SM clock, power (W), throttle reasons while it ran:"
-    tail -n +2 "${2:-/tmp}/gemm-algos-smi.csv" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12 ;;
+  gemm-power | gemm-algos)
+    sampled "/tmp/klein/$1" "${2:-/tmp}/$1-smi.csv" ;;
   vae-algos)
     for algo in implicit-precomp-gemm auto implicit-gemm; do
       /tmp/klein/klein-bench --device cuda:0 components --only vae \

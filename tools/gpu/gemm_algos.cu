@@ -14,28 +14,7 @@
 #include <cstdio>
 #include <vector>
 
-#define CHECK(x)                                                          \
-  do {                                                                    \
-    int status = (int)(x);                                                \
-    if (status != 0) {                                                    \
-      std::printf("%s failed with %d (line %d)\n", #x, status, __LINE__); \
-      return 1;                                                           \
-    }                                                                     \
-  } while (0)
-
-// Standard-normal-like values times `scale` from a per-element hash (Box-Muller).
-__global__ void fill_normal(__nv_bfloat16* p, size_t n, unsigned seed, float scale) {
-  size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  unsigned h = (unsigned)i * 2654435761u ^ seed;
-  h ^= h >> 13;
-  h *= 0x5bd1e995u;
-  h ^= h >> 15;
-  unsigned g = h * 0x27d4eb2du;
-  g ^= g >> 15;
-  float u1 = ((h & 0xffff) + 1) / 65537.f, u2 = ((g >> 8) & 0xffff) / 65536.f;
-  p[i] = __float2bfloat16(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2) * scale);
-}
+#include "gemm_common.cuh"
 
 // The largest |a − b| over n values, into *out (one float, zeroed by the caller).
 __global__ void max_diff(const __nv_bfloat16* a, const __nv_bfloat16* b, size_t n, float* out) {
