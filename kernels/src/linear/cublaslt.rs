@@ -144,7 +144,7 @@ fn layout(
     .map_err(lt_error)?;
     if batch > 1 {
         let (count, offset) = (batch as i32, stride as i64);
-        unsafe {
+        let set = unsafe {
             result::set_matrix_layout_attribute(
                 l,
                 sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
@@ -159,7 +159,10 @@ fn layout(
                     mem::size_of::<i64>(),
                 )
             })
-            .map_err(lt_error)?;
+        };
+        if let Err(e) = set {
+            let _ = unsafe { result::destroy_matrix_layout(l) };
+            return Err(lt_error(e));
         }
     }
     Ok(l)
