@@ -88,6 +88,40 @@ impl std::fmt::Display for Tuned {
 /// input are above it.
 pub const TUNED_FLOP: f64 = 300e9;
 
+/// A candidate replaces the heuristic's first choice only if its median time is at most this
+/// fraction of the first's. Smaller differences are within the tuning rounds' spread, and a
+/// whole step (GEMMs between attention and elementwise kernels) does not run in exactly the
+/// GEMM-only state the rounds measure: on an H100 a tuner that took 2–3 % gains made the step
+/// slower (docs/performance.md, nineteenth session).
+pub const MIN_GAIN: f32 = 0.96;
+
+/// The median of `times` (sorted in place; not empty).
+#[cfg_attr(
+    not(any(feature = "cuda", test)),
+    expect(dead_code, reason = "the CUDA tuner's; tested here")
+)]
+pub(crate) fn median(times: &mut [f32]) -> f32 {
+    times.sort_by(f32::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Which candidate to keep, from each one's median time, the heuristic's first choice first:
+/// the fastest if it beats the first by [`MIN_GAIN`], else the first.
+#[cfg_attr(
+    not(any(feature = "cuda", test)),
+    expect(dead_code, reason = "the CUDA tuner's; tested here")
+)]
+pub(crate) fn choose(medians: &[f32]) -> usize {
+    let fastest = (0..medians.len())
+        .min_by(|&a, &b| medians[a].total_cmp(&medians[b]))
+        .unwrap_or(0);
+    if medians[fastest] <= MIN_GAIN * medians[0] {
+        fastest
+    } else {
+        0
+    }
+}
+
 /// x (B, S, K) or (S, K) with unit last stride, W (N, K) contiguous → x Wᵀ (B, S, N) or (S, N),
 /// accumulated in f32 and rounded once to the dtype.
 #[derive(Debug, Clone, Copy)]
@@ -204,6 +238,16 @@ mod tests {
         let bad = Layout::new((7, 40).into(), vec![1, 7], 0);
         assert!(dims(&bad, &w).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn a_candidate_replaces_the_first_choice_only_when_clearly_faster() {
+        assert_eq!(choose(&[1.0, 0.97, 0.99]), 0, "3 % is within the spread");
+        assert_eq!(choose(&[1.0, 0.97, 0.95]), 2);
+        assert_eq!(choose(&[1.0, 0.96]), 1, "exactly the margin");
+        assert_eq!(choose(&[1.0, 1.2, f32::NAN]), 0, "a NaN time never wins");
+        assert_eq!(choose(&[1.0]), 0);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0, 5.0, 4.0]), 3.0);
     }
 
     #[test]

@@ -41,13 +41,6 @@ const CANDIDATES: usize = 8;
 const HEAT_MS: f32 = 300.0;
 /// Timed rounds over the candidates.
 const ROUNDS: usize = 5;
-/// A candidate replaces the heuristic's first choice only if its median time is at most this
-/// fraction of the first's. Smaller differences are within the rounds' spread, and a whole step
-/// (GEMMs between attention and elementwise kernels) does not run in exactly the GEMM-only
-/// state the turns measure: on an H200 the tuner once preferred the single block's `to_out`
-/// algorithm by 2 % and the step was no faster with it (docs/performance.md, nineteenth
-/// session).
-const MIN_GAIN: f32 = 0.96;
 /// Milliseconds of back-to-back calls in one candidate's turn.
 const TURN_MS: f32 = 10.0;
 /// Shapes a thread remembers; it starts over when full.
@@ -362,19 +355,8 @@ impl Lt {
                 times.push(self.time(p, algo, o, &stream, calls(TURN_MS))?);
             }
         }
-        let median = |t: &mut Vec<f32>| {
-            t.sort_by(f32::total_cmp);
-            t[t.len() / 2]
-        };
-        let medians: Vec<f32> = ms.iter_mut().map(median).collect();
-        let fastest = (0..same.len())
-            .min_by(|&a, &b| medians[a].total_cmp(&medians[b]))
-            .expect("at least two candidates");
-        let chosen = if medians[fastest] <= MIN_GAIN * medians[0] {
-            fastest
-        } else {
-            0
-        };
+        let medians: Vec<f32> = ms.iter_mut().map(|t| super::median(t)).collect();
+        let chosen = super::choose(&medians);
         Ok((
             same[chosen],
             Tuned {
