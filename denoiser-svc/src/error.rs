@@ -106,6 +106,13 @@ mod tests {
             tonic::Status::from(oom).code(),
             tonic::Code::ResourceExhausted
         );
+        let lt = DenoiseError::Compute(candle_core::Error::msg(
+            "linear: cuBLASLt: CublasError(CUBLAS_STATUS_ALLOC_FAILED)",
+        ));
+        assert_eq!(
+            tonic::Status::from(lt).code(),
+            tonic::Code::ResourceExhausted
+        );
         let other = DenoiseError::Compute(candle_core::Error::msg("shape mismatch"));
         assert_eq!(tonic::Status::from(other).code(), tonic::Code::Internal);
     }

@@ -67,18 +67,30 @@ pub fn tune_linear<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tuned>)> 
     }
 }
 
-#[cfg(feature = "cuda")]
-pub use cublaslt::Tuned;
-
-/// What [`tune_linear`] reports per shape (never produced without CUDA).
-#[cfg(not(feature = "cuda"))]
+/// One shape's tuning ([`tune_linear`]): among how many bit-identical candidates, the
+/// heuristic's first choice's median ms per call in the turns, and the candidate kept (its rank
+/// in the heuristic's list; 0 when none was clearly faster) with its median.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Tuned;
+pub struct Tuned {
+    /// (batch, rows, K, N, x's row stride, x's batch stride).
+    pub dims: [usize; 6],
+    pub candidates: usize,
+    pub first_ms: f32,
+    pub chosen: usize,
+    pub chosen_ms: f32,
+    /// cuBLASLt's tile of the kept candidate (`cublasLtMatmulTile_t`, e.g. 197 = 168 × 128).
+    pub tile: i32,
+}
 
-#[cfg(not(feature = "cuda"))]
 impl std::fmt::Display for Tuned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("no tuning without CUDA")
+        let [b, s, k, n, ..] = self.dims;
+        write!(
+            f,
+            "{b}×{s}×{k} → {n}: candidate {} of {} (tile id {}), {:.3} ms against the first's \
+             {:.3}",
+            self.chosen, self.candidates, self.tile, self.chosen_ms, self.first_ms
+        )
     }
 }
 

@@ -11,10 +11,10 @@ use candle_core::Device;
 use crate::budget::MemoryBudget;
 
 /// Whether an error message is the device running out of memory (a CUDA allocation that failed,
-/// e.g. past an MPS limit): the request was too big for what is free now, so callers answer
-/// RESOURCE_EXHAUSTED rather than INTERNAL.
+/// e.g. past an MPS limit, or one cuBLAS / cuBLASLt made for a product): the request was too big
+/// for what is free now, so callers answer RESOURCE_EXHAUSTED rather than INTERNAL.
 pub fn is_out_of_memory(message: &str) -> bool {
-    message.contains("CUDA_ERROR_OUT_OF_MEMORY")
+    message.contains("CUDA_ERROR_OUT_OF_MEMORY") || message.contains("CUBLAS_STATUS_ALLOC_FAILED")
 }
 
 /// In-use high-water mark of `dev`'s default memory pool since the last [`reset_peak`], bytes.
@@ -304,6 +304,13 @@ mod tests {
         // The message a VAE encode returned on an H100 past its MPS limit.
         let oom = r#"model: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
         assert!(is_out_of_memory(oom));
+        // What klein_kernels' cuBLASLt linear layers return when cuBLASLt cannot allocate.
+        assert!(is_out_of_memory(
+            "linear: cuBLASLt: CublasError(CUBLAS_STATUS_ALLOC_FAILED)"
+        ));
+        assert!(!is_out_of_memory(
+            "linear: cuBLASLt: CublasError(CUBLAS_STATUS_NOT_SUPPORTED)"
+        ));
         assert!(!is_out_of_memory("model: shape mismatch in matmul"));
     }
 

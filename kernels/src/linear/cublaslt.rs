@@ -30,7 +30,7 @@ use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, bail};
 use half::bf16;
 
-use super::TUNED_FLOP;
+use super::{TUNED_FLOP, Tuned};
 use crate::cuda::{ELEMENTWISE, view};
 
 /// Workspace bytes per thread and device (NVIDIA's advice for Hopper, what cuBLAS itself takes).
@@ -368,33 +368,6 @@ impl Lt {
                 tile: tile(&same[chosen]),
             },
         ))
-    }
-}
-
-/// One shape's tuning: among how many bit-identical candidates, the heuristic's first choice's
-/// median ms per call in the turns, and the candidate kept (its rank in the heuristic's list;
-/// 0 when none was clearly faster) with its median.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tuned {
-    /// (batch, rows, K, N, x's row stride, x's batch stride).
-    pub dims: [usize; 6],
-    pub candidates: usize,
-    pub first_ms: f32,
-    pub chosen: usize,
-    pub chosen_ms: f32,
-    /// cuBLASLt's tile of the kept candidate (`cublasLtMatmulTile_t`, e.g. 197 = 168 × 128).
-    pub tile: i32,
-}
-
-impl std::fmt::Display for Tuned {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [b, s, k, n, ..] = self.dims;
-        write!(
-            f,
-            "{b}×{s}×{k} → {n}: candidate {} of {} (tile id {}), {:.3} ms against the first's \
-             {:.3}",
-            self.chosen, self.candidates, self.tile, self.chosen_ms, self.first_ms
-        )
     }
 }
 
