@@ -200,11 +200,21 @@ fn warm_up(
     let cfg = model.config();
     let x = Tensor::zeros((1, 1, cfg.in_channels), dtype, device)?;
     let ctx = Tensor::zeros((1, TEXT_TOKENS, cfg.joint_attention_dim), dtype, device)?;
-    let mut ids = text_ids(TEXT_TOKENS);
-    ids.extend(grid_ids(0, 1, 1));
-    let rope = model.rope(&ids, device)?;
-    model.forward(&x, &ctx, &[1000.0], &rope)?;
+    square_step(model, &x, &ctx, 1)?;
     Ok(())
+}
+
+/// One forward at t = 1000 over x, the latent tokens of a `tokens`² image, and the text `ctx`.
+fn square_step(
+    model: &crate::model::Flux2Transformer2DModel,
+    x: &Tensor,
+    ctx: &Tensor,
+    tokens: usize,
+) -> candle_core::Result<Tensor> {
+    let mut ids = text_ids(TEXT_TOKENS);
+    ids.extend(grid_ids(0, tokens, tokens));
+    let rope = model.rope(&ids, x.device())?;
+    model.forward(x, ctx, &[1000.0], &rope)
 }
 
 /// One step over a random `side`² image (0: none) with the GEMM tuning on
@@ -228,10 +238,7 @@ fn tune(
             .to_dtype(dtype)?;
         let ctx = Tensor::randn(0f32, 1.0, (1, TEXT_TOKENS, cfg.joint_attention_dim), device)?
             .to_dtype(dtype)?;
-        let mut ids = text_ids(TEXT_TOKENS);
-        ids.extend(grid_ids(0, tokens, tokens));
-        let rope = model.rope(&ids, device)?;
-        let (_, tuned) = klein_kernels::tune_linear(|| model.forward(&x, &ctx, &[1000.0], &rope))?;
+        let (_, tuned) = klein_kernels::tune_linear(|| square_step(model, &x, &ctx, tokens))?;
         device.synchronize()?;
         Ok(tuned)
     };
