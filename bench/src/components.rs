@@ -124,14 +124,50 @@ fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights::new(false)), dtype, dev.clone())
 }
 
-/// Qwen3-4B text encoder, 512 tokens (27 layers), in `dtype` and optionally 4-bit.
-pub fn encoder(dev: &Device, dtype: DType, q4: bool, iters: usize) -> Result<Row> {
+/// Which klein model's text encoder and transformer to time (the VAE is the same for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Model {
+    /// FLUX.2 [klein] 4B, Qwen3-4B as its text encoder.
+    #[value(name = "klein-4b")]
+    Klein4b,
+    /// FLUX.2 [klein] 9B, Qwen3-8B as its text encoder.
+    #[value(name = "klein-9b")]
+    Klein9b,
+}
+
+impl Model {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Klein4b => "klein-4B",
+            Self::Klein9b => "klein-9B",
+        }
+    }
+
+    fn encoder(self) -> (encoder_svc::model::qwen3::Config, &'static str) {
+        use encoder_svc::model::qwen3::Config;
+        match self {
+            Self::Klein4b => (Config::qwen3_4b(), "Qwen3-4B"),
+            Self::Klein9b => (Config::qwen3_8b(), "Qwen3-8B"),
+        }
+    }
+
+    fn transformer(self) -> denoiser_svc::model::Config {
+        use denoiser_svc::model::Config;
+        match self {
+            Self::Klein4b => Config::klein_4b(),
+            Self::Klein9b => Config::klein_9b(),
+        }
+    }
+}
+
+/// `model`'s text encoder, 512 tokens, in `dtype` and optionally 4-bit.
+pub fn encoder(dev: &Device, model: Model, dtype: DType, q4: bool, iters: usize) -> Result<Row> {
     use encoder_svc::model::{
         quant::QuantFormat,
-        qwen3::{Config, TextEncoder},
+        qwen3::TextEncoder,
         weights::{QuantPlan, Weights},
     };
-    let cfg = Config::qwen3_4b();
+    let (cfg, name) = model.encoder();
     let plan = q4.then_some(QuantPlan {
         linear: QuantFormat::Q4K,
         embedding: None,
@@ -161,7 +197,7 @@ pub fn encoder(dev: &Device, dtype: DType, q4: bool, iters: usize) -> Result<Row
         estimate_gib: estimate as f64 / GIB,
         component: "text_encoder".into(),
         case: format!(
-            "Qwen3-4B, 512 tokens{}",
+            "{name}, 512 tokens{}",
             if q4 { ", linears q4k" } else { "" }
         ),
         dtype: format!("{dtype:?}").to_lowercase(),
@@ -181,20 +217,21 @@ pub enum Pool {
     Release,
 }
 
-/// klein-4B transformer, one forward at `px`² with `batch` images.
 /// The pause between the GEMM tuning and the timed steps.
 const COOL_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// `model`'s transformer, one forward at `px`² with `batch` images.
 pub fn transformer(
     dev: &Device,
+    model: Model,
     dtype: DType,
     px: usize,
     batch: usize,
     iters: usize,
     pool: Pool,
 ) -> Result<Row> {
-    use denoiser_svc::model::{Config, Flux2Transformer2DModel, grid_ids, text_ids};
-    let cfg = Config::klein_4b();
+    use denoiser_svc::model::{Flux2Transformer2DModel, grid_ids, text_ids};
+    let (cfg, name) = (model.transformer(), model.name());
     let model = Flux2Transformer2DModel::new(&cfg, random_vb(dtype, dev))?;
     let (h, w) = (px / 16, px / 16);
     let x = Tensor::randn(0f32, 1.0, (batch, h * w, 128), dev)?.to_dtype(dtype)?;
@@ -241,7 +278,7 @@ pub fn transformer(
         estimate_gib: estimate as f64 / GIB,
         component: "transformer".into(),
         case: format!(
-            "klein-4B step {px}x{px}, batch {batch}{}",
+            "{name} step {px}x{px}, batch {batch}{}",
             match pool {
                 Pool::Keep => "",
                 Pool::Release => ", pool released each step",

@@ -74,6 +74,9 @@ enum Command {
         /// convolution or norm whose temporaries would exceed it runs in bands.
         #[arg(long, default_value = "128MiB")]
         vae_op_bytes: ByteSize,
+        /// Whose text encoder and transformer to time.
+        #[arg(long, value_enum, default_value = "klein-4b")]
+        model: components::Model,
     },
     /// Time each fused kernel against the composition it replaces (klein-4B shapes, bf16).
     Kernels {
@@ -199,6 +202,7 @@ fn main() -> ExitCode {
             vae_conv_precision,
             vae_dtypes,
             vae_op_bytes,
+            model,
         } => (|| {
             let wanted = |c: &str| only.iter().any(|o| o == c);
             let float = if dev.is_cpu() {
@@ -227,13 +231,15 @@ fn main() -> ExitCode {
                 "| component | case | dtype | median ms | min ms | host ms | resident GiB | activation peak GiB | estimate GiB |\n|---|---|---|---|---|---|---|---|---|"
             );
             if wanted("text_encoder") {
-                emit(components::encoder(&dev, float, false, iters)?);
-                emit(components::encoder(&dev, float, true, iters)?);
+                emit(components::encoder(&dev, model, float, false, iters)?);
+                emit(components::encoder(&dev, model, float, true, iters)?);
             }
             for &px in sizes.iter().filter(|_| wanted("transformer")) {
                 for &b in &batches {
                     for &pool in &denoiser_pool {
-                        emit(components::transformer(&dev, float, px, b, iters, pool)?);
+                        emit(components::transformer(
+                            &dev, model, float, px, b, iters, pool,
+                        )?);
                     }
                 }
             }

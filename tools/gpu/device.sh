@@ -20,6 +20,9 @@
 #   tools/gpu/device.sh gemm-algos OUT cuBLASLt's candidate algorithms for each of the step's
 #                                     GEMM shapes, timed round-robin at the power cap, with
 #                                     the clock and power sampled → OUT/gemm-algos-smi.csv
+#   tools/gpu/device.sh gemm-search OUT every configuration cuBLASLt accepts for the large shapes
+#                                     (no split-K), screened, the fastest timed as above
+#                                     → OUT/gemm-search-smi.csv
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -41,13 +44,13 @@ for f in tools/gpu/bin/*.xz tools/gpu/bin-tests/*.xz; do
   chmod +x "$b.new" && mv -f "$b.new" "$b"
 done
 export KLEIN_FIXTURES_DIR=$PWD/tests/fixtures KLEIN_TEST_DEVICE=cuda:0
-# Runs $1 while nvidia-smi samples the SM clock, power and throttle reasons into $2 every
-# 250 ms, then counts the samples.
+# Runs the command "${@:2}" while nvidia-smi samples the SM clock, power and throttle reasons
+# into $1 every 250 ms, then counts the samples.
 sampled() {
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active \
-    --format=csv -lms 250 > "$2" &
+    --format=csv -lms 250 > "$1" &
   local smi=$!
-  "$1"
+  "${@:2}"
   kill $smi
   echo "SM clock, power (W), throttle reasons while it ran:"
   tail -n +2 "$2" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12
@@ -96,12 +99,14 @@ case "${1:-}" in
     echo "process peak (nvidia-smi now): $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)"
     kill $pid; wait 2>/dev/null; grep -E "ERROR|WARN" "${2:-/tmp}/serve.log" | tail -5 ;;
   gemm-power | gemm-algos)
-    sampled "/tmp/klein/$1" "${2:-/tmp}/$1-smi.csv" ;;
+    sampled "${2:-/tmp}/$1-smi.csv" "/tmp/klein/$1" ;;
+  gemm-search)
+    sampled "${2:-/tmp}/$1-smi.csv" /tmp/klein/gemm-algos search ;;
   vae-algos)
     for algo in implicit-precomp-gemm auto implicit-gemm; do
       /tmp/klein/klein-bench --device cuda:0 components --only vae \
         --sizes 512,768,1024 --vae-dtypes f32 --iters 3 --vae-conv-algorithm "$algo" \
         --json "${2:-/tmp}/vae-$algo.json"
     done ;;
-  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|vae-algos [OUT]" >&2; exit 64 ;;
+  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|gemm-algos|gemm-search|vae-algos [OUT]" >&2; exit 64 ;;
 esac

@@ -1,6 +1,7 @@
 """The diffusers side of the GPU benchmark: the same cases as `klein-bench components` and the
-whole 1024² 4-step T2I, with random weights of the real klein-4B shapes built on the GPU (timing
-does not depend on weight values), eager bf16, CUDA-event timed, median of N after warm-up.
+whole 1024² 4-step T2I, with random weights of the real klein-4B (or klein-9B) shapes built on
+the GPU (timing does not depend on weight values), eager bf16, CUDA-event timed, median of N
+after warm-up.
 
 Rows use klein-bench's names (component, case, dtype) so tools/gpu/compare.py can pair them.
 Peak memory: torch.cuda.max_memory_allocated during the call, weights included.
@@ -14,6 +15,7 @@ f32 rows are then exact f32, as vae-svc's default.
 Usage (on the GPU machine, diffusers 0.42.1 on PYTHONPATH):
     python3 tools/reference/bench_diffusers.py OUT.json [--iters N] [--tokenizer DIR]
         [--only text_encoder,transformer,vae,pipeline] [--exact-f32]
+        [--model klein-4b|klein-9b] [--batches 1,2,4]
 """
 
 import argparse
@@ -37,6 +39,15 @@ QWEN3_4B = dict(
     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
     rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu", attention_bias=False,
 )
+# The same script's "klein-9b" and Qwen3-8B (spec section 1).
+KLEIN_9B = dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_heads=32,
+                joint_attention_dim=12288)
+QWEN3_8B = dict(QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+# --model: (transformer name, its config, text encoder name, its config), as klein-bench names them.
+MODELS = {
+    "klein-4b": ("klein-4B", KLEIN_4B, "Qwen3-4B", QWEN3_4B),
+    "klein-9b": ("klein-9B", KLEIN_9B, "Qwen3-8B", QWEN3_8B),
+}
 
 
 def timed(fn, iters, warm=2):
@@ -111,10 +122,10 @@ def build(factory):
             torch.set_default_dtype(prev)
 
 
-def text_encoder(rows):
+def text_encoder(rows, name, config):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(**QWEN3_4B, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg = Qwen3Config(**config, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     te = build(lambda: Qwen3ForCausalLM(cfg))
     ids = torch.arange(512, device=DEV).unsqueeze(0)
     mask = torch.zeros(1, 512, dtype=torch.long, device=DEV)
@@ -123,19 +134,19 @@ def text_encoder(rows):
     def run():
         return te(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
 
-    rows.add("text_encoder", "Qwen3-4B, 512 tokens", "bf16", run)
-    rows.add_kernel_time("text_encoder", "Qwen3-4B, 512 tokens, GPU kernel time", "bf16", run)
+    rows.add("text_encoder", f"{name}, 512 tokens", "bf16", run)
+    rows.add_kernel_time("text_encoder", f"{name}, 512 tokens, GPU kernel time", "bf16", run)
     return te
 
 
-def transformer(rows, sizes, batches):
+def transformer(rows, sizes, batches, name, config):
     from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
-    m = build(lambda: Flux2Transformer2DModel(**KLEIN_4B))
+    m = build(lambda: Flux2Transformer2DModel(**config))
     for px in sizes:
         for b in batches:
             lat = torch.randn(b, 128, px // 16, px // 16, device=DEV, dtype=BF16)
-            ctx = torch.randn(b, 512, KLEIN_4B["joint_attention_dim"], device=DEV, dtype=BF16)
+            ctx = torch.randn(b, 512, config["joint_attention_dim"], device=DEV, dtype=BF16)
             inputs = dict(
                 hidden_states=lat.flatten(2).transpose(1, 2).contiguous(),
                 encoder_hidden_states=ctx,
@@ -144,7 +155,7 @@ def transformer(rows, sizes, batches):
                 txt_ids=Flux2KleinPipeline._prepare_text_ids(ctx).to(DEV),
                 guidance=None, return_dict=False,
             )
-            rows.add("transformer", f"klein-4B step {px}x{px}, batch {b}", "bf16",
+            rows.add("transformer", f"{name} step {px}x{px}, batch {b}", "bf16",
                      lambda: m(**inputs))
     return m
 
@@ -195,7 +206,10 @@ def main():
     ap.add_argument("--tokenizer", default="tests/fixtures/tiny-klein-4b/tokenizer")
     ap.add_argument("--only", default="text_encoder,transformer,vae,pipeline")
     ap.add_argument("--exact-f32", action="store_true")
+    ap.add_argument("--model", choices=sorted(MODELS), default="klein-4b")
+    ap.add_argument("--batches", default="1,2,4")
     a = ap.parse_args()
+    name, config, encoder_name, encoder_config = MODELS[a.model]
     if a.exact_f32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -207,9 +221,10 @@ def main():
     print("| component | case | dtype | median ms | min ms | peak GiB |\n|---|---|---|---|---|---|")
     with torch.inference_mode():
         if "text_encoder" in only:
-            te = text_encoder(rows)
+            te = text_encoder(rows, encoder_name, encoder_config)
         if "transformer" in only:
-            m = transformer(rows, [512, 1024], [1, 2, 4])
+            batches = [int(b) for b in a.batches.split(",")]
+            m = transformer(rows, [512, 1024], batches, name, config)
         if "vae" in only:
             v = vae(rows, [512, 1024])
     if "pipeline" in only:
