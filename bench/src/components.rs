@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use klein_runtime::gpu_memory;
 use serde::Serialize;
 
-use crate::random::RandomWeights;
+use crate::{model::Model, random::RandomWeights};
 
 /// One measured case.
 #[derive(Debug, Clone, Serialize)]
@@ -122,42 +122,6 @@ pub fn time_queued(
 
 fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomWeights::new(false)), dtype, dev.clone())
-}
-
-/// Which klein model's text encoder and transformer to time (the VAE is the same for both).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Model {
-    /// FLUX.2 [klein] 4B, Qwen3-4B as its text encoder.
-    #[value(name = "klein-4b")]
-    Klein4b,
-    /// FLUX.2 [klein] 9B, Qwen3-8B as its text encoder.
-    #[value(name = "klein-9b")]
-    Klein9b,
-}
-
-impl Model {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Klein4b => "klein-4B",
-            Self::Klein9b => "klein-9B",
-        }
-    }
-
-    fn encoder(self) -> (encoder_svc::model::qwen3::Config, &'static str) {
-        use encoder_svc::model::qwen3::Config;
-        match self {
-            Self::Klein4b => (Config::qwen3_4b(), "Qwen3-4B"),
-            Self::Klein9b => (Config::qwen3_8b(), "Qwen3-8B"),
-        }
-    }
-
-    fn transformer(self) -> denoiser_svc::model::Config {
-        use denoiser_svc::model::Config;
-        match self {
-            Self::Klein4b => Config::klein_4b(),
-            Self::Klein9b => Config::klein_9b(),
-        }
-    }
 }
 
 /// `model`'s text encoder, 512 tokens, in `dtype` and optionally 4-bit.

@@ -7,6 +7,7 @@
 
 mod components;
 mod kernels;
+mod model;
 mod pipeline;
 mod random;
 mod step;
@@ -76,7 +77,7 @@ enum Command {
         vae_op_bytes: ByteSize,
         /// Whose text encoder and transformer to time.
         #[arg(long, value_enum, default_value = "klein-4b")]
-        model: components::Model,
+        model: model::Model,
     },
     /// Time each fused kernel against the composition it replaces (klein-4B shapes, bf16).
     Kernels {
@@ -103,13 +104,16 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Write a diffusers pipeline folder with random weights of the real klein-4B shapes.
+    /// Write a diffusers pipeline folder with random weights of the real klein-4B or klein-9B shapes.
     WritePipeline {
         /// Output folder.
         out: PathBuf,
         /// Tiny pipeline to take the tokenizer, scheduler and model_index.json from.
         #[arg(long, default_value = "tests/fixtures/tiny-klein-4b")]
         template: PathBuf,
+        /// Whose shapes to write.
+        #[arg(long, value_enum, default_value = "klein-4b")]
+        model: model::Model,
     },
 }
 
@@ -123,7 +127,11 @@ fn main() -> ExitCode {
         }
     };
     let result = match args.command {
-        Command::WritePipeline { out, template } => pipeline::write(&out, &template, &dev),
+        Command::WritePipeline {
+            out,
+            template,
+            model,
+        } => pipeline::write(&out, &template, model, &dev),
         Command::Kernels {
             iters,
             copy_gbps,

@@ -1,7 +1,7 @@
-//! Writes a diffusers pipeline folder of the real klein-4B shapes with random weights, so the
-//! real services (and their real loaders) can be timed end to end without a checkpoint.
-//! Only the weights the services read are written (the text encoder's embeddings and layers
-//! 0..27). The tokenizer and scheduler come from the tiny fixture pipeline (token ids stay
+//! Writes a diffusers pipeline folder of the real klein-4B or klein-9B shapes with random
+//! weights, so the real services (and their real loaders) can be timed end to end without a
+//! checkpoint. Only the weights the services read are written (the text encoder's embeddings and
+//! layers 0..27). The tokenizer and scheduler come from the tiny fixture pipeline (token ids stay
 //! below its vocabulary, which does not change the encoder's cost).
 
 use std::{collections::HashMap, fs, path::Path, sync::Arc};
@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 use serde_json::json;
 
-use crate::random::RandomWeights;
+use crate::{model::Model, random::RandomWeights};
 
 struct Shared(Arc<RandomWeights>);
 
@@ -50,8 +50,8 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the pipeline into `out`, taking tokenizer/scheduler/model_index from `template`.
-pub fn write(out: &Path, template: &Path, dev: &Device) -> Result<()> {
+/// Writes `model`'s pipeline into `out`, taking tokenizer/scheduler/model_index from `template`.
+pub fn write(out: &Path, template: &Path, model: Model, dev: &Device) -> Result<()> {
     fs::create_dir_all(out)?;
     fs::copy(
         template.join("model_index.json"),
@@ -63,40 +63,26 @@ pub fn write(out: &Path, template: &Path, dev: &Device) -> Result<()> {
     let w = Arc::new(RandomWeights::new(true));
     let vb = || VarBuilder::from_backend(Box::new(Shared(w.clone())), DType::BF16, dev.clone());
     {
-        use denoiser_svc::model::{Config, Flux2Transformer2DModel};
-        drop(Flux2Transformer2DModel::new(&Config::klein_4b(), vb())?);
+        use denoiser_svc::model::Flux2Transformer2DModel;
+        drop(Flux2Transformer2DModel::new(&model.transformer(), vb())?);
         save(
             &out.join("transformer"),
             "diffusion_pytorch_model.safetensors",
             &w,
-            json!({
-                "_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128, "out_channels": null,
-                "num_layers": 5, "num_single_layers": 20, "attention_head_dim": 128, "num_attention_heads": 24,
-                "joint_attention_dim": 7680, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
-                "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": false
-            }),
+            model.transformer_json(),
         )?;
     }
     {
-        use encoder_svc::model::{
-            qwen3::{Config, TextEncoder},
-            weights::Weights,
-        };
+        use encoder_svc::model::{qwen3::TextEncoder, weights::Weights};
         drop(TextEncoder::new(
-            &Config::qwen3_4b(),
+            &model.encoder().0,
             Weights::safetensors(vb(), None),
         )?);
         save(
             &out.join("text_encoder"),
             "model.safetensors",
             &w,
-            json!({
-                "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
-                "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
-                "tie_word_embeddings": true, "attention_bias": false, "hidden_act": "silu", "torch_dtype": "bfloat16"
-            }),
+            model.encoder_json(),
         )?;
     }
     {

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # On the GPU machine, after device.sh unpacked the binaries: writes a random-weight klein-4B
-# pipeline, starts encoder-svc, denoiser-svc, vae-svc and the gateway as separate processes on
-# GPU 0 (optionally as MPS clients with pinned memory limits = their budgets), times 1024²
-# T2I / I2I / inpaint through the gateway with the klein CLI, and records each process's peak
-# GPU memory (nvidia-smi, sampled every 100 ms).
+# pipeline (MODEL=klein-9b: klein-9B's), starts encoder-svc, denoiser-svc, vae-svc and the
+# gateway as separate processes on GPU 0 (optionally as MPS clients with pinned memory limits =
+# their budgets), times 1024² T2I / I2I / inpaint through the gateway with the klein CLI, and
+# records each process's peak GPU memory (nvidia-smi, sampled every 100 ms).
 # Env: MPS=1 to run under MPS. Budgets default to the 16 GB plan (deploy/components/gpu-16gb:
 # encoder q4k 2880 MiB, denoiser bf16 10048 MiB, VAE f32 3328 MiB; runtime overheads measured on
 # an H100);
-# override with ENC_MIB / DEN_MIB / VAE_MIB and ENC_OVERHEAD / DEN_OVERHEAD / VAE_OVERHEAD, and
+# override with ENC_MIB / DEN_MIB / VAE_MIB and ENC_OVERHEAD / DEN_OVERHEAD / VAE_OVERHEAD, the
+# encoder's quantization with ENC_QUANTIZE (default q4k; none), and
 # the VAE's cuDNN algorithm with VAE_ALGO (default implicit-precomp-gemm, as vae-svc's) and its
 # operation chunk with VAE_OP_CHUNK (default 128MiB, as vae-svc's) and its convolution
 # arithmetic with VAE_PRECISION (default split-tf32, as vae-svc's; exact, tf32).
 set -uo pipefail
-OUT=${1:-/tmp}; B=/tmp/klein; M=/tmp/klein4b
+OUT=${1:-/tmp}; B=/tmp/klein; MODEL=${MODEL:-klein-4b}; M=/tmp/${MODEL/-/}
 mkdir -p "$OUT"
 ENC_MIB=${ENC_MIB:-2880}; DEN_MIB=${DEN_MIB:-10048}; VAE_MIB=${VAE_MIB:-3328}
 ENC_OVERHEAD=${ENC_OVERHEAD:-448MiB}; DEN_OVERHEAD=${DEN_OVERHEAD:-704MiB}; VAE_OVERHEAD=${VAE_OVERHEAD:-1280MiB}
-[ -f $M/model_index.json ] || { t=$(date +%s); $B/klein-bench --device cuda:0 write-pipeline $M || exit 1; echo "wrote random pipeline in $(( $(date +%s) - t ))s"; }
+[ -f $M/model_index.json ] || { t=$(date +%s); $B/klein-bench --device cuda:0 write-pipeline --model "$MODEL" $M || exit 1; echo "wrote random pipeline in $(( $(date +%s) - t ))s"; }
 if [ "${MPS:-0}" = 1 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
@@ -30,7 +31,7 @@ start() { # name port budget_mib runtime_overhead extra...
     > "$OUT/$name${MPS:+-mps}.log" 2>&1 &
   echo $! > /tmp/$name.pid
 }
-start encoder-svc 50052 $ENC_MIB $ENC_OVERHEAD --dtype bf16 --quantize q4k
+start encoder-svc 50052 $ENC_MIB $ENC_OVERHEAD --dtype bf16 --quantize "${ENC_QUANTIZE:-q4k}"
 KLEIN_ATTENTION_CHUNK_BYTES=${DEN_CHUNK:-128MiB} start denoiser-svc 50053 $DEN_MIB $DEN_OVERHEAD --dtype bf16
 KLEIN_OP_CHUNK_BYTES=${VAE_OP_CHUNK:-128MiB} start vae-svc 50054 $VAE_MIB $VAE_OVERHEAD --dtype f32 \
   --conv-algorithm "${VAE_ALGO:-implicit-precomp-gemm}" --conv-precision "${VAE_PRECISION:-split-tf32}"
