@@ -67,3 +67,21 @@ impl Model {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `write-pipeline` states is what the services will build from it.
+    #[test]
+    fn the_written_configs_load_as_the_services_configs() {
+        for model in [Model::Klein4b, Model::Klein9b] {
+            let transformer: denoiser_svc::model::Config =
+                serde_json::from_value(model.transformer_json()).unwrap();
+            assert_eq!(transformer, model.transformer(), "{}", model.name());
+            let encoder: encoder_svc::model::qwen3::Config =
+                serde_json::from_value(model.encoder_json()).unwrap();
+            assert_eq!(encoder, model.encoder().0, "{}", model.name());
+        }
+    }
+}
