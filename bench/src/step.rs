@@ -126,28 +126,34 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
         &mut || klein_kernels::layer_norm_modulate(&x, &mods[0], &mods[1], 1e-6),
     )?;
     part(
-        "single: QK norm + RoPE (q or k)".into(),
+        "single: QK norm + RoPE (k; q's runs in the attention)".into(),
         "kernel",
-        2 * SINGLE,
+        SINGLE,
         None,
-        &mut || rope(&p.narrow(D::Minus1, 0, DIM)?, 0),
+        &mut || rope(&p.narrow(D::Minus1, DIM, DIM)?, 0),
     )?;
-    // q and k as the norm kernel writes them, v viewed in the projection, [o | MLP] in one
-    // buffer.
-    let (q, k) = (
-        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
-        randn(&[1, HEADS, s, HEAD_DIM], dev)?,
-    );
+    // k as the norm kernel writes it, q and v read in the projection, [o | MLP] in one buffer.
+    let k = randn(&[1, HEADS, s, HEAD_DIM], dev)?;
     let v = heads(&p, 2 * DIM)?;
+    let q_norm = klein_kernels::QNorm {
+        weight: norm_w.clone(),
+        cos: cos.clone(),
+        sin: sin.clone(),
+        rope_offset: 0,
+        eps: 1e-6,
+    };
     let attention_flops = 4.0 * (s * s * HEAD_DIM * HEADS) as f64;
     part(
-        format!("single: flash attention {HEADS} × {s} × {HEAD_DIM} + SwiGLU into [o | MLP]"),
+        format!(
+            "single: flash attention {HEADS} × {s} × {HEAD_DIM}, q's norm + RoPE inside, + SwiGLU into [o | MLP]"
+        ),
         "attention",
         SINGLE,
         Some(attention_flops),
         &mut || {
-            klein_kernels::flash_attention_with_swiglu(
-                &q,
+            klein_kernels::flash_attention_with_swiglu_norm_q(
+                &p.narrow(D::Minus1, 0, DIM)?,
+                &q_norm,
                 &k,
                 &v,
                 &p.narrow(D::Minus1, 3 * DIM, MLP)?,
@@ -272,6 +278,7 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
         },
     )?;
     let (v_txt, v_img) = (heads(txt_p, 2 * DIM)?, heads(img_p, 2 * DIM)?);
+    let q = randn(&[1, HEADS, s, HEAD_DIM], dev)?;
     part(
         format!("double: flash attention {HEADS} × {s} × {HEAD_DIM}, v read from both projections"),
         "attention",

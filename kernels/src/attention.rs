@@ -28,6 +28,9 @@ mod sm90;
 /// `v_tail` (B, H_kv, S_t, hd) holds the values of the keys past v's rows: the op attends
 /// `cat([v, v_tail], 2)` without the concatenation (Hopper's kernel, v's rows a multiple of 16;
 /// [`flash_attention_split_v`] concatenates where the kernel does not apply).
+/// `q_norm`: q comes as a projection's raw rows (B, S_q, H·128) and Hopper's kernel applies
+/// the per-head RMSNorm and interleaved RoPE to each query tile as it lands
+/// ([`flash_attention_with_swiglu_norm_q`]; no other kernel takes it).
 #[derive(Debug, Clone)]
 pub struct FlashAttention {
     pub scale: f32,
@@ -35,6 +38,19 @@ pub struct FlashAttention {
     pub key_mask: Option<Tensor>,
     pub out_cols: Option<usize>,
     pub v_tail: Option<Tensor>,
+    pub q_norm: Option<QNorm>,
+}
+
+/// The query side of FLUX.2's QK norm, as [`crate::qk_norm_rope`] takes it with
+/// [`crate::RopeStyle::Interleaved`]: the RMSNorm weight (hd, bf16), the RoPE tables (rows of
+/// hd / 2 f32; query i at row `rope_offset + i`) and eps.
+#[derive(Debug, Clone)]
+pub struct QNorm {
+    pub weight: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub rope_offset: usize,
+    pub eps: f64,
 }
 
 /// Head dims the bf16 CUDA kernel is instantiated for.
@@ -82,6 +98,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         key_mask: None,
         out_cols: None,
         v_tail: None,
+        q_norm: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -111,6 +128,7 @@ pub fn flash_attention_split_v(
         key_mask: None,
         out_cols: None,
         v_tail: Some(kernel_layout(v_tail)?),
+        q_norm: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -142,12 +160,88 @@ pub fn flash_attention_with_swiglu(
         key_mask: None,
         out_cols: Some(h * hd + f),
         v_tail: None,
+        q_norm: None,
     };
     let joint = kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
     joint
         .narrow(D::Minus1, h * hd, f)?
         .inplace_op3(gate, up, &crate::SwiGlu)?;
     Ok(joint)
+}
+
+/// [`flash_attention_with_swiglu`] of the queries `qk_norm_rope(q_rows, norm, Interleaved)`,
+/// q_rows (B, S, H·hd) a projection's q columns (rows may be strided): Hopper's kernel reads
+/// them in place and normalises and rotates each query tile as it lands, the same bits as the
+/// norm kernel's (FLUX.2's single block: one pass over q less); elsewhere the norm kernel runs
+/// first.
+pub fn flash_attention_with_swiglu_norm_q(
+    q_rows: &Tensor,
+    norm: &QNorm,
+    k: &Tensor,
+    v: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Tensor> {
+    let (_, h, _, hd) = k.dims4()?;
+    let tables =
+        |t: &Tensor| t.dtype() == DType::F32 && t.is_contiguous() && t.dim(1).ok() == Some(hd / 2);
+    let in_kernel = cfg!(klein_sm90a)
+        && flash_attention_fused(k)
+        && hd == 128
+        && q_rows.dims3().is_ok_and(|(_, _, c)| c == h * hd)
+        && q_rows.stride().last() == Some(&1)
+        && q_rows.layout().start_offset().is_multiple_of(8)
+        && q_rows
+            .stride()
+            .iter()
+            .all(|s| s.is_multiple_of(8) || *s == 1)
+        && norm.weight.dtype() == DType::BF16
+        && norm.weight.is_contiguous()
+        && tables(&norm.cos)
+        && tables(&norm.sin)
+        && crate::fused(gate)
+        && crate::swiglu::kernel_layout(gate)
+        && crate::swiglu::kernel_layout(up)
+        && [k, v].iter().all(|t| !t.stride().contains(&0));
+    if !in_kernel {
+        let q = crate::qk_norm_rope(
+            q_rows,
+            &norm.weight,
+            &norm.cos,
+            &norm.sin,
+            h,
+            norm.rope_offset,
+            norm.eps,
+            crate::RopeStyle::Interleaved,
+        )?;
+        return flash_attention_with_swiglu(&q, k, v, gate, up);
+    }
+    let f = gate.dim(D::Minus1)?;
+    let op = FlashAttention {
+        scale: 1.0 / (hd as f32).sqrt(),
+        causal: false,
+        key_mask: None,
+        out_cols: Some(h * hd + f),
+        v_tail: None,
+        q_norm: Some(norm.clone()),
+    };
+    let joint = q_rows.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
+    joint
+        .narrow(D::Minus1, h * hd, f)?
+        .inplace_op3(gate, up, &crate::SwiGlu)?;
+    Ok(joint)
+}
+
+/// q_rows (B, S, H·hd), hd = 128, as the heads (B, H, S, hd) the kernels read: a view.
+#[cfg(feature = "cuda")]
+fn q_heads(q_rows: &Layout) -> Result<Layout> {
+    let (b, s, c) = q_rows.shape().dims3()?;
+    let st = q_rows.stride();
+    Ok(Layout::new(
+        Shape::from((b, c / 128, s, 128)),
+        vec![st[0], 128, st[1], 1],
+        q_rows.start_offset(),
+    ))
 }
 
 /// `t` itself if the kernel can read its layout in place, else a contiguous copy.
@@ -195,6 +289,7 @@ pub fn masked_attention(
         key_mask: Some(key_mask.to_dtype(DType::U32)?.contiguous()?),
         out_cols: None,
         v_tail: None,
+        q_norm: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -312,6 +407,9 @@ impl CustomOp3 for FlashAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if self.q_norm.is_some() {
+            bail!("flash attention: only Hopper's kernel normalises q (q_norm)");
+        }
         let d = self.dims(ql, kl, vl)?;
         let (q, k) = (cpu::read(qs, ql)?, cpu::read(ks, kl)?);
         let v = self.values(vs, vl)?;
@@ -379,6 +477,14 @@ impl CustomOp3 for FlashAttention {
         /// Query rows per block and keys per shared tile (flash_attention.cu).
         const BLOCK_M: usize = 128;
         const BLOCK_N: usize = 32;
+        let heads_of_rows;
+        let ql = match &self.q_norm {
+            Some(_) => {
+                heads_of_rows = q_heads(ql)?;
+                &heads_of_rows
+            }
+            None => ql,
+        };
         let d = self.dims(ql, kl, vl)?;
         let (b, h, s_q, hd) = (d.b, d.h, d.s_q, d.hd);
         let layout = |l: &Layout| match strides(l) {
@@ -429,16 +535,50 @@ impl CustomOp3 for FlashAttention {
             }
             None => None,
         };
+        let norm_storage = self
+            .q_norm
+            .as_ref()
+            .map(|n| [&n.weight, &n.cos, &n.sin].map(Tensor::storage_and_layout));
+        let q_norm = match &norm_storage {
+            Some([(w, wl), (c, cl), (s, sl)]) => {
+                let (
+                    candle_core::Storage::Cuda(w),
+                    candle_core::Storage::Cuda(c),
+                    candle_core::Storage::Cuda(s),
+                ) = (&**w, &**c, &**s)
+                else {
+                    bail!("flash attention: q's norm weight or RoPE tables are not on the GPU");
+                };
+                let n = self.q_norm.as_ref().expect("q_norm with its storage");
+                Some(sm90::QNormArgs {
+                    weight: view::<bf16>(w, wl)?,
+                    cos: view::<f32>(c, cl)?,
+                    sin: view::<f32>(s, sl)?,
+                    rope_offset: n.rope_offset as i32,
+                    eps: n.eps as f32,
+                })
+            }
+            None => None,
+        };
         if cfg!(klein_sm90a) && !masked && hd == 128 && !broadcast {
-            let out = sm90::forward(&dev, (qs, ql), (ks, kl), (vs, vl), tail, d, self.scale)?;
+            let out = sm90::forward(
+                &dev,
+                (qs, ql),
+                (ks, kl),
+                (vs, vl),
+                tail,
+                q_norm,
+                d,
+                self.scale,
+            )?;
             return Ok((
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev),
                 Shape::from((b, s_q, d.cols)),
             ));
         }
-        if tail.is_some() {
+        if tail.is_some() || q_norm.is_some() {
             bail!(
-                "flash attention: only Hopper's kernel reads a split v (flash_attention_split_v)"
+                "flash attention: only Hopper's kernel reads a split v or normalises q (flash_attention_split_v, flash_attention_with_swiglu_norm_q)"
             );
         }
         let kernel = if masked {

@@ -23,6 +23,7 @@ fn unmasked(scale: f32) -> FlashAttention {
         key_mask: None,
         out_cols: None,
         v_tail: None,
+        q_norm: None,
     }
 }
 
@@ -182,6 +183,63 @@ fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
         D::Minus1,
     )?;
     assert_eq!(rel_l2(&joint, &want)?, 0.0);
+    Ok(())
+}
+
+/// The single block with q's norm in the attention: the raw q columns of a projection give
+/// what normalising and rotating them first gives (on the CPU the function runs exactly that;
+/// Hopper's kernel is held to the same bits by the GPU suite), and the op itself refuses q_norm
+/// off Hopper.
+#[test]
+fn attention_with_q_norm_equals_normalising_q_first() -> Result<()> {
+    let dev = Device::Cpu;
+    let (h, hd, s, f) = (2, 128, 9, 12);
+    let p = randn(&[1, s, 3 * h * hd + 2 * f], DType::F32, &dev)?;
+    let head = |i: usize| -> Result<Tensor> {
+        p.narrow(D::Minus1, i * h * hd, h * hd)?
+            .reshape((1, s, h, hd))?
+            .transpose(1, 2)
+    };
+    let (k, v) = (head(1)?, head(2)?);
+    let (gate, up) = (
+        p.narrow(D::Minus1, 3 * h * hd, f)?,
+        p.narrow(D::Minus1, 3 * h * hd + f, f)?,
+    );
+    let q_rows = p.narrow(D::Minus1, 0, h * hd)?;
+    let (cos, sin) = rope_tables(3 + s, hd, &dev)?;
+    let norm = klein_kernels::QNorm {
+        weight: ((randn(&[hd], DType::F32, &dev)? * 0.3)? + 1.0)?,
+        cos: cos.clone(),
+        sin: sin.clone(),
+        rope_offset: 3,
+        eps: 1e-6,
+    };
+    let got =
+        klein_kernels::flash_attention_with_swiglu_norm_q(&q_rows, &norm, &k, &v, &gate, &up)?;
+    let q = reference::qk_norm_rope(
+        &q_rows,
+        &norm.weight,
+        &cos,
+        &sin,
+        h,
+        3,
+        1e-6,
+        RopeStyle::Interleaved,
+    )?;
+    let want = Tensor::cat(
+        &[
+            reference::attention(&q, &k, &v)?,
+            reference::swiglu(&gate, &up)?,
+        ],
+        D::Minus1,
+    )?;
+    check("attention with q's norm", DType::F32, &got, &want)?;
+    let op = FlashAttention {
+        q_norm: Some(norm),
+        ..unmasked(1.0 / (hd as f32).sqrt())
+    };
+    let err = q_rows.apply_op3_no_bwd(&k, &v, &op).unwrap_err();
+    assert!(err.to_string().contains("only Hopper's kernel"), "{err}");
     Ok(())
 }
 
@@ -352,6 +410,7 @@ fn masked_attention_matches_the_composition() -> Result<()> {
                 key_mask: Some(mask.clone()),
                 out_cols: None,
                 v_tail: None,
+                q_norm: None,
             };
             let got = q.apply_op3_no_bwd(&k, &v, &op)?;
             let want = reference::masked_attention(&q, &k, &v, &mask, causal)?;

@@ -349,6 +349,55 @@ fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The single block with q's norm and RoPE inside the attention (Hopper: each query tile
+/// normalised and rotated in shared memory as it lands) gives exactly what the norm kernel then
+/// the attention give: 144- and 128-key tiles, a partial last query tile, RoPE rows from an
+/// offset, batch 2.
+#[test]
+fn q_norm_in_the_attention_changes_nothing() -> Result<()> {
+    let dev = gpu();
+    let (d, h, hd, f) = (3072, 24, 128, 9216);
+    for (b, s, offset) in [(1, 4608, 0), (1, 1024 + 77, 5), (2, 512 + 256, 0)] {
+        let p = randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)?;
+        let head = |i: usize| -> Result<Tensor> {
+            p.reshape((b, s, (3 * d + 2 * f) / hd, hd))?
+                .narrow(2, i * h, h)?
+                .transpose(1, 2)
+        };
+        let (k, v) = (head(1)?, head(2)?);
+        let (gate, up) = (
+            p.narrow(D::Minus1, 3 * d, f)?,
+            p.narrow(D::Minus1, 3 * d + f, f)?,
+        );
+        let (cos, sin) = rope_tables(offset + s, hd, &dev)?;
+        let norm = klein_kernels::QNorm {
+            weight: ((randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0)?,
+            cos: cos.clone(),
+            sin: sin.clone(),
+            rope_offset: offset,
+            eps: 1e-6,
+        };
+        let q_rows = p.narrow(D::Minus1, 0, d)?;
+        let got =
+            klein_kernels::flash_attention_with_swiglu_norm_q(&q_rows, &norm, &k, &v, &gate, &up)?;
+        let q = klein_kernels::qk_norm_rope(
+            &q_rows,
+            &norm.weight,
+            &cos,
+            &sin,
+            h,
+            offset,
+            1e-6,
+            RopeStyle::Interleaved,
+        )?;
+        let want = klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?;
+        let rel = rel_l2(&got, &want)?;
+        println!("q's norm in the attention, batch {b}, {s} tokens: rel-L2 {rel:.2e}");
+        assert_eq!(rel, 0.0, "batch {b}, {s} tokens");
+    }
+    Ok(())
+}
+
 /// The double block's values read in place from two projections (text rows, then image rows;
 /// Hopper's kernel switches tensor maps at the 512-key boundary, loading the key tile across it
 /// in 16-row strips: 144-key tiles at the 1024² step's 4608 keys, 128-key ones elsewhere) give

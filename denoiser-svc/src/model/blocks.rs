@@ -325,9 +325,7 @@ impl Flux2ParallelSelfAttention {
         let cfg = &self.cfg;
         let (d, f, h) = (cfg.hidden_size(), cfg.mlp_hidden(), cfg.num_attention_heads);
         let p = self.to_qkv_mlp_proj.forward(x)?;
-        let q = self
-            .norm_q
-            .forward_rope(&p.narrow(D::Minus1, 0, d)?, rope, h, 0)?;
+        let q = p.narrow(D::Minus1, 0, d)?;
         let k = self
             .norm_k
             .forward_rope(&p.narrow(D::Minus1, d, d)?, rope, h, 0)?;
@@ -336,10 +334,19 @@ impl Flux2ParallelSelfAttention {
             p.narrow(D::Minus1, 3 * d, f)?,
             p.narrow(D::Minus1, 3 * d + f, f)?,
         );
-        // `to_out` reads [attention | MLP]: the kernels write both halves of one buffer.
-        let joint = if klein_kernels::flash_attention_fused(&q) {
-            klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?
+        // `to_out` reads [attention | MLP]: the kernels write both halves of one buffer, and
+        // the attention applies `norm_q` and RoPE to q itself.
+        let joint = if klein_kernels::flash_attention_fused(&k) {
+            klein_kernels::flash_attention_with_swiglu_norm_q(
+                &q,
+                &self.norm_q.query(rope, 0),
+                &k,
+                &v,
+                &gate,
+                &up,
+            )?
         } else {
+            let q = self.norm_q.forward_rope(&q, rope, h, 0)?;
             let o = attention(&q, &k, &v, &cfg.attention)?;
             Tensor::cat(&[o, swiglu(&gate, &up)?], D::Minus1)?
         };

@@ -45,6 +45,18 @@ impl QkNorm {
         )
     }
 
+    /// This norm and RoPE rows `rope_offset..` as the attention takes them for its queries
+    /// ([`klein_kernels::flash_attention_with_swiglu_norm_q`]).
+    pub fn query(&self, rope: &Rope, rope_offset: usize) -> klein_kernels::QNorm {
+        klein_kernels::QNorm {
+            weight: self.weight.clone(),
+            cos: rope.cos.clone(),
+            sin: rope.sin.clone(),
+            rope_offset,
+            eps: self.eps,
+        }
+    }
+
     /// The double-stream blocks' joint `[txt; img]`: `xs` (B, L, H·hd) normed by this weight,
     /// `img_xs` (B, N, H·hd) by `img_norm`'s, rotated with RoPE rows 0.. and L.. →
     /// (B, H, L + N, hd), written in one pass where the kernel applies.

@@ -3,7 +3,7 @@
 
 use candle_core::cuda::WrapErr;
 use candle_core::cuda::cudarc::driver::{
-    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, sys,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, sys,
 };
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 use half::bf16;
@@ -61,15 +61,27 @@ fn tensor_map(ptr: sys::CUdeviceptr, l: &Layout, rows: usize) -> Result<TensorMa
     }
 }
 
+/// What the kernel needs to normalise and rotate Q itself ([`super::QNorm`] on the device).
+pub(super) struct QNormArgs<'a> {
+    pub weight: CudaView<'a, bf16>,
+    pub cos: CudaView<'a, f32>,
+    pub sin: CudaView<'a, f32>,
+    pub rope_offset: i32,
+    pub eps: f32,
+}
+
 /// Unmasked attention with head dim 128 (H_kv = H) into a fresh (B, S_q, d.cols) buffer; with
 /// `v_tail`, the values of the keys past v's rows come from it (v's rows a multiple of
-/// [`super::SM90_V_STRIP`]).
+/// [`super::SM90_V_STRIP`]); with `q_norm`, q holds raw heads that the kernel normalises and
+/// rotates.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     dev: &CudaDevice,
     (qs, ql): (&CudaStorage, &Layout),
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
     v_tail: Option<(&CudaStorage, &Layout)>,
+    q_norm: Option<QNormArgs<'_>>,
     d: Dims,
     scale: f32,
 ) -> Result<CudaSlice<bf16>> {
@@ -168,6 +180,23 @@ pub(super) fn forward(
         .arg(&rounds)
         .arg(&split_blocks);
     launch.arg(&partials).arg(&arrivals);
+    // Null pointers for "Q as it comes".
+    let none = 0u64;
+    let (no_offset, no_eps) = (0i32, 0f32);
+    match &q_norm {
+        Some(n) => launch
+            .arg(&n.weight)
+            .arg(&n.cos)
+            .arg(&n.sin)
+            .arg(&n.rope_offset)
+            .arg(&n.eps),
+        None => launch
+            .arg(&none)
+            .arg(&none)
+            .arg(&none)
+            .arg(&no_offset)
+            .arg(&no_eps),
+    };
     unsafe { launch.launch(cfg) }.w()?;
     Ok(out)
 }

@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "qk_norm_rope.cuh"
+
 namespace {
 
 typedef __nv_bfloat16 bf16;
@@ -354,7 +356,8 @@ extern "C" __global__ void qk_norm_rope_bf16(const bf16* __restrict__ src,
 // qk_norm_rope_bf16 for FLUX.2's case, head_dim 128 with interleaved pairs, in 16-byte
 // accesses: a warp takes QK_HEADS_PER_WARP heads of one token, a half-warp one head (lane l
 // holds elements 8l..8l+7, i.e. pairs 4l..4l+3, and their cos / sin); src, the weights, the
-// tables' rows and out 16-byte aligned. Same arithmetic and roundings as the generic kernel.
+// tables' rows and out 16-byte aligned. Same arithmetic and roundings as the generic kernel
+// (norm_rope8, which Hopper's attention also applies to Q).
 // Tokens s < seq_a come from src_a with weight w_a, the others (s − seq_a) from src_b with w_b
 // (the double-stream blocks' [txt; img]); out is (batch, heads, seq, 128).
 constexpr int QK_HEADS_PER_WARP = 8;
@@ -376,12 +379,10 @@ extern "C" __global__ void qk_norm_rope_interleaved128_bf16(
   const bf16* xr = (first ? src_a + (size_t)b * a_batch_stride + (size_t)s * a_row_stride
                           : src_b + (size_t)b * b_batch_stride + (size_t)(s - seq_a) * b_row_stride) +
                    8 * l;
-  float w[8], c[4], sn[4];
+  float w[8];
   loadv<8>((first ? w_a : w_b) + 8 * l, w);
   const float4 c4 = reinterpret_cast<const float4*>(cos + (size_t)(rope_offset + s) * 64)[l];
   const float4 s4 = reinterpret_cast<const float4*>(sin + (size_t)(rope_offset + s) * 64)[l];
-  c[0] = c4.x, c[1] = c4.y, c[2] = c4.z, c[3] = c4.w;
-  sn[0] = s4.x, sn[1] = s4.y, sn[2] = s4.z, sn[3] = s4.w;
   // Every head's 16 bytes are loaded before the first reduction: four loads in flight a
   // thread rather than one at a time between the shuffles.
   uint4 raw[QK_HEADS_PER_WARP / 2];
@@ -396,21 +397,10 @@ extern "C" __global__ void qk_norm_rope_interleaved128_bf16(
     const bool live = h < heads;
     float v[8];
     unpack8(raw[j / 2], v);
-    float sq = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sq += v[i] * v[i];
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
-    const float rstd = rsqrtf(sq / 128 + eps);
+    const float rstd = head_rstd(v, eps);
     if (!live) continue;
     float y[8];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const float y0 = rnd(rnd(v[2 * p] * rstd) * w[2 * p]);
-      const float y1 = rnd(rnd(v[2 * p + 1] * rstd) * w[2 * p + 1]);
-      y[2 * p] = y0 * c[p] - y1 * sn[p];
-      y[2 * p + 1] = y1 * c[p] + y0 * sn[p];
-    }
+    norm_rope8(v, rstd, w, c4, s4, y);
     storev<8>(out + (((size_t)b * heads + h) * seq + s) * 128 + 8 * l, y);
   }
 }

@@ -27,9 +27,16 @@
 // the A fragments; V from shared memory as an MN-major operand, no transposition), waits for
 // S_j only, computes its softmax while P·V runs on the tensor cores, then waits for P·V,
 // rescales O and packs P_j.
+//
+// With q_weight (FLUX.2's single block), Q holds the projection's raw q heads: each consumer
+// warpgroup applies the per-head RMSNorm and interleaved RoPE to its 64 rows of a Q tile in
+// shared memory as the tile lands (norm_rope_q), what qk_norm_rope_interleaved128_bf16 would
+// have written, bit for bit.
 #include <cuda_bf16.h>
 #include <cuda.h>
 #include <stdint.h>
+
+#include "qk_norm_rope.cuh"
 
 namespace {
 
@@ -363,6 +370,59 @@ __device__ __forceinline__ void named_barrier(int id) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
 }
 
+// Q's per-head RMSNorm (weight after rounding) and interleaved RoPE, in place on this consumer
+// warpgroup's 64 rows of the Q tile at `rows` (query q0 + r in row r): 16 threads a row, thread
+// l of them the row's columns 8l..8l+7, chunk l % 8 of half l / 8, which the 128-byte swizzle
+// stores at chunk (l % 8) ^ (r % 8). Rows past s_q (zeros) are left as they are. The caller
+// makes the writes visible to the tensor cores (fence.proxy.async, then a warpgroup barrier).
+__device__ __forceinline__ void norm_rope_q(uint32_t rows, int t, int q0, int s_q, const bf16* w,
+                                            const float* cos, const float* sin, int rope_offset,
+                                            float eps) {
+  const int l = t % 16;
+  float wv[8];
+  {
+    const uint4 raw = *reinterpret_cast<const uint4*>(w + 8 * l);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      wv[2 * i] = f.x;
+      wv[2 * i + 1] = f.y;
+    }
+  }
+#pragma unroll 4
+  for (int i = 0; i < 8; ++i) {
+    const int r = 8 * i + t / 16, q = q0 + r;
+    const uint32_t at = rows + (l / 8) * (BLOCK_M * 128) + r * 128 + (((l % 8) ^ (r % 8)) * 16);
+    uint32_t u[4];
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(u[0]), "=r"(u[1]), "=r"(u[2]), "=r"(u[3])
+                 : "r"(at));
+    float v[8];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u[e]));
+      v[2 * e] = f.x;
+      v[2 * e + 1] = f.y;
+    }
+    const float rstd = head_rstd(v, eps);
+    if (q >= s_q) continue;
+    const size_t row = (size_t)(rope_offset + q) * 64;
+    const float4 c = reinterpret_cast<const float4*>(cos + row)[l];
+    const float4 sn = reinterpret_cast<const float4*>(sin + row)[l];
+    float y[8];
+    norm_rope8(v, rstd, wv, c, sn, y);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const __nv_bfloat162 b = __floats2bfloat162_rn(y[2 * e], y[2 * e + 1]);
+      u[e] = *reinterpret_cast<const uint32_t*>(&b);
+    }
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(u[0]), "r"(u[1]),
+                 "r"(u[2]), "r"(u[3])
+                 : "memory");
+  }
+}
+
 // Whether any of the warpgroup's 128 threads passes `x` (a barrier among them).
 __device__ __forceinline__ bool any_in_warpgroup(int id, bool x) {
   uint32_t r;
@@ -465,7 +525,8 @@ __device__ __forceinline__ void attend(
     const CUtensorMap& v_strips, const CUtensorMap& v_tail_strips, int v_split, bf16* out,
     int s_q, int s_kv, int heads, float scale_log2, long long out_batch_stride,
     long long out_row_stride, int q_tiles, int tiles, int rounds, int split_blocks,
-    float* partials, unsigned* arrivals) {
+    float* partials, unsigned* arrivals, const bf16* q_weight, const float* q_cos,
+    const float* q_sin, int q_rope_offset, float q_eps) {
   extern __shared__ __align__(1024) unsigned char smem[];
   // The swizzle pattern repeats every 1024 bytes: tiles start on that boundary.
   const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
@@ -573,6 +634,12 @@ __device__ __forceinline__ void attend(
     }
     const int count = kb1 - kb0;
     mbar_wait(q_full, n & 1);
+    if (q_weight != nullptr) {
+      norm_rope_q(q_rows, threadIdx.x % 128, (tile % q_tiles) * BLOCK_M + wg * 64, s_q, q_weight,
+                  q_cos, q_sin, q_rope_offset, q_eps);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      named_barrier(1 + wg);
+    }
     mbar_wait(k_full(c % STAGES), (c / STAGES) & 1);
     issue_scores<BLOCK_N>(s, q_rows, k_tile(c % STAGES));
     wgmma_wait<0>();
@@ -635,7 +702,8 @@ __device__ __forceinline__ void attend(
 // the key tile's), V's tail, and both again in boxes of V_STRIP rows (the tile across the
 // split); the output; the schedule (Schedule) and its partial results: `partials` holds
 // 2 · split_blocks slots of 2 · PART_FLOATS, `arrivals` one zeroed counter per split tile and
-// consumer warpgroup. Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles,
+// consumer warpgroup; Q's norm weight (128 bf16, null: Q is used as it comes), RoPE tables
+// (rows of 64 f32 cos / sin, query q at row q_rope_offset + q) and eps. Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles,
 // the mbarriers (`shared_bytes` in kernels/src/attention/sm90.rs).
 #define ATTENTION_PARAMS                                                                      \
   const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,               \
@@ -644,10 +712,12 @@ __device__ __forceinline__ void attend(
       const __grid_constant__ CUtensorMap v_tail_strips, int v_split, bf16* out, int s_q,     \
       int s_kv, int heads, float scale_log2, long long out_batch_stride,                      \
       long long out_row_stride, int q_tiles, int tiles, int rounds, int split_blocks,         \
-      float* partials, unsigned* arrivals
+      float* partials, unsigned* arrivals, const bf16* q_weight, const float* q_cos,           \
+      const float* q_sin, int q_rope_offset, float q_eps
 #define ATTENTION_ARGS                                                                        \
   q, k, v, v_tail, v_strips, v_tail_strips, v_split, out, s_q, s_kv, heads, scale_log2,       \
-      out_batch_stride, out_row_stride, q_tiles, tiles, rounds, split_blocks, partials, arrivals
+      out_batch_stride, out_row_stride, q_tiles, tiles, rounds, split_blocks, partials, arrivals, \
+      q_weight, q_cos, q_sin, q_rope_offset, q_eps
 
 // Key tiles of 128 keys, three slots a ring.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)

@@ -1,0 +1,37 @@
+// The arithmetic of FLUX.2's per-head QK RMSNorm + interleaved RoPE on eight consecutive
+// columns of a head (pairs 4l..4l+3 of a 16-byte chunk l), shared by the norm kernel
+// (elementwise.cu) and Hopper's attention, which applies it to Q in shared memory, so that both
+// give the same bits.
+#pragma once
+
+namespace {
+
+// y = RoPE(round(round(v · rstd) · w)) for the chunk's four pairs: the normalised value rounded
+// to bf16, times the weight rounded again (transformers' RMSNorm), then rotated in f32 (FLUX.2
+// applies RoPE in f32) with the pairs' cos / sin; y is rounded to bf16 by the caller's store.
+__device__ __forceinline__ void norm_rope8(const float (&v)[8], float rstd, const float (&w)[8],
+                                           const float4& c, const float4& s, float (&y)[8]) {
+  const float cs[4] = {c.x, c.y, c.z, c.w}, sn[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const float y0 = __bfloat162float(__float2bfloat16_rn(
+        __bfloat162float(__float2bfloat16_rn(v[2 * p] * rstd)) * w[2 * p]));
+    const float y1 = __bfloat162float(__float2bfloat16_rn(
+        __bfloat162float(__float2bfloat16_rn(v[2 * p + 1] * rstd)) * w[2 * p + 1]));
+    y[2 * p] = y0 * cs[p] - y1 * sn[p];
+    y[2 * p + 1] = y1 * cs[p] + y0 * sn[p];
+  }
+}
+
+// The chunk's sum of squares over the head: its own eight, then across the 16 lanes of its
+// half-warp that hold the head's other chunks (every lane of the warp calls it).
+__device__ __forceinline__ float head_rstd(const float (&v)[8], float eps) {
+  float sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sq += v[i] * v[i];
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffff, sq, o);
+  return rsqrtf(sq / 128 + eps);
+}
+
+}  // namespace
