@@ -152,7 +152,22 @@ pub fn flash_attention_with_swiglu(
         let o = flash_attention(q, k, v)?;
         return Tensor::cat(&[o, crate::swiglu(gate, up)?], D::Minus1);
     }
-    let (_, h, _, hd) = q.dims4()?;
+    joint_with_swiglu(&kernel_layout(q)?, None, q.dim(1)?, k, v, gate, up)
+}
+
+/// The kernel path of [`flash_attention_with_swiglu`]: the attention of `heads` query heads into
+/// the first heads·hd columns of one buffer (q as [`FlashAttention`] takes it with `q_norm`), the
+/// SwiGLU into the rest in place.
+fn joint_with_swiglu(
+    q: &Tensor,
+    q_norm: Option<QNorm>,
+    heads: usize,
+    k: &Tensor,
+    v: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Tensor> {
+    let (h, hd) = (heads, k.dim(3)?);
     let f = gate.dim(D::Minus1)?;
     let op = FlashAttention {
         scale: 1.0 / (hd as f32).sqrt(),
@@ -160,9 +175,9 @@ pub fn flash_attention_with_swiglu(
         key_mask: None,
         out_cols: Some(h * hd + f),
         v_tail: None,
-        q_norm: None,
+        q_norm,
     };
-    let joint = kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
+    let joint = q.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
     joint
         .narrow(D::Minus1, h * hd, f)?
         .inplace_op3(gate, up, &crate::SwiGlu)?;
@@ -216,20 +231,7 @@ pub fn flash_attention_with_swiglu_norm_q(
         )?;
         return flash_attention_with_swiglu(&q, k, v, gate, up);
     }
-    let f = gate.dim(D::Minus1)?;
-    let op = FlashAttention {
-        scale: 1.0 / (hd as f32).sqrt(),
-        causal: false,
-        key_mask: None,
-        out_cols: Some(h * hd + f),
-        v_tail: None,
-        q_norm: Some(norm.clone()),
-    };
-    let joint = q_rows.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
-    joint
-        .narrow(D::Minus1, h * hd, f)?
-        .inplace_op3(gate, up, &crate::SwiGlu)?;
-    Ok(joint)
+    joint_with_swiglu(q_rows, Some(norm.clone()), h, k, v, gate, up)
 }
 
 /// q_rows (B, S, H·hd), hd = 128, as the heads (B, H, S, hd) the kernels read: a view.
