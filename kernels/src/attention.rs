@@ -53,6 +53,34 @@ pub struct QNorm {
     pub eps: f64,
 }
 
+impl QNorm {
+    /// Whether Hopper's kernel can take these for `s_q` queries of head dim `hd`: a contiguous
+    /// bf16 weight of hd, contiguous f32 tables covering rows `rope_offset..rope_offset + s_q`
+    /// (the kernel reads them without bounds).
+    fn check(&self, s_q: usize, hd: usize) -> Result<()> {
+        let table = |t: &Tensor| {
+            t.dtype() == DType::F32
+                && t.is_contiguous()
+                && t.dims2()
+                    .is_ok_and(|(rows, half)| rows >= self.rope_offset + s_q && half == hd / 2)
+        };
+        let weight = self.weight.dtype() == DType::BF16
+            && self.weight.is_contiguous()
+            && self.weight.dims() == [hd];
+        if !(weight && table(&self.cos) && table(&self.sin)) {
+            bail!(
+                "flash attention: q's norm weight {:?} {:?} or RoPE tables {:?} / {:?} do not cover {s_q} queries of {hd} from row {}",
+                self.weight.shape(),
+                self.weight.dtype(),
+                self.cos.shape(),
+                self.sin.shape(),
+                self.rope_offset
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Head dims the bf16 CUDA kernel is instantiated for.
 const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
@@ -198,22 +226,14 @@ pub fn flash_attention_with_swiglu_norm_q(
     up: &Tensor,
 ) -> Result<Tensor> {
     let (_, h, _, hd) = k.dims4()?;
-    let tables =
-        |t: &Tensor| t.dtype() == DType::F32 && t.is_contiguous() && t.dim(1).ok() == Some(hd / 2);
     let in_kernel = cfg!(klein_sm90a)
         && flash_attention_fused(k)
-        && hd == 128
-        && q_rows.dims3().is_ok_and(|(_, _, c)| c == h * hd)
-        && q_rows.stride().last() == Some(&1)
-        && q_rows.layout().start_offset().is_multiple_of(8)
-        && q_rows
-            .stride()
-            .iter()
-            .all(|s| s.is_multiple_of(8) || *s == 1)
-        && norm.weight.dtype() == DType::BF16
-        && norm.weight.is_contiguous()
-        && tables(&norm.cos)
-        && tables(&norm.sin)
+        && hd == Q_HD
+        && q_rows.dims3().is_ok_and(|(_, s, c)| {
+            c == h * hd
+                && norm.check(s, hd).is_ok()
+                && q_heads(q_rows.layout()).is_ok_and(|l| strides(&l).is_some())
+        })
         && crate::fused(gate)
         && crate::swiglu::kernel_layout(gate)
         && crate::swiglu::kernel_layout(up)
@@ -234,17 +254,23 @@ pub fn flash_attention_with_swiglu_norm_q(
     joint_with_swiglu(q_rows, Some(norm.clone()), h, k, v, gate, up)
 }
 
-/// q_rows (B, S, H·hd), hd = 128, as the heads (B, H, S, hd) the kernels read: a view.
-#[cfg(feature = "cuda")]
+/// Q_HD-wide heads of q_rows (B, S, H·Q_HD) as the (B, H, S, Q_HD) layout the kernels read: a
+/// view of the same elements ([`strides`] decides whether the kernel can read it).
 fn q_heads(q_rows: &Layout) -> Result<Layout> {
     let (b, s, c) = q_rows.shape().dims3()?;
+    if !c.is_multiple_of(Q_HD) {
+        bail!("flash attention: q rows of {c} columns are not heads of {Q_HD}");
+    }
     let st = q_rows.stride();
     Ok(Layout::new(
-        Shape::from((b, c / 128, s, 128)),
-        vec![st[0], 128, st[1], 1],
+        Shape::from((b, c / Q_HD, s, Q_HD)),
+        vec![st[0], Q_HD * st[2], st[1], st[2]],
         q_rows.start_offset(),
     ))
 }
+
+/// The head dim of Hopper's kernel, the only one that takes [`QNorm`].
+const Q_HD: usize = 128;
 
 /// `t` itself if the kernel can read its layout in place, else a contiguous copy.
 fn kernel_layout(t: &Tensor) -> Result<Tensor> {
@@ -481,8 +507,9 @@ impl CustomOp3 for FlashAttention {
         const BLOCK_N: usize = 32;
         let heads_of_rows;
         let ql = match &self.q_norm {
-            Some(_) => {
+            Some(norm) => {
                 heads_of_rows = q_heads(ql)?;
+                norm.check(heads_of_rows.dims()[2], Q_HD)?;
                 &heads_of_rows
             }
             None => ql,
@@ -537,12 +564,14 @@ impl CustomOp3 for FlashAttention {
             }
             None => None,
         };
-        let norm_storage = self
-            .q_norm
-            .as_ref()
-            .map(|n| [&n.weight, &n.cos, &n.sin].map(Tensor::storage_and_layout));
+        let norm_storage = self.q_norm.as_ref().map(|n| {
+            (
+                n,
+                [&n.weight, &n.cos, &n.sin].map(Tensor::storage_and_layout),
+            )
+        });
         let q_norm = match &norm_storage {
-            Some([(w, wl), (c, cl), (s, sl)]) => {
+            Some((n, [(w, wl), (c, cl), (s, sl)])) => {
                 let (
                     candle_core::Storage::Cuda(w),
                     candle_core::Storage::Cuda(c),
@@ -551,7 +580,6 @@ impl CustomOp3 for FlashAttention {
                 else {
                     bail!("flash attention: q's norm weight or RoPE tables are not on the GPU");
                 };
-                let n = self.q_norm.as_ref().expect("q_norm with its storage");
                 Some(sm90::QNormArgs {
                     weight: view::<bf16>(w, wl)?,
                     cos: view::<f32>(c, cl)?,
@@ -647,5 +675,62 @@ impl CustomOp3 for FlashAttention {
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),
             Shape::from((b, s_q, d.cols)),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, IndexOp};
+
+    use super::*;
+
+    /// The heads q_heads makes of a projection's q columns are the view the model's strided
+    /// heads take (same shape, strides and offset), one the kernels read in place; rows whose
+    /// columns are not unit-strided are not.
+    #[test]
+    fn q_heads_view_the_projections_q_columns() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, s, h) = (2, 5, 3);
+        let c = (3 * h + 2) * Q_HD;
+        let p = Tensor::zeros((b, s, c), DType::F32, &dev)?;
+        let rows = p.i((.., .., Q_HD * h..2 * Q_HD * h))?;
+        let want = p
+            .reshape((b, s, c / Q_HD, Q_HD))?
+            .narrow(2, h, h)?
+            .transpose(1, 2)?;
+        let got = q_heads(rows.layout())?;
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(got.stride(), want.stride());
+        assert_eq!(got.start_offset(), want.layout().start_offset());
+        assert!(strides(&got).is_some());
+        let transposed = Tensor::zeros((b, h * Q_HD, s), DType::F32, &dev)?.transpose(1, 2)?;
+        assert!(strides(&q_heads(transposed.layout())?).is_none());
+        assert!(q_heads(&Layout::contiguous((b, s, Q_HD + 8))).is_err());
+        Ok(())
+    }
+
+    /// Q's norm inputs are checked before the kernel reads them without bounds: tables that do
+    /// not reach the last query's row, or a weight of the wrong dtype, are refused.
+    #[test]
+    fn q_norm_inputs_must_cover_every_query() -> Result<()> {
+        let dev = Device::Cpu;
+        let table = |rows: usize| Tensor::zeros((rows, Q_HD / 2), DType::F32, &dev);
+        let norm = |rows: usize, weight: DType| -> Result<QNorm> {
+            Ok(QNorm {
+                weight: Tensor::ones(Q_HD, weight, &dev)?,
+                cos: table(rows)?,
+                sin: table(rows)?,
+                rope_offset: 3,
+                eps: 1e-6,
+            })
+        };
+        assert!(norm(3 + 10, DType::BF16)?.check(10, Q_HD).is_ok());
+        let short = norm(3 + 9, DType::BF16)?.check(10, Q_HD).unwrap_err();
+        assert!(
+            short.to_string().contains("do not cover 10 queries"),
+            "{short}"
+        );
+        assert!(norm(3 + 10, DType::F32)?.check(10, Q_HD).is_err());
+        Ok(())
     }
 }
