@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CUDA release binaries on this (GPU-less) machine and packs them, stripped and
 # xz-compressed, into tools/gpu/bin/ (git-ignored) for the GPU machine:
-#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, gemm-power, gemm-algos, and the CUDA test binaries
+#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, gemm-power, gemm-algos, gemm-sm90, and the CUDA test binaries
 #   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
 #   golden suite, klein-tests e2e_goldens; the kernels' GPU parity tests, klein-kernels gpu_parity).
 # Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
@@ -32,6 +32,10 @@ xz -T2 -6 -c /tmp/gemm-power > "$out/gemm-power.xz"
 nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/gemm-algos tools/gpu/gemm_algos.cu \
   -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
 xz -T2 -6 -c /tmp/gemm-algos > "$out/gemm-algos.xz"
+# Klein's own Hopper GEMM against cuBLASLt at the power cap (gemm-sm90).
+nvcc -std=c++17 -O2 --use_fast_math -arch=sm_90a -cudart shared -o /tmp/gemm-sm90 \
+  tools/gpu/gemm_sm90.cu -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt -lcuda
+xz -T2 -6 -c /tmp/gemm-sm90 > "$out/gemm-sm90.xz"
 # The gateway and the klein client run no model: CPU builds, half the size of CUDA ones.
 CARGO_TARGET_DIR=target RUSTFLAGS= cargo build --release --locked -p gateway --bins
 for bin in gateway klein; do

@@ -23,6 +23,9 @@
 #   tools/gpu/device.sh gemm-search OUT every configuration cuBLASLt accepts for the large shapes
 #                                     (no split-K), screened, the fastest timed as above
 #                                     → OUT/gemm-search-smi.csv
+#   tools/gpu/device.sh gemm-sm90 OUT  klein's own Hopper GEMM (tools/gpu/gemm_sm90.cuh) against
+#                                     cuBLASLt on the step's shapes at the power cap, outputs
+#                                     checked → OUT/gemm-sm90-smi.csv
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -53,7 +56,7 @@ sampled() {
   "${@:2}"
   kill $smi
   echo "SM clock, power (W), throttle reasons while it ran:"
-  tail -n +2 "$2" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12
+  tail -n +2 "$1" | cut -d, -f2,3,5 | sort | uniq -c | sort -rn | head -12
 }
 case "${1:-}" in
   parity)
@@ -102,11 +105,13 @@ case "${1:-}" in
     sampled "${2:-/tmp}/$1-smi.csv" "/tmp/klein/$1" ;;
   gemm-search)
     sampled "${2:-/tmp}/$1-smi.csv" /tmp/klein/gemm-algos search ;;
+  gemm-sm90)
+    sampled "${2:-/tmp}/$1-smi.csv" timeout 300 /tmp/klein/gemm-sm90 ;;
   vae-algos)
     for algo in implicit-precomp-gemm auto implicit-gemm; do
       /tmp/klein/klein-bench --device cuda:0 components --only vae \
         --sizes 512,768,1024 --vae-dtypes f32 --iters 3 --vae-conv-algorithm "$algo" \
         --json "${2:-/tmp}/vae-$algo.json"
     done ;;
-  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|gemm-algos|gemm-search|vae-algos [OUT]" >&2; exit 64 ;;
+  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|gemm-algos|gemm-search|gemm-sm90|vae-algos [OUT]" >&2; exit 64 ;;
 esac

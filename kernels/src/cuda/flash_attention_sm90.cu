@@ -37,6 +37,7 @@
 #include <stdint.h>
 
 #include "qk_norm_rope.cuh"
+#include "sm90.cuh"
 
 namespace {
 
@@ -56,31 +57,6 @@ constexpr int V_STRIP = 16;
 // Bytes of a K or V tile of n keys.
 __host__ __device__ constexpr uint32_t kv_bytes(int n) { return n * HD * 2; }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-
-// Waits until at most N of this warpgroup's committed groups are pending.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-
-// Keeps the compiler from moving accesses to wgmma operands across its issue and wait.
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
 template <int N>
 __device__ __forceinline__ void fence_registers(uint32_t (&d)[N][4]) {
 #pragma unroll
@@ -88,47 +64,6 @@ __device__ __forceinline__ void fence_registers(uint32_t (&d)[N][4]) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[i][e])::"memory");
   }
-}
-
-// Hands registers back (the producer) or takes them (the consumers): every warp of the
-// warpgroup runs it.
-template <int REGS>
-__device__ __forceinline__ void shrink_registers() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
-
-template <int REGS>
-__device__ __forceinline__ void grow_registers() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-
-// This thread expects `bytes` more to land on `bar` (and arrives on it).
-__device__ __forceinline__ void mbar_expect(uint32_t bar, uint32_t bytes) {
-  asm volatile(
-      "{\n.reg .b64 state;\n"
-      "mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
-      "r"(bytes)
-      : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile(
-      "{\n.reg .b64 state;\n"
-      "mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar)
-      : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nwait:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
 }
 
 // One box of a (batch, head, row, col) tensor map into shared memory; completion counted on bar.
@@ -147,14 +82,6 @@ __device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap* map, i
                                          int batch, uint32_t bar) {
   tma_load(dst, map, 0, row0, head, batch, bar);
   tma_load(dst + ROWS * 128, map, 64, row0, head, batch, bar);
-}
-
-// A shared-memory matrix descriptor with 128-byte swizzling: start address, leading and stride
-// byte offsets.
-__device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, uint32_t stride) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>(leading >> 4) << 16) |
-         (static_cast<uint64_t>(stride >> 4) << 32) | (1ull << 62);
 }
 
 // The accumulator operands of an m64n128 wgmma (64) and of an m64n144 one (72).
@@ -230,11 +157,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
       ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
       : ACC_64
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // Issues S = Q·Kᵀ over the head dim in 16-wide steps: 4 per 64-column half, 32 bytes apart in
@@ -365,10 +287,6 @@ struct Schedule {
 // sum.
 constexpr int PART_O = 64 * 128;
 constexpr int PART_FLOATS = PART_O + 4 * 128;
-
-__device__ __forceinline__ void named_barrier(int id) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
-}
 
 // Q's per-head RMSNorm (weight after rounding) and interleaved RoPE, in place on this consumer
 // warpgroup's 64 rows of the Q tile at `rows` (query q0 + r in row r): 16 threads a row, thread
