@@ -40,17 +40,6 @@ __device__ __forceinline__ int global_warp() {
   return (blockIdx.x * blockDim.x + threadIdx.x) / 32;
 }
 
-// Eight bf16 values held in 16 bytes, as floats.
-__device__ __forceinline__ void unpack8(const uint4& u, float* f) {
-  const bf16x2* h = reinterpret_cast<const bf16x2*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
 // V consecutive bf16 values as floats: V = 8 is one 16-byte access (the pointer 16-byte
 // aligned), V = 2 one 4-byte access.
 template <int V>

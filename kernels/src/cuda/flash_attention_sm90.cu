@@ -298,16 +298,8 @@ __device__ __forceinline__ void norm_rope_q(uint32_t rows, int t, int q0, int s_
                                             float eps) {
   const int l = t % 16;
   float wv[8];
-  {
-    const uint4 raw = *reinterpret_cast<const uint4*>(w + 8 * l);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      wv[2 * i] = f.x;
-      wv[2 * i + 1] = f.y;
-    }
-  }
+  const uint4 raw = *reinterpret_cast<const uint4*>(w + 8 * l);
+  unpack8(raw, wv);
 #pragma unroll 4
   for (int i = 0; i < 8; ++i) {
     const int r = 8 * i + t / 16, q = q0 + r;
@@ -317,12 +309,7 @@ __device__ __forceinline__ void norm_rope_q(uint32_t rows, int t, int q0, int s_
                  : "=r"(u[0]), "=r"(u[1]), "=r"(u[2]), "=r"(u[3])
                  : "r"(at));
     float v[8];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u[e]));
-      v[2 * e] = f.x;
-      v[2 * e + 1] = f.y;
-    }
+    unpack8(*reinterpret_cast<const uint4*>(u), v);
     const float rstd = head_rstd(v, eps);
     if (q >= s_q) continue;
     const size_t row = (size_t)(rope_offset + q) * 64;
@@ -331,10 +318,7 @@ __device__ __forceinline__ void norm_rope_q(uint32_t rows, int t, int q0, int s_
     float y[8];
     norm_rope8(v, rstd, wv, c, sn, y);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const __nv_bfloat162 b = __floats2bfloat162_rn(y[2 * e], y[2 * e + 1]);
-      u[e] = *reinterpret_cast<const uint32_t*>(&b);
-    }
+    for (int e = 0; e < 4; ++e) u[e] = pack_bf16(y[2 * e], y[2 * e + 1]);
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(u[0]), "r"(u[1]),
                  "r"(u[2]), "r"(u[3])
                  : "memory");

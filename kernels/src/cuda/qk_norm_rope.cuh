@@ -1,10 +1,23 @@
 // The arithmetic of FLUX.2's per-head QK RMSNorm + interleaved RoPE on eight consecutive
 // columns of a head (pairs 4l..4l+3 of a 16-byte chunk l), shared by the norm kernel
 // (elementwise.cu) and Hopper's attention, which applies it to Q in shared memory, so that both
-// give the same bits.
+// give the same bits; and the 16-byte bf16 unpacking both read their chunks with.
 #pragma once
 
+#include <cuda_bf16.h>
+
 namespace {
+
+// Eight bf16 values held in 16 bytes, as floats.
+__device__ __forceinline__ void unpack8(const uint4& u, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
 
 // y = RoPE(round(round(v · rstd) · w)) for the chunk's four pairs: the normalised value rounded
 // to bf16, times the weight rounded again (transformers' RMSNorm), then rotated in f32 (FLUX.2
