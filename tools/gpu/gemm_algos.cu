@@ -71,13 +71,7 @@ cublasStatus_t run(Bench& b, const Problem& p, const cublasLtMatmulAlgo_t& algo,
 
 // Mean ms of `calls` back-to-back calls.
 float turn(Bench& b, const Problem& p, const cublasLtMatmulAlgo_t& algo, int calls) {
-  cudaEventRecord(b.start);
-  for (int c = 0; c < calls; c++) run(b, p, algo, b.y);
-  cudaEventRecord(b.stop);
-  cudaEventSynchronize(b.stop);
-  float t = 0;
-  cudaEventElapsedTime(&t, b.start, b.stop);
-  return t / calls;
+  return mean_ms(b.start, b.stop, [&] { run(b, p, algo, b.y); }, calls);
 }
 
 template <typename T>

@@ -1,5 +1,5 @@
-// What the matmul probes (gemm_power.cu, gemm_algos.cu) share: a status check that returns from
-// main, and random bf16 operands.
+// What the matmul probes (gemm_power.cu, gemm_algos.cu, gemm_sm90.cu) share: a status check that
+// returns from main, random bf16 operands, the mean time of back-to-back calls.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -26,4 +26,16 @@ __global__ void fill_normal(__nv_bfloat16* p, size_t n, unsigned seed, float sca
   g ^= g >> 15;
   float u1 = ((h & 0xffff) + 1) / 65537.f, u2 = ((g >> 8) & 0xffff) / 65536.f;
   p[i] = __float2bfloat16(sqrtf(-2.f * logf(u1)) * cospif(2.f * u2) * scale);
+}
+
+// Mean ms per call of `calls` back-to-back calls of f, timed with events a and b.
+template <class F>
+float mean_ms(cudaEvent_t a, cudaEvent_t b, F&& f, int calls) {
+  cudaEventRecord(a);
+  for (int c = 0; c < calls; c++) f();
+  cudaEventRecord(b);
+  cudaEventSynchronize(b);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  return ms / calls;
 }

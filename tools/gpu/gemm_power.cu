@@ -43,14 +43,16 @@ float time_calls(cublasLtHandle_t lt, const Gemm& g, const void* w, const void* 
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
-  cudaEventRecord(start);
-  for (int i = 0; i < calls; i++)
-    cublasLtMatmul(lt, g.op, &one, w, g.a, x, g.b, &zero, y, g.d, y, g.d, &g.algo, ws, workspace, 0);
-  cudaEventRecord(stop);
-  cudaEventSynchronize(stop);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, start, stop);
-  return ms / calls;
+  const float ms = mean_ms(
+      start, stop,
+      [&] {
+        cublasLtMatmul(lt, g.op, &one, w, g.a, x, g.b, &zero, y, g.d, y, g.d, &g.algo, ws,
+                       workspace, 0);
+      },
+      calls);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return ms;
 }
 
 int main() {

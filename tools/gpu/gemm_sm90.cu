@@ -58,16 +58,6 @@ struct Shape {
   const char* name;
 };
 
-float turn(cudaEvent_t a, cudaEvent_t b, const std::function<void()>& f, int calls) {
-  cudaEventRecord(a);
-  for (int c = 0; c < calls; c++) f();
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float t = 0;
-  cudaEventElapsedTime(&t, a, b);
-  return t / calls;
-}
-
 int run() {
   const size_t n_w = (size_t)27648 * 12288, n_x = (size_t)4608 * 12288, n_y = (size_t)4608 * 27648;
   __nv_bfloat16 *w, *x, *y, *y_ref;
@@ -146,10 +136,10 @@ int run() {
     const std::pair<const char*, std::function<void()>> cands[] = {
         {"cuBLASLt first choice", cublas}, {"ours", ours}};
     const int calls = std::max(4, (int)(40e-3 * 700e12 / flop));
-    turn(ev0, ev1, cublas, std::max(4, (int)(300e-3 * 700e12 / flop)));
+    mean_ms(ev0, ev1, cublas, std::max(4, (int)(300e-3 * 700e12 / flop)));
     std::vector<std::vector<float>> ms(2);
     for (int r = 0; r < 7; r++)
-      for (int i = 0; i < 2; i++) ms[i].push_back(turn(ev0, ev1, cands[i].second, calls));
+      for (int i = 0; i < 2; i++) ms[i].push_back(mean_ms(ev0, ev1, cands[i].second, calls));
     CHECK(cudaGetLastError());
     float first = 0;
     for (int i = 0; i < 2; i++) {
