@@ -262,14 +262,14 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
     let (img_p, txt_p) = (&qkv[0], &qkv[1]);
     let cols = |p: &Tensor, i: usize| p.narrow(D::Minus1, i * DIM, DIM);
     part(
-        "double: joint [txt; img] QK norm + RoPE (q or k)".into(),
+        "double: joint [txt; img] QK norm + RoPE (k; q's runs in the attention)".into(),
         "kernel",
-        2 * DOUBLE,
+        DOUBLE,
         None,
         &mut || {
             klein_kernels::qk_norm_rope_joint(
-                (&cols(txt_p, 0)?, &norm_w),
-                (&cols(img_p, 0)?, &norm_w),
+                (&cols(txt_p, 1)?, &norm_w),
+                (&cols(img_p, 1)?, &norm_w),
                 &cos,
                 &sin,
                 HEADS,
@@ -278,13 +278,31 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
         },
     )?;
     let (v_txt, v_img) = (heads(txt_p, 2 * DIM)?, heads(img_p, 2 * DIM)?);
-    let q = randn(&[1, HEADS, s, HEAD_DIM], dev)?;
+    let q_norm = klein_kernels::QNorm {
+        weight: norm_w.clone(),
+        cos: cos.clone(),
+        sin: sin.clone(),
+        rope_offset: 0,
+        eps: 1e-6,
+    };
     part(
-        format!("double: flash attention {HEADS} × {s} × {HEAD_DIM}, v read from both projections"),
+        format!(
+            "double: flash attention {HEADS} × {s} × {HEAD_DIM}, q's norm + RoPE inside, q and v read from both projections"
+        ),
         "attention",
         DOUBLE,
         Some(attention_flops),
-        &mut || klein_kernels::flash_attention_split_v(&q, &k, &v_txt, &v_img),
+        &mut || {
+            klein_kernels::flash_attention_split_v_norm_q(
+                &cols(txt_p, 0)?,
+                &q_norm,
+                &cols(img_p, 0)?,
+                &norm_w,
+                &k,
+                &v_txt,
+                &v_img,
+            )
+        },
     )?;
     Ok(rows)
 }

@@ -30,7 +30,11 @@ mod sm90;
 /// [`flash_attention_split_v`] concatenates where the kernel does not apply).
 /// `q_norm`: q comes as a projection's raw rows (B, S_q, H·128) and Hopper's kernel applies
 /// the per-head RMSNorm and interleaved RoPE to each query tile as it lands
-/// ([`flash_attention_with_swiglu_norm_q`]; no other kernel takes it).
+/// ([`flash_attention_with_swiglu_norm_q`]; no other kernel takes it). `q_tail` (with
+/// `q_norm`): (rows, weight), a second projection's raw q rows (B, S_t, H·128) for the queries
+/// after q's (q's rows a multiple of 128), normalised with their own weight and RoPE rows
+/// continuing after q's ([`flash_attention_split_v_norm_q`]: the double block's text then image
+/// queries).
 #[derive(Debug, Clone)]
 pub struct FlashAttention {
     pub scale: f32,
@@ -39,6 +43,7 @@ pub struct FlashAttention {
     pub out_cols: Option<usize>,
     pub v_tail: Option<Tensor>,
     pub q_norm: Option<QNorm>,
+    pub q_tail: Option<(Tensor, Tensor)>,
 }
 
 /// The query side of FLUX.2's QK norm, as [`crate::qk_norm_rope`] takes it with
@@ -88,6 +93,10 @@ const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 /// (`V_STRIP` in `flash_attention_sm90.cu`): the first part must hold whole strips.
 const SM90_V_STRIP: usize = 16;
 
+/// Query rows of a tile of Hopper's kernel (`BLOCK_M` in `flash_attention_sm90.cu`): the queries
+/// before a tail must be whole tiles.
+const SM90_Q_TILE: usize = 128;
+
 /// Whether [`flash_attention`] runs the CUDA kernel for these queries (B, H, S, hd).
 pub fn flash_attention_fused(q: &Tensor) -> bool {
     q.dims()
@@ -127,6 +136,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         out_cols: None,
         v_tail: None,
         q_norm: None,
+        q_tail: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -157,8 +167,77 @@ pub fn flash_attention_split_v(
         out_cols: None,
         v_tail: Some(kernel_layout(v_tail)?),
         q_norm: None,
+        q_tail: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
+}
+
+/// [`flash_attention_split_v`] of the joint queries `qk_norm_rope_joint((q_rows, norm.weight),
+/// (q_tail_rows, tail_weight), norm.cos, norm.sin, H, norm.eps)`: q_rows (B, S, H·hd) and
+/// q_tail_rows (B, S_t, H·hd), each a projection's q columns (rows may be strided), take RoPE
+/// rows 0..S and S..S + S_t (`norm.rope_offset` must be 0). Hopper's kernel reads both in place
+/// and normalises and rotates each query tile as it lands, the same bits as the joint norm
+/// kernel's (FLUX.2's double block: the text then the image queries, one pass over q less);
+/// elsewhere, or where S is not whole 128-row tiles, the norm kernel runs first.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_split_v_norm_q(
+    q_rows: &Tensor,
+    norm: &QNorm,
+    q_tail_rows: &Tensor,
+    tail_weight: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    v_tail: &Tensor,
+) -> Result<Tensor> {
+    if norm.rope_offset != 0 {
+        bail!(
+            "flash attention: the joint queries take RoPE rows from 0, not {}",
+            norm.rope_offset
+        );
+    }
+    let (_, h, _, hd) = k.dims4()?;
+    let fits = |rows: &Tensor| {
+        rows.dims3().is_ok_and(|(_, _, c)| c == h * hd)
+            && q_heads(rows.layout()).is_ok_and(|l| strides(&l).is_some())
+            && !rows.stride().contains(&0)
+    };
+    let (s, s_t) = (q_rows.dim(1)?, q_tail_rows.dim(1)?);
+    let tail_norm = QNorm {
+        weight: tail_weight.clone(),
+        ..norm.clone()
+    };
+    let in_kernel = cfg!(klein_sm90a)
+        && flash_attention_fused(k)
+        && hd == Q_HD
+        && fits(q_rows)
+        && fits(q_tail_rows)
+        && s.is_multiple_of(SM90_Q_TILE)
+        && norm.check(s + s_t, hd).is_ok()
+        && tail_norm.check(s + s_t, hd).is_ok()
+        && v.dim(1)? == h
+        && v.dim(2)?.is_multiple_of(SM90_V_STRIP)
+        && [k, v, v_tail].iter().all(|t| !t.stride().contains(&0));
+    if !in_kernel {
+        let q = crate::qk_norm_rope_joint(
+            (q_rows, &norm.weight),
+            (q_tail_rows, tail_weight),
+            &norm.cos,
+            &norm.sin,
+            h,
+            norm.eps,
+        )?;
+        return flash_attention_split_v(&q, k, v, v_tail);
+    }
+    let op = FlashAttention {
+        scale: 1.0 / (hd as f32).sqrt(),
+        causal: false,
+        key_mask: None,
+        out_cols: None,
+        v_tail: Some(kernel_layout(v_tail)?),
+        q_norm: Some(norm.clone()),
+        q_tail: Some((q_tail_rows.clone(), tail_weight.clone())),
+    };
+    q_rows.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
 
 /// `cat([flash_attention(q, k, v), swiglu(gate, up)], -1)` without the concatenation: on CUDA
@@ -204,6 +283,7 @@ fn joint_with_swiglu(
         out_cols: Some(h * hd + f),
         v_tail: None,
         q_norm,
+        q_tail: None,
     };
     let joint = q.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
     joint
@@ -318,6 +398,7 @@ pub fn masked_attention(
         out_cols: None,
         v_tail: None,
         q_norm: None,
+        q_tail: None,
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -507,14 +588,47 @@ impl CustomOp3 for FlashAttention {
         const BLOCK_N: usize = 32;
         let heads_of_rows;
         let ql = match &self.q_norm {
-            Some(norm) => {
+            Some(_) => {
                 heads_of_rows = q_heads(ql)?;
-                norm.check(heads_of_rows.dims()[2], Q_HD)?;
                 &heads_of_rows
             }
             None => ql,
         };
-        let d = self.dims(ql, kl, vl)?;
+        let q_tail_storage = self
+            .q_tail
+            .as_ref()
+            .map(|(rows, weight)| (rows.storage_and_layout(), weight));
+        let q_tail = match (&q_tail_storage, &self.q_norm) {
+            (Some(((storage, rows), weight)), Some(_)) => {
+                let candle_core::Storage::Cuda(storage) = &**storage else {
+                    bail!("flash attention: q's tail is not on the GPU");
+                };
+                let heads = q_heads(rows)?;
+                let (b, h, _, _) = ql.shape().dims4()?;
+                if heads.dims()[..2] != [b, h]
+                    || strides(&heads).is_none()
+                    || heads.stride().contains(&0)
+                    || weight.dtype() != DType::BF16
+                    || !weight.is_contiguous()
+                    || weight.dims() != [Q_HD]
+                {
+                    bail!(
+                        "flash attention: the kernel cannot read q's tail {:?} (weight {:?}) with q {:?}",
+                        rows.shape(),
+                        weight.shape(),
+                        ql.shape()
+                    );
+                }
+                Some((storage, heads))
+            }
+            (Some(_), None) => bail!("flash attention: q's tail comes with q's norm"),
+            (None, _) => None,
+        };
+        let mut d = self.dims(ql, kl, vl)?;
+        d.s_q += q_tail.as_ref().map_or(0, |(_, l)| l.dims()[2]);
+        if let Some(norm) = &self.q_norm {
+            norm.check(d.s_q, Q_HD)?;
+        }
         let (b, h, s_q, hd) = (d.b, d.h, d.s_q, d.hd);
         let layout = |l: &Layout| match strides(l) {
             Some(s) => Ok(KernelStrides(s)),
@@ -564,6 +678,10 @@ impl CustomOp3 for FlashAttention {
             }
             None => None,
         };
+        let tail_weight_storage = self
+            .q_tail
+            .as_ref()
+            .map(|(_, weight)| weight.storage_and_layout());
         let norm_storage = self.q_norm.as_ref().map(|n| {
             (
                 n,
@@ -580,8 +698,18 @@ impl CustomOp3 for FlashAttention {
                 else {
                     bail!("flash attention: q's norm weight or RoPE tables are not on the GPU");
                 };
+                let tail_weight = match &tail_weight_storage {
+                    Some((ts, tl)) => {
+                        let candle_core::Storage::Cuda(ts) = &**ts else {
+                            bail!("flash attention: q's tail weight is not on the GPU");
+                        };
+                        Some(view::<bf16>(ts, tl)?)
+                    }
+                    None => None,
+                };
                 Some(sm90::QNormArgs {
                     weight: view::<bf16>(w, wl)?,
+                    tail_weight,
                     cos: view::<f32>(c, cl)?,
                     sin: view::<f32>(s, sl)?,
                     rope_offset: n.rope_offset as i32,
@@ -597,6 +725,7 @@ impl CustomOp3 for FlashAttention {
                 (ks, kl),
                 (vs, vl),
                 tail,
+                q_tail.as_ref().map(|(storage, l)| (*storage, l)),
                 q_norm,
                 d,
                 self.scale,

@@ -42,8 +42,8 @@ mod swiglu;
 
 pub use attention::{
     FlashAttention, QNorm, flash_attention, flash_attention_applies, flash_attention_f32_applies,
-    flash_attention_fused, flash_attention_split_v, flash_attention_with_swiglu,
-    flash_attention_with_swiglu_norm_q, masked_attention,
+    flash_attention_fused, flash_attention_split_v, flash_attention_split_v_norm_q,
+    flash_attention_with_swiglu, flash_attention_with_swiglu_norm_q, masked_attention,
 };
 pub use conv::{
     Conv, ConvPrecision, ConvWeights, Prologue, Tf32Split, conv_fused, conv2d, conv2d_with,

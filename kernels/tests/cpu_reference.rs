@@ -24,6 +24,7 @@ fn unmasked(scale: f32) -> FlashAttention {
         out_cols: None,
         v_tail: None,
         q_norm: None,
+        q_tail: None,
     }
 }
 
@@ -186,6 +187,49 @@ fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
     Ok(())
 }
 
+/// The double block's joint queries (text then image rows, each stream's weight, RoPE rows
+/// continuing) normalised for the attention equal normalising each stream first; the queries
+/// must start at RoPE row 0.
+#[test]
+fn attention_with_joint_q_norm_equals_normalising_each_stream_first() -> Result<()> {
+    let dev = Device::Cpu;
+    let (h, hd, txt, img) = (2, 128, 5, 7);
+    let rows = |s: usize| randn(&[1, s, h * hd], DType::F32, &dev);
+    let heads = |s: usize| randn(&[1, h, s, hd], DType::F32, &dev);
+    let (q_txt, q_img) = (rows(txt)?, rows(img)?);
+    let (k, v_txt, v_img) = (heads(txt + img)?, heads(txt)?, heads(img)?);
+    let (cos, sin) = rope_tables(txt + img, hd, &dev)?;
+    let weight = || -> Result<Tensor> { (randn(&[hd], DType::F32, &dev)? * 0.3)? + 1.0 };
+    let (w_txt, w_img) = (weight()?, weight()?);
+    let mut norm = klein_kernels::QNorm {
+        weight: w_txt.clone(),
+        cos: cos.clone(),
+        sin: sin.clone(),
+        rope_offset: 0,
+        eps: 1e-6,
+    };
+    let got = klein_kernels::flash_attention_split_v_norm_q(
+        &q_txt, &norm, &q_img, &w_img, &k, &v_txt, &v_img,
+    )?;
+    let normed = |x: &Tensor, w: &Tensor, offset: usize| {
+        reference::qk_norm_rope(x, w, &cos, &sin, h, offset, 1e-6, RopeStyle::Interleaved)
+    };
+    let q = Tensor::cat(
+        &[normed(&q_txt, &w_txt, 0)?, normed(&q_img, &w_img, txt)?],
+        2,
+    )?;
+    let want = reference::attention(&q, &k, &Tensor::cat(&[&v_txt, &v_img], 2)?)?;
+    check("attention with the joint q's norm", DType::F32, &got, &want)?;
+    norm.rope_offset = 1;
+    assert!(
+        klein_kernels::flash_attention_split_v_norm_q(
+            &q_txt, &norm, &q_img, &w_img, &k, &v_txt, &v_img
+        )
+        .is_err()
+    );
+    Ok(())
+}
+
 /// The single block with q's norm in the attention: the raw q columns of a projection give
 /// what normalising and rotating them first gives (on the CPU the function runs exactly that;
 /// Hopper's kernel is held to the same bits by the GPU suite), and the op itself refuses q_norm
@@ -236,6 +280,7 @@ fn attention_with_q_norm_equals_normalising_q_first() -> Result<()> {
     check("attention with q's norm", DType::F32, &got, &want)?;
     let op = FlashAttention {
         q_norm: Some(norm),
+        q_tail: None,
         ..unmasked(1.0 / (hd as f32).sqrt())
     };
     let err = q_rows.apply_op3_no_bwd(&k, &v, &op).unwrap_err();
@@ -411,6 +456,7 @@ fn masked_attention_matches_the_composition() -> Result<()> {
                 out_cols: None,
                 v_tail: None,
                 q_norm: None,
+                q_tail: None,
             };
             let got = q.apply_op3_no_bwd(&k, &v, &op)?;
             let want = reference::masked_attention(&q, &k, &v, &mask, causal)?;

@@ -398,6 +398,69 @@ fn q_norm_in_the_attention_changes_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The double block's joint queries normalised and rotated inside Hopper's attention, each
+/// stream's from its own projection with its own weight (the kernel switches Q's tensor map and
+/// weight at the text/image boundary), give exactly what the joint norm kernel then the
+/// attention give: the 1024² step's 512 + 4096, a batch of two, a partial last image tile, and
+/// a text part that is not whole 128-row tiles (the norm kernel path).
+#[test]
+fn joint_q_norm_in_the_attention_changes_nothing() -> Result<()> {
+    let dev = gpu();
+    let (d, h, hd) = (3072, 24, 128);
+    for (b, txt, img) in [(1, 512, 4096), (2, 256, 768), (1, 128, 1000), (1, 77, 300)] {
+        let (p_txt, p_img) = (
+            randn(&[b, txt, 3 * d], DType::BF16, &dev)?,
+            randn(&[b, img, 3 * d], DType::BF16, &dev)?,
+        );
+        let cols = |p: &Tensor, i: usize| p.narrow(D::Minus1, i * d, d);
+        let values = |p: &Tensor| -> Result<Tensor> {
+            let rows = p.dim(1)?;
+            p.reshape((b, rows, 3 * d / hd, hd))?
+                .narrow(2, 2 * h, h)?
+                .transpose(1, 2)
+        };
+        let (cos, sin) = rope_tables(txt + img, hd, &dev)?;
+        let weight = || -> Result<Tensor> { (randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0 };
+        let (w_txt, w_img, wk_txt, wk_img) = (weight()?, weight()?, weight()?, weight()?);
+        let joint = |i: usize, w_a: &Tensor, w_b: &Tensor| {
+            klein_kernels::qk_norm_rope_joint(
+                (&cols(&p_txt, i)?, w_a),
+                (&cols(&p_img, i)?, w_b),
+                &cos,
+                &sin,
+                h,
+                1e-6,
+            )
+        };
+        let k = joint(1, &wk_txt, &wk_img)?;
+        let (v_txt, v_img) = (values(&p_txt)?, values(&p_img)?);
+        let norm = klein_kernels::QNorm {
+            weight: w_txt.clone(),
+            cos: cos.clone(),
+            sin: sin.clone(),
+            rope_offset: 0,
+            eps: 1e-6,
+        };
+        let got = klein_kernels::flash_attention_split_v_norm_q(
+            &cols(&p_txt, 0)?,
+            &norm,
+            &cols(&p_img, 0)?,
+            &w_img,
+            &k,
+            &v_txt,
+            &v_img,
+        )?;
+        let q = joint(0, &w_txt, &w_img)?;
+        let want = klein_kernels::flash_attention_split_v(&q, &k, &v_txt, &v_img)?;
+        let rel = rel_l2(&got, &want)?;
+        println!(
+            "joint q's norm in the attention, batch {b}, {txt} + {img} tokens: rel-L2 {rel:.2e}"
+        );
+        assert_eq!(rel, 0.0, "batch {b}, {txt} + {img} tokens");
+    }
+    Ok(())
+}
+
 /// The double block's values read in place from two projections (text rows, then image rows;
 /// Hopper's kernel switches tensor maps at the 512-key boundary, loading the key tile across it
 /// in 16-row strips: 144-key tiles at the 1024² step's 4608 keys, 128-key ones elsewhere) give

@@ -162,8 +162,9 @@ fn heads(x: &Tensor, col: usize, cfg: &Config) -> Result<Tensor> {
 /// `transformer_blocks.{i}.attn` (`Flux2Attention`): separate image and text projections.
 /// Each stream's q, k and v projections (`to_q`, `to_k`, `to_v`; `add_q_proj`, `add_k_proj`,
 /// `add_v_proj`) are stacked into one (3D, D) weight at load: one GEMM per stream. The joint
-/// norm + RoPE kernel reads the q and k columns of both in place, and the attention reads the
-/// text then the image v columns in place ([`klein_kernels::flash_attention_split_v`]).
+/// norm + RoPE kernel reads the k columns of both in place, and the attention reads the text
+/// then the image q and v columns in place, normalising and rotating the queries itself
+/// ([`klein_kernels::flash_attention_split_v_norm_q`]).
 #[derive(Debug, Clone)]
 pub struct Flux2Attention {
     /// `to_q`, `to_k`, `to_v`.
@@ -211,13 +212,6 @@ impl Flux2Attention {
         let (p_txt, p_img) = (self.add_qkv_proj.forward(txt)?, self.to_qkv.forward(img)?);
         let cols = |p: &Tensor, i: usize| p.narrow(D::Minus1, i * d, d);
         // Joint sequence [txt; img]: the image tokens take RoPE rows after the text's.
-        let q = self.norm_added_q.forward_joint_rope(
-            &cols(&p_txt, 0)?,
-            &self.norm_q,
-            &cols(&p_img, 0)?,
-            rope,
-            h,
-        )?;
         let k = self.norm_added_k.forward_joint_rope(
             &cols(&p_txt, 1)?,
             &self.norm_k,
@@ -226,9 +220,25 @@ impl Flux2Attention {
             h,
         )?;
         let (v_txt, v_img) = (heads(&p_txt, 2 * d, cfg)?, heads(&p_img, 2 * d, cfg)?);
-        let o = if klein_kernels::flash_attention_fused(&q) {
-            klein_kernels::flash_attention_split_v(&q, &k, &v_txt, &v_img)?
+        // The kernel applies each stream's q norm and RoPE itself.
+        let o = if klein_kernels::flash_attention_fused(&k) {
+            klein_kernels::flash_attention_split_v_norm_q(
+                &cols(&p_txt, 0)?,
+                &self.norm_added_q.query(rope, 0),
+                &cols(&p_img, 0)?,
+                self.norm_q.weight(),
+                &k,
+                &v_txt,
+                &v_img,
+            )?
         } else {
+            let q = self.norm_added_q.forward_joint_rope(
+                &cols(&p_txt, 0)?,
+                &self.norm_q,
+                &cols(&p_img, 0)?,
+                rope,
+                h,
+            )?;
             attention(&q, &k, &Tensor::cat(&[v_txt, v_img], 2)?, &cfg.attention)?
         };
         let total = o.dim(1)?;

@@ -45,8 +45,15 @@ impl QkNorm {
         )
     }
 
+    /// The norm's weight (hd), as the attention takes a second stream's
+    /// ([`klein_kernels::flash_attention_split_v_norm_q`]).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// This norm and RoPE rows `rope_offset..` as the attention takes them for its queries
-    /// ([`klein_kernels::flash_attention_with_swiglu_norm_q`]).
+    /// ([`klein_kernels::flash_attention_with_swiglu_norm_q`],
+    /// [`klein_kernels::flash_attention_split_v_norm_q`]).
     pub fn query(&self, rope: &Rope, rope_offset: usize) -> klein_kernels::QNorm {
         klein_kernels::QNorm {
             weight: self.weight.clone(),

@@ -61,9 +61,11 @@ fn tensor_map(ptr: sys::CUdeviceptr, l: &Layout, rows: usize) -> Result<TensorMa
     }
 }
 
-/// What the kernel needs to normalise and rotate Q itself ([`super::QNorm`] on the device).
+/// What the kernel needs to normalise and rotate Q itself ([`super::QNorm`] on the device), with
+/// Q's tail's weight where the queries come in two parts.
 pub(super) struct QNormArgs<'a> {
     pub weight: CudaView<'a, bf16>,
+    pub tail_weight: Option<CudaView<'a, bf16>>,
     pub cos: CudaView<'a, f32>,
     pub sin: CudaView<'a, f32>,
     pub rope_offset: i32,
@@ -73,7 +75,8 @@ pub(super) struct QNormArgs<'a> {
 /// Unmasked attention with head dim 128 (H_kv = H) into a fresh (B, S_q, d.cols) buffer; with
 /// `v_tail`, the values of the keys past v's rows come from it (v's rows a multiple of
 /// [`super::SM90_V_STRIP`]); with `q_norm`, q holds raw heads that the kernel normalises and
-/// rotates.
+/// rotates, and with `q_tail` (heads laid out as q's) the queries past q's rows (a multiple of
+/// [`BLOCK_M`]) come from it, normalised with `q_norm`'s tail weight.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     dev: &CudaDevice,
@@ -81,6 +84,7 @@ pub(super) fn forward(
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
     v_tail: Option<(&CudaStorage, &Layout)>,
+    q_tail: Option<(&CudaStorage, &Layout)>,
     q_norm: Option<QNormArgs<'_>>,
     d: Dims,
     scale: f32,
@@ -136,6 +140,24 @@ pub(super) fn forward(
             )
         }
         None => (maps.2, v_strips, i32::MAX),
+    };
+    let q_tail = match q_tail {
+        Some((ts, tl)) => Some((view::<bf16>(ts, tl)?, tl)),
+        None => None,
+    };
+    let q_tail_ptr = q_tail.as_ref().map(|(t, tl)| (t.device_ptr(&stream), *tl));
+    // Without a tail every query row is below q_split (the tail's map is q's, never read).
+    let (q_tail_map, q_split) = match &q_tail_ptr {
+        Some(((ptr, _), tl)) => {
+            let q_rows = ql.dims()[2];
+            if !q_rows.is_multiple_of(BLOCK_M) {
+                candle_core::bail!(
+                    "flash attention: q's {q_rows} rows before its tail are not whole {BLOCK_M}-row tiles"
+                );
+            }
+            (tensor_map(*ptr, tl, BLOCK_M)?, q_rows as i32)
+        }
+        None => (maps.0, i32::MAX),
     };
     let out = unsafe { dev.alloc::<bf16>(d.b * d.s_q * d.cols)? };
     let (s_q, s_kv, heads) = (d.s_q as i32, d.s_kv as i32, d.h as i32);
@@ -196,6 +218,11 @@ pub(super) fn forward(
             .arg(&none)
             .arg(&no_offset)
             .arg(&no_eps),
+    };
+    launch.arg(&q_tail_map).arg(&q_split);
+    match q_norm.as_ref().and_then(|n| n.tail_weight.as_ref()) {
+        Some(w) => launch.arg(w),
+        None => launch.arg(&none),
     };
     unsafe { launch.launch(cfg) }.w()?;
     Ok(out)

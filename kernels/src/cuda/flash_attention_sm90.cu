@@ -28,7 +28,7 @@
 // S_j only, computes its softmax while P·V runs on the tensor cores, then waits for P·V,
 // rescales O and packs P_j.
 //
-// With q_weight (FLUX.2's single block), Q holds the projection's raw q heads: each consumer
+// With q_weight (FLUX.2's blocks), Q holds the projections' raw q heads: each consumer
 // warpgroup applies the per-head RMSNorm and interleaved RoPE to its 64 rows of a Q tile in
 // shared memory as the tile lands (norm_rope_q), what qk_norm_rope_interleaved128_bf16 would
 // have written, bit for bit.
@@ -428,7 +428,8 @@ __device__ __forceinline__ void attend(
     int s_q, int s_kv, int heads, float scale_log2, long long out_batch_stride,
     long long out_row_stride, int q_tiles, int tiles, int rounds, int split_blocks,
     float* partials, unsigned* arrivals, const bf16* q_weight, const float* q_cos,
-    const float* q_sin, int q_rope_offset, float q_eps) {
+    const float* q_sin, int q_rope_offset, float q_eps, const CUtensorMap& q_tail, int q_split,
+    const bf16* q_tail_weight) {
   extern __shared__ __align__(1024) unsigned char smem[];
   // The swizzle pattern repeats every 1024 bytes: tiles start on that boundary.
   const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
@@ -481,7 +482,11 @@ __device__ __forceinline__ void attend(
       const int b = bh / heads, h = bh % heads;
       if (n > 0) mbar_wait(q_empty, (n - 1) & 1);
       mbar_expect(q_full, Q_BYTES);
-      tma_tile<BLOCK_M>(sq, &q, m0, h, b, q_full);
+      if (m0 < q_split) {
+        tma_tile<BLOCK_M>(sq, &q, m0, h, b, q_full);
+      } else {
+        tma_tile<BLOCK_M>(sq, &q_tail, m0 - q_split, h, b, q_full);
+      }
       for (int j = kb0; j < kb1; ++j, ++c) {
         const int t = c % STAGES, use = c / STAGES;
         if (use > 0) mbar_wait(k_empty(t), (use - 1) & 1);
@@ -537,8 +542,9 @@ __device__ __forceinline__ void attend(
     const int count = kb1 - kb0;
     mbar_wait(q_full, n & 1);
     if (q_weight != nullptr) {
-      norm_rope_q(q_rows, threadIdx.x % 128, (tile % q_tiles) * BLOCK_M + wg * 64, s_q, q_weight,
-                  q_cos, q_sin, q_rope_offset, q_eps);
+      const int m0 = (tile % q_tiles) * BLOCK_M;
+      norm_rope_q(q_rows, threadIdx.x % 128, m0 + wg * 64, s_q,
+                  m0 < q_split ? q_weight : q_tail_weight, q_cos, q_sin, q_rope_offset, q_eps);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       named_barrier(1 + wg);
     }
@@ -605,8 +611,11 @@ __device__ __forceinline__ void attend(
 // split); the output; the schedule (Schedule) and its partial results: `partials` holds
 // 2 · split_blocks slots of 2 · PART_FLOATS, `arrivals` one zeroed counter per split tile and
 // consumer warpgroup; Q's norm weight (128 bf16, null: Q is used as it comes), RoPE tables
-// (rows of 64 f32 cos / sin, query q at row q_rope_offset + q) and eps. Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles,
-// the mbarriers (`shared_bytes` in kernels/src/attention/sm90.rs).
+// (rows of 64 f32 cos / sin, query q at row q_rope_offset + q) and eps; Q's tail: query rows
+// from q_split on (a multiple of BLOCK_M) come from q_tail (row − q_split), normalised with
+// q_tail_weight (FLUX.2's double block: the text then the image queries, each from its own
+// projection). Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles, the
+// mbarriers (`shared_bytes` in kernels/src/attention/sm90.rs).
 #define ATTENTION_PARAMS                                                                      \
   const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,               \
       const __grid_constant__ CUtensorMap v, const __grid_constant__ CUtensorMap v_tail,      \
@@ -615,11 +624,12 @@ __device__ __forceinline__ void attend(
       int s_kv, int heads, float scale_log2, long long out_batch_stride,                      \
       long long out_row_stride, int q_tiles, int tiles, int rounds, int split_blocks,         \
       float* partials, unsigned* arrivals, const bf16* q_weight, const float* q_cos,           \
-      const float* q_sin, int q_rope_offset, float q_eps
+      const float* q_sin, int q_rope_offset, float q_eps,                                     \
+      const __grid_constant__ CUtensorMap q_tail, int q_split, const bf16* q_tail_weight
 #define ATTENTION_ARGS                                                                        \
   q, k, v, v_tail, v_strips, v_tail_strips, v_split, out, s_q, s_kv, heads, scale_log2,       \
       out_batch_stride, out_row_stride, q_tiles, tiles, rounds, split_blocks, partials, arrivals, \
-      q_weight, q_cos, q_sin, q_rope_offset, q_eps
+      q_weight, q_cos, q_sin, q_rope_offset, q_eps, q_tail, q_split, q_tail_weight
 
 // Key tiles of 128 keys, three slots a ring.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
