@@ -278,13 +278,6 @@ pub fn run(dev: &Device, iters: usize) -> Result<Vec<PartRow>> {
         },
     )?;
     let (v_txt, v_img) = (heads(txt_p, 2 * DIM)?, heads(img_p, 2 * DIM)?);
-    let q_norm = klein_kernels::QNorm {
-        weight: norm_w.clone(),
-        cos: cos.clone(),
-        sin: sin.clone(),
-        rope_offset: 0,
-        eps: 1e-6,
-    };
     part(
         format!(
             "double: flash attention {HEADS} × {s} × {HEAD_DIM}, q's norm + RoPE inside, q and v read from both projections"

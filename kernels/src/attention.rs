@@ -403,6 +403,18 @@ pub fn masked_attention(
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
 
+/// The CUDA storage behind a tensor's storage guard (`what` names the tensor in the error).
+#[cfg(feature = "cuda")]
+fn on_gpu<'a>(
+    storage: &'a candle_core::Storage,
+    what: &str,
+) -> Result<&'a candle_core::CudaStorage> {
+    match storage {
+        candle_core::Storage::Cuda(s) => Ok(s),
+        _ => bail!("flash attention: {what} is not on the GPU"),
+    }
+}
+
 /// One input's (batch, head, row) strides, as the kernels' `Strides`.
 #[cfg(feature = "cuda")]
 #[repr(C)]
@@ -600,9 +612,7 @@ impl CustomOp3 for FlashAttention {
             .map(|(rows, weight)| (rows.storage_and_layout(), weight));
         let q_tail = match (&q_tail_storage, &self.q_norm) {
             (Some(((storage, rows), weight)), Some(_)) => {
-                let candle_core::Storage::Cuda(storage) = &**storage else {
-                    bail!("flash attention: q's tail is not on the GPU");
-                };
+                let storage = on_gpu(storage, "q's tail")?;
                 let heads = q_heads(rows)?;
                 let (b, h, _, _) = ql.shape().dims4()?;
                 if heads.dims()[..2] != [b, h]
@@ -665,9 +675,7 @@ impl CustomOp3 for FlashAttention {
         let tail_storage = self.v_tail.as_ref().map(Tensor::storage_and_layout);
         let tail = match &tail_storage {
             Some((storage, layout)) => {
-                let candle_core::Storage::Cuda(storage) = &**storage else {
-                    bail!("flash attention: v's tail is not on the GPU");
-                };
+                let storage = on_gpu(storage, "v's tail")?;
                 if strides(layout).is_none() || layout.stride().contains(&0) {
                     bail!(
                         "flash attention: the kernel cannot read v's tail {:?} in place",
@@ -699,12 +707,7 @@ impl CustomOp3 for FlashAttention {
                     bail!("flash attention: q's norm weight or RoPE tables are not on the GPU");
                 };
                 let tail_weight = match &tail_weight_storage {
-                    Some((ts, tl)) => {
-                        let candle_core::Storage::Cuda(ts) = &**ts else {
-                            bail!("flash attention: q's tail weight is not on the GPU");
-                        };
-                        Some(view::<bf16>(ts, tl)?)
-                    }
+                    Some((ts, tl)) => Some(view::<bf16>(on_gpu(ts, "q's tail weight")?, tl)?),
                     None => None,
                 };
                 Some(sm90::QNormArgs {
@@ -782,12 +785,7 @@ impl CustomOp3 for FlashAttention {
         let causal = i32::from(self.causal);
         let mask_storage = self.key_mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask_storage {
-            Some((storage, layout)) => {
-                let candle_core::Storage::Cuda(storage) = &**storage else {
-                    bail!("flash attention: the key mask is not on the GPU");
-                };
-                Some(view::<u32>(storage, layout)?)
-            }
+            Some((storage, layout)) => Some(view::<u32>(on_gpu(storage, "the key mask")?, layout)?),
             None => None,
         };
         // The masked kernel takes a null pointer for "no key mask".
