@@ -129,15 +129,7 @@ pub fn flash_attention_f32_applies(device: &Device, head_dim: usize) -> bool {
 /// [`flash_attention_fused`] (bf16) or [`flash_attention_f32_applies`] (f32), the plain Rust
 /// forward on the CPU.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let op = FlashAttention {
-        scale: 1.0 / (q.dim(3)? as f32).sqrt(),
-        causal: false,
-        key_mask: None,
-        out_cols: None,
-        v_tail: None,
-        q_norm: None,
-        q_tail: None,
-    };
+    let op = FlashAttention::unmasked(q.dim(3)?);
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
 
@@ -161,13 +153,8 @@ pub fn flash_attention_split_v(
         return flash_attention(q, k, &Tensor::cat(&[v, v_tail], 2)?);
     }
     let op = FlashAttention {
-        scale: 1.0 / (hd as f32).sqrt(),
-        causal: false,
-        key_mask: None,
-        out_cols: None,
         v_tail: Some(kernel_layout(v_tail)?),
-        q_norm: None,
-        q_tail: None,
+        ..FlashAttention::unmasked(hd)
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -229,13 +216,10 @@ pub fn flash_attention_split_v_norm_q(
         return flash_attention_split_v(&q, k, v, v_tail);
     }
     let op = FlashAttention {
-        scale: 1.0 / (hd as f32).sqrt(),
-        causal: false,
-        key_mask: None,
-        out_cols: None,
         v_tail: Some(kernel_layout(v_tail)?),
         q_norm: Some(norm.clone()),
         q_tail: Some((q_tail_rows.clone(), tail_weight.clone())),
+        ..FlashAttention::unmasked(hd)
     };
     q_rows.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -277,13 +261,9 @@ fn joint_with_swiglu(
     let (h, hd) = (heads, k.dim(3)?);
     let f = gate.dim(D::Minus1)?;
     let op = FlashAttention {
-        scale: 1.0 / (hd as f32).sqrt(),
-        causal: false,
-        key_mask: None,
         out_cols: Some(h * hd + f),
-        v_tail: None,
         q_norm,
-        q_tail: None,
+        ..FlashAttention::unmasked(hd)
     };
     let joint = q.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)?;
     joint
@@ -392,13 +372,9 @@ pub fn masked_attention(
         return reference::masked_attention(q, k, v, key_mask, causal);
     }
     let op = FlashAttention {
-        scale: 1.0 / (q.dim(3)? as f32).sqrt(),
         causal,
         key_mask: Some(key_mask.to_dtype(DType::U32)?.contiguous()?),
-        out_cols: None,
-        v_tail: None,
-        q_norm: None,
-        q_tail: None,
+        ..FlashAttention::unmasked(q.dim(3)?)
     };
     kernel_layout(q)?.apply_op3_no_bwd(&kernel_layout(k)?, &kernel_layout(v)?, &op)
 }
@@ -437,6 +413,20 @@ struct Dims {
 }
 
 impl FlashAttention {
+    /// Every key attended with `scale = 1/√head_dim`, the output as the heads alone, nothing
+    /// split or normalised: the base the public functions set their options on.
+    pub fn unmasked(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            causal: false,
+            key_mask: None,
+            out_cols: None,
+            v_tail: None,
+            q_norm: None,
+            q_tail: None,
+        }
+    }
+
     /// The call's shapes, after checking the op's contract.
     fn dims(&self, q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
         let (b, h, s_q, hd) = q.shape().dims4()?;
