@@ -518,8 +518,10 @@ impl CustomOp3 for FlashAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if self.q_norm.is_some() {
-            bail!("flash attention: only Hopper's kernel normalises q (q_norm)");
+        if self.q_norm.is_some() || self.q_tail.is_some() {
+            bail!(
+                "flash attention: only Hopper's kernel normalises q or reads its tail (q_norm, q_tail)"
+            );
         }
         let d = self.dims(ql, kl, vl)?;
         let (q, k) = (cpu::read(qs, ql)?, cpu::read(ks, kl)?);

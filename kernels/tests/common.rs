@@ -1,8 +1,10 @@
-//! Random inputs and error measures shared by the CPU reference and GPU parity tests.
+//! Random inputs, QK norm set-ups and error measures shared by the CPU reference and GPU parity
+//! tests.
 
 #![allow(dead_code)]
 
 use candle_core::{D, DType, Device, Result, Tensor};
+use klein_kernels::QNorm;
 
 /// Standard-normal tensor of `shape` as `dtype` (drawn in f32).
 pub fn randn(shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
@@ -39,4 +41,21 @@ pub fn modulation(b: usize, d: usize, dtype: DType, dev: &Device) -> Result<Vec<
 pub fn rope_tables(rows: usize, hd: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
     let angles = (Tensor::rand(0f32, 1.0, (rows, hd / 2), dev)? * std::f64::consts::TAU)?;
     Ok((angles.cos()?, angles.sin()?))
+}
+
+/// A QK norm weight (hd) around 1, as `dtype`.
+pub fn norm_weight(hd: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    (randn(&[hd], dtype, dev)? * 0.3)? + 1.0
+}
+
+/// The query side of the QK norm with `weight`, the RoPE tables from row `rope_offset` on and
+/// eps 1e-6, as the attention takes it.
+pub fn q_norm(weight: &Tensor, (cos, sin): (&Tensor, &Tensor), rope_offset: usize) -> QNorm {
+    QNorm {
+        weight: weight.clone(),
+        cos: cos.clone(),
+        sin: sin.clone(),
+        rope_offset,
+        eps: 1e-6,
+    }
 }

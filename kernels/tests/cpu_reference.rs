@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{D, DType, Device, Result, Tensor};
-use common::{max_rel, modulation, randn, rel_l2, rope_tables};
+use common::{max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables};
 use klein_kernels::{
     ChannelAffine, FlashAttention, GateResidual, GateResidualNorm, GroupMoments, GroupNorm,
     GroupNormAffine, JointQkNormRope, LayerNormModulate, QkNormRope, RmsNorm, RopeStyle, SwiGlu,
@@ -14,19 +14,6 @@ use klein_kernels::{
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
 const BF16_ULP: f32 = 1.0 / 256.0;
-
-/// Unmasked attention over every key, at `scale`.
-fn unmasked(scale: f32) -> FlashAttention {
-    FlashAttention {
-        scale,
-        causal: false,
-        key_mask: None,
-        out_cols: None,
-        v_tail: None,
-        q_norm: None,
-        q_tail: None,
-    }
-}
 
 fn check(name: &str, dtype: DType, got: &Tensor, want: &Tensor) -> Result<()> {
     check_conditioned(name, dtype, got, want, 1.0)
@@ -169,7 +156,7 @@ fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
         p.narrow(D::Minus1, 3 * h * hd, f)?,
         p.narrow(D::Minus1, 3 * h * hd + f, f)?,
     );
-    let op = unmasked(0.25);
+    let op = FlashAttention::unmasked(hd);
     let strided = q.apply_op3_no_bwd(&k, &v, &op)?;
     let dense = q
         .contiguous()?
@@ -189,7 +176,7 @@ fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
 
 /// The double block's joint queries (text then image rows, each stream's weight, RoPE rows
 /// continuing) normalised for the attention equal normalising each stream first; the queries
-/// must start at RoPE row 0.
+/// must start at RoPE row 0, and the op refuses q's tail off Hopper.
 #[test]
 fn attention_with_joint_q_norm_equals_normalising_each_stream_first() -> Result<()> {
     let dev = Device::Cpu;
@@ -199,15 +186,11 @@ fn attention_with_joint_q_norm_equals_normalising_each_stream_first() -> Result<
     let (q_txt, q_img) = (rows(txt)?, rows(img)?);
     let (k, v_txt, v_img) = (heads(txt + img)?, heads(txt)?, heads(img)?);
     let (cos, sin) = rope_tables(txt + img, hd, &dev)?;
-    let weight = || -> Result<Tensor> { (randn(&[hd], DType::F32, &dev)? * 0.3)? + 1.0 };
-    let (w_txt, w_img) = (weight()?, weight()?);
-    let mut norm = klein_kernels::QNorm {
-        weight: w_txt.clone(),
-        cos: cos.clone(),
-        sin: sin.clone(),
-        rope_offset: 0,
-        eps: 1e-6,
-    };
+    let (w_txt, w_img) = (
+        norm_weight(hd, DType::F32, &dev)?,
+        norm_weight(hd, DType::F32, &dev)?,
+    );
+    let mut norm = q_norm(&w_txt, (&cos, &sin), 0);
     let got = klein_kernels::flash_attention_split_v_norm_q(
         &q_txt, &norm, &q_img, &w_img, &k, &v_txt, &v_img,
     )?;
@@ -220,6 +203,17 @@ fn attention_with_joint_q_norm_equals_normalising_each_stream_first() -> Result<
     )?;
     let want = reference::attention(&q, &k, &Tensor::cat(&[&v_txt, &v_img], 2)?)?;
     check("attention with the joint q's norm", DType::F32, &got, &want)?;
+    // The op itself reads q's tail only on Hopper: on the CPU it refuses it, with or without
+    // q's norm.
+    for q_norm in [None, Some(norm.clone())] {
+        let op = FlashAttention {
+            q_norm,
+            q_tail: Some((q_img.clone(), w_img.clone())),
+            ..FlashAttention::unmasked(hd)
+        };
+        let err = q_txt.apply_op3_no_bwd(&k, &v_txt, &op).unwrap_err();
+        assert!(err.to_string().contains("only Hopper's kernel"), "{err}");
+    }
     norm.rope_offset = 1;
     assert!(
         klein_kernels::flash_attention_split_v_norm_q(
@@ -251,13 +245,7 @@ fn attention_with_q_norm_equals_normalising_q_first() -> Result<()> {
     );
     let q_rows = p.narrow(D::Minus1, 0, h * hd)?;
     let (cos, sin) = rope_tables(3 + s, hd, &dev)?;
-    let norm = klein_kernels::QNorm {
-        weight: ((randn(&[hd], DType::F32, &dev)? * 0.3)? + 1.0)?,
-        cos: cos.clone(),
-        sin: sin.clone(),
-        rope_offset: 3,
-        eps: 1e-6,
-    };
+    let norm = q_norm(&norm_weight(hd, DType::F32, &dev)?, (&cos, &sin), 3);
     let got =
         klein_kernels::flash_attention_with_swiglu_norm_q(&q_rows, &norm, &k, &v, &gate, &up)?;
     let q = reference::qk_norm_rope(
@@ -280,8 +268,7 @@ fn attention_with_q_norm_equals_normalising_q_first() -> Result<()> {
     check("attention with q's norm", DType::F32, &got, &want)?;
     let op = FlashAttention {
         q_norm: Some(norm),
-        q_tail: None,
-        ..unmasked(1.0 / (hd as f32).sqrt())
+        ..FlashAttention::unmasked(hd)
     };
     let err = q_rows.apply_op3_no_bwd(&k, &v, &op).unwrap_err();
     assert!(err.to_string().contains("only Hopper's kernel"), "{err}");
@@ -300,7 +287,7 @@ fn split_values_equal_their_concatenation() -> Result<()> {
     let v_txt = randn(&[1, h, s_txt, hd], DType::F32, &dev)?;
     let v_img = randn(&[1, h, s_img, hd], DType::F32, &dev)?;
     let cat = Tensor::cat(&[&v_txt, &v_img], 2)?;
-    let op = unmasked(0.25);
+    let op = FlashAttention::unmasked(hd);
     let want = q.apply_op3_no_bwd(&k, &cat, &op)?;
     let split = FlashAttention {
         v_tail: Some(v_img.clone()),
@@ -420,7 +407,7 @@ fn flash_attention_matches_the_composition() -> Result<()> {
         let q = randn(&[2, 3, 37, 32], dtype, &dev)?;
         let k = randn(&[2, 3, 70, 32], dtype, &dev)?;
         let v = randn(&[2, 3, 70, 32], dtype, &dev)?;
-        let op = unmasked(1.0 / 32f32.sqrt());
+        let op = FlashAttention::unmasked(32);
         let got = q.apply_op3_no_bwd(&k, &v, &op)?;
         check(
             "flash_attention",
@@ -450,13 +437,9 @@ fn masked_attention_matches_the_composition() -> Result<()> {
         let v = randn(&[2, 2, 37, 32], dtype, &dev)?;
         for causal in [true, false] {
             let op = FlashAttention {
-                scale: 1.0 / 32f32.sqrt(),
                 causal,
                 key_mask: Some(mask.clone()),
-                out_cols: None,
-                v_tail: None,
-                q_norm: None,
-                q_tail: None,
+                ..FlashAttention::unmasked(32)
             };
             let got = q.apply_op3_no_bwd(&k, &v, &op)?;
             let want = reference::masked_attention(&q, &k, &v, &mask, causal)?;
@@ -665,7 +648,7 @@ fn ops_refuse_inputs_outside_their_contract() -> Result<()> {
     let dev = Device::Cpu;
     let q = randn(&[1, 2, 5, 16], DType::F32, &dev)?;
     let k = randn(&[1, 2, 7, 8], DType::F32, &dev)?;
-    let op = unmasked(0.25);
+    let op = FlashAttention::unmasked(16);
     let err = q.apply_op3_no_bwd(&k, &k, &op).unwrap_err();
     assert!(err.to_string().contains("do not match"), "{err}");
     let k = randn(&[1, 2, 7, 16], DType::F32, &dev)?;

@@ -10,7 +10,7 @@ use candle_core::{
     D, DType, Device, Result, Tensor,
     quantized::{GgmlDType, QTensor},
 };
-use common::{max_rel, modulation, randn, rel_l2, rope_tables};
+use common::{max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables};
 use klein_kernels::{RopeStyle, reference};
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
@@ -370,13 +370,7 @@ fn q_norm_in_the_attention_changes_nothing() -> Result<()> {
             p.narrow(D::Minus1, 3 * d + f, f)?,
         );
         let (cos, sin) = rope_tables(offset + s, hd, &dev)?;
-        let norm = klein_kernels::QNorm {
-            weight: ((randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0)?,
-            cos: cos.clone(),
-            sin: sin.clone(),
-            rope_offset: offset,
-            eps: 1e-6,
-        };
+        let norm = q_norm(&norm_weight(hd, DType::BF16, &dev)?, (&cos, &sin), offset);
         let q_rows = p.narrow(D::Minus1, 0, d)?;
         let got =
             klein_kernels::flash_attention_with_swiglu_norm_q(&q_rows, &norm, &k, &v, &gate, &up)?;
@@ -420,7 +414,7 @@ fn joint_q_norm_in_the_attention_changes_nothing() -> Result<()> {
                 .transpose(1, 2)
         };
         let (cos, sin) = rope_tables(txt + img, hd, &dev)?;
-        let weight = || -> Result<Tensor> { (randn(&[hd], DType::BF16, &dev)? * 0.3)? + 1.0 };
+        let weight = || norm_weight(hd, DType::BF16, &dev);
         let (w_txt, w_img, wk_txt, wk_img) = (weight()?, weight()?, weight()?, weight()?);
         let joint = |i: usize, w_a: &Tensor, w_b: &Tensor| {
             klein_kernels::qk_norm_rope_joint(
@@ -434,13 +428,7 @@ fn joint_q_norm_in_the_attention_changes_nothing() -> Result<()> {
         };
         let k = joint(1, &wk_txt, &wk_img)?;
         let (v_txt, v_img) = (values(&p_txt)?, values(&p_img)?);
-        let norm = klein_kernels::QNorm {
-            weight: w_txt.clone(),
-            cos: cos.clone(),
-            sin: sin.clone(),
-            rope_offset: 0,
-            eps: 1e-6,
-        };
+        let norm = q_norm(&w_txt, (&cos, &sin), 0);
         let got = klein_kernels::flash_attention_split_v_norm_q(
             &cols(&p_txt, 0)?,
             &norm,
