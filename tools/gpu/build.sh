@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CUDA release binaries on this (GPU-less) machine and packs them, stripped and
 # xz-compressed, into tools/gpu/bin/ (git-ignored) for the GPU machine:
-#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, gemm-power, gemm-algos, gemm-sm90, and the CUDA test binaries
+#   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, gemm-power, gemm-algos, gemm-sm90,
+#   gemm-overlap, and the CUDA test binaries
 #   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
 #   golden suite, klein-tests e2e_goldens; the kernels' GPU parity tests, klein-kernels gpu_parity).
 # Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
@@ -36,6 +37,10 @@ xz -T2 -6 -c /tmp/gemm-algos > "$out/gemm-algos.xz"
 nvcc -std=c++17 -O2 --use_fast_math -arch=sm_90a -cudart shared -o /tmp/gemm-sm90 \
   tools/gpu/gemm_sm90.cu -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt -lcuda
 xz -T2 -6 -c /tmp/gemm-sm90 > "$out/gemm-sm90.xz"
+# The double blocks' text products on a second stream beside the image's (gemm-overlap).
+nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/gemm-overlap tools/gpu/gemm_overlap.cu \
+  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
+xz -T2 -6 -c /tmp/gemm-overlap > "$out/gemm-overlap.xz"
 # The gateway and the klein client run no model: CPU builds, half the size of CUDA ones.
 CARGO_TARGET_DIR=target RUSTFLAGS= cargo build --release --locked -p gateway --bins
 for bin in gateway klein; do
