@@ -36,10 +36,8 @@ struct Shape {
   const char* name;
 };
 
-struct Problem {
-  cublasLtMatmulDesc_t op;
-  cublasLtMatrixLayout_t a, b, d;
-};
+// A shape's operation and layouts (lt_describe; the algorithm is each candidate's).
+using Problem = LtGemm;
 
 const size_t kWorkspace = 32u << 20;
 const float kOne = 1.f, kZero = 0.f;
@@ -51,17 +49,6 @@ struct Bench {
   float* diff;
   cudaEvent_t start, stop;
 };
-
-// y (tokens × out) = x (tokens × in) · Wᵀ, row-major: column-major D (out × tokens) = Wᵀ · x.
-int describe(const Shape& s, Problem* p) {
-  CHECK(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  cublasOperation_t t = CUBLAS_OP_T;
-  CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
-  CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, s.in, s.out, s.in));
-  CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, s.in, s.tokens, s.in));
-  CHECK(cublasLtMatrixLayoutCreate(&p->d, CUDA_R_16BF, s.out, s.tokens, s.out));
-  return 0;
-}
 
 cublasStatus_t run(Bench& b, const Problem& p, const cublasLtMatmulAlgo_t& algo,
                    __nv_bfloat16* dst) {
@@ -241,7 +228,7 @@ int main(int argc, char** argv) {
   for (int k = 0; k < (search ? searched : 8); k++) {
     const Shape& s = shapes[k];
     Problem p;
-    CHECK(describe(s, &p));
+    CHECK(lt_describe(s.tokens, s.in, s.out, &p));
     cublasLtMatmulPreference_t pref;
     CHECK(cublasLtMatmulPreferenceCreate(&pref));
     CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,

@@ -10,9 +10,6 @@
 // the card below its power cap much of the time; in the whole step at the cap the side stream
 // gained ~0.1 ms, within the rounds' spread (docs/performance.md), and was not kept.
 // Built by tools/gpu/build.sh; run by tools/gpu/device.sh gemm-overlap.
-#include <cublasLt.h>
-#include <cuda_bf16.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <vector>
@@ -20,38 +17,18 @@
 #include "gemm_common.cuh"
 
 const size_t kWorkspace = 32u << 20;
-const float kOne = 1.f, kZero = 0.f;
 
+// A product with its own random W and the heuristic's first choice.
 struct Gemm {
-  int tokens, in, out;
+  LtGemm lt;
   __nv_bfloat16* w;
-  cublasLtMatmulDesc_t op;
-  cublasLtMatrixLayout_t a, b, d;
-  cublasLtMatmulAlgo_t algo;
 };
 
-// y (tokens × out) = x (tokens × in) · Wᵀ with its own random W and the heuristic's first choice.
 int make(cublasLtHandle_t lt, int tokens, int in, int out, unsigned seed, Gemm* g) {
-  g->tokens = tokens, g->in = in, g->out = out;
   const size_t n = (size_t)in * out;
   CHECK(cudaMalloc(&g->w, n * 2));
   fill_normal<<<(n + 255) / 256, 256>>>(g->w, n, seed, 0.02f);
-  CHECK(cublasLtMatmulDescCreate(&g->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  cublasOperation_t t = CUBLAS_OP_T;
-  CHECK(cublasLtMatmulDescSetAttribute(g->op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t));
-  CHECK(cublasLtMatrixLayoutCreate(&g->a, CUDA_R_16BF, in, out, in));
-  CHECK(cublasLtMatrixLayoutCreate(&g->b, CUDA_R_16BF, in, tokens, in));
-  CHECK(cublasLtMatrixLayoutCreate(&g->d, CUDA_R_16BF, out, tokens, out));
-  cublasLtMatmulPreference_t pref;
-  CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                             &kWorkspace, sizeof kWorkspace));
-  cublasLtMatmulHeuristicResult_t r;
-  int found = 0;
-  CHECK(cublasLtMatmulAlgoGetHeuristic(lt, g->op, g->a, g->b, g->d, g->d, pref, 1, &r, &found));
-  if (found == 0) return 1;
-  g->algo = r.algo;
-  return cublasLtMatmulPreferenceDestroy(pref);
+  return lt_plan(lt, kWorkspace, tokens, in, out, &g->lt);
 }
 
 struct Lane {
@@ -61,8 +38,7 @@ struct Lane {
 };
 
 void run(cublasLtHandle_t lt, const Gemm& g, const Lane& l) {
-  cublasLtMatmul(lt, g.op, &kOne, g.w, g.a, l.x, g.b, &kZero, l.y, g.d, l.y, g.d, &g.algo, l.ws,
-                 kWorkspace, l.stream);
+  lt_run(lt, g.lt, g.w, l.x, l.y, l.ws, kWorkspace, l.stream);
 }
 
 int main() {

@@ -19,7 +19,6 @@
 namespace probe {
 
 const size_t kWorkspace = 32u << 20;
-const float kOne = 1.f, kZero = 0.f;
 constexpr int kShared = 4 * (128 * 64 * 2 + 256 * 64 * 2) + 4 * 64 * 64 * 2 + 1024 + 16 * 4 + 24;
 
 // A tensor map over a row-major bf16 matrix (batch, rows, cols) whose rows are `ld` elements
@@ -91,26 +90,9 @@ int run() {
       {1101, 3072, 1000, "partial tiles"},
   };
   for (const Shape& s : shapes) {
-    // cuBLASLt: column-major D (out × tokens) = Wᵀ · x.
-    cublasLtMatmulDesc_t op;
-    cublasLtMatrixLayout_t la, lb, ld;
-    CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t tr = CUBLAS_OP_T;
-    CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tr, sizeof tr));
-    CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, s.in, s.out, s.in));
-    CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, s.in, s.tokens, s.in));
-    CHECK(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, s.out, s.tokens, s.out));
-    cublasLtMatmulPreference_t pref;
-    CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                               &kWorkspace, sizeof kWorkspace));
-    cublasLtMatmulHeuristicResult_t found;
-    int n_found = 0;
-    CHECK(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, ld, ld, pref, 1, &found, &n_found));
-    const auto cublas = [&] {
-      cublasLtMatmul(lt, op, &kOne, w, la, x, lb, &kZero, y_ref, ld, y_ref, ld, &found.algo, ws,
-                     kWorkspace, 0);
-    };
+    LtGemm g;
+    CHECK(lt_plan(lt, kWorkspace, s.tokens, s.in, s.out, &g));
+    const auto cublas = [&] { lt_run(lt, g, w, x, y_ref, ws, kWorkspace); };
     const CUtensorMap ma = tensor_map(x, 3, 1, s.tokens, s.in, s.in, 128);
     const CUtensorMap mb = tensor_map(w, 2, 1, s.out, s.in, s.in, 128);
     const CUtensorMap mc = tensor_map(y, 3, 1, s.tokens, s.out, s.out, 64);
@@ -150,11 +132,7 @@ int run() {
                   cands[i].first, med, ms[i].front(), ms[i].back(), flop / (med * 1e-3) / 1e12,
                   med / first);
     }
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(ld);
-    cublasLtMatmulDescDestroy(op);
+    lt_destroy(g);
   }
   return 0;
 }
