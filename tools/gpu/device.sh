@@ -29,6 +29,8 @@
 #   tools/gpu/device.sh gemm-overlap OUT five double blocks' products with the text stream's on
 #                                     one stream or on a second one beside the image's
 #                                     → OUT/gemm-overlap-smi.csv
+#   tools/gpu/device.sh l2-rate OUT   the SMs' read rate from L2-resident buffers
+#                                     → OUT/l2-rate-smi.csv
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -104,7 +106,7 @@ case "${1:-}" in
     done
     echo "process peak (nvidia-smi now): $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)"
     kill $pid; wait 2>/dev/null; grep -E "ERROR|WARN" "${2:-/tmp}/serve.log" | tail -5 ;;
-  gemm-power | gemm-algos | gemm-overlap)
+  gemm-power | gemm-algos | gemm-overlap | l2-rate)
     sampled "${2:-/tmp}/$1-smi.csv" "/tmp/klein/$1" ;;
   gemm-search)
     sampled "${2:-/tmp}/$1-smi.csv" /tmp/klein/gemm-algos search ;;
@@ -116,5 +118,5 @@ case "${1:-}" in
         --sizes 512,768,1024 --vae-dtypes f32 --iters 3 --vae-conv-algorithm "$algo" \
         --json "${2:-/tmp}/vae-$algo.json"
     done ;;
-  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|gemm-algos|gemm-search|gemm-sm90|gemm-overlap|vae-algos [OUT]" >&2; exit 64 ;;
+  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|gemm-algos|gemm-search|gemm-sm90|gemm-overlap|l2-rate|vae-algos [OUT]" >&2; exit 64 ;;
 esac
