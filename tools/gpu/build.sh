@@ -2,7 +2,7 @@
 # Builds the CUDA release binaries on this (GPU-less) machine and packs them, stripped and
 # xz-compressed, into tools/gpu/bin/ (git-ignored) for the GPU machine:
 #   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, gemm-power, gemm-algos, gemm-sm90,
-#   gemm-overlap, l2-rate, and the CUDA test binaries
+#   gemm-overlap, l2-rate, clusters, and the CUDA test binaries
 #   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
 #   golden suite, klein-tests e2e_goldens; the kernels' GPU parity tests, klein-kernels gpu_parity).
 # Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
@@ -45,6 +45,10 @@ xz -T2 -6 -c /tmp/gemm-overlap > "$out/gemm-overlap.xz"
 nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/l2-rate tools/gpu/l2_rate.cu \
   -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
 xz -T2 -6 -c /tmp/l2-rate > "$out/l2-rate.xz"
+# How many clusters of persistent blocks stay resident (clusters).
+nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/clusters tools/gpu/clusters.cu \
+  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
+xz -T2 -6 -c /tmp/clusters > "$out/clusters.xz"
 # The gateway and the klein client run no model: CPU builds, half the size of CUDA ones.
 CARGO_TARGET_DIR=target RUSTFLAGS= cargo build --release --locked -p gateway --bins
 for bin in gateway klein; do

@@ -31,6 +31,8 @@
 #                                     → OUT/gemm-overlap-smi.csv
 #   tools/gpu/device.sh l2-rate OUT   the SMs' read rate from L2-resident buffers
 #                                     → OUT/l2-rate-smi.csv
+#   tools/gpu/device.sh clusters OUT  how many clusters of 1, 2, 4 persistent blocks (the
+#                                     attention's and the GEMM probe's shapes) stay resident
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -110,6 +112,8 @@ case "${1:-}" in
     sampled "${2:-/tmp}/$1-smi.csv" "/tmp/klein/$1" ;;
   gemm-search)
     sampled "${2:-/tmp}/$1-smi.csv" /tmp/klein/gemm-algos search ;;
+  clusters)
+    /tmp/klein/clusters ;;
   gemm-sm90)
     sampled "${2:-/tmp}/$1-smi.csv" timeout 300 /tmp/klein/gemm-sm90 ;;
   vae-algos)
@@ -118,5 +122,5 @@ case "${1:-}" in
         --sizes 512,768,1024 --vae-dtypes f32 --iters 3 --vae-conv-algorithm "$algo" \
         --json "${2:-/tmp}/vae-$algo.json"
     done ;;
-  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|gemm-algos|gemm-search|gemm-sm90|gemm-overlap|l2-rate|vae-algos [OUT]" >&2; exit 64 ;;
+  *) echo "usage: $0 parity|kernels|components|diffusers|stack|serve|gemm-power|gemm-algos|gemm-search|gemm-sm90|gemm-overlap|l2-rate|clusters|vae-algos [OUT]" >&2; exit 64 ;;
 esac
