@@ -25,30 +25,26 @@ for bin in klein-bench encoder-svc denoiser-svc vae-svc; do
   strip -o "/tmp/$bin" "$CARGO_TARGET_DIR/release/$bin"
   xz -T2 -6 -c "/tmp/$bin" > "$out/$bin.xz"
 done
-# The matmul-rate probe (tools/gpu/device.sh gemm-power): CUDA C++ against cuBLASLt.
-nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/gemm-power tools/gpu/gemm_power.cu \
-  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
-xz -T2 -6 -c /tmp/gemm-power > "$out/gemm-power.xz"
-# Which cuBLASLt algorithm runs each of the step's GEMMs fastest at the power cap (gemm-algos).
-nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/gemm-algos tools/gpu/gemm_algos.cu \
-  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
-xz -T2 -6 -c /tmp/gemm-algos > "$out/gemm-algos.xz"
-# Klein's own Hopper GEMM against cuBLASLt at the power cap (gemm-sm90).
-nvcc -std=c++17 -O2 --use_fast_math -arch=sm_90a -cudart shared -o /tmp/gemm-sm90 \
-  tools/gpu/gemm_sm90.cu -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt -lcuda
-xz -T2 -6 -c /tmp/gemm-sm90 > "$out/gemm-sm90.xz"
-# The double blocks' text products on a second stream beside the image's (gemm-overlap).
-nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/gemm-overlap tools/gpu/gemm_overlap.cu \
-  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
-xz -T2 -6 -c /tmp/gemm-overlap > "$out/gemm-overlap.xz"
-# The SMs' read rate from L2 (l2-rate).
-nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/l2-rate tools/gpu/l2_rate.cu \
-  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
-xz -T2 -6 -c /tmp/l2-rate > "$out/l2-rate.xz"
-# How many clusters of persistent blocks stay resident (clusters).
-nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o /tmp/clusters tools/gpu/clusters.cu \
-  -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" -lcublasLt
-xz -T2 -6 -c /tmp/clusters > "$out/clusters.xz"
+# The probes (tools/gpu/device.sh <name>), CUDA C++: probe NAME SOURCE [nvcc flags and libraries].
+probe() {
+  local name=$1 src=$2
+  shift 2
+  nvcc -std=c++17 -O2 -arch=sm_90a -cudart shared -o "/tmp/$name" "tools/gpu/$src" \
+    -L"$CUDA_HOME/lib64" -L"$_klein_cuda_lib" "$@"
+  xz -T2 -6 -c "/tmp/$name" > "$out/$name.xz"
+}
+# The bf16 matmul rate in bursts and sustained.
+probe gemm-power gemm_power.cu -lcublasLt
+# Which cuBLASLt algorithm runs each of the step's GEMMs fastest at the power cap.
+probe gemm-algos gemm_algos.cu -lcublasLt
+# Klein's own Hopper GEMM against cuBLASLt at the power cap.
+probe gemm-sm90 gemm_sm90.cu --use_fast_math -lcublasLt -lcuda
+# The double blocks' text products on a second stream beside the image's.
+probe gemm-overlap gemm_overlap.cu -lcublasLt
+# The SMs' read rate from L2.
+probe l2-rate l2_rate.cu
+# How many clusters of persistent blocks stay resident.
+probe clusters clusters.cu
 # The gateway and the klein client run no model: CPU builds, half the size of CUDA ones.
 CARGO_TARGET_DIR=target RUSTFLAGS= cargo build --release --locked -p gateway --bins
 for bin in gateway klein; do

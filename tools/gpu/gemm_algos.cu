@@ -20,7 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#include "gemm_common.cuh"
+#include "lt_gemm.cuh"
 
 // The largest |a − b| over n values, into *out (one float, zeroed by the caller).
 __global__ void max_diff(const __nv_bfloat16* a, const __nv_bfloat16* b, size_t n, float* out) {
@@ -40,7 +40,6 @@ struct Shape {
 using Problem = LtGemm;
 
 const size_t kWorkspace = 32u << 20;
-const float kOne = 1.f, kZero = 0.f;
 
 struct Bench {
   cublasLtHandle_t lt;
@@ -52,8 +51,7 @@ struct Bench {
 
 cublasStatus_t run(Bench& b, const Problem& p, const cublasLtMatmulAlgo_t& algo,
                    __nv_bfloat16* dst) {
-  return cublasLtMatmul(b.lt, p.op, &kOne, b.w, p.a, b.x, p.b, &kZero, dst, p.d, dst, p.d, &algo,
-                        b.ws, kWorkspace, 0);
+  return lt_run_with(b.lt, p, algo, b.w, b.x, dst, b.ws, kWorkspace);
 }
 
 // Mean ms of `calls` back-to-back calls.

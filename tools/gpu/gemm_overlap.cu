@@ -14,7 +14,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "gemm_common.cuh"
+#include "lt_gemm.cuh"
 
 const size_t kWorkspace = 32u << 20;
 

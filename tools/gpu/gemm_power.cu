@@ -5,7 +5,7 @@
 // to it. Built by tools/gpu/build.sh (nvcc, linked against the CUDA 13 cuBLASLt).
 #include <cstdio>
 
-#include "gemm_common.cuh"
+#include "lt_gemm.cuh"
 
 // Milliseconds per call over `calls` back-to-back calls.
 float time_calls(cublasLtHandle_t lt, const LtGemm& g, const void* w, const void* x, void* y,

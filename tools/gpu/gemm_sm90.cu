@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "gemm_sm90.cuh"
-#include "gemm_common.cuh"
+#include "lt_gemm.cuh"
 
 namespace probe {
 
