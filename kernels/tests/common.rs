@@ -11,6 +11,44 @@ pub fn randn(shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)
 }
 
+/// A single block's fused projection `[q k v | gate | up]` of random values, viewed as the model
+/// views it: q's raw columns, the heads as strided (B, H, S, hd) views read in place, the MLP's
+/// two halves as column ranges.
+pub struct SingleProjection {
+    pub q_rows: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+}
+
+/// (b, s, 3·h·hd + 2·f) as [`SingleProjection`]; 2·f a multiple of hd (the heads are a reshape
+/// of the whole projection, so no copy is made).
+pub fn single_projection(
+    (b, s): (usize, usize),
+    (h, hd, f): (usize, usize, usize),
+    dtype: DType,
+    dev: &Device,
+) -> Result<SingleProjection> {
+    let c = 3 * h * hd + 2 * f;
+    assert_eq!(c % hd, 0, "2·f must be a multiple of hd");
+    let p = randn(&[b, s, c], dtype, dev)?;
+    let head = |i: usize| -> Result<Tensor> {
+        p.reshape((b, s, c / hd, hd))?
+            .narrow(2, i * h, h)?
+            .transpose(1, 2)
+    };
+    Ok(SingleProjection {
+        q_rows: p.narrow(D::Minus1, 0, h * hd)?,
+        q: head(0)?,
+        k: head(1)?,
+        v: head(2)?,
+        gate: p.narrow(D::Minus1, 3 * h * hd, f)?,
+        up: p.narrow(D::Minus1, 3 * h * hd + f, f)?,
+    })
+}
+
 /// ‖a − b‖ / ‖b‖ in f32.
 pub fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f32> {
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);

@@ -5,7 +5,10 @@
 mod common;
 
 use candle_core::{D, DType, Device, Result, Tensor};
-use common::{max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables};
+use common::{
+    SingleProjection, max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables,
+    single_projection,
+};
 use klein_kernels::{
     ChannelAffine, FlashAttention, GateResidual, GateResidualNorm, GroupMoments, GroupNorm,
     GroupNormAffine, JointQkNormRope, LayerNormModulate, QkNormRope, RmsNorm, RopeStyle, SwiGlu,
@@ -143,19 +146,11 @@ fn swiglu_matches_the_composition() -> Result<()> {
 #[test]
 fn joint_attention_and_swiglu_equal_their_concatenation() -> Result<()> {
     let dev = Device::Cpu;
-    let (h, hd, s, f) = (2, 16, 9, 12);
-    // [q k v | gate | up] of a single block, heads as strided views.
-    let p = randn(&[1, s, 3 * h * hd + 2 * f], DType::F32, &dev)?;
-    let head = |i: usize| -> Result<Tensor> {
-        p.narrow(D::Minus1, i * h * hd, h * hd)?
-            .reshape((1, s, h, hd))?
-            .transpose(1, 2)
-    };
-    let (q, k, v) = (head(0)?, head(1)?, head(2)?);
-    let (gate, up) = (
-        p.narrow(D::Minus1, 3 * h * hd, f)?,
-        p.narrow(D::Minus1, 3 * h * hd + f, f)?,
-    );
+    let (h, hd) = (2, 16);
+    let SingleProjection {
+        q, k, v, gate, up, ..
+    } = single_projection((1, 9), (h, hd, 16), DType::F32, &dev)?;
+    assert!(!q.is_contiguous(), "the heads are strided views");
     let op = FlashAttention::unmasked(hd);
     let strided = q.apply_op3_no_bwd(&k, &v, &op)?;
     let dense = q
@@ -231,19 +226,15 @@ fn attention_with_joint_q_norm_equals_normalising_each_stream_first() -> Result<
 #[test]
 fn attention_with_q_norm_equals_normalising_q_first() -> Result<()> {
     let dev = Device::Cpu;
-    let (h, hd, s, f) = (2, 128, 9, 12);
-    let p = randn(&[1, s, 3 * h * hd + 2 * f], DType::F32, &dev)?;
-    let head = |i: usize| -> Result<Tensor> {
-        p.narrow(D::Minus1, i * h * hd, h * hd)?
-            .reshape((1, s, h, hd))?
-            .transpose(1, 2)
-    };
-    let (k, v) = (head(1)?, head(2)?);
-    let (gate, up) = (
-        p.narrow(D::Minus1, 3 * h * hd, f)?,
-        p.narrow(D::Minus1, 3 * h * hd + f, f)?,
-    );
-    let q_rows = p.narrow(D::Minus1, 0, h * hd)?;
+    let (h, hd, s) = (2, 128, 9);
+    let SingleProjection {
+        q_rows,
+        k,
+        v,
+        gate,
+        up,
+        ..
+    } = single_projection((1, s), (h, hd, 64), DType::F32, &dev)?;
     let (cos, sin) = rope_tables(3 + s, hd, &dev)?;
     let norm = q_norm(&norm_weight(hd, DType::F32, &dev)?, (&cos, &sin), 3);
     let got =

@@ -10,7 +10,10 @@ use candle_core::{
     D, DType, Device, Result, Tensor,
     quantized::{GgmlDType, QTensor},
 };
-use common::{max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables};
+use common::{
+    SingleProjection, max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables,
+    single_projection,
+};
 use klein_kernels::{RopeStyle, reference};
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
@@ -325,23 +328,14 @@ fn f32_flash_attention_matches_f64() -> Result<()> {
 #[test]
 fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
     let dev = gpu();
-    let (d, h, hd, f) = (3072, 24, 128, 9216);
     for (b, s) in [(1, 1024 + 77), (2, 512 + 256)] {
-        let p = randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)?;
-        let head = |i: usize| -> Result<Tensor> {
-            p.reshape((b, s, (3 * d + 2 * f) / hd, hd))?
-                .narrow(2, i * h, h)?
-                .transpose(1, 2)
-        };
-        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+        let SingleProjection {
+            q, k, v, gate, up, ..
+        } = single_projection((b, s), (24, 128, 9216), DType::BF16, &dev)?;
         let dense = |t: &Tensor| t.contiguous();
         let strided = klein_kernels::flash_attention(&q, &k, &v)?;
         let copied = klein_kernels::flash_attention(&dense(&q)?, &dense(&k)?, &dense(&v)?)?;
         assert_eq!(rel_l2(&strided, &copied)?, 0.0, "strided heads, batch {b}");
-        let (gate, up) = (
-            p.narrow(D::Minus1, 3 * d, f)?,
-            p.narrow(D::Minus1, 3 * d + f, f)?,
-        );
         let joint = klein_kernels::flash_attention_with_swiglu(&q, &k, &v, &gate, &up)?;
         let cat = Tensor::cat(&[copied, klein_kernels::swiglu(&gate, &up)?], D::Minus1)?;
         assert_eq!(rel_l2(&joint, &cat)?, 0.0, "joint output, batch {b}");
@@ -356,22 +350,18 @@ fn strided_heads_and_the_joint_output_change_nothing() -> Result<()> {
 #[test]
 fn q_norm_in_the_attention_changes_nothing() -> Result<()> {
     let dev = gpu();
-    let (d, h, hd, f) = (3072, 24, 128, 9216);
+    let (h, hd) = (24, 128);
     for (b, s, offset) in [(1, 4608, 0), (1, 1024 + 77, 5), (2, 512 + 256, 0)] {
-        let p = randn(&[b, s, 3 * d + 2 * f], DType::BF16, &dev)?;
-        let head = |i: usize| -> Result<Tensor> {
-            p.reshape((b, s, (3 * d + 2 * f) / hd, hd))?
-                .narrow(2, i * h, h)?
-                .transpose(1, 2)
-        };
-        let (k, v) = (head(1)?, head(2)?);
-        let (gate, up) = (
-            p.narrow(D::Minus1, 3 * d, f)?,
-            p.narrow(D::Minus1, 3 * d + f, f)?,
-        );
+        let SingleProjection {
+            q_rows,
+            k,
+            v,
+            gate,
+            up,
+            ..
+        } = single_projection((b, s), (h, hd, 9216), DType::BF16, &dev)?;
         let (cos, sin) = rope_tables(offset + s, hd, &dev)?;
         let norm = q_norm(&norm_weight(hd, DType::BF16, &dev)?, (&cos, &sin), offset);
-        let q_rows = p.narrow(D::Minus1, 0, d)?;
         let got =
             klein_kernels::flash_attention_with_swiglu_norm_q(&q_rows, &norm, &k, &v, &gate, &up)?;
         let q = klein_kernels::qk_norm_rope(
