@@ -211,14 +211,12 @@ impl Flux2Attention {
         let (d, h, txt_len) = (cfg.hidden_size(), cfg.num_attention_heads, txt.dim(1)?);
         let (p_txt, p_img) = (self.add_qkv_proj.forward(txt)?, self.to_qkv.forward(img)?);
         let cols = |p: &Tensor, i: usize| p.narrow(D::Minus1, i * d, d);
-        // Joint sequence [txt; img]: the image tokens take RoPE rows after the text's.
-        let k = self.norm_added_k.forward_joint_rope(
-            &cols(&p_txt, 1)?,
-            &self.norm_k,
-            &cols(&p_img, 1)?,
-            rope,
-            h,
-        )?;
+        // Joint sequence [txt; img]: the image tokens take RoPE rows after the text's. Columns
+        // `i` of both projections, each normed by its stream's weight.
+        let joint_rope = |i: usize, txt_norm: &QkNorm, img_norm: &QkNorm| {
+            txt_norm.forward_joint_rope(&cols(&p_txt, i)?, img_norm, &cols(&p_img, i)?, rope, h)
+        };
+        let k = joint_rope(1, &self.norm_added_k, &self.norm_k)?;
         let (v_txt, v_img) = (heads(&p_txt, 2 * d, cfg)?, heads(&p_img, 2 * d, cfg)?);
         // The kernel applies each stream's q norm and RoPE itself.
         let o = if klein_kernels::flash_attention_fused(&k) {
@@ -232,13 +230,7 @@ impl Flux2Attention {
                 &v_img,
             )?
         } else {
-            let q = self.norm_added_q.forward_joint_rope(
-                &cols(&p_txt, 0)?,
-                &self.norm_q,
-                &cols(&p_img, 0)?,
-                rope,
-                h,
-            )?;
+            let q = joint_rope(0, &self.norm_added_q, &self.norm_q)?;
             attention(&q, &k, &Tensor::cat(&[v_txt, v_img], 2)?, &cfg.attention)?
         };
         let total = o.dim(1)?;
