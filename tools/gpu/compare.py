@@ -1,5 +1,7 @@
 """Pairs klein-bench's rows with the diffusers rows of the same run and prints a markdown table
-with the ratio (ours / diffusers; below 1 is faster).
+with the ratio (ours / diffusers; below 1 is faster). A `torch.compile` row pairs with our row of
+the same case. Where the run holds the card's bf16 matmul rate, each transformer row with its
+FLOPs also gets the step's floor on this card (FLOPs ÷ that rate) and ours against it.
 
 Usage: python3 tools/gpu/compare.py components.json diffusers.json [stack.json]
 """
@@ -14,9 +16,13 @@ def load_rows(path):
     return data["rows"] if isinstance(data, dict) else data
 
 
+COMPILED = ", torch.compile"
+
+
 def case(r):
-    """A row's case without klein-bench's configuration note ("decode 1024x1024 (…, op chunks …)")."""
-    return r["case"].split(" (")[0]
+    """A row's case without klein-bench's configuration note ("decode 1024x1024 (…, op chunks …)")
+    or diffusers' compile mark."""
+    return r["case"].split(" (")[0].removesuffix(COMPILED)
 
 
 def main():
@@ -38,6 +44,16 @@ def main():
     for key, r in ours.items():
         if not any((x["component"], case(x), x["dtype"]) == key for x in ref["rows"]):
             print(f"| {key[0]} | {key[1]} | {key[2]} | {r['median_ms']:.1f} | – | – | – |")
+    rate = next((r["tflops"] for r in ref["rows"] if r["component"] == "gpu"), None)
+    if rate:
+        print(f"\nbf16 matmul 8192³ on this card: {rate:.0f} TFLOP/s\n")
+        print("| case | TFLOP | floor ms | klein ms | klein / floor |\n|---|---|---|---|---|")
+        for r in ref["rows"]:
+            mine = ours.get((r["component"], case(r), r["dtype"]))
+            if "tflop" in r and mine and not r["case"].endswith(COMPILED):
+                floor = r["tflop"] / rate * 1e3
+                print(f"| {r['case']} | {r['tflop']:.2f} | {floor:.1f} | "
+                      f"{mine['median_ms']:.1f} | {mine['median_ms'] / floor:.3f} |")
     if len(sys.argv) > 3:
         with open(sys.argv[3]) as f:
             stack = json.load(f)

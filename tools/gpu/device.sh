@@ -9,7 +9,8 @@
 #   tools/gpu/device.sh components OUT klein-bench components on cuda:0 → OUT/components.json
 #   tools/gpu/device.sh diffusers OUT  the same cases with diffusers 0.42.1 (wheels carried in
 #                                     .whl/) → OUT/diffusers.json, then the comparison table
-#                                     (DIFFUSERS_ARGS="--only text_encoder" for a subset)
+#                                     (DIFFUSERS_ARGS="--only text_encoder" for a subset,
+#                                     "--compile" adds the transformer through torch.compile)
 #   tools/gpu/device.sh stack OUT     the services as separate processes on one GPU, timing
 #                                     1024² T2I through the gateway, per-process peak memory
 #   tools/gpu/device.sh serve OUT     the one-process stack (`klein serve --device cuda`, the

@@ -12,10 +12,15 @@ durations per call), the time eager PyTorch would take without launch overhead.
 `--exact-f32` turns TF32 off (torch's default lets cuDNN's f32 convolutions run in TF32): the
 f32 rows are then exact f32, as vae-svc's default.
 
+The transformer rows carry the step's FLOPs (`tflop`). With them go the card's bf16 matmul rate,
+8192³ timed as `../shared/gpu/README.md`'s reference table timed it (median of 20 after 5 warm-up
+products), from which tools/gpu/compare.py computes the step's floor on this card, and with
+`--compile` the same steps through `torch.compile` (the issue's second reference).
+
 Usage (on the GPU machine, diffusers 0.42.1 on PYTHONPATH):
     python3 tools/reference/bench_diffusers.py OUT.json [--iters N] [--tokenizer DIR]
         [--only text_encoder,transformer,vae,pipeline] [--exact-f32]
-        [--model klein-4b|klein-9b] [--batches 1,2,4]
+        [--model klein-4b|klein-9b] [--batches 1,2,4] [--sizes 512,1024] [--compile]
 """
 
 import argparse
@@ -73,10 +78,10 @@ class Rows:
     def __init__(self, path, iters):
         self.path, self.iters, self.rows = path, iters, []
 
-    def add(self, component, case, dtype, fn, iters=None):
+    def add(self, component, case, dtype, fn, iters=None, **extra):
         med, best, peak = timed(fn, iters or self.iters)
         row = dict(component=component, case=case, dtype=dtype, median_ms=med, min_ms=best,
-                   peak_gib=peak, iters=iters or self.iters)
+                   peak_gib=peak, iters=iters or self.iters, **extra)
         print(f"| {component} | {case} | {dtype} | {med:.2f} | {best:.2f} | {peak:.2f} |", flush=True)
         self.save(row)
 
@@ -139,10 +144,36 @@ def text_encoder(rows, name, config):
     return te
 
 
-def transformer(rows, sizes, batches, name, config):
+def matmul_rate(rows):
+    """The card's bf16 matmul rate, 8192³, timed as the reference table's floor was."""
+    n = 8192
+    a, b = (torch.randn(n, n, device=DEV, dtype=BF16) for _ in range(2))
+    c = torch.empty(n, n, device=DEV, dtype=BF16)
+    med, best, _ = timed(lambda: torch.matmul(a, b, out=c), iters=20, warm=5)
+    rows.save(dict(component="gpu", case="bf16 matmul 8192³", dtype="bf16", median_ms=med,
+                   min_ms=best, peak_gib=None, iters=20, tflops=2 * n**3 / (med * 1e-3) / 1e12))
+    print(f"| gpu | bf16 matmul 8192³ | bf16 | {med:.3f} | {best:.3f} | – |", flush=True)
+
+
+def step_tflop(config, tokens, batch):
+    """One transformer forward's FLOPs: its linear layers' products and the attention's two."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = int(d * config["mlp_ratio"])
+    # Per token and block, double or single: q, k, v, the output projection and the SwiGLU MLP.
+    block = 2 * d * (3 * d + d + 2 * mlp + mlp)
+    blocks = config["num_layers"] + config["num_single_layers"]
+    attention = 4 * tokens * tokens * d
+    img = tokens - 512
+    embed = 2 * d * (config["in_channels"] * img + config["joint_attention_dim"] * 512)
+    out = 2 * d * config["in_channels"] * img
+    return batch * (blocks * (block * tokens + attention) + embed + out) / 1e12
+
+
+def transformer(rows, sizes, batches, name, config, compile_too):
     from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 
     m = build(lambda: Flux2Transformer2DModel(**config))
+    compiled = torch.compile(m) if compile_too else None
     for px in sizes:
         for b in batches:
             lat = torch.randn(b, 128, px // 16, px // 16, device=DEV, dtype=BF16)
@@ -155,8 +186,15 @@ def transformer(rows, sizes, batches, name, config):
                 txt_ids=Flux2KleinPipeline._prepare_text_ids(ctx).to(DEV),
                 guidance=None, return_dict=False,
             )
-            rows.add("transformer", f"{name} step {px}x{px}, batch {b}", "bf16",
-                     lambda: m(**inputs))
+            case = f"{name} step {px}x{px}, batch {b}"
+            tflop = step_tflop(config, 512 + (px // 16) ** 2, b)
+            rows.add("transformer", case, "bf16", lambda: m(**inputs), tflop=tflop)
+            if compiled is not None:
+                t = time.time()
+                compiled(**inputs)
+                torch.cuda.synchronize()
+                rows.add("transformer", f"{case}, torch.compile", "bf16",
+                         lambda: compiled(**inputs), tflop=tflop, compile_s=time.time() - t)
     return m
 
 
@@ -208,6 +246,9 @@ def main():
     ap.add_argument("--exact-f32", action="store_true")
     ap.add_argument("--model", choices=sorted(MODELS), default="klein-4b")
     ap.add_argument("--batches", default="1,2,4")
+    ap.add_argument("--sizes", default="512,1024")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the transformer cases through torch.compile")
     a = ap.parse_args()
     name, config, encoder_name, encoder_config = MODELS[a.model]
     if a.exact_f32:
@@ -223,8 +264,10 @@ def main():
         if "text_encoder" in only:
             te = text_encoder(rows, encoder_name, encoder_config)
         if "transformer" in only:
+            matmul_rate(rows)
             batches = [int(b) for b in a.batches.split(",")]
-            m = transformer(rows, [512, 1024], batches, name, config)
+            sizes = [int(px) for px in a.sizes.split(",")]
+            m = transformer(rows, sizes, batches, name, config, a.compile)
         if "vae" in only:
             v = vae(rows, [512, 1024])
     if "pipeline" in only:
