@@ -189,7 +189,9 @@ impl Runner {
                     max_passes: tiling.norm_max_passes,
                     tolerance: tiling.norm_tolerance,
                 };
-                let (pixels, passes) = tiling::decode_tiled(&self.model, &z, grid, &job, cancel)?;
+                let statistics = self.model.for_statistics();
+                let (pixels, passes) =
+                    tiling::decode_tiled(&self.model, &statistics, &z, grid, &job, cancel)?;
                 tracing::info!(image = i, passes, "tiled decode done");
                 pixels.to_dtype(self.model.dtype())?
             } else {

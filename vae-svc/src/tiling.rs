@@ -8,7 +8,9 @@
 //! 1. statistics passes record every group norm's input moments over the part of the image
 //!    each tile owns (overlaps split at their middle), giving image-wide statistics; each pass
 //!    normalises with the previous pass's moments, so they converge to the untiled ones (after
-//!    k passes the first k norms are exact); passes stop when the moments settle;
+//!    k passes the first k norms are exact); passes stop when the moments settle. Where the
+//!    convolutions run split TF32 these passes run one TF32 pass instead (moments are means
+//!    over the whole image and need no f32 accuracy): one product where split TF32 runs three;
 //! 2. a final pass decodes every tile with those statistics, and the pixels are blended on
 //!    the device in f32 with weights that ramp linearly across every overlap (the product of
 //!    a vertical and a horizontal ramp), divided by the summed weights.
@@ -193,12 +195,14 @@ pub struct TileJob {
 /// Decodes one image's latent `z` (1, C, 2h, 2w) over a token `grid` (h, w) in tiles and
 /// blends the pixels. The decoder's `conv_in` and mid block (with the attention) run on the
 /// whole latent first, which is small; only the up blocks are tiled. With more than one tile,
-/// statistics passes record image-wide group-norm moments (each pass normalising with the
-/// previous pass's, so they converge to the image-wide ones) until they settle or the pass
-/// limit is reached; the final pass uses them. Returns (1, 3, 16h, 16w) f32 on the model's
-/// device and the number of passes run.
+/// statistics passes of `statistics` (the same weights as `model`; the service passes
+/// [`AutoencoderKLFlux2::for_statistics`]) record image-wide group-norm moments (each pass
+/// normalising with the previous pass's, so they converge to the image-wide ones) until they
+/// settle or the pass limit is reached; `model`'s final pass uses them. Returns
+/// (1, 3, 16h, 16w) f32 on the model's device and the number of passes run.
 pub fn decode_tiled(
     model: &AutoencoderKLFlux2,
+    statistics: &AutoencoderKLFlux2,
     z: &Tensor,
     grid: (usize, usize),
     job: &TileJob,
@@ -236,7 +240,7 @@ pub fn decode_tiled(
                     return Err(VaeError::Cancelled);
                 }
                 stats.start_tile(region(r, c));
-                model.decode_up(part(r, c)?, &mut stats)?;
+                statistics.decode_up(part(r, c)?, &mut stats)?;
             }
             passes += 1;
             let settled = stats.change(NORM_EPS).is_some_and(|c| c <= job.tolerance);

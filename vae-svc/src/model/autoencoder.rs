@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -107,6 +108,18 @@ impl AutoencoderKLFlux2 {
     /// (B, 32, h, w) -> (B, 3, 8h, 8w) in the model dtype
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.decode_up(self.decode_mid(z)?, &mut NormStats::Local)
+    }
+
+    /// The model a tiled decode's statistics passes run ([`crate::tiling::decode_tiled`]): the
+    /// same weights, with the up blocks' split-TF32 convolutions in one TF32 pass. Those
+    /// passes only record group-norm moments, means over whole images, which TF32's ~2e-4
+    /// relative error per convolution moves far less than the tiling itself moves the image;
+    /// the final pass keeps the model's own arithmetic.
+    pub fn for_statistics(&self) -> Self {
+        Self {
+            decoder: self.decoder.up_at_precision(ConvPrecision::Tf32),
+            ..self.clone()
+        }
     }
 
     /// The first part of [`Self::decode`], with global context: `post_quant_conv`, the

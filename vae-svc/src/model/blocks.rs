@@ -5,6 +5,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -89,6 +90,22 @@ impl UpDecoderBlock2D {
             resnets,
             upsamplers,
         })
+    }
+
+    /// The block with its convolutions at `precision` ([`Conv2d::at_precision`]).
+    pub fn at_precision(&self, precision: ConvPrecision) -> Self {
+        Self {
+            resnets: self
+                .resnets
+                .iter()
+                .map(|r| r.at_precision(precision))
+                .collect(),
+            upsamplers: self
+                .upsamplers
+                .iter()
+                .map(|u| u.at_precision(precision))
+                .collect(),
+        }
     }
 
     /// (B, C_in, H, W) -> (B, C_out, H', W'), H' = 2H with an upsampler; group-norm

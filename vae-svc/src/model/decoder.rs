@@ -4,6 +4,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -66,6 +67,20 @@ impl Decoder {
     pub fn forward_mid(&self, z: &Tensor) -> Result<Tensor> {
         let h = self.conv_in.forward(z)?;
         self.mid_block.forward(h)
+    }
+
+    /// The decoder with the convolutions of its up blocks and output layers at `precision`
+    /// ([`Conv2d::at_precision`]).
+    pub fn up_at_precision(&self, precision: ConvPrecision) -> Self {
+        Self {
+            up_blocks: self
+                .up_blocks
+                .iter()
+                .map(|b| b.at_precision(precision))
+                .collect(),
+            conv_out: self.conv_out.at_precision(precision),
+            ..self.clone()
+        }
     }
 
     /// The up blocks and the output layers, group-norm statistics from `stats`.

@@ -157,6 +157,19 @@ impl Conv2d {
         })
     }
 
+    /// The same convolution (the same weights) in `precision` where its weights were prepared
+    /// for split TF32, whose TF32 part a single TF32 pass runs; otherwise unchanged.
+    pub fn at_precision(&self, precision: ConvPrecision) -> Self {
+        let precision = match (self.precision, precision) {
+            (ConvPrecision::SplitTf32, ConvPrecision::Tf32) => precision,
+            (own, _) => own,
+        };
+        Self {
+            precision,
+            ..self.clone()
+        }
+    }
+
     /// (B, C_in, H, W) -> (B, C_out, H_out, W_out)
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_add(x, None)
@@ -422,6 +435,31 @@ mod tests {
         let direct = ConvShape { im2col: false, ..s };
         assert!(direct.band_rows(2, 4, 128 << 20) > 3 * rows);
         assert!(direct.temp_bytes(2, 4, 128 << 20) <= 128 << 20);
+    }
+
+    #[test]
+    fn only_split_tf32_convolutions_drop_to_one_tf32_pass() {
+        use ConvPrecision::{Exact, SplitTf32, Tf32};
+        let w = Tensor::randn(0f32, 1., (7, 5, 3, 3), &Device::Cpu).unwrap();
+        let bias = Tensor::randn(0f32, 1., 7, &Device::Cpu).unwrap();
+        for (own, asked, runs) in [
+            (SplitTf32, Tf32, Tf32),
+            (SplitTf32, Exact, SplitTf32),
+            (Exact, Tf32, Exact),
+            (Tf32, Exact, Tf32),
+        ] {
+            let mut cfg = cfg(1 << 30);
+            cfg.chunking.conv_precision = own;
+            let vb = vb_from(vec![("weight", w.clone()), ("bias", bias.clone())]);
+            let conv = Conv2d::new(&cfg, (5, 7, 3), 1, Padding::same(1), vb).unwrap();
+            let at = conv.at_precision(asked);
+            assert_eq!(at.call(1).precision, runs, "{own:?} asked {asked:?}");
+            assert_eq!(
+                at.weights.weight.id(),
+                conv.weights.weight.id(),
+                "the same weights"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -43,6 +44,19 @@ impl ResnetBlock2D {
             conv2: Conv2d::new(cfg, (c_out, c_out, 3), 1, Padding::same(1), vb.pp("conv2"))?,
             conv_shortcut,
         })
+    }
+
+    /// The block with its convolutions at `precision` ([`Conv2d::at_precision`]).
+    pub fn at_precision(&self, precision: ConvPrecision) -> Self {
+        Self {
+            conv1: self.conv1.at_precision(precision),
+            conv2: self.conv2.at_precision(precision),
+            conv_shortcut: self
+                .conv_shortcut
+                .as_ref()
+                .map(|c| c.at_precision(precision)),
+            ..self.clone()
+        }
     }
 
     /// (B, C_in, H, W) -> (B, C_out, H, W), group-norm statistics from `stats`. Each

@@ -5,6 +5,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
+use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -59,6 +60,13 @@ impl Upsample2D {
             vb.pp("conv"),
         )?;
         Ok(Self { conv })
+    }
+
+    /// The upsampler with its convolution at `precision` ([`Conv2d::at_precision`]).
+    pub fn at_precision(&self, precision: ConvPrecision) -> Self {
+        Self {
+            conv: self.conv.at_precision(precision),
+        }
     }
 
     /// (B, C, H, W) -> (B, C, 2H, 2W). Where cuDNN runs TF32 arithmetic on the whole output in
