@@ -312,3 +312,76 @@ pub fn vae(
         iters,
     })
 }
+
+/// FLUX.2 VAE f32 decode at `px`² in bands of `rows` token rows across the whole width, as a
+/// budget that cannot hold the untiled decode runs it (`vae_svc::tiling::decode_tiled`, the
+/// service's overlap and passes), its statistics passes in one TF32 pass as vae-svc runs them
+/// (`tf32_statistics`) or in the model's own arithmetic.
+pub fn vae_tiled(
+    dev: &Device,
+    px: usize,
+    rows: usize,
+    tf32_statistics: bool,
+    iters: usize,
+    chunking: vae_svc::model::Chunking,
+) -> Result<Row> {
+    use vae_svc::{
+        memory::MemoryModel,
+        model::{AutoencoderKLFlux2, Config},
+        tiling::{TileJob, decode_tiled, tile_starts},
+    };
+    let cfg = Config {
+        chunking: chunking.on(dev),
+        ..Config::default()
+    };
+    let model = AutoencoderKLFlux2::new(&cfg, random_vb(DType::F32, dev))?;
+    let statistics = if tf32_statistics {
+        model.for_statistics()
+    } else {
+        model.clone()
+    };
+    let tiling = vae_svc::config::Config::default().tiling();
+    let grid = (px / 16, px / 16);
+    let job = TileJob {
+        tile: (rows, grid.1),
+        overlap: tiling.overlap_for(rows),
+        max_passes: tiling.norm_max_passes,
+        tolerance: tiling.norm_tolerance,
+    };
+    gpu_memory::keep_freed_memory(dev);
+    let z = Tensor::randn(0f32, 1.0, (1, 32, px / 8, px / 8), dev)?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut passes = 0;
+    let mut decode = || -> Result<Tensor> {
+        let (pixels, n) = decode_tiled(&model, &statistics, &z, grid, &job, &cancel)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        passes = n;
+        Ok(pixels)
+    };
+    let timing = time(dev, 1, iters, &mut decode)?;
+    let (resident_gib, activation_gib) = memory(dev, &mut decode)?;
+    let estimate = MemoryModel::new(&cfg, DType::F32).tiled_decode_request(grid, 1, job.tile);
+    Ok(Row {
+        resident_gib,
+        activation_gib,
+        estimate_gib: estimate as f64 / GIB,
+        component: "vae".into(),
+        case: format!(
+            "decode {px}x{px} tiled ({} bands of {rows} × {} tokens, {passes} passes, statistics in {}, {:?}, op chunks {} MiB)",
+            tile_starts(grid.0, rows, job.overlap).len(),
+            grid.1,
+            if tf32_statistics {
+                "TF32"
+            } else {
+                "the model's arithmetic"
+            },
+            chunking.conv_precision,
+            chunking.op_bytes >> 20
+        ),
+        dtype: "f32".into(),
+        median_ms: timing.median_ms,
+        min_ms: timing.min_ms,
+        host_ms: timing.host_ms,
+        iters,
+    })
+}

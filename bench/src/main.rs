@@ -51,7 +51,9 @@ enum Command {
         #[arg(long, value_enum, value_delimiter = ',', default_value = "keep")]
         denoiser_pool: Vec<components::Pool>,
         /// Components to time: text_encoder, transformer, vae (or only its decode or encode:
-        /// vae_decode, vae_encode).
+        /// vae_decode, vae_encode); vae_tiled (not by default): the f32 decode in bands of
+        /// `--vae-tile-rows`, its statistics passes in one TF32 pass (as vae-svc) and in the
+        /// model's arithmetic.
         #[arg(
             long,
             value_delimiter = ',',
@@ -75,6 +77,10 @@ enum Command {
         /// convolution or norm whose temporaries would exceed it runs in bands.
         #[arg(long, default_value = "128MiB")]
         vae_op_bytes: ByteSize,
+        /// Token rows of vae_tiled's bands (the 16 GB plan's 1024² decode: 28, with
+        /// `--vae-op-bytes 512MiB`).
+        #[arg(long, default_value_t = 28)]
+        vae_tile_rows: usize,
         /// Whose text encoder and transformer to time.
         #[arg(long, value_enum, default_value = "klein-4b")]
         model: model::Model,
@@ -210,9 +216,16 @@ fn main() -> ExitCode {
             vae_conv_precision,
             vae_dtypes,
             vae_op_bytes,
+            vae_tile_rows,
             model,
         } => (|| {
             let wanted = |c: &str| only.iter().any(|o| o == c);
+            let vae_chunking = |precision: ConvPrecision| vae_svc::model::Chunking {
+                conv_algo: vae_conv_algorithm.cudnn(),
+                op_bytes: vae_op_bytes.0,
+                conv_precision: precision.kernel(),
+                ..vae_svc::model::Chunking::default()
+            };
             let float = if dev.is_cpu() {
                 DType::F32
             } else {
@@ -258,12 +271,7 @@ fn main() -> ExitCode {
             for &px in sizes.iter().filter(|_| decode || encode) {
                 for &dtype in &vae_dtypes {
                     for &precision in &vae_conv_precision {
-                        let chunking = vae_svc::model::Chunking {
-                            conv_algo: vae_conv_algorithm.cudnn(),
-                            op_bytes: vae_op_bytes.0,
-                            conv_precision: precision.kernel(),
-                            ..vae_svc::model::Chunking::default()
-                        };
+                        let chunking = vae_chunking(precision);
                         let dtype = DType::from(dtype);
                         if decode {
                             emit(components::vae(&dev, dtype, px, true, iters, chunking)?);
@@ -271,6 +279,21 @@ fn main() -> ExitCode {
                         if encode {
                             emit(components::vae(&dev, dtype, px, false, iters, chunking)?);
                         }
+                    }
+                }
+            }
+            for &px in sizes.iter().filter(|_| wanted("vae_tiled")) {
+                for &precision in &vae_conv_precision {
+                    let chunking = vae_chunking(precision);
+                    for tf32_statistics in [true, false] {
+                        emit(components::vae_tiled(
+                            &dev,
+                            px,
+                            vae_tile_rows,
+                            tf32_statistics,
+                            iters,
+                            chunking,
+                        )?);
                     }
                 }
             }
