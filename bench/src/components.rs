@@ -256,6 +256,21 @@ pub fn transformer(
     })
 }
 
+/// The FLUX.2 VAE with random weights in `dtype`, its convolutions chunked by `chunking` on
+/// `dev`, and its configuration.
+fn random_vae(
+    dev: &Device,
+    dtype: DType,
+    chunking: vae_svc::model::Chunking,
+) -> Result<(vae_svc::model::Config, vae_svc::model::AutoencoderKLFlux2)> {
+    let cfg = vae_svc::model::Config {
+        chunking: chunking.on(dev),
+        ..vae_svc::model::Config::default()
+    };
+    let model = vae_svc::model::AutoencoderKLFlux2::new(&cfg, random_vb(dtype, dev))?;
+    Ok((cfg, model))
+}
+
 /// FLUX.2 VAE decode or encode at `px`².
 pub fn vae(
     dev: &Device,
@@ -265,16 +280,9 @@ pub fn vae(
     iters: usize,
     chunking: vae_svc::model::Chunking,
 ) -> Result<Row> {
-    use vae_svc::{
-        memory::MemoryModel,
-        model::{AutoencoderKLFlux2, Config},
-    };
-    let cfg = Config {
-        chunking: chunking.on(dev),
-        ..Config::default()
-    };
+    use vae_svc::memory::MemoryModel;
     let conv_algo = chunking.conv_algo;
-    let model = AutoencoderKLFlux2::new(&cfg, random_vb(dtype, dev))?;
+    let (cfg, model) = random_vae(dev, dtype, chunking)?;
     let estimates = MemoryModel::new(&cfg, dtype);
     // As vae-svc's engine: freed memory stays pooled for the next band and the next job.
     gpu_memory::keep_freed_memory(dev);
@@ -293,24 +301,45 @@ pub fn vae(
             estimates.encode_peak(px, px),
         )
     };
-    Ok(Row {
+    let case = format!(
+        "{} {px}x{px} ({}, {:?}, op chunks {} MiB)",
+        if decode { "decode" } else { "encode" },
+        conv_algo.map_or_else(|| "auto".into(), |a| format!("{a:?}")),
+        chunking.conv_precision,
+        chunking.op_bytes >> 20
+    );
+    Ok(vae_row(
+        case,
+        dtype,
+        timing,
+        (resident_gib, activation_gib),
+        estimate,
+        iters,
+    ))
+}
+
+/// A VAE row: `timing` over `iters` calls, the pool's resident and activation bytes, and
+/// the service's `estimate` of the activations in bytes.
+fn vae_row(
+    case: String,
+    dtype: DType,
+    timing: Timing,
+    (resident_gib, activation_gib): (Option<f64>, Option<f64>),
+    estimate: u64,
+    iters: usize,
+) -> Row {
+    Row {
         resident_gib,
         activation_gib,
         estimate_gib: estimate as f64 / GIB,
         component: "vae".into(),
-        case: format!(
-            "{} {px}x{px} ({}, {:?}, op chunks {} MiB)",
-            if decode { "decode" } else { "encode" },
-            conv_algo.map_or_else(|| "auto".into(), |a| format!("{a:?}")),
-            chunking.conv_precision,
-            chunking.op_bytes >> 20
-        ),
+        case,
         dtype: format!("{dtype:?}").to_lowercase(),
         median_ms: timing.median_ms,
         min_ms: timing.min_ms,
         host_ms: timing.host_ms,
         iters,
-    })
+    }
 }
 
 /// FLUX.2 VAE f32 decode at `px`² in bands of `rows` token rows across the whole width, as a
@@ -327,14 +356,9 @@ pub fn vae_tiled(
 ) -> Result<Row> {
     use vae_svc::{
         memory::MemoryModel,
-        model::{AutoencoderKLFlux2, Config},
         tiling::{TileJob, decode_tiled, tile_starts},
     };
-    let cfg = Config {
-        chunking: chunking.on(dev),
-        ..Config::default()
-    };
-    let model = AutoencoderKLFlux2::new(&cfg, random_vb(DType::F32, dev))?;
+    let (cfg, model) = random_vae(dev, DType::F32, chunking)?;
     let statistics = if tf32_statistics {
         model.for_statistics()
     } else {
@@ -359,29 +383,19 @@ pub fn vae_tiled(
         Ok(pixels)
     };
     let timing = time(dev, 1, iters, &mut decode)?;
-    let (resident_gib, activation_gib) = memory(dev, &mut decode)?;
+    let pool = memory(dev, &mut decode)?;
     let estimate = MemoryModel::new(&cfg, DType::F32).tiled_decode_request(grid, 1, job.tile);
-    Ok(Row {
-        resident_gib,
-        activation_gib,
-        estimate_gib: estimate as f64 / GIB,
-        component: "vae".into(),
-        case: format!(
-            "decode {px}x{px} tiled ({} bands of {rows} × {} tokens, {passes} passes, statistics in {}, {:?}, op chunks {} MiB)",
-            tile_starts(grid.0, rows, job.overlap).len(),
-            grid.1,
-            if tf32_statistics {
-                "TF32"
-            } else {
-                "the model's arithmetic"
-            },
-            chunking.conv_precision,
-            chunking.op_bytes >> 20
-        ),
-        dtype: "f32".into(),
-        median_ms: timing.median_ms,
-        min_ms: timing.min_ms,
-        host_ms: timing.host_ms,
-        iters,
-    })
+    let case = format!(
+        "decode {px}x{px} tiled ({} bands of {rows} × {} tokens, {passes} passes, statistics in {}, {:?}, op chunks {} MiB)",
+        tile_starts(grid.0, rows, job.overlap).len(),
+        grid.1,
+        if tf32_statistics {
+            "TF32"
+        } else {
+            "the model's arithmetic"
+        },
+        chunking.conv_precision,
+        chunking.op_bytes >> 20
+    );
+    Ok(vae_row(case, DType::F32, timing, pool, estimate, iters))
 }
