@@ -378,7 +378,7 @@ pub fn vae_tiled(
     let mut passes = 0;
     let mut decode = || -> Result<Tensor> {
         let (pixels, n) = decode_tiled(&model, &statistics, &z, grid, &job, &cancel)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            .map_err(candle_core::Error::wrap)?;
         passes = n;
         Ok(pixels)
     };

@@ -5,7 +5,6 @@
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -117,7 +116,7 @@ impl AutoencoderKLFlux2 {
     /// the final pass keeps the model's own arithmetic.
     pub fn for_statistics(&self) -> Self {
         Self {
-            decoder: self.decoder.up_at_precision(ConvPrecision::Tf32),
+            decoder: self.decoder.up_in_one_tf32_pass(),
             ..self.clone()
         }
     }

@@ -5,7 +5,6 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -92,18 +91,18 @@ impl UpDecoderBlock2D {
         })
     }
 
-    /// The block with its convolutions at `precision` ([`Conv2d::at_precision`]).
-    pub fn at_precision(&self, precision: ConvPrecision) -> Self {
+    /// The block with its convolutions in one TF32 pass ([`ResnetBlock2D::one_tf32_pass`]).
+    pub fn one_tf32_pass(&self) -> Self {
         Self {
             resnets: self
                 .resnets
                 .iter()
-                .map(|r| r.at_precision(precision))
+                .map(ResnetBlock2D::one_tf32_pass)
                 .collect(),
             upsamplers: self
                 .upsamplers
                 .iter()
-                .map(|u| u.at_precision(precision))
+                .map(Upsample2D::one_tf32_pass)
                 .collect(),
         }
     }

@@ -4,7 +4,6 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -69,16 +68,16 @@ impl Decoder {
         self.mid_block.forward(h)
     }
 
-    /// The decoder with the convolutions of its up blocks and output layers at `precision`
-    /// ([`Conv2d::at_precision`]).
-    pub fn up_at_precision(&self, precision: ConvPrecision) -> Self {
+    /// The decoder with the convolutions of its up blocks and output layers in one TF32 pass
+    /// ([`Conv2d::one_tf32_pass`]).
+    pub fn up_in_one_tf32_pass(&self) -> Self {
         Self {
             up_blocks: self
                 .up_blocks
                 .iter()
-                .map(|b| b.at_precision(precision))
+                .map(UpDecoderBlock2D::one_tf32_pass)
                 .collect(),
-            conv_out: self.conv_out.at_precision(precision),
+            conv_out: self.conv_out.one_tf32_pass(),
             ..self.clone()
         }
     }

@@ -4,7 +4,6 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -46,15 +45,12 @@ impl ResnetBlock2D {
         })
     }
 
-    /// The block with its convolutions at `precision` ([`Conv2d::at_precision`]).
-    pub fn at_precision(&self, precision: ConvPrecision) -> Self {
+    /// The block with its convolutions in one TF32 pass ([`Conv2d::one_tf32_pass`]).
+    pub fn one_tf32_pass(&self) -> Self {
         Self {
-            conv1: self.conv1.at_precision(precision),
-            conv2: self.conv2.at_precision(precision),
-            conv_shortcut: self
-                .conv_shortcut
-                .as_ref()
-                .map(|c| c.at_precision(precision)),
+            conv1: self.conv1.one_tf32_pass(),
+            conv2: self.conv2.one_tf32_pass(),
+            conv_shortcut: self.conv_shortcut.as_ref().map(Conv2d::one_tf32_pass),
             ..self.clone()
         }
     }

@@ -5,7 +5,6 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::ConvPrecision;
 
 use super::{
     Config,
@@ -62,10 +61,10 @@ impl Upsample2D {
         Ok(Self { conv })
     }
 
-    /// The upsampler with its convolution at `precision` ([`Conv2d::at_precision`]).
-    pub fn at_precision(&self, precision: ConvPrecision) -> Self {
+    /// The upsampler with its convolution in one TF32 pass ([`Conv2d::one_tf32_pass`]).
+    pub fn one_tf32_pass(&self) -> Self {
         Self {
-            conv: self.conv.at_precision(precision),
+            conv: self.conv.one_tf32_pass(),
         }
     }
 
