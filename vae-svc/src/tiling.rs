@@ -26,7 +26,6 @@ use crate::{
     error::VaeError,
     model::{
         AutoencoderKLFlux2,
-        config::NORM_EPS,
         norm_stats::{NormStats, Region},
     },
     validate::PIXELS_PER_TOKEN,
@@ -234,7 +233,7 @@ pub fn decode_tiled(
     let mut passes = 1;
     if tiles.len() > 1 && job.max_passes > 1 {
         loop {
-            stats = stats.refine();
+            stats = stats.refine()?;
             for &(r, c) in &tiles {
                 if cancel.is_cancelled() {
                     return Err(VaeError::Cancelled);
@@ -243,12 +242,12 @@ pub fn decode_tiled(
                 statistics.decode_up(part(r, c)?, &mut stats)?;
             }
             passes += 1;
-            let settled = stats.change(NORM_EPS).is_some_and(|c| c <= job.tolerance);
+            let settled = stats.change()?.is_some_and(|c| c <= job.tolerance);
             if settled || passes >= job.max_passes {
                 break;
             }
         }
-        stats = stats.into_replay();
+        stats = stats.into_replay()?;
     }
     // The blend, on the device: each tile's pixels weighted by its ramps, added into its
     // region of the accumulators, divided by the summed weights at the end.

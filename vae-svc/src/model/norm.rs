@@ -96,11 +96,11 @@ impl GroupNorm {
     /// the groups.
     fn begin_call<'s>(&self, x: &Tensor, stats: &'s mut NormStats) -> Result<CallStats<'s>> {
         let groups = self.num_groups;
-        let (b, c, h, w) = x.dims4()?;
+        let (_, c, h, w) = x.dims4()?;
         if c % groups != 0 {
             candle_core::bail!("group norm: {c} channels are not divisible by {groups} groups");
         }
-        stats.begin_call((b, groups), (h, w), c / groups, self.eps)
+        stats.begin_call((h, w), c / groups, self.eps)
     }
 
     fn apply(&self, x: &Tensor, silu: bool, stats: &mut NormStats) -> Result<Tensor> {
@@ -172,17 +172,19 @@ impl GroupNorm {
     ) -> Result<Option<(Tensor, Tensor)>> {
         let groups = self.num_groups;
         if let Some(target) = call.record.as_mut() {
-            let moments = klein_kernels::group_moments(x, groups, target.rows, target.cols)?;
-            for (index, m) in moments.to_vec2::<f64>()?.iter().enumerate() {
-                target.add(index, m[0], m[1]);
-            }
+            target.add(&klein_kernels::group_moments(
+                x,
+                groups,
+                target.rows,
+                target.cols,
+            )?)?;
         }
-        let Some((mean, rstd)) = call.replay else {
+        let Some(stats) = call.replay else {
             return Ok(None);
         };
         let b = x.dim(0)?;
-        let stat = |v: Vec<f32>| Tensor::from_vec(v, (b, groups, 1, 1), x.device());
-        self.scale_shift(&stat(mean)?, &stat(rstd)?, 0, groups)
+        let stat = |t: &Tensor| t.reshape((b, groups, 1, 1));
+        self.scale_shift(&stat(&stats.mean)?, &stat(&stats.rstd)?, 0, groups)
             .map(Some)
     }
 
@@ -227,36 +229,27 @@ impl GroupNorm {
             let part = xf
                 .narrow(2, rows.0, rows.1 - rows.0)?
                 .narrow(3, cols.0, cols.1 - cols.0)?;
-            let per_group = |t: Tensor| -> Result<Vec<f32>> {
+            // Per group of the chunk, Σ over f32 then added up in f64: (B, n, 1).
+            let per_group = |t: Tensor| -> Result<Tensor> {
                 t.sum_keepdim(3)?
                     .sum_keepdim(2)?
                     .reshape((b, n, cpg))?
-                    .sum(2)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()
+                    .sum_keepdim(2)?
+                    .to_dtype(DType::F64)
             };
-            let sums = per_group(part.clone())?;
-            let sums_sq = per_group(part.sqr()?)?;
-            for i in 0..b {
-                for g in 0..n {
-                    let at = i * n + g;
-                    target.add(
-                        i * groups + g0 + g,
-                        f64::from(sums[at]),
-                        f64::from(sums_sq[at]),
-                    );
-                }
-            }
+            let sums = Tensor::cat(&[per_group(part.clone())?, per_group(part.sqr()?)?], 2)?
+                .pad_with_zeros(1, g0, groups - g0 - n)?
+                .reshape((b * groups, 2))?;
+            target.add(&sums)?;
         }
         let (mean, rstd) = match &call.replay {
-            Some((mean, rstd)) => {
-                let pick = |v: &[f32]| -> Result<Tensor> {
-                    let rows: Vec<f32> = (0..b)
-                        .flat_map(|i| v[i * groups + g0..i * groups + g0 + n].to_vec())
-                        .collect();
-                    Tensor::from_vec(rows, (b, n, 1, 1), x.device())
+            Some(stats) => {
+                let pick = |t: &Tensor| -> Result<Tensor> {
+                    t.reshape((b, groups))?
+                        .narrow(1, g0, n)?
+                        .reshape((b, n, 1, 1))
                 };
-                (pick(mean)?, pick(rstd)?)
+                (pick(&stats.mean)?, pick(&stats.rstd)?)
             }
             None => {
                 let count = (cpg * h * w) as f64;
@@ -411,7 +404,7 @@ mod tests {
                 });
                 forward(&tile, &mut stats);
             }
-            let mut stats = stats.into_replay();
+            let mut stats = stats.into_replay().unwrap();
             stats.start_tile(Region {
                 tokens: (6, 4),
                 rows: (0, 6),

@@ -5,30 +5,45 @@
 //! (and may record again: each pass fixes one more norm exactly), so tiles agree with each
 //! other and with the untiled decode instead of each using its own statistics.
 
-use candle_core::Result;
+use candle_core::{DType, Result, Tensor};
 
-/// Sums of one group norm's input per (batch, group): Σx, Σx² and the element count.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Sums of one group norm's input per (batch, group): Σx and Σx² as a (batch · groups, 2) f64
+/// tensor on the input's device (added up there: recording reads nothing back), the element
+/// count, and the norm's eps.
+#[derive(Debug, Clone)]
 pub struct Moments {
-    sum: Vec<f64>,
-    sum_sq: Vec<f64>,
+    sums: Option<Tensor>,
     count: f64,
+    eps: f64,
+}
+
+/// Image-wide statistics of one group norm: mean and `1 / sqrt(var + eps)` per (batch, group),
+/// (batch · groups) f32 on the device.
+#[derive(Debug, Clone)]
+pub struct GroupStats {
+    pub mean: Tensor,
+    pub rstd: Tensor,
 }
 
 impl Moments {
-    /// Mean and `1 / sqrt(var + eps)` per (batch, group).
-    fn mean_rstd(&self, eps: f64) -> (Vec<f32>, Vec<f32>) {
+    /// The statistics these sums give, computed in f64 on their device and rounded once.
+    fn statistics(&self) -> Result<GroupStats> {
+        let sums = self.sums.as_ref().ok_or_else(missing)?;
         let n = self.count.max(1.0);
-        self.sum
-            .iter()
-            .zip(&self.sum_sq)
-            .map(|(s, q)| {
-                let mean = s / n;
-                let var = (q / n - mean * mean).max(0.0);
-                (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
-            })
-            .unzip()
+        let mean = (sums.narrow(1, 0, 1)?.squeeze(1)? / n)?;
+        let mean_sq = (sums.narrow(1, 1, 1)?.squeeze(1)? / n)?;
+        let var = (mean_sq - mean.sqr()?)?.relu()?;
+        let rstd = (var + self.eps)?.sqrt()?.recip()?;
+        Ok(GroupStats {
+            mean: mean.to_dtype(DType::F32)?,
+            rstd: rstd.to_dtype(DType::F32)?,
+        })
     }
+}
+
+/// The statistics of every norm, in call order.
+fn statistics(moments: &[Moments]) -> Result<Vec<GroupStats>> {
+    moments.iter().map(Moments::statistics).collect()
 }
 
 /// The part of a tile it owns, in tokens: the tile is `tokens` (h, w) tokens, it owns rows
@@ -41,7 +56,7 @@ pub struct Region {
 }
 
 /// Where group-norm statistics come from during a forward pass.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum NormStats {
     /// From the tensor being normalised (the model as trained).
     Local,
@@ -51,11 +66,11 @@ pub enum NormStats {
     Record {
         region: Region,
         moments: Vec<Moments>,
-        prior: Option<Vec<Moments>>,
+        prior: Option<Vec<GroupStats>>,
         next: usize,
     },
-    /// Normalise with the recorded moments, in call order.
-    Replay { moments: Vec<Moments>, next: usize },
+    /// Normalise with the recorded statistics, in call order.
+    Replay { stats: Vec<GroupStats>, next: usize },
 }
 
 /// Where one call adds its input's moments: rows and columns at its resolution.
@@ -66,17 +81,21 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// Adds Σx and Σx² of (batch, group) `index`.
-    pub fn add(&mut self, index: usize, sum: f64, sum_sq: f64) {
-        self.moments.sum[index] += sum;
-        self.moments.sum_sq[index] += sum_sq;
+    /// Adds Σx and Σx² of every (batch, group), `sums` (batch · groups, 2) f64.
+    pub fn add(&mut self, sums: &Tensor) -> Result<()> {
+        let total = match self.moments.sums.take() {
+            Some(s) => (s + sums)?,
+            None => sums.clone(),
+        };
+        self.moments.sums = Some(total);
+        Ok(())
     }
 }
 
 /// What one group-norm call does with statistics.
 pub struct CallStats<'a> {
-    /// Mean and rstd per (batch, group) to normalise with instead of the input's own.
-    pub replay: Option<(Vec<f32>, Vec<f32>)>,
+    /// Statistics to normalise with instead of the input's own.
+    pub replay: Option<GroupStats>,
     /// Where to add the input's moments.
     pub record: Option<Target<'a>>,
 }
@@ -86,7 +105,7 @@ fn missing() -> candle_core::Error {
 }
 
 impl NormStats {
-    fn recording(prior: Option<Vec<Moments>>) -> Self {
+    fn recording(prior: Option<Vec<GroupStats>>) -> Self {
         Self::Record {
             region: Region {
                 tokens: (1, 1),
@@ -106,13 +125,12 @@ impl NormStats {
 
     /// Records again, normalising with what was recorded so far (a better estimate, since
     /// the earlier norms now use image-wide statistics too).
-    pub fn refine(self) -> Self {
-        match self {
-            Self::Record { moments, .. } | Self::Replay { moments, .. } => {
-                Self::recording(Some(moments))
-            }
+    pub fn refine(self) -> Result<Self> {
+        Ok(match self {
+            Self::Record { moments, .. } => Self::recording(Some(statistics(&moments)?)),
+            Self::Replay { stats, .. } => Self::recording(Some(stats)),
             Self::Local => Self::record(),
-        }
+        })
     }
 
     /// Starts a tile: the call counter restarts; when recording, `region` is the tile's part.
@@ -129,45 +147,47 @@ impl NormStats {
 
     /// How far the last recording moved the statistics from the ones it normalised with:
     /// the largest change of a group's mean or standard deviation, in units of its standard
-    /// deviation. `None` when there is nothing to compare.
-    pub fn change(&self, eps: f64) -> Option<f64> {
+    /// deviation (computed on the device, one value read back). `None` when there is nothing
+    /// to compare.
+    pub fn change(&self) -> Result<Option<f64>> {
         let Self::Record {
             moments,
             prior: Some(prior),
             ..
         } = self
         else {
-            return None;
+            return Ok(None);
         };
-        let mut worst = 0f64;
-        for (new, old) in moments.iter().zip(prior) {
-            let (m1, r1) = new.mean_rstd(eps);
-            let (m0, r0) = old.mean_rstd(eps);
-            for i in 0..m1.len() {
-                let (s1, s0) = (1.0 / f64::from(r1[i]), 1.0 / f64::from(r0[i]));
-                let d_mean = (f64::from(m1[i]) - f64::from(m0[i])).abs() / s0;
-                let d_std = (s1 - s0).abs() / s0;
-                worst = worst.max(d_mean).max(d_std);
-            }
-        }
-        Some(worst)
+        let new = statistics(moments)?;
+        let all = |stats: &[GroupStats], part: fn(&GroupStats) -> &Tensor| -> Result<Tensor> {
+            let parts: Vec<&Tensor> = stats.iter().map(part).collect();
+            Tensor::cat(&parts, 0)?.to_dtype(DType::F64)
+        };
+        let (m1, r1) = (all(&new, |s| &s.mean)?, all(&new, |s| &s.rstd)?);
+        let (m0, r0) = (all(prior, |s| &s.mean)?, all(prior, |s| &s.rstd)?);
+        // |Δmean| / σ0 = |m1 − m0| · r0 and |σ1 − σ0| / σ0 = |r0 / r1 − 1|.
+        let d_mean = (m1 - m0)?.abs()?.mul(&r0)?;
+        let d_std = ((r0 / r1)? - 1.0)?.abs()?;
+        let worst = d_mean.maximum(&d_std)?.max_all()?.to_scalar::<f64>()?;
+        Ok(Some(worst))
     }
 
     /// Switches from recording to replaying what was recorded.
-    pub fn into_replay(self) -> Self {
-        match self {
-            Self::Record { moments, .. } | Self::Replay { moments, .. } => {
-                Self::Replay { moments, next: 0 }
-            }
+    pub fn into_replay(self) -> Result<Self> {
+        Ok(match self {
+            Self::Record { moments, .. } => Self::Replay {
+                stats: statistics(&moments)?,
+                next: 0,
+            },
+            Self::Replay { stats, .. } => Self::Replay { stats, next: 0 },
             Self::Local => Self::Local,
-        }
+        })
     }
 
-    /// Begins one norm call over a `(batch, groups)` input of `hw` pixels with
-    /// `channels_per_group`.
+    /// Begins one norm call over an input of `(h, w)` pixels with `channels_per_group`,
+    /// normalised with `eps`.
     pub fn begin_call(
         &mut self,
-        (batch, groups): (usize, usize),
         (h, w): (usize, usize),
         channels_per_group: usize,
         eps: f64,
@@ -177,11 +197,11 @@ impl NormStats {
                 replay: None,
                 record: None,
             }),
-            Self::Replay { moments, next } => {
-                let m = moments.get(*next).ok_or_else(missing)?;
+            Self::Replay { stats, next } => {
+                let s = stats.get(*next).ok_or_else(missing)?;
                 *next += 1;
                 Ok(CallStats {
-                    replay: Some(m.mean_rstd(eps)),
+                    replay: Some(s.clone()),
                     record: None,
                 })
             }
@@ -192,14 +212,14 @@ impl NormStats {
                 next,
             } => {
                 let replay = match prior {
-                    Some(p) => Some(p.get(*next).ok_or_else(missing)?.mean_rstd(eps)),
+                    Some(p) => Some(p.get(*next).ok_or_else(missing)?.clone()),
                     None => None,
                 };
                 if moments.len() == *next {
                     moments.push(Moments {
-                        sum: vec![0.0; batch * groups],
-                        sum_sq: vec![0.0; batch * groups],
+                        sums: None,
                         count: 0.0,
+                        eps,
                     });
                 }
                 let (sh, sw) = (h / region.tokens.0, w / region.tokens.1);
