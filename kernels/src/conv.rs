@@ -7,7 +7,8 @@
 //! runs NHWC, the layout of cuDNN's tensor-core kernels (which would otherwise transpose every
 //! operand on every call): the weights are stored (C_out, k, k, C_in), x is transposed (and
 //! split) once, the passes accumulate in an NHWC buffer, and one transpose back to NCHW adds the
-//! bias and the residual.
+//! bias and the residual. Where memory is short, TF32 runs in bands of output rows
+//! ([`conv2d_banded`]) whose buffers cover one band, straight from x into the output.
 //!
 //! Split TF32 runs the tensor cores on f32 data without TF32's error: with `x = x_hi + x_lo` and
 //! `w = w_hi + w_lo` ([`tf32_split`]: hi keeps the top 19 bits, exact in TF32; lo is the exact
@@ -199,6 +200,27 @@ pub fn conv2d_with(
     conv: Conv,
     prologue: &Prologue,
 ) -> Result<Tensor> {
+    conv2d_banded(x, w, residual, conv, prologue, usize::MAX)
+}
+
+/// Whether [`conv2d_banded`] runs `conv` over `x` with `w` in bands: cuDNN with TF32
+/// arithmetic (NHWC weights) and stride 1.
+pub fn conv_banded(x: &Tensor, w: &ConvWeights, conv: Conv) -> bool {
+    conv_fused(x) && w.nhwc && conv.stride == 1
+}
+
+/// [`conv2d_with`] in bands of `band_rows` output rows where [`conv_banded`]: each band
+/// transposes (and splits) only the input rows it reads, through the prologue, and writes its
+/// rows of the one output, adding the bias and the residual's rows; no band's input or output
+/// is a tensor of its own. Elsewhere the whole output at once.
+pub fn conv2d_banded(
+    x: &Tensor,
+    w: &ConvWeights,
+    residual: Option<&Tensor>,
+    conv: Conv,
+    prologue: &Prologue,
+    band_rows: usize,
+) -> Result<Tensor> {
     let tf32_on_cudnn = conv_fused(x) && w.nhwc;
     if !tf32_on_cudnn && !prologue.is_identity() {
         return conv2d(&prologue.apply(x)?, w, residual, conv);
@@ -223,6 +245,11 @@ pub fn conv2d_with(
         residual: residual.map(Tensor::contiguous).transpose()?,
         prologue: Prologue { affine },
         subpixel: false,
+        band_rows: if conv.stride == 1 {
+            band_rows
+        } else {
+            usize::MAX
+        },
     };
     x.contiguous()?
         .apply_op3_no_bwd(&w.weight.contiguous()?, &w.bias.contiguous()?, &op)
@@ -308,6 +335,7 @@ pub fn upsample_conv2d(x: &Tensor, w: &ConvWeights, conv: Conv) -> Result<Tensor
             residual: None,
             prologue: Prologue::default(),
             subpixel: true,
+            band_rows: usize::MAX,
         };
         return x.contiguous()?.apply_op3_no_bwd(
             &w.weight.contiguous()?,
@@ -400,6 +428,9 @@ struct CudnnConv {
     prologue: Prologue,
     /// The weights are [`upsample_conv2d`]'s phases: the output interleaves them.
     subpixel: bool,
+    /// Output rows per cuDNN call (TF32 arithmetic, stride 1): each call's temporaries cover
+    /// only its rows and the input rows they read.
+    band_rows: usize,
 }
 
 impl CustomOp3 for CudnnConv {

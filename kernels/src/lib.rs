@@ -46,8 +46,8 @@ pub use attention::{
     flash_attention_with_swiglu, flash_attention_with_swiglu_norm_q, masked_attention,
 };
 pub use conv::{
-    Conv, ConvPrecision, ConvWeights, Prologue, Tf32Split, conv_fused, conv2d, conv2d_with,
-    tf32_split, upsample_conv2d,
+    Conv, ConvPrecision, ConvWeights, Prologue, Tf32Split, conv_banded, conv_fused, conv2d,
+    conv2d_banded, conv2d_with, tf32_split, upsample_conv2d,
 };
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};

@@ -675,6 +675,71 @@ fn a_fused_prologue_changes_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A TF32 convolution in bands of output rows (`conv2d_banded`: each band transposes the input
+/// rows it reads, through the prologue, and writes its rows of the output with the residual's)
+/// gives what the whole convolution gives, for 3×3 (padding 1) and 1×1 filters, bands of one
+/// row, several uneven ones and all rows, even and odd widths, at both TF32 precisions; split
+/// TF32 stays at f32 accuracy against f64.
+#[cfg(feature = "cudnn")]
+#[test]
+fn banded_convolutions_change_nothing() -> Result<()> {
+    use klein_kernels::{Conv, ConvPrecision, ConvWeights, Prologue};
+    let (dev, cpu) = (gpu(), Device::Cpu);
+    for (shape, c_out, k, bands) in [
+        ([1, 64, 37, 40], 48, 3, [1, 5, 16, 37]),
+        ([2, 32, 19, 29], 32, 3, [2, 7, 18, 19]),
+        ([1, 96, 21, 18], 64, 1, [1, 4, 20, 21]),
+    ] {
+        let padding = k / 2;
+        let x = ((randn(&shape, DType::F32, &dev)? * 2.0)? + 1.0)?;
+        let gamma = ((randn(&[shape[1]], DType::F32, &dev)? * 0.3)? + 1.0)?;
+        let beta = randn(&[shape[1]], DType::F32, &dev)?;
+        let (scale, shift) = klein_kernels::group_norm_affine(&x, &gamma, &beta, 32, 1e-6)?;
+        let prologue = Prologue {
+            affine: Some((scale, shift, true)),
+        };
+        let w32 = (randn(&[c_out, shape[1], k, k], DType::F32, &dev)?
+            * (1.0 / ((shape[1] * k * k) as f64).sqrt()))?;
+        let bias = randn(&[c_out], DType::F32, &dev)?;
+        let residual = randn(&[shape[0], c_out, shape[2], shape[3]], DType::F32, &dev)?;
+        let f64 = |t: &Tensor| t.to_device(&cpu)?.to_dtype(DType::F64);
+        let want = f64(&prologue.apply(&x)?)?
+            .conv2d(&f64(&w32)?, padding, 1, 1, 1)?
+            .broadcast_add(&f64(&bias)?.reshape((1, c_out, 1, 1))?)?;
+        let want = (want + f64(&residual)?)?;
+        for precision in [ConvPrecision::Tf32, ConvPrecision::SplitTf32] {
+            let w = ConvWeights::new(w32.clone(), bias.clone(), precision)?;
+            let conv = Conv {
+                padding,
+                stride: 1,
+                precision,
+                algo: Some(candle_core::conv::CudnnFwdAlgo::ImplicitPrecompGemm),
+            };
+            assert!(klein_kernels::conv_banded(&x, &w, conv));
+            let whole = klein_kernels::conv2d_with(&x, &w, Some(&residual), conv, &prologue)?;
+            for rows in bands {
+                let got =
+                    klein_kernels::conv2d_banded(&x, &w, Some(&residual), conv, &prologue, rows)?;
+                assert_eq!(got.dims(), whole.dims());
+                let diff = rel_l2(&got, &whole)?;
+                let err = rel_l2(&f64(&got)?, &want)?;
+                println!(
+                    "banded conv {shape:?} k{k} {precision:?}, bands of {rows}: rel-L2 {diff:.2e} \
+                     against the whole, {err:.2e} against f64"
+                );
+                assert!(
+                    diff <= 1e-6,
+                    "{shape:?} {precision:?} bands of {rows}: {diff}"
+                );
+                if precision == ConvPrecision::SplitTf32 {
+                    assert!(err <= 2e-6, "{shape:?} bands of {rows}: {err} against f64");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A ×2 upsampling and 3×3 convolution as four 2×2 phase convolutions over the small input
 /// (`upsample_conv2d`, the phases built from the NHWC split weights) against the upsampled
 /// convolution in f64: split TF32 at f32 accuracy, for random f32 and bf16-valued weights

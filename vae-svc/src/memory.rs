@@ -107,7 +107,12 @@ impl Walk<'_> {
             out_w: out.1,
             out_h: out.0,
             im2col: self.cfg.chunking.conv_im2col,
-            copies: self.cfg.chunking.conv_copies,
+            // Same padding on every side: 2p = k − 1 (the downsamplers pad one side only).
+            copies: self
+                .cfg
+                .chunking
+                .conv_copies
+                .of(stride, pad_w + 1 == kernel),
         };
         shape.temp_bytes(pad_w, self.s, self.cfg.chunking.op_bytes)
     }

@@ -2,7 +2,9 @@
 //! then one FMA pass accumulating into it (β = 1). TF32: x transposed to NHWC (and split), one
 //! tensor-core pass into an NHWC buffer (split TF32: the high parts; the low parts' one or two
 //! fp16 passes into an fp16 buffer), then back to NCHW with the low parts, the bias and the
-//! residual.
+//! residual. TF32 may run in bands of output rows (stride 1, [`super::conv2d_banded`]): each band
+//! transposes only the window of input rows it reads and writes its rows of the one output, so
+//! its buffers cover the band alone and no band is copied out or in.
 
 use std::{cell::RefCell, collections::HashMap, sync::Arc};
 
@@ -206,95 +208,180 @@ pub fn conv_forward(
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         (nchw, sys::cudnnMathType_t::CUDNN_FMA_MATH)
     };
-    let geometry = ([n, c_in, h, w], [c_out, kh, kw]);
-    let mut plan = ConvPlan::<f32>::new(&dev, &cudnn, &op.conv, (format, math), geometry)?;
-
-    let total = n * c_out * oh * ow;
     let x = view::<f32>(xs, xl)?;
     let weight = view::<f32>(ws, wl)?;
     let bias = view::<f32>(bs, bl)?;
     let mut out = unsafe { dev.alloc::<f32>(shape.elem_count())? };
     if !op.nhwc {
+        let geometry = ([n, c_in, h, w], [c_out, kh, kw]);
+        let mut plan = ConvPlan::<f32>::new(&dev, &cudnn, &op.conv, (format, math), geometry)?;
         fill(&dev, &bias, residual.as_ref(), &mut out, c_out, oh * ow)?;
         plan.pass(&x, &weight, (1.0, 1.0), &mut out)?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
-    let len = n * c_in * h * w;
-    let mut y = unsafe { dev.alloc::<f32>(total)? };
-    let y_lo = match &op.half_weights {
-        None => {
-            let mut x_nhwc = unsafe { dev.alloc::<f32>(len)? };
-            to_nhwc(
-                &dev,
-                (&x, xl.start_offset()),
-                affine.as_ref(),
-                Nhwc::Whole(&mut x_nhwc),
-                (n, c_in, h, w),
-            )?;
-            plan.pass(&x_nhwc, &weight, (1.0, 0.0), &mut y)?;
-            None
-        }
-        Some((w_hi, w_lo)) => {
-            let mut hi = unsafe { dev.alloc::<f32>(len)? };
-            let mut lo = unsafe { dev.alloc::<f16>(len)? };
-            let mut hi16 = match w_lo {
-                Some(_) => Some(unsafe { dev.alloc::<f16>(len)? }),
-                None => None,
-            };
-            let parts = Nhwc::Split {
-                hi: &mut hi,
-                lo: &mut lo,
-                hi16: hi16.as_mut(),
-            };
-            to_nhwc(
-                &dev,
-                (&x, xl.start_offset()),
-                affine.as_ref(),
-                parts,
-                (n, c_in, h, w),
-            )?;
-            plan.pass(&hi, &weight, (1.0, 0.0), &mut y)?;
-            drop(hi);
-            // Default math runs fp16 data on a non-tensor-core kernel (10× slower on an H200).
-            let tensor_op = (format, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH);
-            let mut half = ConvPlan::<f16>::new(&dev, &cudnn, &op.conv, tensor_op, geometry)?;
-            let mut y_lo = unsafe { dev.alloc::<f16>(total)? };
-            let (w_hi, wl) = w_hi.storage_and_layout();
-            let one = (f16::ONE, f16::ZERO);
-            half.pass(&lo, &device_view::<f16>(&w_hi, wl)?, one, &mut y_lo)?;
-            if let (Some(hi16), Some(w_lo)) = (&hi16, w_lo) {
-                let (w_lo, ll) = w_lo.storage_and_layout();
-                // x_hi / LO_SCALE and w_lo · W_LO_SCALE: the product back to y_lo's LO_SCALE.
-                let alpha = f64::from(LO_SCALE) * f64::from(LO_SCALE) / W_LO_SCALE;
-                let scale = (f16::from_f64(alpha), f16::ONE);
-                half.pass(hi16, &device_view::<f16>(&w_lo, ll)?, scale, &mut y_lo)?;
-            }
-            Some(y_lo)
-        }
-    };
-    if op.subpixel {
-        to_nchw_subpixel(
-            &dev,
-            (&y, y_lo.as_ref()),
-            &bias,
-            &mut out,
-            (n, c_out / 4, h, w),
-        )?;
-        return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
+    let rows = op.band_rows.clamp(1, oh);
+    if rows < oh && (s != 1 || op.subpixel) {
+        bail!("cudnn conv2d: bands of rows need stride 1 and no upsampling phases");
     }
-    let residual_offset = op
-        .residual
-        .as_ref()
-        .map_or(0, |r| r.layout().start_offset());
-    to_nchw(
-        &dev,
-        (&y, y_lo.as_ref()),
-        &bias,
-        residual.as_ref().map(|r| (r, residual_offset)),
-        &mut out,
-        (n, c_out, oh * ow),
-    )?;
+    let bands = Bands {
+        dev: &dev,
+        cudnn: &cudnn,
+        format,
+        math,
+        x: (&x, xl.start_offset()),
+        weight: &weight,
+        bias: &bias,
+        affine: affine.as_ref(),
+        residual: residual.as_ref(),
+        dims: (n, c_in, h, w),
+        filter: (c_out, kh, kw),
+        out_w: ow,
+    };
+    for r0 in (0..oh).step_by(rows) {
+        bands.run(op, (r0, (r0 + rows).min(oh)), oh, &mut out)?;
+    }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+}
+
+/// The operands of a TF32 convolution run in bands of output rows.
+struct Bands<'a> {
+    dev: &'a CudaDevice,
+    cudnn: &'a Arc<Cudnn>,
+    format: sys::cudnnTensorFormat_t,
+    math: sys::cudnnMathType_t,
+    /// x from its first element, and that element's offset in its storage.
+    x: (&'a CudaView<'a, f32>, usize),
+    weight: &'a CudaView<'a, f32>,
+    bias: &'a CudaView<'a, f32>,
+    affine: Option<&'a Affine<'a>>,
+    residual: Option<&'a CudaView<'a, f32>>,
+    /// x's (N, C_in, H, W).
+    dims: (usize, usize, usize, usize),
+    /// (C_out, k_h, k_w).
+    filter: (usize, usize, usize),
+    out_w: usize,
+}
+
+impl Bands<'_> {
+    /// Output rows `[r0, r1)` of `out` (`oh` rows). A band of part of the rows (stride 1)
+    /// transposes the window of input rows they read, `[r0 − p, r1 − 1 − p + k_h)` clipped to
+    /// x, and convolves it with the same padding p: the window's output row j is the image's
+    /// row `window start + j` (its zero rows stand for rows outside the image only where the
+    /// window is clipped), so the band keeps rows `r0 − window start ..` of its output.
+    fn run(
+        &self,
+        op: &CudnnConv,
+        (r0, r1): (usize, usize),
+        oh: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (n, c_in, h, w) = self.dims;
+        let (c_out, kh, kw) = self.filter;
+        let (p, s, ow) = (op.conv.padding, op.conv.stride, self.out_w);
+        let (a, b) = if (r0, r1) == (0, oh) {
+            (0, h)
+        } else {
+            (r0.saturating_sub(p), (r1 - 1 + kh - p).min(h))
+        };
+        let window = b - a;
+        let window_oh = (window + 2 * p - kh) / s + 1;
+        let dev = self.dev;
+        let geometry = ([n, c_in, window, w], [c_out, kh, kw]);
+        let mut plan = ConvPlan::<f32>::new(
+            dev,
+            self.cudnn,
+            &op.conv,
+            (self.format, self.math),
+            geometry,
+        )?;
+        let x = self.x.0.slice(a * w..);
+        let len = n * c_in * window * w;
+        let mut y = unsafe { dev.alloc::<f32>(n * c_out * window_oh * ow)? };
+        let window_at = Window {
+            offset: self.x.1 + a * w,
+            plane: h * w,
+        };
+        let y_lo = match &op.half_weights {
+            None => {
+                let mut x_nhwc = unsafe { dev.alloc::<f32>(len)? };
+                to_nhwc(
+                    dev,
+                    (&x, window_at),
+                    self.affine,
+                    Nhwc::Whole(&mut x_nhwc),
+                    (n, c_in, window, w),
+                )?;
+                plan.pass(&x_nhwc, self.weight, (1.0, 0.0), &mut y)?;
+                None
+            }
+            Some((w_hi, w_lo)) => {
+                let mut hi = unsafe { dev.alloc::<f32>(len)? };
+                let mut lo = unsafe { dev.alloc::<f16>(len)? };
+                let mut hi16 = match w_lo {
+                    Some(_) => Some(unsafe { dev.alloc::<f16>(len)? }),
+                    None => None,
+                };
+                let parts = Nhwc::Split {
+                    hi: &mut hi,
+                    lo: &mut lo,
+                    hi16: hi16.as_mut(),
+                };
+                to_nhwc(
+                    dev,
+                    (&x, window_at),
+                    self.affine,
+                    parts,
+                    (n, c_in, window, w),
+                )?;
+                plan.pass(&hi, self.weight, (1.0, 0.0), &mut y)?;
+                drop(hi);
+                // Default math runs fp16 data on a non-tensor-core kernel (10× slower on an H200).
+                let tensor_op = (self.format, sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH);
+                let mut half =
+                    ConvPlan::<f16>::new(dev, self.cudnn, &op.conv, tensor_op, geometry)?;
+                let mut y_lo = unsafe { dev.alloc::<f16>(n * c_out * window_oh * ow)? };
+                let (w_hi, wl) = w_hi.storage_and_layout();
+                let one = (f16::ONE, f16::ZERO);
+                half.pass(&lo, &device_view::<f16>(&w_hi, wl)?, one, &mut y_lo)?;
+                if let (Some(hi16), Some(w_lo)) = (&hi16, w_lo) {
+                    let (w_lo, ll) = w_lo.storage_and_layout();
+                    // x_hi / LO_SCALE and w_lo · W_LO_SCALE: the product back to y_lo's LO_SCALE.
+                    let alpha = f64::from(LO_SCALE) * f64::from(LO_SCALE) / W_LO_SCALE;
+                    let scale = (f16::from_f64(alpha), f16::ONE);
+                    half.pass(hi16, &device_view::<f16>(&w_lo, ll)?, scale, &mut y_lo)?;
+                }
+                Some(y_lo)
+            }
+        };
+        if op.subpixel {
+            return to_nchw_subpixel(
+                dev,
+                (&y, y_lo.as_ref()),
+                self.bias,
+                out,
+                (n, c_out / 4, h, w),
+            );
+        }
+        let residual_offset = op
+            .residual
+            .as_ref()
+            .map_or(0, |r| r.layout().start_offset());
+        let rows = OutputRows {
+            skip: (r0 - a) * ow,
+            y_hw: window_oh * ow,
+            at: r0 * ow,
+            plane: oh * ow,
+        };
+        to_nchw(
+            dev,
+            (&y, y_lo.as_ref()),
+            self.bias,
+            self.residual.map(|r| (r, residual_offset)),
+            out,
+            (n, c_out, (r1 - r0) * ow),
+            rows,
+        )
+    }
 }
 
 /// One convolution on cuDNN with operands and output of type `T` and f32 arithmetic: its
@@ -451,11 +538,19 @@ enum Nhwc<'a> {
     },
 }
 
-/// x (N, C, H, W), starting at element `x_offset` of its storage, through the prologue's
-/// affine where given, → NHWC in `out`.
+/// Where a window of whole rows lies in its NCHW tensor: the element offset of its first
+/// element in the storage, and the tensor's plane (H · W).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    offset: usize,
+    plane: usize,
+}
+
+/// A window of x (N, C, H, W rows, starting where `x` starts), through the prologue's affine
+/// where given, → NHWC in `out`.
 fn to_nhwc(
     dev: &CudaDevice,
-    (x, x_offset): (&CudaView<'_, f32>, usize),
+    (x, at): (&CudaView<'_, f32>, Window),
     affine: Option<&Affine<'_>>,
     out: Nhwc<'_>,
     (n, c, h, w): (usize, usize, usize, usize),
@@ -464,7 +559,7 @@ fn to_nhwc(
         Nhwc::Whole(_) => "nchw_to_nhwc_f32",
         Nhwc::Split { .. } => "nchw_to_nhwc_split_f32",
     };
-    let name = transpose_kernel(name, (c, h * w), &[x_offset]);
+    let name = transpose_kernel(name, (c, h * w), &[at.offset, at.plane]);
     let f = dev.get_or_load_custom_func(&name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
     // The kernel takes null pointers for "no affine" and "no fp16 x_hi".
     let none = 0u64;
@@ -490,7 +585,8 @@ fn to_nhwc(
             l.arg(&LO_SCALE);
         }
     }
-    l.arg(&c_arg).arg(&h_arg).arg(&w_arg);
+    let plane = at.plane as i64;
+    l.arg(&c_arg).arg(&h_arg).arg(&w_arg).arg(&plane);
     unsafe { l.launch(tiles((n, c, h * w))) }.w()?;
     Ok(())
 }
@@ -532,8 +628,19 @@ fn to_nchw_subpixel(
     Ok(())
 }
 
-/// y (N, HW, C) (+ y_lo / [`LO_SCALE`]) → `out` (N, C, HW) + bias (+ residual, starting at
-/// its element offset).
+/// Which of a convolution band's NHWC output pixels [`to_nchw`] moves where: from pixel `skip`
+/// of the `y_hw` each image holds, to pixel `at` of out's planes, which are `plane` apart.
+#[derive(Debug, Clone, Copy)]
+struct OutputRows {
+    skip: usize,
+    y_hw: usize,
+    at: usize,
+    plane: usize,
+}
+
+/// `dims.2` pixels of y (N, y_hw, C) (+ y_lo / [`LO_SCALE`]) → `out` (N, C, plane) + bias (+
+/// residual, laid out as `out`, its storage starting at the element offset given), as `rows`
+/// places them.
 fn to_nchw(
     dev: &CudaDevice,
     (y, y_lo): (&CudaSlice<f32>, Option<&CudaSlice<f16>>),
@@ -541,16 +648,20 @@ fn to_nchw(
     residual: Option<(&CudaView<'_, f32>, usize)>,
     out: &mut CudaSlice<f32>,
     dims: (usize, usize, usize),
+    rows: OutputRows,
 ) -> Result<()> {
     let (c, hw) = (dims.1 as i32, dims.2 as i64);
     let name = match residual {
         Some(_) => "nhwc_to_nchw_bias_residual_f32",
         None => "nhwc_to_nchw_bias_f32",
     };
-    let offsets = [residual.map_or(0, |r| r.1)];
+    let offsets = [residual.map_or(0, |r| r.1) + rows.at, rows.at, rows.plane];
     let name = transpose_kernel(name, (dims.1, dims.2), &offsets);
     let f = dev.get_or_load_custom_func(&name, ELEMENTWISE.name, ELEMENTWISE.ptx)?;
     let none = 0u64;
+    let residual = residual.map(|(r, _)| r.slice(rows.at..));
+    let mut out = out.slice_mut(rows.at..);
+    let (y_hw, skip, plane) = (rows.y_hw as i64, rows.skip as i64, rows.plane as i64);
     let mut l = f.builder();
     l.arg(y);
     match y_lo {
@@ -558,10 +669,11 @@ fn to_nchw(
         None => l.arg(&none),
     };
     l.arg(&LO_SCALE).arg(bias);
-    if let Some((r, _)) = residual {
+    if let Some(r) = &residual {
         l.arg(r);
     }
-    l.arg(out).arg(&c).arg(&hw);
+    l.arg(&mut out).arg(&c).arg(&hw);
+    l.arg(&y_hw).arg(&skip).arg(&plane);
     unsafe { l.launch(tiles(dims)) }.w()?;
     Ok(())
 }

@@ -697,8 +697,11 @@ PAD_ROWS(bf16, bf16)
 // split TF32, split on the way) and takes an NHWC output back to NCHW adding the bias and the
 // residual. Tiles of 64 pixels × 32 channels through shared memory; grid (pixel tiles, channel
 // tiles, batch), 256 threads. Each thread moves pairs of neighbours: two pixels of a channel
-// plane on the NCHW side, two channels of a pixel on the NHWC side; with PAIRS (c and h · w
-// even, x and the residual at even offsets) as one 8-byte (f32) or 4-byte (fp16) access.
+// plane on the NCHW side, two channels of a pixel on the NHWC side; with PAIRS (c, the pixel
+// counts and plane strides even, every NCHW operand at an even offset) as one 8-byte (f32) or
+// 4-byte (fp16) access. A convolution run in bands of rows moves a window of whole rows: the
+// NCHW side's planes are `plane` elements apart (the whole tensor's h · w), the window starting
+// where its pointer points.
 // On the way in x may go through its prologue (conv.rs `Prologue`): with `scale` non-null the
 // per-(batch, channel) affine and optionally SiLU (a group norm, rounded as channel_affine
 // rounds).
@@ -714,7 +717,7 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
                                              const float* __restrict__ shift, int silu,
                                              float* __restrict__ hi, __half* __restrict__ lo,
                                              __half* __restrict__ hi16, float lo_scale, int c,
-                                             int h, int w) {
+                                             int h, int w, long long plane_stride) {
   __shared__ float tile[kTileChannels][kTilePixels + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long hw = (long long)h * w;
@@ -727,7 +730,7 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
     const long long p = p0 + 2 * lane;
     float v[2] = {0.f, 0.f};
     if (ci < c) {
-      const float* plane = x + (n * c + ci) * hw;
+      const float* plane = x + (n * c + ci) * plane_stride;
       if (PAIRS && p < hw) {
         const float2 t = *reinterpret_cast<const float2*>(plane + p);
         v[0] = t.x;
@@ -791,15 +794,16 @@ __device__ __forceinline__ void nchw_to_nhwc(const float* __restrict__ x,
 }
 
 #define NCHW_TO_NHWC(PAIRS, SUFFIX)                                                            \
-  extern "C" __global__ void nchw_to_nhwc_f32##SUFFIX(const float* x, const float* scale,      \
-                                                      const float* shift, int silu,            \
-                                                      float* out, int c, int h, int w) {       \
-    nchw_to_nhwc<false, PAIRS>(x, scale, shift, silu, out, nullptr, nullptr, 1.f, c, h, w);    \
+  extern "C" __global__ void nchw_to_nhwc_f32##SUFFIX(                                         \
+      const float* x, const float* scale, const float* shift, int silu, float* out, int c,     \
+      int h, int w, long long plane) {                                                         \
+    nchw_to_nhwc<false, PAIRS>(x, scale, shift, silu, out, nullptr, nullptr, 1.f, c, h, w,     \
+                               plane);                                                         \
   }                                                                                            \
   extern "C" __global__ void nchw_to_nhwc_split_f32##SUFFIX(                                   \
       const float* x, const float* scale, const float* shift, int silu, float* hi, __half* lo, \
-      __half* hi16, float lo_scale, int c, int h, int w) {                                     \
-    nchw_to_nhwc<true, PAIRS>(x, scale, shift, silu, hi, lo, hi16, lo_scale, c, h, w);         \
+      __half* hi16, float lo_scale, int c, int h, int w, long long plane) {                    \
+    nchw_to_nhwc<true, PAIRS>(x, scale, shift, silu, hi, lo, hi16, lo_scale, c, h, w, plane);  \
   }
 
 NCHW_TO_NHWC(false, )
@@ -820,13 +824,16 @@ __device__ __forceinline__ float2 output_pair(const float* __restrict__ y,
 }
 
 // out = y (+ y_lo / lo_scale, the split's scaled fp16 low-part convolution, where y_lo is
-// non-null) + bias (+ residual).
+// non-null) + bias (+ residual), `hw` pixels per image: y's pixels `skip ..` of the `y_hw` it
+// holds per image, out's (and the residual's) planes `plane` elements apart.
 template <bool RESIDUAL, bool PAIRS>
 __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
                                                   const __half* __restrict__ y_lo, float lo_scale,
                                                   const float* __restrict__ bias,
                                                   const float* __restrict__ residual,
-                                                  float* __restrict__ out, int c, long long hw) {
+                                                  float* __restrict__ out, int c, long long hw,
+                                                  long long y_hw, long long skip,
+                                                  long long plane) {
   __shared__ float tile[kTileChannels][kTilePixels + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long n = blockIdx.z, p0 = (long long)blockIdx.x * kTilePixels;
@@ -839,7 +846,7 @@ __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
     const long long p = p0 + q;
     float v[2] = {0.f, 0.f};
     if (p < hw && ci < c) {
-      const long long at = (n * hw + p) * c + ci;
+      const long long at = (n * y_hw + skip + p) * c + ci;
       if (PAIRS) {
         const float2 t = output_pair(y, y_lo, lo_scale, at);
         v[0] = t.x;
@@ -861,7 +868,7 @@ __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
     const int r = warp + 8 * j, ci = c0 + r;
     const long long p = p0 + 2 * lane;
     if (ci >= c || p >= hw) continue;
-    const long long o = (n * c + ci) * hw + p;
+    const long long o = (n * c + ci) * plane + p;
     float v[2] = {tile[r][2 * lane] + bias[ci], tile[r][2 * lane + 1] + bias[ci]};
     if (PAIRS) {
       if (RESIDUAL) {
@@ -882,13 +889,16 @@ __device__ __forceinline__ void nhwc_to_nchw_bias(const float* __restrict__ y,
 #define NHWC_TO_NCHW(PAIRS, SUFFIX)                                                            \
   extern "C" __global__ void nhwc_to_nchw_bias_f32##SUFFIX(                                    \
       const float* y, const __half* y_lo, float lo_scale, const float* bias, float* out, int c, \
-      long long hw) {                                                                          \
-    nhwc_to_nchw_bias<false, PAIRS>(y, y_lo, lo_scale, bias, nullptr, out, c, hw);             \
+      long long hw, long long y_hw, long long skip, long long plane) {                          \
+    nhwc_to_nchw_bias<false, PAIRS>(y, y_lo, lo_scale, bias, nullptr, out, c, hw, y_hw, skip,  \
+                                    plane);                                                    \
   }                                                                                            \
   extern "C" __global__ void nhwc_to_nchw_bias_residual_f32##SUFFIX(                           \
       const float* y, const __half* y_lo, float lo_scale, const float* bias,                   \
-      const float* residual, float* out, int c, long long hw) {                                \
-    nhwc_to_nchw_bias<true, PAIRS>(y, y_lo, lo_scale, bias, residual, out, c, hw);             \
+      const float* residual, float* out, int c, long long hw, long long y_hw, long long skip,   \
+      long long plane) {                                                                       \
+    nhwc_to_nchw_bias<true, PAIRS>(y, y_lo, lo_scale, bias, residual, out, c, hw, y_hw, skip,  \
+                                   plane);                                                     \
   }
 
 NHWC_TO_NCHW(false, )

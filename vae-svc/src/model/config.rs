@@ -28,8 +28,8 @@ pub struct Chunking {
     /// exact).
     pub conv_precision: ConvPrecision,
     /// Copies of a band's input and output rows a convolution holds (the band plan and the
-    /// memory estimate count them), [`BandCopies`].
-    pub conv_copies: BandCopies,
+    /// memory estimate count them), [`ConvCopies`].
+    pub conv_copies: ConvCopies,
 }
 
 thread_local! {
@@ -56,7 +56,7 @@ pub fn op_bytes_in_force(configured: u64) -> u64 {
     JOB_OP_BYTES.with(Cell::get).unwrap_or(configured)
 }
 
-/// Copies of a convolution band's rows alive at once.
+/// Copies of a convolution band's rows alive at once where each band's rows are copied out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BandCopies {
     /// The padded input rows and their copy; on cuDNN with TF32 arithmetic its NHWC copy of
@@ -81,13 +81,56 @@ impl BandCopies {
     }
 }
 
+/// The band copies of the two ways a convolution runs in bands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvCopies {
+    /// Stride 1 with the same padding on every side (every decoder convolution): on cuDNN with
+    /// TF32 arithmetic each band transposes (and splits) the input rows it reads straight from
+    /// the input and writes its rows into the one output (`klein_kernels::conv2d_banded`).
+    pub same: BandCopies,
+    /// Any other (the encoder's downsamplers): each band's padded input rows are copied out,
+    /// and its output rows copied into the output.
+    pub other: BandCopies,
+}
+
+impl ConvCopies {
+    /// The copies of convolutions run `through_cudnn` at `precision`.
+    pub fn new(through_cudnn: bool, precision: ConvPrecision) -> Self {
+        let other = BandCopies::new(through_cudnn, precision);
+        let same = match (through_cudnn, precision) {
+            (false, _) | (true, ConvPrecision::Exact) => other,
+            // The NHWC input rows; the NHWC output rows.
+            (true, ConvPrecision::Tf32) => BandCopies {
+                input: 1,
+                output: 1,
+            },
+            // The high part (f32) and the low part and high part (fp16); the NHWC output and
+            // the low passes' fp16 output.
+            (true, ConvPrecision::SplitTf32) => BandCopies {
+                input: 2,
+                output: 2,
+            },
+        };
+        Self { same, other }
+    }
+
+    /// The copies of a convolution of `stride`, its padding the same on every side or not.
+    pub fn of(&self, stride: usize, same_padding: bool) -> BandCopies {
+        if stride == 1 && same_padding {
+            self.same
+        } else {
+            self.other
+        }
+    }
+}
+
 impl Chunking {
     /// These limits for convolutions on `device`: through cuDNN on CUDA when built with it.
     pub fn on(self, device: &Device) -> Self {
         let through_cudnn = cfg!(feature = "cudnn") && device.is_cuda();
         Self {
             conv_im2col: materialises_im2col(through_cudnn, self.conv_algo),
-            conv_copies: BandCopies::new(through_cudnn, self.conv_precision),
+            conv_copies: ConvCopies::new(through_cudnn, self.conv_precision),
             ..self
         }
     }
@@ -108,7 +151,7 @@ impl Default for Chunking {
             conv_algo: Some(CudnnFwdAlgo::ImplicitPrecompGemm),
             conv_im2col: true,
             conv_precision: ConvPrecision::SplitTf32,
-            conv_copies: BandCopies::new(false, ConvPrecision::Exact),
+            conv_copies: ConvCopies::new(false, ConvPrecision::Exact),
         }
     }
 }
@@ -306,8 +349,30 @@ mod tests {
         };
         assert_eq!(
             cpu.on(&Device::Cpu).conv_copies,
-            BandCopies::new(false, ConvPrecision::Exact)
+            ConvCopies::new(false, ConvPrecision::Exact)
         );
+    }
+
+    /// Stride-1, same-padding convolutions on cuDNN with TF32 arithmetic run their bands in
+    /// place (no padded copy of the input rows, no band output): fewer copies; the others keep
+    /// the copied bands' count.
+    #[test]
+    fn bands_in_place_count_fewer_copies() {
+        let same = |cudnn, p| {
+            let c = ConvCopies::new(cudnn, p).of(1, true);
+            (c.input, c.output)
+        };
+        assert_eq!(same(true, ConvPrecision::Tf32), (1, 1));
+        assert_eq!(same(true, ConvPrecision::SplitTf32), (2, 2));
+        assert_eq!(same(true, ConvPrecision::Exact), (2, 2));
+        assert_eq!(same(false, ConvPrecision::SplitTf32), (2, 2));
+        for precision in [ConvPrecision::Tf32, ConvPrecision::SplitTf32] {
+            let copies = ConvCopies::new(true, precision);
+            let copied = BandCopies::new(true, precision);
+            assert_eq!(copies.of(2, false), copied, "the downsamplers");
+            assert_eq!(copies.of(1, false), copied, "one-sided padding");
+            assert_eq!(copies.of(2, true), copied, "stride 2");
+        }
     }
 
     #[test]

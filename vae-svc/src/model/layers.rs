@@ -143,7 +143,10 @@ impl Conv2d {
             algo: supported_algo(cfg.chunking.conv_algo, kernel, stride),
             precision,
             im2col: cfg.chunking.conv_im2col,
-            copies: cfg.chunking.conv_copies,
+            copies: cfg
+                .chunking
+                .conv_copies
+                .of(stride, padding == Padding::same(padding.top)),
         })
     }
 
@@ -175,36 +178,42 @@ impl Conv2d {
         self.forward_add(x, None)
     }
 
-    /// `residual + conv(prologue(x))`. Where cuDNN runs TF32 arithmetic on the whole output in
-    /// one band, the prologue (a group norm's affine and SiLU) happens inside the convolution's
-    /// NHWC transpose and its output never exists; otherwise it is applied first.
+    /// `residual + conv(prologue(x))`. Where [`Self::takes_prologue`] the convolution runs in
+    /// bands of output rows inside `klein_kernels::conv2d_banded`: the prologue (a group norm's
+    /// affine and SiLU) happens in its NHWC transpose, and neither the normalised input nor any
+    /// band is a tensor of its own; otherwise the prologue is applied first.
     pub fn forward_prologue(
         &self,
         x: &Tensor,
         prologue: &Prologue,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if !self.one_tf32_band(x, false)? {
+        if !self.takes_prologue(x) {
             return self.forward_add(&prologue.apply(x)?, residual);
         }
-        let dt = gemm_dtype(x);
-        let weights = self.weights.map(|t| t.to_dtype(dt))?;
-        klein_kernels::conv2d_with(x, &weights, residual, self.call(self.padding.top), prologue)
+        let (rows, _) = self.band_plan(x.dims4()?, x.dtype())?;
+        let call = self.call(self.padding.top);
+        klein_kernels::conv2d_banded(x, &self.weights, residual, call, prologue, rows)
     }
 
-    /// Whether cuDNN runs this convolution over `x` (x upsampled ×2 with `upsampled`) in TF32
-    /// arithmetic on the whole output in one band: a cuDNN f32 input, NHWC weights, the same
-    /// padding on every side. There [`Self::forward_prologue`] fuses its prologue and
-    /// `Upsample2D` runs its phases.
-    pub fn one_tf32_band(&self, x: &Tensor, upsampled: bool) -> Result<bool> {
+    /// Whether cuDNN runs this convolution over `x` in TF32 arithmetic, stride 1, with the same
+    /// padding on every side (`klein_kernels::conv_banded`): there it takes a prologue and runs
+    /// its bands in place.
+    pub fn takes_prologue(&self, x: &Tensor) -> bool {
+        self.padding == Padding::same(self.padding.top)
+            && klein_kernels::conv_banded(x, &self.weights, self.call(self.padding.top))
+    }
+
+    /// Whether cuDNN runs this convolution over `x` upsampled ×2 in TF32 arithmetic on the
+    /// whole output in one band: there `Upsample2D` runs its phases.
+    pub fn one_tf32_band_upsampled(&self, x: &Tensor) -> Result<bool> {
         if !(klein_kernels::conv_fused(x) && self.weights.nhwc)
             || self.padding != Padding::same(self.padding.top)
         {
             return Ok(false);
         }
         let (b, c_in, h, w) = x.dims4()?;
-        let up = usize::from(upsampled) + 1;
-        let (rows, (_, out_h, _)) = self.band_plan((b, c_in, h * up, w * up), x.dtype())?;
+        let (rows, (_, out_h, _)) = self.band_plan((b, c_in, 2 * h, 2 * w), x.dtype())?;
         Ok(rows >= out_h)
     }
 
@@ -242,6 +251,9 @@ impl Conv2d {
 
     /// `residual + conv(x)`: on cuDNN the residual is added where the bias is (one write).
     pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if self.takes_prologue(x) {
+            return self.forward_prologue(x, &Prologue::default(), residual);
+        }
         let (rows, (c_out, out_h, out_w)) = self.band_plan(x.dims4()?, x.dtype())?;
         let dt = gemm_dtype(x);
         let weights = self.weights.map(|t| t.to_dtype(dt))?;

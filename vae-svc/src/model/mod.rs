@@ -36,4 +36,4 @@ pub mod resnet;
 pub mod sampling;
 
 pub use autoencoder::AutoencoderKLFlux2;
-pub use config::{BandCopies, Chunking, Config};
+pub use config::{BandCopies, Chunking, Config, ConvCopies};

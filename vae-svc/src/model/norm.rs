@@ -36,8 +36,7 @@ pub fn temp_bytes(elements_per_group: u64, groups: usize, op_bytes: u64) -> u64 
 }
 
 /// `residual + conv(silu(norm(x)))`, the statistics from `stats`. Where the convolution takes
-/// the norm as its prologue (cuDNN, TF32 arithmetic, one band) the normalised tensor never
-/// exists; otherwise the norm runs first and `x` is dropped as soon as its output exists (a
+/// the norm as its prologue (cuDNN, TF32 arithmetic) the normalised tensor never exists; otherwise the norm runs first and `x` is dropped as soon as its output exists (a
 /// caller that still needs `x` passes a clone: the tensor stays alive through it). Holding `x`
 /// through the convolution kept one more activation alive than the memory plan counts: the 16
 /// GB plan's tiled 1024² decodes ran out of memory.
@@ -48,7 +47,7 @@ pub fn silu_conv(
     stats: &mut NormStats,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if conv.one_tf32_band(&x, false)? {
+    if conv.takes_prologue(&x) {
         let prologue = norm.silu_prologue(&x, stats)?;
         return conv.forward_prologue(&x, &prologue, residual);
     }

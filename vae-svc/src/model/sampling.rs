@@ -73,7 +73,7 @@ impl Upsample2D {
     /// 2×2 filters over x at its own size: 16 products an output instead of 36); otherwise
     /// (bands, exact arithmetic, the CPU) the convolution of the upsampled x.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.conv.one_tf32_band(x, true)? {
+        if self.conv.one_tf32_band_upsampled(x)? {
             let phases = self.conv.weights().upsampling_phases()?;
             return klein_kernels::upsample_conv2d(x, &phases, self.conv.call(1));
         }
