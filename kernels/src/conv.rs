@@ -317,6 +317,18 @@ fn phase_filters(weight: &Tensor, (row_axis, col_axis): (usize, usize)) -> Resul
 /// (TF32 arithmetic, C_out even) the transpose back to NCHW interleaves the phases; elsewhere
 /// the composition.
 pub fn upsample_conv2d(x: &Tensor, w: &ConvWeights, conv: Conv) -> Result<Tensor> {
+    upsample_conv2d_banded(x, w, conv, usize::MAX)
+}
+
+/// [`upsample_conv2d`] in bands of `band_rows` rows of x (2 · `band_rows` output rows) on
+/// cuDNN: each band transposes the window of x's rows it reads and writes its output rows,
+/// so neither the upsampled x nor a band's output is a tensor of its own.
+pub fn upsample_conv2d_banded(
+    x: &Tensor,
+    w: &ConvWeights,
+    conv: Conv,
+    band_rows: usize,
+) -> Result<Tensor> {
     let (phases, k) = w.geometry()?;
     if k != 2 || phases % 4 != 0 {
         bail!("upsample_conv2d: 2×2 filters of 4 phases, not {phases} of {k}×{k}");
@@ -335,7 +347,7 @@ pub fn upsample_conv2d(x: &Tensor, w: &ConvWeights, conv: Conv) -> Result<Tensor
             residual: None,
             prologue: Prologue::default(),
             subpixel: true,
-            band_rows: usize::MAX,
+            band_rows,
         };
         return x.contiguous()?.apply_op3_no_bwd(
             &w.weight.contiguous()?,

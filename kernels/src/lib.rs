@@ -47,7 +47,7 @@ pub use attention::{
 };
 pub use conv::{
     Conv, ConvPrecision, ConvWeights, Prologue, Tf32Split, conv_banded, conv_fused, conv2d,
-    conv2d_banded, conv2d_with, tf32_split, upsample_conv2d,
+    conv2d_banded, conv2d_with, tf32_split, upsample_conv2d, upsample_conv2d_banded,
 };
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};

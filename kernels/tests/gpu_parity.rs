@@ -744,7 +744,7 @@ fn banded_convolutions_change_nothing() -> Result<()> {
 /// (`upsample_conv2d`, the phases built from the NHWC split weights) against the upsampled
 /// convolution in f64: split TF32 at f32 accuracy, for random f32 and bf16-valued weights
 /// (both take the third pass), on the phase-interleaving transpose (even C_out) and the
-/// composition (odd C_out).
+/// composition (odd C_out); in bands of x's rows, what the whole gives.
 #[cfg(feature = "cudnn")]
 #[test]
 fn upsampling_phases_match_f64() -> Result<()> {
@@ -786,6 +786,14 @@ fn upsampling_phases_match_f64() -> Result<()> {
                  (upsampled convolution {plain_err:.2e})"
             );
             assert!(err <= 2e-6, "{shape:?} {kind}: {err}");
+            // In bands of x's rows (one, uneven, all), each writing its output rows.
+            for rows in [1, 3, 7, h] {
+                let banded = klein_kernels::upsample_conv2d_banded(&x, &phases, conv, rows)?;
+                assert_eq!(banded.dims(), got.dims());
+                let diff = rel_l2(&banded, &got)?;
+                println!("  in bands of {rows} rows: rel-L2 {diff:.2e} against the whole");
+                assert!(diff <= 1e-6, "{shape:?} {kind} bands of {rows}: {diff}");
+            }
         }
     }
     Ok(())

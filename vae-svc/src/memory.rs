@@ -13,7 +13,7 @@
 //! | ResNet norm2 / conv2 / shortcut | `X + 2·O + (norm_chunk or conv_band)` |
 //! | ResNet residual add | `X + 3·O` with a shortcut conv, `X + 2·O` without |
 //! | mid attention (c at p = H·W/64) | `5·c·p` (x, normed x, the q/k/v product; then q) and `6·c·p + f32 k, v + max(score block, 12·c·p bytes)` (x, product, q, output) |
-//! | upsample (c at p) | `c·p + 4·c·p + 4·c·p + conv_band` (f32: `+ 256·c²` bytes, the phase filters) |
+//! | upsample (c at p) | `c·p + 4·c·p + 4·c·p + conv_band` (f32: `+ 256·c²` bytes, the phase filters; on cuDNN's TF32 path, which runs the phases in bands, the upsampled `4·c·p` never exists) |
 //!
 //! `norm_chunk` <= `op_chunk_bytes` (f32 temporaries of a few groups), `conv_band` <=
 //! `op_chunk_bytes` (one band of output rows, including the im2col buffer a CUDA convolution

@@ -219,9 +219,11 @@ pub fn conv_forward(
         plan.pass(&x, &weight, (1.0, 1.0), &mut out)?;
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
-    let rows = op.band_rows.clamp(1, oh);
-    if rows < oh && (s != 1 || op.subpixel) {
-        bail!("cudnn conv2d: bands of rows need stride 1 and no upsampling phases");
+    // Upsampling phases band x's (the output's low-resolution) rows.
+    let out_rows = if op.subpixel { h } else { oh };
+    let rows = op.band_rows.clamp(1, out_rows);
+    if rows < out_rows && s != 1 {
+        bail!("cudnn conv2d: bands of rows need stride 1");
     }
     let bands = Bands {
         dev: &dev,
@@ -237,8 +239,8 @@ pub fn conv_forward(
         filter: (c_out, kh, kw),
         out_w: ow,
     };
-    for r0 in (0..oh).step_by(rows) {
-        bands.run(op, (r0, (r0 + rows).min(oh)), oh, &mut out)?;
+    for r0 in (0..out_rows).step_by(rows) {
+        bands.run(op, (r0, (r0 + rows).min(out_rows)), oh, &mut out)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
@@ -263,11 +265,13 @@ struct Bands<'a> {
 }
 
 impl Bands<'_> {
-    /// Output rows `[r0, r1)` of `out` (`oh` rows). A band of part of the rows (stride 1)
-    /// transposes the window of input rows they read, `[r0 − p, r1 − 1 − p + k_h)` clipped to
-    /// x, and convolves it with the same padding p: the window's output row j is the image's
-    /// row `window start + j` (its zero rows stand for rows outside the image only where the
-    /// window is clipped), so the band keeps rows `r0 − window start ..` of its output.
+    /// Output rows `[r0, r1)` of `out` (upsampling phases: low-resolution rows, output rows
+    /// `[2 r0, 2 r1)`), of the convolution's `oh`. A band of part of the rows (stride 1) needs
+    /// the convolution's rows `[q0, q1)` (r0, r1; phases: r0, r1 + 1); it transposes the window
+    /// of input rows they read, `[q0 − p, q1 − 1 − p + k_h)` clipped to x, and convolves it with
+    /// the same padding p: the window's output row j is the convolution's row `window start +
+    /// j` (its zero rows stand for rows outside the image only where the window is clipped),
+    /// so the band keeps rows `q0 − window start ..` of its output.
     fn run(
         &self,
         op: &CudnnConv,
@@ -278,10 +282,11 @@ impl Bands<'_> {
         let (n, c_in, h, w) = self.dims;
         let (c_out, kh, kw) = self.filter;
         let (p, s, ow) = (op.conv.padding, op.conv.stride, self.out_w);
-        let (a, b) = if (r0, r1) == (0, oh) {
+        let (q0, q1) = (r0, r1 + usize::from(op.subpixel));
+        let (a, b) = if (q0, q1) == (0, oh) {
             (0, h)
         } else {
-            (r0.saturating_sub(p), (r1 - 1 + kh - p).min(h))
+            (q0.saturating_sub(p), (q1 - 1 + kh - p).min(h))
         };
         let window = b - a;
         let window_oh = (window + 2 * p - kh) / s + 1;
@@ -354,12 +359,19 @@ impl Bands<'_> {
             }
         };
         if op.subpixel {
+            let rows = PhaseRows {
+                first: r0,
+                count: r1 - r0,
+                y_rows: window_oh,
+                y_row0: a,
+            };
             return to_nchw_subpixel(
                 dev,
                 (&y, y_lo.as_ref()),
                 self.bias,
                 out,
                 (n, c_out / 4, h, w),
+                rows,
             );
         }
         let residual_offset = op
@@ -591,14 +603,15 @@ fn to_nhwc(
     Ok(())
 }
 
-/// [`super::upsample_conv2d`]'s phases y (N, (H + 1) · (W + 1), 4C) (+ y_lo / [`LO_SCALE`])
-/// → `out` (N, C, 2H, 2W) + bias, for dims (N, C, H, W).
+/// [`super::upsample_conv2d`]'s phases y (N, y_rows · (W + 1), 4C) (+ y_lo / [`LO_SCALE`])
+/// → `rows` of `out` (N, C, 2H, 2W) + bias, for dims (N, C, H, W).
 fn to_nchw_subpixel(
     dev: &CudaDevice,
     (y, y_lo): (&CudaSlice<f32>, Option<&CudaSlice<f16>>),
     bias: &CudaView<'_, f32>,
     out: &mut CudaSlice<f32>,
     (n, c, h, w): (usize, usize, usize, usize),
+    rows: PhaseRows,
 ) -> Result<()> {
     let f = dev.get_or_load_custom_func(
         "nhwc_subpixel_to_nchw_bias_f32",
@@ -615,10 +628,12 @@ fn to_nchw_subpixel(
     };
     l.arg(&LO_SCALE).arg(bias).arg(out);
     l.arg(&c_arg).arg(&h_arg).arg(&w_arg);
+    let (first, y_rows, y_row0) = (rows.first as i32, rows.y_rows as i32, rows.y_row0 as i32);
+    l.arg(&first).arg(&y_rows).arg(&y_row0);
     let cfg = LaunchConfig {
         grid_dim: (
             w.div_ceil(32) as u32,
-            2 * h as u32,
+            2 * rows.count as u32,
             (n * c.div_ceil(32)) as u32,
         ),
         block_dim: (256, 1, 1),
@@ -626,6 +641,17 @@ fn to_nchw_subpixel(
     };
     unsafe { l.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// Which low-resolution rows a band of upsampling phases writes ([`to_nchw_subpixel`]): `count`
+/// from row `first`, from its phases y, which hold `y_rows` rows per image from the
+/// convolution's row `y_row0` on.
+#[derive(Debug, Clone, Copy)]
+struct PhaseRows {
+    first: usize,
+    count: usize,
+    y_rows: usize,
+    y_row0: usize,
 }
 
 /// Which of a convolution band's NHWC output pixels [`to_nchw`] moves where: from pixel `skip`

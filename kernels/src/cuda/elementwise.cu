@@ -908,20 +908,20 @@ NHWC_TO_NCHW(true, _pairs)
 // and four phase filters over the low-resolution x (conv.rs `upsample_conv2d`): its NHWC output
 // y (N, (H + 1) · (W + 1), 4C) (+ y_lo / lo_scale) holds phase (a, b)'s channels at
 // [(2a + b) · C, (2a + b + 1) · C) and output pixel (2i + a, 2j + b) at y's pixel (i + a, j + b).
-// out (N, C, 2H, 2W) = that + bias. C even (pairs of channels per access). Grid (⌈W / 32⌉,
-// 2H, N · ⌈C / 32⌉), 256 threads: a block takes 32 low-resolution pixels of row i, both
-// column phases b of row phase a, 32 channels, and writes 64 neighbouring output pixels a row.
+// out (N, C, 2H, 2W) = that + bias. C even (pairs of channels per access). In bands of
+// low-resolution rows, y holds the `y_rows` pixel rows per image from row `y_row0` on (the
+// band's window of x, plus one), and the grid covers rows i0 ..: Grid (⌈W / 32⌉, 2 · rows,
+// N · ⌈C / 32⌉), 256 threads: a block takes 32 low-resolution pixels of row i, both column
+// phases b of row phase a, 32 channels, and writes 64 neighbouring output pixels a row.
 constexpr int kSubTilePixels = 32, kSubTileChannels = 32;
 
-extern "C" __global__ void nhwc_subpixel_to_nchw_bias_f32(const float* __restrict__ y,
-                                                          const __half* __restrict__ y_lo,
-                                                          float lo_scale,
-                                                          const float* __restrict__ bias,
-                                                          float* __restrict__ out, int c, int h,
-                                                          int w) {
+extern "C" __global__ void nhwc_subpixel_to_nchw_bias_f32(
+    const float* __restrict__ y, const __half* __restrict__ y_lo, float lo_scale,
+    const float* __restrict__ bias, float* __restrict__ out, int c, int h, int w, int i0,
+    int y_rows, int y_row0) {
   __shared__ float tile[kSubTileChannels][2 * kSubTilePixels + 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int j0 = blockIdx.x * kSubTilePixels, i = blockIdx.y >> 1, a = blockIdx.y & 1;
+  const int j0 = blockIdx.x * kSubTilePixels, i = i0 + (blockIdx.y >> 1), a = blockIdx.y & 1;
   const int channel_tiles = (c + kSubTileChannels - 1) / kSubTileChannels;
   const int n = blockIdx.z / channel_tiles, c0 = (blockIdx.z % channel_tiles) * kSubTileChannels;
   const long long wp = w + 1;
@@ -933,7 +933,7 @@ extern "C" __global__ void nhwc_subpixel_to_nchw_bias_f32(const float* __restric
     const int b = row >> 5, q = row & 31, j = j0 + q, ci = c0 + k;
     float v[2] = {0.f, 0.f};
     if (j < w && ci < c) {
-      const long long pixel = ((long long)n * (h + 1) + i + a) * wp + j + b;
+      const long long pixel = ((long long)n * y_rows + i + a - y_row0) * wp + j + b;
       const long long at = pixel * 4 * c + (long long)(2 * a + b) * c + ci;
       const float2 t = output_pair(y, y_lo, lo_scale, at);
       v[0] = t.x;

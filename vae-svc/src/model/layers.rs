@@ -204,17 +204,13 @@ impl Conv2d {
             && klein_kernels::conv_banded(x, &self.weights, self.call(self.padding.top))
     }
 
-    /// Whether cuDNN runs this convolution over `x` upsampled ×2 in TF32 arithmetic on the
-    /// whole output in one band: there `Upsample2D` runs its phases.
-    pub fn one_tf32_band_upsampled(&self, x: &Tensor) -> Result<bool> {
-        if !(klein_kernels::conv_fused(x) && self.weights.nhwc)
-            || self.padding != Padding::same(self.padding.top)
-        {
-            return Ok(false);
-        }
+    /// Rows of `x` per band of this convolution over `x` upsampled ×2 as upsampling phases
+    /// (`klein_kernels::upsample_conv2d_banded`): half the output rows the band plan gives the
+    /// upsampled convolution, whose copies of the 4× larger input rows bound the phases'.
+    pub fn upsampled_band_rows(&self, x: &Tensor) -> Result<usize> {
         let (b, c_in, h, w) = x.dims4()?;
-        let (rows, (_, out_h, _)) = self.band_plan((b, c_in, 2 * h, 2 * w), x.dtype())?;
-        Ok(rows >= out_h)
+        let (rows, _) = self.band_plan((b, c_in, 2 * h, 2 * w), x.dtype())?;
+        Ok((rows / 2).max(1))
     }
 
     /// Output rows per band and the output's (C, H, W) for an input of `dims`.

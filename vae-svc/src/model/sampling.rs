@@ -68,14 +68,15 @@ impl Upsample2D {
         }
     }
 
-    /// (B, C, H, W) -> (B, C, 2H, 2W). Where cuDNN runs TF32 arithmetic on the whole output in
-    /// one band: the convolution's upsampling phases ([`klein_kernels::upsample_conv2d`], four
-    /// 2×2 filters over x at its own size: 16 products an output instead of 36); otherwise
-    /// (bands, exact arithmetic, the CPU) the convolution of the upsampled x.
+    /// (B, C, H, W) -> (B, C, 2H, 2W). Where cuDNN runs the convolution in TF32 arithmetic: its
+    /// upsampling phases ([`klein_kernels::upsample_conv2d_banded`], four 2×2 filters over x at
+    /// its own size: 16 products an output instead of 36), in bands of x's rows; otherwise
+    /// (exact arithmetic, the CPU) the convolution of the upsampled x.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.conv.one_tf32_band_upsampled(x)? {
+        if self.conv.takes_prologue(x) {
+            let rows = self.conv.upsampled_band_rows(x)?;
             let phases = self.conv.weights().upsampling_phases()?;
-            return klein_kernels::upsample_conv2d(x, &phases, self.conv.call(1));
+            return klein_kernels::upsample_conv2d_banded(x, &phases, self.conv.call(1), rows);
         }
         let (_, _, h, w) = x.dims4()?;
         self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
