@@ -178,7 +178,7 @@ impl Conv2d {
         self.forward_add(x, None)
     }
 
-    /// `residual + conv(prologue(x))`. Where [`Self::takes_prologue`] the convolution runs in
+    /// `residual + conv(prologue(x))`. Where [`Self::bands_in_place`] the convolution runs in
     /// bands of output rows inside `klein_kernels::conv2d_banded`: the prologue (a group norm's
     /// affine and SiLU) happens in its NHWC transpose, and neither the normalised input nor any
     /// band is a tensor of its own; otherwise the prologue is applied first.
@@ -188,7 +188,7 @@ impl Conv2d {
         prologue: &Prologue,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if !self.takes_prologue(x) {
+        if !self.bands_in_place(x) {
             return self.forward_add(&prologue.apply(x)?, residual);
         }
         let (rows, _) = self.band_plan(x.dims4()?, x.dtype())?;
@@ -197,9 +197,9 @@ impl Conv2d {
     }
 
     /// Whether cuDNN runs this convolution over `x` in TF32 arithmetic, stride 1, with the same
-    /// padding on every side (`klein_kernels::conv_banded`): there it takes a prologue and runs
-    /// its bands in place.
-    pub fn takes_prologue(&self, x: &Tensor) -> bool {
+    /// padding on every side (`klein_kernels::conv_banded`): there it runs its bands in place
+    /// and takes a prologue, and `Upsample2D` runs its phases in bands.
+    pub fn bands_in_place(&self, x: &Tensor) -> bool {
         self.padding == Padding::same(self.padding.top)
             && klein_kernels::conv_banded(x, &self.weights, self.call(self.padding.top))
     }
@@ -247,7 +247,7 @@ impl Conv2d {
 
     /// `residual + conv(x)`: on cuDNN the residual is added where the bias is (one write).
     pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        if self.takes_prologue(x) {
+        if self.bands_in_place(x) {
             return self.forward_prologue(x, &Prologue::default(), residual);
         }
         let (rows, (c_out, out_h, out_w)) = self.band_plan(x.dims4()?, x.dtype())?;

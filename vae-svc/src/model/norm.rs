@@ -47,7 +47,7 @@ pub fn silu_conv(
     stats: &mut NormStats,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if conv.takes_prologue(&x) {
+    if conv.bands_in_place(&x) {
         let prologue = norm.silu_prologue(&x, stats)?;
         return conv.forward_prologue(&x, &prologue, residual);
     }

@@ -73,7 +73,7 @@ impl Upsample2D {
     /// its own size: 16 products an output instead of 36), in bands of x's rows; otherwise
     /// (exact arithmetic, the CPU) the convolution of the upsampled x.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.conv.takes_prologue(x) {
+        if self.conv.bands_in_place(x) {
             let rows = self.conv.upsampled_band_rows(x)?;
             let phases = self.conv.weights().upsampling_phases()?;
             return klein_kernels::upsample_conv2d_banded(x, &phases, self.conv.call(1), rows);
