@@ -245,11 +245,7 @@ pub fn conv2d_banded(
         residual: residual.map(Tensor::contiguous).transpose()?,
         prologue: Prologue { affine },
         subpixel: false,
-        band_rows: if conv.stride == 1 {
-            band_rows
-        } else {
-            usize::MAX
-        },
+        band_rows,
     };
     x.contiguous()?
         .apply_op3_no_bwd(&w.weight.contiguous()?, &w.bias.contiguous()?, &op)
@@ -440,8 +436,9 @@ struct CudnnConv {
     prologue: Prologue,
     /// The weights are [`upsample_conv2d`]'s phases: the output interleaves them.
     subpixel: bool,
-    /// Output rows per cuDNN call (TF32 arithmetic, stride 1): each call's temporaries cover
-    /// only its rows and the input rows they read.
+    /// Output rows per cuDNN call (TF32 arithmetic, stride 1; upsampling phases: rows of x),
+    /// each call's temporaries covering only its rows and the input rows they read; other
+    /// strides run whole.
     band_rows: usize,
 }
 

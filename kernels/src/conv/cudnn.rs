@@ -221,10 +221,11 @@ pub fn conv_forward(
     }
     // Upsampling phases band x's (the output's low-resolution) rows.
     let out_rows = if op.subpixel { h } else { oh };
-    let rows = op.band_rows.clamp(1, out_rows);
-    if rows < out_rows && s != 1 {
-        bail!("cudnn conv2d: bands of rows need stride 1");
-    }
+    let rows = if s == 1 {
+        op.band_rows.clamp(1, out_rows)
+    } else {
+        out_rows
+    };
     let bands = Bands {
         dev: &dev,
         cudnn: &cudnn,

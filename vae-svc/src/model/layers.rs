@@ -188,9 +188,19 @@ impl Conv2d {
         prologue: &Prologue,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if !self.bands_in_place(x) {
-            return self.forward_add(&prologue.apply(x)?, residual);
+        if self.bands_in_place(x) {
+            return self.banded_in_place(x, prologue, residual);
         }
+        self.forward_add(&prologue.apply(x)?, residual)
+    }
+
+    /// `klein_kernels::conv2d_banded` with this convolution's band plan.
+    fn banded_in_place(
+        &self,
+        x: &Tensor,
+        prologue: &Prologue,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (rows, _) = self.band_plan(x.dims4()?, x.dtype())?;
         let call = self.call(self.padding.top);
         klein_kernels::conv2d_banded(x, &self.weights, residual, call, prologue, rows)
@@ -248,7 +258,7 @@ impl Conv2d {
     /// `residual + conv(x)`: on cuDNN the residual is added where the bias is (one write).
     pub fn forward_add(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         if self.bands_in_place(x) {
-            return self.forward_prologue(x, &Prologue::default(), residual);
+            return self.banded_in_place(x, &Prologue::default(), residual);
         }
         let (rows, (c_out, out_h, out_w)) = self.band_plan(x.dims4()?, x.dtype())?;
         let dt = gemm_dtype(x);

@@ -36,10 +36,11 @@ pub fn temp_bytes(elements_per_group: u64, groups: usize, op_bytes: u64) -> u64 
 }
 
 /// `residual + conv(silu(norm(x)))`, the statistics from `stats`. Where the convolution takes
-/// the norm as its prologue (cuDNN, TF32 arithmetic) the normalised tensor never exists; otherwise the norm runs first and `x` is dropped as soon as its output exists (a
-/// caller that still needs `x` passes a clone: the tensor stays alive through it). Holding `x`
-/// through the convolution kept one more activation alive than the memory plan counts: the 16
-/// GB plan's tiled 1024² decodes ran out of memory.
+/// the norm as its prologue (cuDNN, TF32 arithmetic) the normalised tensor never exists;
+/// otherwise the norm runs first and `x` is dropped as soon as its output exists (a caller that
+/// still needs `x` passes a clone: the tensor stays alive through it). Holding `x` through the
+/// convolution kept one more activation alive than the memory plan counts: the 16 GB plan's
+/// tiled 1024² decodes ran out of memory.
 pub fn silu_conv(
     norm: &GroupNorm,
     conv: &Conv2d,

@@ -240,3 +240,54 @@ impl NormStats {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    /// One norm over a 2 × 2 image of two one-channel groups: records `sums` (Σx, Σx² per
+    /// group) as the whole image's; returns the statistics the call normalises with.
+    fn record_pass(stats: &mut NormStats, sums: [[f64; 2]; 2]) -> Option<GroupStats> {
+        stats.start_tile(Region {
+            tokens: (1, 1),
+            rows: (0, 1),
+            cols: (0, 1),
+        });
+        let mut call = stats.begin_call((2, 2), 1, 0.0).unwrap();
+        let sums = Tensor::new(&sums, &Device::Cpu).unwrap();
+        call.record.as_mut().unwrap().add(&sums).unwrap();
+        call.replay
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_vec1::<f32>().unwrap()
+    }
+
+    /// Pass 1 records groups {1, 2, 3, 4} and {0, 0, 2, 2}; pass 2 (normalising with pass 1's
+    /// statistics) records {2, 3, 4, 5} and {1, 1, 5, 5}. Group 2's mean moves by 2 of its old
+    /// deviations (1) and its deviation by 1: the change is 2. Replay gives pass 2's mean and
+    /// rstd.
+    #[test]
+    fn statistics_and_their_change_come_from_the_recorded_sums() {
+        let mut stats = NormStats::record();
+        assert!(record_pass(&mut stats, [[10.0, 30.0], [4.0, 8.0]]).is_none());
+        assert_eq!(stats.change().unwrap(), None, "nothing to compare yet");
+        let mut stats = stats.refine().unwrap();
+        let prior = record_pass(&mut stats, [[14.0, 54.0], [12.0, 52.0]]).unwrap();
+        assert_eq!(values(&prior.mean), [2.5, 1.0]);
+        assert_eq!(values(&prior.rstd), [(1.0 / 1.25f64.sqrt()) as f32, 1.0]);
+        let change = stats.change().unwrap().unwrap();
+        assert!((change - 2.0).abs() < 1e-6, "{change}");
+        let mut stats = stats.into_replay().unwrap();
+        stats.start_tile(Region {
+            tokens: (1, 1),
+            rows: (0, 1),
+            cols: (0, 1),
+        });
+        let replay = stats.begin_call((2, 2), 1, 0.0).unwrap().replay.unwrap();
+        assert_eq!(values(&replay.mean), [3.5, 3.0]);
+        assert_eq!(values(&replay.rstd), [(1.0 / 1.25f64.sqrt()) as f32, 0.5]);
+    }
+}
