@@ -342,14 +342,15 @@ fn vae_row(
     }
 }
 
-/// FLUX.2 VAE f32 decode at `px`² in bands of `rows` token rows across the whole width, as a
-/// budget that cannot hold the untiled decode runs it (`vae_svc::tiling::decode_tiled`, the
-/// service's overlap and passes), its statistics passes in one TF32 pass as vae-svc runs them
-/// (`tf32_statistics`) or in the model's own arithmetic.
+/// FLUX.2 VAE f32 decode at `px`² in bands of `rows` token rows across the whole width after
+/// `global_blocks` up blocks ran on the whole image, as a budget that cannot hold the untiled
+/// decode runs it (`vae_svc::tiling::decode_tiled`, the service's overlap and passes), its
+/// statistics passes in one TF32 pass as vae-svc runs them (`tf32_statistics`) or in the
+/// model's own arithmetic.
 pub fn vae_tiled(
     dev: &Device,
     px: usize,
-    rows: usize,
+    (rows, global_blocks): (usize, usize),
     tf32_statistics: bool,
     iters: usize,
     chunking: vae_svc::model::Chunking,
@@ -371,6 +372,7 @@ pub fn vae_tiled(
         overlap: tiling.overlap_for(rows),
         max_passes: tiling.norm_max_passes,
         tolerance: tiling.norm_tolerance,
+        global_blocks,
     };
     gpu_memory::keep_freed_memory(dev);
     let z = Tensor::randn(0f32, 1.0, (1, 32, px / 8, px / 8), dev)?;
@@ -384,9 +386,10 @@ pub fn vae_tiled(
     };
     let timing = time(dev, 1, iters, &mut decode)?;
     let pool = memory(dev, &mut decode)?;
-    let estimate = MemoryModel::new(&cfg, DType::F32).tiled_decode_request(grid, 1, job.tile);
+    let estimate =
+        MemoryModel::new(&cfg, DType::F32).tiled_decode_request(grid, 1, job.tile, global_blocks);
     let case = format!(
-        "decode {px}x{px} tiled ({} bands of {rows} × {} tokens, {passes} passes, statistics in {}, {:?}, op chunks {} MiB)",
+        "decode {px}x{px} tiled ({global_blocks} global up blocks, {} bands of {rows} × {} tokens, {passes} passes, statistics in {}, {:?}, op chunks {} MiB)",
         tile_starts(grid.0, rows, job.overlap).len(),
         grid.1,
         if tf32_statistics {

@@ -81,6 +81,11 @@ enum Command {
         /// `--vae-op-bytes 512MiB`).
         #[arg(long, default_value_t = 28)]
         vae_tile_rows: usize,
+        /// Up blocks vae_tiled runs on the whole image before the bands (the 16 GB plan's
+        /// 1024² decode: 3, with `--vae-tile-rows 27 --vae-op-bytes 256MiB`); each listed
+        /// count is timed.
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        vae_global_blocks: Vec<usize>,
         /// Whose text encoder and transformer to time.
         #[arg(long, value_enum, default_value = "klein-4b")]
         model: model::Model,
@@ -217,6 +222,7 @@ fn main() -> ExitCode {
             vae_dtypes,
             vae_op_bytes,
             vae_tile_rows,
+            vae_global_blocks,
             model,
         } => (|| {
             let wanted = |c: &str| only.iter().any(|o| o == c);
@@ -285,15 +291,18 @@ fn main() -> ExitCode {
             for &px in sizes.iter().filter(|_| wanted("vae_tiled")) {
                 for &precision in &vae_conv_precision {
                     let chunking = vae_chunking(precision);
-                    for tf32_statistics in [true, false] {
-                        emit(components::vae_tiled(
-                            &dev,
-                            px,
-                            vae_tile_rows,
-                            tf32_statistics,
-                            iters,
-                            chunking,
-                        )?);
+                    for &global_blocks in &vae_global_blocks {
+                        for tf32_statistics in [true, false] {
+                            let bands = (vae_tile_rows, global_blocks);
+                            emit(components::vae_tiled(
+                                &dev,
+                                px,
+                                bands,
+                                tf32_statistics,
+                                iters,
+                                chunking,
+                            )?);
+                        }
                     }
                 }
             }

@@ -188,6 +188,7 @@ impl Runner {
                     overlap: plan.overlap_param,
                     max_passes: tiling.norm_max_passes,
                     tolerance: tiling.norm_tolerance,
+                    global_blocks: plan.global_blocks,
                 };
                 let statistics = self.model.for_statistics();
                 let (pixels, passes) =

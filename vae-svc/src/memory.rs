@@ -48,20 +48,27 @@
 //! tiles of latent tokens ([`crate::tiling`]): [`plan_decode`] picks, of the tile shapes whose
 //! reservation fits (so the result does not depend on the current load), the fewest tiles and
 //! then the largest (bands across the whole width where they fit), or square tiles of the
-//! configured side when the request forces tiling. A tiled decode reserves
-//! `max(mid_peak(H, W), mid_out(H, W) + mid_out(tile) + up_peak(tile))` plus the f32 blending
-//! accumulators `16 · H · W` bytes: the mid block runs on the whole (1/64-size) latent, the up
-//! blocks one tile at a time.
-
-use std::cmp::Reverse;
+//! configured side when the request forces tiling. The mid block and the first `k` up blocks
+//! (the k-th without its upsampler) run on the whole image, the rest one tile at a time; a
+//! tiled decode reserves `max(mid_peak(H, W), global_peak_k(H, W), global_out_k(H, W) +
+//! global_out_k(tile) + tiled_peak_k(tile))` plus the f32 blending accumulators `16 · H · W`
+//! bytes. Every `k` from none to all is weighed, each with its best tiling, and the plan of
+//! the fewest convolution multiply-adds (the tiled stages counted once per pass) wins: on
+//! the 16 GB plan a 1024² decode runs three up blocks whole (up to 256 channels at 512²) and
+//! only the last upsampler, up block and output layers in bands, half the work of tiling
+//! every up block, and closer to the untiled image (exact group norms in the global part).
 
 use candle_core::DType;
 
 use crate::{
     model::{Config, attention::query_rows, layers::ConvShape, norm, sampling::DOWNSAMPLE_PADDING},
-    tiling::{TilePlan, TilingConfig, min_overlap, tile_starts},
+    tiling::tile_starts,
     validate::PIXELS_PER_TOKEN,
 };
+
+mod plan;
+
+pub use plan::{DecodePlan, DecodePlans, EncodePlan, plan_decode, plan_encode};
 
 /// Live-set walker: tracks the largest sum seen.
 struct Walk<'a> {
@@ -178,6 +185,37 @@ impl Walk<'_> {
     }
 }
 
+/// One step of the decoder after its mid block, at its input's resolution `hw` (latent px).
+#[derive(Debug, Clone, Copy)]
+enum UpStage {
+    /// An up block's ResNets.
+    Resnets {
+        c_in: usize,
+        c_out: usize,
+        hw: (usize, usize),
+    },
+    /// An up block's nearest ×2 upsampling and 3x3 convolution.
+    Upsample { c: usize, hw: (usize, usize) },
+    /// `conv_out(silu(conv_norm_out(x)))`.
+    Out { c: usize, hw: (usize, usize) },
+}
+
+impl UpStage {
+    /// Multiply-adds of its convolutions (an upsampler's as its four 2x2 phase filters).
+    fn macs(&self, layers_per_block: usize) -> u64 {
+        match *self {
+            UpStage::Resnets { c_in, c_out, hw } => {
+                let p = (hw.0 * hw.1) as u64;
+                let shortcut = if c_in == c_out { 0 } else { c_in * c_out };
+                let first = 9 * c_in * c_out + 9 * c_out * c_out + shortcut;
+                p * (first + layers_per_block * 18 * c_out * c_out) as u64
+            }
+            UpStage::Upsample { c, hw } => (hw.0 * hw.1) as u64 * 16 * (c * c) as u64,
+            UpStage::Out { c, hw } => (hw.0 * hw.1) as u64 * 9 * 3 * c as u64,
+        }
+    }
+}
+
 /// Activation estimates for one model configuration and dtype.
 #[derive(Debug, Clone)]
 pub struct MemoryModel {
@@ -257,15 +295,9 @@ impl MemoryModel {
 
     /// Peak bytes of decoding one `height` x `width` pixel image (multiples of 16).
     pub fn decode_peak(&self, height: usize, width: usize) -> u64 {
+        let stages = self.up_stages(height, width);
         self.decode_mid_peak(height, width)
-            .max(self.decode_up_peak(height, width))
-    }
-
-    /// Bytes of the decoder's mid-block output for a `height` x `width` image.
-    fn mid_output(&self, height: usize, width: usize) -> u64 {
-        let f = self.cfg.vae_scale_factor();
-        let c = self.cfg.decoder_channels()[self.cfg.decoder_channels().len() - 1];
-        (c * (height / f) * (width / f)) as u64 * self.dtype_bytes
+            .max(self.stages_peak(&stages))
     }
 
     /// Peak of the global part: `post_quant_conv`, `conv_in` and the mid block.
@@ -283,33 +315,105 @@ impl MemoryModel {
         walk.max
     }
 
-    /// Peak of the up blocks and output layers producing `height` x `width` pixels.
-    fn decode_up_peak(&self, height: usize, width: usize) -> u64 {
+    /// The up blocks and output layers producing `height` x `width` pixels, in order.
+    fn up_stages(&self, height: usize, width: usize) -> Vec<UpStage> {
         let cfg = &self.cfg;
         let f = cfg.vae_scale_factor();
-        let (mut h, mut w) = (height / f, width / f);
-        let mut walk = self.walk();
+        let mut hw = (height / f, width / f);
         let rev: Vec<usize> = cfg.decoder_channels().iter().rev().copied().collect();
+        let mut stages = Vec::with_capacity(2 * rev.len());
         for (i, &c_out) in rev.iter().enumerate() {
             let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
-            for j in 0..=cfg.layers_per_block {
-                walk.resnet(if j == 0 { c_in } else { c_out }, c_out, (h, w));
-            }
+            stages.push(UpStage::Resnets { c_in, c_out, hw });
             if i + 1 < rev.len() {
-                let x = walk.t(c_out, (h * w) as u64);
-                (h, w) = (2 * h, 2 * w);
-                let temp = walk.conv_temp((c_out, c_out, 3, 1), w, (h, w), 2);
-                let phases = walk.phase_filters(c_out);
-                walk.at(x + 2 * walk.t(c_out, (h * w) as u64) + temp + phases);
+                stages.push(UpStage::Upsample { c: c_out, hw });
+                hw = (2 * hw.0, 2 * hw.1);
             }
         }
-        let first = rev[rev.len() - 1];
-        let p = (h * w) as u64;
-        walk.norm_silu(0, first, p);
-        walk.conv3(0, first, cfg.out_channels, (h, w));
-        let pixels = walk.t(cfg.out_channels, p);
-        walk.at(3 * pixels + 2 * cfg.out_channels as u64 * p * 4);
+        stages.push(UpStage::Out {
+            c: rev[rev.len() - 1],
+            hw,
+        });
+        stages
+    }
+
+    /// The stages a tiled decode with `global_blocks` runs on the whole image (before the
+    /// tiles) and per tile ([`crate::tiling::TileJob::global_blocks`]).
+    fn split_stages(stages: &[UpStage], global_blocks: usize) -> (&[UpStage], &[UpStage]) {
+        stages.split_at((2 * global_blocks).saturating_sub(1).min(stages.len()))
+    }
+
+    /// Peak of running `stages` one after another.
+    fn stages_peak(&self, stages: &[UpStage]) -> u64 {
+        let mut walk = self.walk();
+        for stage in stages {
+            match *stage {
+                UpStage::Resnets { c_in, c_out, hw } => {
+                    for j in 0..=self.cfg.layers_per_block {
+                        walk.resnet(if j == 0 { c_in } else { c_out }, c_out, hw);
+                    }
+                }
+                UpStage::Upsample { c, hw: (h, w) } => {
+                    let x = walk.t(c, (h * w) as u64);
+                    let (h, w) = (2 * h, 2 * w);
+                    let temp = walk.conv_temp((c, c, 3, 1), w, (h, w), 2);
+                    let phases = walk.phase_filters(c);
+                    walk.at(x + 2 * walk.t(c, (h * w) as u64) + temp + phases);
+                }
+                UpStage::Out { c, hw: (h, w) } => {
+                    let p = (h * w) as u64;
+                    walk.norm_silu(0, c, p);
+                    walk.conv3(0, c, self.cfg.out_channels, (h, w));
+                    let pixels = walk.t(self.cfg.out_channels, p);
+                    walk.at(3 * pixels + 2 * self.cfg.out_channels as u64 * p * 4);
+                }
+            }
+        }
         walk.max
+    }
+
+    /// Bytes of what `stages` leave for the next: the input of the stage after them (the mid
+    /// block's output where they are none).
+    fn stages_output(&self, stages: &[UpStage], height: usize, width: usize) -> u64 {
+        let (c, (h, w)) = match stages.last() {
+            Some(&UpStage::Resnets { c_out, hw, .. }) => (c_out, hw),
+            Some(&UpStage::Upsample { c, hw }) => (c, (2 * hw.0, 2 * hw.1)),
+            Some(&UpStage::Out { hw, .. }) => (self.cfg.out_channels, hw),
+            None => {
+                let f = self.cfg.vae_scale_factor();
+                let widths = self.cfg.decoder_channels();
+                (widths[widths.len() - 1], (height / f, width / f))
+            }
+        };
+        c as u64 * (h * w) as u64 * self.dtype_bytes
+    }
+
+    /// Relative cost of a tiled decode of `grid` tokens in `tile`s with `global_blocks`: the
+    /// multiply-adds of the convolutions it runs, those of the tiled stages once per pass (at
+    /// most `passes`) over every tile, the others once. What [`plan_decode`] minimises.
+    fn tiled_work(
+        &self,
+        grid: (usize, usize),
+        tile: (usize, usize),
+        overlap: usize,
+        global_blocks: usize,
+        passes: usize,
+    ) -> u64 {
+        let px = |n: usize| n * PIXELS_PER_TOKEN;
+        let stages = self.up_stages(px(grid.0), px(grid.1));
+        let (global, _) = Self::split_stages(&stages, global_blocks);
+        let whole: u64 = global
+            .iter()
+            .map(|s| s.macs(self.cfg.layers_per_block))
+            .sum();
+        let decoded = |n: usize, t: usize| tile_starts(n, t, overlap).len() * t.min(n);
+        let tiles = self.up_stages(px(decoded(grid.0, tile.0)), px(decoded(grid.1, tile.1)));
+        let (_, per_tile) = Self::split_stages(&tiles, global_blocks);
+        let tiled: u64 = per_tile
+            .iter()
+            .map(|s| s.macs(self.cfg.layers_per_block))
+            .sum();
+        whole + passes as u64 * tiled
     }
 
     /// Peak bytes of encoding one `height` x `width` pixel image (multiples of 16).
@@ -351,24 +455,38 @@ impl MemoryModel {
         self.decode_peak(h, w) + self.io_bytes(grid, batch)
     }
 
-    /// Bytes to reserve for a tiled decode with tiles of `tile` (rows, cols) tokens: the
-    /// larger of the whole-image mid block and one tile's up blocks (next to the whole
-    /// mid-block output and the tile's slice of it), the f32 blending accumulators of one
-    /// image, and the batch's inputs and outputs.
+    /// Bytes to reserve for a tiled decode with tiles of `tile` (rows, cols) tokens and
+    /// `global_blocks` up blocks run on the whole image first: the largest of the whole-image
+    /// mid block, those global up blocks, and one tile's remaining stages (next to the whole
+    /// global output and the tile's slice of it), plus the f32 blending accumulators of one
+    /// image and the batch's inputs and outputs.
     pub fn tiled_decode_request(
         &self,
         grid: (usize, usize),
         batch: usize,
         tile: (usize, usize),
+        global_blocks: usize,
     ) -> u64 {
         let (h, w) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
         let (th, tw) = (
             tile.0.min(grid.0) * PIXELS_PER_TOKEN,
             tile.1.min(grid.1) * PIXELS_PER_TOKEN,
         );
-        let tiles = self.mid_output(h, w) + self.mid_output(th, tw) + self.decode_up_peak(th, tw);
+        let whole = self.up_stages(h, w);
+        let (global, _) = Self::split_stages(&whole, global_blocks);
+        let part = self.up_stages(th, tw);
+        let (part_global, per_tile) = Self::split_stages(&part, global_blocks);
+        let tiles = self.stages_output(global, h, w)
+            + self.stages_output(part_global, th, tw)
+            + self.stages_peak(per_tile);
+        let global_peak = self.decode_mid_peak(h, w).max(self.stages_peak(global));
         let accumulators = (self.cfg.out_channels as u64 + 1) * (h * w) as u64 * 4;
-        self.decode_mid_peak(h, w).max(tiles) + accumulators + self.io_bytes(grid, batch)
+        global_peak.max(tiles) + accumulators + self.io_bytes(grid, batch)
+    }
+
+    /// Up blocks of the decoder (the most a tiled decode can run on the whole image).
+    pub fn up_blocks(&self) -> usize {
+        self.cfg.decoder_channels().len()
     }
 
     /// Bytes to reserve for encoding `batch` images of `height` x `width` pixels.
@@ -384,217 +502,6 @@ impl MemoryModel {
         let latents = tokens * self.cfg.packed_channels() as u64 * (4 + self.dtype_bytes);
         let pixels = tokens * (PIXELS_PER_TOKEN * PIXELS_PER_TOKEN * self.cfg.out_channels) as u64;
         latents + pixels
-    }
-}
-
-/// How an encode will run and what it reserves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EncodePlan {
-    /// The operation chunk of the job ([`crate::model::config::with_op_bytes`]).
-    pub op_bytes: u64,
-    /// Bytes reserved through the admission budget.
-    pub reserve_bytes: u64,
-}
-
-/// The largest operation chunk whose encode reservation fits `capacity` (else the configured
-/// one, whose reservation the admission then refuses or queues as before).
-pub fn plan_encode(
-    memory: &MemoryModel,
-    (height, width): (usize, usize),
-    batch: usize,
-    capacity: u64,
-) -> EncodePlan {
-    let (op_bytes, reserve_bytes) =
-        memory.largest_fitting(capacity, |m| m.encode_request(height, width, batch));
-    EncodePlan {
-        op_bytes,
-        reserve_bytes,
-    }
-}
-
-/// How a decode will run and what it reserves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodePlan {
-    /// What is reported (the overlap is the smallest actual one).
-    pub tiles: TilePlan,
-    /// The overlap asked of the tile layout ([`tile_starts`]), tokens.
-    pub overlap_param: usize,
-    /// The operation chunk of the job: the largest that lets an untiled decode fit; for a tiled
-    /// decode the largest whose tiling needs at most one tile more than the fewest
-    /// ([`plan_decode`]); a forced tiling takes the configured one.
-    pub op_bytes: u64,
-    /// Bytes reserved through the admission budget.
-    pub reserve_bytes: u64,
-}
-
-/// A decode's plan and the one it falls back to when the first run meets an out-of-memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DecodePlans {
-    /// The plan the budget reserved for.
-    pub first: DecodePlan,
-    /// The same request planned into half of `first`'s reservation (smaller tiles, or tiles
-    /// where `first` was untiled), run from a pool handed back to the driver; `None` where
-    /// nothing fits that. Under an MPS limit the pool's pieces can leave a plan that fits the
-    /// budget without room (see [`klein_runtime::gpu_memory::fall_back_on_out_of_memory`]).
-    pub fallback: Option<DecodePlan>,
-}
-
-impl DecodePlans {
-    /// `first` and its fallback.
-    pub fn new(
-        memory: &MemoryModel,
-        (grid, batch): ((usize, usize), usize),
-        first: DecodePlan,
-        tiling: &TilingConfig,
-        force_tiling: bool,
-    ) -> Self {
-        let half = first.reserve_bytes / 2;
-        let fallback = plan_decode(memory, grid, batch, half, tiling, force_tiling).ok();
-        Self { first, fallback }
-    }
-}
-
-/// Chooses untiled or tiled decoding for a request, and its operation chunk. `Err(bytes)` is
-/// the smallest reservation any plan needs when even the smallest tile does not fit
-/// `capacity`.
-///
-/// An untiled decode takes the largest chunk of the ladder ([`MemoryModel::op_chunk_ladder`])
-/// that fits. A forced tiling takes the configured chunk. Otherwise the tiles trade against the
-/// chunk: of the ladder's chunks, the largest whose best tiling needs at most one tile more than
-/// the fewest any chunk allows. Taller convolution bands outweigh a third band: the 16 GB
-/// plan's tiled 1024² decode (H200, under its MPS limit) took 0.90–1.21 s as two bands at
-/// 128 MiB chunks, 0.92–0.96 s as three at 256 MiB and 0.61–0.63 s as three at 512 MiB.
-pub fn plan_decode(
-    memory: &MemoryModel,
-    grid: (usize, usize),
-    batch: usize,
-    capacity: u64,
-    tiling: &TilingConfig,
-    force_tiling: bool,
-) -> Result<DecodePlan, u64> {
-    let (op_bytes, untiled) = memory.largest_fitting(capacity, |m| m.decode_request(grid, batch));
-    if !force_tiling && untiled <= capacity {
-        return Ok(DecodePlan {
-            tiles: TilePlan::untiled(),
-            overlap_param: 0,
-            op_bytes,
-            reserve_bytes: untiled,
-        });
-    }
-    let search = TileSearch {
-        memory,
-        grid,
-        batch,
-        capacity,
-        tiling,
-    };
-    let least = (search.smallest(grid.0), search.smallest(grid.1));
-    let tiled = if force_tiling {
-        search.forced()
-    } else {
-        let plans: Vec<DecodePlan> = memory
-            .op_chunk_ladder()
-            .into_iter()
-            .map(|op_bytes| memory.at_op_bytes(op_bytes))
-            .filter_map(|m| {
-                let at_chunk = TileSearch {
-                    memory: &m,
-                    ..search
-                };
-                (at_chunk.request(least) <= capacity)
-                    .then(|| at_chunk.fewest())
-                    .flatten()
-            })
-            .collect();
-        let fewest = plans.iter().map(|p| p.tiles.tile_count).min();
-        plans
-            .into_iter()
-            .find(|p| fewest.is_some_and(|f| p.tiles.tile_count <= f + 1))
-    };
-    tiled.ok_or_else(|| search.request(least).min(untiled))
-}
-
-/// The tile shapes of one decode request that fit `capacity` at `memory`'s operation chunk.
-#[derive(Clone, Copy)]
-struct TileSearch<'a> {
-    memory: &'a MemoryModel,
-    grid: (usize, usize),
-    batch: usize,
-    capacity: u64,
-    tiling: &'a TilingConfig,
-}
-
-impl TileSearch<'_> {
-    /// The smallest tile side the budget may fall back to along an axis of `n` tokens.
-    fn smallest(&self, n: usize) -> usize {
-        self.tiling.min_tile_tokens.min(n).max(1)
-    }
-
-    /// Bytes to reserve with tiles of `tile` (rows, cols) tokens.
-    fn request(&self, tile: (usize, usize)) -> u64 {
-        self.memory
-            .tiled_decode_request(self.grid, self.batch, tile)
-    }
-
-    /// The plan of `tile` tokens if it fits.
-    fn fits(&self, tile: (usize, usize)) -> Option<DecodePlan> {
-        let bytes = self.request(tile);
-        (bytes <= self.capacity).then(|| self.plan(tile, bytes))
-    }
-
-    /// The tiled plan of `tile` tokens, reserving `bytes`.
-    fn plan(&self, tile: (usize, usize), bytes: u64) -> DecodePlan {
-        let (grid, overlap) = (self.grid, self.tiling.overlap_for(tile.0.min(tile.1)));
-        let count =
-            tile_starts(grid.0, tile.0, overlap).len() * tile_starts(grid.1, tile.1, overlap).len();
-        DecodePlan {
-            tiles: TilePlan {
-                tiled: true,
-                tile_tokens: tile,
-                overlap_tokens: min_overlap(grid, tile, overlap),
-                tile_count: count,
-            },
-            overlap_param: overlap,
-            op_bytes: self.memory.cfg.chunking.op_bytes,
-            reserve_bytes: bytes,
-        }
-    }
-
-    /// Square tiles of the configured side, smaller where the capacity needs it.
-    fn forced(&self) -> Option<DecodePlan> {
-        let grid = self.grid;
-        let side = self.tiling.tile_tokens.min(grid.0.max(grid.1));
-        (self.smallest(side)..=side)
-            .rev()
-            .find_map(|t| self.fits((t.min(grid.0), t.min(grid.1))))
-    }
-
-    /// Of the tile shapes that fit, the fewest tiles, then the largest (the overlaps grow with
-    /// them): where the budget allows, bands across the whole width, which overlap along one
-    /// axis only and so decode far fewer tokens twice than square tiles do. For each height
-    /// the widest tile that fits (a wider one never reserves less).
-    fn fewest(&self) -> Option<DecodePlan> {
-        let grid = self.grid;
-        let mut best: Option<((usize, Reverse<usize>), DecodePlan)> = None;
-        for rows in self.smallest(grid.0)..=grid.0 {
-            let widths: Vec<usize> = (self.smallest(grid.1)..=grid.1)
-                .filter(|&cols| (rows, cols) != grid)
-                .collect();
-            let fitting =
-                widths.partition_point(|&cols| self.request((rows, cols)) <= self.capacity);
-            let Some(plan) = fitting
-                .checked_sub(1)
-                .and_then(|i| self.fits((rows, widths[i])))
-            else {
-                continue;
-            };
-            let t = plan.tiles;
-            let key = (t.tile_count, Reverse(t.tile_tokens.0 * t.tile_tokens.1));
-            if best.as_ref().is_none_or(|(b, _)| key < *b) {
-                best = Some((key, plan));
-            }
-        }
-        best.map(|(_, plan)| plan)
     }
 }
 
@@ -647,204 +554,5 @@ mod tests {
         let enc = m.encode_peak(1024, 1024);
         assert!(enc >= 3 * 128 * 1024 * 1024 * 4, "{enc}");
         assert!(enc < m.decode_peak(1024, 1024));
-    }
-
-    fn tiling() -> TilingConfig {
-        TilingConfig {
-            tile_tokens: 32,
-            overlap_tokens: 4,
-            min_tile_tokens: 8,
-            norm_max_passes: 4,
-            norm_tolerance: 0.02,
-        }
-    }
-
-    #[test]
-    fn plans_untiled_when_it_fits_and_the_tiles_covering_the_fewest_tokens_otherwise() {
-        let m = real();
-        let grid = (64, 64);
-        let untiled = m.decode_request(grid, 1);
-        let plan = plan_decode(&m, grid, 1, untiled, &tiling(), false).unwrap();
-        assert_eq!(plan.tiles, TilePlan::untiled());
-        assert_eq!(plan.reserve_bytes, untiled);
-
-        // Just short of untiled: two bands across the whole width, the tallest that fit.
-        let plan = plan_decode(&m, grid, 1, untiled - 1, &tiling(), false).unwrap();
-        assert!(plan.tiles.tiled);
-        assert!(plan.reserve_bytes < untiled);
-        let (rows, cols) = plan.tiles.tile_tokens;
-        assert_eq!((cols, plan.tiles.tile_count), (64, 2), "{:?}", plan.tiles);
-        assert!(m.tiled_decode_request(grid, 1, (rows + 1, 64)) > untiled - 1);
-        assert_eq!(plan.overlap_param, 4);
-        assert_eq!(plan.tiles.overlap_tokens, 2 * rows - 64);
-
-        // The room of a 48-token square: two bands decode about half the tokens four such
-        // squares would (4 · 48² = 9216 a pass against 2 · 64 · at most 36).
-        let square = m.tiled_decode_request(grid, 1, (48, 48));
-        let plan = plan_decode(&m, grid, 1, square, &tiling(), false).unwrap();
-        let t = plan.tiles;
-        assert_eq!((t.tile_tokens.1, t.tile_count), (64, 2), "{t:?}");
-        assert!((34..=36).contains(&t.tile_tokens.0), "{t:?}");
-        assert!(plan.reserve_bytes <= square);
-    }
-
-    #[test]
-    fn a_decode_falls_back_to_a_plan_of_half_its_reservation() {
-        let m = real();
-        let grid = (64, 64);
-        let plan = |capacity| plan_decode(&m, grid, 1, capacity, &tiling(), false).unwrap();
-        let untiled = plan(u64::MAX);
-        let plans = DecodePlans::new(&m, (grid, 1), untiled, &tiling(), false);
-        let fallback = plans.fallback.expect("bands fit half an untiled decode");
-        assert!(fallback.tiles.tiled, "{fallback:?}");
-        assert!(fallback.reserve_bytes <= untiled.reserve_bytes / 2);
-
-        let bands = plan(untiled.reserve_bytes - 1);
-        let fallback = DecodePlans::new(&m, (grid, 1), bands, &tiling(), false)
-            .fallback
-            .expect("smaller tiles fit");
-        let area = |p: DecodePlan| p.tiles.tile_tokens.0 * p.tiles.tile_tokens.1;
-        assert!(area(fallback) < area(bands), "{fallback:?} vs {bands:?}");
-        assert!(fallback.reserve_bytes <= bands.reserve_bytes / 2);
-
-        let least = plan(m.tiled_decode_request(grid, 1, (8, 8)));
-        let plans = DecodePlans::new(&m, (grid, 1), least, &tiling(), false);
-        assert_eq!(
-            plans.fallback, None,
-            "nothing fits half the smallest tile's room"
-        );
-    }
-
-    #[test]
-    fn tight_budgets_tile_along_both_axes() {
-        let m = real();
-        let grid = (64, 64);
-        let capacity = m.tiled_decode_request(grid, 1, (16, 16));
-        let plan = plan_decode(&m, grid, 1, capacity, &tiling(), false).unwrap();
-        let t = plan.tiles;
-        assert!(t.tile_tokens.0 < 64 && t.tile_tokens.1 < 64, "{t:?}");
-        assert!(t.tile_count >= 4, "{t:?}");
-        assert!(plan.reserve_bytes <= capacity);
-    }
-
-    #[test]
-    fn jobs_take_the_largest_operation_chunk_their_reservation_fits() {
-        let min = Config::default().chunking.op_bytes;
-        let m = real().with_max_op_bytes(16 << 30);
-        let ladder: Vec<u64> = (0..8).map(|i| (16u64 << 30) >> i).collect();
-        assert_eq!(m.op_chunk_ladder(), ladder);
-        assert_eq!(*ladder.last().unwrap(), min);
-        assert_eq!(
-            real().op_chunk_ladder(),
-            [min],
-            "no maximum: the configured chunk"
-        );
-        let at = |op: u64| {
-            let mut cfg = Config::default();
-            cfg.chunking.op_bytes = op;
-            MemoryModel::new(&cfg, DType::F32)
-        };
-        let grid = (64, 64);
-        let roomy = plan_decode(&m, grid, 1, u64::MAX, &tiling(), false).unwrap();
-        assert_eq!(
-            (roomy.tiles, roomy.op_bytes),
-            (TilePlan::untiled(), 16 << 30)
-        );
-        assert_eq!(roomy.reserve_bytes, at(16 << 30).decode_request(grid, 1));
-        // Between the 1 GiB and 2 GiB reservations: 1 GiB chunks.
-        let (one, two) = (
-            at(1 << 30).decode_request(grid, 1),
-            at(2 << 30).decode_request(grid, 1),
-        );
-        assert!(one < two, "taller bands reserve more: {one} vs {two}");
-        let plan = plan_decode(&m, grid, 1, two - 1, &tiling(), false).unwrap();
-        assert_eq!((plan.tiles, plan.op_bytes), (TilePlan::untiled(), 1 << 30));
-        assert_eq!(plan.reserve_bytes, one);
-        // Only the configured chunk fits: as before the ladder.
-        let tight = at(min).decode_request(grid, 1);
-        let plan = plan_decode(&m, grid, 1, tight, &tiling(), false).unwrap();
-        assert_eq!((plan.tiles, plan.op_bytes), (TilePlan::untiled(), min));
-        // A forced tiling takes the configured chunk.
-        let forced = plan_decode(&m, grid, 1, u64::MAX, &tiling(), true).unwrap();
-        assert!(forced.tiles.tiled);
-        assert_eq!(forced.op_bytes, min);
-        let encode = plan_encode(&m, (1024, 1024), 1, u64::MAX);
-        assert_eq!(encode.op_bytes, 16 << 30);
-        assert_eq!(
-            encode.reserve_bytes,
-            at(16 << 30).encode_request(1024, 1024, 1)
-        );
-        let refused = plan_encode(&m, (1024, 1024), 1, 0);
-        assert_eq!(refused.op_bytes, min);
-        assert_eq!(refused.reserve_bytes, at(min).encode_request(1024, 1024, 1));
-    }
-
-    /// A tiled decode for want of room takes the largest chunk whose tiling needs at most one
-    /// tile more than the fewest any chunk allows: on the 16 GB plan's VAE capacity, three bands
-    /// at a chunk above the configured one rather than two at the configured one.
-    #[test]
-    fn tiled_decodes_trade_a_tile_for_taller_convolution_bands() {
-        let min = Config::default().chunking.op_bytes;
-        let m = real().with_max_op_bytes(16 << 30);
-        let grid = (64, 64);
-        let capacity = 1_811_000_000;
-        let plan = plan_decode(&m, grid, 1, capacity, &tiling(), false).unwrap();
-        let per_chunk: Vec<(u64, usize)> = m
-            .op_chunk_ladder()
-            .into_iter()
-            .filter_map(|op| {
-                let only = real().at_op_bytes(op);
-                let p = plan_decode(&only, grid, 1, capacity, &tiling(), false).ok()?;
-                Some((op, p.tiles.tile_count))
-            })
-            .collect();
-        let fewest = per_chunk.iter().map(|&(_, n)| n).min().unwrap();
-        let chosen = per_chunk
-            .iter()
-            .find(|&&(_, n)| n <= fewest + 1)
-            .copied()
-            .unwrap();
-        assert_eq!(
-            (plan.op_bytes, plan.tiles.tile_count),
-            chosen,
-            "{per_chunk:?}"
-        );
-        assert!(
-            plan.op_bytes > min && plan.tiles.tile_count == fewest + 1,
-            "{plan:?}"
-        );
-        assert!(plan.reserve_bytes <= capacity);
-        assert_eq!(
-            plan.tiles.tile_tokens.1, 64,
-            "bands across the width: {plan:?}"
-        );
-        assert_eq!(
-            plan.reserve_bytes,
-            real()
-                .at_op_bytes(plan.op_bytes)
-                .tiled_decode_request(grid, 1, plan.tiles.tile_tokens)
-        );
-    }
-
-    #[test]
-    fn forced_tiling_uses_the_configured_tile_and_hopeless_budgets_are_refused() {
-        let m = real();
-        let plan = plan_decode(&m, (64, 64), 1, u64::MAX, &tiling(), true).unwrap();
-        assert_eq!(plan.tiles.tile_tokens, (32, 32));
-        assert_eq!((plan.overlap_param, plan.tiles.overlap_tokens), (4, 16));
-        assert_eq!(plan.tiles.tile_count, 9, "starts 0, 16, 32 on each axis");
-        assert!(plan.tiles.tiled);
-        let small = plan_decode(&m, (6, 4), 1, u64::MAX, &tiling(), true).unwrap();
-        assert_eq!(
-            (small.tiles.tile_tokens, small.tiles.tile_count),
-            ((6, 4), 1)
-        );
-        // Forced square tiles shrink to the largest that fits the budget.
-        let room = m.tiled_decode_request((64, 64), 1, (22, 22));
-        assert!(m.tiled_decode_request((64, 64), 1, (23, 23)) > room);
-        let shrunk = plan_decode(&m, (64, 64), 1, room, &tiling(), true).unwrap();
-        assert_eq!(shrunk.tiles.tile_tokens, (22, 22));
-        let need = plan_decode(&m, (64, 64), 1, 1 << 20, &tiling(), false).unwrap_err();
-        assert_eq!(need, m.tiled_decode_request((64, 64), 1, (8, 8)));
     }
 }

@@ -222,6 +222,7 @@ impl Vae {
             tile_tokens = ?t.tile_tokens,
             overlap_tokens = t.overlap_tokens,
             tile_count = t.tile_count,
+            global_blocks = plan.global_blocks,
             op_chunk_bytes = plan.op_bytes,
             reserve_bytes = plan.reserve_bytes,
             "decode plan"

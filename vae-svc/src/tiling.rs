@@ -1,10 +1,13 @@
 //! Tiled decoding with overlap blending.
 //!
-//! The decoder's global part (`conv_in` and the mid block with its attention) runs on the whole
-//! latent, which is 1/64 of the pixels. Its output is cut into tiles of `rows` x `cols` tokens
-//! (a token is 16x16 image pixels; bands across the whole width where the budget allows, which
-//! decode the fewest overlapping tokens), spread evenly so that neighbours overlap by at least
-//! `overlap` tokens, and the up blocks decode one tile at a time:
+//! The decoder's global part runs on the whole image: `conv_in` and the mid block with its
+//! attention, on the latent (1/64 of the pixels), and the first up blocks the plan can afford
+//! whole (`global_blocks`, the last of them without its upsampler: at 1024² on the 16 GB plan
+//! three, up to 256 channels at 512²), whose group norms are then exact and which run once
+//! instead of once per pass and tile. Its output is cut into tiles of `rows` x `cols` tokens (a token is 16x16
+//! image pixels; bands across the whole width where the budget allows, which decode the
+//! fewest overlapping tokens), spread evenly so that neighbours overlap by at least `overlap`
+//! tokens, and the rest of the up blocks decode one tile at a time:
 //! 1. statistics passes record every group norm's input moments over the part of the image
 //!    each tile owns (overlaps split at their middle), giving image-wide statistics; each pass
 //!    normalises with the previous pass's moments, so they converge to the untiled ones (after
@@ -189,11 +192,16 @@ pub struct TileJob {
     pub max_passes: usize,
     /// See [`TilingConfig::norm_tolerance`].
     pub tolerance: f64,
+    /// Up blocks run on the whole image before the tiles (`AutoencoderKLFlux2::decode_global`;
+    /// the last of them without its upsampler): their group norms are exact and no pass
+    /// repeats them.
+    pub global_blocks: usize,
 }
 
 /// Decodes one image's latent `z` (1, C, 2h, 2w) over a token `grid` (h, w) in tiles and
-/// blends the pixels. The decoder's `conv_in` and mid block (with the attention) run on the
-/// whole latent first, which is small; only the up blocks are tiled. With more than one tile,
+/// blends the pixels. The decoder's `conv_in` and mid block (with the attention) and the
+/// job's `global_blocks` first up blocks run on the whole image first, which is small at
+/// those resolutions; only the rest is tiled. With more than one tile,
 /// statistics passes of `statistics` (the same weights as `model`; the service passes
 /// [`AutoencoderKLFlux2::for_statistics`]) record image-wide group-norm moments (each pass
 /// normalising with the previous pass's, so they converge to the image-wide ones) until they
@@ -208,10 +216,10 @@ pub fn decode_tiled(
     cancel: &CancellationToken,
 ) -> Result<(Tensor, usize), VaeError> {
     let (tile, overlap) = (job.tile, job.overlap);
-    let (_, _, lh, _) = z.dims4()?;
-    let per_token = lh / grid.0;
     let (height, width) = (grid.0 * PIXELS_PER_TOKEN, grid.1 * PIXELS_PER_TOKEN);
-    let mid = model.decode_mid(z)?;
+    let blocks = job.global_blocks;
+    let global = model.decode_global(z, blocks)?;
+    let per_token = global.dim(2)? / grid.0;
     let rows = spans(grid.0, tile.0, overlap);
     let cols = spans(grid.1, tile.1, overlap);
     let tiles: Vec<(&Span, &Span)> = rows
@@ -219,7 +227,7 @@ pub fn decode_tiled(
         .flat_map(|r| cols.iter().map(move |c| (r, c)))
         .collect();
     let part = |r: &Span, c: &Span| -> Result<Tensor, VaeError> {
-        Ok(mid
+        Ok(global
             .narrow(2, r.start * per_token, r.len * per_token)?
             .narrow(3, c.start * per_token, c.len * per_token)?
             .contiguous()?)
@@ -239,7 +247,7 @@ pub fn decode_tiled(
                     return Err(VaeError::Cancelled);
                 }
                 stats.start_tile(region(r, c));
-                statistics.decode_up(part(r, c)?, &mut stats)?;
+                statistics.decode_up_from(part(r, c)?, blocks, &mut stats)?;
             }
             passes += 1;
             let settled = stats.change()?.is_some_and(|c| c <= job.tolerance);
@@ -251,7 +259,7 @@ pub fn decode_tiled(
     }
     // The blend, on the device: each tile's pixels weighted by its ramps, added into its
     // region of the accumulators, divided by the summed weights at the end.
-    let dev = mid.device();
+    let dev = global.device();
     let channels = model.out_channels();
     let mut sum = Tensor::zeros((1, channels, height, width), DType::F32, dev)?;
     let mut weight = Tensor::zeros((1, 1, height, width), DType::F32, dev)?;
@@ -261,7 +269,7 @@ pub fn decode_tiled(
         }
         stats.start_tile(region(r, c));
         let pixels = model
-            .decode_up(part(r, c)?, &mut stats)?
+            .decode_up_from(part(r, c)?, blocks, &mut stats)?
             .to_dtype(DType::F32)?;
         let (_, _, th, tw) = pixels.dims4()?;
         let ramps = Tensor::from_slice(&r.ramp, (1, 1, th, 1), dev)?

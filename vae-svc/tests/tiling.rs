@@ -146,6 +146,7 @@ async fn forced_tiles_blend_close_to_the_untiled_decode() {
         overlap: 4,
         max_passes: 1,
         tolerance: 0.0,
+        global_blocks: 0,
     };
     let (local, passes) = decode(&job);
     assert_eq!(passes, 1);
@@ -160,11 +161,32 @@ async fn forced_tiles_blend_close_to_the_untiled_decode() {
         overlap: 4,
         max_passes: 4,
         tolerance: 0.02,
+        global_blocks: 0,
     };
     let (pixels, passes) = tiled(&bands, &statistics);
     let db_bands = psnr(&a, &to_u8(&pixels));
     println!("bands of 6 x 12 tokens, 4-token overlap, {passes} passes: PSNR {db_bands:.2} dB");
     assert!(db_bands >= 40.0, "PSNR {db_bands:.2} dB");
+
+    // The same bands after the first up blocks ran on the whole image (what the budget picks
+    // where they fit): their group norms exact, fewer layers tiled; every count, up to all
+    // four (only the output layers tiled), comes closer to the untiled decode.
+    let mut last = db_bands;
+    for global_blocks in 1..=4 {
+        let job = TileJob {
+            global_blocks,
+            ..bands
+        };
+        let (pixels, n) = tiled(&job, &statistics);
+        let db = psnr(&a, &to_u8(&pixels));
+        println!("the same after {global_blocks} global up blocks, {n} passes: PSNR {db:.2} dB");
+        assert!(
+            db >= last - 0.5 && n <= passes,
+            "{db:.2} dB after {last:.2}, {n} passes"
+        );
+        last = db;
+    }
+    assert!(last > db_bands + 1.0, "{last:.2} vs {db_bands:.2} dB");
 
     // The statistics passes in the model's own arithmetic instead (on the GPU split TF32
     // where the service runs them in one TF32 pass; the CPU's convolutions are exact either
@@ -208,7 +230,10 @@ async fn a_budget_too_small_for_untiled_decodes_tiled_and_a_hopeless_one_is_refu
     let tile = (plan.tile_tokens as usize, plan.tile_width_tokens as usize);
     let sides = (4..=8).contains(&tile.0) && (4..=12).contains(&tile.1);
     assert!(sides && tile != (8, 12), "{plan:?}");
-    assert!(memory.tiled_decode_request(grid, 1, tile) < untiled);
+    assert!(
+        (0..=memory.up_blocks()).any(|k| memory.tiled_decode_request(grid, 1, tile, k) < untiled),
+        "{plan:?}"
+    );
     println!("budget {untiled} - 1 bytes of activations: {plan:?}");
     assert_eq!(
         from_wire(out.images.as_ref().unwrap()).dims(),

@@ -106,7 +106,7 @@ impl AutoencoderKLFlux2 {
 
     /// (B, 32, h, w) -> (B, 3, 8h, 8w) in the model dtype
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        self.decode_up(self.decode_mid(z)?, &mut NormStats::Local)
+        self.decode_up_from(self.decode_mid(z)?, 0, &mut NormStats::Local)
     }
 
     /// The model a tiled decode's statistics passes run ([`crate::tiling::decode_tiled`]): the
@@ -130,9 +130,21 @@ impl AutoencoderKLFlux2 {
         }
     }
 
-    /// The rest of [`Self::decode`], local apart from its group-norm statistics (taken from
-    /// `stats`): the up blocks and output layers. (B, C, h, w) -> (B, 3, 8h, 8w)
-    pub fn decode_up(&self, h: Tensor, stats: &mut NormStats) -> Result<Tensor> {
-        self.decoder.forward_up(h, stats)
+    /// [`Self::decode_mid`], then the first `blocks` up blocks on the whole image (the last
+    /// without its upsampler; `Decoder::forward_up_to`): the part of a tiled decode that runs
+    /// untiled, its group norms exact.
+    pub fn decode_global(&self, z: &Tensor, blocks: usize) -> Result<Tensor> {
+        self.decoder.forward_up_to(self.decode_mid(z)?, blocks)
+    }
+
+    /// The rest of [`Self::decode`] after [`Self::decode_global`] with `blocks`, local apart
+    /// from its group-norm statistics (taken from `stats`). (B, C, h, w) -> (B, 3, H, W)
+    pub fn decode_up_from(
+        &self,
+        h: Tensor,
+        blocks: usize,
+        stats: &mut NormStats,
+    ) -> Result<Tensor> {
+        self.decoder.forward_up_from(h, blocks, stats)
     }
 }

@@ -110,10 +110,21 @@ impl UpDecoderBlock2D {
     /// (B, C_in, H, W) -> (B, C_out, H', W'), H' = 2H with an upsampler; group-norm
     /// statistics from `stats`.
     pub fn forward(&self, x: Tensor, stats: &mut NormStats) -> Result<Tensor> {
+        self.upsample(self.forward_resnets(x, stats)?)
+    }
+
+    /// The ResNets alone: (B, C_in, H, W) -> (B, C_out, H, W).
+    pub fn forward_resnets(&self, x: Tensor, stats: &mut NormStats) -> Result<Tensor> {
         let mut h = x;
         for resnet in &self.resnets {
             h = resnet.forward(&h, stats)?;
         }
+        Ok(h)
+    }
+
+    /// The upsampler alone (the identity in a block without one).
+    pub fn upsample(&self, x: Tensor) -> Result<Tensor> {
+        let mut h = x;
         for up in &self.upsamplers {
             h = up.forward(&h)?;
         }

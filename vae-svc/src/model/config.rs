@@ -127,7 +127,11 @@ impl ConvCopies {
 impl Chunking {
     /// These limits for convolutions on `device`: through cuDNN on CUDA when built with it.
     pub fn on(self, device: &Device) -> Self {
-        let through_cudnn = cfg!(feature = "cudnn") && device.is_cuda();
+        self.through_cudnn(cfg!(feature = "cudnn") && device.is_cuda())
+    }
+
+    /// These limits for convolutions run through cuDNN or not.
+    pub fn through_cudnn(self, through_cudnn: bool) -> Self {
         Self {
             conv_im2col: materialises_im2col(through_cudnn, self.conv_algo),
             conv_copies: ConvCopies::new(through_cudnn, self.conv_precision),

@@ -2,7 +2,7 @@
 //! over the reversed widths (all but the last end with an upsampler), then
 //! `conv_out(silu(conv_norm_out(h)))` to RGB.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, bail};
 use candle_nn::VarBuilder;
 
 use super::{
@@ -58,7 +58,7 @@ impl Decoder {
 
     /// (B, latent_channels, h, w) -> (B, 3, 8h, 8w), roughly in [-1, 1]
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        self.forward_up(self.forward_mid(z)?, &mut NormStats::Local)
+        self.forward_up_from(self.forward_mid(z)?, 0, &mut NormStats::Local)
     }
 
     /// `conv_in` and the mid block: the part with global context (attention), at latent
@@ -82,13 +82,48 @@ impl Decoder {
         }
     }
 
-    /// The up blocks and the output layers, group-norm statistics from `stats`.
-    /// (B, C, h, w) -> (B, 3, 8h, 8w)
-    pub fn forward_up(&self, x: Tensor, stats: &mut NormStats) -> Result<Tensor> {
+    /// The first `blocks` up blocks on the mid block's output, the last of them without its
+    /// upsampler, with the group norms' own statistics: the whole image's where `x` is the
+    /// whole image. `blocks = 0` returns `x`. (B, C, h, w) -> (B, C_k, 2^(k−1)·h, 2^(k−1)·w)
+    pub fn forward_up_to(&self, x: Tensor, blocks: usize) -> Result<Tensor> {
+        self.check_blocks(blocks)?;
         let mut h = x;
-        for block in &self.up_blocks {
+        for (i, block) in self.up_blocks.iter().take(blocks).enumerate() {
+            h = block.forward_resnets(h, &mut NormStats::Local)?;
+            if i + 1 < blocks {
+                h = block.upsample(h)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The up blocks and the output layers after [`Self::forward_up_to`] with `blocks` (all of
+    /// them with 0): that last block's upsampler, the later blocks and the output layers,
+    /// group-norm statistics from `stats`. (B, C_k, h_k, w_k) -> (B, 3, H, W)
+    pub fn forward_up_from(
+        &self,
+        x: Tensor,
+        blocks: usize,
+        stats: &mut NormStats,
+    ) -> Result<Tensor> {
+        self.check_blocks(blocks)?;
+        let mut h = match blocks.checked_sub(1) {
+            Some(last) => self.up_blocks[last].upsample(x)?,
+            None => x,
+        };
+        for block in self.up_blocks.iter().skip(blocks) {
             h = block.forward(h, stats)?;
         }
         silu_conv(&self.conv_norm_out, &self.conv_out, h, stats, None)
+    }
+
+    fn check_blocks(&self, blocks: usize) -> Result<()> {
+        if blocks > self.up_blocks.len() {
+            bail!(
+                "the decoder has {} up blocks, not {blocks}",
+                self.up_blocks.len()
+            );
+        }
+        Ok(())
     }
 }
