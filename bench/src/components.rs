@@ -342,22 +342,33 @@ fn vae_row(
     }
 }
 
-/// FLUX.2 VAE f32 decode at `px`² in bands of `rows` token rows across the whole width after
-/// `global_blocks` up blocks ran on the whole image, as a budget that cannot hold the untiled
-/// decode runs it (`vae_svc::tiling::decode_tiled`, the service's overlap and passes), its
-/// statistics passes in one TF32 pass as vae-svc runs them (`tf32_statistics`) or in the
-/// model's own arithmetic.
+/// How vae_tiled cuts a decode.
+#[derive(Debug, Clone, Copy)]
+pub enum Tiles {
+    /// Bands of `rows` token rows across the whole width after `global_blocks` up blocks ran
+    /// on the whole image, at the bench's operation chunk.
+    Bands { rows: usize, global_blocks: usize },
+    /// What vae-svc plans with `capacity` bytes for activations (`vae_svc::memory::plan_decode`,
+    /// operation chunks up to 16 GiB as the service's default): tiles, global blocks, chunk.
+    Planned { capacity: u64 },
+}
+
+/// FLUX.2 VAE f32 decode at `px`² in tiles as a budget that cannot hold the untiled decode
+/// runs it (`vae_svc::tiling::decode_tiled`, the service's overlap and passes), its statistics
+/// passes in one TF32 pass as vae-svc runs them (`tf32_statistics`) or in the model's own
+/// arithmetic.
 pub fn vae_tiled(
     dev: &Device,
     px: usize,
-    (rows, global_blocks): (usize, usize),
+    tiles: Tiles,
     tf32_statistics: bool,
     iters: usize,
     chunking: vae_svc::model::Chunking,
 ) -> Result<Row> {
     use vae_svc::{
-        memory::MemoryModel,
-        tiling::{TileJob, decode_tiled, tile_starts},
+        memory::{MemoryModel, plan_decode},
+        model::config::with_op_bytes,
+        tiling::{TileJob, decode_tiled},
     };
     let (cfg, model) = random_vae(dev, DType::F32, chunking)?;
     let statistics = if tf32_statistics {
@@ -367,9 +378,32 @@ pub fn vae_tiled(
     };
     let tiling = vae_svc::config::Config::default().tiling();
     let grid = (px / 16, px / 16);
+    let estimates = MemoryModel::new(&cfg, DType::F32);
+    // The tiles, global blocks, operation chunk and the reservation they estimate.
+    let (tile, global_blocks, op_bytes, estimate) = match tiles {
+        Tiles::Bands {
+            rows,
+            global_blocks,
+        } => {
+            let tile = (rows, grid.1);
+            let estimate = estimates.tiled_decode_request(grid, 1, tile, global_blocks);
+            (tile, global_blocks, chunking.op_bytes, estimate)
+        }
+        Tiles::Planned { capacity } => {
+            let roomy = estimates.with_max_op_bytes(16 << 30);
+            let plan = plan_decode(&roomy, grid, 1, capacity, &tiling, false).map_err(|need| {
+                candle_core::Error::Msg(format!("no tiling of {px}² fits: {need} bytes needed"))
+            })?;
+            if !plan.tiles.tiled {
+                candle_core::bail!("{px}² decodes untiled in {capacity} bytes");
+            }
+            let t = plan.tiles.tile_tokens;
+            (t, plan.global_blocks, plan.op_bytes, plan.reserve_bytes)
+        }
+    };
     let job = TileJob {
-        tile: (rows, grid.1),
-        overlap: tiling.overlap_for(rows),
+        tile,
+        overlap: tiling.overlap_for(tile.0.min(tile.1)),
         max_passes: tiling.norm_max_passes,
         tolerance: tiling.norm_tolerance,
         global_blocks,
@@ -379,26 +413,32 @@ pub fn vae_tiled(
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut passes = 0;
     let mut decode = || -> Result<Tensor> {
-        let (pixels, n) = decode_tiled(&model, &statistics, &z, grid, &job, &cancel)
-            .map_err(candle_core::Error::wrap)?;
+        let (pixels, n) = with_op_bytes(op_bytes, || {
+            decode_tiled(&model, &statistics, &z, grid, &job, &cancel)
+        })
+        .map_err(candle_core::Error::wrap)?;
         passes = n;
         Ok(pixels)
     };
     let timing = time(dev, 1, iters, &mut decode)?;
     let pool = memory(dev, &mut decode)?;
-    let estimate =
-        MemoryModel::new(&cfg, DType::F32).tiled_decode_request(grid, 1, job.tile, global_blocks);
+    let count = |n: usize, t: usize| vae_svc::tiling::tile_starts(n, t, job.overlap).len();
     let case = format!(
-        "decode {px}x{px} tiled ({global_blocks} global up blocks, {} bands of {rows} × {} tokens, {passes} passes, statistics in {}, {:?}, op chunks {} MiB)",
-        tile_starts(grid.0, rows, job.overlap).len(),
-        grid.1,
+        "decode {px}x{px} tiled ({global_blocks} global up blocks, {} tiles of {} × {} tokens, {passes} passes, statistics in {}, {:?}, op chunks {} MiB{})",
+        count(grid.0, tile.0) * count(grid.1, tile.1),
+        tile.0,
+        tile.1,
         if tf32_statistics {
             "TF32"
         } else {
             "the model's arithmetic"
         },
         chunking.conv_precision,
-        chunking.op_bytes >> 20
+        op_bytes >> 20,
+        match tiles {
+            Tiles::Planned { capacity } => format!(", planned for {capacity} bytes"),
+            Tiles::Bands { .. } => String::new(),
+        }
     );
     Ok(vae_row(case, DType::F32, timing, pool, estimate, iters))
 }

@@ -52,8 +52,8 @@ enum Command {
         denoiser_pool: Vec<components::Pool>,
         /// Components to time: text_encoder, transformer, vae (or only its decode or encode:
         /// vae_decode, vae_encode); vae_tiled (not by default): the f32 decode in bands of
-        /// `--vae-tile-rows`, its statistics passes in one TF32 pass (as vae-svc) and in the
-        /// model's arithmetic.
+        /// `--vae-tile-rows` (or as planned for `--vae-capacity-bytes`), its statistics
+        /// passes in one TF32 pass (as vae-svc) and in the model's arithmetic.
         #[arg(
             long,
             value_delimiter = ',',
@@ -86,6 +86,10 @@ enum Command {
         /// count is timed.
         #[arg(long, value_delimiter = ',', default_value = "0")]
         vae_global_blocks: Vec<usize>,
+        /// Instead of bands: vae_tiled decodes as vae-svc plans it for this many bytes of
+        /// activations (the 16 GB plan's VAE: 1811000000).
+        #[arg(long)]
+        vae_capacity_bytes: Option<u64>,
         /// Whose text encoder and transformer to time.
         #[arg(long, value_enum, default_value = "klein-4b")]
         model: model::Model,
@@ -223,6 +227,7 @@ fn main() -> ExitCode {
             vae_op_bytes,
             vae_tile_rows,
             vae_global_blocks,
+            vae_capacity_bytes,
             model,
         } => (|| {
             let wanted = |c: &str| only.iter().any(|o| o == c);
@@ -291,13 +296,22 @@ fn main() -> ExitCode {
             for &px in sizes.iter().filter(|_| wanted("vae_tiled")) {
                 for &precision in &vae_conv_precision {
                     let chunking = vae_chunking(precision);
-                    for &global_blocks in &vae_global_blocks {
+                    let tiles: Vec<components::Tiles> = match vae_capacity_bytes {
+                        Some(capacity) => vec![components::Tiles::Planned { capacity }],
+                        None => vae_global_blocks
+                            .iter()
+                            .map(|&global_blocks| components::Tiles::Bands {
+                                rows: vae_tile_rows,
+                                global_blocks,
+                            })
+                            .collect(),
+                    };
+                    for &tiles in &tiles {
                         for tf32_statistics in [true, false] {
-                            let bands = (vae_tile_rows, global_blocks);
                             emit(components::vae_tiled(
                                 &dev,
                                 px,
-                                bands,
+                                tiles,
                                 tf32_statistics,
                                 iters,
                                 chunking,
