@@ -77,7 +77,8 @@ enum Command {
         /// convolution or norm whose temporaries would exceed it runs in bands.
         #[arg(long, default_value = "128MiB")]
         vae_op_bytes: ByteSize,
-        /// Token rows of vae_tiled's bands (the 16 GB plan's 1024² decode: 28, with
+        /// Token rows of vae_tiled's bands (the 16 GB plan's 1024² decode: 27, with
+        /// `--vae-op-bytes 256MiB --vae-global-blocks 3`; before the global blocks, 28 with
         /// `--vae-op-bytes 512MiB`).
         #[arg(long, default_value_t = 28)]
         vae_tile_rows: usize,

@@ -13,7 +13,7 @@
 //! | ResNet norm2 / conv2 / shortcut | `X + 2·O + (norm_chunk or conv_band)` |
 //! | ResNet residual add | `X + 3·O` with a shortcut conv, `X + 2·O` without |
 //! | mid attention (c at p = H·W/64) | `5·c·p` (x, normed x, the q/k/v product; then q) and `6·c·p + f32 k, v + max(score block, 12·c·p bytes)` (x, product, q, output) |
-//! | upsample (c at p) | `c·p + 4·c·p + 4·c·p + conv_band` (f32: `+ 256·c²` bytes, the phase filters; on cuDNN's TF32 path, which runs the phases in bands, the upsampled `4·c·p` never exists) |
+//! | upsample (c at p) | `c·p + 4·c·p + 4·c·p + conv_band` (f32: `+ 256·c²` bytes, the phase filters; on cuDNN's TF32 path, which runs the phases in bands, the upsampled `4·c·p` never exists, but is still counted, as is the normalised input of a convolution that takes its norm as a prologue: docs/performance.md, "Twenty-fifth session", why the tighter estimate was not kept) |
 //!
 //! `norm_chunk` <= `op_chunk_bytes` (f32 temporaries of a few groups), `conv_band` <=
 //! `op_chunk_bytes` (one band of output rows, including the im2col buffer a CUDA convolution
@@ -201,6 +201,14 @@ enum UpStage {
 }
 
 impl UpStage {
+    /// Its input's channels and resolution.
+    fn input(&self) -> (usize, (usize, usize)) {
+        match *self {
+            UpStage::Resnets { c_in, hw, .. } => (c_in, hw),
+            UpStage::Upsample { c, hw } | UpStage::Out { c, hw } => (c, hw),
+        }
+    }
+
     /// Multiply-adds of its convolutions (an upsampler's as its four 2x2 phase filters).
     fn macs(&self, layers_per_block: usize) -> u64 {
         match *self {
@@ -372,20 +380,13 @@ impl MemoryModel {
         walk.max
     }
 
-    /// Bytes of what `stages` leave for the next: the input of the stage after them (the mid
-    /// block's output where they are none).
-    fn stages_output(&self, stages: &[UpStage], height: usize, width: usize) -> u64 {
-        let (c, (h, w)) = match stages.last() {
-            Some(&UpStage::Resnets { c_out, hw, .. }) => (c_out, hw),
-            Some(&UpStage::Upsample { c, hw }) => (c, (2 * hw.0, 2 * hw.1)),
-            Some(&UpStage::Out { hw, .. }) => (self.cfg.out_channels, hw),
-            None => {
-                let f = self.cfg.vae_scale_factor();
-                let widths = self.cfg.decoder_channels();
-                (widths[widths.len() - 1], (height / f, width / f))
-            }
-        };
-        c as u64 * (h * w) as u64 * self.dtype_bytes
+    /// Bytes of the input of `stages`' first: what the stages before it left (the mid block's
+    /// output before the first up block).
+    fn input_bytes(&self, stages: &[UpStage]) -> u64 {
+        stages.first().map_or(0, |stage| {
+            let (c, (h, w)) = stage.input();
+            c as u64 * (h * w) as u64 * self.dtype_bytes
+        })
     }
 
     /// Relative cost of a tiled decode of `grid` tokens in `tile`s with `global_blocks`: the
@@ -473,12 +474,12 @@ impl MemoryModel {
             tile.1.min(grid.1) * PIXELS_PER_TOKEN,
         );
         let whole = self.up_stages(h, w);
-        let (global, _) = Self::split_stages(&whole, global_blocks);
+        let (global, rest) = Self::split_stages(&whole, global_blocks);
         let part = self.up_stages(th, tw);
-        let (part_global, per_tile) = Self::split_stages(&part, global_blocks);
-        let tiles = self.stages_output(global, h, w)
-            + self.stages_output(part_global, th, tw)
-            + self.stages_peak(per_tile);
+        let (_, per_tile) = Self::split_stages(&part, global_blocks);
+        // The global output, a tile's slice of it, and the tile's stages.
+        let tiles =
+            self.input_bytes(rest) + self.input_bytes(per_tile) + self.stages_peak(per_tile);
         let global_peak = self.decode_mid_peak(h, w).max(self.stages_peak(global));
         let accumulators = (self.cfg.out_channels as u64 + 1) * (h * w) as u64 * 4;
         global_peak.max(tiles) + accumulators + self.io_bytes(grid, batch)

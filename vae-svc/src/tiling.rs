@@ -4,10 +4,10 @@
 //! attention, on the latent (1/64 of the pixels), and the first up blocks the plan can afford
 //! whole (`global_blocks`, the last of them without its upsampler: at 1024² on the 16 GB plan
 //! three, up to 256 channels at 512²), whose group norms are then exact and which run once
-//! instead of once per pass and tile. Its output is cut into tiles of `rows` x `cols` tokens (a token is 16x16
-//! image pixels; bands across the whole width where the budget allows, which decode the
-//! fewest overlapping tokens), spread evenly so that neighbours overlap by at least `overlap`
-//! tokens, and the rest of the up blocks decode one tile at a time:
+//! instead of once per pass and tile. Its output is cut into tiles of `rows` x `cols` tokens
+//! (a token is 16x16 image pixels; bands across the whole width where the budget allows, which
+//! decode the fewest overlapping tokens), spread evenly so that neighbours overlap by at least
+//! `overlap` tokens, and the rest of the up blocks decode one tile at a time:
 //! 1. statistics passes record every group norm's input moments over the part of the image
 //!    each tile owns (overlaps split at their middle), giving image-wide statistics; each pass
 //!    normalises with the previous pass's moments, so they converge to the untiled ones (after

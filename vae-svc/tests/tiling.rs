@@ -187,6 +187,21 @@ async fn forced_tiles_blend_close_to_the_untiled_decode() {
         last = db;
     }
     assert!(last > db_bands + 1.0, "{last:.2} vs {db_bands:.2} dB");
+    // More global blocks than the decoder has: an error, not a panic.
+    let too_many = TileJob {
+        global_blocks: 5,
+        ..bands
+    };
+    let err = decode_tiled(
+        &model,
+        &statistics,
+        &z,
+        (8, 12),
+        &too_many,
+        &CancellationToken::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("has 4 up blocks, not 5"), "{err}");
 
     // The statistics passes in the model's own arithmetic instead (on the GPU split TF32
     // where the service runs them in one TF32 pass; the CPU's convolutions are exact either
