@@ -27,7 +27,7 @@ use encoder_svc::{
     model::{
         quant::QuantFormat,
         qwen3::{Config, LAYERS_RUN, TextEncoder},
-        weights::Weights,
+        weights::{QuantPlan, Weights},
     },
     prompt::SEQ_LEN,
 };
@@ -106,7 +106,7 @@ fn run(
     let dtype = DType::BF16;
     let started = Instant::now();
     let vb = VarBuilder::from_tensors(weights.clone(), dtype, dev);
-    let source = Weights::safetensors(vb, quantize.plan());
+    let source = Weights::safetensors(vb, QuantPlan::of(quantize));
     let model = TextEncoder::new(cfg, source.clone())?;
     dev.synchronize()?;
     let load = started.elapsed().as_secs_f64();
@@ -129,7 +129,7 @@ fn run(
     }
     dev.synchronize()?;
     let ms = started.elapsed().as_secs_f64() * 1e3 / iters as f64;
-    let scratch = match (quantize.plan().is_some(), dev.is_cpu()) {
+    let scratch = match (QuantPlan::of(quantize).is_some(), dev.is_cpu()) {
         (false, _) => 0,
         (true, true) => host_quant_scratch_bytes(cfg, SEQ_LEN),
         (true, false) => dequantize_reserve_bytes(cfg, dtype, SEQ_LEN),

@@ -3,84 +3,19 @@
 //! The device, dtype and quantization configured here belong to the encoder alone (the
 //! encoder's "pinned zone"): nothing else in the system moves or changes them at run time.
 
-use std::{fmt, path::PathBuf, str::FromStr};
+use std::{path::PathBuf, str::FromStr};
 
 use clap::Parser;
+pub use klein_kernels::quant::Quantize;
 use klein_runtime::{
     bytesize::ByteSize,
     config::{ServerConfig, ServerFlags},
     device::DTypeSpec,
     models::{ResidencyConfig, ResidencyFlags, parse_model_arg},
 };
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::{
-    error::EncoderError,
-    model::{
-        quant::{ParseQuantFormatError, QuantFormat},
-        weights::QuantPlan,
-    },
-};
-
-/// Load-time quantization of the linear layers of a safetensors checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Quantize {
-    /// Keep every weight in the compute dtype.
-    #[default]
-    None,
-    /// Quantize the attention and MLP projections to this format and the token embedding to
-    /// q8_0; norms stay in the compute dtype.
-    Format(QuantFormat),
-}
-
-impl Quantize {
-    /// The load plan, if any. The embedding gets q8_0 whatever the linear format: it halves
-    /// Qwen3-4B's 0.78 GB bf16 table and costs next to nothing (fixture prompt 0 with q4_0
-    /// projections: rel-L2 vs f32 0.167 with a dense table, 0.168 with q8_0, 0.207 with q4_0).
-    pub fn plan(self) -> Option<QuantPlan> {
-        match self {
-            Self::None => None,
-            Self::Format(linear) => Some(QuantPlan {
-                linear,
-                embedding: Some(QuantFormat::Q8_0),
-            }),
-        }
-    }
-}
-
-impl FromStr for Quantize {
-    type Err = ParseQuantFormatError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "none" | "" => Ok(Self::None),
-            other => other.parse().map(Self::Format),
-        }
-    }
-}
-
-impl fmt::Display for Quantize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::None => f.write_str("none"),
-            Self::Format(q) => q.fmt(f),
-        }
-    }
-}
-
-impl Serialize for Quantize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Quantize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+use crate::error::EncoderError;
 
 /// Everything encoder-svc is configured with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +226,7 @@ impl Flags {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::quant::QuantFormat;
 
     fn parse(args: &[&str]) -> Flags {
         Flags::parse_from(std::iter::once("encoder-svc").chain(args.iter().copied()))

@@ -27,7 +27,10 @@ use crate::{
     config::Config,
     engine::{EncoderSource, ModelSpec, embedding_bytes},
     error::EncoderError,
-    model::{qwen3, weights::WeightReport},
+    model::{
+        qwen3,
+        weights::{QuantPlan, WeightReport},
+    },
     prompt::{PromptIds, PromptTokenizer, SEQ_LEN},
     request::{RequestLimits, ValidEncodeRequest},
 };
@@ -93,7 +96,7 @@ impl EncoderService {
                 model_dir: entry.path.clone(),
                 gguf: entry.gguf.clone(),
                 dtype,
-                quantize: config.quantize.plan(),
+                quantize: QuantPlan::of(config.quantize),
             };
             let cfg = spec.config()?;
             let quantized = spec.quantize.is_some() || spec.gguf.is_some();

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use encoder_svc::{
     config::Quantize,
     engine::{Encoder, ModelSpec},
-    model::quant::QuantFormat,
+    model::{quant::QuantFormat, weights::QuantPlan},
 };
 use klein_proto::{
     MAX_MESSAGE_BYTES,
@@ -64,7 +64,7 @@ fn embed(dtype: DType, quantize: Quantize) -> Tensor {
         model_dir: common::model_dir(),
         gguf: None,
         dtype,
-        quantize: quantize.plan(),
+        quantize: QuantPlan::of(quantize),
     };
     let encoder = Encoder::load(&spec, tokenizer.pad_id(), &test_device()).unwrap();
     let ids = tokenizer.encode(&common::fixture_prompts()[0]).unwrap();

@@ -15,6 +15,7 @@ use encoder_svc::{
         gguf::{ARCHITECTURE, GgufFile, keys, tensor_name},
         quant::QuantFormat,
         qwen3::Config,
+        weights::QuantPlan,
     },
     prompt::pad,
 };
@@ -39,7 +40,7 @@ impl Drop for TempFile {
 /// q4_0 fallback, norms f32) with `rope_theta` as its RoPE base.
 fn write_gguf(name: &str, rope_theta: f32) -> TempFile {
     let cfg = config_json();
-    let plan = Quantize::Format(QuantFormat::Q4K).plan().unwrap();
+    let plan = QuantPlan::of(Quantize::Format(QuantFormat::Q4K)).unwrap();
     let dir = common::model_dir().join("text_encoder");
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for file in safetensors_files(&dir).unwrap() {
@@ -88,7 +89,7 @@ fn load(gguf: Option<PathBuf>, quantize: Quantize) -> Result<Encoder, EncoderErr
         model_dir: common::model_dir(),
         gguf,
         dtype: DType::F32,
-        quantize: quantize.plan(),
+        quantize: QuantPlan::of(quantize),
     };
     Encoder::load(&spec, common::tokenizer().pad_id(), &test_device())
 }

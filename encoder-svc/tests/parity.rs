@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use encoder_svc::{
     config::Quantize,
     engine::{Encoder, ModelSpec},
-    model::quant::QuantFormat,
+    model::{quant::QuantFormat, weights::QuantPlan},
 };
 use klein_runtime::weights::{read_config, safetensors_files};
 use klein_test_support::{golden, manifest, pipeline_dir, rel_l2, take, test_device};
@@ -47,7 +47,7 @@ fn encode_all(fixture: &Fixture, dtype: DType, quantize: Quantize) -> (Encoder, 
         model_dir,
         gguf: None,
         dtype,
-        quantize: quantize.plan(),
+        quantize: QuantPlan::of(quantize),
     };
     let encoder = Encoder::load(&spec, tokenizer.pad_id(), &test_device()).unwrap();
     let ids: Vec<_> = common::fixture_prompts()

@@ -33,6 +33,7 @@ mod linear;
 mod modulate;
 mod pad;
 mod pixels;
+pub mod quant;
 pub mod reference;
 mod residual;
 mod residual_norm;
@@ -52,7 +53,9 @@ pub use conv::{
 pub use dequantize::dequantize;
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};
 pub use group_stats::{ChannelAffine, GroupMoments, channel_affine, group_moments};
-pub use linear::{Linear, MIN_GAIN, TUNED_FLOP, Tuned, XWt, linear_no_bias, tune_linear};
+pub use linear::{
+    Linear, MIN_GAIN, TUNED_FLOP, Tuned, XWt, linear_no_bias, stacked_linear, tune_linear,
+};
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use pad::{PadRows, pad_rows};
 pub use pixels::{RgbU8, rgb_u8};

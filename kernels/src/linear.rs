@@ -4,50 +4,115 @@
 //! output is bit-identical to the first choice's (`linear/cublaslt.rs`). Elsewhere it is
 //! candle_nn's `Linear`.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Module, Result, Shape, Tensor, bail};
+use std::sync::Arc;
 
-use crate::cpu;
+use candle_core::{
+    CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, bail,
+    quantized::QTensor,
+};
+use candle_nn::VarBuilder;
+
+use crate::{
+    cpu,
+    quant::{Quantize, quantize_rows},
+};
 
 #[cfg(feature = "cuda")]
 mod cublaslt;
 
-/// A linear layer without bias: `weight` (N, K), x (…, K) → (…, N).
+/// A linear layer without bias: `weight` (N, K), x (…, K) → (…, N). The weight is dense, or
+/// block-quantized (ggml) and dequantized to x's dtype for each call
+/// ([`crate::dequantize`]): weight-only quantization, so a quantized layer computes exactly
+/// what the dense layer computes with the dequantized weight, activations unquantized.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    weight: Weight,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self {
-            inner: candle_nn::Linear::new(weight, None),
+            weight: Weight::Dense(weight),
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    /// A layer whose (N, K) weight stays in ggml blocks.
+    pub fn quantized(weight: QTensor) -> Self {
+        Self {
+            weight: Weight::Quantized(Arc::new(weight)),
+        }
+    }
+
+    /// Whether the weight is block-quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, Weight::Quantized(_))
     }
 }
 
 /// `linear_no_bias` of candle_nn, as a [`Linear`].
-pub fn linear_no_bias(
-    in_dim: usize,
-    out_dim: usize,
-    vb: candle_nn::VarBuilder<'_>,
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder<'_>) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?))
+}
+
+/// The (`out_dim`, `in_dim`) weights named `weight` under each of `vbs`, stacked along the
+/// output rows into one (`vbs.len()·out_dim`, `in_dim`) layer. Dense: in the builders' dtype on their device. With a
+/// `quantize` format whose block divides `in_dim` (or its block-32 fallback,
+/// [`crate::quant::QuantFormat::for_width`]): read on the host in f32, quantized there and the
+/// blocks moved to the device, so the dense weights never occupy device memory.
+pub fn stacked_linear(
+    vbs: &[VarBuilder<'_>],
+    (out_dim, in_dim): (usize, usize),
+    quantize: Quantize,
 ) -> Result<Linear> {
-    Ok(Linear {
-        inner: candle_nn::linear_no_bias(in_dim, out_dim, vb)?,
-    })
+    let read = |vbs: &mut dyn Iterator<Item = VarBuilder<'_>>| -> Result<Tensor> {
+        let parts = vbs
+            .map(|vb| vb.get((out_dim, in_dim), "weight"))
+            .collect::<Result<Vec<_>>>()?;
+        match parts.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Tensor::cat(&parts, 0),
+        }
+    };
+    let Some(format) = quantize.format().and_then(|f| f.for_width(in_dim)) else {
+        return Ok(Linear::new(read(&mut vbs.iter().cloned())?));
+    };
+    let device = match vbs.first() {
+        Some(vb) => vb.device().clone(),
+        None => bail!("stacked_linear: no weights named"),
+    };
+    let host = read(
+        &mut vbs
+            .iter()
+            .map(|vb| vb.clone().set_device(Device::Cpu).set_dtype(DType::F32)),
+    )?;
+    Ok(Linear::quantized(quantize_rows(
+        &host,
+        format.ggml(),
+        &device,
+    )?))
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight();
-        if crate::fused(x) && crate::fused(w) && matches!(x.rank(), 2 | 3) {
-            x.apply_op2_no_bwd(w, &XWt)
-        } else {
-            self.inner.forward(x)
+        match &self.weight {
+            Weight::Dense(w) => x_wt(x, w),
+            Weight::Quantized(q) => x_wt(x, &crate::dequantize(q, x.dtype())?),
         }
+    }
+}
+
+/// `x Wᵀ`: the op where it applies, candle_nn's `Linear` elsewhere.
+fn x_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if crate::fused(x) && crate::fused(w) && matches!(x.rank(), 2 | 3) {
+        x.apply_op2_no_bwd(w, &XWt)
+    } else {
+        candle_nn::Linear::new(w.clone(), None).forward(x)
     }
 }
 
@@ -275,6 +340,61 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
+        Ok(())
+    }
+
+    /// A quantized layer is the dense layer with the dequantized weight, exactly; stacking
+    /// concatenates the rows; a width no block divides stays dense.
+    #[test]
+    fn quantized_layers_compute_the_dense_product_of_their_dequantized_weight() -> Result<()> {
+        use std::collections::HashMap;
+
+        use crate::quant::QuantFormat;
+
+        let dev = Device::Cpu;
+        let (a, b) = (
+            Tensor::randn(0f32, 1.0, (16, 256), &dev)?,
+            Tensor::randn(0f32, 1.0, (16, 256), &dev)?,
+        );
+        let tensors = HashMap::from([("a.weight".to_owned(), a), ("b.weight".to_owned(), b)]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let vbs = [vb.pp("a"), vb.pp("b")];
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 256), &dev)?;
+        for format in [QuantFormat::Q4K, QuantFormat::Q8_0] {
+            let q = stacked_linear(&vbs, (16, 256), Quantize::Format(format))?;
+            assert!(q.is_quantized());
+            let Weight::Quantized(blocks) = &q.weight else {
+                unreachable!()
+            };
+            assert_eq!(blocks.dtype(), format.ggml());
+            let dense = Linear::new(blocks.dequantize(&dev)?);
+            let (got, want) = (q.forward(&x)?, dense.forward(&x)?);
+            assert_eq!(got.dims(), &[2, 5, 32]);
+            let diff = (&got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{format}");
+            let exact = stacked_linear(&vbs, (16, 256), Quantize::None)?.forward(&x)?;
+            let err = (&got - &exact)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                .sqrt()
+                / exact.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt();
+            assert!(
+                err > 0.0 && err < 0.1,
+                "{format}: rel-L2 {err} against the dense layer"
+            );
+        }
+        let narrow = HashMap::from([(
+            "c.weight".to_owned(),
+            Tensor::randn(0f32, 1.0, (4, 48), &dev)?,
+        )]);
+        let vb = VarBuilder::from_tensors(narrow, DType::F32, &dev);
+        let c = stacked_linear(&[vb.pp("c")], (4, 48), Quantize::Format(QuantFormat::Q4K))?;
+        assert!(!c.is_quantized(), "48 is no multiple of a block");
         Ok(())
     }
 }

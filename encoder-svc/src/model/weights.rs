@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     gguf::GgufFile,
-    quant::{Embedding, Linear, QuantFormat, ggml_name, quantize_rows},
+    quant::{Embedding, Linear, QuantFormat, Quantize, ggml_name, quantize_rows},
 };
 
 /// How to quantize a safetensors checkpoint at load time.
@@ -31,6 +31,19 @@ pub struct QuantPlan {
     pub linear: QuantFormat,
     /// Format of the token-embedding table; `None` keeps it in the model dtype.
     pub embedding: Option<QuantFormat>,
+}
+
+impl QuantPlan {
+    /// The plan for a service's `quantize` setting, if any. The embedding gets q8_0 whatever
+    /// the linear format: it halves Qwen3-4B's 0.78 GB bf16 table and costs next to nothing
+    /// (fixture prompt 0 with q4_0 projections: rel-L2 vs f32 0.167 with a dense table, 0.168
+    /// with q8_0, 0.207 with q4_0).
+    pub fn of(quantize: Quantize) -> Option<Self> {
+        quantize.format().map(|linear| Self {
+            linear,
+            embedding: Some(QuantFormat::Q8_0),
+        })
+    }
 }
 
 /// One loaded tensor.
