@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
+use denoiser_svc::config::Quantize;
 use klein_runtime::gpu_memory;
 use serde::Serialize;
 
@@ -121,7 +122,8 @@ pub fn time_queued(
 }
 
 fn random_vb(dtype: DType, dev: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights::new(false)), dtype, dev.clone())
+    let weights = RandomWeights::new(false).drawn_on(dev);
+    VarBuilder::from_backend(Box::new(weights), dtype, dev.clone())
 }
 
 /// `model`'s text encoder, 512 tokens, in `dtype` and optionally 4-bit.
@@ -184,19 +186,30 @@ pub enum Pool {
 /// The pause between the GEMM tuning and the timed steps.
 const COOL_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// `model`'s transformer, one forward at `px`² with `batch` images.
+/// `model`'s transformer with its block projections quantized as `quantize` says, one forward
+/// at `px`² with `batch` images.
 pub fn transformer(
     dev: &Device,
-    model: Model,
+    (model, quantize): (Model, Quantize),
     dtype: DType,
-    px: usize,
-    batch: usize,
+    (px, batch): (usize, usize),
     iters: usize,
     pool: Pool,
 ) -> Result<Row> {
-    use denoiser_svc::model::{Flux2Transformer2DModel, grid_ids, text_ids};
-    let (cfg, name) = (model.transformer(), model.name());
+    use denoiser_svc::model::{Config, Flux2Transformer2DModel, grid_ids, text_ids};
+    let name = model.name();
+    let cfg = Config {
+        quantize,
+        ..model.transformer()
+    };
+    let built = Instant::now();
     let model = Flux2Transformer2DModel::new(&cfg, random_vb(dtype, dev))?;
+    if quantize != Quantize::None {
+        eprintln!(
+            "{name} transformer built with {quantize} projections in {:.1} s",
+            built.elapsed().as_secs_f64()
+        );
+    }
     let (h, w) = (px / 16, px / 16);
     let x = Tensor::randn(0f32, 1.0, (batch, h * w, 128), dev)?.to_dtype(dtype)?;
     let ctx =
@@ -242,7 +255,11 @@ pub fn transformer(
         estimate_gib: estimate as f64 / GIB,
         component: "transformer".into(),
         case: format!(
-            "{name} step {px}x{px}, batch {batch}{}",
+            "{name} step {px}x{px}, batch {batch}{}{}",
+            match quantize {
+                Quantize::None => String::new(),
+                q => format!(", {q} projections"),
+            },
             match pool {
                 Pool::Keep => "",
                 Pool::Release => ", pool released each step",

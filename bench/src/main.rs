@@ -16,6 +16,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use candle_core::DType;
 use clap::{Parser, Subcommand};
+use denoiser_svc::config::Quantize;
 use klein_runtime::{
     bytesize::ByteSize,
     device::{DTypeSpec, DeviceSpec},
@@ -35,66 +36,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Time the text encoder, transformer and VAE; prints a markdown table and JSON.
-    Components {
-        /// Timed iterations per case.
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-        /// Image sides to time, pixels.
-        #[arg(long, value_delimiter = ',', default_value = "512,1024")]
-        sizes: Vec<usize>,
-        /// Transformer batch sizes.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
-        batches: Vec<usize>,
-        /// What the transformer's freed memory does between steps; each listed one is timed:
-        /// `keep` stays in the pool (denoiser-svc while runs are active), `release` goes back
-        /// to the driver after every step (the pool's default).
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "keep")]
-        denoiser_pool: Vec<components::Pool>,
-        /// Components to time: text_encoder, transformer, vae (or only its decode or encode:
-        /// vae_decode, vae_encode); vae_tiled (not by default): the f32 decode in bands of
-        /// `--vae-tile-rows` (or as planned for `--vae-capacity-bytes`), its statistics
-        /// passes in one TF32 pass (as vae-svc) and in the model's arithmetic.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "text_encoder,transformer,vae"
-        )]
-        only: Vec<String>,
-        /// Write the rows as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// cuDNN algorithm of the VAE convolutions (as vae-svc's --conv-algorithm).
-        #[arg(long, value_enum, default_value = "implicit-precomp-gemm")]
-        vae_conv_algorithm: ConvAlgorithm,
-        /// Arithmetic of the VAE's f32 convolutions (as vae-svc's --conv-precision); each
-        /// listed one is timed.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "split-tf32")]
-        vae_conv_precision: Vec<ConvPrecision>,
-        /// VAE dtypes to time.
-        #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
-        vae_dtypes: Vec<DTypeSpec>,
-        /// The VAE's working-set bound per operation (as vae-svc's --op-chunk-bytes): a
-        /// convolution or norm whose temporaries would exceed it runs in bands.
-        #[arg(long, default_value = "128MiB")]
-        vae_op_bytes: ByteSize,
-        /// Token rows of vae_tiled's bands (the 16 GB plan's 1024² decode: 27, with
-        /// `--vae-op-bytes 256MiB --vae-global-blocks 3`; before the global blocks, 28 with
-        /// `--vae-op-bytes 512MiB`).
-        #[arg(long, default_value_t = 28)]
-        vae_tile_rows: usize,
-        /// Up blocks vae_tiled runs on the whole image before the bands (the 16 GB plan's
-        /// 1024² decode: 3, with `--vae-tile-rows 27 --vae-op-bytes 256MiB`); each listed
-        /// count is timed.
-        #[arg(long, value_delimiter = ',', default_value = "0")]
-        vae_global_blocks: Vec<usize>,
-        /// Instead of bands: vae_tiled decodes as vae-svc plans it for this many bytes of
-        /// activations (the 16 GB plan's VAE: 1811000000).
-        #[arg(long)]
-        vae_capacity_bytes: Option<u64>,
-        /// Whose text encoder and transformer to time.
-        #[arg(long, value_enum, default_value = "klein-4b")]
-        model: model::Model,
-    },
+    Components(Box<ComponentsArgs>),
     /// Time each fused kernel against the composition it replaces (klein-4B shapes, bf16).
     Kernels {
         /// Timed iterations per case.
@@ -131,6 +73,73 @@ enum Command {
         #[arg(long, value_enum, default_value = "klein-4b")]
         model: model::Model,
     },
+}
+
+/// `components`' flags.
+#[derive(Debug, clap::Args)]
+struct ComponentsArgs {
+    /// Timed iterations per case.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Image sides to time, pixels.
+    #[arg(long, value_delimiter = ',', default_value = "512,1024")]
+    sizes: Vec<usize>,
+    /// Transformer batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    batches: Vec<usize>,
+    /// What the transformer's freed memory does between steps; each listed one is timed:
+    /// `keep` stays in the pool (denoiser-svc while runs are active), `release` goes back
+    /// to the driver after every step (the pool's default).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "keep")]
+    denoiser_pool: Vec<components::Pool>,
+    /// Components to time: text_encoder, transformer, vae (or only its decode or encode:
+    /// vae_decode, vae_encode); vae_tiled (not by default): the f32 decode in bands of
+    /// `--vae-tile-rows` (or as planned for `--vae-capacity-bytes`), its statistics
+    /// passes in one TF32 pass (as vae-svc) and in the model's arithmetic.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "text_encoder,transformer,vae"
+    )]
+    only: Vec<String>,
+    /// Write the rows as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// cuDNN algorithm of the VAE convolutions (as vae-svc's --conv-algorithm).
+    #[arg(long, value_enum, default_value = "implicit-precomp-gemm")]
+    vae_conv_algorithm: ConvAlgorithm,
+    /// Arithmetic of the VAE's f32 convolutions (as vae-svc's --conv-precision); each
+    /// listed one is timed.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "split-tf32")]
+    vae_conv_precision: Vec<ConvPrecision>,
+    /// VAE dtypes to time.
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+    vae_dtypes: Vec<DTypeSpec>,
+    /// The VAE's working-set bound per operation (as vae-svc's --op-chunk-bytes): a
+    /// convolution or norm whose temporaries would exceed it runs in bands.
+    #[arg(long, default_value = "128MiB")]
+    vae_op_bytes: ByteSize,
+    /// Token rows of vae_tiled's bands (the 16 GB plan's 1024² decode: 27, with
+    /// `--vae-op-bytes 256MiB --vae-global-blocks 3`; before the global blocks, 28 with
+    /// `--vae-op-bytes 512MiB`).
+    #[arg(long, default_value_t = 28)]
+    vae_tile_rows: usize,
+    /// Up blocks vae_tiled runs on the whole image before the bands (the 16 GB plan's
+    /// 1024² decode: 3, with `--vae-tile-rows 27 --vae-op-bytes 256MiB`); each listed
+    /// count is timed.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    vae_global_blocks: Vec<usize>,
+    /// Instead of bands: vae_tiled decodes as vae-svc plans it for this many bytes of
+    /// activations (the 16 GB plan's VAE: 1811000000).
+    #[arg(long)]
+    vae_capacity_bytes: Option<u64>,
+    /// Whose text encoder and transformer to time.
+    #[arg(long, value_enum, default_value = "klein-4b")]
+    model: model::Model,
+    /// Load-time quantization of the transformer's block projections (as denoiser-svc's
+    /// --quantize); each listed one is timed: none, q4k, q4_0, q4_1, q6k, q8_0.
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    transformer_quantize: Vec<Quantize>,
 }
 
 fn main() -> ExitCode {
@@ -215,22 +224,24 @@ fn main() -> ExitCode {
             }
             Ok(())
         })(),
-        Command::Components {
-            iters,
-            sizes,
-            batches,
-            denoiser_pool,
-            only,
-            json,
-            vae_conv_algorithm,
-            vae_conv_precision,
-            vae_dtypes,
-            vae_op_bytes,
-            vae_tile_rows,
-            vae_global_blocks,
-            vae_capacity_bytes,
-            model,
-        } => (|| {
+        Command::Components(args) => (|| {
+            let ComponentsArgs {
+                iters,
+                sizes,
+                batches,
+                denoiser_pool,
+                only,
+                json,
+                vae_conv_algorithm,
+                vae_conv_precision,
+                vae_dtypes,
+                vae_op_bytes,
+                vae_tile_rows,
+                vae_global_blocks,
+                vae_capacity_bytes,
+                model,
+                transformer_quantize,
+            } = *args;
             let wanted = |c: &str| only.iter().any(|o| o == c);
             let vae_chunking = |precision: ConvPrecision| vae_svc::model::Chunking {
                 conv_algo: vae_conv_algorithm.cudnn(),
@@ -267,12 +278,22 @@ fn main() -> ExitCode {
                 emit(components::encoder(&dev, model, float, false, iters)?);
                 emit(components::encoder(&dev, model, float, true, iters)?);
             }
-            for &px in sizes.iter().filter(|_| wanted("transformer")) {
-                for &b in &batches {
-                    for &pool in &denoiser_pool {
-                        emit(components::transformer(
-                            &dev, model, float, px, b, iters, pool,
-                        )?);
+            for &quantize in transformer_quantize
+                .iter()
+                .filter(|_| wanted("transformer"))
+            {
+                for &px in &sizes {
+                    for &b in &batches {
+                        for &pool in &denoiser_pool {
+                            emit(components::transformer(
+                                &dev,
+                                (model, quantize),
+                                float,
+                                (px, b),
+                                iters,
+                                pool,
+                            )?);
+                        }
                     }
                 }
             }

@@ -13,6 +13,7 @@ use candle_nn::{Init, var_builder::SimpleBackend};
 pub struct RandomWeights {
     keep: bool,
     kept: Mutex<Vec<(String, Tensor)>>,
+    generator: Option<Device>,
 }
 
 impl RandomWeights {
@@ -21,7 +22,16 @@ impl RandomWeights {
         Self {
             keep,
             kept: Mutex::new(Vec::new()),
+            generator: None,
         }
+    }
+
+    /// Draws every tensor on `device` and copies it to the device asked for: a model that
+    /// quantizes its weights reads them on the host, where drawing billions of numbers takes
+    /// minutes.
+    pub fn drawn_on(mut self, device: &Device) -> Self {
+        self.generator = Some(device.clone());
+        self
     }
 
     /// The tensors handed out so far, by checkpoint key.
@@ -52,7 +62,7 @@ fn random(name: &str, shape: &Shape, dtype: DType, dev: &Device) -> Result<Tenso
 
 impl SimpleBackend for RandomWeights {
     fn get(&self, s: Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = random(name, &s, dtype, dev)?;
+        let t = random(name, &s, dtype, self.generator.as_ref().unwrap_or(dev))?.to_device(dev)?;
         if self.keep {
             self.kept
                 .lock()

@@ -13,11 +13,15 @@
 //!   (attention's f32 copies of q, k, v and its output);
 //! - twice the f32 score block (scores and probabilities), capped by the attention chunk size.
 //!
-//! Both add a fixed 64 MiB for the run's own tensors (latents, noise, conditions, RoPE tables).
+//! Both add a fixed 64 MiB for the run's own tensors (latents, noise, conditions, RoPE tables)
+//! and, with quantized projections, the widest projection's dense weight that one product
+//! dequantizes (in the model dtype where the Q4_K kernel writes bf16 directly, else through an
+//! f32 copy as well).
 //! The multiples are calibrated against the CUDA memory pool's measured peak on an H100
 //! (`klein-bench components`, docs/performance.md).
 
 use candle_core::DType;
+use klein_kernels::quant::QuantFormat;
 
 use crate::model::{AttentionConfig, Config};
 
@@ -37,13 +41,18 @@ pub fn activation_bytes(
     let (b, s, d) = (batch as u64, tokens as u64, cfg.hidden_size() as u64);
     let e = dtype.size_in_bytes() as u64;
     let elements = b * s * d;
+    let dequantized = match cfg.widest_projection() {
+        (_, None) => 0,
+        (n, Some(QuantFormat::Q4K)) if flash => n as u64 * e,
+        (n, Some(_)) => n as u64 * (4 + e),
+    };
     if flash {
-        return elements * 23 * e + FIXED_BYTES;
+        return elements * 23 * e + FIXED_BYTES + dequantized;
     }
     let full_scores = b * cfg.num_attention_heads as u64 * s * s * 4;
     let rows = attention.query_chunk(batch * cfg.num_attention_heads, tokens) as u64;
     let chunk_scores = b * cfg.num_attention_heads as u64 * rows.min(s) * s * 4;
-    elements * (22 * e + 4 * 4) + 2 * chunk_scores.min(full_scores) + FIXED_BYTES
+    elements * (22 * e + 4 * 4) + 2 * chunk_scores.min(full_scores) + FIXED_BYTES + dequantized
 }
 
 #[cfg(test)]
@@ -64,6 +73,24 @@ mod tests {
             max_score_bytes: 4 << 30,
         };
         assert!(activation_bytes(&cfg, DType::BF16, 1, 4608, &big_chunks, false) > one + (2 << 30));
+    }
+
+    #[test]
+    fn quantized_projections_add_their_widest_dequantized_weight() {
+        use klein_kernels::quant::Quantize;
+
+        let cfg = Config::klein_9b();
+        let attn = AttentionConfig::default();
+        let dense = activation_bytes(&cfg, DType::BF16, 1, 4608, &attn, true);
+        let with = |format| Config {
+            quantize: Quantize::Format(format),
+            ..cfg.clone()
+        };
+        let widest = 36864 * 4096;
+        let q4k = activation_bytes(&with(QuantFormat::Q4K), DType::BF16, 1, 4608, &attn, true);
+        assert_eq!(q4k - dense, widest * 2);
+        let q8 = activation_bytes(&with(QuantFormat::Q8_0), DType::BF16, 1, 4608, &attn, true);
+        assert_eq!(q8 - dense, widest * 6);
     }
 
     /// Every estimate covers its measured peak and stays within `over` of it.

@@ -3,6 +3,7 @@
 use std::{future::Future, sync::Arc};
 
 use candle_core::{DType, Tensor};
+use klein_kernels::quant::Quantize;
 use klein_proto::{
     MAX_MESSAGE_BYTES, pb, pb::denoiser_service_server::DenoiserServiceServer, tensor,
 };
@@ -95,7 +96,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
     let mut sources = Vec::with_capacity(entries.len());
     let mut served = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let checkpoint = Checkpoint::locate(&entry.path)?;
+        let checkpoint = Checkpoint::locate(&entry.path)?.with_quantize(config.quantize);
         let model = ServedModel::new(entry, &checkpoint, dtype, config)?;
         let source = TransformerSource {
             checkpoint,
@@ -118,10 +119,18 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
     let budget_bytes = config.server.gpu_memory_budget.0;
     let fixed = weight_cap + config.runtime_overhead.0;
     if fixed > budget_bytes {
+        let hint = match config.quantize {
+            Quantize::None => {
+                "; `quantize = \"q4k\"` (`--quantize q4k`) stores the block \
+                               projections in 4.5 bits per weight"
+            }
+            Quantize::Format(_) => "",
+        };
         return Err(DenoiseError::Config(format!(
             "gpu_memory_budget {budget_bytes} bytes is smaller than the resident weights \
-             ({weight_cap} bytes in {dtype:?}) plus the runtime overhead ({} bytes)",
-            config.runtime_overhead.0
+             ({weight_cap} bytes in {dtype:?}, quantize {}) plus the runtime overhead ({} \
+             bytes){hint}",
+            config.quantize, config.runtime_overhead.0
         )));
     }
     let budget = MemoryBudget::new(

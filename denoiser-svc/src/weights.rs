@@ -6,6 +6,9 @@
 //! - a BFL single file (`flux-2-klein-4b.safetensors`): its config is derived from the tensor
 //!   shapes and its names are mapped on the fly ([`crate::model::bfl`]).
 //!
+//! With a `quantize` setting the blocks' projections are read on the host, quantized there
+//! and only their blocks reach the device ([`Checkpoint::with_quantize`]).
+//!
 //! Whether the model is step-distilled comes from the pipeline root's `model_index.json`
 //! (`is_distilled`, absent = false as in diffusers); a BFL file or a bare `transformer/` folder
 //! carries no such flag, so the service configuration must state it.
@@ -19,6 +22,7 @@ use std::{
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use klein_kernels::quant::Quantize;
 use klein_runtime::{
     models::{HostWeights, ModelSource},
     weights::{self, WeightsError},
@@ -160,9 +164,17 @@ impl Checkpoint {
         Ok(Flux2Transformer2DModel::new(&config, vb)?)
     }
 
-    /// Bytes the weights take in `dtype`.
+    /// The same checkpoint built with its blocks' projections quantized at load time
+    /// ([`Config::quantize`]).
+    pub fn with_quantize(mut self, quantize: Quantize) -> Self {
+        self.config.quantize = quantize;
+        self
+    }
+
+    /// Bytes the weights take on the device in `dtype` (the projections in their blocks when
+    /// quantized).
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
-        self.config.param_count() * dtype.size_in_bytes() as u64
+        self.config.weight_bytes(dtype)
     }
 }
 
@@ -182,8 +194,10 @@ impl ModelSource for TransformerSource {
         self.checkpoint.weight_bytes(self.dtype)
     }
 
+    /// The host copy keeps the dense weights; a quantized model is quantized again from them
+    /// when it comes back to the device.
     fn host_bytes(&self) -> u64 {
-        self.checkpoint.weight_bytes(self.dtype)
+        self.checkpoint.config.param_count() * self.dtype.size_in_bytes() as u64
     }
 
     fn has_host_copy(&self) -> bool {

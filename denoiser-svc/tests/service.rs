@@ -314,6 +314,48 @@ async fn info_describes_the_model_and_budget() {
     assert_eq!(latents(&mut server, req).await.dtype(), DType::BF16);
 }
 
+/// `quantize = "q8_0"`: Info reports the quantized weights' bytes, requests run, and the
+/// result differs from the dense model's by the format's error only.
+#[tokio::test]
+async fn a_quantized_model_reports_its_smaller_weights_and_serves() {
+    let info = |server: &mut Server| {
+        let mut client = server.client.clone();
+        async move {
+            client
+                .info(pb::DenoiserServiceInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .info
+                .unwrap()
+        }
+    };
+    let mut dense = start("tiny-klein-4b", DTypeSpec::F32).await;
+    let mut q8 = start_with(denoiser_svc::Config {
+        quantize: "q8_0".parse().unwrap(),
+        ..config("tiny-klein-4b", DTypeSpec::F32)
+    })
+    .await;
+    let (d, q) = (info(&mut dense).await, info(&mut q8).await);
+    assert!(
+        q.weight_bytes < d.weight_bytes,
+        "{} vs {}",
+        q.weight_bytes,
+        d.weight_bytes
+    );
+    let req = pb::DenoiseRequest {
+        noise: Some(Noise::Seed(3)),
+        num_steps: 2,
+        ..valid()
+    };
+    let (a, b) = (
+        latents(&mut dense, req.clone()).await,
+        latents(&mut q8, req).await,
+    );
+    let e = klein_test_support::rel_l2(&b, &a);
+    assert!(e > 0.0 && e < 0.05, "q8_0 against dense: rel-L2 {e}");
+}
+
 /// The error a service started with `cfg` refuses to start with.
 async fn startup_error(cfg: denoiser_svc::Config) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -329,6 +371,10 @@ async fn a_budget_smaller_than_the_weights_refuses_to_start() {
     cfg.server.gpu_memory_budget = ByteSize(1 << 20);
     let err = startup_error(cfg).await;
     assert!(err.contains("gpu_memory_budget"), "{err}");
+    assert!(
+        err.contains("--quantize q4k"),
+        "the error names the way out: {err}"
+    );
     // Weights fit but no request ever can (each reserves at least 64 MiB): RESOURCE_EXHAUSTED.
     let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
     cfg.runtime_overhead = ByteSize(0);

@@ -177,3 +177,84 @@ fn tiny_score_chunks_change_nothing() {
     assert!(rel_l2(&plain, take(&g, "output.f32")) <= 1e-4);
     assert!(rel_l2(&refs, take(&g, "ref.output.f32")) <= 1e-4);
 }
+
+/// `q4k` / `q8_0` projections: the quantized model computes exactly the dense model whose block
+/// projections are their quantized-then-dequantized weights (ggml blocks never cross a row, so
+/// stacking q/k/v before quantizing changes nothing). How far that moves the output from the
+/// f32 golden is the formats' own error, asserted only to be non-zero and below a sanity bound:
+/// q8_0 6.7e-3; q4k 0.10 (the tiny model's 64- and 192-wide rows fall back to q4_0, ~10 %
+/// error per weight on these Gaussian weights).
+#[test]
+fn quantized_projections_compute_the_dense_model_of_their_dequantized_weights() {
+    use std::collections::HashMap;
+
+    use candle_nn::VarBuilder;
+    use klein_kernels::quant::{QuantFormat, Quantize, quantize_rows};
+
+    let dev = test_device();
+    let g = golden(KLEIN_4B.golden);
+    let checkpoint = Checkpoint::locate(&pipeline_dir(KLEIN_4B.pipeline)).unwrap();
+    let tensors: HashMap<String, Tensor> = checkpoint
+        .files
+        .iter()
+        .flat_map(|f| candle_core::safetensors::load(f, &Device::Cpu).unwrap())
+        .map(|(k, t)| (k, t.to_dtype(DType::F32).unwrap()))
+        .collect();
+    let in_blocks = |k: &str| {
+        k.starts_with("transformer_blocks.") || k.starts_with("single_transformer_blocks.")
+    };
+    for (format, bound) in [(QuantFormat::Q8_0, 0.02), (QuantFormat::Q4K, 0.2)] {
+        let mut quantized_weights = 0;
+        let dequantized: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, t)| {
+                let width = t.dims().last().copied().unwrap_or(0);
+                let fmt = format.for_width(width);
+                let t = match fmt {
+                    // Quantized on the host, dequantized on the device, as the model does.
+                    Some(f) if t.rank() == 2 && in_blocks(k) => {
+                        quantized_weights += t.elem_count();
+                        quantize_rows(t, f.ggml(), &dev)
+                            .and_then(|q| q.dequantize(&dev))
+                            .unwrap()
+                    }
+                    _ => t.to_device(&dev).unwrap(),
+                };
+                (k.clone(), t)
+            })
+            .collect();
+        let cfg = checkpoint.config.clone();
+        let dense = Flux2Transformer2DModel::new(
+            &cfg,
+            VarBuilder::from_tensors(dequantized, DType::F32, &dev),
+        )
+        .unwrap();
+        let quantized = checkpoint
+            .clone()
+            .with_quantize(Quantize::Format(format))
+            .load(DType::F32, &dev, AttentionConfig::default())
+            .unwrap();
+        let (want, _) = run(&KLEIN_4B, &dense, DType::F32);
+        let (got, _) = run(&KLEIN_4B, &quantized, DType::F32);
+        let same = rel_l2(&got, &want);
+        let from_golden = rel_l2(&got, take(&g, "output.f32"));
+        println!(
+            "{format}: {quantized_weights} weights quantized; rel-L2 against the dequantized \
+             dense model {same:.3e}, against the f32 golden {from_golden:.3e}"
+        );
+        let projections: usize = cfg.projections().iter().map(|&(c, r, w)| c * r * w).sum();
+        assert_eq!(quantized_weights, projections);
+        assert_eq!(same, 0.0, "{format}");
+        assert!(
+            from_golden > 1e-4 && from_golden < bound,
+            "{format}: {from_golden}"
+        );
+        // The projections' f32 bytes shrink at least 3.7-fold (q8_0: 34 bytes per 32 weights).
+        let saved = checkpoint.weight_bytes(DType::F32)
+            - checkpoint
+                .clone()
+                .with_quantize(Quantize::Format(format))
+                .weight_bytes(DType::F32);
+        assert!(saved as f64 >= projections as f64 * 4.0 * (1.0 - 1.0 / 3.7));
+    }
+}

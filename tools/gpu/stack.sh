@@ -8,7 +8,8 @@
 # encoder q4k 2880 MiB, denoiser bf16 10048 MiB, VAE f32 3328 MiB; runtime overheads measured on
 # an H100);
 # override with ENC_MIB / DEN_MIB / VAE_MIB and ENC_OVERHEAD / DEN_OVERHEAD / VAE_OVERHEAD, the
-# encoder's quantization with ENC_QUANTIZE (default q4k; none), and
+# encoder's quantization with ENC_QUANTIZE (default q4k; none), the transformer's with
+# DEN_QUANTIZE (default none; q4k for klein-9B on 16 GB), and
 # the VAE's cuDNN algorithm with VAE_ALGO (default implicit-precomp-gemm, as vae-svc's) and its
 # operation chunk with VAE_OP_CHUNK (default 128MiB, as vae-svc's) and its convolution
 # arithmetic with VAE_PRECISION (default split-tf32, as vae-svc's; exact, tf32).
@@ -32,7 +33,8 @@ start() { # name port budget_mib runtime_overhead extra...
   echo $! > /tmp/$name.pid
 }
 start encoder-svc 50052 $ENC_MIB $ENC_OVERHEAD --dtype bf16 --quantize "${ENC_QUANTIZE:-q4k}"
-KLEIN_ATTENTION_CHUNK_BYTES=${DEN_CHUNK:-128MiB} start denoiser-svc 50053 $DEN_MIB $DEN_OVERHEAD --dtype bf16
+KLEIN_ATTENTION_CHUNK_BYTES=${DEN_CHUNK:-128MiB} start denoiser-svc 50053 $DEN_MIB $DEN_OVERHEAD --dtype bf16 \
+  --quantize "${DEN_QUANTIZE:-none}"
 KLEIN_OP_CHUNK_BYTES=${VAE_OP_CHUNK:-128MiB} start vae-svc 50054 $VAE_MIB $VAE_OVERHEAD --dtype f32 \
   --conv-algorithm "${VAE_ALGO:-implicit-precomp-gemm}" --conv-precision "${VAE_PRECISION:-split-tf32}"
 $B/gateway --listen 127.0.0.1:50050 --encoder-addrs http://127.0.0.1:50052 --denoiser-addrs http://127.0.0.1:50053 \

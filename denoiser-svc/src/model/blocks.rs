@@ -12,7 +12,7 @@ use klein_kernels::{
 use super::{
     attention::attention,
     embeddings::{Rope, timestep_features},
-    layers::{FeedForward, QkNorm},
+    layers::{FeedForward, QkNorm, projection},
     transformer::Config,
 };
 
@@ -180,25 +180,24 @@ pub struct Flux2Attention {
     cfg: Config,
 }
 
-/// The (D, D) projections `names` of `vb` stacked into one linear.
-fn stacked(d: usize, vb: &VarBuilder<'_>, names: &[&str]) -> Result<Linear> {
-    let weights = names
-        .iter()
-        .map(|n| vb.pp(n).get((d, d), "weight"))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Linear::new(Tensor::cat(&weights, 0)?))
-}
-
 impl Flux2Attention {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let (d, hd, eps) = (cfg.hidden_size(), cfg.attention_head_dim, cfg.eps);
         Ok(Self {
-            to_qkv: stacked(d, &vb, &["to_q", "to_k", "to_v"])?,
-            to_out: linear_no_bias(d, d, vb.pp("to_out").pp("0"))?,
+            to_qkv: projection(cfg, &[vb.pp("to_q"), vb.pp("to_k"), vb.pp("to_v")], (d, d))?,
+            to_out: projection(cfg, &[vb.pp("to_out").pp("0")], (d, d))?,
             norm_q: QkNorm::new(hd, eps, vb.pp("norm_q"))?,
             norm_k: QkNorm::new(hd, eps, vb.pp("norm_k"))?,
-            add_qkv_proj: stacked(d, &vb, &["add_q_proj", "add_k_proj", "add_v_proj"])?,
-            to_add_out: linear_no_bias(d, d, vb.pp("to_add_out"))?,
+            add_qkv_proj: projection(
+                cfg,
+                &[
+                    vb.pp("add_q_proj"),
+                    vb.pp("add_k_proj"),
+                    vb.pp("add_v_proj"),
+                ],
+                (d, d),
+            )?,
+            to_add_out: projection(cfg, &[vb.pp("to_add_out")], (d, d))?,
             norm_added_q: QkNorm::new(hd, eps, vb.pp("norm_added_q"))?,
             norm_added_k: QkNorm::new(hd, eps, vb.pp("norm_added_k"))?,
             cfg: cfg.clone(),
@@ -314,8 +313,8 @@ impl Flux2ParallelSelfAttention {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let (d, f, hd) = (cfg.hidden_size(), cfg.mlp_hidden(), cfg.attention_head_dim);
         Ok(Self {
-            to_qkv_mlp_proj: linear_no_bias(d, 3 * d + 2 * f, vb.pp("to_qkv_mlp_proj"))?,
-            to_out: linear_no_bias(d + f, d, vb.pp("to_out"))?,
+            to_qkv_mlp_proj: projection(cfg, &[vb.pp("to_qkv_mlp_proj")], (3 * d + 2 * f, d))?,
+            to_out: projection(cfg, &[vb.pp("to_out")], (d, d + f))?,
             norm_q: QkNorm::new(hd, cfg.eps, vb.pp("norm_q"))?,
             norm_k: QkNorm::new(hd, cfg.eps, vb.pp("norm_k"))?,
             cfg: cfg.clone(),

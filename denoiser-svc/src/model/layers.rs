@@ -4,7 +4,7 @@
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use klein_kernels::{Linear, linear_no_bias};
+use klein_kernels::{Linear, stacked_linear};
 
 use super::{embeddings::Rope, transformer::Config};
 
@@ -86,6 +86,12 @@ impl QkNorm {
     }
 }
 
+/// A block projection: the (`out`, `in`) weights under `vbs` stacked into one layer, quantized
+/// when the configuration says so ([`Config::quantize`]).
+pub fn projection(cfg: &Config, vbs: &[VarBuilder<'_>], shape: (usize, usize)) -> Result<Linear> {
+    stacked_linear(vbs, shape, cfg.quantize)
+}
+
 /// `Flux2FeedForward`: `linear_out(silu(u[:F]) ⊙ u[F:])`, `u = linear_in(x)` — the gate is the
 /// FIRST half.
 #[derive(Debug, Clone)]
@@ -98,8 +104,8 @@ impl FeedForward {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let (d, f) = (cfg.hidden_size(), cfg.mlp_hidden());
         Ok(Self {
-            linear_in: linear_no_bias(d, 2 * f, vb.pp("linear_in"))?,
-            linear_out: linear_no_bias(f, d, vb.pp("linear_out"))?,
+            linear_in: projection(cfg, &[vb.pp("linear_in")], (2 * f, d))?,
+            linear_out: projection(cfg, &[vb.pp("linear_out")], (d, f))?,
         })
     }
 }
