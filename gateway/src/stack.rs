@@ -20,6 +20,53 @@ use encoder_svc::{config::Quantize, model::quant::QuantFormat};
 
 use crate::config::Config as GatewayConfig;
 
+/// The measured plans for one 16 GB GPU (deploy/components/gpu-16gb, docs/performance.md):
+/// which one a pipeline needs follows from its transformer's width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gpu16Gb {
+    /// klein-4B: 4-bit Qwen3-4B in 2880 MiB, bf16 denoiser in 10048 MiB, f32 VAE in 3328 MiB.
+    Klein4b,
+    /// klein-9B: 4-bit Qwen3-8B in 4800 MiB, the denoiser with its block projections in q4k
+    /// (5.6 GB of weights instead of 18.2) in 8128 MiB, f32 VAE in 3328 MiB.
+    Klein9b,
+}
+
+impl Gpu16Gb {
+    /// The plan for a transformer configuration: klein-9B's for one wider than klein-4B's.
+    pub fn for_config(cfg: &denoiser_svc::model::Config) -> Self {
+        if cfg.hidden_size() > denoiser_svc::model::Config::klein_4b().hidden_size() {
+            Self::Klein9b
+        } else {
+            Self::Klein4b
+        }
+    }
+
+    /// The plan for the pipeline at `model_dir` (klein-4B's where its transformer cannot be
+    /// read: the denoiser then says what is wrong with it).
+    pub fn for_model(model_dir: &Path) -> Self {
+        denoiser_svc::weights::Checkpoint::locate(model_dir)
+            .map_or(Self::Klein4b, |c| Self::for_config(&c.config))
+    }
+
+    /// The encoder's, the denoiser's and the VAE's budgets: 16256 of the 16376 MiB a 16 GB
+    /// card has.
+    pub fn budgets(self) -> [ByteSize; 3] {
+        let mib = |m: u64| ByteSize(m << 20);
+        match self {
+            Self::Klein4b => [mib(2880), mib(10048), mib(3328)],
+            Self::Klein9b => [mib(4800), mib(8128), mib(3328)],
+        }
+    }
+
+    /// The transformer's load-time quantization.
+    pub fn transformer_quantize(self) -> Quantize {
+        match self {
+            Self::Klein4b => Quantize::None,
+            Self::Klein9b => Quantize::Format(QuantFormat::Q4K),
+        }
+    }
+}
+
 /// Everything the stack needs; [`StackOptions::new`] fills sensible defaults.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -87,9 +134,10 @@ impl StackOptions {
         self
     }
 
-    /// The settings the 16 GB GPU plan was measured with (deploy/components/gpu-16gb): a 4-bit
-    /// encoder, 128 MiB attention score chunks and the measured runtime overheads. Budgets are
-    /// set separately ([`StackOptions::budgets`]).
+    /// The settings the 16 GB GPU plans were measured with (deploy/components/gpu-16gb): a
+    /// 4-bit encoder, 128 MiB attention score chunks and the measured runtime overheads.
+    /// Budgets and the transformer's quantization are set separately ([`StackOptions::budgets`],
+    /// [`Gpu16Gb`]).
     pub fn gpu_16gb_settings(mut self) -> Self {
         self.encoder.quantize = Quantize::Format(QuantFormat::Q4K);
         self.encoder.runtime_overhead = ByteSize(448 << 20);
@@ -280,4 +328,31 @@ pub fn hf_cache_snapshot(repo: &str) -> Option<PathBuf> {
     let rev = std::fs::read_to_string(dir.join("refs/main")).ok()?;
     let snap = dir.join("snapshots").join(rev.trim());
     snap.join("model_index.json").is_file().then_some(snap)
+}
+
+#[cfg(test)]
+mod tests {
+    use denoiser_svc::model::Config;
+
+    use super::*;
+
+    #[test]
+    fn the_16gb_plan_follows_the_transformer_width() {
+        assert_eq!(Gpu16Gb::for_config(&Config::klein_4b()), Gpu16Gb::Klein4b);
+        assert_eq!(Gpu16Gb::for_config(&Config::klein_9b()), Gpu16Gb::Klein9b);
+        assert_eq!(Gpu16Gb::for_model(&bundled_model()), Gpu16Gb::Klein4b);
+        assert_eq!(
+            Gpu16Gb::for_model(Path::new("/nonexistent")),
+            Gpu16Gb::Klein4b
+        );
+        for plan in [Gpu16Gb::Klein4b, Gpu16Gb::Klein9b] {
+            let total: u64 = plan.budgets().iter().map(|b| b.0).sum();
+            assert_eq!(total, 16256 << 20, "{plan:?}");
+        }
+        assert_eq!(Gpu16Gb::Klein4b.transformer_quantize(), Quantize::None);
+        assert_eq!(
+            Gpu16Gb::Klein9b.transformer_quantize(),
+            Quantize::Format(QuantFormat::Q4K)
+        );
+    }
 }

@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
+use denoiser_svc::config::Quantize;
 use gateway::{cli, stack};
 use klein_runtime::{bytesize::ByteSize, device::DeviceSpec, server::shutdown_signal, telemetry};
 
@@ -44,16 +45,17 @@ struct ServeArgs {
     /// Device shared by the three services: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
-    /// Encoder memory budget (the defaults are the measured 16 GB GPU plan; on a GPU the
-    /// encoder also runs 4-bit, see README).
-    #[arg(long, default_value = "2880MiB")]
-    encoder_budget: ByteSize,
-    /// Denoiser memory budget.
-    #[arg(long, default_value = "10048MiB")]
-    denoiser_budget: ByteSize,
-    /// VAE memory budget.
-    #[arg(long, default_value = "3328MiB")]
-    vae_budget: ByteSize,
+    /// Encoder memory budget; default: the measured 16 GB GPU plan for the model (klein-4B:
+    /// 2880MiB, klein-9B: 4800MiB; on a GPU the encoder runs 4-bit, see README).
+    #[arg(long)]
+    encoder_budget: Option<ByteSize>,
+    /// Denoiser memory budget; default: the 16 GB plan's (klein-4B: 10048MiB, klein-9B:
+    /// 8128MiB).
+    #[arg(long)]
+    denoiser_budget: Option<ByteSize>,
+    /// VAE memory budget; default: the 16 GB plan's (3328MiB).
+    #[arg(long)]
+    vae_budget: Option<ByteSize>,
     /// Gateway /metrics listen address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -64,6 +66,11 @@ struct ServeArgs {
     /// Cap on model weights each of the encoder and the denoiser keeps in host RAM, e.g. 50GB.
     #[arg(long)]
     host_memory_cap: Option<ByteSize>,
+    /// Load-time quantization of the transformer's block projections: none, q4k, q4_0, q4_1,
+    /// q6k or q8_0; default: on a GPU the 16 GB plan's (klein-9B: q4k, 5.6 GB of weights
+    /// instead of 18.2), else none.
+    #[arg(long)]
+    quantize_transformer: Option<Quantize>,
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
@@ -80,13 +87,21 @@ async fn serve(args: ServeArgs) -> ExitCode {
         },
         (None, None) => stack::bundled_model(),
     };
+    let gpu = args.device != DeviceSpec::Cpu;
+    let plan = if gpu {
+        stack::Gpu16Gb::for_model(&model_dir)
+    } else {
+        stack::Gpu16Gb::Klein4b
+    };
+    let [encoder, denoiser, vae] = plan.budgets();
     let mut opts = stack::StackOptions::new(&model_dir, args.device, args.listen).budgets(
-        args.encoder_budget,
-        args.denoiser_budget,
-        args.vae_budget,
+        args.encoder_budget.unwrap_or(encoder),
+        args.denoiser_budget.unwrap_or(denoiser),
+        args.vae_budget.unwrap_or(vae),
     );
-    if args.device != DeviceSpec::Cpu {
+    if gpu {
         opts = opts.gpu_16gb_settings();
+        tracing::info!(?plan, "16 GB GPU plan");
     }
     for arg in &args.add_models {
         match klein_runtime::models::parse_model_arg(arg) {
@@ -100,6 +115,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if let Some(cap) = args.host_memory_cap {
         opts = opts.host_memory_caps(cap, cap);
     }
+    opts.denoiser.quantize = args.quantize_transformer.unwrap_or(if gpu {
+        plan.transformer_quantize()
+    } else {
+        Quantize::None
+    });
     opts.gateway.server.metrics_listen = args.metrics_listen;
     opts.gateway.http_listen = Some(args.http_listen);
     tracing::info!(model_dir = %model_dir.display(), device = %args.device, "starting the stack");
