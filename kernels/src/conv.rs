@@ -71,16 +71,10 @@ impl ConvWeights {
         }
         let krsc = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
         let (weight, weight_lo) = match precision {
-            ConvPrecision::SplitTf32 => {
-                let parts = tf32_split(&weight)?;
-                let lo = parts.get(1)?;
-                if lo.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 {
-                    // Exact in TF32: w_hi is w.
-                    (krsc(&weight)?, None)
-                } else {
-                    (krsc(&parts.get(0)?)?, Some(krsc(&lo)?))
-                }
-            }
+            ConvPrecision::SplitTf32 => match tf32_parts(&weight)? {
+                (hi, Some(lo)) => (krsc(&hi)?, Some(krsc(&lo)?)),
+                (hi, None) => (krsc(&hi)?, None),
+            },
             _ => (krsc(&weight)?, None),
         };
         Ok(Self {
@@ -88,6 +82,18 @@ impl ConvWeights {
             weight_lo,
             bias,
             nhwc: true,
+        })
+    }
+
+    /// Bytes of the low part [`Self::new`] keeps for `weight` at `precision` on its device
+    /// (a model's resident bytes are those read plus these).
+    pub fn derived_bytes(weight: &Tensor, precision: ConvPrecision) -> Result<u64> {
+        if precision != ConvPrecision::SplitTf32 || !conv_fused(weight) {
+            return Ok(0);
+        }
+        Ok(match tf32_parts(weight)?.1 {
+            Some(lo) => (lo.elem_count() * lo.dtype().size_in_bytes()) as u64,
+            None => 0,
         })
     }
 
@@ -369,6 +375,18 @@ pub fn upsample_conv2d_banded(
 /// bits cleared (exact in TF32), `x_lo = x − x_hi` (exact in f32).
 pub fn tf32_split(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Tf32Split)
+}
+
+/// `w`'s TF32 high part and, unless it is all zero (`w` exact in TF32: the high part is `w`),
+/// its low part `w − w_hi`.
+fn tf32_parts(w: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let parts = tf32_split(w)?;
+    let lo = parts.get(1)?;
+    if lo.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 {
+        Ok((w.clone(), None))
+    } else {
+        Ok((parts.get(0)?, Some(lo)))
+    }
 }
 
 /// The [`tf32_split`] op.

@@ -637,6 +637,34 @@ fn cudnn_convolution_precisions_match_f64() -> Result<()> {
     Ok(())
 }
 
+/// `ConvWeights::derived_bytes` is what `ConvWeights::new` keeps beside the weight: the low
+/// part of a weight not exact in TF32 under split TF32, nothing for one that is (bf16 values)
+/// or at one TF32 pass.
+#[cfg(feature = "cudnn")]
+#[test]
+fn derived_bytes_are_the_low_part_kept() -> Result<()> {
+    use klein_kernels::{ConvPrecision, ConvWeights};
+    let dev = gpu();
+    let w = (randn(&[48, 64, 3, 3], DType::F32, &dev)? * 0.04)?;
+    let exact = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+    let b = randn(&[48], DType::F32, &dev)?;
+    for (weight, precision) in [
+        (&w, ConvPrecision::SplitTf32),
+        (&exact, ConvPrecision::SplitTf32),
+        (&w, ConvPrecision::Tf32),
+    ] {
+        let kept = ConvWeights::new(weight.clone(), b.clone(), precision)?
+            .weight_lo
+            .map_or(0, |lo| lo.elem_count() * 4) as u64;
+        assert_eq!(ConvWeights::derived_bytes(weight, precision)?, kept);
+    }
+    assert_eq!(
+        ConvWeights::derived_bytes(&w, ConvPrecision::SplitTf32)?,
+        48 * 64 * 9 * 4
+    );
+    Ok(())
+}
+
 /// A convolution's prologue inside cuDNN's NHWC transpose (a group norm's affine + SiLU) gives
 /// exactly what the convolution of the composed input gives, at both TF32 precisions; the group
 /// norm's affine applied alone is the group norm, bit for bit.

@@ -13,7 +13,8 @@ use std::{
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
-use klein_runtime::{gpu_memory, weights};
+use klein_kernels::{ConvPrecision, ConvWeights};
+use klein_runtime::weights;
 
 use crate::{
     error::VaeError,
@@ -120,21 +121,15 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device) -> Result<Loade
     let counting = Counting {
         inner: named,
         bytes: bytes.clone(),
+        precision: config.chunking.conv_precision,
     };
     let vb = VarBuilder::from_backend(Box::new(counting), dtype, device.clone());
-    let pool_before = gpu_memory::used_bytes(device);
     let model = AutoencoderKLFlux2::new(&config, vb)?;
-    // On CUDA what stays resident, which the tensors read undercount where the model keeps
-    // derived weights (split TF32's low parts of weights not exact in TF32).
-    let resident = gpu_memory::used_bytes(device)
-        .zip(pool_before)
-        .map(|(after, before)| after.saturating_sub(before));
-    let read = bytes.load(Ordering::Relaxed);
     Ok(Loaded {
         model,
         config,
         format,
-        weight_bytes: resident.map_or(read, |r| r.max(read)),
+        weight_bytes: bytes.load(Ordering::Relaxed),
         model_id,
     })
 }
@@ -159,10 +154,14 @@ fn file_id(file: &Path) -> String {
         .unwrap_or_else(|| "vae".into())
 }
 
-/// Adds up the bytes of every tensor the model asks for.
+/// Adds up the bytes the model keeps resident: every tensor it asks for, and the low parts
+/// its split-TF32 convolutions derive from their weights ([`ConvWeights::derived_bytes`]).
+/// Counted, not read off the device's memory pool: in a process that also loads other
+/// models (`klein serve`), the pool grows with theirs too.
 struct Counting {
     inner: VarBuilder<'static>,
     bytes: Arc<AtomicU64>,
+    precision: ConvPrecision,
 }
 
 impl SimpleBackend for Counting {
@@ -178,8 +177,12 @@ impl SimpleBackend for Counting {
             .inner
             .get_with_hints_dtype(s, name, h, dtype)?
             .to_device(dev)?;
+        let derived = match t.rank() {
+            4 => ConvWeights::derived_bytes(&t, self.precision)?,
+            _ => 0,
+        };
         let n = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        self.bytes.fetch_add(n, Ordering::Relaxed);
+        self.bytes.fetch_add(n + derived, Ordering::Relaxed);
         Ok(t)
     }
 
