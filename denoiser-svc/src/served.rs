@@ -82,6 +82,7 @@ impl ServedModel {
                 }
                 .into(),
             ),
+            ("quantize", c.quantize.to_string()),
             ("max_steps", MAX_STEPS.to_string()),
             ("text_tokens", TEXT_TOKENS.to_string()),
             ("max_references", config.max_references.to_string()),

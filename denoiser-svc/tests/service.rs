@@ -343,6 +343,8 @@ async fn a_quantized_model_reports_its_smaller_weights_and_serves() {
         q.weight_bytes,
         d.weight_bytes
     );
+    let quantize = |i: &pb::ServiceInfo| i.details["quantize"].clone();
+    assert_eq!((quantize(&d), quantize(&q)), ("none".into(), "q8_0".into()));
     let req = pb::DenoiseRequest {
         noise: Some(Noise::Seed(3)),
         num_steps: 2,

@@ -6,7 +6,7 @@
 //! split-TF32 arithmetic, `cudnn` feature; its CPU reference is the composition) and its
 //! output's 8-bit quantization; and the transformer's linear layers ([`Linear`]: cuBLASLt on
 //! CUDA bf16, with each large product's algorithm optionally tuned at the card's power cap,
-//! [`tune_linear`]).
+//! [`tune_linear`]; a weight dense or in ggml blocks, [`quant`], dequantized for each product).
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
