@@ -61,10 +61,10 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder<'_>) -> Resu
 }
 
 /// The (`out_dim`, `in_dim`) weights named `weight` under each of `vbs`, stacked along the
-/// output rows into one (`vbs.len()·out_dim`, `in_dim`) layer. Dense: in the builders' dtype on their device. With a
-/// `quantize` format whose block divides `in_dim` (or its block-32 fallback,
-/// [`crate::quant::QuantFormat::for_width`]): read on the host in f32, quantized there and the
-/// blocks moved to the device, so the dense weights never occupy device memory.
+/// output rows into one (`vbs.len()·out_dim`, `in_dim`) layer. Dense: in the builders' dtype
+/// on their device. With a `quantize` format whose block divides `in_dim` (or its block-32
+/// fallback, [`crate::quant::QuantFormat::for_width`]): read on the host in f32, quantized
+/// there and the blocks moved to the device, so the dense weights never occupy device memory.
 pub fn stacked_linear(
     vbs: &[VarBuilder<'_>],
     (out_dim, in_dim): (usize, usize),

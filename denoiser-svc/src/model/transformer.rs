@@ -187,8 +187,9 @@ impl Config {
             })
     }
 
-    /// The largest dense weight a quantized projection is dequantized to for one product,
-    /// `rows × width` elements, or 0 without quantization.
+    /// The largest dense weight a quantized projection is dequantized to for one product, in
+    /// elements (`rows × width`), with the format its blocks are in; (0, None) without
+    /// quantization.
     pub fn widest_projection(&self) -> (usize, Option<QuantFormat>) {
         let Some(format) = self.quantize.format() else {
             return (0, None);
