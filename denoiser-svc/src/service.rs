@@ -119,12 +119,10 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
     let budget_bytes = config.server.gpu_memory_budget.0;
     let fixed = weight_cap + config.runtime_overhead.0;
     if fixed > budget_bytes {
-        let hint = match config.quantize {
-            Quantize::None => {
-                "; `quantize = \"q4k\"` (`--quantize q4k`) stores the block \
-                               projections in 4.5 bits per weight"
-            }
-            Quantize::Format(_) => "",
+        let hint = if config.quantize == Quantize::None {
+            "; `--quantize q4k` keeps the block projections in 4.5 bits per weight"
+        } else {
+            ""
         };
         return Err(DenoiseError::Config(format!(
             "gpu_memory_budget {budget_bytes} bytes is smaller than the resident weights \

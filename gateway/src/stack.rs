@@ -134,12 +134,13 @@ impl StackOptions {
         self
     }
 
-    /// The settings the 16 GB GPU plans were measured with (deploy/components/gpu-16gb): a
-    /// 4-bit encoder, 128 MiB attention score chunks and the measured runtime overheads.
-    /// Budgets and the transformer's quantization are set separately ([`StackOptions::budgets`],
-    /// [`Gpu16Gb`]).
-    pub fn gpu_16gb_settings(mut self) -> Self {
+    /// The settings `plan` was measured with (deploy/components/gpu-16gb, gpu-16gb-9b): a 4-bit
+    /// encoder, the plan's transformer quantization, 128 MiB attention score chunks and the
+    /// measured runtime overheads. Budgets are set separately ([`StackOptions::budgets`],
+    /// [`Gpu16Gb::budgets`]).
+    pub fn gpu_16gb_settings(mut self, plan: Gpu16Gb) -> Self {
         self.encoder.quantize = Quantize::Format(QuantFormat::Q4K);
+        self.denoiser.quantize = plan.transformer_quantize();
         self.encoder.runtime_overhead = ByteSize(448 << 20);
         self.denoiser.attention_chunk_bytes = ByteSize(128 << 20);
         self.denoiser.runtime_overhead = ByteSize(704 << 20);
@@ -354,5 +355,12 @@ mod tests {
             Gpu16Gb::Klein9b.transformer_quantize(),
             Quantize::Format(QuantFormat::Q4K)
         );
+        let listen = ([127, 0, 0, 1], 0).into();
+        let opts = StackOptions::new(&bundled_model(), DeviceSpec::Cuda(0), listen);
+        for plan in [Gpu16Gb::Klein4b, Gpu16Gb::Klein9b] {
+            let set = opts.clone().gpu_16gb_settings(plan);
+            assert_eq!(set.denoiser.quantize, plan.transformer_quantize());
+            assert_eq!(set.encoder.quantize, Quantize::Format(QuantFormat::Q4K));
+        }
     }
 }

@@ -71,10 +71,10 @@ impl ConvWeights {
         }
         let krsc = |t: &Tensor| t.permute((0, 2, 3, 1))?.contiguous();
         let (weight, weight_lo) = match precision {
-            ConvPrecision::SplitTf32 => match tf32_parts(&weight)? {
-                (hi, Some(lo)) => (krsc(&hi)?, Some(krsc(&lo)?)),
-                (hi, None) => (krsc(&hi)?, None),
-            },
+            ConvPrecision::SplitTf32 => {
+                let (hi, lo) = tf32_parts(&weight)?;
+                (krsc(&hi)?, lo.as_ref().map(krsc).transpose()?)
+            }
             _ => (krsc(&weight)?, None),
         };
         Ok(Self {

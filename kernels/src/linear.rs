@@ -48,11 +48,6 @@ impl Linear {
             weight: Weight::Quantized(Arc::new(weight)),
         }
     }
-
-    /// Whether the weight is block-quantized.
-    pub fn is_quantized(&self) -> bool {
-        matches!(self.weight, Weight::Quantized(_))
-    }
 }
 
 /// `linear_no_bias` of candle_nn, as a [`Linear`].
@@ -70,31 +65,28 @@ pub fn stacked_linear(
     (out_dim, in_dim): (usize, usize),
     quantize: Quantize,
 ) -> Result<Linear> {
-    let read = |vbs: &mut dyn Iterator<Item = VarBuilder<'_>>| -> Result<Tensor> {
+    let stack = |vbs: Vec<VarBuilder<'_>>| -> Result<Tensor> {
         let parts = vbs
+            .iter()
             .map(|vb| vb.get((out_dim, in_dim), "weight"))
             .collect::<Result<Vec<_>>>()?;
-        match parts.as_slice() {
-            [one] => Ok(one.clone()),
-            _ => Tensor::cat(&parts, 0),
-        }
+        Tensor::cat(&parts, 0)
     };
-    let Some(format) = quantize.format().and_then(|f| f.for_width(in_dim)) else {
-        return Ok(Linear::new(read(&mut vbs.iter().cloned())?));
+    let (Some(format), Some(first)) = (
+        quantize.format().and_then(|f| f.for_width(in_dim)),
+        vbs.first(),
+    ) else {
+        return Ok(Linear::new(stack(vbs.to_vec())?));
     };
-    let device = match vbs.first() {
-        Some(vb) => vb.device().clone(),
-        None => bail!("stacked_linear: no weights named"),
-    };
-    let host = read(
-        &mut vbs
-            .iter()
-            .map(|vb| vb.clone().set_device(Device::Cpu).set_dtype(DType::F32)),
+    let host = stack(
+        vbs.iter()
+            .map(|vb| vb.clone().set_device(Device::Cpu).set_dtype(DType::F32))
+            .collect(),
     )?;
     Ok(Linear::quantized(quantize_rows(
         &host,
         format.ggml(),
-        &device,
+        first.device(),
     )?))
 }
 
@@ -362,9 +354,8 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 5, 256), &dev)?;
         for format in [QuantFormat::Q4K, QuantFormat::Q8_0] {
             let q = stacked_linear(&vbs, (16, 256), Quantize::Format(format))?;
-            assert!(q.is_quantized());
             let Weight::Quantized(blocks) = &q.weight else {
-                unreachable!()
+                panic!("{format}: a dense weight")
             };
             assert_eq!(blocks.dtype(), format.ggml());
             let dense = Linear::new(blocks.dequantize(&dev)?);
@@ -394,7 +385,10 @@ mod tests {
         )]);
         let vb = VarBuilder::from_tensors(narrow, DType::F32, &dev);
         let c = stacked_linear(&[vb.pp("c")], (4, 48), Quantize::Format(QuantFormat::Q4K))?;
-        assert!(!c.is_quantized(), "48 is no multiple of a block");
+        assert!(
+            matches!(c.weight, Weight::Dense(_)),
+            "48 is no multiple of a block"
+        );
         Ok(())
     }
 }

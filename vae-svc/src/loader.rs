@@ -62,8 +62,8 @@ pub struct Loaded {
     pub model: AutoencoderKLFlux2,
     pub config: Config,
     pub format: WeightsFormat,
-    /// Bytes of the tensors read from the weights, in the compute dtype; on CUDA at least the
-    /// device memory the loaded model holds.
+    /// Bytes the loaded model holds on its device: the tensors read, in the compute dtype,
+    /// and the low parts its split-TF32 convolutions keep.
     pub weight_bytes: u64,
     /// The folder (pipeline) or file name.
     pub model_id: String,

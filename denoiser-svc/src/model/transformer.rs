@@ -135,23 +135,19 @@ impl Config {
 
     /// Number of weights (§6.1), for weight-memory accounting.
     pub fn param_count(&self) -> u64 {
-        let (d, f, hd) = (
-            self.hidden_size() as u64,
-            self.mlp_hidden() as u64,
-            self.attention_head_dim as u64,
-        );
-        let double = 8 * d * d + 2 * (2 * f * d + f * d) + 4 * hd;
-        let single = (3 * d + 2 * f) * d + (d + f) * d + 2 * hd;
+        let (d, hd) = (self.hidden_size() as u64, self.attention_head_dim as u64);
+        let projections: u64 = self
+            .projections()
+            .iter()
+            .map(|&(count, rows, width)| (count * rows * width) as u64)
+            .sum();
+        // QK norms: four per double block, two per single block.
+        let norms = (4 * self.num_layers as u64 + 2 * self.num_single_layers as u64) * hd;
         let modulation = 15 * d * d;
         let time = self.timestep_guidance_channels as u64 * d + d * d;
         let embed = (self.in_channels as u64 + self.joint_attention_dim as u64) * d;
         let out = 2 * d * d + d * self.out_channels() as u64;
-        self.num_layers as u64 * double
-            + self.num_single_layers as u64 * single
-            + modulation
-            + time
-            + embed
-            + out
+        projections + norms + modulation + time + embed + out
     }
 
     /// The blocks' projections as (count, rows, width): the weights [`Self::quantize`] applies

@@ -100,8 +100,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         args.vae_budget.unwrap_or(vae),
     );
     if gpu {
-        opts = opts.gpu_16gb_settings();
+        opts = opts.gpu_16gb_settings(plan);
         tracing::info!(?plan, "16 GB GPU plan");
+    }
+    if let Some(quantize) = args.quantize_transformer {
+        opts.denoiser.quantize = quantize;
     }
     for arg in &args.add_models {
         match klein_runtime::models::parse_model_arg(arg) {
@@ -115,11 +118,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if let Some(cap) = args.host_memory_cap {
         opts = opts.host_memory_caps(cap, cap);
     }
-    opts.denoiser.quantize = args.quantize_transformer.unwrap_or(if gpu {
-        plan.transformer_quantize()
-    } else {
-        Quantize::None
-    });
     opts.gateway.server.metrics_listen = args.metrics_listen;
     opts.gateway.http_listen = Some(args.http_listen);
     tracing::info!(model_dir = %model_dir.display(), device = %args.device, "starting the stack");
