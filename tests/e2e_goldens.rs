@@ -1,10 +1,14 @@
 //! End to end through real gRPC (gateway + encoder + denoiser + VAE on 127.0.0.1:0, f32 on
 //! the CPU): every mode reproduces the diffusers golden image from the golden noise within one
-//! pixel level, and the same seed twice gives identical pixels.
+//! pixel level, the same seed twice gives identical pixels, and a transformer quantized once
+//! into a GGUF file serves the pixels of the same quantization done at load time.
 
 mod common;
 
-use common::{client, generate, max_pixel_diff, pixels, png_of, png_of_rgb, start_stack, wire};
+use common::{
+    client, generate, max_pixel_diff, pixels, png_of, png_of_rgb, stack_options, start_stack,
+    start_with, wire,
+};
 use image::{DynamicImage, RgbaImage};
 use klein_proto::pb::{self, generate_request::Mode};
 use klein_test_support::{golden, take};
@@ -186,4 +190,45 @@ async fn the_same_seed_twice_gives_identical_pixels_and_seeds_are_returned() {
         "a random seed is chosen and returned"
     );
     running.stop().await.unwrap();
+}
+
+/// `klein quantize` then `klein serve --transformer FILE`: the tiny pipeline's transformer
+/// written as a q8_0 GGUF file and served in place of its `transformer/` (under the pipeline's
+/// name, distilled as its `model_index.json` says) gives the pixels of the stack that quantizes
+/// the same checkpoint to q8_0 at load time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quantized_gguf_transformer_serves_the_load_time_quantized_pixels() {
+    use denoiser_svc::{config::Quantize, gguf::write_gguf, weights::Checkpoint};
+    use encoder_svc::model::quant::QuantFormat;
+
+    let pipeline = "tiny-klein-4b";
+    let file = std::env::temp_dir().join(format!("{}-e2e-q8_0.gguf", std::process::id()));
+    let checkpoint = Checkpoint::locate(&klein_test_support::pipeline_dir(pipeline)).unwrap();
+    write_gguf(&checkpoint, QuantFormat::Q8_0, &file).unwrap();
+    let req = pb::GenerateRequest {
+        prompt: "a red car".into(),
+        width: 64,
+        height: 64,
+        seed: Some(7),
+        // Served under the pipeline's name either way.
+        model: pipeline.into(),
+        ..Default::default()
+    };
+    let mut images = Vec::new();
+    for from_file in [true, false] {
+        let mut opts = stack_options(pipeline);
+        if from_file {
+            opts = opts.transformer(&file);
+        } else {
+            opts.denoiser.quantize = Quantize::Format(QuantFormat::Q8_0);
+        }
+        let running = start_with(opts).await;
+        let mut c = client(&running).await;
+        let out = generate(&mut c, req.clone()).await.unwrap();
+        assert_eq!(out.steps.len(), 4, "distilled: four steps by default");
+        images.push(pixels(&out.images[0].png));
+        running.stop().await.unwrap();
+    }
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(max_pixel_diff(&images[0], &images[1]), 0.0);
 }

@@ -20,8 +20,7 @@
 //! The multiples are calibrated against the CUDA memory pool's measured peak on an H100
 //! (`klein-bench components`, docs/performance.md).
 
-use candle_core::DType;
-use klein_kernels::quant::QuantFormat;
+use candle_core::{DType, quantized::GgmlDType};
 
 use crate::model::{AttentionConfig, Config};
 
@@ -41,11 +40,15 @@ pub fn activation_bytes(
     let (b, s, d) = (batch as u64, tokens as u64, cfg.hidden_size() as u64);
     let e = dtype.size_in_bytes() as u64;
     let elements = b * s * d;
-    let dequantized = match cfg.widest_projection() {
-        (_, None) => 0,
-        (n, Some(QuantFormat::Q4K)) if flash => n as u64 * e,
-        (n, Some(_)) => n as u64 * (4 + e),
-    };
+    let dequantized = cfg
+        .quantized_projections()
+        .into_iter()
+        .map(|(n, format)| match format {
+            GgmlDType::Q4K if flash => n as u64 * e,
+            _ => n as u64 * (4 + e),
+        })
+        .max()
+        .unwrap_or(0);
     if flash {
         return elements * 23 * e + FIXED_BYTES + dequantized;
     }
@@ -77,7 +80,7 @@ mod tests {
 
     #[test]
     fn quantized_projections_add_their_widest_dequantized_weight() {
-        use klein_kernels::quant::Quantize;
+        use klein_kernels::quant::{QuantFormat, Quantize};
 
         let cfg = Config::klein_9b();
         let attn = AttentionConfig::default();

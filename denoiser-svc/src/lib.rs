@@ -9,7 +9,8 @@
 //!
 //! # Layout
 //! - [`model`]: `Flux2Transformer2DModel` in candle (spec §2); imports candle and serde only.
-//! - [`weights`]: locating and loading a diffusers `transformer/` folder or a BFL single file.
+//! - [`weights`]: locating and loading a diffusers `transformer/` folder, a BFL single file or
+//!   a GGUF file ([`gguf`]: its quantized projections kept in their blocks).
 //! - [`sampler`]: the sigma schedule, Euler update and every mode; pure, generic over
 //!   [`sampler::Velocity`].
 //! - [`noise`]: the documented CPU generator behind seeds.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod embeddings;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod grpc;
 pub mod model;
 pub mod noise;

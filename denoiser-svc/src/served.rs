@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::DType;
+use klein_kernels::quant::ggml_name;
 use klein_proto::pb;
 use klein_runtime::models::ModelStatus;
 
@@ -12,12 +13,23 @@ use crate::{
     error::DenoiseError,
     model::Config as ModelConfig,
     validate::{MAX_STEPS, RequestContext, TEXT_TOKENS},
-    weights::{Checkpoint, Format},
+    weights::Checkpoint,
 };
 
 /// Steps and guidance scale a model runs with when the request leaves them unset (spec §1.1).
 pub fn defaults(distilled: bool) -> (u32, f32) {
     if distilled { (4, 1.0) } else { (50, 4.0) }
+}
+
+/// The projections a GGUF checkpoint stores quantized, counted by block type
+/// (`q4k:100,q6k:12`); empty for a dense checkpoint.
+fn stored_blocks(cfg: &ModelConfig) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for (_, _, format) in cfg.stored_projections() {
+        *counts.entry(ggml_name(format)).or_insert(0) += 1;
+    }
+    let counts: Vec<String> = counts.iter().map(|(f, n)| format!("{f}:{n}")).collect();
+    counts.join(",")
 }
 
 /// `klein-4b`, `klein-base-9b`, ... for the released shapes; `custom` for any other.
@@ -74,15 +86,9 @@ impl ServedModel {
             ("num_attention_heads", c.num_attention_heads.to_string()),
             ("joint_attention_dim", c.joint_attention_dim.to_string()),
             ("is_distilled", is_distilled.to_string()),
-            (
-                "checkpoint_format",
-                match checkpoint.format {
-                    Format::Bfl => "bfl",
-                    Format::Diffusers => "diffusers",
-                }
-                .into(),
-            ),
+            ("checkpoint_format", checkpoint.format.as_str().into()),
             ("quantize", c.quantize.to_string()),
+            ("stored_blocks", stored_blocks(c)),
             ("max_steps", MAX_STEPS.to_string()),
             ("text_tokens", TEXT_TOKENS.to_string()),
             ("max_references", config.max_references.to_string()),

@@ -4,32 +4,36 @@
 //! - a diffusers pipeline root (`model_index.json` + `transformer/`) or its `transformer/`
 //!   folder: `config.json` plus one `*.safetensors` or a sharded set with its index;
 //! - a BFL single file (`flux-2-klein-4b.safetensors`): its config is derived from the tensor
-//!   shapes and its names are mapped on the fly ([`crate::model::bfl`]).
+//!   shapes and its names are mapped on the fly ([`crate::model::bfl`]);
+//! - a GGUF file with the BFL names (ComfyUI-GGUF, stable-diffusion.cpp; [`crate::gguf`]): the
+//!   same, its block-quantized projections kept in their blocks.
 //!
 //! With a `quantize` setting the blocks' projections are read on the host, quantized there
 //! and only their blocks reach the device ([`Checkpoint::with_quantize`]).
 //!
 //! Whether the model is step-distilled comes from the pipeline root's `model_index.json`
-//! (`is_distilled`, absent = false as in diffusers); a BFL file or a bare `transformer/` folder
-//! carries no such flag, so the service configuration must state it.
+//! (`is_distilled`, absent = false as in diffusers); a single file or a bare `transformer/`
+//! folder carries no such flag, so the service configuration must state it.
 
 use std::{
     collections::BTreeMap,
     fs,
     io::Read,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use klein_kernels::quant::Quantize;
+use klein_kernels::{StoredBlocks, quant::Quantize};
 use klein_runtime::{
     models::{HostWeights, ModelSource},
-    weights::{self, WeightsError},
+    weights::{self, WeightsError, gguf::is_gguf},
 };
 
 use crate::{
     error::DenoiseError,
+    gguf::GgufTransformer,
     model::{AttentionConfig, Config, Flux2Transformer2DModel, bfl},
 };
 
@@ -51,6 +55,19 @@ pub enum Format {
     Diffusers,
     /// BFL `flux2` names (fused qkv, (shift, scale) final layer).
     Bfl,
+    /// BFL names in a GGUF file.
+    Gguf,
+}
+
+impl Format {
+    /// The name Info reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Diffusers => "diffusers",
+            Self::Bfl => "bfl",
+            Self::Gguf => "gguf",
+        }
+    }
 }
 
 /// A located checkpoint: what to load and how.
@@ -62,14 +79,17 @@ pub struct Checkpoint {
     pub config: Config,
     /// How tensors are named.
     pub format: Format,
-    /// The safetensors files.
+    /// The safetensors files, or the GGUF file.
     pub files: Vec<PathBuf>,
     /// `model_index.json`'s `is_distilled`, when the checkpoint has one.
     pub is_distilled: Option<bool>,
+    /// The open GGUF file ([`Format::Gguf`]).
+    gguf: Option<Arc<GgufTransformer>>,
 }
 
 impl Checkpoint {
-    /// Locates the checkpoint at `path` (pipeline root, `transformer/` folder or BFL file).
+    /// Locates the checkpoint at `path` (pipeline root, `transformer/` folder, BFL or GGUF
+    /// file).
     pub fn locate(path: &Path) -> Result<Self, LoadError> {
         let invalid = |reason: String| LoadError::Invalid {
             path: path.to_owned(),
@@ -80,6 +100,9 @@ impl Checkpoint {
             .and_then(|s| s.to_str())
             .unwrap_or("flux2-klein")
             .to_owned();
+        if path.is_file() && is_gguf(path) {
+            return Self::gguf(path, model_id);
+        }
         if path.is_file() {
             let shapes = header_shapes(path)?;
             if !shapes.contains_key("img_in.weight") {
@@ -97,6 +120,7 @@ impl Checkpoint {
                 format: Format::Bfl,
                 files: vec![path.to_owned()],
                 is_distilled: None,
+                gguf: None,
             });
         }
         let dir = weights::component_dir(path, "transformer")?;
@@ -108,18 +132,8 @@ impl Checkpoint {
         } else {
             Some(path)
         };
-        let index = root
-            .map(|r| r.join("model_index.json"))
-            .filter(|p| p.is_file());
-        let is_distilled = match index {
-            Some(index) => {
-                let json: serde_json::Value = weights::read_config(&index)?;
-                Some(
-                    json.get("is_distilled")
-                        .and_then(|v| v.as_bool())
-                        .unwrap_or(false),
-                )
-            }
+        let is_distilled = match root {
+            Some(root) => pipeline_is_distilled(root)?,
             None => None,
         };
         let model_id = root
@@ -133,6 +147,36 @@ impl Checkpoint {
             format: Format::Diffusers,
             files,
             is_distilled,
+            gguf: None,
+        })
+    }
+
+    /// A GGUF transformer: BFL names, the config from their shapes, its quantized projections
+    /// the model's [`Config::stored`].
+    fn gguf(path: &Path, model_id: String) -> Result<Self, LoadError> {
+        let invalid = |reason: String| LoadError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let file = Arc::new(GgufTransformer::open(path)?);
+        let shapes = file.shapes();
+        if !shapes.contains_key("img_in.weight") {
+            return Err(invalid(
+                "a GGUF transformer must carry the BFL flux2 names (as ComfyUI-GGUF and \
+                 stable-diffusion.cpp write them; no `img_in.weight`)"
+                    .into(),
+            ));
+        }
+        let mut config = bfl::config_from_shapes(&shapes)
+            .ok_or_else(|| invalid("not a FLUX.2 transformer (shapes do not fit)".into()))?;
+        config.stored = Some(StoredBlocks(file.clone()));
+        Ok(Self {
+            model_id,
+            config,
+            format: Format::Gguf,
+            files: vec![path.to_owned()],
+            is_distilled: None,
+            gguf: Some(file),
         })
     }
 
@@ -143,7 +187,10 @@ impl Checkpoint {
         device: &Device,
         attention: AttentionConfig,
     ) -> Result<Flux2Transformer2DModel, LoadError> {
-        let vb = weights::mmap_var_builder(&self.files, dtype, device)?;
+        let vb = match &self.gguf {
+            Some(file) => file.var_builder(dtype, device),
+            None => weights::mmap_var_builder(&self.files, dtype, device)?,
+        };
         self.build(vb, attention)
     }
 
@@ -155,7 +202,7 @@ impl Checkpoint {
     ) -> Result<Flux2Transformer2DModel, LoadError> {
         let vb = match self.format {
             Format::Diffusers => vb,
-            Format::Bfl => bfl::BflBackend::var_builder(vb),
+            Format::Bfl | Format::Gguf => bfl::BflBackend::var_builder(vb),
         };
         let config = Config {
             attention,
@@ -176,6 +223,18 @@ impl Checkpoint {
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
         self.config.weight_bytes(dtype)
     }
+}
+
+/// `model_index.json`'s `is_distilled` in the pipeline root `root` (absent = false, as in
+/// diffusers); `None` without a `model_index.json`.
+pub fn pipeline_is_distilled(root: &Path) -> Result<Option<bool>, LoadError> {
+    let index = root.join("model_index.json");
+    if !index.is_file() {
+        return Ok(None);
+    }
+    let json: serde_json::Value = weights::read_config(&index)?;
+    let distilled = json.get("is_distilled").and_then(|v| v.as_bool());
+    Ok(Some(distilled.unwrap_or(false)))
 }
 
 /// A checkpoint as one model of the service's registry.
@@ -200,8 +259,9 @@ impl ModelSource for TransformerSource {
         self.checkpoint.config.param_count() * self.dtype.size_in_bytes() as u64
     }
 
+    /// A GGUF file's blocks are read from the file again instead.
     fn has_host_copy(&self) -> bool {
-        true
+        self.checkpoint.format != Format::Gguf
     }
 
     fn read_host(&self) -> Result<HostWeights, DenoiseError> {

@@ -2,50 +2,21 @@
 //! the same model as the diffusers folder: the tiny fixture is rewritten in BFL layout and both
 //! must give the same forward, bit for bit.
 
-use std::collections::HashMap;
+mod bfl_layout;
 
 use candle_core::{DType, Device, Tensor};
 use denoiser_svc::{
-    model::{AttentionConfig, bfl::Source, bfl::source, grid_ids, text_ids},
+    model::{AttentionConfig, grid_ids, text_ids},
     weights::{Checkpoint, Format},
 };
 use klein_test_support::pipeline_dir;
 
-/// The tiny diffusers transformer rewritten with BFL names and layouts.
+/// The tiny diffusers transformer saved as a BFL single file.
 fn bfl_file() -> std::path::PathBuf {
-    let src = pipeline_dir("tiny-klein-4b").join("transformer/diffusion_pytorch_model.safetensors");
-    let diffusers = candle_core::safetensors::load(&src, &Device::Cpu).unwrap();
-    let mut chunks: HashMap<String, Vec<(usize, Tensor)>> = HashMap::new();
-    let mut out: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in diffusers {
-        match source(&name).unwrap_or_else(|| panic!("no BFL name for {name}")) {
-            Source::Plain(bfl) => {
-                out.insert(bfl, t);
-            }
-            Source::Chunk3(bfl, i) => chunks.entry(bfl).or_default().push((i, t)),
-            Source::SwapHalves(bfl) => {
-                let half = t.dim(0).unwrap() / 2;
-                let swapped = Tensor::cat(
-                    &[
-                        t.narrow(0, half, half).unwrap(),
-                        t.narrow(0, 0, half).unwrap(),
-                    ],
-                    0,
-                );
-                out.insert(bfl, swapped.unwrap());
-            }
-        }
-    }
-    for (bfl, mut parts) in chunks {
-        parts.sort_by_key(|(i, _)| *i);
-        let parts: Vec<Tensor> = parts.into_iter().map(|(_, t)| t).collect();
-        out.insert(bfl, Tensor::cat(&parts, 0).unwrap());
-    }
-    assert!(out.contains_key("double_blocks.0.img_attn.qkv.weight"));
     let dir = std::env::temp_dir().join(format!("denoiser-bfl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("flux-2-klein-tiny.safetensors");
-    candle_core::safetensors::save(&out, &path).unwrap();
+    candle_core::safetensors::save(&bfl_layout::tensors(), &path).unwrap();
     path
 }
 

@@ -3,6 +3,7 @@
 //! startup refuses a budget the weights do not fit in, and a request that can never fit is
 //! RESOURCE_EXHAUSTED.
 
+mod bfl_layout;
 mod common;
 
 use bytes::Bytes;
@@ -356,6 +357,58 @@ async fn a_quantized_model_reports_its_smaller_weights_and_serves() {
     );
     let e = klein_test_support::rel_l2(&b, &a);
     assert!(e > 0.0 && e < 0.05, "q8_0 against dense: rel-L2 {e}");
+}
+
+/// A GGUF transformer (projections in Q8_0 blocks, the rest F32) serves exactly what the
+/// dense checkpoint quantized to q8_0 at load time serves, and Info says how it is stored.
+#[tokio::test]
+async fn a_gguf_model_serves_its_stored_blocks() {
+    use candle_core::quantized::GgmlDType;
+    use denoiser_svc::model::bfl::is_projection;
+
+    let file = bfl_layout::temp("service-q8.gguf");
+    bfl_layout::write_gguf(&file, &bfl_layout::tensors(), "", |name, dims| {
+        match (is_projection(name), dims.len()) {
+            (true, 2) => GgmlDType::Q8_0,
+            _ => GgmlDType::F32,
+        }
+    });
+    let mut gguf = start_with(denoiser_svc::Config {
+        model_dir: Some(file.0.clone()),
+        is_distilled: Some(true),
+        ..config("tiny-klein-4b", DTypeSpec::F32)
+    })
+    .await;
+    let mut q8 = start_with(denoiser_svc::Config {
+        quantize: "q8_0".parse().unwrap(),
+        ..config("tiny-klein-4b", DTypeSpec::F32)
+    })
+    .await;
+    let info = |server: &mut Server| {
+        let mut client = server.client.clone();
+        async move {
+            let info = client
+                .info(pb::DenoiserServiceInfoRequest {})
+                .await
+                .unwrap();
+            info.into_inner().info.unwrap()
+        }
+    };
+    let (g, q) = (info(&mut gguf).await, info(&mut q8).await);
+    assert_eq!(g.details["checkpoint_format"], "gguf");
+    assert_eq!(g.details["stored_blocks"], "q8_0:20");
+    assert_eq!(q.details["stored_blocks"], "");
+    assert_eq!(g.weight_bytes, q.weight_bytes);
+    let req = pb::DenoiseRequest {
+        noise: Some(Noise::Seed(5)),
+        num_steps: 2,
+        ..valid()
+    };
+    let (a, b) = (
+        latents(&mut gguf, req.clone()).await,
+        latents(&mut q8, req).await,
+    );
+    assert_eq!(klein_test_support::max_abs_diff(&a, &b), 0.0);
 }
 
 /// The error a service started with `cfg` refuses to start with.

@@ -41,10 +41,11 @@ impl Gpu16Gb {
         }
     }
 
-    /// The plan for the pipeline at `model_dir` (klein-4B's where its transformer cannot be
-    /// read: the denoiser then says what is wrong with it).
-    pub fn for_model(model_dir: &Path) -> Self {
-        denoiser_svc::weights::Checkpoint::locate(model_dir)
+    /// The plan for the transformer at `path`: a pipeline, its `transformer/` folder or a
+    /// single file (klein-4B's where it cannot be read: the denoiser then says what is wrong
+    /// with it).
+    pub fn for_model(path: &Path) -> Self {
+        denoiser_svc::weights::Checkpoint::locate(path)
             .map_or(Self::Klein4b, |c| Self::for_config(&c.config))
     }
 
@@ -124,6 +125,21 @@ impl StackOptions {
             is_distilled: None,
             text_encoder: Some(id.to_owned()),
         });
+        self
+    }
+
+    /// Serves the transformer file at `path` (BFL safetensors or GGUF, e.g. a pre-quantized
+    /// `flux-2-klein-9b-Q4_K_M.gguf`) in place of the pipeline's own `transformer/`, under the
+    /// pipeline's name; whether it is step-distilled comes from the pipeline's
+    /// `model_index.json`.
+    pub fn transformer(mut self, path: &Path) -> Self {
+        if let Some(root) = self.denoiser.model_dir.take() {
+            self.denoiser.is_distilled = denoiser_svc::weights::pipeline_is_distilled(&root)
+                .ok()
+                .flatten();
+            self.denoiser.model_id = root.file_name().and_then(|n| n.to_str()).map(Into::into);
+        }
+        self.denoiser.model_dir = Some(path.to_owned());
         self
     }
 
@@ -362,5 +378,22 @@ mod tests {
             assert_eq!(set.denoiser.quantize, plan.transformer_quantize());
             assert_eq!(set.encoder.quantize, Quantize::Format(QuantFormat::Q4K));
         }
+    }
+
+    #[test]
+    fn a_transformer_file_is_served_under_the_pipelines_name() {
+        let listen = ([127, 0, 0, 1], 0).into();
+        let file = Path::new("/models/flux-2-klein-4b-Q4_K.gguf");
+        let opts = StackOptions::new(&bundled_model(), DeviceSpec::Cpu, listen).transformer(file);
+        assert_eq!(opts.denoiser.model_dir.as_deref(), Some(file));
+        let name = bundled_model()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(opts.denoiser.model_id, Some(name));
+        assert_eq!(opts.denoiser.is_distilled, Some(true));
+        assert_eq!(opts.encoder.model_dir, Some(bundled_model()));
     }
 }

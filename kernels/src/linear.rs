@@ -7,14 +7,14 @@
 use std::sync::Arc;
 
 use candle_core::{
-    CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, bail,
-    quantized::QTensor,
+    CpuStorage, CustomOp2, Device, Layout, Module, Result, Shape, Tensor, bail,
+    quantized::{GgmlDType, QTensor},
 };
 use candle_nn::VarBuilder;
 
 use crate::{
     cpu,
-    quant::{Quantize, quantize_rows},
+    quant::{Quantize, quantize_rows, stack_rows},
 };
 
 #[cfg(feature = "cuda")]
@@ -55,16 +55,73 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder<'_>) -> Resu
     Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?))
 }
 
+/// Projection weights a checkpoint stores in ggml blocks (a GGUF file), looked up under the
+/// names a [`VarBuilder`] would read them by.
+pub trait BlockSource: Send + Sync {
+    /// Tensor `name` in its stored blocks, on the host; `None` where it is stored dense (F32,
+    /// F16, BF16) or not at all.
+    fn blocks(&self, name: &str) -> Result<Option<QTensor>>;
+
+    /// (rows, width, type) of every projection tensor it stores in blocks, for accounting.
+    fn stored(&self) -> Vec<(usize, usize, GgmlDType)>;
+}
+
+/// A shared [`BlockSource`]: what a model configuration carries to its projections.
+#[derive(Clone)]
+pub struct StoredBlocks(pub Arc<dyn BlockSource>);
+
+impl std::fmt::Debug for StoredBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredBlocks")
+    }
+}
+
+/// Two handles are equal when they share their source.
+impl PartialEq for StoredBlocks {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// The (`out_dim`, `in_dim`) weights named `weight` under each of `vbs`, stacked along the
-/// output rows into one (`vbs.len()·out_dim`, `in_dim`) layer. Dense: in the builders' dtype
-/// on their device. With a `quantize` format whose block divides `in_dim` (or its block-32
-/// fallback, [`crate::quant::QuantFormat::for_width`]): read on the host in f32, quantized
-/// there and the blocks moved to the device, so the dense weights never occupy device memory.
+/// output rows into one (`vbs.len()·out_dim`, `in_dim`) layer:
+/// - where `stored` holds every part in blocks of one type: those blocks, stacked on the host
+///   and moved to the builders' device as they are;
+/// - dense, with a `quantize` format whose block divides `in_dim` (or its block-32 fallback,
+///   [`crate::quant::QuantFormat::for_width`]): read on the host, quantized there and
+///   the blocks moved to the device, so the dense weights never occupy device memory;
+/// - otherwise dense, in the builders' dtype on their device.
 pub fn stacked_linear(
     vbs: &[VarBuilder<'_>],
     (out_dim, in_dim): (usize, usize),
     quantize: Quantize,
+    stored: Option<&StoredBlocks>,
 ) -> Result<Linear> {
+    let Some(first) = vbs.first() else {
+        bail!("a projection of no weights")
+    };
+    if let Some(source) = stored {
+        let parts = vbs
+            .iter()
+            .map(|vb| source.0.blocks(&format!("{}.weight", vb.prefix())))
+            .collect::<Result<Vec<_>>>()?;
+        if parts.iter().any(Option::is_some) {
+            let parts = parts.into_iter().zip(vbs).map(|(part, vb)| match part {
+                Some(q) if q.shape().dims() == [out_dim, in_dim] => Ok(q),
+                Some(q) => bail!(
+                    "{}.weight: shape {:?}, expected ({out_dim}, {in_dim})",
+                    vb.prefix(),
+                    q.shape()
+                ),
+                None => bail!(
+                    "{}.weight is stored dense, the rest of its projection in blocks",
+                    vb.prefix()
+                ),
+            });
+            let parts = parts.collect::<Result<Vec<_>>>()?;
+            return Ok(Linear::quantized(stack_rows(&parts, first.device())?));
+        }
+    }
     let stack = |vbs: Vec<VarBuilder<'_>>| -> Result<Tensor> {
         let parts = vbs
             .iter()
@@ -72,15 +129,13 @@ pub fn stacked_linear(
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
     };
-    let (Some(format), Some(first)) = (
-        quantize.format().and_then(|f| f.for_width(in_dim)),
-        vbs.first(),
-    ) else {
+    let Some(format) = quantize.format().and_then(|f| f.for_width(in_dim)) else {
         return Ok(Linear::new(stack(vbs.to_vec())?));
     };
+    // Read in the builders' dtype: `quantize_rows` converts to f32 in its threads.
     let host = stack(
         vbs.iter()
-            .map(|vb| vb.clone().set_device(Device::Cpu).set_dtype(DType::F32))
+            .map(|vb| vb.clone().set_device(Device::Cpu))
             .collect(),
     )?;
     Ok(Linear::quantized(quantize_rows(
@@ -353,7 +408,7 @@ mod tests {
         let vbs = [vb.pp("a"), vb.pp("b")];
         let x = Tensor::randn(0f32, 1.0, (2, 5, 256), &dev)?;
         for format in [QuantFormat::Q4K, QuantFormat::Q8_0] {
-            let q = stacked_linear(&vbs, (16, 256), Quantize::Format(format))?;
+            let q = stacked_linear(&vbs, (16, 256), Quantize::Format(format), None)?;
             let Weight::Quantized(blocks) = &q.weight else {
                 panic!("{format}: a dense weight")
             };
@@ -367,7 +422,7 @@ mod tests {
                 .max(0)?
                 .to_scalar::<f32>()?;
             assert_eq!(diff, 0.0, "{format}");
-            let exact = stacked_linear(&vbs, (16, 256), Quantize::None)?.forward(&x)?;
+            let exact = stacked_linear(&vbs, (16, 256), Quantize::None, None)?.forward(&x)?;
             let err = (&got - &exact)?
                 .sqr()?
                 .sum_all()?
@@ -384,11 +439,74 @@ mod tests {
             Tensor::randn(0f32, 1.0, (4, 48), &dev)?,
         )]);
         let vb = VarBuilder::from_tensors(narrow, DType::F32, &dev);
-        let c = stacked_linear(&[vb.pp("c")], (4, 48), Quantize::Format(QuantFormat::Q4K))?;
+        let c = stacked_linear(
+            &[vb.pp("c")],
+            (4, 48),
+            Quantize::Format(QuantFormat::Q4K),
+            None,
+        )?;
         assert!(
             matches!(c.weight, Weight::Dense(_)),
             "48 is no multiple of a block"
         );
+        Ok(())
+    }
+
+    /// Stored blocks are taken as they are (stacked, whatever `quantize` says); a projection
+    /// stored partly dense is refused; one with no stored part is read from the builders.
+    #[test]
+    fn stored_blocks_are_used_as_stored() -> Result<()> {
+        use std::collections::HashMap;
+
+        use crate::quant::QuantFormat;
+
+        struct Blocks(HashMap<String, Tensor>);
+        impl BlockSource for Blocks {
+            fn blocks(&self, name: &str) -> Result<Option<QTensor>> {
+                self.0
+                    .get(name)
+                    .map(|t| QTensor::quantize(t, GgmlDType::Q8_0))
+                    .transpose()
+            }
+            fn stored(&self) -> Vec<(usize, usize, GgmlDType)> {
+                Vec::new()
+            }
+        }
+
+        let dev = Device::Cpu;
+        let w = |rows| Tensor::randn(0f32, 1.0, (rows, 64), &dev);
+        let (a, b, c) = (w(4)?, w(4)?, w(4)?);
+        let stored = StoredBlocks(Arc::new(Blocks(HashMap::from([
+            ("p.a.weight".to_owned(), a.clone()),
+            ("p.b.weight".to_owned(), b.clone()),
+        ]))));
+        let tensors = HashMap::from([
+            ("p.a.weight".to_owned(), a.clone()),
+            ("p.b.weight".to_owned(), b.clone()),
+            ("p.c.weight".to_owned(), c),
+        ]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev).pp("p");
+        let q4 = Quantize::Format(QuantFormat::Q4_0);
+        let ab = stacked_linear(&[vb.pp("a"), vb.pp("b")], (4, 64), q4, Some(&stored))?;
+        let Weight::Quantized(blocks) = &ab.weight else {
+            panic!("stored blocks came back dense")
+        };
+        let want = QTensor::quantize(&Tensor::cat(&[a, b], 0)?, GgmlDType::Q8_0)?;
+        assert_eq!(
+            (blocks.dtype(), blocks.shape()),
+            (want.dtype(), want.shape())
+        );
+        assert_eq!(blocks.data()?, want.data()?);
+        let mixed = stacked_linear(&[vb.pp("a"), vb.pp("c")], (4, 64), q4, Some(&stored));
+        assert!(
+            mixed
+                .unwrap_err()
+                .to_string()
+                .contains("p.c.weight is stored dense")
+        );
+        let dense = stacked_linear(&[vb.pp("c")], (4, 64), Quantize::None, Some(&stored))?;
+        assert!(matches!(dense.weight, Weight::Dense(_)));
+        assert_eq!(stored, stored.clone());
         Ok(())
     }
 }

@@ -1,11 +1,11 @@
 //! Block quantization of linear weights in ggml formats (candle's `QTensor`), shared by the
-//! services that quantize at load time: the formats, their names, the load-time setting and a
-//! row-parallel quantizer.
+//! services that quantize at load time: the formats, their names, the load-time setting, a
+//! row-parallel quantizer, and row ranges and stacks of stored blocks (GGUF projections).
 
 use std::{borrow::Cow, fmt, str::FromStr, thread};
 
 use candle_core::{
-    Device, Result, Tensor,
+    DType, Device, Result, Tensor,
     quantized::{GgmlDType, QStorage, QTensor},
 };
 
@@ -161,9 +161,10 @@ impl<'de> serde::Deserialize<'de> for Quantize {
     }
 }
 
-/// Quantizes a host (rows, width) tensor to `format` on `device`. ggml blocks never cross a
-/// row and candle quantizes on one thread, so the rows are split over the host's cores and the
-/// blocks concatenated: the bytes equal a single-threaded `QTensor::quantize`.
+/// Quantizes a host (rows, width) tensor (any float dtype) to `format` on `device`. ggml blocks
+/// never cross a row and candle converts and quantizes on one thread, so the rows are split
+/// over the host's cores, each part converted to f32 and quantized there, and the blocks
+/// concatenated: the bytes equal a single-threaded `QTensor::quantize`.
 pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Result<QTensor> {
     let (rows, width) = host.dims2()?;
     let threads = thread::available_parallelism().map_or(1, |n| n.get());
@@ -177,6 +178,7 @@ pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Resul
                     // the start, ignoring a view's offset.
                     let part = host
                         .narrow(0, start, chunk.min(rows - start))?
+                        .to_dtype(DType::F32)?
                         .force_contiguous()?;
                     Ok(QTensor::quantize(&part, format)?.data()?.into_owned())
                 })
@@ -190,6 +192,57 @@ pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Resul
         .collect::<Result<Vec<_>>>()?;
     let storage = QStorage::from_data(Cow::Owned(parts.concat()), device, format)?;
     QTensor::new(storage, (rows, width))
+}
+
+/// Bytes `elements` weights take in `dtype`'s blocks.
+pub fn stored_bytes(dtype: GgmlDType, elements: usize) -> usize {
+    elements / dtype.block_size() * dtype.type_size()
+}
+
+/// Whether `dtype` is a block-quantized format (not F32, F16 or BF16).
+pub fn is_block_quantized(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Rows `[row0, row0 + rows)` of a 2-D host tensor in blocks, on `device`: ggml blocks run
+/// along a row, so a row range is a byte range.
+pub fn narrow_rows(q: &QTensor, row0: usize, rows: usize, device: &Device) -> Result<QTensor> {
+    let (total, width) = q.shape().dims2()?;
+    if row0 + rows > total {
+        candle_core::bail!("rows {row0}..{} of a {total}-row tensor", row0 + rows)
+    }
+    let row_bytes = stored_bytes(q.dtype(), width);
+    let data = q.data()?;
+    let bytes = &data[row0 * row_bytes..(row0 + rows) * row_bytes];
+    QTensor::new(
+        QStorage::from_data(Cow::Borrowed(bytes), device, q.dtype())?,
+        (rows, width),
+    )
+}
+
+/// 2-D host tensors of one block type and width stacked along their rows, on `device`.
+pub fn stack_rows(parts: &[QTensor], device: &Device) -> Result<QTensor> {
+    let Some(first) = parts.first() else {
+        candle_core::bail!("stacking no tensors")
+    };
+    let (dtype, width) = (first.dtype(), first.shape().dims2()?.1);
+    let mut bytes = Vec::new();
+    let mut rows = 0;
+    for part in parts {
+        let (r, w) = part.shape().dims2()?;
+        if part.dtype() != dtype || w != width {
+            candle_core::bail!(
+                "stacking {:?} ({r}, {w}) onto {dtype:?} rows of width {width}",
+                part.dtype()
+            )
+        }
+        bytes.extend_from_slice(&part.data()?);
+        rows += r;
+    }
+    QTensor::new(
+        QStorage::from_data(Cow::Owned(bytes), device, dtype)?,
+        (rows, width),
+    )
 }
 
 /// A short lowercase name of a ggml block type, for reports (`q4k`, `q6k`, `f32`, ...).
@@ -213,12 +266,51 @@ mod tests {
     #[test]
     fn row_parallel_quantization_gives_the_same_blocks() {
         let w = Tensor::randn(0f32, 1.0, (37, 64), &Device::Cpu).unwrap();
+        let w16 = w.to_dtype(DType::BF16).unwrap();
         for f in [QuantFormat::Q4_0, QuantFormat::Q8_0] {
             let whole = QTensor::quantize(&w, f.ggml()).unwrap();
             let split = quantize_rows(&w, f.ggml(), &Device::Cpu).unwrap();
             assert_eq!(split.shape(), whole.shape());
             assert_eq!(split.data().unwrap(), whole.data().unwrap(), "{f}");
+            // A bf16 source converts in the threads: the blocks of its f32 values.
+            let whole = QTensor::quantize(&w16, f.ggml()).unwrap();
+            let split = quantize_rows(&w16, f.ggml(), &Device::Cpu).unwrap();
+            assert_eq!(
+                split.data().unwrap(),
+                whole.data().unwrap(),
+                "{f} from bf16"
+            );
         }
+    }
+
+    #[test]
+    fn row_ranges_and_stacks_are_the_rows_blocks() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 64), &dev)?;
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let all = q.dequantize(&dev)?;
+        let parts = [
+            narrow_rows(&q, 0, 2, &dev)?,
+            narrow_rows(&q, 2, 1, &dev)?,
+            narrow_rows(&q, 3, 3, &dev)?,
+        ];
+        let middle = parts[1].dequantize(&dev)?.to_vec2::<f32>()?;
+        assert_eq!(middle, all.narrow(0, 2, 1)?.to_vec2::<f32>()?);
+        let stacked = stack_rows(&parts, &dev)?.dequantize(&dev)?;
+        assert_eq!(stacked.to_vec2::<f32>()?, all.to_vec2::<f32>()?);
+        assert!(narrow_rows(&q, 4, 3, &dev).is_err());
+        let other = QTensor::quantize(&w, GgmlDType::Q4_0)?;
+        assert!(stack_rows(&[q, other], &dev).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn block_types_and_their_bytes() {
+        assert_eq!(stored_bytes(GgmlDType::Q8_0, 64), 68);
+        assert_eq!(stored_bytes(GgmlDType::Q4K, 512), 288);
+        assert_eq!(stored_bytes(GgmlDType::BF16, 3), 6);
+        assert!(is_block_quantized(GgmlDType::Q6K));
+        assert!(!is_block_quantized(GgmlDType::BF16));
     }
 
     #[test]

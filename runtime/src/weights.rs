@@ -1,4 +1,5 @@
-//! Finding and mapping safetensors weights in the diffusers / transformers folder layouts.
+//! Finding and mapping safetensors weights in the diffusers / transformers folder layouts;
+//! [`gguf`] reads GGUF files.
 //!
 //! A model folder holds either one `*.safetensors` file or a sharded set listed by a
 //! `*.safetensors.index.json` (`{"weight_map": {"key": "shard-file"}}`); the index is always
@@ -11,8 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, safetensors::MmapedSafetensors};
 use candle_nn::VarBuilder;
+
+pub mod gguf;
 
 /// A weights folder that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +140,15 @@ pub fn mmap_var_builder(
     // SAFETY: the mapped files are treated as immutable for the life of the process; the
     // deployment mounts weights read-only (see deploy/).
     Ok(unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? })
+}
+
+/// Memory-maps `files` as they are stored (names, dtypes), for reading tensor by tensor.
+///
+/// The files must not change while mapped, as for [`mmap_var_builder`].
+#[allow(unsafe_code)]
+pub fn mmap_safetensors(files: &[PathBuf]) -> Result<MmapedSafetensors, WeightsError> {
+    // SAFETY: as in `mmap_var_builder`.
+    Ok(unsafe { MmapedSafetensors::multi(files)? })
 }
 
 /// Reads a JSON config file into `T`.

@@ -19,6 +19,11 @@ use tonic::transport::Channel;
 /// Starts the stack on the tiny pipeline `name` (f32 on `KLEIN_TEST_DEVICE`, the CPU by default)
 /// and waits until it serves.
 pub async fn start_stack(name: &str) -> RunningStack {
+    start_with(stack_options(name)).await
+}
+
+/// The options [`start_stack`] starts the tiny pipeline `name` with.
+pub fn stack_options(name: &str) -> StackOptions {
     let device: DeviceSpec = klein_test_support::test_device_name()
         .parse()
         .expect("KLEIN_TEST_DEVICE is cpu or cuda:N");
@@ -30,7 +35,7 @@ pub async fn start_stack(name: &str) -> RunningStack {
     // The goldens are f32 runs; on a GPU the stack would default to bf16.
     opts.encoder.server.dtype = DTypeSpec::F32;
     opts.denoiser.server.dtype = DTypeSpec::F32;
-    start_with(opts).await
+    opts
 }
 
 /// Starts a stack with explicit options and waits until it serves.

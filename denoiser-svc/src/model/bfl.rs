@@ -86,6 +86,33 @@ pub fn source(name: &str) -> Option<Source> {
     None
 }
 
+/// Whether BFL tensor `name` is one of the blocks' projections (the weights
+/// [`Config::projections`] lists): a fused `qkv`, an attention output, an MLP layer, a single
+/// block's `linear1` / `linear2`.
+pub fn is_projection(name: &str) -> bool {
+    let Some((blocks, rest)) = name.split_once('.') else {
+        return false;
+    };
+    let Some((_, key)) = rest.split_once('.') else {
+        return false;
+    };
+    match blocks {
+        "double_blocks" => matches!(
+            key,
+            "img_attn.qkv.weight"
+                | "txt_attn.qkv.weight"
+                | "img_attn.proj.weight"
+                | "txt_attn.proj.weight"
+                | "img_mlp.0.weight"
+                | "img_mlp.2.weight"
+                | "txt_mlp.0.weight"
+                | "txt_mlp.2.weight"
+        ),
+        "single_blocks" => matches!(key, "linear1.weight" | "linear2.weight"),
+        _ => false,
+    }
+}
+
 /// A BFL checkpoint seen through diffusers names.
 pub struct BflBackend {
     inner: VarBuilder<'static>,

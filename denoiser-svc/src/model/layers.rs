@@ -86,10 +86,11 @@ impl QkNorm {
     }
 }
 
-/// A block projection: the (`out`, `in`) weights under `vbs` stacked into one layer, quantized
-/// when the configuration says so ([`Config::quantize`]).
+/// A block projection: the (`out`, `in`) weights under `vbs` stacked into one layer, in the
+/// blocks the checkpoint stores them in ([`Config::stored`]), else quantized when the
+/// configuration says so ([`Config::quantize`]).
 pub fn projection(cfg: &Config, vbs: &[VarBuilder<'_>], shape: (usize, usize)) -> Result<Linear> {
-    stacked_linear(vbs, shape, cfg.quantize)
+    stacked_linear(vbs, shape, cfg.quantize, cfg.stored.as_ref())
 }
 
 /// `Flux2FeedForward`: `linear_out(silu(u[:F]) ⊙ u[F:])`, `u = linear_in(x)` — the gate is the

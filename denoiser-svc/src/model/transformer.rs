@@ -9,11 +9,12 @@
 //! Every elementwise op runs in the model dtype and rounds after each op, as torch does
 //! (spec §7.1); norms, softmax and RoPE compute in f32 internally.
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use klein_kernels::{
-    Linear, linear_no_bias,
-    quant::{QuantFormat, Quantize},
+    Linear, StoredBlocks, linear_no_bias,
+    quant::{Quantize, stored_bytes},
 };
 use serde::Deserialize;
 
@@ -60,6 +61,10 @@ pub struct Config {
     /// embedders, modulations and output layers stay in the model dtype. A runtime setting.
     #[serde(skip)]
     pub quantize: Quantize,
+    /// The projections a checkpoint stores in ggml blocks (a GGUF file): used as stored,
+    /// whatever [`Self::quantize`] says, which then applies to the projections stored dense.
+    #[serde(skip)]
+    pub stored: Option<StoredBlocks>,
 }
 
 fn default_patch_size() -> usize {
@@ -104,6 +109,7 @@ impl Config {
             guidance_embeds: false,
             attention: AttentionConfig::default(),
             quantize: Quantize::None,
+            stored: None,
         }
     }
 
@@ -168,33 +174,49 @@ impl Config {
     /// Device bytes of the weights in `dtype`, the projections in their quantized blocks.
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
         let e = dtype.size_in_bytes() as u64;
-        let dense = self.param_count() * e;
-        let Some(format) = self.quantize.format() else {
-            return dense;
-        };
-        self.projections()
-            .into_iter()
-            .fold(dense, |bytes, (count, rows, width)| {
-                let weights = (count * rows * width) as u64;
-                match format.for_width(width) {
-                    Some(f) => bytes - weights * e + quantized_bytes(f, weights),
-                    None => bytes,
-                }
+        let as_dense = self.param_count() * e;
+        let loaded =
+            self.projections()
+                .into_iter()
+                .fold(as_dense, |bytes, (count, rows, width)| {
+                    let n = (count * rows * width) as u64;
+                    bytes - n * e + self.projection_bytes(n, width, e)
+                });
+        self.stored_projections()
+            .fold(loaded, |bytes, (rows, width, format)| {
+                let n = (rows * width) as u64;
+                bytes - self.projection_bytes(n, width, e) + stored_bytes(format, n as usize) as u64
             })
     }
 
-    /// The largest dense weight a quantized projection is dequantized to for one product, in
-    /// elements (`rows × width`), with the format its blocks are in; (0, None) without
-    /// quantization.
-    pub fn widest_projection(&self) -> (usize, Option<QuantFormat>) {
-        let Some(format) = self.quantize.format() else {
-            return (0, None);
-        };
-        self.projections()
-            .into_iter()
-            .filter_map(|(_, rows, width)| Some((rows * width, format.for_width(width)?)))
-            .max_by_key(|&(n, _)| n)
-            .map_or((0, None), |(n, f)| (n, Some(f)))
+    /// Bytes of `n` projection weights in rows of `width` as loaded from a dense checkpoint:
+    /// in [`Self::quantize`]'s blocks where they apply, else `e` bytes each.
+    fn projection_bytes(&self, n: u64, width: usize, e: u64) -> u64 {
+        match self.quantize.format().and_then(|f| f.for_width(width)) {
+            Some(f) => n / f.block_size() as u64 * f.ggml().type_size() as u64,
+            None => n * e,
+        }
+    }
+
+    /// (rows, width, type) of the projections [`Self::stored`] holds in blocks.
+    pub fn stored_projections(&self) -> impl Iterator<Item = (usize, usize, GgmlDType)> {
+        self.stored.iter().flat_map(|s| s.0.stored())
+    }
+
+    /// Every quantized projection as (elements, block type): the dense weights its products
+    /// dequantize, one at a time.
+    pub fn quantized_projections(&self) -> Vec<(usize, GgmlDType)> {
+        let loaded = self.quantize.format().into_iter().flat_map(|format| {
+            self.projections()
+                .into_iter()
+                .filter_map(move |(_, rows, width)| {
+                    Some((rows * width, format.for_width(width)?.ggml()))
+                })
+        });
+        let stored = self
+            .stored_projections()
+            .map(|(rows, width, format)| (rows * width, format));
+        loaded.chain(stored).collect()
     }
 
     /// Rejects configurations this implementation does not run.
@@ -217,12 +239,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// Bytes of `weights` weights in `format`'s blocks.
-fn quantized_bytes(format: QuantFormat, weights: u64) -> u64 {
-    let ggml = format.ggml();
-    weights / ggml.block_size() as u64 * ggml.type_size() as u64
 }
 
 /// The whole transformer (§2.9).
@@ -340,6 +356,8 @@ impl Flux2Transformer2DModel {
 
 #[cfg(test)]
 mod tests {
+    use klein_kernels::quant::QuantFormat;
+
     use super::*;
 
     #[test]
@@ -376,11 +394,56 @@ mod tests {
             quantize: Quantize::Format(QuantFormat::Q4K),
             ..Config::klein_9b()
         };
+        let widest = nine
+            .quantized_projections()
+            .into_iter()
+            .max_by_key(|&(n, _)| n);
+        assert_eq!(widest, Some((36864 * 4096, GgmlDType::Q4K)));
+        assert!(Config::klein_9b().quantized_projections().is_empty());
+    }
+
+    /// Stored projections count in their stored blocks; `quantize` still applies to the
+    /// others.
+    #[test]
+    fn stored_projections_count_in_their_blocks() {
+        use std::sync::Arc;
+
+        use klein_kernels::BlockSource;
+
+        /// klein-4B's single blocks' fused projections stored in Q8_0.
+        struct Linear1;
+        impl BlockSource for Linear1 {
+            fn blocks(&self, _: &str) -> Result<Option<candle_core::quantized::QTensor>> {
+                Ok(None)
+            }
+            fn stored(&self) -> Vec<(usize, usize, GgmlDType)> {
+                vec![(27648, 3072, GgmlDType::Q8_0); 20]
+            }
+        }
+        let dense = Config::klein_4b();
+        let stored = Config {
+            stored: Some(StoredBlocks(Arc::new(Linear1))),
+            ..dense.clone()
+        };
+        let n = 20 * 27648 * 3072;
+        let (bf16, q8) = (2 * n, n / 32 * 34);
+        let dense_bytes = dense.weight_bytes(DType::BF16);
+        assert_eq!(stored.weight_bytes(DType::BF16), dense_bytes - bf16 + q8);
+        let both = Config {
+            quantize: Quantize::Format(QuantFormat::Q4K),
+            ..stored.clone()
+        };
+        let q4k = Config {
+            quantize: Quantize::Format(QuantFormat::Q4K),
+            ..dense
+        };
+        let q4k_linear1 = n / 256 * 144;
         assert_eq!(
-            nine.widest_projection(),
-            (36864 * 4096, Some(QuantFormat::Q4K))
+            both.weight_bytes(DType::BF16),
+            q4k.weight_bytes(DType::BF16) - q4k_linear1 + q8
         );
-        assert_eq!(Config::klein_9b().widest_projection(), (0, None));
+        assert_eq!(stored.quantized_projections().len(), 20);
+        assert_eq!(stored, stored.clone());
     }
 
     #[test]

@@ -5,14 +5,11 @@
 //! The architecture numbers come from the `qwen3.*` metadata ([`GgufFile::config`]); GGUF
 //! stores no vocabulary size, so it is read from `token_embd.weight`.
 
-use std::{fs::File, io::BufReader, path::Path, sync::Mutex};
+use std::path::Path;
 
 use candle_core::{
     Device, Result,
-    quantized::{
-        QTensor,
-        gguf_file::{Content, Value},
-    },
+    quantized::{QTensor, gguf_file::Value},
 };
 
 use super::qwen3::Config;
@@ -70,38 +67,22 @@ pub fn tensor_name(key: &str) -> Option<String> {
     Some(format!("blk.{layer}.{name}.{suffix}"))
 }
 
-/// An open GGUF file: its metadata and tensor index, and the file to read tensors from.
-pub struct GgufFile {
-    content: Content,
-    reader: Mutex<BufReader<File>>,
-}
+/// An open Qwen3 GGUF file.
+pub struct GgufFile(klein_runtime::weights::gguf::GgufFile);
 
 impl GgufFile {
     /// Reads the header and tensor index of `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut reader = BufReader::new(File::open(path)?);
-        let content = Content::read(&mut reader)
-            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
-        Ok(Self {
-            content,
-            reader: Mutex::new(reader),
-        })
-    }
-
-    fn meta(&self, key: &str) -> Result<&Value> {
-        self.content
-            .metadata
-            .get(key)
-            .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata {key} is missing")))
+        Ok(Self(klein_runtime::weights::gguf::GgufFile::open(path)?))
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
-        Ok(self.meta(key)?.to_u64()? as usize)
+        Ok(self.0.require(key)?.to_u64()? as usize)
     }
 
     /// A float as the decimal the writer meant (f32 `1e-6` -> f64 `1e-6`, not 9.99999997e-7).
     fn f64(&self, key: &str) -> Result<f64> {
-        match self.meta(key)? {
+        match self.0.require(key)? {
             Value::F64(v) => Ok(*v),
             Value::F32(v) => v
                 .to_string()
@@ -113,18 +94,17 @@ impl GgufFile {
 
     /// The architecture described by the `qwen3.*` metadata.
     pub fn config(&self) -> Result<Config> {
-        let arch = self.meta("general.architecture")?.to_string()?;
+        let arch = self.0.require("general.architecture")?.to_string()?;
         if arch != ARCHITECTURE {
             candle_core::bail!("GGUF architecture is {arch:?}, expected {ARCHITECTURE:?}")
         }
         let embed = self
-            .content
-            .tensor_infos
-            .get("token_embd.weight")
+            .0
+            .tensor_info("token_embd.weight")
             .ok_or_else(|| candle_core::Error::msg("GGUF has no token_embd.weight"))?;
         let hidden_size = self.usize(keys::EMBEDDING_LENGTH)?;
         let num_attention_heads = self.usize(keys::HEAD_COUNT)?;
-        let head_dim = match self.content.metadata.get(keys::KEY_LENGTH) {
+        let head_dim = match self.0.metadata(keys::KEY_LENGTH) {
             Some(v) => v.to_u64()? as usize,
             None => hidden_size / num_attention_heads,
         };
@@ -150,10 +130,7 @@ impl GgufFile {
     pub fn tensor(&self, key: &str, device: &Device) -> Result<QTensor> {
         let name = tensor_name(key)
             .ok_or_else(|| candle_core::Error::msg(format!("{key} has no GGUF name")))?;
-        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        self.content
-            .tensor(&mut *reader, &name, device)
-            .map_err(|e| candle_core::Error::msg(format!("GGUF tensor {name}: {e}")))
+        self.0.tensor(&name, device)
     }
 }
 

@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use denoiser_svc::config::Quantize;
+use encoder_svc::model::quant::QuantFormat;
 use gateway::{cli, stack};
 use klein_runtime::{bytesize::ByteSize, device::DeviceSpec, server::shutdown_signal, telemetry};
 
@@ -24,6 +25,8 @@ struct Args {
 enum Command {
     /// Start the encoder, denoiser, VAE and gateway in this process, sharing one device.
     Serve(ServeArgs),
+    /// Quantize a pipeline's transformer once into a GGUF file (for `serve --transformer`).
+    Quantize(QuantizeArgs),
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -71,6 +74,49 @@ struct ServeArgs {
     /// instead of 18.2), else none.
     #[arg(long)]
     quantize_transformer: Option<Quantize>,
+    /// A transformer file served in place of the pipeline's `transformer/`: a BFL single file
+    /// or a GGUF file (ComfyUI-GGUF / stable-diffusion.cpp layout, e.g. a pre-quantized
+    /// Q4_K_M klein-9B: its stored blocks are used as they are).
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct QuantizeArgs {
+    /// Diffusers pipeline folder, its transformer/ folder, or a BFL single file.
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Block format of the projections: q4k, q4_0, q4_1, q6k or q8_0.
+    #[arg(long, default_value = "q4k")]
+    format: QuantFormat,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Writes the transformer of `args.model_dir` as a GGUF file with quantized projections.
+fn quantize(args: QuantizeArgs) -> ExitCode {
+    let started = std::time::Instant::now();
+    let written = denoiser_svc::weights::Checkpoint::locate(&args.model_dir)
+        .and_then(|c| denoiser_svc::gguf::write_gguf(&c, args.format, &args.out));
+    match written {
+        Ok(w) => {
+            eprintln!(
+                "klein: wrote {} ({} tensors, {} projections in {}, {:.2} GB) in {:.1} s",
+                args.out.display(),
+                w.tensors,
+                w.quantized,
+                args.format,
+                w.bytes as f64 / 1e9,
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("klein: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
@@ -89,7 +135,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     };
     let gpu = args.device != DeviceSpec::Cpu;
     let plan = if gpu {
-        stack::Gpu16Gb::for_model(&model_dir)
+        stack::Gpu16Gb::for_model(args.transformer.as_deref().unwrap_or(&model_dir))
     } else {
         stack::Gpu16Gb::Klein4b
     };
@@ -105,6 +151,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(quantize) = args.quantize_transformer {
         opts.denoiser.quantize = quantize;
+    }
+    if let Some(path) = &args.transformer {
+        opts = opts.transformer(path);
     }
     for arg in &args.add_models {
         match klein_runtime::models::parse_model_arg(arg) {
@@ -165,6 +214,7 @@ async fn run(args: Args) -> ExitCode {
             telemetry::init_tracing(telemetry::LogFormat::Pretty);
             serve(s).await
         }
+        Command::Quantize(q) => quantize(q),
         Command::Client(c) => match cli::run(&args.addr, c).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
