@@ -6,10 +6,7 @@
 //! VAE decode, with the kernel's floor on this card: bytes moved at the device-copy rate
 //! (GroupNorm: two reads and a write), or FLOPs at the bf16 matmul rate.
 
-use candle_core::{
-    D, DType, Device, Result, Tensor,
-    quantized::{GgmlDType, QTensor},
-};
+use candle_core::{D, DType, Device, Result, Tensor, quantized::QTensor};
 use klein_kernels::{RopeStyle, reference};
 use serde::Serialize;
 
@@ -334,16 +331,22 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
         "bytes",
     )?;
 
+    // Each format with a one-pass bf16 kernel, on the encoder's widest weight: the floor reads
+    // the blocks once and writes bf16 once.
     let w = Tensor::randn(0f32, 0.02, (ENC_MLP, ENC_DIM), &Device::Cpu)?;
-    let w = QTensor::quantize_onto(&w, GgmlDType::Q4K, dev)?;
     let n = (ENC_MLP * ENC_DIM) as f64;
-    row(
-        "dequantize_q4k",
-        format!("Qwen3 gate_proj ({ENC_MLP}, {ENC_DIM}) Q4_K → bf16"),
-        &mut || klein_kernels::dequantize(&w, DType::BF16),
-        &mut || w.dequantize(dev)?.to_dtype(DType::BF16),
-        bytes_ms(n * (144.0 / 256.0 + bf16)),
-        "bytes",
-    )?;
+    for format in klein_kernels::fused_dequantize_formats() {
+        let w = QTensor::quantize_onto(&w, format, dev)?;
+        let block_bytes_per_weight = format.type_size() as f64 / format.block_size() as f64;
+        let name = format!("{format:?}").to_lowercase();
+        row(
+            &format!("dequantize_{name}"),
+            format!("Qwen3 gate_proj ({ENC_MLP}, {ENC_DIM}) {format:?} → bf16"),
+            &mut || klein_kernels::dequantize(&w, DType::BF16),
+            &mut || w.dequantize(dev)?.to_dtype(DType::BF16),
+            bytes_ms(n * (block_bytes_per_weight + bf16)),
+            "bytes",
+        )?;
+    }
     Ok(rows)
 }

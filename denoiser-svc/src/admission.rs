@@ -15,12 +15,12 @@
 //!
 //! Both add a fixed 64 MiB for the run's own tensors (latents, noise, conditions, RoPE tables)
 //! and, with quantized projections, the widest projection's dense weight that one product
-//! dequantizes (in the model dtype where the Q4_K kernel writes bf16 directly, else through an
-//! f32 copy as well).
+//! dequantizes (in the model dtype where a kernel writes bf16 directly,
+//! `klein_kernels::fused_dequantize_formats`, else through an f32 copy as well).
 //! The multiples are calibrated against the CUDA memory pool's measured peak on an H100
 //! (`klein-bench components`, docs/performance.md).
 
-use candle_core::{DType, quantized::GgmlDType};
+use candle_core::DType;
 
 use crate::model::{AttentionConfig, Config};
 
@@ -43,9 +43,9 @@ pub fn activation_bytes(
     let dequantized = cfg
         .quantized_projections()
         .into_iter()
-        .map(|(n, format)| match format {
-            GgmlDType::Q4K if flash => n as u64 * e,
-            _ => n as u64 * (4 + e),
+        .map(|(n, format)| {
+            let direct = flash && klein_kernels::fused_dequantize_formats().any(|f| f == format);
+            n as u64 * if direct { e } else { 4 + e }
         })
         .max()
         .unwrap_or(0);
@@ -93,6 +93,10 @@ mod tests {
         let q4k = activation_bytes(&with(QuantFormat::Q4K), DType::BF16, 1, 4608, &attn, true);
         assert_eq!(q4k - dense, widest * 2);
         let q8 = activation_bytes(&with(QuantFormat::Q8_0), DType::BF16, 1, 4608, &attn, true);
+        assert_eq!(q8 - dense, widest * 2);
+        // Without the kernels (the f32 composition's path): through an f32 copy.
+        let dense = activation_bytes(&cfg, DType::BF16, 1, 4608, &attn, false);
+        let q8 = activation_bytes(&with(QuantFormat::Q8_0), DType::BF16, 1, 4608, &attn, false);
         assert_eq!(q8 - dense, widest * 6);
     }
 

@@ -1,12 +1,13 @@
-//! Fused kernels for the klein models, one place for all of them: the transformer's flash
-//! attention and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm,
-//! rotate-half RoPE and 4-bit weight dequantization, and the VAE's GroupNorm (+ SiLU), the tiled
-//! decode's group norms with image-wide statistics (moments over a tile's own part, then a
-//! per-channel affine), its convolutions through cuDNN (bias and residual fused, exact / TF32 /
-//! split-TF32 arithmetic, `cudnn` feature; its CPU reference is the composition) and its
-//! output's 8-bit quantization; and the transformer's linear layers ([`Linear`]: cuBLASLt on
-//! CUDA bf16, with each large product's algorithm optionally tuned at the card's power cap,
-//! [`tune_linear`]; a weight dense or in ggml blocks, [`quant`], dequantized for each product).
+//! Fused kernels for the klein models, one place for all of them: the transformer's flash attention
+//! and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm, rotate-half
+//! RoPE and block-quantized weight dequantization (ggml formats straight to bf16, [`dequantize`]),
+//! and the VAE's GroupNorm (+ SiLU), the tiled decode's group norms with image-wide statistics
+//! (moments over a tile's own part, then a per-channel affine), its convolutions through cuDNN
+//! (bias and residual fused, exact / TF32 / split-TF32 arithmetic, `cudnn` feature; its CPU
+//! reference is the composition) and its output's 8-bit quantization; and the transformer's linear
+//! layers ([`Linear`]: cuBLASLt on CUDA bf16, with each large product's algorithm optionally tuned
+//! at the card's power cap, [`tune_linear`]; a weight dense or in ggml blocks, [`quant`],
+//! dequantized for each product).
 //!
 //! Every kernel is a candle custom op with two forwards: `cuda_fwd` launches the CUDA kernel
 //! (`src/cuda/*.cu`, compiled to PTX by `build.rs` with the `cuda` feature, bf16 only) and
@@ -50,7 +51,7 @@ pub use conv::{
     Conv, ConvPrecision, ConvWeights, Prologue, Tf32Split, conv_banded, conv_fused, conv2d,
     conv2d_banded, conv2d_with, tf32_split, upsample_conv2d, upsample_conv2d_banded,
 };
-pub use dequantize::dequantize;
+pub use dequantize::{dequantize, fused_dequantize_formats};
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};
 pub use group_stats::{ChannelAffine, GroupMoments, channel_affine, group_moments};
 pub use linear::{

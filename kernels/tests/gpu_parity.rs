@@ -6,10 +6,7 @@
 
 mod common;
 
-use candle_core::{
-    D, DType, Device, Result, Tensor,
-    quantized::{GgmlDType, QTensor},
-};
+use candle_core::{D, DType, Device, Result, Tensor, quantized::QTensor};
 use common::{
     SingleProjection, max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables,
     single_projection,
@@ -168,24 +165,33 @@ fn encoder_kernels_match_the_composition() -> Result<()> {
     Ok(())
 }
 
-/// Q4_K straight to bf16 gives exactly candle's f32 dequantization rounded to bf16.
+/// Every format that `dequantize` turns into bf16 in one kernel pass gives exactly candle's f32
+/// dequantization rounded to bf16, bit for bit (signed zeros included: Q5_0's (q − 16)·d keeps
+/// a negative d's sign). On the Qwen3 gate_proj's shape, and on one whose block count fills no
+/// launch block evenly (111 super-blocks, 888 blocks of 32 weights: the kernels' tail).
 #[test]
-fn q4k_dequantization_matches_candle() -> Result<()> {
+fn fused_dequantization_matches_candle() -> Result<()> {
     let dev = gpu();
-    let w = Tensor::randn(0f32, 0.02, (9728, 2560), &Device::Cpu)?;
-    let w = QTensor::quantize_onto(&w, GgmlDType::Q4K, &dev)?;
-    let got = klein_kernels::dequantize(&w, DType::BF16)?;
-    let want = w.dequantize(&dev)?.to_dtype(DType::BF16)?;
-    let differ = got
-        .ne(&want)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    println!(
-        "dequantize q4k (9728, 2560): {differ} of {} values differ",
-        w.shape().elem_count()
-    );
-    assert_eq!(differ, 0.0);
+    let bits = |t: &Tensor| -> Result<Vec<u16>> {
+        let values = t.flatten_all()?.to_vec1::<half::bf16>()?;
+        Ok(values.into_iter().map(half::bf16::to_bits).collect())
+    };
+    for (rows, cols) in [(9728, 2560), (37, 768)] {
+        let w = Tensor::randn(0f32, 0.02, (rows, cols), &Device::Cpu)?;
+        for format in klein_kernels::fused_dequantize_formats() {
+            let w = QTensor::quantize_onto(&w, format, &dev)?;
+            let got = klein_kernels::dequantize(&w, DType::BF16)?;
+            let want = w.dequantize(&dev)?.to_dtype(DType::BF16)?;
+            assert_eq!(got.dims(), want.dims(), "{format:?}");
+            let (got, want) = (bits(&got)?, bits(&want)?);
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            println!(
+                "dequantize {format:?} ({rows}, {cols}): {differ} of {} values differ",
+                want.len()
+            );
+            assert_eq!(differ, 0, "{format:?} ({rows}, {cols})");
+        }
+    }
     Ok(())
 }
 

@@ -1,13 +1,74 @@
 // ggml block formats dequantized straight to bf16 for a prefill-sized GEMM (the Qwen3 encoder's
-// 4-bit linears): one pass that reads the blocks and writes bf16, instead of candle's f32
-// dequantization followed by a cast (three passes over four-byte values).
+// 4-bit linears and the transformer's quantized projections, klein_kernels::Linear): one pass
+// that reads the blocks and writes bf16, instead of candle's f32 dequantization followed by a
+// cast (three passes over four-byte values).
+//
+// Every kernel gives exactly, bit for bit, candle's CUDA f32 dequantization (candle-kernels'
+// quantized.cu, dequantize_block_*) rounded once to bf16. Each weight is computed with the
+// float operations that kernel compiles to (nvcc contracts its `a * b + c` to one fma), written
+// out as intrinsics that --use_fast_math cannot contract or reorder. The products of an f16
+// scale and small integer quants are exact in f32, so every weight is its exact value rounded
+// once whichever way it is computed, except for the sign of a zero: Q4_0's fma(d, 8, −8·d) is
+// +0, Q5_0's (16 − 16)·d has d's sign; following candle operation for operation keeps those.
+// The flush-to-zero that --use_fast_math adds changes nothing (no value here is an f32
+// subnormal: scales are f16, quants small integers), and f16 scales convert to f32 exactly.
+//
+// Launch: 256-thread blocks (kLaunchThreads), each ggml block handled by a fixed number of
+// threads (each kernel's mapping is at its code), kLaunchThreads / that many ggml blocks per
+// launch block, the last launch block's threads past the last ggml block idle; every thread
+// reads a few bytes of quants and writes its weights in groups of four with 8-byte stores.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 namespace {
 
-// Q4_K super-block (ggml's block_q4_K): 256 weights as 8 sub-blocks of 32 with 6-bit scales
-// and mins. Weight = d · scale · q − dmin · min.
+constexpr int kLaunchThreads = 256;
+
+// Q4_0 (block_q4_0): 32 weights; low nibbles are weights 0..15, high nibbles 16..31.
+// Weight = d · (q − 8).
+struct BlockQ4_0 {
+  __half_raw d;
+  uint8_t qs[16];
+};
+static_assert(sizeof(BlockQ4_0) == 18, "block_q4_0 is 18 bytes");
+
+// Q4_1 (block_q4_1): as Q4_0 with a min. Weight = d · q + m.
+struct BlockQ4_1 {
+  __half_raw d;
+  __half_raw m;
+  uint8_t qs[16];
+};
+static_assert(sizeof(BlockQ4_1) == 20, "block_q4_1 is 20 bytes");
+
+// Q5_0 (block_q5_0): as Q4_0 with a fifth bit per weight, bit j of qh for weight j.
+// Weight = d · (q − 16).
+struct BlockQ5_0 {
+  __half_raw d;
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+static_assert(sizeof(BlockQ5_0) == 22, "block_q5_0 is 22 bytes");
+
+// Q5_1 (block_q5_1): as Q5_0 with a min. Weight = d · q + m.
+struct BlockQ5_1 {
+  __half_raw d;
+  __half_raw m;
+  uint8_t qh[4];
+  uint8_t qs[16];
+};
+static_assert(sizeof(BlockQ5_1) == 24, "block_q5_1 is 24 bytes");
+
+// Q8_0 (block_q8_0): 32 signed bytes. Weight = d · q.
+struct BlockQ8_0 {
+  __half_raw d;
+  int8_t qs[32];
+};
+static_assert(sizeof(BlockQ8_0) == 34, "block_q8_0 is 34 bytes");
+
+// Q4_K super-block (block_q4_K): 256 weights as 8 sub-blocks of 32 with 6-bit scales and mins;
+// byte l of qs[32g..] holds weight 64g + l (low nibble) and 64g + 32 + l (high nibble).
+// Weight = d · scale · q − dmin · min.
 struct BlockQ4K {
   __half_raw d;
   __half_raw dmin;
@@ -16,8 +77,135 @@ struct BlockQ4K {
 };
 static_assert(sizeof(BlockQ4K) == 144, "block_q4_K is 144 bytes");
 
-__device__ __forceinline__ float half_bits(__half_raw h) {
-  return __half2float(__half(h));
+// Q5_K super-block (block_q5_K): Q4_K's layout with a fifth bit per weight: bit 2g of qh[l] for
+// weight 64g + l, bit 2g + 1 for weight 64g + 32 + l.
+struct BlockQ5K {
+  __half_raw d;
+  __half_raw dmin;
+  uint8_t scales[12];
+  uint8_t qh[32];
+  uint8_t qs[128];
+};
+static_assert(sizeof(BlockQ5K) == 176, "block_q5_K is 176 bytes");
+
+// Q6_K super-block (block_q6_K): 256 weights as two halves of 128, 16 sub-blocks of 16 with
+// signed 8-bit scales. In half h, for l in 0..32: ql[64h + l] holds weights 128h + l (low
+// nibble) and 128h + 64 + l (high nibble), ql[64h + 32 + l] weights 128h + 32 + l and
+// 128h + 96 + l; bits 0-1, 2-3, 4-5, 6-7 of qh[32h + l] are the top two bits of weights
+// 128h + l, + 32, + 64, + 96. Weight = d · scale · (q − 32).
+struct BlockQ6K {
+  uint8_t ql[128];
+  uint8_t qh[64];
+  int8_t scales[16];
+  __half_raw d;
+};
+static_assert(sizeof(BlockQ6K) == 210, "block_q6_K is 210 bytes");
+
+__device__ __forceinline__ float half_bits(__half_raw h) { return __half2float(__half(h)); }
+
+// Four bytes at a 4-byte-aligned address, byte 0 lowest.
+__device__ __forceinline__ uint32_t load4(const uint8_t* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Four bytes at a 2-byte-aligned address (inside blocks whose size is not a multiple of 4),
+// byte 0 lowest.
+__device__ __forceinline__ uint32_t load4_unaligned(const uint8_t* p) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+  return h[0] | (uint32_t(h[1]) << 16);
+}
+
+// Byte i of v.
+__device__ __forceinline__ uint32_t byte_of(uint32_t v, int i) { return (v >> (8 * i)) & 0xFF; }
+
+// a and b rounded to bf16 (to nearest even, as candle's cast), a in the low half.
+__device__ __forceinline__ uint32_t pack(float a, float b) {
+  const __nv_bfloat162 r = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// v rounded to bf16, written with one 8-byte store (o is 8-byte aligned; one 64-bit value, as
+// the compiler may split a uint2's store in two).
+__device__ __forceinline__ void store4(__nv_bfloat16* o, const float (&v)[4]) {
+  *reinterpret_cast<uint64_t*>(o) = pack(v[0], v[1]) | (uint64_t)pack(v[2], v[3]) << 32;
+}
+
+// The ggml block of this thread (kThreads threads per ggml block) and the thread's index t in
+// it; false past the last block.
+template <int kThreads>
+__device__ __forceinline__ bool locate(long long n_blocks, long long& block, int& t) {
+  static_assert(kLaunchThreads % kThreads == 0, "whole ggml blocks per launch block");
+  block = blockIdx.x * (long long)(kLaunchThreads / kThreads) + threadIdx.x / kThreads;
+  t = threadIdx.x % kThreads;
+  return block < n_blocks;
+}
+
+// The 32-weight formats' fifth bits (bit j for weight j), none for the 4-bit ones.
+__device__ __forceinline__ uint32_t high_bits(const BlockQ4_0&) { return 0; }
+__device__ __forceinline__ uint32_t high_bits(const BlockQ4_1&) { return 0; }
+__device__ __forceinline__ uint32_t high_bits(const BlockQ5_0& b) {
+  return load4_unaligned(b.qh);
+}
+__device__ __forceinline__ uint32_t high_bits(const BlockQ5_1& b) {
+  return load4_unaligned(b.qh);
+}
+
+// A 32-weight block's weight of quant q, each as candle's kernel compiles it.
+// Q4_0: fma(d, q, −8·d), candle's `d * q + dm` with dm = −8·d.
+struct WeightQ4_0 {
+  float d;
+  __device__ __forceinline__ float operator()(uint32_t q) const {
+    return __fmaf_rn(d, (float)q, __fmul_rn(-8.0f, d));
+  }
+};
+// Q5_0: (q − 16) · d, not an fma: where q = 16 the product's zero has d's sign, an fma's is +0.
+struct WeightQ5_0 {
+  float d;
+  __device__ __forceinline__ float operator()(uint32_t q) const {
+    return __fmul_rn(__fsub_rn((float)q, 16.0f), d);
+  }
+};
+// Q4_1, Q5_1: fma(d, q, m), candle's `q * d + m`.
+struct WeightWithMin {
+  float d, m;
+  __device__ __forceinline__ float operator()(uint32_t q) const {
+    return __fmaf_rn(d, (float)q, m);
+  }
+};
+__device__ __forceinline__ WeightQ4_0 weight(const BlockQ4_0& b) { return {half_bits(b.d)}; }
+__device__ __forceinline__ WeightQ5_0 weight(const BlockQ5_0& b) { return {half_bits(b.d)}; }
+__device__ __forceinline__ WeightWithMin weight(const BlockQ4_1& b) {
+  return {half_bits(b.d), half_bits(b.m)};
+}
+__device__ __forceinline__ WeightWithMin weight(const BlockQ5_1& b) {
+  return {half_bits(b.d), half_bits(b.m)};
+}
+
+// Q4_0, Q4_1, Q5_0, Q5_1: 4 threads per block, 64 blocks per launch block. Thread t
+// dequantizes bytes 4t .. 4t + 3 of qs: low nibbles (and fifth bits 4t + i) are weights
+// 4t + i, high nibbles (fifth bits 16 + 4t + i) weights 16 + 4t + i.
+template <typename Block>
+__device__ __forceinline__ void dequantize_32(const Block* __restrict__ blocks,
+                                              __nv_bfloat16* __restrict__ out,
+                                              long long n_blocks) {
+  long long block;
+  int t;
+  if (!locate<4>(n_blocks, block, t)) return;
+  const Block& b = blocks[block];
+  const auto w = weight(b);
+  const uint32_t q = load4_unaligned(b.qs + 4 * t);
+  const uint32_t qh = high_bits(b);
+  float lo[4], hi[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int j = 4 * t + i;
+    const uint32_t byte = byte_of(q, i);
+    lo[i] = w((byte & 0xF) | (((qh >> j) & 1) << 4));
+    hi[i] = w((byte >> 4) | (((qh >> (j + 16)) & 1) << 4));
+  }
+  __nv_bfloat16* o = out + block * 32 + 4 * t;
+  store4(o, lo);
+  store4(o + 16, hi);
 }
 
 // Scale and min of sub-block j (ggml's get_scale_min_k4).
@@ -31,38 +219,137 @@ __device__ __forceinline__ void scale_min(int j, const uint8_t* q, float& sc, fl
   }
 }
 
-}  // namespace
+// The K formats' fifth bits: bytes 4·lane .. + 3 of qh, none for Q4_K.
+__device__ __forceinline__ uint32_t high_bits(const BlockQ4K&, int) { return 0; }
+__device__ __forceinline__ uint32_t high_bits(const BlockQ5K& b, int lane) {
+  return load4(b.qh + 4 * lane);
+}
 
-// blocks: n_blocks Q4_K super-blocks; out: n_blocks · 256 bf16. 32 threads per super-block,
-// 8 super-blocks per 256-thread block: thread t of a super-block dequantizes bytes
-// 4·(t % 8) .. +4 of 64-weight group t / 8 (low nibbles: weights 64·g + 4·(t % 8) + i, high
-// nibbles: 32 further on). Each value is computed as candle's CUDA kernel computes it
-// (fma(d · scale, q, −dmin · min) in f32), then rounded once.
-extern "C" __global__ void dequantize_q4k_bf16(const BlockQ4K* __restrict__ blocks,
-                                               __nv_bfloat16* __restrict__ out,
-                                               long long n_blocks) {
-  const long long block = blockIdx.x * 8LL + threadIdx.x / 32;
-  if (block >= n_blocks) return;
-  const int t = threadIdx.x % 32;
+// Q4_K, Q5_K: 32 threads per super-block, 8 super-blocks per launch block. Thread t of a
+// super-block dequantizes bytes 4·(t % 8) .. + 3 of 64-weight group g = t / 8 (low nibbles and
+// fifth bits 2g: weights 64g + 4·(t % 8) + i; high nibbles and fifth bits 2g + 1: 32 further
+// on). Each value is fma(d · scale, q, −dmin · min), as candle's `d1 * q - m1` compiles.
+template <typename Block>
+__device__ __forceinline__ void dequantize_k(const Block* __restrict__ blocks,
+                                             __nv_bfloat16* __restrict__ out,
+                                             long long n_blocks) {
+  long long block;
+  int t;
+  if (!locate<32>(n_blocks, block, t)) return;
   const int group = t / 8;
   const int lane = t % 8;
-  const BlockQ4K& b = blocks[block];
+  const Block& b = blocks[block];
   const float d = half_bits(b.d);
   const float dmin = half_bits(b.dmin);
   float sc, m;
   scale_min(2 * group, b.scales, sc, m);
-  const float d1 = d * sc, m1 = dmin * m;
+  const float d1 = __fmul_rn(d, sc), m1 = __fmul_rn(dmin, m);
   scale_min(2 * group + 1, b.scales, sc, m);
-  const float d2 = d * sc, m2 = dmin * m;
-  const uint32_t q = *reinterpret_cast<const uint32_t*>(b.qs + 32 * group + 4 * lane);
-  __nv_bfloat16* o = out + block * 256 + 64 * group + 4 * lane;
-  __align__(8) __nv_bfloat16 lo[4], hi[4];
+  const float d2 = __fmul_rn(d, sc), m2 = __fmul_rn(dmin, m);
+  const uint32_t q = load4(b.qs + 32 * group + 4 * lane);
+  const uint32_t qh = high_bits(b, lane);
+  float lo[4], hi[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint32_t byte = (q >> (8 * i)) & 0xFF;
-    lo[i] = __float2bfloat16_rn(__fmaf_rn(d1, (float)(byte & 0xF), -m1));
-    hi[i] = __float2bfloat16_rn(__fmaf_rn(d2, (float)(byte >> 4), -m2));
+    const uint32_t byte = byte_of(q, i), high = byte_of(qh, i);
+    const uint32_t q_lo = (byte & 0xF) | (((high >> (2 * group)) & 1) << 4);
+    const uint32_t q_hi = (byte >> 4) | (((high >> (2 * group + 1)) & 1) << 4);
+    lo[i] = __fmaf_rn(d1, (float)q_lo, -m1);
+    hi[i] = __fmaf_rn(d2, (float)q_hi, -m2);
   }
-  *reinterpret_cast<uint2*>(o) = *reinterpret_cast<const uint2*>(lo);
-  *reinterpret_cast<uint2*>(o + 32) = *reinterpret_cast<const uint2*>(hi);
+  __nv_bfloat16* o = out + block * 256 + 64 * group + 4 * lane;
+  store4(o, lo);
+  store4(o + 32, hi);
+}
+
+}  // namespace
+
+// Each kernel: blocks, n_blocks ggml blocks of its format; out, their weights in bf16.
+
+extern "C" __global__ void dequantize_q4_0_bf16(const BlockQ4_0* __restrict__ blocks,
+                                                __nv_bfloat16* __restrict__ out,
+                                                long long n_blocks) {
+  dequantize_32(blocks, out, n_blocks);
+}
+
+extern "C" __global__ void dequantize_q4_1_bf16(const BlockQ4_1* __restrict__ blocks,
+                                                __nv_bfloat16* __restrict__ out,
+                                                long long n_blocks) {
+  dequantize_32(blocks, out, n_blocks);
+}
+
+extern "C" __global__ void dequantize_q5_0_bf16(const BlockQ5_0* __restrict__ blocks,
+                                                __nv_bfloat16* __restrict__ out,
+                                                long long n_blocks) {
+  dequantize_32(blocks, out, n_blocks);
+}
+
+extern "C" __global__ void dequantize_q5_1_bf16(const BlockQ5_1* __restrict__ blocks,
+                                                __nv_bfloat16* __restrict__ out,
+                                                long long n_blocks) {
+  dequantize_32(blocks, out, n_blocks);
+}
+
+// Q8_0: 8 threads per block, 32 blocks per launch block; thread t dequantizes bytes
+// 4t .. 4t + 3 of qs, weights 4t .. 4t + 3 (d · q, one product as in candle).
+extern "C" __global__ void dequantize_q8_0_bf16(const BlockQ8_0* __restrict__ blocks,
+                                                __nv_bfloat16* __restrict__ out,
+                                                long long n_blocks) {
+  long long block;
+  int t;
+  if (!locate<8>(n_blocks, block, t)) return;
+  const BlockQ8_0& b = blocks[block];
+  const float d = half_bits(b.d);
+  const uint32_t q = load4_unaligned(reinterpret_cast<const uint8_t*>(b.qs) + 4 * t);
+  float v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = __fmul_rn(d, (float)(int8_t)byte_of(q, i));
+  store4(out + block * 32 + 4 * t, v);
+}
+
+extern "C" __global__ void dequantize_q4k_bf16(const BlockQ4K* __restrict__ blocks,
+                                               __nv_bfloat16* __restrict__ out,
+                                               long long n_blocks) {
+  dequantize_k(blocks, out, n_blocks);
+}
+
+extern "C" __global__ void dequantize_q5k_bf16(const BlockQ5K* __restrict__ blocks,
+                                               __nv_bfloat16* __restrict__ out,
+                                               long long n_blocks) {
+  dequantize_k(blocks, out, n_blocks);
+}
+
+// Q6_K: 16 threads per super-block, 16 super-blocks per launch block. Thread t of a super-block
+// dequantizes l = 4·(t % 8) .. + 3 of half h = t / 8: bytes ql[64h + l ..], ql[64h + 32 + l ..]
+// and qh[32h + l ..] give weights 128h + 32k + l .. + 3 for k in 0..4, each four in sub-block
+// 8h + 2k + l / 16. Each value is (d · scale) · (q − 32), two products as in candle.
+extern "C" __global__ void dequantize_q6k_bf16(const BlockQ6K* __restrict__ blocks,
+                                               __nv_bfloat16* __restrict__ out,
+                                               long long n_blocks) {
+  long long block;
+  int t;
+  if (!locate<16>(n_blocks, block, t)) return;
+  const int h = t / 8;
+  const int l = 4 * (t % 8);
+  const BlockQ6K& b = blocks[block];
+  const float d = half_bits(b.d);
+  const uint32_t ql[2] = {load4_unaligned(b.ql + 64 * h + l),
+                          load4_unaligned(b.ql + 64 * h + 32 + l)};
+  const uint32_t qh = load4_unaligned(b.qh + 32 * h + l);
+  const int8_t* sc = b.scales + 8 * h + l / 16;
+  __nv_bfloat16* o = out + block * 256 + 128 * h + l;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    // Weights 32k further on: the low nibbles of ql[0], ql[1], then their high nibbles; top
+    // bits 2k, 2k + 1 of qh.
+    const float ds = __fmul_rn(d, (float)sc[2 * k]);
+    float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t low = (byte_of(ql[k % 2], i) >> (4 * (k / 2))) & 0xF;
+      const uint32_t top = (byte_of(qh, i) >> (2 * k)) & 3;
+      v[i] = __fmul_rn(ds, (float)((int)(low | (top << 4)) - 32));
+    }
+    store4(o + 32 * k, v);
+  }
 }
