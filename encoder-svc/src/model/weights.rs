@@ -102,7 +102,7 @@ enum Source<'a> {
         plan: Option<QuantPlan>,
     },
     Gguf {
-        file: GgufFile,
+        file: Box<GgufFile>,
         dtype: DType,
         device: Device,
     },
@@ -126,7 +126,7 @@ impl<'a> Weights<'a> {
     /// Tensors from a GGUF file, with dense tensors in `dtype` on `device`.
     pub fn gguf(file: GgufFile, dtype: DType, device: &Device) -> Self {
         Self::new(Source::Gguf {
-            file,
+            file: Box::new(file),
             dtype,
             device: device.clone(),
         })
