@@ -143,6 +143,15 @@ impl StackOptions {
         self
     }
 
+    /// Takes the text encoder's weights from the pre-quantized Qwen3 GGUF file at `path`
+    /// (llama.cpp's layout; the tokenizer still comes from the pipeline), so nothing is
+    /// quantized at start-up.
+    pub fn text_encoder_gguf(mut self, path: &Path) -> Self {
+        self.encoder.gguf = Some(path.to_owned());
+        self.encoder.quantize = Quantize::None;
+        self
+    }
+
     /// Caps the host RAM the encoder's and the denoiser's model weights may take (each).
     pub fn host_memory_caps(mut self, encoder: ByteSize, denoiser: ByteSize) -> Self {
         self.encoder.residency.host_memory_cap = Some(encoder);
@@ -381,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn a_transformer_file_is_served_under_the_pipelines_name() {
+    fn transformer_and_text_encoder_files_replace_the_pipelines() {
         let listen = ([127, 0, 0, 1], 0).into();
         let file = Path::new("/models/flux-2-klein-4b-Q4_K.gguf");
         let opts = StackOptions::new(&bundled_model(), DeviceSpec::Cpu, listen).transformer(file);
@@ -395,5 +404,11 @@ mod tests {
         assert_eq!(opts.denoiser.model_id, Some(name));
         assert_eq!(opts.denoiser.is_distilled, Some(true));
         assert_eq!(opts.encoder.model_dir, Some(bundled_model()));
+        let qwen = Path::new("/models/Qwen3-8B-Q4_K_M.gguf");
+        let opts = opts
+            .gpu_16gb_settings(Gpu16Gb::Klein9b)
+            .text_encoder_gguf(qwen);
+        assert_eq!(opts.encoder.gguf.as_deref(), Some(qwen));
+        assert_eq!(opts.encoder.quantize, Quantize::None);
     }
 }

@@ -9,7 +9,8 @@
 # an H100);
 # override with ENC_MIB / DEN_MIB / VAE_MIB and ENC_OVERHEAD / DEN_OVERHEAD / VAE_OVERHEAD, the
 # encoder's quantization with ENC_QUANTIZE (default q4k; none), the transformer's with
-# DEN_QUANTIZE (default none; q4k for klein-9B on 16 GB), and
+# DEN_QUANTIZE (default none; q4k for klein-9B on 16 GB); DEN_GGUF=FORMAT first writes the
+# transformer as a GGUF file in FORMAT with `klein quantize` (timed) and serves that file; and
 # the VAE's cuDNN algorithm with VAE_ALGO (default implicit-precomp-gemm, as vae-svc's) and its
 # operation chunk with VAE_OP_CHUNK (default 128MiB, as vae-svc's) and its convolution
 # arithmetic with VAE_PRECISION (default split-tf32, as vae-svc's; exact, tf32).
@@ -28,13 +29,20 @@ start() { # name port budget_mib runtime_overhead extra...
   local name=$1 port=$2 mib=$3 overhead=$4; shift 4
   ( [ "${MPS:-0}" = 1 ] && export CUDA_MPS_PINNED_DEVICE_MEM_LIMIT="0=${mib}M"
     export KLEIN_RUNTIME_OVERHEAD=$overhead
-    exec $B/$name --model-dir $M --listen 127.0.0.1:$port --device cuda:0 --gpu-memory-budget "${mib}MiB" "$@" ) \
+    exec $B/$name --model-dir "${DIR:-$M}" --listen 127.0.0.1:$port --device cuda:0 --gpu-memory-budget "${mib}MiB" "$@" ) \
     > "$OUT/$name${MPS:+-mps}.log" 2>&1 &
   echo $! > /tmp/$name.pid
 }
 start encoder-svc 50052 $ENC_MIB $ENC_OVERHEAD --dtype bf16 --quantize "${ENC_QUANTIZE:-q4k}"
-KLEIN_ATTENTION_CHUNK_BYTES=${DEN_CHUNK:-128MiB} start denoiser-svc 50053 $DEN_MIB $DEN_OVERHEAD --dtype bf16 \
-  --quantize "${DEN_QUANTIZE:-none}"
+DEN_DIR=$M; DEN_FILE=()
+if [ -n "${DEN_GGUF:-}" ]; then
+  t=$(date +%s.%N)
+  $B/klein quantize --model-dir $M --format "$DEN_GGUF" --out $M.gguf || exit 1
+  echo "klein quantize $DEN_GGUF: $(python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$t" "$(date +%s.%N)") s"
+  DEN_DIR=$M.gguf; DEN_FILE=(--model-id "$(basename $M)" --is-distilled true)
+fi
+DIR=$DEN_DIR KLEIN_ATTENTION_CHUNK_BYTES=${DEN_CHUNK:-128MiB} start denoiser-svc 50053 $DEN_MIB $DEN_OVERHEAD --dtype bf16 \
+  --quantize "${DEN_QUANTIZE:-none}" "${DEN_FILE[@]}"
 KLEIN_OP_CHUNK_BYTES=${VAE_OP_CHUNK:-128MiB} start vae-svc 50054 $VAE_MIB $VAE_OVERHEAD --dtype f32 \
   --conv-algorithm "${VAE_ALGO:-implicit-precomp-gemm}" --conv-precision "${VAE_PRECISION:-split-tf32}"
 $B/gateway --listen 127.0.0.1:50050 --encoder-addrs http://127.0.0.1:50052 --denoiser-addrs http://127.0.0.1:50053 \

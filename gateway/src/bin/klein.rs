@@ -79,6 +79,10 @@ struct ServeArgs {
     /// Q4_K_M klein-9B: its stored blocks are used as they are).
     #[arg(long)]
     transformer: Option<PathBuf>,
+    /// A pre-quantized Qwen3 GGUF file (llama.cpp's layout) for the text encoder's weights,
+    /// in place of the pipeline's `text_encoder/` (its tokenizer is still used).
+    #[arg(long)]
+    text_encoder_gguf: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,6 +158,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(path) = &args.transformer {
         opts = opts.transformer(path);
+    }
+    if let Some(path) = &args.text_encoder_gguf {
+        opts = opts.text_encoder_gguf(path);
     }
     for arg in &args.add_models {
         match klein_runtime::models::parse_model_arg(arg) {
