@@ -148,18 +148,22 @@ impl BflBackend {
     }
 }
 
+/// `t` when it has shape `s`, else the error a `VarBuilder` gives for tensor `name`.
+pub fn expect_shape(t: Tensor, s: Shape, name: &str) -> Result<Tensor> {
+    if t.shape() != &s {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: s,
+            got: t.shape().clone(),
+        }
+        .bt());
+    }
+    Ok(t)
+}
+
 impl SimpleBackend for BflBackend {
     fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let t = self.load(name, dtype)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            }
-            .bt());
-        }
-        t.to_device(dev)
+        expect_shape(self.load(name, dtype)?, s, name)?.to_device(dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
