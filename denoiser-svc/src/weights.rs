@@ -3,8 +3,9 @@
 //! Accepted layouts:
 //! - a diffusers pipeline root (`model_index.json` + `transformer/`) or its `transformer/`
 //!   folder: `config.json` plus one `*.safetensors` or a sharded set with its index;
-//! - a BFL single file (`flux-2-klein-4b.safetensors`): its config is derived from the tensor
-//!   shapes and its names are mapped on the fly ([`crate::model::bfl`]);
+//! - a BFL single file (`flux-2-klein-4b.safetensors`, also BFL's and ComfyUI's fp8 files): its
+//!   config is derived from the tensor shapes and its names are mapped on the fly
+//!   ([`crate::model::bfl`]);
 //! - a GGUF file with the BFL names (ComfyUI-GGUF, stable-diffusion.cpp; [`crate::gguf`]): the
 //!   same, its block-quantized projections kept in their blocks.
 //!
@@ -83,6 +84,8 @@ pub struct Checkpoint {
     pub files: Vec<PathBuf>,
     /// `model_index.json`'s `is_distilled`, when the checkpoint has one.
     pub is_distilled: Option<bool>,
+    /// A BFL safetensors file's names carry [`bfl::PREFIX`] (ComfyUI's copies).
+    pub prefixed: bool,
     /// The open GGUF file ([`Format::Gguf`]).
     gguf: Option<Arc<GgufTransformer>>,
 }
@@ -104,7 +107,14 @@ impl Checkpoint {
             return Self::gguf(path, model_id);
         }
         if path.is_file() {
-            let shapes = header_shapes(path)?;
+            let mut shapes = header_shapes(path)?;
+            let prefixed = shapes.contains_key(&format!("{}img_in.weight", bfl::PREFIX));
+            if prefixed {
+                shapes = shapes
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.strip_prefix(bfl::PREFIX)?.to_owned(), v)))
+                    .collect();
+            }
             if !shapes.contains_key("img_in.weight") {
                 return Err(invalid(
                     "a single file must be a BFL flux2 checkpoint (no `img_in.weight`); \
@@ -120,6 +130,7 @@ impl Checkpoint {
                 format: Format::Bfl,
                 files: vec![path.to_owned()],
                 is_distilled: None,
+                prefixed,
                 gguf: None,
             });
         }
@@ -147,6 +158,7 @@ impl Checkpoint {
             format: Format::Diffusers,
             files,
             is_distilled,
+            prefixed: false,
             gguf: None,
         })
     }
@@ -176,6 +188,7 @@ impl Checkpoint {
             format: Format::Gguf,
             files: vec![path.to_owned()],
             is_distilled: None,
+            prefixed: false,
             gguf: Some(file),
         })
     }
@@ -202,6 +215,9 @@ impl Checkpoint {
     ) -> Result<Flux2Transformer2DModel, LoadError> {
         let vb = match self.format {
             Format::Diffusers => vb,
+            Format::Bfl if self.prefixed => {
+                bfl::BflBackend::var_builder(vb.pp(bfl::PREFIX.trim_end_matches('.')))
+            }
             Format::Bfl | Format::Gguf => bfl::BflBackend::var_builder(vb),
         };
         let config = Config {

@@ -1,6 +1,6 @@
 //! A BFL single-file checkpoint (fused qkv, (shift, scale) final layer, BFL names) loads to
 //! the same model as the diffusers folder: the tiny fixture is rewritten in BFL layout and both
-//! must give the same forward, bit for bit.
+//! must give the same forward, bit for bit; an fp8 file is the model of its scaled weights.
 
 mod bfl_layout;
 
@@ -56,4 +56,86 @@ fn a_single_file_that_is_not_bfl_is_refused() {
     let src = pipeline_dir("tiny-klein-4b").join("transformer/diffusion_pytorch_model.safetensors");
     let err = Checkpoint::locate(&src).unwrap_err().to_string();
     assert!(err.contains("BFL"), "{err}");
+}
+
+/// A BFL fp8 file as BFL and ComfyUI ship them (here under ComfyUI's `model.diffusion_model.`
+/// prefix): the projections in float8 e4m3 with a per-tensor `weight_scale` (and an unused
+/// `input_scale`) beside each. It loads to exactly the model of the weights `w · weight_scale`
+/// (saved plainly as the expected file), and `write_gguf` writes the same file from either.
+#[test]
+fn an_fp8_file_is_the_model_of_its_scaled_weights() {
+    use std::collections::HashMap;
+
+    use denoiser_svc::{
+        gguf::write_gguf,
+        model::bfl::{PREFIX, is_projection, scaled},
+    };
+    use klein_kernels::quant::QuantFormat;
+
+    let dir = std::env::temp_dir().join(format!("denoiser-fp8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (fp8_path, plain_path) = (dir.join("fp8.safetensors"), dir.join("plain.safetensors"));
+    let mut fp8 = HashMap::new();
+    let mut plain = HashMap::new();
+    for (name, t) in bfl_layout::tensors() {
+        if !is_projection(&name) {
+            fp8.insert(format!("{PREFIX}{name}"), t.clone());
+            plain.insert(name, t);
+            continue;
+        }
+        // e4m3's largest finite value is 448.
+        let absmax = t
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = Tensor::new(absmax / 448.0, &Device::Cpu).unwrap();
+        let q = t
+            .broadcast_div(&scale)
+            .unwrap()
+            .to_dtype(DType::F8E4M3)
+            .unwrap();
+        plain.insert(name.clone(), scaled(&q, &scale).unwrap());
+        let stem = name.strip_suffix(".weight").unwrap();
+        fp8.insert(format!("{PREFIX}{stem}.weight_scale"), scale);
+        fp8.insert(
+            format!("{PREFIX}{stem}.input_scale"),
+            Tensor::new(1f32, &Device::Cpu).unwrap(),
+        );
+        fp8.insert(format!("{PREFIX}{name}"), q);
+    }
+    candle_core::safetensors::save(&fp8, &fp8_path).unwrap();
+    candle_core::safetensors::save(&plain, &plain_path).unwrap();
+    let a = Checkpoint::locate(&fp8_path).unwrap();
+    let b = Checkpoint::locate(&plain_path).unwrap();
+    assert_eq!(
+        (a.format, a.prefixed, b.prefixed),
+        (Format::Bfl, true, false)
+    );
+    assert_eq!(a.config, b.config);
+
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 6, 128), &dev).unwrap();
+    let ctx = Tensor::randn(0f32, 1.0, (1, 512, 192), &dev).unwrap();
+    let mut ids = text_ids(512);
+    ids.extend(grid_ids(0, 2, 3));
+    let forward = |c: &Checkpoint| {
+        let m = c
+            .load(DType::F32, &dev, AttentionConfig::default())
+            .unwrap();
+        let rope = m.rope(&ids, &dev).unwrap();
+        let y = m.forward(&x, &ctx, &[640.0], &rope).unwrap();
+        y.to_vec3::<f32>().unwrap()
+    };
+    assert_eq!(forward(&a), forward(&b));
+    let exact = forward(&Checkpoint::locate(&pipeline_dir("tiny-klein-4b")).unwrap());
+    assert_ne!(forward(&a), exact, "fp8 rounds the weights");
+
+    let (ga, gb) = (dir.join("a.gguf"), dir.join("b.gguf"));
+    write_gguf(&a, QuantFormat::Q8_0, &ga).unwrap();
+    write_gguf(&b, QuantFormat::Q8_0, &gb).unwrap();
+    assert_eq!(std::fs::read(&ga).unwrap(), std::fs::read(&gb).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

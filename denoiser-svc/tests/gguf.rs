@@ -16,8 +16,10 @@ use std::collections::HashMap;
 use bfl_layout::{TempFile, temp, write_gguf};
 use candle_core::{DType, Tensor, quantized::GgmlDType};
 use denoiser_svc::{
-    gguf::PREFIX,
-    model::{AttentionConfig, Flux2Transformer2DModel, PositionId, bfl::is_projection},
+    model::{
+        AttentionConfig, Flux2Transformer2DModel, PositionId,
+        bfl::{PREFIX, is_projection},
+    },
     weights::{Checkpoint, Format},
 };
 use klein_kernels::quant::{QuantFormat, Quantize, quantize_rows, stored_bytes};

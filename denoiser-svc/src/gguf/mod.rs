@@ -27,10 +27,7 @@ use klein_kernels::{
 };
 use klein_runtime::weights::gguf::GgufFile;
 
-use crate::model::bfl::{self, Source};
-
-/// The prefix ComfyUI and stable-diffusion.cpp keep diffusion-model tensors under.
-pub const PREFIX: &str = "model.diffusion_model.";
+use crate::model::bfl::{self, PREFIX, Source};
 
 /// An open GGUF transformer file.
 #[derive(Debug)]

@@ -39,7 +39,8 @@ enum Parts {
 
 /// Writes `checkpoint`'s transformer to `out`: the block projections in `format`'s blocks (its
 /// block-32 fallback where a row is narrower than a k-quant's, dense where no block fits), 1-D
-/// tensors in F32, every other tensor in its stored dtype (BF16, F16, else F32).
+/// tensors in F32, every other tensor in its stored dtype (BF16, F16, else F32; an fp8 weight
+/// times its scale in F32).
 pub fn write_gguf(
     checkpoint: &Checkpoint,
     format: QuantFormat,
@@ -53,10 +54,15 @@ pub fn write_gguf(
         return Err(invalid("already a GGUF file".into()));
     }
     let mapped = mmap_safetensors(&checkpoint.files)?;
+    let prefix = if checkpoint.prefixed { bfl::PREFIX } else { "" };
     let mut targets: BTreeMap<String, Parts> = BTreeMap::new();
     for (name, _) in mapped.tensors() {
         let source = match checkpoint.format {
-            Format::Bfl => Source::Plain(name.clone()),
+            _ if bfl::is_companion(&name) => continue,
+            Format::Bfl => match name.strip_prefix(prefix) {
+                Some(bfl) => Source::Plain(bfl.to_owned()),
+                None => continue,
+            },
             _ => bfl::source(&name).ok_or_else(|| invalid(format!("{name} has no BFL name")))?,
         };
         match source {
@@ -76,7 +82,14 @@ pub fn write_gguf(
             }
         }
     }
-    let load = |name: &str| mapped.load(name, &Device::Cpu);
+    // A tensor of the file, an fp8 weight scaled.
+    let load = |name: &str| -> candle_core::Result<Tensor> {
+        let t = mapped.load(name, &Device::Cpu)?;
+        match bfl::weight_scale(name).filter(|s| mapped.get(s).is_ok()) {
+            Some(scale) => bfl::scaled(&t, &mapped.load(&scale, &Device::Cpu)?),
+            None => Ok(t),
+        }
+    };
     let mut stored = Vec::with_capacity(targets.len());
     let mut quantized = 0;
     for (name, parts) in targets {

@@ -1,6 +1,12 @@
 //! Black Forest Labs single-file checkpoints (`flux-2-klein-4b.safetensors`) read under the
 //! diffusers names (spec §3.3): the fused `qkv` weights are split in three, and the final
 //! layer's adaLN rows are swapped from BFL's (shift, scale) to diffusers' (scale, shift).
+//!
+//! BFL's and ComfyUI's fp8 files (`flux-2-klein-9b-fp8.safetensors`) store weights in
+//! float8 e4m3 with a per-tensor `weight_scale` beside each (and an `input_scale` for fp8
+//! activations): a weight is read as `w · weight_scale`, in f32, then in the model dtype
+//! (weight-only, as ComfyUI computes on cards without fp8 matrix units). ComfyUI's copies keep
+//! the names under [`PREFIX`].
 
 use std::collections::BTreeMap;
 
@@ -8,6 +14,29 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 
 use super::transformer::Config;
+
+/// The prefix ComfyUI and stable-diffusion.cpp keep diffusion-model tensors under.
+pub const PREFIX: &str = "model.diffusion_model.";
+
+/// The per-tensor scale stored beside fp8 weight `name`.
+pub fn weight_scale(name: &str) -> Option<String> {
+    name.strip_suffix(".weight")
+        .map(|stem| format!("{stem}.weight_scale"))
+}
+
+/// Whether `name` is a companion of an fp8 weight (its scales, ComfyUI's format marker)
+/// rather than a tensor of the model.
+pub fn is_companion(name: &str) -> bool {
+    [".weight_scale", ".input_scale", ".comfy_quant"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
+/// An fp8 weight times its per-tensor scale, in f32.
+pub fn scaled(w: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let scale = scale.to_dtype(DType::F32)?.reshape(())?;
+    w.to_dtype(DType::F32)?.broadcast_mul(&scale)
+}
 
 /// Where a diffusers tensor comes from in a BFL file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,17 +162,29 @@ impl BflBackend {
     fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let missing = || candle_core::Error::CannotFindTensor { path: name.into() };
         match source(name).ok_or_else(missing)? {
-            Source::Plain(src) => self.inner.get_unchecked_dtype(&src, dtype),
+            Source::Plain(src) => self.read(&src, dtype),
             Source::Chunk3(src, i) => {
-                let t = self.inner.get_unchecked_dtype(&src, dtype)?;
+                let t = self.read(&src, dtype)?;
                 let rows = t.dim(0)? / 3;
                 t.narrow(0, i * rows, rows)?.contiguous()
             }
             Source::SwapHalves(src) => {
-                let t = self.inner.get_unchecked_dtype(&src, dtype)?;
+                let t = self.read(&src, dtype)?;
                 let half = t.dim(0)? / 2;
                 Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
             }
+        }
+    }
+
+    /// BFL tensor `src` in `dtype`, an fp8 weight scaled first.
+    fn read(&self, src: &str, dtype: DType) -> Result<Tensor> {
+        match weight_scale(src).filter(|s| self.inner.contains_tensor(s)) {
+            Some(scale) => scaled(
+                &self.inner.get_unchecked_dtype(src, DType::F32)?,
+                &self.inner.get_unchecked_dtype(&scale, DType::F32)?,
+            )?
+            .to_dtype(dtype),
+            None => self.inner.get_unchecked_dtype(src, dtype),
         }
     }
 }
