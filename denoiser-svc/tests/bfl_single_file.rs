@@ -61,7 +61,8 @@ fn a_single_file_that_is_not_bfl_is_refused() {
 /// A BFL fp8 file as BFL and ComfyUI ship them (here under ComfyUI's `model.diffusion_model.`
 /// prefix): the projections in float8 e4m3 with a per-tensor `weight_scale` (and an unused
 /// `input_scale`) beside each. It loads to exactly the model of the weights `w · weight_scale`
-/// (saved plainly as the expected file), and `write_gguf` writes the same file from either.
+/// (saved plainly as the expected file) on the test device, and `write_gguf` writes the same
+/// file from either.
 #[test]
 fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     use std::collections::HashMap;
@@ -116,7 +117,7 @@ fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     );
     assert_eq!(a.config, b.config);
 
-    let dev = Device::Cpu;
+    let dev = klein_test_support::test_device();
     let x = Tensor::randn(0f32, 1.0, (1, 6, 128), &dev).unwrap();
     let ctx = Tensor::randn(0f32, 1.0, (1, 512, 192), &dev).unwrap();
     let mut ids = text_ids(512);

@@ -59,7 +59,7 @@ cargo test --release --locked --features "$features" -p klein-kernels -p encoder
   --message-format=json 2>/dev/null \
   | python3 -c '
 import json, os, sys
-keep = {"parity", "gpu_parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "service", "gguf", "tiling", "e2e_goldens", "models"}
+keep = {"parity", "gpu_parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "service", "gguf", "bfl_single_file", "tiling", "e2e_goldens", "models"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:

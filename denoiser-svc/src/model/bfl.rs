@@ -176,16 +176,19 @@ impl BflBackend {
         }
     }
 
-    /// BFL tensor `src` in `dtype`, an fp8 weight scaled first.
+    /// BFL tensor `src` in `dtype`, an fp8 weight scaled first, on the host (candle casts
+    /// float8 on the CPU only).
     fn read(&self, src: &str, dtype: DType) -> Result<Tensor> {
-        match weight_scale(src).filter(|s| self.inner.contains_tensor(s)) {
-            Some(scale) => scaled(
-                &self.inner.get_unchecked_dtype(src, DType::F32)?,
-                &self.inner.get_unchecked_dtype(&scale, DType::F32)?,
-            )?
-            .to_dtype(dtype),
-            None => self.inner.get_unchecked_dtype(src, dtype),
-        }
+        let Some(scale) = weight_scale(src).filter(|s| self.inner.contains_tensor(s)) else {
+            return self.inner.get_unchecked_dtype(src, dtype);
+        };
+        let host = self.inner.clone().set_device(Device::Cpu);
+        scaled(
+            &host.get_unchecked_dtype(src, DType::F32)?,
+            &host.get_unchecked_dtype(&scale, DType::F32)?,
+        )?
+        .to_dtype(dtype)?
+        .to_device(self.inner.device())
     }
 }
 
