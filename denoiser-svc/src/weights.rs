@@ -115,18 +115,9 @@ impl Checkpoint {
                     .filter_map(|(k, v)| Some((k.strip_prefix(bfl::PREFIX)?.to_owned(), v)))
                     .collect();
             }
-            if !shapes.contains_key("img_in.weight") {
-                return Err(invalid(
-                    "a single file must be a BFL flux2 checkpoint (no `img_in.weight`); \
-                     point at the diffusers folder instead"
-                        .into(),
-                ));
-            }
-            let config = bfl::config_from_shapes(&shapes)
-                .ok_or_else(|| invalid("not a FLUX.2 transformer (shapes do not fit)".into()))?;
             return Ok(Self {
                 model_id,
-                config,
+                config: single_file_config(path, &shapes)?,
                 format: Format::Bfl,
                 files: vec![path.to_owned()],
                 is_distilled: None,
@@ -166,21 +157,8 @@ impl Checkpoint {
     /// A GGUF transformer: BFL names, the config from their shapes, its quantized projections
     /// the model's [`Config::stored`].
     fn gguf(path: &Path, model_id: String) -> Result<Self, LoadError> {
-        let invalid = |reason: String| LoadError::Invalid {
-            path: path.to_owned(),
-            reason,
-        };
         let file = Arc::new(GgufTransformer::open(path)?);
-        let shapes = file.shapes();
-        if !shapes.contains_key("img_in.weight") {
-            return Err(invalid(
-                "a GGUF transformer must carry the BFL flux2 names (as ComfyUI-GGUF and \
-                 stable-diffusion.cpp write them; no `img_in.weight`)"
-                    .into(),
-            ));
-        }
-        let mut config = bfl::config_from_shapes(&shapes)
-            .ok_or_else(|| invalid("not a FLUX.2 transformer (shapes do not fit)".into()))?;
+        let mut config = single_file_config(path, &file.shapes())?;
         config.stored = Some(StoredBlocks(file.clone()));
         Ok(Self {
             model_id,
@@ -239,6 +217,27 @@ impl Checkpoint {
     pub fn weight_bytes(&self, dtype: DType) -> u64 {
         self.config.weight_bytes(dtype)
     }
+}
+
+/// The configuration of the single file `path` (safetensors or GGUF) from its BFL names'
+/// `shapes` (BFL files carry no config).
+fn single_file_config(
+    path: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<Config, LoadError> {
+    let invalid = |reason: &str| LoadError::Invalid {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if !shapes.contains_key("img_in.weight") {
+        return Err(invalid(
+            "a single file must carry the BFL flux2 names (no `img_in.weight`): BFL's \
+             safetensors, or GGUF as ComfyUI-GGUF and stable-diffusion.cpp write it; point at the \
+             diffusers folder instead",
+        ));
+    }
+    bfl::config_from_shapes(shapes)
+        .ok_or_else(|| invalid("not a FLUX.2 transformer (shapes do not fit)"))
 }
 
 /// `model_index.json`'s `is_distilled` in the pipeline root `root` (absent = false, as in

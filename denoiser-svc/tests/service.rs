@@ -288,16 +288,20 @@ async fn a_handle_to_another_models_embeddings_is_invalid() {
     );
 }
 
+/// The service's Info.
+async fn info(server: &Server) -> pb::ServiceInfo {
+    let mut client = server.client.clone();
+    let info = client
+        .info(pb::DenoiserServiceInfoRequest {})
+        .await
+        .unwrap();
+    info.into_inner().info.unwrap()
+}
+
 #[tokio::test]
 async fn info_describes_the_model_and_budget() {
     let mut server = start("tiny-klein-4b", DTypeSpec::Bf16).await;
-    let info = server
-        .client
-        .info(pb::DenoiserServiceInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let info = info.info.unwrap();
+    let info = info(&server).await;
     assert_eq!(info.service, "denoiser");
     assert_eq!(info.model_id, "tiny-klein-4b");
     assert_eq!(info.dtype, pb::Dtype::Bf16 as i32);
@@ -319,25 +323,13 @@ async fn info_describes_the_model_and_budget() {
 /// result differs from the dense model's by the format's error only.
 #[tokio::test]
 async fn a_quantized_model_reports_its_smaller_weights_and_serves() {
-    let info = |server: &mut Server| {
-        let mut client = server.client.clone();
-        async move {
-            client
-                .info(pb::DenoiserServiceInfoRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .info
-                .unwrap()
-        }
-    };
     let mut dense = start("tiny-klein-4b", DTypeSpec::F32).await;
     let mut q8 = start_with(denoiser_svc::Config {
         quantize: "q8_0".parse().unwrap(),
         ..config("tiny-klein-4b", DTypeSpec::F32)
     })
     .await;
-    let (d, q) = (info(&mut dense).await, info(&mut q8).await);
+    let (d, q) = (info(&dense).await, info(&q8).await);
     assert!(
         q.weight_bytes < d.weight_bytes,
         "{} vs {}",
@@ -384,17 +376,7 @@ async fn a_gguf_model_serves_its_stored_blocks() {
         ..config("tiny-klein-4b", DTypeSpec::F32)
     })
     .await;
-    let info = |server: &mut Server| {
-        let mut client = server.client.clone();
-        async move {
-            let info = client
-                .info(pb::DenoiserServiceInfoRequest {})
-                .await
-                .unwrap();
-            info.into_inner().info.unwrap()
-        }
-    };
-    let (g, q) = (info(&mut gguf).await, info(&mut q8).await);
+    let (g, q) = (info(&gguf).await, info(&q8).await);
     assert_eq!(g.details["checkpoint_format"], "gguf");
     assert_eq!(g.details["stored_blocks"], "q8_0:20");
     assert_eq!(q.details["stored_blocks"], "");
@@ -509,14 +491,7 @@ async fn a_model_in_use_is_never_evicted_another_waits_for_it() {
         waited_done > first_done,
         "the 9b run could only start once the run holding the memory ended"
     );
-    let info = server
-        .client
-        .info(pb::DenoiserServiceInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .info
-        .unwrap();
+    let info = info(&server).await;
     let state: Vec<(&str, &str, bool, u64, u64)> = info
         .models
         .iter()

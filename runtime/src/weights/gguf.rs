@@ -21,7 +21,7 @@ use candle_core::{
 };
 
 /// The first four bytes of every GGUF file.
-pub const MAGIC: &[u8; 4] = b"GGUF";
+const MAGIC: &[u8; 4] = b"GGUF";
 
 /// Whether `path` is a file that starts with the GGUF magic.
 pub fn is_gguf(path: &Path) -> bool {
@@ -61,11 +61,6 @@ impl GgufFile {
         })
     }
 
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Metadata value `key`, if present.
     pub fn metadata(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
@@ -75,14 +70,6 @@ impl GgufFile {
     pub fn require(&self, key: &str) -> Result<&Value> {
         self.metadata(key)
             .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata {key} is missing")))
-    }
-
-    /// `general.architecture`, if the file states one.
-    pub fn architecture(&self) -> Option<&str> {
-        match self.metadata("general.architecture")? {
-            Value::String(s) => Some(s),
-            _ => None,
-        }
     }
 
     /// Every tensor's name, stored type and shape.
