@@ -186,13 +186,14 @@ pub enum Pool {
 /// The pause between the GEMM tuning and the timed steps.
 const COOL_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// `model`'s transformer with its block projections quantized as `quantize` says, one forward
-/// at `px`² with `batch` images.
+/// `model`'s transformer with its block projections quantized as `quantize` says, one step
+/// at `px`² with `batch` images and `refs` reference images of the same size: the velocity of
+/// the noisy tokens, as the sampler asks for it.
 pub fn transformer(
     dev: &Device,
     (model, quantize): (Model, Quantize),
     dtype: DType,
-    (px, batch): (usize, usize),
+    (px, batch, refs): (usize, usize, usize),
     iters: usize,
     pool: Pool,
 ) -> Result<Row> {
@@ -211,17 +212,22 @@ pub fn transformer(
         );
     }
     let (h, w) = (px / 16, px / 16);
-    let x = Tensor::randn(0f32, 1.0, (batch, h * w, 128), dev)?.to_dtype(dtype)?;
+    let (noisy, tokens) = (h * w, (1 + refs) * h * w);
+    let x = Tensor::randn(0f32, 1.0, (batch, tokens, 128), dev)?.to_dtype(dtype)?;
     let ctx =
         Tensor::randn(0f32, 1.0, (batch, 512, cfg.joint_attention_dim), dev)?.to_dtype(dtype)?;
     let mut ids = text_ids(512);
     ids.extend(grid_ids(0, h, w));
+    for k in 0..refs {
+        ids.extend(grid_ids(10 + 10 * k as u32, h, w));
+    }
     let rope = model.rope(&ids, dev)?;
     let t = vec![968.0f32; batch];
+    let step = || model.forward_first(&x, &ctx, &t, &rope, noisy);
     gpu_memory::keep_freed_memory(dev);
     // The linear layers' GEMM algorithms tuned for this shape, as denoiser-svc's warm-up tunes
     // its warm-up size's (other sizes there keep cuBLASLt's heuristic choice).
-    let (_, tuned) = klein_kernels::tune_linear(|| model.forward(&x, &ctx, &t, &rope))?;
+    let (_, tuned) = klein_kernels::tune_linear(step)?;
     for t in &tuned {
         eprintln!("GEMM tuned: {t}");
     }
@@ -232,20 +238,20 @@ pub fn transformer(
         std::thread::sleep(COOL_DOWN);
     }
     let timing = time(dev, 2, iters, || {
-        let y = model.forward(&x, &ctx, &t, &rope);
+        let y = step();
         if pool == Pool::Release {
             gpu_memory::release_freed_memory(dev);
         }
         y
     })?;
     gpu_memory::release_freed_memory(dev);
-    let (resident_gib, activation_gib) = memory(dev, || model.forward(&x, &ctx, &t, &rope))?;
+    let (resident_gib, activation_gib) = memory(dev, step)?;
     let flash = klein_kernels::flash_attention_applies(dev, dtype, cfg.attention_head_dim);
     let estimate = denoiser_svc::admission::activation_bytes(
         &cfg,
         dtype,
         batch,
-        512 + h * w,
+        512 + tokens,
         &cfg.attention,
         flash,
     );
@@ -255,7 +261,11 @@ pub fn transformer(
         estimate_gib: estimate as f64 / GIB,
         component: "transformer".into(),
         case: format!(
-            "{name} step {px}x{px}, batch {batch}{}{}",
+            "{name} step {px}x{px}, batch {batch}{}{}{}",
+            match refs {
+                0 => String::new(),
+                r => format!(", {r} references"),
+            },
             match quantize {
                 Quantize::None => String::new(),
                 q => format!(", {q} projections"),

@@ -140,6 +140,10 @@ struct ComponentsArgs {
     /// --quantize); each listed one is timed: none, q4k, q4_0, q4_1, q6k, q8_0.
     #[arg(long, value_delimiter = ',', default_value = "none")]
     transformer_quantize: Vec<Quantize>,
+    /// Reference images of the transformer step, each of the step's size (multi-reference
+    /// editing); each listed count is timed.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    references: Vec<usize>,
 }
 
 fn main() -> ExitCode {
@@ -241,6 +245,7 @@ fn main() -> ExitCode {
                 vae_capacity_bytes,
                 model,
                 transformer_quantize,
+                references,
             } = *args;
             let wanted = |c: &str| only.iter().any(|o| o == c);
             let vae_chunking = |precision: ConvPrecision| vae_svc::model::Chunking {
@@ -284,12 +289,15 @@ fn main() -> ExitCode {
             {
                 for &px in &sizes {
                     for &b in &batches {
-                        for &pool in &denoiser_pool {
+                        for (&pool, &refs) in denoiser_pool
+                            .iter()
+                            .flat_map(|p| references.iter().map(move |r| (p, r)))
+                        {
                             emit(components::transformer(
                                 &dev,
                                 (model, quantize),
                                 float,
-                                (px, b),
+                                (px, b, refs),
                                 iters,
                                 pool,
                             )?);

@@ -27,14 +27,16 @@ pub trait Velocity {
     /// Prepares the positions of `[text; noisy image; references]` tokens.
     fn positions(&self, layout: &TokenLayout) -> Result<Self::Positions>;
 
-    /// Velocity of tokens `x` (B, N_total, C) conditioned on `context` (B, L, C_ctx) at the
-    /// pipeline timesteps `t = σ·1000`, one per batch item. → (B, N_total, C)
+    /// Velocity of the first `outputs` tokens of `x` (B, N_total, C) — the noisy ones, before
+    /// any references — conditioned on `context` (B, L, C_ctx) at the pipeline timesteps
+    /// `t = σ·1000`, one per batch item. → (B, outputs, C)
     fn velocity(
         &self,
         x: &Tensor,
         context: &Tensor,
         timesteps: &[f32],
         positions: &Self::Positions,
+        outputs: usize,
     ) -> Result<Tensor>;
 }
 
@@ -52,8 +54,9 @@ impl Velocity for Flux2Transformer2DModel {
         context: &Tensor,
         timesteps: &[f32],
         rope: &Rope,
+        outputs: usize,
     ) -> Result<Tensor> {
-        self.forward(x, context, timesteps, rope)
+        self.forward_first(x, context, timesteps, rope, outputs)
     }
 }
 
@@ -379,13 +382,9 @@ impl<P> Run<P> {
             Some(c) => Tensor::cat(&[&self.latents, c], 1)?,
             None => self.latents.clone(),
         };
-        let mut v = model
-            .velocity(&x, &self.context, &t, &self.positions)?
-            .narrow(1, 0, n)?;
+        let mut v = model.velocity(&x, &self.context, &t, &self.positions, n)?;
         if let Some(g) = &self.guidance {
-            let v_u = model
-                .velocity(&x, &g.negative, &t, &self.positions)?
-                .narrow(1, 0, n)?;
+            let v_u = model.velocity(&x, &g.negative, &t, &self.positions, n)?;
             v = guide(&v, &v_u, g.scale)?;
         }
         let mut latents = euler_step(&self.latents, &v, sigma, next)?;

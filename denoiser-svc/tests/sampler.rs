@@ -106,13 +106,21 @@ impl Velocity for Fake {
         Ok(layout.ids().len())
     }
 
-    fn velocity(&self, x: &Tensor, ctx: &Tensor, t: &[f32], positions: &usize) -> Result<Tensor> {
+    fn velocity(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        t: &[f32],
+        positions: &usize,
+        outputs: usize,
+    ) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         assert_eq!(*positions, ctx.dim(1)? + n);
+        assert!(outputs <= n);
         self.seen.borrow_mut().push((n, t.to_vec()));
         ctx.mean_keepdim(2)?
             .mean_keepdim(1)?
-            .broadcast_as((b, n, c))?
+            .broadcast_as((b, outputs, c))?
             .contiguous()
     }
 }

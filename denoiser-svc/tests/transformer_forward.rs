@@ -50,63 +50,79 @@ fn spread(fixture: &Fixture, output: &str) -> f64 {
         .unwrap()
 }
 
-/// (without refs, with refs) outputs of `m` on the golden inputs, the refs output sliced to the
-/// noisy tokens as the pipeline does.
-fn run(fixture: &Fixture, m: &Flux2Transformer2DModel, dtype: DType) -> (Tensor, Tensor) {
+/// Outputs of `m` on the golden inputs: without refs, with refs (every token), and with refs
+/// for the noisy tokens alone as the sampler asks ([`Flux2Transformer2DModel::forward_first`]).
+struct Outputs {
+    plain: Tensor,
+    refs: Tensor,
+    noisy: Tensor,
+}
+
+fn run(fixture: &Fixture, m: &Flux2Transformer2DModel, dtype: DType) -> Outputs {
     let g = golden(fixture.golden);
     let dev = test_device();
-    let ehs = take(&g, "encoder_hidden_states")
-        .to_device(&dev)
-        .and_then(|t| t.to_dtype(dtype))
-        .unwrap();
-    let mut out = Vec::new();
-    for prefix in ["", "ref."] {
-        let hs = take(&g, &format!("{prefix}hidden_states"))
+    let input = |name: &str| {
+        take(&g, name)
             .to_device(&dev)
             .and_then(|t| t.to_dtype(dtype))
-            .unwrap();
+            .unwrap()
+    };
+    let ehs = input("encoder_hidden_states");
+    let rope = |prefix: &str| {
         let mut all = ids(take(&g, "txt_ids"));
         all.extend(ids(take(&g, &format!("{prefix}img_ids"))));
-        let rope = m.rope(&all, &dev).unwrap();
-        let y = m.forward(&hs, &ehs, &[730.0], &rope).unwrap();
-        out.push(y.to_device(&Device::Cpu).unwrap());
+        m.rope(&all, &dev).unwrap()
+    };
+    let host = |y: Tensor| y.to_device(&Device::Cpu).unwrap();
+    let (hs, hs_ref) = (input("hidden_states"), input("ref.hidden_states"));
+    let (plain_rope, ref_rope) = (rope(""), rope("ref."));
+    let noisy = hs.dim(1).unwrap();
+    Outputs {
+        plain: host(m.forward(&hs, &ehs, &[730.0], &plain_rope).unwrap()),
+        refs: host(m.forward(&hs_ref, &ehs, &[730.0], &ref_rope).unwrap()),
+        noisy: host(
+            m.forward_first(&hs_ref, &ehs, &[730.0], &ref_rope, noisy)
+                .unwrap(),
+        ),
     }
-    let with_refs = out.pop().unwrap();
-    (out.pop().unwrap(), with_refs)
 }
 
 fn check_f32(fixture: &Fixture) {
     let g = golden(fixture.golden);
     let m = model(fixture, DType::F32, AttentionConfig::default());
-    let (plain, refs) = run(fixture, &m, DType::F32);
-    let e = rel_l2(&plain, take(&g, "output.f32"));
-    let e_ref = rel_l2(&refs, take(&g, "ref.output.f32"));
+    let out = run(fixture, &m, DType::F32);
+    let want_noisy = take(&g, "ref.output.f32").narrow(1, 0, out.noisy.dim(1).unwrap());
+    let e = rel_l2(&out.plain, take(&g, "output.f32"));
+    let e_ref = rel_l2(&out.refs, take(&g, "ref.output.f32"));
+    let e_noisy = rel_l2(&out.noisy, &want_noisy.unwrap());
     println!(
-        "{} f32 forward rel-L2: {e:.3e}; with references: {e_ref:.3e}",
+        "{} f32 forward rel-L2: {e:.3e}; with references: {e_ref:.3e}, their noisy tokens alone: {e_noisy:.3e}",
         fixture.pipeline
     );
     assert!(e <= 1e-4, "{e}");
     assert!(e_ref <= 1e-4, "{e_ref}");
+    assert!(e_noisy <= 1e-4, "{e_noisy}");
 }
 
 fn check_bf16(fixture: &Fixture) {
     let g = golden(fixture.golden);
     let m = model(fixture, DType::BF16, AttentionConfig::default());
-    let (plain, refs) = run(fixture, &m, DType::BF16);
-    let e = rel_l2(&plain, take(&g, "output.bf16"));
-    let refs = refs.narrow(1, 0, 24).unwrap();
+    let out = run(fixture, &m, DType::BF16);
+    let e = rel_l2(&out.plain, take(&g, "output.bf16"));
     let want_ref = take(&g, "ref.output.bf16").narrow(1, 0, 24).unwrap();
-    let e_ref = rel_l2(&refs, &want_ref);
+    let e_ref = rel_l2(&out.refs.narrow(1, 0, 24).unwrap(), &want_ref);
+    let e_noisy = rel_l2(&out.noisy, &want_ref);
     let (s, s_ref) = (
         spread(fixture, "output"),
         spread(fixture, "ref.output[:, :24]"),
     );
     println!(
-        "{} bf16 forward rel-L2: {e:.3e} (torch spread {s:.3e}); with references: {e_ref:.3e} (spread {s_ref:.3e})",
+        "{} bf16 forward rel-L2: {e:.3e} (torch spread {s:.3e}); with references: {e_ref:.3e}, their noisy tokens alone: {e_noisy:.3e} (spread {s_ref:.3e})",
         fixture.pipeline
     );
     assert!(e <= 2.0 * s, "{e} > 2 x {s}");
     assert!(e_ref <= 2.0 * s_ref, "{e_ref} > 2 x {s_ref}");
+    assert!(e_noisy <= 2.0 * s_ref, "{e_noisy} > 2 x {s_ref}");
 }
 
 #[test]
@@ -161,11 +177,39 @@ fn klein_9b_config_has_the_9b_shape() {
     assert_eq!(base.config.joint_attention_dim, 192);
 }
 
+/// A batch of two with references: each item's noisy tokens alone are the whole forward's
+/// rows (the last block's row views over a strided batch); asking for no token or more tokens
+/// than there are is refused.
+#[test]
+fn a_batchs_noisy_tokens_alone_are_the_whole_forwards_rows() {
+    let g = golden(KLEIN_4B.golden);
+    let dev = test_device();
+    let m = model(&KLEIN_4B, DType::F32, AttentionConfig::default());
+    let input = |name: &str| take(&g, name).to_device(&dev).unwrap();
+    let hs = input("ref.hidden_states");
+    let hs = Tensor::cat(&[&hs, &(&hs * 0.5).unwrap()], 0).unwrap();
+    let ehs = input("encoder_hidden_states");
+    let ehs = Tensor::cat(&[&ehs, &ehs.flip(&[1]).unwrap()], 0).unwrap();
+    let mut all = ids(take(&g, "txt_ids"));
+    all.extend(ids(take(&g, "ref.img_ids")));
+    let rope = m.rope(&all, &dev).unwrap();
+    let noisy = take(&g, "hidden_states").dim(1).unwrap();
+    let t = [730.0, 410.0];
+    let whole = m.forward(&hs, &ehs, &t, &rope).unwrap();
+    let alone = m.forward_first(&hs, &ehs, &t, &rope, noisy).unwrap();
+    let e = rel_l2(&alone, &whole.narrow(1, 0, noisy).unwrap());
+    println!("noisy tokens alone against the whole forward's rows: rel-L2 {e:.3e}");
+    assert!(e <= 1e-6, "{e}");
+    for outputs in [0, hs.dim(1).unwrap() + 1] {
+        assert!(m.forward_first(&hs, &ehs, &t, &rope, outputs).is_err());
+    }
+}
+
 #[test]
 fn tiny_score_chunks_change_nothing() {
     let g = golden("transformer_forward");
     // One query row per chunk.
-    let (plain, refs) = run(
+    let out = run(
         &KLEIN_4B,
         &model(
             &KLEIN_4B,
@@ -174,8 +218,11 @@ fn tiny_score_chunks_change_nothing() {
         ),
         DType::F32,
     );
-    assert!(rel_l2(&plain, take(&g, "output.f32")) <= 1e-4);
-    assert!(rel_l2(&refs, take(&g, "ref.output.f32")) <= 1e-4);
+    let want_ref = take(&g, "ref.output.f32");
+    let want_noisy = want_ref.narrow(1, 0, out.noisy.dim(1).unwrap()).unwrap();
+    assert!(rel_l2(&out.plain, take(&g, "output.f32")) <= 1e-4);
+    assert!(rel_l2(&out.refs, want_ref) <= 1e-4);
+    assert!(rel_l2(&out.noisy, &want_noisy) <= 1e-4);
 }
 
 /// `q4k` / `q8_0` projections: the quantized model computes exactly the dense model whose block
@@ -234,9 +281,12 @@ fn quantized_projections_compute_the_dense_model_of_their_dequantized_weights() 
             .with_quantize(Quantize::Format(format))
             .load(DType::F32, &dev, AttentionConfig::default())
             .unwrap();
-        let (want, _) = run(&KLEIN_4B, &dense, DType::F32);
-        let (got, _) = run(&KLEIN_4B, &quantized, DType::F32);
-        let same = rel_l2(&got, &want);
+        let (want, got) = (
+            run(&KLEIN_4B, &dense, DType::F32),
+            run(&KLEIN_4B, &quantized, DType::F32),
+        );
+        let same = rel_l2(&got.noisy, &want.noisy).max(rel_l2(&got.plain, &want.plain));
+        let got = got.plain;
         let from_golden = rel_l2(&got, take(&g, "output.f32"));
         println!(
             "{format}: {quantized_weights} weights quantized; rel-L2 against the dequantized \

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use candle_core::{
-    CpuStorage, CustomOp2, Device, Layout, Module, Result, Shape, Tensor, bail,
+    CpuStorage, CustomOp2, DType, Device, Layout, Module, Result, Shape, Tensor, bail,
     quantized::{GgmlDType, QTensor},
 };
 use candle_nn::VarBuilder;
@@ -47,6 +47,29 @@ impl Linear {
         Self {
             weight: Weight::Quantized(Arc::new(weight)),
         }
+    }
+
+    /// The layer cut along its output rows into consecutive parts of `rows[i]` rows each
+    /// (summing to N), each a dense layer over a view of the weight: a quantized layer's
+    /// weight dequantized to `dtype` once for all the parts, as [`Module::forward`] would
+    /// for the whole. Each part computes exactly its columns of the whole layer's product.
+    pub fn split_rows(&self, dtype: DType, rows: &[usize]) -> Result<Vec<Linear>> {
+        let weight = match &self.weight {
+            Weight::Dense(w) => w.clone(),
+            Weight::Quantized(q) => crate::dequantize(q, dtype)?,
+        };
+        let n = weight.dim(0)?;
+        if rows.iter().sum::<usize>() != n {
+            bail!("linear: parts of {rows:?} rows do not cut a weight of {n}");
+        }
+        let mut start = 0;
+        rows.iter()
+            .map(|&len| {
+                let part = weight.narrow(0, start, len)?;
+                start += len;
+                Ok(Linear::new(part))
+            })
+            .collect()
     }
 }
 
@@ -324,7 +347,7 @@ impl CustomOp2 for XWt {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, IndexOp};
+    use candle_core::IndexOp;
 
     use super::*;
 
@@ -449,6 +472,32 @@ mod tests {
             matches!(c.weight, Weight::Dense(_)),
             "48 is no multiple of a block"
         );
+        Ok(())
+    }
+
+    /// The parts of a split layer compute the whole layer's columns, bit for bit, dense or
+    /// quantized; parts that do not add up to the rows are refused.
+    #[test]
+    fn split_parts_compute_their_columns_of_the_whole() -> Result<()> {
+        use crate::quant::QuantFormat;
+
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 256), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (12, 256), &dev)?;
+        let q4 = quantize_rows(&w, QuantFormat::Q4K.ggml(), &dev)?;
+        for layer in [Linear::new(w), Linear::quantized(q4)] {
+            let whole = layer.forward(&x)?;
+            let parts = layer.split_rows(DType::F32, &[3, 7, 2])?;
+            let mut col = 0;
+            for (part, n) in parts.iter().zip([3, 7, 2]) {
+                let got = part.forward(&x)?;
+                let want = whole.narrow(2, col, n)?;
+                let diff = (got - want)?.abs()?.flatten_all()?.max(0)?;
+                assert_eq!(diff.to_scalar::<f32>()?, 0.0, "rows {col}..{}", col + n);
+                col += n;
+            }
+            assert!(layer.split_rows(DType::F32, &[3, 7]).is_err());
+        }
         Ok(())
     }
 

@@ -323,33 +323,72 @@ impl Flux2ParallelSelfAttention {
 
     /// (B, S, D) → (B, S, D): attention and the SwiGLU MLP from one projection.
     pub fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (d, f, h) = (cfg.hidden_size(), cfg.mlp_hidden(), cfg.num_attention_heads);
+        let (d, f) = (self.cfg.hidden_size(), self.cfg.mlp_hidden());
         let p = self.to_qkv_mlp_proj.forward(x)?;
-        let q = p.narrow(D::Minus1, 0, d)?;
-        let k = self
-            .norm_k
-            .forward_rope(&p.narrow(D::Minus1, d, d)?, rope, h, 0)?;
-        let v = heads(&p, 2 * d, cfg)?;
-        let (gate, up) = (
-            p.narrow(D::Minus1, 3 * d, f)?,
-            p.narrow(D::Minus1, 3 * d + f, f)?,
+        let cols = |start, len| p.narrow(D::Minus1, start, len);
+        let (q, k, v) = (cols(0, d)?, cols(d, d)?, heads(&p, 2 * d, &self.cfg)?);
+        let (gate, up) = (cols(3 * d, f)?, cols(3 * d + f, f)?);
+        self.attend(&q, 0, &k, &v, (&gate, &up), rope)
+    }
+
+    /// [`Self::forward`] for x's rows `start..start + len` alone: every row's keys and
+    /// values, only those rows' queries, MLP and output (the last block, whose other rows the
+    /// model discards). The projection runs as three products over views of its weight
+    /// (q and the MLP over the rows, k and v over all of x), each the same columns of the
+    /// whole projection. → (B, len, D)
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let (d, f) = (self.cfg.hidden_size(), self.cfg.mlp_hidden());
+        let parts = self
+            .to_qkv_mlp_proj
+            .split_rows(x.dtype(), &[d, 2 * d, 2 * f])?;
+        let [to_q, to_kv, to_mlp] = &parts[..] else {
+            unreachable!("three parts were asked for")
+        };
+        let rows = x.narrow(1, start, len)?;
+        let (q, kv, mlp) = (
+            to_q.forward(&rows)?,
+            to_kv.forward(x)?,
+            to_mlp.forward(&rows)?,
         );
-        // `to_out` reads [attention | MLP]: the kernels write both halves of one buffer, and
-        // the attention applies `norm_q` and RoPE to q itself.
+        let (k, v) = (kv.narrow(D::Minus1, 0, d)?, heads(&kv, d, &self.cfg)?);
+        let (gate, up) = (mlp.narrow(D::Minus1, 0, f)?, mlp.narrow(D::Minus1, f, f)?);
+        self.attend(&q, start, &k, &v, (&gate, &up), rope)
+    }
+
+    /// `to_out([attention | SwiGLU(gate, up)])` for the queries q (B, S_q, D), raw projection
+    /// columns taking RoPE rows `rope_offset..`, over the raw keys k (B, S, D) and the values
+    /// v (B, H, S, hd). `to_out` reads [attention | MLP]: the kernels write both halves of one
+    /// buffer, and the attention applies `norm_q` and RoPE to q itself.
+    fn attend(
+        &self,
+        q: &Tensor,
+        rope_offset: usize,
+        k: &Tensor,
+        v: &Tensor,
+        (gate, up): (&Tensor, &Tensor),
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let h = self.cfg.num_attention_heads;
+        let k = self.norm_k.forward_rope(k, rope, h, 0)?;
         let joint = if klein_kernels::flash_attention_fused(&k) {
             klein_kernels::flash_attention_with_swiglu_norm_q(
-                &q,
-                &self.norm_q.query(rope, 0),
+                q,
+                &self.norm_q.query(rope, rope_offset),
                 &k,
-                &v,
-                &gate,
-                &up,
+                v,
+                gate,
+                up,
             )?
         } else {
-            let q = self.norm_q.forward_rope(&q, rope, h, 0)?;
-            let o = attention(&q, &k, &v, &cfg.attention)?;
-            Tensor::cat(&[o, swiglu(&gate, &up)?], D::Minus1)?
+            let q = self.norm_q.forward_rope(q, rope, h, rope_offset)?;
+            let o = attention(&q, &k, v, &self.cfg.attention)?;
+            Tensor::cat(&[o, swiglu(gate, up)?], D::Minus1)?
         };
         self.to_out.forward(&joint)
     }
@@ -383,6 +422,23 @@ impl Flux2SingleTransformerBlock {
         let m = Mod::set(mods, 0);
         let y = self.attn.forward(&x.norm(&m, self.eps)?, rope)?;
         residual(&x.x, &y, m.gate, next_block.then_some(&m), self.eps)
+    }
+
+    /// [`Self::forward`]'s rows `start..start + len` of the result alone, (B, len, D), for the
+    /// last block ([`Flux2ParallelSelfAttention::forward_rows`]).
+    pub fn forward_rows(
+        &self,
+        x: &Stream,
+        mods: &[Tensor],
+        rope: &Rope,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor> {
+        let m = Mod::set(mods, 0);
+        let y = self
+            .attn
+            .forward_rows(&x.norm(&m, self.eps)?, rope, start, len)?;
+        gate_residual(&x.x.narrow(1, start, len)?, &y, m.gate)
     }
 }
 

@@ -10,7 +10,7 @@
 //! (spec §7.1); norms, softmax and RoPE compute in f32 internally.
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 use klein_kernels::{
     Linear, StoredBlocks, linear_no_bias,
@@ -328,6 +328,26 @@ impl Flux2Transformer2DModel {
         timesteps: &[f32],
         rope: &Rope,
     ) -> Result<Tensor> {
+        let n = hidden_states.dim(1)?;
+        self.forward_first(hidden_states, encoder_hidden_states, timesteps, rope, n)
+    }
+
+    /// [`Self::forward`]'s velocity for the first `outputs` tokens of `hidden_states` alone,
+    /// (B, outputs, 128): the noisy tokens, whose references the sampler does not step. The
+    /// last single block computes only those rows' queries, MLP and output, every token's keys
+    /// and values (the text rows' and references' outputs are discarded by the model anyway).
+    pub fn forward_first(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timesteps: &[f32],
+        rope: &Rope,
+        outputs: usize,
+    ) -> Result<Tensor> {
+        let n = hidden_states.dim(1)?;
+        if outputs == 0 || outputs > n {
+            bail!("the velocity of {outputs} of {n} tokens asked for");
+        }
         let dtype = hidden_states.dtype();
         let temb = self
             .time_guidance_embed
@@ -344,12 +364,15 @@ impl Flux2Transformer2DModel {
         }
         let txt_len = txt.x.dim(1)?;
         let mut x = Stream::new(Tensor::cat(&[txt.x, img.x], 1)?);
-        let singles = self.single_transformer_blocks.len();
-        for (i, block) in self.single_transformer_blocks.iter().enumerate() {
-            x = block.forward(&x, &mod_single, rope, i + 1 < singles)?;
-        }
-        let x = x.x;
-        let img = x.narrow(1, txt_len, x.dim(1)? - txt_len)?;
+        let img = match self.single_transformer_blocks.split_last() {
+            Some((last, blocks)) => {
+                for block in blocks {
+                    x = block.forward(&x, &mod_single, rope, true)?;
+                }
+                last.forward_rows(&x, &mod_single, rope, txt_len, outputs)?
+            }
+            None => x.x.narrow(1, txt_len, outputs)?,
+        };
         self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
     }
 }
