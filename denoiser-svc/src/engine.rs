@@ -35,7 +35,12 @@ use std::{
 };
 
 use candle_core::{DType, Device, Tensor};
-use klein_runtime::{budget::Reservation, engine::EngineError, gpu_memory, models::Registry};
+use klein_runtime::{
+    budget::Reservation,
+    engine::{EngineError, EngineThread},
+    gpu_memory,
+    models::Registry,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
@@ -85,10 +90,11 @@ pub struct Job {
     pub reservation: Reservation,
 }
 
-/// A handle to the engine thread; cheap to clone. The thread stops when every handle is gone.
+/// A handle to the engine thread; cheap to clone. The thread stops when every handle is gone,
+/// and the last handle's drop waits for it ([`EngineThread`]).
 #[derive(Clone)]
 pub struct DenoiseEngine {
-    jobs: mpsc::Sender<Job>,
+    jobs: EngineThread<Job>,
 }
 
 impl DenoiseEngine {
@@ -98,19 +104,16 @@ impl DenoiseEngine {
     where
         F: FnOnce() -> Result<Loaded, DenoiseError> + Send + 'static,
     {
-        let (jobs, queue) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), DenoiseError>>();
-        thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || match init() {
-                Ok(mut loaded) => {
-                    let _ = ready_tx.send(Ok(()));
-                    serve(&mut loaded, &queue);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })?;
+        let jobs = EngineThread::spawn(name, move |queue: mpsc::Receiver<Job>| match init() {
+            Ok(mut loaded) => {
+                let _ = ready_tx.send(Ok(()));
+                serve(&mut loaded, &queue);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+            }
+        })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self { jobs }),
             Ok(Err(e)) => Err(e),
@@ -120,7 +123,7 @@ impl DenoiseEngine {
 
     /// Queues a job; its events arrive on the job's channel.
     pub fn submit(&self, job: Job) -> Result<(), DenoiseError> {
-        self.jobs.send(job).map_err(|_| EngineError::Stopped.into())
+        Ok(self.jobs.send(job)?)
     }
 }
 
