@@ -192,19 +192,25 @@ async fn the_same_seed_twice_gives_identical_pixels_and_seeds_are_returned() {
     running.stop().await.unwrap();
 }
 
-/// `klein quantize` then `klein serve --transformer FILE`: the tiny pipeline's transformer
-/// written as a q8_0 GGUF file and served in place of its `transformer/` (under the pipeline's
-/// name, distilled as its `model_index.json` says) gives the pixels of the stack that quantizes
-/// the same checkpoint to q8_0 at load time.
+/// `klein quantize --out T --text-encoder-out E` then `klein serve --transformer T
+/// --text-encoder-gguf E`: the tiny pipeline's transformer and text encoder written as q8_0
+/// GGUF files and served in place of its `transformer/` and `text_encoder/` weights (under the
+/// pipeline's name, distilled as its `model_index.json` says) give the pixels of the stack that
+/// quantizes the same checkpoint to q8_0 at load time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quantized_gguf_transformer_serves_the_load_time_quantized_pixels() {
+async fn quantized_gguf_files_serve_the_load_time_quantized_pixels() {
     use denoiser_svc::{config::Quantize, gguf::write_gguf, weights::Checkpoint};
-    use encoder_svc::model::quant::QuantFormat;
+    use encoder_svc::model::{quant::QuantFormat, weights::QuantPlan};
 
     let pipeline = "tiny-klein-4b";
-    let file = std::env::temp_dir().join(format!("{}-e2e-q8_0.gguf", std::process::id()));
-    let checkpoint = Checkpoint::locate(&klein_test_support::pipeline_dir(pipeline)).unwrap();
+    let dir = klein_test_support::pipeline_dir(pipeline);
+    let temp = |name: &str| std::env::temp_dir().join(format!("{}-e2e-{name}", std::process::id()));
+    let (file, encoder_file) = (temp("q8_0.gguf"), temp("qwen3-q8_0.gguf"));
+    let checkpoint = Checkpoint::locate(&dir).unwrap();
     write_gguf(&checkpoint, QuantFormat::Q8_0, &file).unwrap();
+    let plan = QuantPlan::projections_in(QuantFormat::Q8_0);
+    let written = encoder_svc::model::gguf::write_gguf(&dir, plan, &encoder_file).unwrap();
+    assert!(written.quantized > 0 && written.quantized < written.tensors);
     let req = pb::GenerateRequest {
         prompt: "a red car".into(),
         width: 64,
@@ -218,9 +224,10 @@ async fn a_quantized_gguf_transformer_serves_the_load_time_quantized_pixels() {
     for from_file in [true, false] {
         let mut opts = stack_options(pipeline);
         if from_file {
-            opts = opts.transformer(&file);
+            opts = opts.transformer(&file).text_encoder_gguf(&encoder_file);
         } else {
             opts.denoiser.quantize = Quantize::Format(QuantFormat::Q8_0);
+            opts.encoder.quantize = Quantize::Format(QuantFormat::Q8_0);
         }
         let running = start_with(opts).await;
         let mut c = client(&running).await;
@@ -229,6 +236,7 @@ async fn a_quantized_gguf_transformer_serves_the_load_time_quantized_pixels() {
         images.push(pixels(&out.images[0].png));
         running.stop().await.unwrap();
     }
+    std::fs::remove_file(&encoder_file).unwrap();
     std::fs::remove_file(&file).unwrap();
     assert_eq!(max_pixel_diff(&images[0], &images[1]), 0.0);
 }

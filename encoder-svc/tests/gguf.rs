@@ -12,7 +12,7 @@ use encoder_svc::{
     engine::{Encoder, ModelSpec},
     error::EncoderError,
     model::{
-        gguf::{ARCHITECTURE, GgufFile, keys, tensor_name},
+        gguf::{ARCHITECTURE, GgufFile, keys, tensor_name, write_gguf as write_gguf_file},
         quant::QuantFormat,
         qwen3::Config,
         weights::QuantPlan,
@@ -135,6 +135,52 @@ fn gguf_weights_equal_quantizing_at_load_time() {
     let b = quantized.model().forward(&ids, &mask).unwrap();
     assert_eq!(a.dims(), &[1, len, 192]);
     assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+/// The library's writer (`klein quantize --text-encoder-out`) writes the tensors this test's
+/// llama.cpp-layout writer writes, block for block, with the metadata the reader needs.
+#[test]
+fn the_written_gguf_is_the_llama_cpp_layout_quantized_as_at_load_time() {
+    let want = write_gguf("tiny-want.gguf", 1e6);
+    let path = std::env::temp_dir().join(format!(
+        "encoder-svc-{}-tiny-written.gguf",
+        std::process::id()
+    ));
+    let got = TempFile(path.clone());
+    let plan = QuantPlan::of(Quantize::Format(QuantFormat::Q4K)).unwrap();
+    let written = write_gguf_file(&common::model_dir(), plan, &got.0).unwrap();
+    let (want, got) = (
+        klein_runtime::weights::gguf::GgufFile::open(&want.0).unwrap(),
+        klein_runtime::weights::gguf::GgufFile::open(&got.0).unwrap(),
+    );
+    let names = |f: &klein_runtime::weights::gguf::GgufFile| {
+        let mut n: Vec<String> = f.tensor_infos().map(|(n, _)| n.to_owned()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&got), names(&want));
+    assert_eq!(written.tensors, names(&got).len());
+    let mut blocks = 0;
+    for name in names(&want) {
+        let (a, b) = (
+            got.tensor(&name, &Device::Cpu).unwrap(),
+            want.tensor(&name, &Device::Cpu).unwrap(),
+        );
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{name}");
+        assert_eq!(a.data().unwrap(), b.data().unwrap(), "{name}");
+        blocks += usize::from(a.dtype().block_size() > 1);
+    }
+    assert_eq!(written.quantized, blocks);
+    let from_file = GgufFile::open(&path).unwrap().config().unwrap();
+    let json = config_json();
+    assert_eq!(
+        (
+            from_file.num_hidden_layers,
+            from_file.head_dim(),
+            from_file.rope_theta()
+        ),
+        (json.num_hidden_layers, json.head_dim(), json.rope_theta())
+    );
 }
 
 #[test]

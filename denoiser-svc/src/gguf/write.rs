@@ -2,14 +2,14 @@
 //! names, `general.architecture` "flux"), its block projections quantized: a checkpoint is
 //! quantized once (`klein quantize`) and then loads without quantizing at every start.
 
-use std::{collections::BTreeMap, fs::File, io::BufWriter, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
 use candle_core::{
-    DType, Device, Tensor,
-    quantized::{GgmlDType, QTensor, gguf_file},
+    Device, Tensor,
+    quantized::{QTensor, gguf_file},
 };
 use klein_kernels::quant::{QuantFormat, quantize_rows};
-use klein_runtime::weights::mmap_safetensors;
+use klein_runtime::weights::{gguf, mmap_safetensors};
 
 use crate::{
     model::bfl::{self, Source},
@@ -118,7 +118,7 @@ pub fn write_gguf(
                 quantized += 1;
                 quantize_rows(&t, f.ggml(), &Device::Cpu)?
             }
-            None => QTensor::quantize(&t, dense_type(&t))?,
+            None => QTensor::quantize(&t, gguf::dense_type(&t))?,
         };
         stored.push((name, q));
     }
@@ -133,28 +133,13 @@ pub fn write_gguf(
         ("general.quantization_version", &version),
     ];
     let tensors: Vec<(&str, &QTensor)> = stored.iter().map(|(n, q)| (n.as_str(), q)).collect();
-    let io = |e: std::io::Error| LoadError::Invalid {
+    gguf::write(out, &metadata, &tensors).map_err(|e| LoadError::Invalid {
         path: out.to_owned(),
         reason: e.to_string(),
-    };
-    let mut file = BufWriter::new(File::create(out).map_err(io)?);
-    gguf_file::write(&mut file, &metadata, &tensors)?;
-    file.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
+    })?;
     Ok(Written {
         tensors: stored.len(),
         quantized,
         bytes,
     })
-}
-
-/// The ggml type a tensor left dense is stored in: F32 for vectors, else its own dtype.
-fn dense_type(t: &Tensor) -> GgmlDType {
-    match t.dtype() {
-        DType::BF16 if t.rank() > 1 => GgmlDType::BF16,
-        DType::F16 if t.rank() > 1 => GgmlDType::F16,
-        _ => GgmlDType::F32,
-    }
 }

@@ -39,10 +39,15 @@ impl QuantPlan {
     /// (fixture prompt 0 with q4_0 projections: rel-L2 vs f32 0.167 with a dense table, 0.168
     /// with q8_0, 0.207 with q4_0).
     pub fn of(quantize: Quantize) -> Option<Self> {
-        quantize.format().map(|linear| Self {
+        quantize.format().map(Self::projections_in)
+    }
+
+    /// Projections in `linear`'s blocks, the embedding in q8_0 ([`Self::of`]'s plan).
+    pub fn projections_in(linear: QuantFormat) -> Self {
+        Self {
             linear,
             embedding: Some(QuantFormat::Q8_0),
-        })
+        }
     }
 }
 

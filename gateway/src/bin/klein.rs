@@ -25,7 +25,8 @@ struct Args {
 enum Command {
     /// Start the encoder, denoiser, VAE and gateway in this process, sharing one device.
     Serve(ServeArgs),
-    /// Quantize a pipeline's transformer once into a GGUF file (for `serve --transformer`).
+    /// Quantize a pipeline's transformer and/or text encoder once into GGUF files (for
+    /// `serve --transformer` and `serve --text-encoder-gguf`).
     Quantize(QuantizeArgs),
     #[command(flatten)]
     Client(cli::Command),
@@ -86,41 +87,77 @@ struct ServeArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("outputs").required(true).multiple(true))]
 struct QuantizeArgs {
-    /// Diffusers pipeline folder, its transformer/ folder, or a BFL single file.
+    /// Diffusers pipeline folder (or, for the transformer alone, its transformer/ folder or a
+    /// BFL single file).
     #[arg(long)]
     model_dir: PathBuf,
-    /// Block format of the projections: q4k, q4_0, q4_1, q6k or q8_0.
+    /// Block format of the projections: q4k, q4_0, q4_1, q6k or q8_0 (the text encoder's
+    /// embedding table takes q8_0, as `serve` quantizes it).
     #[arg(long, default_value = "q4k")]
     format: QuantFormat,
-    /// The GGUF file to write.
-    #[arg(long)]
-    out: PathBuf,
+    /// The transformer's GGUF file to write.
+    #[arg(long, group = "outputs")]
+    out: Option<PathBuf>,
+    /// The text encoder's (Qwen3) GGUF file to write.
+    #[arg(long, group = "outputs")]
+    text_encoder_out: Option<PathBuf>,
 }
 
-/// Writes the transformer of `args.model_dir` as a GGUF file with quantized projections.
+/// Writes the transformer and/or the text encoder of `args.model_dir` as GGUF files with
+/// quantized projections.
 fn quantize(args: QuantizeArgs) -> ExitCode {
-    let started = std::time::Instant::now();
-    let written = denoiser_svc::weights::Checkpoint::locate(&args.model_dir)
-        .and_then(|c| denoiser_svc::gguf::write_gguf(&c, args.format, &args.out));
-    match written {
-        Ok(w) => {
-            eprintln!(
-                "klein: wrote {} ({} tensors, {} projections in {}, {:.2} GB) in {:.1} s",
-                args.out.display(),
-                w.tensors,
-                w.quantized,
-                args.format,
-                w.bytes as f64 / 1e9,
-                started.elapsed().as_secs_f64()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("klein: {e}");
-            ExitCode::FAILURE
+    let report = |out: &std::path::Path, what: &str, started: std::time::Instant| {
+        eprintln!(
+            "klein: wrote {} ({what}) in {:.1} s",
+            out.display(),
+            started.elapsed().as_secs_f64()
+        );
+    };
+    if let Some(out) = &args.out {
+        let started = std::time::Instant::now();
+        let written = denoiser_svc::weights::Checkpoint::locate(&args.model_dir)
+            .and_then(|c| denoiser_svc::gguf::write_gguf(&c, args.format, out));
+        match written {
+            Ok(w) => report(
+                out,
+                &format!(
+                    "transformer: {} tensors, {} projections in {}, {:.2} GB",
+                    w.tensors,
+                    w.quantized,
+                    args.format,
+                    w.bytes as f64 / 1e9
+                ),
+                started,
+            ),
+            Err(e) => {
+                eprintln!("klein: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+    if let Some(out) = &args.text_encoder_out {
+        let started = std::time::Instant::now();
+        let plan = encoder_svc::model::weights::QuantPlan::projections_in(args.format);
+        match encoder_svc::model::gguf::write_gguf(&args.model_dir, plan, out) {
+            Ok(w) => report(
+                out,
+                &format!(
+                    "text encoder: {} tensors, {} in blocks, {:.2} GB",
+                    w.tensors,
+                    w.quantized,
+                    w.bytes as f64 / 1e9
+                ),
+                started,
+            ),
+            Err(e) => {
+                eprintln!("klein: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {

@@ -3,20 +3,20 @@
 //!
 //! A tensor comes back as a [`QTensor`] in the ggml type it is stored in (F32, F16 and BF16
 //! included), its shape in row-major order (GGUF lists dimensions innermost first; candle's
-//! reader reverses them).
+//! reader reverses them). [`write`] writes such a file.
 
 use std::{
     fs::File,
-    io::BufReader,
+    io::{BufReader, BufWriter},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use candle_core::{
-    Device, Result,
+    DType, Device, Result, Tensor,
     quantized::{
-        QTensor,
-        gguf_file::{Content, TensorInfo, Value},
+        GgmlDType, QTensor,
+        gguf_file::{self, Content, TensorInfo, Value},
     },
 };
 
@@ -91,5 +91,24 @@ impl GgufFile {
         self.content
             .tensor(&mut *reader, name, device)
             .map_err(|e| candle_core::Error::msg(format!("GGUF tensor {name}: {e}")))
+    }
+}
+
+/// Writes `tensors` (in the order given) with `metadata` as the GGUF file `out`, synced to
+/// disk before it returns.
+pub fn write(out: &Path, metadata: &[(&str, &Value)], tensors: &[(&str, &QTensor)]) -> Result<()> {
+    let mut file = BufWriter::new(File::create(out)?);
+    gguf_file::write(&mut file, metadata, tensors)?;
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
+}
+
+/// The ggml type a tensor left dense takes in a written file: F32 for vectors, else its own
+/// dtype (BF16, F16; anything else F32).
+pub fn dense_type(t: &Tensor) -> GgmlDType {
+    match t.dtype() {
+        DType::BF16 if t.rank() > 1 => GgmlDType::BF16,
+        DType::F16 if t.rank() > 1 => GgmlDType::F16,
+        _ => GgmlDType::F32,
     }
 }

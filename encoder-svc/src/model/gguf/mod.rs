@@ -14,6 +14,10 @@ use candle_core::{
 
 use super::qwen3::Config;
 
+mod write;
+
+pub use write::{Written, write_gguf};
+
 /// `general.architecture` of a Qwen3 GGUF file.
 pub const ARCHITECTURE: &str = "qwen3";
 
