@@ -10,6 +10,7 @@
 //!   projection stored dense) and counted in the weight bytes.
 
 mod bfl_layout;
+mod golden_forward;
 
 use std::collections::HashMap;
 
@@ -17,11 +18,12 @@ use bfl_layout::{TempFile, temp, write_gguf};
 use candle_core::{DType, Tensor, quantized::GgmlDType};
 use denoiser_svc::{
     model::{
-        AttentionConfig, Flux2Transformer2DModel, PositionId,
+        AttentionConfig, Flux2Transformer2DModel,
         bfl::{PREFIX, is_projection},
     },
     weights::{Checkpoint, Format},
 };
+use golden_forward::Outputs;
 use klein_kernels::quant::{QuantFormat, Quantize, quantize_rows, stored_bytes};
 use klein_test_support::{golden, pipeline_dir, rel_l2, take, test_device};
 
@@ -55,38 +57,8 @@ fn mixed_type(name: &str, dims: &[usize], projection_index: &mut usize) -> GgmlD
     }
 }
 
-/// The outputs without and with reference tokens on the golden's inputs.
-fn run(m: &Flux2Transformer2DModel, dtype: DType) -> Vec<Tensor> {
-    let g = golden("transformer_forward");
-    let dev = test_device();
-    let input = |name: &str| {
-        take(&g, name)
-            .to_device(&dev)
-            .and_then(|t| t.to_dtype(dtype))
-            .unwrap()
-    };
-    let ids = |name: &str| -> Vec<PositionId> {
-        take(&g, name)
-            .squeeze(0)
-            .and_then(|t| t.to_vec2::<i64>())
-            .unwrap()
-            .into_iter()
-            .map(|r| [r[0] as u32, r[1] as u32, r[2] as u32, r[3] as u32])
-            .collect()
-    };
-    ["", "ref."]
-        .iter()
-        .map(|prefix| {
-            let mut all = ids("txt_ids");
-            all.extend(ids(&format!("{prefix}img_ids")));
-            let rope = m.rope(&all, &dev).unwrap();
-            let hs = input(&format!("{prefix}hidden_states"));
-            let y = m.forward(&hs, &input("encoder_hidden_states"), &[730.0], &rope);
-            y.and_then(|y| y.to_dtype(DType::F32))
-                .and_then(|y| y.to_device(&candle_core::Device::Cpu))
-                .unwrap()
-        })
-        .collect()
+fn run(m: &Flux2Transformer2DModel, dtype: DType) -> Outputs {
+    golden_forward::run("transformer_forward", m, dtype)
 }
 
 fn load(checkpoint: &Checkpoint, dtype: DType) -> Flux2Transformer2DModel {
@@ -95,8 +67,13 @@ fn load(checkpoint: &Checkpoint, dtype: DType) -> Flux2Transformer2DModel {
         .unwrap()
 }
 
-fn assert_same(got: &[Tensor], want: &[Tensor], what: &str) {
-    for (g, w) in got.iter().zip(want) {
+fn assert_same(got: &Outputs, want: &Outputs, what: &str) {
+    let pairs = [
+        (&got.plain, &want.plain),
+        (&got.refs, &want.refs),
+        (&got.noisy, &want.noisy),
+    ];
+    for (g, w) in pairs {
         let diff = (g - w)
             .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
             .unwrap();
@@ -126,8 +103,8 @@ fn an_f32_gguf_is_the_diffusers_model() {
     let want = run(&load(&diffusers, DType::F32), DType::F32);
     assert_same(&got, &want, "f32 GGUF against the diffusers folder");
     let g = golden("transformer_forward");
-    let e = rel_l2(&got[0], take(&g, "output.f32"));
-    let e_ref = rel_l2(&got[1], take(&g, "ref.output.f32"));
+    let e = rel_l2(&got.plain, take(&g, "output.f32"));
+    let e_ref = rel_l2(&got.refs, take(&g, "ref.output.f32"));
     println!("f32 GGUF forward rel-L2 {e:.3e}, with references {e_ref:.3e}");
     assert!(e <= 1e-4 && e_ref <= 1e-4, "{e} {e_ref}");
 }
@@ -201,7 +178,7 @@ fn a_quantized_gguf_is_the_dense_model_of_its_dequantized_weights() {
         }
         let g = golden("transformer_forward");
         let from_golden = rel_l2(
-            &run(&load(&gguf, DType::F32), DType::F32)[0],
+            &run(&load(&gguf, DType::F32), DType::F32).plain,
             take(&g, "output.f32"),
         );
         println!("mixed GGUF, quantize {quantize:?}: rel-L2 to the f32 golden {from_golden:.3e}");

@@ -4,11 +4,14 @@
 //! on the klein-9B-shaped fixture (`goldens/transformer_forward_9b`: more blocks and heads, a
 //! wider context, bf16 shards on disk).
 
+mod golden_forward;
+
 use candle_core::{DType, Device, Tensor};
 use denoiser_svc::{
-    model::{AttentionConfig, Flux2Transformer2DModel, PositionId},
+    model::{AttentionConfig, Flux2Transformer2DModel},
     weights::Checkpoint,
 };
+use golden_forward::{Outputs, ids};
 use klein_test_support::{golden, manifest, pipeline_dir, rel_l2, take, test_device};
 
 /// A fixture pipeline and its forward golden.
@@ -34,57 +37,14 @@ fn model(fixture: &Fixture, dtype: DType, attention: AttentionConfig) -> Flux2Tr
         .unwrap()
 }
 
-fn ids(t: &Tensor) -> Vec<PositionId> {
-    t.squeeze(0)
-        .unwrap()
-        .to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|r| [r[0] as u32, r[1] as u32, r[2] as u32, r[3] as u32])
-        .collect()
-}
-
 fn spread(fixture: &Fixture, output: &str) -> f64 {
     manifest()["cases"][fixture.golden]["spread"][output]["rel_l2"]
         .as_f64()
         .unwrap()
 }
 
-/// Outputs of `m` on the golden inputs: without refs, with refs (every token), and with refs
-/// for the noisy tokens alone as the sampler asks ([`Flux2Transformer2DModel::forward_first`]).
-struct Outputs {
-    plain: Tensor,
-    refs: Tensor,
-    noisy: Tensor,
-}
-
 fn run(fixture: &Fixture, m: &Flux2Transformer2DModel, dtype: DType) -> Outputs {
-    let g = golden(fixture.golden);
-    let dev = test_device();
-    let input = |name: &str| {
-        take(&g, name)
-            .to_device(&dev)
-            .and_then(|t| t.to_dtype(dtype))
-            .unwrap()
-    };
-    let ehs = input("encoder_hidden_states");
-    let rope = |prefix: &str| {
-        let mut all = ids(take(&g, "txt_ids"));
-        all.extend(ids(take(&g, &format!("{prefix}img_ids"))));
-        m.rope(&all, &dev).unwrap()
-    };
-    let host = |y: Tensor| y.to_device(&Device::Cpu).unwrap();
-    let (hs, hs_ref) = (input("hidden_states"), input("ref.hidden_states"));
-    let (plain_rope, ref_rope) = (rope(""), rope("ref."));
-    let noisy = hs.dim(1).unwrap();
-    Outputs {
-        plain: host(m.forward(&hs, &ehs, &[730.0], &plain_rope).unwrap()),
-        refs: host(m.forward(&hs_ref, &ehs, &[730.0], &ref_rope).unwrap()),
-        noisy: host(
-            m.forward_first(&hs_ref, &ehs, &[730.0], &ref_rope, noisy)
-                .unwrap(),
-        ),
-    }
+    golden_forward::run(fixture.golden, m, dtype)
 }
 
 fn check_f32(fixture: &Fixture) {

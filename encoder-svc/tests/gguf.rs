@@ -184,6 +184,19 @@ fn the_written_gguf_is_the_llama_cpp_layout_quantized_as_at_load_time() {
 }
 
 #[test]
+fn writing_from_a_folder_without_a_text_encoder_is_a_configuration_error() {
+    let plan = QuantPlan::of(Quantize::Format(QuantFormat::Q4K)).unwrap();
+    let out = std::env::temp_dir().join(format!("encoder-svc-{}-none.gguf", std::process::id()));
+    let transformer = common::model_dir().join("transformer");
+    match write_gguf_file(&transformer, plan, &out) {
+        Err(EncoderError::Config(msg)) => assert!(msg.contains("no Qwen3 text encoder"), "{msg}"),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a transformer folder was written as a text encoder"),
+    }
+    assert!(!out.exists());
+}
+
+#[test]
 fn a_gguf_that_disagrees_with_config_json_is_refused() {
     let file = write_gguf("tiny-theta.gguf", 1e4);
     match load(Some(file.0.clone()), Quantize::None) {

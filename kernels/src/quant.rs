@@ -194,6 +194,22 @@ pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Resul
     QTensor::new(storage, (rows, width))
 }
 
+/// `t` (on the host) as a file stores it: in `blocks`' format ([`quantize_rows`]), else dense,
+/// vectors in F32 and matrices in their own dtype (BF16, F16; anything else F32).
+pub fn to_stored(t: &Tensor, blocks: Option<QuantFormat>) -> Result<QTensor> {
+    match blocks {
+        Some(format) => quantize_rows(t, format.ggml(), &Device::Cpu),
+        None => {
+            let dense = match t.dtype() {
+                DType::BF16 if t.rank() > 1 => GgmlDType::BF16,
+                DType::F16 if t.rank() > 1 => GgmlDType::F16,
+                _ => GgmlDType::F32,
+            };
+            QTensor::quantize(t, dense)
+        }
+    }
+}
+
 /// Bytes `elements` weights take in `dtype`'s blocks.
 pub fn stored_bytes(dtype: GgmlDType, elements: usize) -> usize {
     elements / dtype.block_size() * dtype.type_size()
@@ -253,6 +269,27 @@ pub fn ggml_name(dtype: GgmlDType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_tensors_keep_their_dtype_or_take_the_blocks_asked_for() -> Result<()> {
+        let dev = Device::Cpu;
+        let m = Tensor::randn(0f32, 1.0, (4, 64), &dev)?;
+        let stored = |t: &Tensor, blocks| to_stored(t, blocks).map(|q| q.dtype());
+        assert_eq!(stored(&m.to_dtype(DType::BF16)?, None)?, GgmlDType::BF16);
+        assert_eq!(stored(&m.to_dtype(DType::F16)?, None)?, GgmlDType::F16);
+        assert_eq!(stored(&m, None)?, GgmlDType::F32);
+        let v = m.get(0)?.to_dtype(DType::BF16)?;
+        assert_eq!(stored(&v, None)?, GgmlDType::F32, "vectors in F32");
+        let bf16 = m.to_dtype(DType::BF16)?;
+        let q = to_stored(&bf16, Some(QuantFormat::Q8_0))?;
+        assert_eq!(q.dtype(), GgmlDType::Q8_0);
+        assert_eq!(
+            q.data()?,
+            QTensor::quantize(&bf16.to_dtype(DType::F32)?, GgmlDType::Q8_0)?.data()?,
+            "the bf16 matrix's blocks are those of its values in f32"
+        );
+        Ok(())
+    }
 
     #[test]
     fn k_quants_fall_back_to_block_32_formats_on_narrow_rows() {

@@ -8,7 +8,7 @@ use candle_core::{
     Device, Tensor,
     quantized::{QTensor, gguf_file},
 };
-use klein_kernels::quant::{QuantFormat, quantize_rows};
+use klein_kernels::quant::{QuantFormat, to_stored};
 use klein_runtime::weights::{gguf, mmap_safetensors};
 
 use crate::{
@@ -113,13 +113,8 @@ pub fn write_gguf(
             &[_, width] if bfl::is_projection(&name) => format.for_width(width),
             _ => None,
         };
-        let q = match blocks {
-            Some(f) => {
-                quantized += 1;
-                quantize_rows(&t, f.ggml(), &Device::Cpu)?
-            }
-            None => QTensor::quantize(&t, gguf::dense_type(&t))?,
-        };
+        quantized += usize::from(blocks.is_some());
+        let q = to_stored(&t, blocks)?;
         stored.push((name, q));
     }
     let bytes = stored

@@ -13,9 +13,9 @@ use std::{
 };
 
 use candle_core::{
-    DType, Device, Result, Tensor,
+    Device, Result,
     quantized::{
-        GgmlDType, QTensor,
+        QTensor,
         gguf_file::{self, Content, TensorInfo, Value},
     },
 };
@@ -101,14 +101,4 @@ pub fn write(out: &Path, metadata: &[(&str, &Value)], tensors: &[(&str, &QTensor
     gguf_file::write(&mut file, metadata, tensors)?;
     file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
-}
-
-/// The ggml type a tensor left dense takes in a written file: F32 for vectors, else its own
-/// dtype (BF16, F16; anything else F32).
-pub fn dense_type(t: &Tensor) -> GgmlDType {
-    match t.dtype() {
-        DType::BF16 if t.rank() > 1 => GgmlDType::BF16,
-        DType::F16 if t.rank() > 1 => GgmlDType::F16,
-        _ => GgmlDType::F32,
-    }
 }

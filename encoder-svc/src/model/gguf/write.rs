@@ -9,6 +9,7 @@ use candle_core::{
     Device,
     quantized::{QTensor, gguf_file::Value},
 };
+use klein_kernels::quant::to_stored;
 use klein_runtime::weights::{
     component_dir, gguf, mmap_safetensors, read_config, safetensors_files,
 };
@@ -16,7 +17,7 @@ use klein_runtime::weights::{
 use super::{ARCHITECTURE, keys, tensor_name};
 use crate::{
     error::EncoderError,
-    model::{quant::quantize_rows, qwen3::Config, weights::QuantPlan},
+    model::{qwen3::Config, weights::QuantPlan},
 };
 
 /// The transformers key of the token-embedding table.
@@ -37,11 +38,18 @@ pub struct Written {
 /// `out`: each tensor with a llama.cpp name ([`tensor_name`]; `lm_head` has none and is left
 /// out), the projections in `plan.linear`'s blocks (or its block-32 fallback), the embedding
 /// table in `plan.embedding`'s, 1-D tensors in F32, anything else in its stored dtype; the
-/// architecture as `qwen3.*` metadata from `config.json`. The file is for this crate's reader:
+/// architecture as `qwen3.*` metadata from `config.json` (a folder whose `config.json` is not
+/// a Qwen3 one is a configuration error). The file is for this crate's reader:
 /// llama.cpp itself would also need the tokenizer's metadata, which is not written.
 pub fn write_gguf(model_dir: &Path, plan: QuantPlan, out: &Path) -> Result<Written, EncoderError> {
     let dir = component_dir(model_dir, "text_encoder")?;
-    let cfg: Config = read_config(&dir.join("config.json"))?;
+    let cfg: Config = read_config(&dir.join("config.json")).map_err(|e| {
+        EncoderError::Config(format!(
+            "{} holds no Qwen3 text encoder ({e}): point at the pipeline folder or its \
+             text_encoder/",
+            dir.display()
+        ))
+    })?;
     let mapped = mmap_safetensors(&safetensors_files(&dir)?)?;
     let mut stored = Vec::new();
     let mut quantized = 0;
@@ -55,13 +63,8 @@ pub fn write_gguf(model_dir: &Path, plan: QuantPlan, out: &Path) -> Result<Writt
             [_, width] => plan.linear.for_width(width),
             _ => None,
         };
-        let q = match format {
-            Some(f) => {
-                quantized += 1;
-                quantize_rows(&t, f.ggml(), &Device::Cpu)?
-            }
-            None => QTensor::quantize(&t, gguf::dense_type(&t))?,
-        };
+        quantized += usize::from(format.is_some());
+        let q = to_stored(&t, format)?;
         stored.push((name, q));
     }
     stored.sort_by(|a, b| a.0.cmp(&b.0));
