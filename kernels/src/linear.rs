@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use crate::{
     cpu,
-    quant::{Quantize, quantize_rows, stack_rows},
+    quant::{Quantize, StoredRows, quantize_rows, stack_rows},
 };
 
 #[cfg(feature = "cuda")]
@@ -81,9 +81,9 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder<'_>) -> Resu
 /// Projection weights a checkpoint stores in ggml blocks (a GGUF file), looked up under the
 /// names a [`VarBuilder`] would read them by.
 pub trait BlockSource: Send + Sync {
-    /// Tensor `name` in its stored blocks, on the host; `None` where it is stored dense (F32,
-    /// F16, BF16) or not at all.
-    fn blocks(&self, name: &str) -> Result<Option<QTensor>>;
+    /// Tensor `name`'s rows in their stored blocks; `None` where it is stored dense (F32, F16,
+    /// BF16) or not at all.
+    fn blocks(&self, name: &str) -> Result<Option<StoredRows<'_>>>;
 
     /// (rows, width, type) of every projection tensor it stores in blocks, for accounting.
     fn stored(&self) -> Vec<(usize, usize, GgmlDType)>;
@@ -108,8 +108,8 @@ impl PartialEq for StoredBlocks {
 
 /// The (`out_dim`, `in_dim`) weights named `weight` under each of `vbs`, stacked along the
 /// output rows into one (`vbs.len()·out_dim`, `in_dim`) layer:
-/// - where `stored` holds every part in blocks of one type: those blocks, stacked on the host
-///   and moved to the builders' device as they are;
+/// - where `stored` holds every part in blocks of one type: those blocks, stacked and moved
+///   to the builders' device as they are ([`stack_rows`]);
 /// - dense, with a `quantize` format whose block divides `in_dim` (or its block-32 fallback,
 ///   [`crate::quant::QuantFormat::for_width`]): read on the host, quantized there and
 ///   the blocks moved to the device, so the dense weights never occupy device memory;
@@ -130,11 +130,12 @@ pub fn stacked_linear(
             .collect::<Result<Vec<_>>>()?;
         if parts.iter().any(Option::is_some) {
             let parts = parts.into_iter().zip(vbs).map(|(part, vb)| match part {
-                Some(q) if q.shape().dims() == [out_dim, in_dim] => Ok(q),
+                Some(q) if (q.rows.len(), q.width) == (out_dim, in_dim) => Ok(q),
                 Some(q) => bail!(
-                    "{}.weight: shape {:?}, expected ({out_dim}, {in_dim})",
+                    "{}.weight: shape ({}, {}), expected ({out_dim}, {in_dim})",
                     vb.prefix(),
-                    q.shape()
+                    q.rows.len(),
+                    q.width
                 ),
                 None => bail!(
                     "{}.weight is stored dense, the rest of its projection in blocks",
@@ -511,11 +512,20 @@ mod tests {
 
         struct Blocks(HashMap<String, Tensor>);
         impl BlockSource for Blocks {
-            fn blocks(&self, name: &str) -> Result<Option<QTensor>> {
-                self.0
-                    .get(name)
-                    .map(|t| QTensor::quantize(t, GgmlDType::Q8_0))
-                    .transpose()
+            fn blocks(&self, name: &str) -> Result<Option<StoredRows<'_>>> {
+                let Some(t) = self.0.get(name) else {
+                    return Ok(None);
+                };
+                let (rows, width) = t.dims2()?;
+                Ok(Some(StoredRows {
+                    dtype: GgmlDType::Q8_0,
+                    width,
+                    whole: QTensor::quantize(t, GgmlDType::Q8_0)?
+                        .data()?
+                        .into_owned()
+                        .into(),
+                    rows: 0..rows,
+                }))
             }
             fn stored(&self) -> Vec<(usize, usize, GgmlDType)> {
                 Vec::new()

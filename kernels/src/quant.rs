@@ -1,8 +1,8 @@
 //! Block quantization of linear weights in ggml formats (candle's `QTensor`), shared by the
 //! services that quantize at load time: the formats, their names, the load-time setting, a
-//! row-parallel quantizer, and row ranges and stacks of stored blocks (GGUF projections).
+//! row-parallel quantizer, and stacks of row ranges of stored blocks (GGUF projections).
 
-use std::{borrow::Cow, fmt, str::FromStr, thread};
+use std::{borrow::Cow, fmt, ops::Range, str::FromStr, thread};
 
 use candle_core::{
     DType, Device, Result, Tensor,
@@ -220,45 +220,84 @@ pub fn is_block_quantized(dtype: GgmlDType) -> bool {
     !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
-/// Rows `[row0, row0 + rows)` of a 2-D host tensor in blocks, on `device`: ggml blocks run
-/// along a row, so a row range is a byte range.
-pub fn narrow_rows(q: &QTensor, row0: usize, rows: usize, device: &Device) -> Result<QTensor> {
-    let (total, width) = q.shape().dims2()?;
-    if row0 + rows > total {
-        candle_core::bail!("rows {row0}..{} of a {total}-row tensor", row0 + rows)
-    }
-    let row_bytes = stored_bytes(q.dtype(), width);
-    let data = q.data()?;
-    let bytes = &data[row0 * row_bytes..(row0 + rows) * row_bytes];
-    QTensor::new(
-        QStorage::from_data(Cow::Borrowed(bytes), device, q.dtype())?,
-        (rows, width),
-    )
+/// Rows of a 2-D tensor in ggml blocks, as a file stores it: ggml blocks run along a row, so a
+/// row range is a byte range of the stored tensor.
+#[derive(Debug, Clone)]
+pub struct StoredRows<'a> {
+    pub dtype: GgmlDType,
+    /// Weights a row.
+    pub width: usize,
+    /// The whole stored tensor the rows belong to.
+    pub whole: Cow<'a, [u8]>,
+    /// Which of its rows.
+    pub rows: Range<usize>,
 }
 
-/// 2-D host tensors of one block type and width stacked along their rows, on `device`.
-pub fn stack_rows(parts: &[QTensor], device: &Device) -> Result<QTensor> {
+impl StoredRows<'_> {
+    fn row_bytes(&self) -> usize {
+        stored_bytes(self.dtype, self.width)
+    }
+
+    /// The rows' bytes; an error where they run past the stored tensor.
+    fn bytes(&self) -> Result<&[u8]> {
+        let n = self.row_bytes();
+        self.whole
+            .get(self.rows.start * n..self.rows.end * n)
+            .ok_or_else(|| {
+                candle_core::Error::msg(format!(
+                    "rows {:?} of a {}-row tensor",
+                    self.rows,
+                    self.whole.len() / n.max(1)
+                ))
+            })
+    }
+
+    /// `next`, when it continues these rows in the same stored tensor, joined to them.
+    fn join(&self, next: &Self) -> Option<Self> {
+        let same = std::ptr::eq(self.whole.as_ptr(), next.whole.as_ptr())
+            && self.whole.len() == next.whole.len()
+            && (self.dtype, self.width) == (next.dtype, next.width);
+        (same && self.rows.end == next.rows.start).then(|| Self {
+            rows: self.rows.start..next.rows.end,
+            ..self.clone()
+        })
+    }
+}
+
+/// Row ranges of one block type and width stacked, on `device`: ranges that continue each
+/// other in one stored tensor (a fused q/k/v read as its three projections) go to the device
+/// as the one range they are, without a copy on the host.
+pub fn stack_rows(parts: &[StoredRows<'_>], device: &Device) -> Result<QTensor> {
     let Some(first) = parts.first() else {
         candle_core::bail!("stacking no tensors")
     };
-    let (dtype, width) = (first.dtype(), first.shape().dims2()?.1);
-    let mut bytes = Vec::new();
-    let mut rows = 0;
+    let (dtype, width) = (first.dtype, first.width);
+    let mut runs: Vec<StoredRows<'_>> = Vec::new();
     for part in parts {
-        let (r, w) = part.shape().dims2()?;
-        if part.dtype() != dtype || w != width {
+        if (part.dtype, part.width) != (dtype, width) {
             candle_core::bail!(
-                "stacking {:?} ({r}, {w}) onto {dtype:?} rows of width {width}",
-                part.dtype()
+                "stacking {:?} rows of width {} onto {dtype:?} rows of width {width}",
+                part.dtype,
+                part.width
             )
         }
-        bytes.extend_from_slice(&part.data()?);
-        rows += r;
+        part.bytes()?;
+        match runs.last().and_then(|run| run.join(part)) {
+            Some(joined) => *runs.last_mut().expect("a run was joined") = joined,
+            None => runs.push(part.clone()),
+        }
     }
-    QTensor::new(
-        QStorage::from_data(Cow::Owned(bytes), device, dtype)?,
-        (rows, width),
-    )
+    let rows = parts.iter().map(|p| p.rows.len()).sum::<usize>();
+    let data = match runs.as_slice() {
+        [run] => Cow::Borrowed(run.bytes()?),
+        runs => Cow::Owned(
+            runs.iter()
+                .map(StoredRows::bytes)
+                .collect::<Result<Vec<_>>>()?
+                .concat(),
+        ),
+    };
+    QTensor::new(QStorage::from_data(data, device, dtype)?, (rows, width))
 }
 
 /// A short lowercase name of a ggml block type, for reports (`q4k`, `q6k`, `f32`, ...).
@@ -326,18 +365,46 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (6, 64), &dev)?;
         let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
         let all = q.dequantize(&dev)?;
-        let parts = [
-            narrow_rows(&q, 0, 2, &dev)?,
-            narrow_rows(&q, 2, 1, &dev)?,
-            narrow_rows(&q, 3, 3, &dev)?,
-        ];
-        let middle = parts[1].dequantize(&dev)?.to_vec2::<f32>()?;
-        assert_eq!(middle, all.narrow(0, 2, 1)?.to_vec2::<f32>()?);
-        let stacked = stack_rows(&parts, &dev)?.dequantize(&dev)?;
-        assert_eq!(stacked.to_vec2::<f32>()?, all.to_vec2::<f32>()?);
-        assert!(narrow_rows(&q, 4, 3, &dev).is_err());
-        let other = QTensor::quantize(&w, GgmlDType::Q4_0)?;
-        assert!(stack_rows(&[q, other], &dev).is_err());
+        let data = q.data()?;
+        fn rows(whole: &[u8], rows: Range<usize>) -> StoredRows<'_> {
+            StoredRows {
+                dtype: GgmlDType::Q8_0,
+                width: 64,
+                whole: Cow::Borrowed(whole),
+                rows,
+            }
+        }
+        let copy = data.to_vec();
+        let stacked = |parts: &[StoredRows<'_>]| -> Result<Vec<Vec<f32>>> {
+            stack_rows(parts, &dev)?.dequantize(&dev)?.to_vec2::<f32>()
+        };
+        // Ranges that continue each other in one tensor are joined; others are not.
+        let joined = [rows(&data, 0..2), rows(&data, 2..3), rows(&data, 3..6)];
+        assert!(joined[0].join(&joined[1]).is_some_and(|j| j.rows == (0..3)));
+        assert!(joined[0].join(&joined[2]).is_none());
+        assert!(joined[0].join(&rows(&copy, 2..3)).is_none());
+        assert_eq!(stacked(&joined)?, all.to_vec2::<f32>()?);
+        let apart = [rows(&data, 3..6), rows(&copy, 0..2), rows(&data, 2..3)];
+        let want = Tensor::cat(
+            &[
+                all.narrow(0, 3, 3)?,
+                all.narrow(0, 0, 2)?,
+                all.narrow(0, 2, 1)?,
+            ],
+            0,
+        )?;
+        assert_eq!(stacked(&apart)?, want.to_vec2::<f32>()?);
+        assert_eq!(
+            stacked(&[rows(&copy, 2..3)])?,
+            all.narrow(0, 2, 1)?.to_vec2::<f32>()?
+        );
+        assert!(stack_rows(&[rows(&data, 4..7)], &dev).is_err());
+        let other = StoredRows {
+            dtype: GgmlDType::Q4_0,
+            ..rows(&data, 0..1)
+        };
+        assert!(stack_rows(&[rows(&data, 0..1), other], &dev).is_err());
+        assert!(stack_rows(&[], &dev).is_err());
         Ok(())
     }
 

@@ -6,26 +6,28 @@
 //!
 //! The block projections the file stores quantized stay in their blocks on the device
 //! ([`BlockSource`], taken by `klein_kernels::stacked_linear`): a fused BFL `qkv` is the
-//! model's stacked q/k/v as it is. Every other tensor is dequantized to the model dtype when
-//! it is read ([`GgufTransformer::var_builder`]), as diffusers' GGUF loader computes with it.
+//! model's stacked q/k/v as it is, copied from the file's mapping to the device in one piece.
+//! Every other tensor is converted to the model dtype when it is read
+//! ([`GgufTransformer::var_builder`]), as diffusers' GGUF loader computes with it: F32, F16
+//! and BF16 on the device they go to, ggml blocks dequantized on the host.
 //! [`write_gguf`] writes such a file from a diffusers or BFL checkpoint.
 
 mod write;
 
 pub use write::{Written, write_gguf};
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{borrow::Cow, collections::BTreeMap, path::Path, sync::Arc};
 
 use candle_core::{
     DType, Device, Result, Shape, Tensor,
-    quantized::{GgmlDType, QTensor},
+    quantized::{GgmlDType, QStorage, QTensor},
 };
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 use klein_kernels::{
     BlockSource,
-    quant::{is_block_quantized, narrow_rows},
+    quant::{StoredRows, is_block_quantized},
 };
-use klein_runtime::weights::gguf::GgufFile;
+use klein_runtime::weights::gguf::{GgufFile, StoredTensor};
 
 use crate::model::bfl::{self, PREFIX, Source};
 
@@ -64,10 +66,9 @@ impl GgufTransformer {
         })
     }
 
-    /// BFL tensor `name` as stored, on the host.
-    fn read(&self, name: &str) -> Result<QTensor> {
-        self.file
-            .tensor(&format!("{}{name}", self.prefix), &Device::Cpu)
+    /// BFL tensor `name` as stored.
+    fn stored(&self, name: &str) -> Result<StoredTensor<'_>> {
+        self.file.stored(&format!("{}{name}", self.prefix))
     }
 
     /// A [`VarBuilder`] over the BFL names, each tensor dequantized to `dtype` on `device`.
@@ -79,7 +80,7 @@ impl GgufTransformer {
 /// Diffusers names of the block projections: their stored blocks, a fused `qkv`'s rows cut
 /// into its three projections.
 impl BlockSource for GgufTransformer {
-    fn blocks(&self, name: &str) -> Result<Option<QTensor>> {
+    fn blocks(&self, name: &str) -> Result<Option<StoredRows<'_>>> {
         let (src, chunk) = match bfl::source(name) {
             Some(Source::Plain(src)) => (src, None),
             Some(Source::Chunk3(src, i)) => (src, Some(i)),
@@ -89,12 +90,18 @@ impl BlockSource for GgufTransformer {
             Some(info) if is_block_quantized(info.ggml_dtype) => {}
             _ => return Ok(None),
         }
-        let q = self.read(&src)?;
-        let Some(i) = chunk else {
-            return Ok(Some(q));
+        let t = self.stored(&src)?;
+        let (rows, width) = t.shape.dims2()?;
+        let rows = match chunk {
+            None => 0..rows,
+            Some(i) => i * rows / 3..(i + 1) * rows / 3,
         };
-        let rows = q.shape().dims2()?.0 / 3;
-        narrow_rows(&q, i * rows, rows, &Device::Cpu).map(Some)
+        Ok(Some(StoredRows {
+            dtype: t.dtype,
+            width,
+            whole: Cow::Borrowed(t.bytes),
+            rows,
+        }))
     }
 
     fn stored(&self) -> Vec<(usize, usize, GgmlDType)> {
@@ -108,16 +115,30 @@ impl BlockSource for GgufTransformer {
     }
 }
 
-/// The file's tensors under their BFL names, dequantized.
+/// The file's tensors under their BFL names, in the model dtype.
 struct Dense(Arc<GgufTransformer>);
 
 impl Dense {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        self.0
-            .read(name)?
-            .dequantize(&Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)
+        let t = self.0.stored(name)?;
+        let dense = match t.dtype {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            GgmlDType::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        match dense {
+            Some(stored) => {
+                Tensor::from_raw_buffer(t.bytes, stored, t.shape.dims(), dev)?.to_dtype(dtype)
+            }
+            None => {
+                let host = QStorage::from_data(Cow::Borrowed(t.bytes), &Device::Cpu, t.dtype)?;
+                QTensor::new(host, t.shape.clone())?
+                    .dequantize(&Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(dev)
+            }
+        }
     }
 }
 

@@ -436,7 +436,7 @@ mod tests {
         /// klein-4B's single blocks' fused projections stored in Q8_0.
         struct Linear1;
         impl BlockSource for Linear1 {
-            fn blocks(&self, _: &str) -> Result<Option<candle_core::quantized::QTensor>> {
+            fn blocks(&self, _: &str) -> Result<Option<klein_kernels::quant::StoredRows<'_>>> {
                 Ok(None)
             }
             fn stored(&self) -> Vec<(usize, usize, GgmlDType)> {
