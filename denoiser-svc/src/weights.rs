@@ -17,7 +17,7 @@
 //! folder carries no such flag, so the service configuration must state it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     io::Read,
     path::{Path, PathBuf},
@@ -86,6 +86,8 @@ pub struct Checkpoint {
     pub is_distilled: Option<bool>,
     /// A BFL safetensors file's names carry [`bfl::PREFIX`] (ComfyUI's copies).
     pub prefixed: bool,
+    /// The BFL names (without the prefix) of the weights a BFL file stores in float8 e4m3.
+    fp8: Arc<BTreeSet<String>>,
     /// The open GGUF file ([`Format::Gguf`]).
     gguf: Option<Arc<GgufTransformer>>,
 }
@@ -107,14 +109,23 @@ impl Checkpoint {
             return Self::gguf(path, model_id);
         }
         if path.is_file() {
-            let mut shapes = header_shapes(path)?;
-            let prefixed = shapes.contains_key(&format!("{}img_in.weight", bfl::PREFIX));
+            let mut header = header(path)?;
+            let prefixed = header.contains_key(&format!("{}img_in.weight", bfl::PREFIX));
             if prefixed {
-                shapes = shapes
+                header = header
                     .into_iter()
                     .filter_map(|(k, v)| Some((k.strip_prefix(bfl::PREFIX)?.to_owned(), v)))
                     .collect();
             }
+            let fp8 = header
+                .iter()
+                .filter(|(_, (_, dtype))| dtype == "F8_E4M3")
+                .map(|(name, _)| name.clone())
+                .collect();
+            let shapes = header
+                .into_iter()
+                .map(|(k, (shape, _))| (k, shape))
+                .collect();
             return Ok(Self {
                 model_id,
                 config: single_file_config(path, &shapes)?,
@@ -122,6 +133,7 @@ impl Checkpoint {
                 files: vec![path.to_owned()],
                 is_distilled: None,
                 prefixed,
+                fp8: Arc::new(fp8),
                 gguf: None,
             });
         }
@@ -150,6 +162,7 @@ impl Checkpoint {
             files,
             is_distilled,
             prefixed: false,
+            fp8: Arc::default(),
             gguf: None,
         })
     }
@@ -167,6 +180,7 @@ impl Checkpoint {
             files: vec![path.to_owned()],
             is_distilled: None,
             prefixed: false,
+            fp8: Arc::default(),
             gguf: Some(file),
         })
     }
@@ -193,10 +207,11 @@ impl Checkpoint {
     ) -> Result<Flux2Transformer2DModel, LoadError> {
         let vb = match self.format {
             Format::Diffusers => vb,
-            Format::Bfl if self.prefixed => {
-                bfl::BflBackend::var_builder(vb.pp(bfl::PREFIX.trim_end_matches('.')))
-            }
-            Format::Bfl | Format::Gguf => bfl::BflBackend::var_builder(vb),
+            Format::Bfl if self.prefixed => bfl::BflBackend::var_builder(
+                vb.pp(bfl::PREFIX.trim_end_matches('.')),
+                self.fp8.clone(),
+            ),
+            Format::Bfl | Format::Gguf => bfl::BflBackend::var_builder(vb, self.fp8.clone()),
         };
         let config = Config {
             attention,
@@ -300,8 +315,9 @@ impl ModelSource for TransformerSource {
     }
 }
 
-/// Tensor name → shape, from a safetensors header (8-byte little-endian length, then JSON).
-fn header_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, LoadError> {
+/// Tensor name → (shape, stored dtype), from a safetensors header (8-byte little-endian length,
+/// then JSON).
+fn header(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, String)>, LoadError> {
     let invalid = |reason: String| LoadError::Invalid {
         path: path.to_owned(),
         reason,
@@ -326,7 +342,8 @@ fn header_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, LoadError>
                 .iter()
                 .map(|d| d.as_u64().map(|d| d as usize))
                 .collect::<Option<_>>()?;
-            Some((name, shape))
+            let dtype = v.get("dtype")?.as_str()?.to_owned();
+            Some((name, (shape, dtype)))
         })
         .collect())
 }

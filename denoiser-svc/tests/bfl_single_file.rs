@@ -61,15 +61,15 @@ fn a_single_file_that_is_not_bfl_is_refused() {
 /// A BFL fp8 file as BFL and ComfyUI ship them (here under ComfyUI's `model.diffusion_model.`
 /// prefix): the projections in float8 e4m3 with a per-tensor `weight_scale` (and an unused
 /// `input_scale`) beside each. It loads to exactly the model of the weights `w · weight_scale`
-/// (saved plainly as the expected file) on the test device, and `write_gguf` writes the same
-/// file from either.
+/// (computed in f32 by candle and saved plainly as the expected file) on the test device, in
+/// f32 and in bf16, and `write_gguf` writes the same file from either.
 #[test]
 fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     use std::collections::HashMap;
 
     use denoiser_svc::{
         gguf::write_gguf,
-        model::bfl::{PREFIX, is_projection, scaled},
+        model::bfl::{PREFIX, is_projection},
     };
     use klein_kernels::quant::QuantFormat;
 
@@ -98,7 +98,12 @@ fn an_fp8_file_is_the_model_of_its_scaled_weights() {
             .unwrap()
             .to_dtype(DType::F8E4M3)
             .unwrap();
-        plain.insert(name.clone(), scaled(&q, &scale).unwrap());
+        let composed = q
+            .to_dtype(DType::F32)
+            .unwrap()
+            .broadcast_mul(&scale)
+            .unwrap();
+        plain.insert(name.clone(), composed);
         let stem = name.strip_suffix(".weight").unwrap();
         fp8.insert(format!("{PREFIX}{stem}.weight_scale"), scale);
         fp8.insert(
@@ -122,15 +127,16 @@ fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     let ctx = Tensor::randn(0f32, 1.0, (1, 512, 192), &dev).unwrap();
     let mut ids = text_ids(512);
     ids.extend(grid_ids(0, 2, 3));
-    let forward = |c: &Checkpoint| {
-        let m = c
-            .load(DType::F32, &dev, AttentionConfig::default())
-            .unwrap();
+    let forward_in = |c: &Checkpoint, dtype: DType| {
+        let m = c.load(dtype, &dev, AttentionConfig::default()).unwrap();
         let rope = m.rope(&ids, &dev).unwrap();
+        let (x, ctx) = (x.to_dtype(dtype).unwrap(), ctx.to_dtype(dtype).unwrap());
         let y = m.forward(&x, &ctx, &[640.0], &rope).unwrap();
-        y.to_vec3::<f32>().unwrap()
+        y.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap()
     };
+    let forward = |c: &Checkpoint| forward_in(c, DType::F32);
     assert_eq!(forward(&a), forward(&b));
+    assert_eq!(forward_in(&a, DType::BF16), forward_in(&b, DType::BF16));
     let exact = forward(&Checkpoint::locate(&pipeline_dir("tiny-klein-4b")).unwrap());
     assert_ne!(forward(&a), exact, "fp8 rounds the weights");
 

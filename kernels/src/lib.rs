@@ -1,6 +1,7 @@
 //! Fused kernels for the klein models, one place for all of them: the transformer's flash attention
 //! and elementwise chains, the text encoder's masked grouped-query attention, RMSNorm, rotate-half
-//! RoPE and block-quantized weight dequantization (ggml formats straight to bf16, [`dequantize`]),
+//! RoPE and block-quantized weight dequantization (ggml formats straight to bf16, [`dequantize`];
+//! fp8 weights with their scale, [`scale_fp8`]),
 //! and the VAE's GroupNorm (+ SiLU), the tiled decode's group norms with image-wide statistics
 //! (moments over a tile's own part, then a per-channel affine), its convolutions through cuDNN
 //! (bias and residual fused, exact / TF32 / split-TF32 arithmetic, `cudnn` feature; its CPU
@@ -28,6 +29,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dequantize;
+mod fp8;
 mod group_norm;
 mod group_stats;
 mod linear;
@@ -52,6 +54,7 @@ pub use conv::{
     conv2d_banded, conv2d_with, tf32_split, upsample_conv2d, upsample_conv2d_banded,
 };
 pub use dequantize::{dequantize, fused_dequantize_formats};
+pub use fp8::scale_fp8;
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};
 pub use group_stats::{ChannelAffine, GroupMoments, channel_affine, group_moments};
 pub use linear::{

@@ -195,6 +195,39 @@ fn fused_dequantization_matches_candle() -> Result<()> {
     Ok(())
 }
 
+/// fp8 weights with their scale, on the GPU, give exactly the CPU's values (the composition
+/// there, unit-tested): every byte, several scales, each output dtype, a weight-sized tensor.
+#[test]
+fn fp8_scaling_matches_the_cpu() -> Result<()> {
+    let dev = gpu();
+    let mut bytes: Vec<u8> = (0..=255).collect();
+    bytes.extend((0..3072 * 1000).map(|i| ((i * 2_654_435_761u64) >> 13) as u8));
+    let host = Tensor::from_raw_buffer(
+        &bytes,
+        DType::F8E4M3,
+        &[bytes.len() / 256, 256],
+        &Device::Cpu,
+    )?;
+    let w = host.to_device(&dev)?;
+    for scale in [1.0f32, 0.012_345_678, -2.5] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let got = klein_kernels::scale_fp8(&w, scale, dtype)?.to_dtype(DType::F64)?;
+            let want = klein_kernels::scale_fp8(&host, scale, dtype)?.to_dtype(DType::F64)?;
+            let (got, want) = (
+                got.flatten_all()?.to_vec1::<f64>()?,
+                want.flatten_all()?.to_vec1::<f64>()?,
+            );
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()))
+                .count();
+            assert_eq!(differ, 0, "scale {scale}, {dtype:?}");
+        }
+    }
+    Ok(())
+}
+
 /// Attention on bf16 inputs against the f32 composition on the same inputs. The kernel rounds
 /// twice, P to bf16 before P·V (as torch's flash and cuDNN kernels do) and the output: two
 /// independent roundings of at most 2⁻⁸ relative each are about 0.8·2⁻⁸ in rel-L2, so 2⁻⁸

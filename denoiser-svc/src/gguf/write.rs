@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use candle_core::{
-    Device, Tensor,
+    DType, Device, Tensor,
     quantized::{QTensor, gguf_file},
 };
 use klein_kernels::quant::{QuantFormat, to_stored};
@@ -86,7 +86,7 @@ pub fn write_gguf(
     let load = |name: &str| -> candle_core::Result<Tensor> {
         let t = mapped.load(name, &Device::Cpu)?;
         match bfl::weight_scale(name).filter(|s| mapped.get(s).is_ok()) {
-            Some(scale) => bfl::scaled(&t, &mapped.load(&scale, &Device::Cpu)?),
+            Some(scale) => bfl::scaled(&t, &mapped.load(&scale, &Device::Cpu)?, DType::F32),
             None => Ok(t),
         }
     };

@@ -5,10 +5,13 @@
 //! BFL's and ComfyUI's fp8 files (`flux-2-klein-9b-fp8.safetensors`) store weights in
 //! float8 e4m3 with a per-tensor `weight_scale` beside each (and an `input_scale` for fp8
 //! activations): a weight is read as `w · weight_scale`, in f32, then in the model dtype
-//! (weight-only, as ComfyUI computes on cards without fp8 matrix units). ComfyUI's copies keep
-//! the names under [`PREFIX`].
+//! (weight-only, as ComfyUI computes on cards without fp8 matrix units), on the device it goes
+//! to ([`klein_kernels::scale_fp8`]). ComfyUI's copies keep the names under [`PREFIX`].
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
@@ -32,10 +35,21 @@ pub fn is_companion(name: &str) -> bool {
         .any(|suffix| name.ends_with(suffix))
 }
 
-/// An fp8 weight times its per-tensor scale, in f32.
-pub fn scaled(w: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    let scale = scale.to_dtype(DType::F32)?.reshape(())?;
-    w.to_dtype(DType::F32)?.broadcast_mul(&scale)
+/// A weight times its per-tensor scale (a one-element tensor) in f32, then in `dtype`: float8
+/// e4m3 weights in one pass on their device ([`klein_kernels::scale_fp8`], the same values),
+/// others through f32.
+pub fn scaled(w: &Tensor, scale: &Tensor, dtype: DType) -> Result<Tensor> {
+    let scale = scale.to_dtype(DType::F32)?.flatten_all()?;
+    if w.dtype() == DType::F8E4M3 {
+        let scale = scale
+            .to_device(&Device::Cpu)?
+            .reshape(())?
+            .to_scalar::<f32>()?;
+        return klein_kernels::scale_fp8(w, scale, dtype);
+    }
+    w.to_dtype(DType::F32)?
+        .broadcast_mul(&scale.reshape(())?.to_device(w.device())?)?
+        .to_dtype(dtype)
 }
 
 /// Where a diffusers tensor comes from in a BFL file.
@@ -145,18 +159,23 @@ pub fn is_projection(name: &str) -> bool {
 /// A BFL checkpoint seen through diffusers names.
 pub struct BflBackend {
     inner: VarBuilder<'static>,
+    /// The BFL names of the weights stored in float8 e4m3.
+    fp8: Arc<BTreeSet<String>>,
 }
 
 impl BflBackend {
-    /// Wraps a [`VarBuilder`] over the BFL file's own names.
-    pub fn new(inner: VarBuilder<'static>) -> Self {
-        Self { inner }
+    /// Wraps a [`VarBuilder`] over the BFL file's own names, `fp8` those of its float8 weights.
+    pub fn new(inner: VarBuilder<'static>, fp8: Arc<BTreeSet<String>>) -> Self {
+        Self { inner, fp8 }
     }
 
     /// A [`VarBuilder`] with diffusers names over `inner`.
-    pub fn var_builder(inner: VarBuilder<'static>) -> VarBuilder<'static> {
+    pub fn var_builder(
+        inner: VarBuilder<'static>,
+        fp8: Arc<BTreeSet<String>>,
+    ) -> VarBuilder<'static> {
         let (dtype, device) = (inner.dtype(), inner.device().clone());
-        VarBuilder::from_backend(Box::new(Self::new(inner)), dtype, device)
+        VarBuilder::from_backend(Box::new(Self::new(inner, fp8)), dtype, device)
     }
 
     fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
@@ -176,19 +195,24 @@ impl BflBackend {
         }
     }
 
-    /// BFL tensor `src` in `dtype`, an fp8 weight scaled first, on the host (candle casts
-    /// float8 on the CPU only).
+    /// BFL tensor `src` in `dtype`, a weight with a scale scaled first: a float8 one read as
+    /// stored onto the device and scaled there, any other on the host (candle casts float8
+    /// only there).
     fn read(&self, src: &str, dtype: DType) -> Result<Tensor> {
         let Some(scale) = weight_scale(src).filter(|s| self.inner.contains_tensor(s)) else {
             return self.inner.get_unchecked_dtype(src, dtype);
         };
         let host = self.inner.clone().set_device(Device::Cpu);
-        scaled(
-            &host.get_unchecked_dtype(src, DType::F32)?,
-            &host.get_unchecked_dtype(&scale, DType::F32)?,
-        )?
-        .to_dtype(dtype)?
-        .to_device(self.inner.device())
+        let scale = host.get_unchecked_dtype(&scale, DType::F32)?;
+        if self.fp8.contains(src) {
+            return scaled(
+                &self.inner.get_unchecked_dtype(src, DType::F8E4M3)?,
+                &scale,
+                dtype,
+            );
+        }
+        scaled(&host.get_unchecked_dtype(src, DType::F32)?, &scale, dtype)?
+            .to_device(self.inner.device())
     }
 }
 

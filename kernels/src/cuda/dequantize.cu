@@ -17,8 +17,15 @@
 // threads (each kernel's mapping is at its code), kLaunchThreads / that many ggml blocks per
 // launch block, the last launch block's threads past the last ggml block idle; every thread
 // reads a few bytes of quants and writes its weights in groups of four with 8-byte stores.
+//
+// The float8 (e4m3) weights of BFL's fp8 checkpoints with their per-tensor scale
+// (scale_fp8_e4m3_*, klein_kernels::scale_fp8): each weight to f32 (exact), one multiply by the
+// scale, rounded once to the output type, as the host computes it. With --use_fast_math's
+// flush-to-zero a product below f32's smallest normal (1.2e-38) would become 0 where the host
+// keeps a subnormal; an e4m3 weight is at least 2^-9, so only a scale below ~6e-36 gets there.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 namespace {
@@ -352,4 +359,29 @@ extern "C" __global__ void dequantize_q6k_bf16(const BlockQ6K* __restrict__ bloc
     }
     store4(o + 32 * k, v);
   }
+}
+
+// w: n float8 e4m3 weights; out: n weights times scale. Grid-stride, one weight a thread.
+template <typename T>
+__device__ __forceinline__ void scale_fp8(const __nv_fp8_e4m3* __restrict__ w, float scale,
+                                          T* __restrict__ out, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    out[i] = static_cast<T>(__fmul_rn(static_cast<float>(w[i]), scale));
+  }
+}
+
+extern "C" __global__ void scale_fp8_e4m3_f32(const __nv_fp8_e4m3* __restrict__ w, float scale,
+                                              float* __restrict__ out, long long n) {
+  scale_fp8(w, scale, out, n);
+}
+
+extern "C" __global__ void scale_fp8_e4m3_bf16(const __nv_fp8_e4m3* __restrict__ w, float scale,
+                                               __nv_bfloat16* __restrict__ out, long long n) {
+  scale_fp8(w, scale, out, n);
+}
+
+extern "C" __global__ void scale_fp8_e4m3_f16(const __nv_fp8_e4m3* __restrict__ w, float scale,
+                                              __half* __restrict__ out, long long n) {
+  scale_fp8(w, scale, out, n);
 }
