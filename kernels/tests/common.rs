@@ -97,3 +97,14 @@ pub fn q_norm(weight: &Tensor, (cos, sin): (&Tensor, &Tensor), rope_offset: usiz
         eps: 1e-6,
     }
 }
+
+/// How many values of `a` and `b` (same shape, any float dtype) differ in their bits; NaNs of
+/// any payload count as equal.
+pub fn differing_bits(a: &Tensor, b: &Tensor) -> Result<usize> {
+    let values = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+    let (a, b) = (values(a)?, values(b)?);
+    Ok(a.iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan()))
+        .count())
+}

@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use common::{
-    SingleProjection, max_rel, modulation, norm_weight, q_norm, randn, rel_l2, rope_tables,
-    single_projection,
+    SingleProjection, differing_bits, max_rel, modulation, norm_weight, q_norm, randn, rel_l2,
+    rope_tables, single_projection,
 };
 use klein_kernels::{
     ChannelAffine, FlashAttention, GateResidual, GateResidualNorm, GroupMoments, GroupNorm,
@@ -722,5 +722,28 @@ fn rgb_u8_rounds_in_the_decoder_dtype() -> Result<()> {
     let x =
         Tensor::new(&[0.0f32, 1.0, -1.5, 1.5, 0.0, 0.0], &Device::Cpu)?.reshape((1, 3, 1, 2))?;
     assert_eq!(pixels(&x)?, [128, 0, 128, 255, 255, 128]);
+    Ok(())
+}
+
+/// fp8 weights with their scale: every byte, at several scales (one whose products are f32
+/// subnormals) and in every output dtype, is exactly the composition it replaces (candle's f32
+/// value, the multiply, the cast); other dtypes are refused.
+#[test]
+fn fp8_scaling_is_the_scaled_composition() -> Result<()> {
+    let dev = Device::Cpu;
+    let bytes: Vec<u8> = (0..=255).collect();
+    let w = Tensor::from_raw_buffer(&bytes, DType::F8E4M3, &[16, 16], &dev)?;
+    for scale in [1.0f32, 0.012_345_678, 3.7e-3, -2.5, 1.0e-40] {
+        let composed = w
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&Tensor::new(scale, &dev)?)?;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let got = klein_kernels::scale_fp8(&w, scale, dtype)?;
+            let want = composed.to_dtype(dtype)?;
+            assert_eq!(differing_bits(&got, &want)?, 0, "scale {scale}, {dtype:?}");
+        }
+    }
+    assert!(klein_kernels::scale_fp8(&w.to_dtype(DType::F32)?, 1.0, DType::F32).is_err());
+    assert!(klein_kernels::scale_fp8(&w, 1.0, DType::U8).is_err());
     Ok(())
 }
