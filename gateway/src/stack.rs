@@ -152,6 +152,56 @@ impl StackOptions {
         self
     }
 
+    /// The `klein quantize` commands that write, once, what this stack quantizes at every
+    /// start (the text encoder's projections unless they come from a GGUF file, the
+    /// transformer's unless it is one), and the `serve` flags that then read the files; `None`
+    /// when nothing is quantized at start-up.
+    pub fn quantize_once_hint(&self) -> Option<String> {
+        let encoder = (self.encoder.gguf.is_none())
+            .then(|| self.encoder.quantize.format())
+            .flatten()
+            .zip(self.encoder.model_dir.as_deref());
+        let transformer = self
+            .denoiser
+            .quantize
+            .format()
+            .zip(self.denoiser.model_dir.as_deref())
+            .filter(|(_, path)| !klein_runtime::weights::gguf::is_gguf(path));
+        let (out, text_out) = ("transformer.gguf", "text-encoder.gguf");
+        let command = |format: QuantFormat, dir: &Path, outs: &str| {
+            format!(
+                "  klein quantize --model-dir {} --format {format}{outs}",
+                dir.display()
+            )
+        };
+        let (commands, flags) = match (transformer, encoder) {
+            (None, None) => return None,
+            (Some((f, dir)), None) => (
+                command(f, dir, &format!(" --out {out}")),
+                format!("--transformer {out}"),
+            ),
+            (None, Some((f, dir))) => (
+                command(f, dir, &format!(" --text-encoder-out {text_out}")),
+                format!("--text-encoder-gguf {text_out}"),
+            ),
+            (Some((tf, tdir)), Some((ef, edir))) => {
+                let flags = format!("--transformer {out} --text-encoder-gguf {text_out}");
+                if (tf, tdir) == (ef, edir) {
+                    let outs = format!(" --out {out} --text-encoder-out {text_out}");
+                    (command(tf, tdir, &outs), flags)
+                } else {
+                    let t = command(tf, tdir, &format!(" --out {out}"));
+                    let e = command(ef, edir, &format!(" --text-encoder-out {text_out}"));
+                    (format!("{t}\n{e}"), flags)
+                }
+            }
+        };
+        Some(format!(
+            "weights were quantized at start-up; write them once with\n{commands}\nand start \
+             with {flags} to load them in seconds"
+        ))
+    }
+
     /// Caps the host RAM the encoder's and the denoiser's model weights may take (each).
     pub fn host_memory_caps(mut self, encoder: ByteSize, denoiser: ByteSize) -> Self {
         self.encoder.residency.host_memory_cap = Some(encoder);
@@ -387,6 +437,56 @@ mod tests {
             assert_eq!(set.denoiser.quantize, plan.transformer_quantize());
             assert_eq!(set.encoder.quantize, Quantize::Format(QuantFormat::Q4K));
         }
+    }
+
+    /// The hint names what is quantized at start-up, in one command when both come from the
+    /// pipeline in one format, and nothing once both are read from files.
+    #[test]
+    fn quantizing_once_is_suggested_for_what_is_quantized_at_start_up() {
+        let listen = ([127, 0, 0, 1], 0).into();
+        let dir = bundled_model();
+        let opts = StackOptions::new(&dir, DeviceSpec::Cuda(0), listen);
+        assert_eq!(opts.quantize_once_hint(), None);
+        let nine = opts.clone().gpu_16gb_settings(Gpu16Gb::Klein9b);
+        let hint = nine.quantize_once_hint().unwrap();
+        let one = format!(
+            "klein quantize --model-dir {} --format q4k --out transformer.gguf \
+             --text-encoder-out text-encoder.gguf",
+            dir.display()
+        );
+        assert!(hint.contains(&one), "{hint}");
+        assert!(
+            hint.contains("--transformer transformer.gguf --text-encoder-gguf text-encoder.gguf")
+        );
+        let four = opts.clone().gpu_16gb_settings(Gpu16Gb::Klein4b);
+        let hint = four.quantize_once_hint().unwrap();
+        assert!(
+            hint.contains("--format q4k --text-encoder-out text-encoder.gguf"),
+            "{hint}"
+        );
+        assert!(!hint.contains("--out transformer.gguf"), "{hint}");
+
+        let tmp = std::env::temp_dir().join(format!("klein-hint-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let gguf = tmp.join("t.gguf");
+        std::fs::write(&gguf, b"GGUF\x03\0\0\0").unwrap();
+        let files = nine
+            .clone()
+            .transformer(&gguf)
+            .text_encoder_gguf(&tmp.join("e.gguf"));
+        assert_eq!(files.quantize_once_hint(), None);
+        let mut apart = nine.transformer(&tmp.join("flux-2-klein-9b-fp8.safetensors"));
+        apart.denoiser.quantize = Quantize::Format(QuantFormat::Q8_0);
+        let hint = apart.quantize_once_hint().unwrap();
+        assert!(
+            hint.contains("flux-2-klein-9b-fp8.safetensors --format q8_0 --out transformer.gguf\n"),
+            "{hint}"
+        );
+        assert!(
+            hint.contains("--format q4k --text-encoder-out text-encoder.gguf\n"),
+            "{hint}"
+        );
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]

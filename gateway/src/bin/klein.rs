@@ -214,6 +214,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     opts.gateway.server.metrics_listen = args.metrics_listen;
     opts.gateway.http_listen = Some(args.http_listen);
     tracing::info!(model_dir = %model_dir.display(), device = %args.device, "starting the stack");
+    let hint = opts.quantize_once_hint();
     let mut running = match stack::start(opts).await {
         Ok(r) => r,
         Err(e) => {
@@ -224,6 +225,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if let Err(e) = running.ready(Duration::from_secs(600)).await {
         eprintln!("klein: {e}");
         return ExitCode::FAILURE;
+    }
+    if let Some(hint) = hint {
+        eprintln!("klein: {hint}");
     }
     eprintln!(
         "klein: serving on http://{} (try: klein generate \"a photo of a cat\")",
