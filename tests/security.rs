@@ -18,6 +18,8 @@ use klein_proto::pb::{
     self,
     denoiser_service_server::{DenoiserService, DenoiserServiceServer},
     image_service_client::ImageServiceClient,
+    text_encoder_service_server::{TextEncoderService, TextEncoderServiceServer},
+    vae_service_server::{VaeService, VaeServiceServer},
 };
 use klein_runtime::{
     config::ServerConfig, device::DeviceSpec, server::GrpcServer, tls::ClientTlsFiles,
@@ -142,18 +144,30 @@ async fn health(url: &str, tls: Option<ClientTlsConfig>) -> Result<i32, Code> {
         .map_err(|s| s.code())
 }
 
-/// Answers Info only: enough for a gateway to call it ready.
-struct InfoOnlyDenoiser;
+/// Answers Info only, as all three stages: enough for a gateway to call it ready.
+struct InfoOnly;
+
+fn info(service: &str) -> Option<pb::ServiceInfo> {
+    Some(pb::ServiceInfo {
+        service: service.into(),
+        model_id: "tls-test".into(),
+        ..Default::default()
+    })
+}
+
+fn not_here<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("not part of this test"))
+}
 
 #[tonic::async_trait]
-impl DenoiserService for InfoOnlyDenoiser {
+impl DenoiserService for InfoOnly {
     type DenoiseStream = tokio_stream::Empty<Result<pb::DenoiseResponse, Status>>;
 
     async fn denoise(
         &self,
         _: Request<pb::DenoiseRequest>,
     ) -> Result<Response<Self::DenoiseStream>, Status> {
-        Err(Status::unimplemented("not part of this test"))
+        not_here()
     }
 
     async fn info(
@@ -161,11 +175,52 @@ impl DenoiserService for InfoOnlyDenoiser {
         _: Request<pb::DenoiserServiceInfoRequest>,
     ) -> Result<Response<pb::DenoiserServiceInfoResponse>, Status> {
         Ok(Response::new(pb::DenoiserServiceInfoResponse {
-            info: Some(pb::ServiceInfo {
-                service: "denoiser".into(),
-                model_id: "tls-test".into(),
-                ..Default::default()
-            }),
+            info: info("denoiser"),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl TextEncoderService for InfoOnly {
+    async fn encode(
+        &self,
+        _: Request<pb::TextEncoderServiceEncodeRequest>,
+    ) -> Result<Response<pb::TextEncoderServiceEncodeResponse>, Status> {
+        not_here()
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::TextEncoderServiceInfoRequest>,
+    ) -> Result<Response<pb::TextEncoderServiceInfoResponse>, Status> {
+        Ok(Response::new(pb::TextEncoderServiceInfoResponse {
+            info: info("encoder"),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl VaeService for InfoOnly {
+    async fn encode(
+        &self,
+        _: Request<pb::VaeServiceEncodeRequest>,
+    ) -> Result<Response<pb::VaeServiceEncodeResponse>, Status> {
+        not_here()
+    }
+
+    async fn decode(
+        &self,
+        _: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
+        not_here()
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::VaeServiceInfoRequest>,
+    ) -> Result<Response<pb::VaeServiceInfoResponse>, Status> {
+        Ok(Response::new(pb::VaeServiceInfoResponse {
+            info: info("vae"),
         }))
     }
 }
@@ -248,10 +303,40 @@ async fn gateway_ready(denoiser: &str, stage_tls: ClientTlsFiles, wait: Duration
     ready
 }
 
+/// The gateway reports SERVING only once every stage answers: a request needs all three, and
+/// a stage answers only once its model is loaded (`klein serve` prints "serving" on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_once_every_stage_answers() {
+    let pki = Pki::new("readiness");
+    let files = || ClientTlsFiles {
+        ca: Some(pki.path("ca.pem")),
+        cert: Some(pki.path("client.pem")),
+        key: Some(pki.path("client.key")),
+        domain: None,
+    };
+    let denoiser_only = Routes::new(DenoiserServiceServer::new(InfoOnly));
+    let (addr, stop) = serve(pki.server(true), denoiser_only).await;
+    let url = format!("https://localhost:{}", addr.port());
+    assert!(
+        !gateway_ready(&url, files(), Duration::from_secs(3)).await,
+        "with only the denoiser answering the gateway must not report SERVING"
+    );
+    stop.cancel();
+    let every = Routes::new(DenoiserServiceServer::new(InfoOnly))
+        .add_service(TextEncoderServiceServer::new(InfoOnly))
+        .add_service(VaeServiceServer::new(InfoOnly));
+    let (addr, stop) = serve(pki.server(true), every).await;
+    let url = format!("https://localhost:{}", addr.port());
+    assert!(gateway_ready(&url, files(), Duration::from_secs(20)).await);
+    stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_reaches_stages_over_mutual_tls_with_its_certificate_only() {
     let pki = Pki::new("stages");
-    let routes = Routes::new(DenoiserServiceServer::new(InfoOnlyDenoiser));
+    let routes = Routes::new(DenoiserServiceServer::new(InfoOnly))
+        .add_service(TextEncoderServiceServer::new(InfoOnly))
+        .add_service(VaeServiceServer::new(InfoOnly));
     let (addr, stop) = serve(pki.server(true), routes).await;
     let url = format!("https://localhost:{}", addr.port());
     let files = |cert: Option<&str>| ClientTlsFiles {
@@ -262,7 +347,7 @@ async fn the_gateway_reaches_stages_over_mutual_tls_with_its_certificate_only() 
     };
     assert!(
         gateway_ready(&url, files(Some("client")), Duration::from_secs(20)).await,
-        "the gateway with its client certificate reached the denoiser over mutual TLS"
+        "the gateway with its client certificate reached the stages over mutual TLS"
     );
     assert!(
         !gateway_ready(&url, files(None), Duration::from_secs(2)).await,

@@ -81,7 +81,8 @@ pub enum Error {
 
 /// Serves the ImageService on `listener` until `shutdown`, and the HTTP API on
 /// `config.http_listen` when set. Health turns SERVING once the denoiser has described its
-/// model (the gateway needs it to validate requests).
+/// model (the gateway needs it to validate requests) and the encoder and the VAE answer too
+/// (each answers once its model is loaded): a request needs all three.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -131,8 +132,10 @@ pub async fn serve_with_http(
                     if let Ok(mut c) = catalog.write() {
                         *c = fresh;
                     }
-                    if !serving {
-                        tracing::info!(models = ?ids, "denoiser reachable: serving");
+                    // A request needs every stage: SERVING once each one answers (a stage
+                    // answers only once its model is loaded).
+                    if !serving && catalog::gather_infos(&stages).await.len() == 3 {
+                        tracing::info!(models = ?ids, "every stage reachable: serving");
                         health.set_serving().await;
                         serving = true;
                     }

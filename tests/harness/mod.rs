@@ -52,7 +52,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts `config` (its stage addresses already set) on 127.0.0.1:0 and waits until it
-    /// reports SERVING (it has reached the denoiser).
+    /// reports SERVING (every stage answers).
     pub async fn start(config: GatewayConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
