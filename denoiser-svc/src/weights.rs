@@ -109,7 +109,7 @@ impl Checkpoint {
             return Self::gguf(path, model_id);
         }
         if path.is_file() {
-            let mut header = header(path)?;
+            let mut header = safetensors_header(path)?;
             let prefixed = header.contains_key(&format!("{}img_in.weight", bfl::PREFIX));
             if prefixed {
                 header = header
@@ -317,7 +317,7 @@ impl ModelSource for TransformerSource {
 
 /// Tensor name → (shape, stored dtype), from a safetensors header (8-byte little-endian length,
 /// then JSON).
-fn header(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, String)>, LoadError> {
+fn safetensors_header(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, String)>, LoadError> {
     let invalid = |reason: String| LoadError::Invalid {
         path: path.to_owned(),
         reason,

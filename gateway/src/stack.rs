@@ -157,9 +157,11 @@ impl StackOptions {
     /// transformer's unless it is one), and the `serve` flags that then read the files; `None`
     /// when nothing is quantized at start-up.
     pub fn quantize_once_hint(&self) -> Option<String> {
-        let encoder = (self.encoder.gguf.is_none())
-            .then(|| self.encoder.quantize.format())
-            .flatten()
+        let encoder = self
+            .encoder
+            .quantize
+            .format()
+            .filter(|_| self.encoder.gguf.is_none())
             .zip(self.encoder.model_dir.as_deref());
         let transformer = self
             .denoiser

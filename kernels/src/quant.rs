@@ -215,9 +215,19 @@ pub fn stored_bytes(dtype: GgmlDType, elements: usize) -> usize {
     elements / dtype.block_size() * dtype.type_size()
 }
 
+/// The dense dtype of a ggml type that is one (F32, F16, BF16); `None` for block formats.
+pub fn dense_dtype(dtype: GgmlDType) -> Option<DType> {
+    match dtype {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
 /// Whether `dtype` is a block-quantized format (not F32, F16 or BF16).
 pub fn is_block_quantized(dtype: GgmlDType) -> bool {
-    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+    dense_dtype(dtype).is_none()
 }
 
 /// Rows of a 2-D tensor in ggml blocks, as a file stores it: ggml blocks run along a row, so a
@@ -281,7 +291,6 @@ pub fn stack_rows(parts: &[StoredRows<'_>], device: &Device) -> Result<QTensor> 
                 part.width
             )
         }
-        part.bytes()?;
         match runs.last().and_then(|run| run.join(part)) {
             Some(joined) => *runs.last_mut().expect("a run was joined") = joined,
             None => runs.push(part.clone()),

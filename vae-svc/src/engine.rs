@@ -160,8 +160,8 @@ impl Runner {
             made_room,
             "decode done"
         );
-        let first = !std::mem::replace(&mut self.decoded, true);
-        if !first && peak_bytes.is_some_and(|peak| peak > reserve_bytes) {
+        let warmed = std::mem::replace(&mut self.decoded, true);
+        if warmed && peak_bytes.is_some_and(|peak| peak > reserve_bytes) {
             tracing::warn!(
                 peak_bytes,
                 reserve_bytes,

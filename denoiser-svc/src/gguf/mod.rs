@@ -25,7 +25,7 @@ use candle_core::{
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 use klein_kernels::{
     BlockSource,
-    quant::{StoredRows, is_block_quantized},
+    quant::{StoredRows, dense_dtype, is_block_quantized},
 };
 use klein_runtime::weights::gguf::{GgufFile, StoredTensor};
 
@@ -121,13 +121,7 @@ struct Dense(Arc<GgufTransformer>);
 impl Dense {
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let t = self.0.stored(name)?;
-        let dense = match t.dtype {
-            GgmlDType::F32 => Some(DType::F32),
-            GgmlDType::F16 => Some(DType::F16),
-            GgmlDType::BF16 => Some(DType::BF16),
-            _ => None,
-        };
-        match dense {
+        match dense_dtype(t.dtype) {
             Some(stored) => {
                 Tensor::from_raw_buffer(t.bytes, stored, t.shape.dims(), dev)?.to_dtype(dtype)
             }
