@@ -58,7 +58,7 @@ pub struct Timing {
     pub host_ms: f64,
 }
 
-fn median(mut ms: Vec<f64>) -> f64 {
+pub(crate) fn median(mut ms: Vec<f64>) -> f64 {
     ms.sort_by(f64::total_cmp);
     ms[ms.len() / 2]
 }

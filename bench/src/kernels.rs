@@ -348,5 +348,47 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
             "bytes",
         )?;
     }
+    rows.extend(quantize_rows(dev, iters, bytes_ms)?);
     Ok(rows)
+}
+
+/// Load-time quantization of the encoder's widest weight (bf16, on the host) into each format:
+/// "fused" on the device, the upload included; "composition" on the host's cores (both
+/// `quant::quantize_rows`). The floor reads the bf16 weight once and writes the blocks once.
+fn quantize_rows(
+    dev: &Device,
+    iters: usize,
+    bytes_ms: impl Fn(f64) -> f64,
+) -> Result<Vec<KernelRow>> {
+    use klein_kernels::quant::{QuantFormat, quantize_rows};
+    use std::time::Instant;
+
+    let host =
+        Tensor::randn(0f32, 0.02, (ENC_MLP, ENC_DIM), &Device::Cpu)?.to_dtype(DType::BF16)?;
+    let n = (ENC_MLP * ENC_DIM) as f64;
+    let time = |format: QuantFormat, on: &Device| -> Result<f64> {
+        let mut ms = Vec::new();
+        for _ in 0..iters.clamp(1, 5) + 1 {
+            let t = Instant::now();
+            quantize_rows(&host, format.ggml(), on)?;
+            dev.synchronize()?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.remove(0);
+        Ok(crate::components::median(ms))
+    };
+    QuantFormat::ALL
+        .into_iter()
+        .map(|format| {
+            let g = format.ggml();
+            Ok(KernelRow {
+                kernel: format!("quantize_{format}"),
+                case: format!("Qwen3 gate_proj ({ENC_MLP}, {ENC_DIM}) bf16 on the host → {g:?} on the device, against the host's cores"),
+                fused_ms: time(format, dev)?,
+                reference_ms: time(format, &Device::Cpu)?,
+                floor_ms: bytes_ms(n * (2.0 + g.type_size() as f64 / g.block_size() as f64)),
+                bound: "bytes",
+            })
+        })
+        .collect()
 }

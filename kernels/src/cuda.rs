@@ -24,6 +24,12 @@ pub const DEQUANTIZE: Module = Module {
     ptx: ptx::DEQUANTIZE,
 };
 
+/// Load-time quantization into ggml blocks, the host quantizer's bytes.
+pub const QUANTIZE: Module = Module {
+    name: "klein_quantize",
+    ptx: ptx::QUANTIZE,
+};
+
 pub const FLASH_ATTENTION: Module = Module {
     name: "klein_flash_attention",
     ptx: ptx::FLASH_ATTENTION,

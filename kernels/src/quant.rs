@@ -9,6 +9,9 @@ use candle_core::{
     quantized::{GgmlDType, QStorage, QTensor},
 };
 
+#[cfg(feature = "cuda")]
+mod device;
+
 /// A block-quantization format for the linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantFormat {
@@ -161,11 +164,16 @@ impl<'de> serde::Deserialize<'de> for Quantize {
     }
 }
 
-/// Quantizes a host (rows, width) tensor (any float dtype) to `format` on `device`. ggml blocks
-/// never cross a row and candle converts and quantizes on one thread, so the rows are split
-/// over the host's cores, each part converted to f32 and quantized there, and the blocks
-/// concatenated: the bytes equal a single-threaded `QTensor::quantize`.
+/// Quantizes a host (rows, width) tensor (any float dtype) to `format` on `device`, with the
+/// bytes of a single-threaded `QTensor::quantize`. On a CUDA device the formats of
+/// [`QuantFormat`] are quantized there (`quant/device.rs`). Otherwise ggml blocks never cross a
+/// row and candle converts and quantizes on one thread, so the rows are split over the host's
+/// cores, each part converted to f32 and quantized there, and the blocks concatenated.
 pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Result<QTensor> {
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(dev), Some(stem)) = (device, device::kernel(format)) {
+        return device::quantize_rows(host, format, stem, dev);
+    }
     let (rows, width) = host.dims2()?;
     let threads = thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = rows.div_ceil(threads.clamp(1, rows.max(1)));

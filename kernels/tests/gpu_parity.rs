@@ -11,7 +11,11 @@ use common::{
     SingleProjection, differing_bits, max_rel, modulation, norm_weight, q_norm, randn, rel_l2,
     rope_tables, single_projection,
 };
-use klein_kernels::{RopeStyle, reference};
+use klein_kernels::{
+    RopeStyle,
+    quant::{QuantFormat, quantize_rows},
+    reference,
+};
 
 /// bf16 keeps 8 significant bits: one rounding is at most 2⁻⁸ relative.
 const BF16_ULP: f32 = 1.0 / 256.0;
@@ -190,6 +194,111 @@ fn fused_dequantization_matches_candle() -> Result<()> {
                 want.len()
             );
             assert_eq!(differ, 0, "{format:?} ({rows}, {cols})");
+        }
+    }
+    Ok(())
+}
+
+/// Rows of 512 weights (two k-quant super-blocks) that the quantizers treat apart, after random
+/// rows of scales from 1e-4 to 1e3: zeros, a constant, one sign only, ±0 mixed with small
+/// values, one large outlier, each 32-block constant at its own value, f32 subnormals.
+fn quantization_rows() -> Result<Tensor> {
+    let cpu = Device::Cpu;
+    let w = 512;
+    let mut rows = Vec::new();
+    for e in -4..=3 {
+        rows.push((Tensor::randn(0f32, 1.0, (2, w), &cpu)? * 10f64.powi(e))?);
+    }
+    let normal = Tensor::randn(0f32, 1.0, (1, w), &cpu)?;
+    rows.push(Tensor::zeros((1, w), DType::F32, &cpu)?);
+    rows.push(Tensor::full(0.5f32, (1, w), &cpu)?);
+    rows.push(normal.abs()?);
+    rows.push(normal.abs()?.neg()?);
+    let signed_zeros: Vec<f32> = (0..w)
+        .map(|i| match i % 4 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => 1e-3 * (i as f32).sin(),
+            _ => 0.0,
+        })
+        .collect();
+    rows.push(Tensor::from_vec(signed_zeros, (1, w), &cpu)?);
+    let mut outlier = normal.flatten_all()?.to_vec1::<f32>()?;
+    outlier[77] = 1000.0;
+    rows.push(Tensor::from_vec(outlier, (1, w), &cpu)?);
+    let steps: Vec<f32> = (0..w).map(|i| (i / 32) as f32 * 0.25 - 1.0).collect();
+    rows.push(Tensor::from_vec(steps, (1, w), &cpu)?);
+    rows.push((normal * 1e-39)?);
+    Tensor::cat(&rows, 0)
+}
+
+/// f16 fields of one block of each format (scales, mins), by byte offset.
+fn f16_fields(format: QuantFormat) -> &'static [usize] {
+    match format {
+        QuantFormat::Q8_0 | QuantFormat::Q4_0 => &[0],
+        QuantFormat::Q4_1 | QuantFormat::Q4K => &[0, 2],
+        QuantFormat::Q6K => &[208],
+    }
+}
+
+/// Load-time quantization on the GPU writes the host quantizer's blocks, byte for byte: every
+/// format, from f32, bf16 and f16, on [`quantization_rows`] and on a weight larger than one
+/// upload part (two parts, the second partial). The one latitude is a zero f16 scale or min
+/// whose sign differs: the host's own `f32::max` returns either zero (a debug and a release
+/// build differ), and its weights dequantize alike.
+#[test]
+fn device_quantization_writes_the_host_blocks() -> Result<()> {
+    let dev = gpu();
+    let large = Tensor::randn(0f32, 0.02, (9000, 2048), &Device::Cpu)?;
+    let cases = [
+        (
+            quantization_rows()?,
+            vec![DType::F32, DType::BF16, DType::F16],
+        ),
+        (large, vec![DType::F32]),
+    ];
+    for (rows, dtypes) in &cases {
+        for &dtype in dtypes {
+            let host = rows.to_dtype(dtype)?;
+            for format in QuantFormat::ALL {
+                let on_gpu = quantize_rows(&host, format.ggml(), &dev)?;
+                assert!(on_gpu.device().is_cuda(), "{format:?}");
+                let mut got = on_gpu.data()?.into_owned();
+                let want = quantize_rows(&host, format.ggml(), &Device::Cpu)?
+                    .data()?
+                    .into_owned();
+                assert_eq!(got.len(), want.len(), "{format:?} {dtype:?}");
+                let block = format.ggml().type_size();
+                let mut zero_signs = 0;
+                for start in (0..want.len()).step_by(block) {
+                    for &at in f16_fields(format) {
+                        let field = start + at..start + at + 2;
+                        let is_zero = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]) & 0x7fff == 0;
+                        if got[field.clone()] != want[field.clone()]
+                            && is_zero(&got[field.clone()])
+                            && is_zero(&want[field.clone()])
+                        {
+                            zero_signs += 1;
+                            got[field.clone()].copy_from_slice(&want[field]);
+                        }
+                    }
+                }
+                let differ = (0..want.len() / block)
+                    .filter(|b| got[b * block..(b + 1) * block] != want[b * block..(b + 1) * block])
+                    .collect::<Vec<_>>();
+                println!(
+                    "quantize {format:?} from {dtype:?} {:?}: {} of {} blocks differ, {zero_signs} zero scales of the other sign",
+                    host.dims(),
+                    differ.len(),
+                    want.len() / block
+                );
+                assert!(
+                    differ.is_empty(),
+                    "{format:?} from {dtype:?}: {} blocks differ, the first {:?}",
+                    differ.len(),
+                    &differ[..differ.len().min(8)]
+                );
+            }
         }
     }
     Ok(())

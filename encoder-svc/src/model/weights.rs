@@ -298,18 +298,24 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Loads `weight` on the host in f32, quantizes it there and moves the blocks to the
-    /// model's device.
+    /// Loads `weight` on the host in the model's dtype when that is bf16 (a bf16 file's
+    /// weights as stored, no conversion on the host, as the transformer's projections are
+    /// read), else in f32, and quantizes it for the model's device (`quantize_rows`: on a CUDA
+    /// device there, else across the host's cores).
     fn quantize(
         &self,
         vb: &VarBuilder<'a>,
         shape: (usize, usize),
         format: QuantFormat,
     ) -> Result<QTensor> {
+        let dtype = match vb.dtype() {
+            DType::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
         let host = vb
             .clone()
             .set_device(Device::Cpu)
-            .set_dtype(DType::F32)
+            .set_dtype(dtype)
             .get(shape, &self.key())?;
         let q = quantize_rows(&host, format.ggml(), vb.device())?;
         self.record_quantized(&q);

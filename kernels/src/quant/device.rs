@@ -1,0 +1,125 @@
+//! [`super::quantize_rows`] on a CUDA device: the host's rows go up in parts of at most
+//! [`PART_BYTES`] through one device buffer and are quantized there (`quantize.cu`, one thread
+//! per ggml block) into the blocks' one allocation. The kernels port the host quantizer
+//! operation for operation, so the blocks are the host's.
+
+use candle_core::{
+    CpuStorage, CudaDevice, DType, Result, Storage, Tensor, bail,
+    cuda::{
+        WrapErr,
+        cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg},
+    },
+    quantized::{GgmlDType, QStorage, QTensor, cuda::QCudaStorage},
+};
+
+use crate::cuda::QUANTIZE;
+
+/// Each format `quantize.cu` writes, and its kernels' name.
+const KERNELS: [(GgmlDType, &str); 5] = [
+    (GgmlDType::Q8_0, "q8_0"),
+    (GgmlDType::Q4_0, "q4_0"),
+    (GgmlDType::Q4_1, "q4_1"),
+    (GgmlDType::Q4K, "q4k"),
+    (GgmlDType::Q6K, "q6k"),
+];
+
+/// The most bytes of the host tensor on the device at once: the transient a load adds to the
+/// blocks, whatever the tensor's size (a Qwen3-8B embedding is 1.2 GB).
+const PART_BYTES: usize = 64 << 20;
+
+/// Threads of a launch block, one ggml block each (the k-quants keep ~0.5 KiB a thread in
+/// local memory).
+const LAUNCH_THREADS: usize = 128;
+
+/// The kernel name stem for `format`, if `quantize.cu` writes it.
+pub fn kernel(format: GgmlDType) -> Option<&'static str> {
+    KERNELS.iter().find(|(f, _)| *f == format).map(|&(_, k)| k)
+}
+
+/// `host` (rows, width) on the host, any float dtype, quantized to `format` on `dev` by
+/// `stem`'s kernels. F32, BF16 and F16 go up as they are; other dtypes as f32.
+pub fn quantize_rows(
+    host: &Tensor,
+    format: GgmlDType,
+    stem: &str,
+    dev: &CudaDevice,
+) -> Result<QTensor> {
+    let (rows, width) = host.dims2()?;
+    let block = format.block_size();
+    if !width.is_multiple_of(block) {
+        bail!("quantize: rows of {width} are not whole {format:?} blocks of {block}")
+    }
+    let host = match host.dtype() {
+        DType::F32 | DType::BF16 | DType::F16 => host.contiguous()?,
+        _ => host.to_dtype(DType::F32)?,
+    };
+    let suffix = match host.dtype() {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    };
+    let storage = QCudaStorage::zeros(dev, rows * width, format)?;
+    let parts = Parts {
+        dev,
+        kernel: format!("quantize_{stem}_{suffix}"),
+        blocks: storage.device_ptr()? as u64,
+        block,
+        block_bytes: format.type_size(),
+        part_rows: (PART_BYTES / (width * host.dtype().size_in_bytes())).max(1),
+        width,
+    };
+    {
+        let (s, l) = host.storage_and_layout();
+        let range = l.start_offset()..l.start_offset() + rows * width;
+        match &*s {
+            Storage::Cpu(CpuStorage::BF16(v)) => parts.quantize(&v[range])?,
+            Storage::Cpu(CpuStorage::F16(v)) => parts.quantize(&v[range])?,
+            Storage::Cpu(CpuStorage::F32(v)) => parts.quantize(&v[range])?,
+            _ => bail!("quantize: the weight is not on the host"),
+        }
+    }
+    QTensor::new(QStorage::Cuda(storage), (rows, width))
+}
+
+/// One weight's quantization: its kernel, where its blocks go, and how its rows are cut.
+struct Parts<'a> {
+    dev: &'a CudaDevice,
+    kernel: String,
+    /// Device address of the first block.
+    blocks: u64,
+    /// Weights and bytes of one ggml block.
+    block: usize,
+    block_bytes: usize,
+    /// Rows uploaded at once, and weights a row.
+    part_rows: usize,
+    width: usize,
+}
+
+impl Parts<'_> {
+    /// Each part of `weights` copied into one device buffer, then its blocks written. The copy
+    /// and the kernels run in order on the device's stream, so a part is copied only once the
+    /// kernel before it has read the buffer.
+    fn quantize<T: DeviceRepr + 'static>(&self, weights: &[T]) -> Result<()> {
+        let func = self
+            .dev
+            .get_or_load_custom_func(&self.kernel, QUANTIZE.name, QUANTIZE.ptx)?;
+        let part = self.part_rows * self.width;
+        let mut buf = unsafe { self.dev.alloc::<T>(part.min(weights.len()))? };
+        for (i, chunk) in weights.chunks(part).enumerate() {
+            self.dev
+                .memcpy_htod(chunk, &mut buf.slice_mut(..chunk.len()))?;
+            let n_blocks = chunk.len() / self.block;
+            let out = self.blocks + (i * part / self.block * self.block_bytes) as u64;
+            let n_blocks_arg = n_blocks as i64;
+            let cfg = LaunchConfig {
+                grid_dim: (n_blocks.div_ceil(LAUNCH_THREADS) as u32, 1, 1),
+                block_dim: (LAUNCH_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = func.builder();
+            launch.arg(&buf).arg(&out).arg(&n_blocks_arg);
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        Ok(())
+    }
+}
