@@ -199,6 +199,7 @@ async fn the_same_seed_twice_gives_identical_pixels_and_seeds_are_returned() {
 /// quantizes the same checkpoint to q8_0 at load time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quantized_gguf_files_serve_the_load_time_quantized_pixels() {
+    use candle_core::Device;
     use denoiser_svc::{config::Quantize, gguf::write_gguf, weights::Checkpoint};
     use encoder_svc::model::{quant::QuantFormat, weights::QuantPlan};
 
@@ -207,9 +208,10 @@ async fn quantized_gguf_files_serve_the_load_time_quantized_pixels() {
     let temp = |name: &str| std::env::temp_dir().join(format!("{}-e2e-{name}", std::process::id()));
     let (file, encoder_file) = (temp("q8_0.gguf"), temp("qwen3-q8_0.gguf"));
     let checkpoint = Checkpoint::locate(&dir).unwrap();
-    write_gguf(&checkpoint, QuantFormat::Q8_0, &file).unwrap();
+    write_gguf(&checkpoint, QuantFormat::Q8_0, &file, &Device::Cpu).unwrap();
     let plan = QuantPlan::projections_in(QuantFormat::Q8_0);
-    let written = encoder_svc::model::gguf::write_gguf(&dir, plan, &encoder_file).unwrap();
+    let written =
+        encoder_svc::model::gguf::write_gguf(&dir, plan, &encoder_file, &Device::Cpu).unwrap();
     assert!(written.quantized > 0 && written.quantized < written.tensors);
     let req = pb::GenerateRequest {
         prompt: "a red car".into(),

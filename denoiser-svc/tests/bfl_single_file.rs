@@ -141,8 +141,8 @@ fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     assert_ne!(forward(&a), exact, "fp8 rounds the weights");
 
     let (ga, gb) = (dir.join("a.gguf"), dir.join("b.gguf"));
-    write_gguf(&a, QuantFormat::Q8_0, &ga).unwrap();
-    write_gguf(&b, QuantFormat::Q8_0, &gb).unwrap();
+    write_gguf(&a, QuantFormat::Q8_0, &ga, &Device::Cpu).unwrap();
+    write_gguf(&b, QuantFormat::Q8_0, &gb, &Device::Cpu).unwrap();
     assert_eq!(std::fs::read(&ga).unwrap(), std::fs::read(&gb).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }

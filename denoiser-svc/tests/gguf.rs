@@ -15,7 +15,7 @@ mod golden_forward;
 use std::collections::HashMap;
 
 use bfl_layout::{TempFile, temp, write_gguf};
-use candle_core::{DType, Tensor, quantized::GgmlDType};
+use candle_core::{DType, Device, Tensor, quantized::GgmlDType};
 use denoiser_svc::{
     model::{
         AttentionConfig, Flux2Transformer2DModel,
@@ -208,8 +208,12 @@ fn a_written_gguf_is_the_model_quantized_at_load_time() {
     let bfl = Checkpoint::locate(&bfl_file.0).unwrap();
     let (from_diffusers, from_bfl) = (temp("written-a.gguf"), temp("written-b.gguf"));
     let format = QuantFormat::Q8_0;
-    let written = write_gguf(&diffusers, format, &from_diffusers.0).unwrap();
-    assert_eq!(write_gguf(&bfl, format, &from_bfl.0).unwrap(), written);
+    let cpu = Device::Cpu;
+    let written = write_gguf(&diffusers, format, &from_diffusers.0, &cpu).unwrap();
+    assert_eq!(
+        write_gguf(&bfl, format, &from_bfl.0, &cpu).unwrap(),
+        written
+    );
     let proj_count = bfl_layout::tensors()
         .keys()
         .filter(|n| is_projection(n))
@@ -223,7 +227,8 @@ fn a_written_gguf_is_the_model_quantized_at_load_time() {
         write_gguf(
             &Checkpoint::locate(&from_bfl.0).unwrap(),
             format,
-            &temp("x").0
+            &temp("x").0,
+            &cpu
         )
         .is_err()
     );

@@ -138,7 +138,9 @@ fn gguf_weights_equal_quantizing_at_load_time() {
 }
 
 /// The library's writer (`klein quantize --text-encoder-out`) writes the tensors this test's
-/// llama.cpp-layout writer writes, block for block, with the metadata the reader needs.
+/// llama.cpp-layout writer writes, block for block, with the metadata the reader needs; it
+/// quantizes on the test device (on a GPU, `klein quantize --device cuda`), the reference on
+/// the host.
 #[test]
 fn the_written_gguf_is_the_llama_cpp_layout_quantized_as_at_load_time() {
     let want = write_gguf("tiny-want.gguf", 1e6);
@@ -148,7 +150,7 @@ fn the_written_gguf_is_the_llama_cpp_layout_quantized_as_at_load_time() {
     ));
     let got = TempFile(path.clone());
     let plan = QuantPlan::of(Quantize::Format(QuantFormat::Q4K)).unwrap();
-    let written = write_gguf_file(&common::model_dir(), plan, &got.0).unwrap();
+    let written = write_gguf_file(&common::model_dir(), plan, &got.0, &test_device()).unwrap();
     let (want, got) = (
         klein_runtime::weights::gguf::GgufFile::open(&want.0).unwrap(),
         klein_runtime::weights::gguf::GgufFile::open(&got.0).unwrap(),
@@ -188,7 +190,7 @@ fn writing_from_a_folder_without_a_text_encoder_is_a_configuration_error() {
     let plan = QuantPlan::of(Quantize::Format(QuantFormat::Q4K)).unwrap();
     let out = std::env::temp_dir().join(format!("encoder-svc-{}-none.gguf", std::process::id()));
     let transformer = common::model_dir().join("transformer");
-    match write_gguf_file(&transformer, plan, &out) {
+    match write_gguf_file(&transformer, plan, &out, &Device::Cpu) {
         Err(EncoderError::Config(msg)) => assert!(msg.contains("no Qwen3 text encoder"), "{msg}"),
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("a transformer folder was written as a text encoder"),

@@ -173,9 +173,13 @@ impl StackOptions {
             .zip(self.denoiser.model_dir.as_deref())
             .filter(|(_, path)| !klein_runtime::weights::gguf::is_gguf(path));
         let (out, text_out) = ("transformer.gguf", "text-encoder.gguf");
+        let device = match self.denoiser.server.device {
+            DeviceSpec::Cpu => String::new(),
+            gpu => format!(" --device {gpu}"),
+        };
         let command = |format: QuantFormat, dir: &Path, outs: &str| {
             format!(
-                "  klein quantize --model-dir {} --format {format}{outs}",
+                "  klein quantize --model-dir {} --format {format}{device}{outs}",
                 dir.display()
             )
         };
@@ -452,7 +456,7 @@ mod tests {
         let nine = opts.clone().gpu_16gb_settings(Gpu16Gb::Klein9b);
         let hint = nine.quantize_once_hint().unwrap();
         let one = format!(
-            "klein quantize --model-dir {} --format q4k --out transformer.gguf \
+            "klein quantize --model-dir {} --format q4k --device cuda:0 --out transformer.gguf \
              --text-encoder-out text-encoder.gguf",
             dir.display()
         );
@@ -476,11 +480,13 @@ mod tests {
         apart.denoiser.quantize = Quantize::Format(QuantFormat::Q8_0);
         let hint = apart.quantize_once_hint().unwrap();
         assert!(
-            hint.contains("flux-2-klein-9b-fp8.safetensors --format q8_0 --out transformer.gguf\n"),
+            hint.contains(
+                "flux-2-klein-9b-fp8.safetensors --format q8_0 --device cuda:0 --out transformer.gguf\n"
+            ),
             "{hint}"
         );
         assert!(
-            hint.contains("--format q4k --text-encoder-out text-encoder.gguf\n"),
+            hint.contains("--format q4k --device cuda:0 --text-encoder-out text-encoder.gguf\n"),
             "{hint}"
         );
         std::fs::remove_dir_all(&tmp).unwrap();

@@ -202,11 +202,19 @@ pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Resul
     QTensor::new(storage, (rows, width))
 }
 
-/// `t` (on the host) as a file stores it: in `blocks`' format ([`quantize_rows`]), else dense,
-/// vectors in F32 and matrices in their own dtype (BF16, F16; anything else F32).
-pub fn to_stored(t: &Tensor, blocks: Option<QuantFormat>) -> Result<QTensor> {
+/// `t` (on the host) as a file stores it, on the host: in `blocks`' format, quantized on
+/// `quantize_on` ([`quantize_rows`]: a CUDA device's kernels write the host quantizer's bytes),
+/// else dense, vectors in F32 and matrices in their own dtype (BF16, F16; anything else F32).
+pub fn to_stored(t: &Tensor, blocks: Option<QuantFormat>, quantize_on: &Device) -> Result<QTensor> {
     match blocks {
-        Some(format) => quantize_rows(t, format.ggml(), &Device::Cpu),
+        Some(format) => {
+            let q = quantize_rows(t, format.ggml(), quantize_on)?;
+            if q.device().is_cpu() {
+                return Ok(q);
+            }
+            let host = QStorage::from_data(q.data()?, &Device::Cpu, q.dtype())?;
+            QTensor::new(host, q.shape())
+        }
         None => {
             let dense = match t.dtype() {
                 DType::BF16 if t.rank() > 1 => GgmlDType::BF16,
@@ -330,14 +338,14 @@ mod tests {
     fn stored_tensors_keep_their_dtype_or_take_the_blocks_asked_for() -> Result<()> {
         let dev = Device::Cpu;
         let m = Tensor::randn(0f32, 1.0, (4, 64), &dev)?;
-        let stored = |t: &Tensor, blocks| to_stored(t, blocks).map(|q| q.dtype());
+        let stored = |t: &Tensor, blocks| to_stored(t, blocks, &dev).map(|q| q.dtype());
         assert_eq!(stored(&m.to_dtype(DType::BF16)?, None)?, GgmlDType::BF16);
         assert_eq!(stored(&m.to_dtype(DType::F16)?, None)?, GgmlDType::F16);
         assert_eq!(stored(&m, None)?, GgmlDType::F32);
         let v = m.get(0)?.to_dtype(DType::BF16)?;
         assert_eq!(stored(&v, None)?, GgmlDType::F32, "vectors in F32");
         let bf16 = m.to_dtype(DType::BF16)?;
-        let q = to_stored(&bf16, Some(QuantFormat::Q8_0))?;
+        let q = to_stored(&bf16, Some(QuantFormat::Q8_0), &dev)?;
         assert_eq!(q.dtype(), GgmlDType::Q8_0);
         assert_eq!(
             q.data()?,

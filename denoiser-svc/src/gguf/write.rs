@@ -40,11 +40,13 @@ enum Parts {
 /// Writes `checkpoint`'s transformer to `out`: the block projections in `format`'s blocks (its
 /// block-32 fallback where a row is narrower than a k-quant's, dense where no block fits), 1-D
 /// tensors in F32, every other tensor in its stored dtype (BF16, F16, else F32; an fp8 weight
-/// times its scale in F32).
+/// times its scale in F32). The blocks are quantized on `quantize_on` (the host or a GPU: the
+/// same bytes).
 pub fn write_gguf(
     checkpoint: &Checkpoint,
     format: QuantFormat,
     out: &Path,
+    quantize_on: &Device,
 ) -> Result<Written, LoadError> {
     let invalid = |reason: String| LoadError::Invalid {
         path: checkpoint.files.first().cloned().unwrap_or_default(),
@@ -114,7 +116,7 @@ pub fn write_gguf(
             _ => None,
         };
         quantized += usize::from(blocks.is_some());
-        let q = to_stored(&t, blocks)?;
+        let q = to_stored(&t, blocks, quantize_on)?;
         stored.push((name, q));
     }
     let bytes = stored

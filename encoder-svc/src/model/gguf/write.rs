@@ -40,8 +40,14 @@ pub struct Written {
 /// table in `plan.embedding`'s, 1-D tensors in F32, anything else in its stored dtype; the
 /// architecture as `qwen3.*` metadata from `config.json` (a folder whose `config.json` is not
 /// a Qwen3 one is a configuration error). The file is for this crate's reader:
-/// llama.cpp itself would also need the tokenizer's metadata, which is not written.
-pub fn write_gguf(model_dir: &Path, plan: QuantPlan, out: &Path) -> Result<Written, EncoderError> {
+/// llama.cpp itself would also need the tokenizer's metadata, which is not written. The blocks
+/// are quantized on `quantize_on` (the host or a GPU: the same bytes).
+pub fn write_gguf(
+    model_dir: &Path,
+    plan: QuantPlan,
+    out: &Path,
+    quantize_on: &Device,
+) -> Result<Written, EncoderError> {
     let dir = component_dir(model_dir, "text_encoder")?;
     let cfg: Config = read_config(&dir.join("config.json")).map_err(|e| {
         EncoderError::Config(format!(
@@ -64,7 +70,7 @@ pub fn write_gguf(model_dir: &Path, plan: QuantPlan, out: &Path) -> Result<Writt
             _ => None,
         };
         quantized += usize::from(format.is_some());
-        let q = to_stored(&t, format)?;
+        let q = to_stored(&t, format, quantize_on)?;
         stored.push((name, q));
     }
     stored.sort_by(|a, b| a.0.cmp(&b.0));
