@@ -24,29 +24,21 @@ namespace {
 
 // ---- IEEE single precision as the host computes it (PTX without .ftz) ----
 
-__device__ __forceinline__ float add(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-__device__ __forceinline__ float sub(float a, float b) {
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-__device__ __forceinline__ float mul(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-__device__ __forceinline__ float div(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
+// add, sub, mul, div (each rounded to nearest once); max and min are Rust's f32::max / f32::min
+// (a NaN operand gives the other).
+#define KLEIN_QUANTIZE_BINARY(name, op)                    \
+  __device__ __forceinline__ float name(float a, float b) { \
+    float r;                                               \
+    asm(op " %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));     \
+    return r;                                              \
+  }
+KLEIN_QUANTIZE_BINARY(add, "add.rn.f32")
+KLEIN_QUANTIZE_BINARY(sub, "sub.rn.f32")
+KLEIN_QUANTIZE_BINARY(mul, "mul.rn.f32")
+KLEIN_QUANTIZE_BINARY(div, "div.rn.f32")
+KLEIN_QUANTIZE_BINARY(fmax_, "max.f32")
+KLEIN_QUANTIZE_BINARY(fmin_, "min.f32")
+#undef KLEIN_QUANTIZE_BINARY
 
 #define KLEIN_QUANTIZE_COMPARE(name, op)                                                      \
   __device__ __forceinline__ bool name(float a, float b) {                                    \
@@ -62,19 +54,6 @@ KLEIN_QUANTIZE_COMPARE(eq, "eq")
 #undef KLEIN_QUANTIZE_COMPARE
 
 __device__ __forceinline__ bool gt(float a, float b) { return lt(b, a); }
-
-// Rust's f32::max / f32::min: a NaN operand gives the other.
-__device__ __forceinline__ float fmax_(float a, float b) {
-  float r;
-  asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-__device__ __forceinline__ float fmin_(float a, float b) {
-  float r;
-  asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
 
 __device__ __forceinline__ float abs_(float x) {
   return __int_as_float(__float_as_int(x) & 0x7fffffff);

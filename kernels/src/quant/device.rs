@@ -65,7 +65,7 @@ pub fn quantize_rows(
         blocks: storage.device_ptr()? as u64,
         block,
         block_bytes: format.type_size(),
-        part_rows: (PART_BYTES / (width * host.dtype().size_in_bytes())).max(1),
+        part_rows: (PART_BYTES / (width * host.dtype().size_in_bytes()).max(1)).max(1),
         width,
     };
     {
@@ -104,6 +104,9 @@ impl Parts<'_> {
             .dev
             .get_or_load_custom_func(&self.kernel, QUANTIZE.name, QUANTIZE.ptx)?;
         let part = self.part_rows * self.width;
+        if weights.is_empty() {
+            return Ok(());
+        }
         let mut buf = unsafe { self.dev.alloc::<T>(part.min(weights.len()))? };
         for (i, chunk) in weights.chunks(part).enumerate() {
             self.dev
