@@ -107,6 +107,15 @@ pub fn plane_grid(planes: usize, hw: usize) -> LaunchConfig {
     }
 }
 
+/// Enough 1-D blocks of `threads` threads for `items` items, `per_block` items a block.
+pub fn blocks_for(items: usize, per_block: usize, threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (items.div_ceil(per_block) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A grid-stride loop over `items` threads' work.
 pub fn grid_stride(items: usize) -> LaunchConfig {
     LaunchConfig {

@@ -58,11 +58,11 @@ fn launch_bf16(
     dev: &candle_core::CudaDevice,
 ) -> Result<Tensor> {
     use candle_core::cuda::WrapErr;
-    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda::cudarc::driver::PushKernelArg;
     use candle_core::{CudaStorage, Storage, op::BackpropOp};
     use half::bf16;
 
-    use crate::cuda::DEQUANTIZE;
+    use crate::cuda::{DEQUANTIZE, blocks_for};
 
     let n = w.shape().elem_count();
     let block_weights = w.dtype().block_size();
@@ -80,11 +80,7 @@ fn launch_bf16(
     let stream = dev.cuda_stream();
     let (blocks, _guard) = w.device_ptr_with_guard(&stream)?;
     let (blocks, n_blocks_arg) = (blocks as u64, n_blocks as i64);
-    let cfg = LaunchConfig {
-        grid_dim: (n_blocks.div_ceil(blocks_per_launch_block) as u32, 1, 1),
-        block_dim: (LAUNCH_THREADS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = blocks_for(n_blocks, blocks_per_launch_block, LAUNCH_THREADS);
     let mut launch = func.builder();
     launch.arg(&blocks).arg(&out).arg(&n_blocks_arg);
     unsafe { launch.launch(cfg) }.w()?;

@@ -166,7 +166,8 @@ impl<'de> serde::Deserialize<'de> for Quantize {
 
 /// Quantizes a host (rows, width) tensor (any float dtype) to `format` on `device`, with the
 /// bytes of a single-threaded `QTensor::quantize`. On a CUDA device the formats of
-/// [`QuantFormat`] are quantized there (`quant/device.rs`). Otherwise ggml blocks never cross a
+/// [`QuantFormat`] are quantized there (`quant/device.rs`; a zero scale may carry the other
+/// sign, where the host's own sign is unspecified). Otherwise ggml blocks never cross a
 /// row and candle converts and quantizes on one thread, so the rows are split over the host's
 /// cores, each part converted to f32 and quantized there, and the blocks concatenated.
 pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Result<QTensor> {

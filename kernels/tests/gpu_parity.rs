@@ -243,7 +243,8 @@ fn f16_fields(format: QuantFormat) -> &'static [usize] {
 
 /// Load-time quantization on the GPU writes the host quantizer's blocks, byte for byte: every
 /// format, from f32, bf16 and f16, on [`quantization_rows`] and on a weight larger than one
-/// upload part (two parts, the second partial); a weight of no rows gives no blocks. The one
+/// upload part (two parts, the second partial); a weight of no rows gives no blocks, rows that
+/// are not whole blocks an error. The one
 /// latitude is a zero f16 scale or min whose sign differs: the host's own `f32::max` returns
 /// either zero (a debug and a release build differ), and its weights dequantize alike.
 #[test]
@@ -304,6 +305,9 @@ fn device_quantization_writes_the_host_blocks() -> Result<()> {
     let none = Tensor::zeros((0, 512), DType::BF16, &Device::Cpu)?;
     let empty = quantize_rows(&none, QuantFormat::Q4K.ggml(), &dev)?;
     assert_eq!(empty.shape().dims(), &[0, 512], "a weight of no rows");
+    let ragged = Tensor::zeros((2, 100), DType::BF16, &Device::Cpu)?;
+    let err = quantize_rows(&ragged, QuantFormat::Q8_0.ggml(), &dev).unwrap_err();
+    assert!(err.to_string().contains("not whole"), "{err}");
     Ok(())
 }
 

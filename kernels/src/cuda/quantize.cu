@@ -20,6 +20,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "ggml_blocks.cuh"
+
 namespace {
 
 // ---- IEEE single precision as the host computes it (PTX without .ftz) ----
@@ -80,21 +82,24 @@ __device__ __forceinline__ int to_i32(float x) {
   return r;
 }
 
+// The block-32 quantizers' `if d != 0 { 1 / d } else { 0 }`.
+__device__ __forceinline__ float inverse_or_zero(float d) {
+  return !eq(d, 0.0f) ? div(1.0f, d) : 0.0f;
+}
+
 // candle's nearest_int: `x.round() as i32`.
 __device__ __forceinline__ int nearest_int(float x) { return to_i32(round_(x)); }
 
-__device__ __forceinline__ int clamp(int v, int lo, int hi) { return v < lo ? lo : (v > hi ? hi : v); }
+__device__ __forceinline__ int clamp(int v, int lo, int hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
 
 // Rust's `x as u8` / `x as i8`: toward zero, saturating to the type, NaN to 0.
 __device__ __forceinline__ uint8_t to_u8(float x) { return (uint8_t)clamp(to_i32(x), 0, 255); }
 __device__ __forceinline__ int8_t to_i8(float x) { return (int8_t)clamp(to_i32(x), -128, 127); }
 
-// f32 to f16 bits, nearest even (the half crate's `f16::from_f32`), and back (exact).
-__device__ __forceinline__ uint16_t to_f16(float x) {
-  return __half_as_ushort(__float2half_rn(x));
-}
-
-__device__ __forceinline__ float from_f16(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+// f32 to f16, nearest even (the half crate's `f16::from_f32`); back with half_bits (exact).
+__device__ __forceinline__ __half_raw to_f16(float x) { return __half_raw(__float2half_rn(x)); }
 
 __device__ __forceinline__ float load(const float* x, long long i) { return x[i]; }
 __device__ __forceinline__ float load(const __nv_bfloat16* x, long long i) {
@@ -108,33 +113,21 @@ __device__ __forceinline__ int total_key(float x) {
   return b ^ (int)((uint32_t)(b >> 31) >> 1);
 }
 
-// ---- Q8_0: 32 weights, an f16 scale d, weight = d · q (q an i8) ----
-
-struct BlockQ8_0 {
-  uint16_t d;
-  int8_t qs[32];
-};
-static_assert(sizeof(BlockQ8_0) == 34, "block_q8_0 is 34 bytes");
+// ---- Q8_0 (the block layouts are in ggml_blocks.cuh) ----
 
 template <typename T>
 __device__ void quantize_q8_0(const T* x, BlockQ8_0* y) {
   float amax = 0.0f;
   for (int i = 0; i < 32; ++i) amax = fmax_(amax, abs_(load(x, i)));
   const float d = div(amax, 127.0f);
-  const float id = !eq(d, 0.0f) ? div(1.0f, d) : 0.0f;
+  const float id = inverse_or_zero(d);
   BlockQ8_0 b;
   b.d = to_f16(d);
   for (int i = 0; i < 32; ++i) b.qs[i] = to_i8(round_(mul(load(x, i), id)));
   *y = b;
 }
 
-// ---- Q4_0: 32 weights, weight = d · (q − 8); low nibbles weights 0..15, high 16..31 ----
-
-struct BlockQ4_0 {
-  uint16_t d;
-  uint8_t qs[16];
-};
-static_assert(sizeof(BlockQ4_0) == 18, "block_q4_0 is 18 bytes");
+// ---- Q4_0 ----
 
 template <typename T>
 __device__ void quantize_q4_0(const T* x, BlockQ4_0* y) {
@@ -147,7 +140,7 @@ __device__ void quantize_q4_0(const T* x, BlockQ4_0* y) {
     }
   }
   const float d = div(max, -8.0f);
-  const float id = !eq(d, 0.0f) ? div(1.0f, d) : 0.0f;
+  const float id = inverse_or_zero(d);
   BlockQ4_0 b;
   b.d = to_f16(d);
   for (int j = 0; j < 16; ++j) {
@@ -158,14 +151,7 @@ __device__ void quantize_q4_0(const T* x, BlockQ4_0* y) {
   *y = b;
 }
 
-// ---- Q4_1: as Q4_0 with a min m, weight = d · q + m ----
-
-struct BlockQ4_1 {
-  uint16_t d;
-  uint16_t m;
-  uint8_t qs[16];
-};
-static_assert(sizeof(BlockQ4_1) == 20, "block_q4_1 is 20 bytes");
+// ---- Q4_1 ----
 
 template <typename T>
 __device__ void quantize_q4_1(const T* x, BlockQ4_1* y) {
@@ -175,7 +161,7 @@ __device__ void quantize_q4_1(const T* x, BlockQ4_1* y) {
     hi = fmax_(load(x, i), hi);
   }
   const float d = div(sub(hi, lo), 15.0f);
-  const float id = !eq(d, 0.0f) ? div(1.0f, d) : 0.0f;
+  const float id = inverse_or_zero(d);
   BlockQ4_1 b;
   b.d = to_f16(d);
   b.m = to_f16(lo);
@@ -187,16 +173,7 @@ __device__ void quantize_q4_1(const T* x, BlockQ4_1* y) {
   *y = b;
 }
 
-// ---- Q4_K: 256 weights in 8 sub-blocks of 32, 6-bit sub-block scales and mins under the f16
-// d and dmin; weight = d · sc · q − dmin · m ----
-
-struct BlockQ4K {
-  uint16_t d;
-  uint16_t dmin;
-  uint8_t scales[12];
-  uint8_t qs[128];
-};
-static_assert(sizeof(BlockQ4K) == 144, "block_q4_K is 144 bytes");
+// ---- Q4_K ----
 
 // candle's make_qkx1_quants(15, 5, x) over one sub-block of 32: (scale, −min).
 template <typename T>
@@ -272,7 +249,7 @@ __device__ void quantize_q4k(const T* x, BlockQ4K* y) {
   }
   b.d = to_f16(div(max_scale, 63.0f));
   b.dmin = to_f16(div(max_min, 63.0f));
-  const float d_all = from_f16(b.d), dmin_all = from_f16(b.dmin);
+  const float d_all = half_bits(b.d), dmin_all = half_bits(b.dmin);
   // Sub-blocks 2p and 2p + 1 share bytes 32p..32p+31: low and high nibbles.
   for (int p = 0; p < 4; ++p) {
     uint8_t q[2][32];
@@ -299,16 +276,7 @@ __device__ void quantize_q4k(const T* x, BlockQ4K* y) {
   *y = b;
 }
 
-// ---- Q6_K: 256 weights in 16 groups of 16, i8 group scales under the f16 d; 6-bit quants,
-// low four bits in ql, high two in qh; weight = d · sc · (q − 32) ----
-
-struct BlockQ6K {
-  uint8_t ql[128];
-  uint8_t qh[64];
-  int8_t scales[16];
-  uint16_t d;
-};
-static_assert(sizeof(BlockQ6K) == 210, "block_q6_K is 210 bytes");
+// ---- Q6_K ----
 
 // candle's make_qx_quants(16, 32, x, ls, rmse_type 1, no weights): the group's scale, its
 // levels (0..63) in ls.
@@ -408,7 +376,7 @@ __device__ void quantize_q6k(const T* x, BlockQ6K* y) {
   b.d = to_f16(div(1.0f, iscale));
   // `nearest_int(..).min(127) as i8`: the cast keeps the low byte.
   for (int j = 0; j < 16; ++j) b.scales[j] = (int8_t)min(nearest_int(mul(iscale, scales[j])), 127);
-  const float d_all = from_f16(b.d);
+  const float d_all = half_bits(b.d);
   for (int j = 0; j < 16; ++j) {
     const float d = mul(d_all, (float)b.scales[j]);
     if (eq(d, 0.0f)) continue;

@@ -7,12 +7,12 @@ use candle_core::{
     CpuStorage, CudaDevice, DType, Result, Storage, Tensor, bail,
     cuda::{
         WrapErr,
-        cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg},
+        cudarc::driver::{DeviceRepr, PushKernelArg},
     },
     quantized::{GgmlDType, QStorage, QTensor, cuda::QCudaStorage},
 };
 
-use crate::cuda::QUANTIZE;
+use crate::cuda::{QUANTIZE, blocks_for};
 
 /// Each format `quantize.cu` writes, and its kernels' name.
 const KERNELS: [(GgmlDType, &str); 5] = [
@@ -114,11 +114,7 @@ impl Parts<'_> {
             let n_blocks = chunk.len() / self.block;
             let out = self.blocks + (i * part / self.block * self.block_bytes) as u64;
             let n_blocks_arg = n_blocks as i64;
-            let cfg = LaunchConfig {
-                grid_dim: (n_blocks.div_ceil(LAUNCH_THREADS) as u32, 1, 1),
-                block_dim: (LAUNCH_THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = blocks_for(n_blocks, LAUNCH_THREADS, LAUNCH_THREADS);
             let mut launch = func.builder();
             launch.arg(&buf).arg(&out).arg(&n_blocks_arg);
             unsafe { launch.launch(cfg) }.w()?;
