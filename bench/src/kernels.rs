@@ -58,7 +58,8 @@ pub(crate) fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
 }
 
-pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
+/// Times every kernel, or only those whose name contains `only`.
+pub fn run(dev: &Device, iters: usize, rates: Rates, only: Option<&str>) -> Result<Vec<KernelRow>> {
     // Each call's output reuses pooled memory, as in denoiser-svc, not a fresh mapping.
     klein_runtime::gpu_memory::keep_freed_memory(dev);
     let s = TXT + IMG;
@@ -72,6 +73,9 @@ pub fn run(dev: &Device, iters: usize, rates: Rates) -> Result<Vec<KernelRow>> {
                    floor_ms: f64,
                    bound: &'static str|
      -> Result<()> {
+        if only.is_some_and(|name| !kernel.contains(name)) {
+            return Ok(());
+        }
         let fused_ms = time_queued(dev, 3, iters, fused)?;
         let reference_ms = time_queued(dev, 3, iters, composed)?;
         rows.push(KernelRow {

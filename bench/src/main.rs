@@ -48,6 +48,9 @@ enum Command {
         /// The card's dense bf16 matmul rate, TFLOP/s (the attention floor).
         #[arg(long, default_value_t = 766.0)]
         matmul_tflops: f64,
+        /// Time only the kernels whose name contains this (e.g. `flash_attention`).
+        #[arg(long)]
+        only: Option<String>,
         /// Write the rows as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -165,13 +168,14 @@ fn main() -> ExitCode {
             iters,
             copy_gbps,
             matmul_tflops,
+            only,
             json,
         } => (|| {
             let rates = kernels::Rates {
                 copy_gbps,
                 matmul_tflops,
             };
-            let rows = kernels::run(&dev, iters, rates)?;
+            let rows = kernels::run(&dev, iters, rates, only.as_deref())?;
             println!(
                 "| kernel | case | fused ms | composition ms | speed-up | floor ms ({copy_gbps} GB/s, {matmul_tflops} TFLOP/s) | fused / floor |\n|---|---|---|---|---|---|---|"
             );

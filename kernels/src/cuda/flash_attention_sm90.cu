@@ -26,7 +26,9 @@
 // O += P_{j−1}·V_{j−1} (m64n128k16, P from registers: the previous scores rounded to bf16 are
 // the A fragments; V from shared memory as an MN-major operand, no transposition), waits for
 // S_j only, computes its softmax while P·V runs on the tensor cores, then waits for P·V,
-// rescales O and packs P_j.
+// rescales O and packs P_j. The two consumer warpgroups take turns issuing their products
+// (FlashAttention-3's ping-pong), so one's softmax runs while the other's products do. Only an
+// item's last key tile can pass the keys' end: the tiles before it skip the mask.
 //
 // With q_weight (FLUX.2's blocks), Q holds the projections' raw q heads: each consumer
 // warpgroup applies the per-head RMSNorm and interleaved RoPE to its 64 rows of a Q tile in
@@ -35,6 +37,8 @@
 #include <cuda_bf16.h>
 #include <cuda.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 #include "qk_norm_rope.cuh"
 #include "sm90.cuh"
@@ -134,17 +138,19 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
 }
 
 // Issues S = Q·Kᵀ over the head dim in 16-wide steps: 4 per 64-column half, 32 bytes apart in
-// a swizzled row; 8-row groups 1024 bytes apart.
+// a swizzled row; 8-row groups 1024 bytes apart. q_lo and k_lo: the descriptors' low words at the
+// warpgroup's Q rows and the K tile (descriptor_lo, leading offset 16), each step a constant on.
 template <int BLOCK_N>
-__device__ __forceinline__ void issue_scores(float (&s)[BLOCK_N / 2], uint32_t q_rows,
-                                             uint32_t sk) {
+__device__ __forceinline__ void issue_scores(float (&s)[BLOCK_N / 2], uint32_t q_lo,
+                                             uint32_t k_lo) {
   fence_registers(s);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     const uint32_t step = (kk % 4) * 32;
-    ScoreMma<BLOCK_N>::run(s, descriptor(q_rows + (kk / 4) * Q_BYTES / 2 + step, 16, 1024),
-                           descriptor(sk + (kk / 4) * kv_bytes(BLOCK_N) / 2 + step, 16, 1024),
+    ScoreMma<BLOCK_N>::run(s, descriptor_of(q_lo + ((kk / 4) * Q_BYTES / 2 + step) / 16, 1024),
+                           descriptor_of(k_lo + ((kk / 4) * kv_bytes(BLOCK_N) / 2 + step) / 16,
+                                         1024),
                            kk > 0);
   }
   wgmma_commit();
@@ -152,36 +158,48 @@ __device__ __forceinline__ void issue_scores(float (&s)[BLOCK_N / 2], uint32_t q
 
 // Issues O += P·V over the tile's keys in 16-key steps (2048 bytes apart); V's two 64-column
 // halves are the operand's two 64-wide MN atoms (KV_BYTES / 2 apart), its 8-key groups 1024
-// bytes.
+// bytes. v_lo: the descriptor's low word at the V tile (descriptor_lo, that leading offset).
 template <int BLOCK_N>
 __device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)[BLOCK_N / 16][4],
-                                             uint32_t sv) {
+                                             uint32_t v_lo) {
   fence_registers(o);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-    wgmma_rs(o, p[kk], descriptor(sv + kk * 2048, kv_bytes(BLOCK_N) / 2, 1024));
+    wgmma_rs(o, p[kk], descriptor_of(v_lo + kk * 2048 / 16, 1024));
   }
   wgmma_commit();
 }
 
-// The online softmax of one tile's scores, in place: masks keys past s_kv, updates this
-// thread's two rows' running max (row_max) and sum (row_sum, rescaled), leaves exp2 of the
-// shifted scores in s and returns each row's rescaling of O in alpha.
-template <int BLOCK_N>
+// The online softmax of one tile's scores, in place: masks keys past s_kv (MASK: the tile may
+// pass it), updates this thread's two rows' running max (row_max) and sum (row_sum, rescaled),
+// leaves exp2 of the shifted scores in s and returns each row's rescaling of O in alpha.
+template <int BLOCK_N, bool MASK>
 __device__ __forceinline__ void softmax(float (&s)[BLOCK_N / 2], float (&row_max)[2],
                                         float (&row_sum)[2], float (&alpha)[2], int key0,
                                         int s_kv, int lane, float scale_log2) {
-  if (key0 + BLOCK_N > s_kv) {
+  if (MASK && key0 + BLOCK_N > s_kv) {
 #pragma unroll
     for (int i = 0; i < BLOCK_N / 2; ++i) {
       const int key = key0 + 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
       s[i] = key >= s_kv ? -INFINITY : s[i];
     }
   }
-  float tile_max[2] = {row_max[0], row_max[1]};
+  // Each row's max in four independent chains, then combined: 8 + 3 dependent steps a row
+  // instead of 36 (a max is exact, so the order changes nothing). Elements 0..7 start the
+  // chains: row (i / 2) % 2, chain i % 2 + 2 · ((i / 4) % 2).
+  float chain[2][4];
 #pragma unroll
-  for (int i = 0; i < BLOCK_N / 2; ++i) tile_max[(i / 2) % 2] = fmaxf(tile_max[(i / 2) % 2], s[i]);
+  for (int i = 0; i < BLOCK_N / 2; ++i) {
+    float& m = chain[(i / 2) % 2][(i % 2) + 2 * ((i / 4) % 2)];
+    m = i < 8 ? s[i] : fmaxf(m, s[i]);
+  }
+  float tile_max[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(fmaxf(fmaxf(chain[r][0], chain[r][1]), fmaxf(chain[r][2], chain[r][3])),
+                        row_max[r]);
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
@@ -253,6 +271,10 @@ struct Schedule {
     kb1 = min(end - t * key_tiles, key_tiles);
     slot = kb0 == 0 && kb1 == key_tiles ? -1 : 2 * g + (t != first);
     return true;
+  }
+  __device__ bool has_item(int g, int n) const {
+    int tile, kb0, kb1, slot;
+    return item(g, n, tile, kb0, kb1, slot);
   }
 };
 
@@ -504,6 +526,12 @@ __device__ __forceinline__ void attend(
   float s[BLOCK_N / 2];
   uint32_t p[BLOCK_N / 16][4];
 
+  // The warpgroups' turns at issuing matrix products: warpgroup wg waits for its turn on
+  // barrier 3 + wg (both warpgroups' threads) and passes it on the other's. Warpgroup 0 goes
+  // first; warpgroup 1 does not pass its last turn, so no arrival is left pending at exit.
+  const auto my_turn = [&] { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); };
+  const auto pass_turn = [&] { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); };
+  if (wg == 1) pass_turn();
   int c = 0;
   for (int n = 0; sched.item(g, n, tile, kb0, kb1, slot); ++n) {
 #pragma unroll
@@ -522,27 +550,34 @@ __device__ __forceinline__ void attend(
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       named_barrier(1 + wg);
     }
+    const uint32_t q_lo = descriptor_lo(q_rows, 16);
     mbar_wait(k_full(c % STAGES), (c / STAGES) & 1);
-    issue_scores<BLOCK_N>(s, q_rows, k_tile(c % STAGES));
+    my_turn();
+    issue_scores<BLOCK_N>(s, q_lo, descriptor_lo(k_tile(c % STAGES), 16));
+    pass_turn();
     wgmma_wait<0>();
     fence_registers(s);
     release(k_empty(c % STAGES));
     if (count == 1) release(q_empty);
-    softmax<BLOCK_N>(s, row_max, row_sum, alpha, kb0 * BLOCK_N, s_kv, lane, scale_log2);
+    softmax<BLOCK_N, true>(s, row_max, row_sum, alpha, kb0 * BLOCK_N, s_kv, lane, scale_log2);
     pack_scores<BLOCK_N>(p, s);
 
-    for (int j = 1; j < count; ++j) {
+    // The item's key tile j > 0: S_j, with P_{j−1}·V_{j−1} behind it on the tensor cores.
+    const auto step = [&](int j, auto mask) {
       const int t = (c + j) % STAGES, prev = (c + j - 1) % STAGES;
       mbar_wait(k_full(t), ((c + j) / STAGES) & 1);
       mbar_wait(v_full(prev), ((c + j - 1) / STAGES) & 1);
-      issue_scores<BLOCK_N>(s, q_rows, k_tile(t));
-      issue_values<BLOCK_N>(o, p, v_tile(prev));
+      my_turn();
+      issue_scores<BLOCK_N>(s, q_lo, descriptor_lo(k_tile(t), 16));
+      issue_values<BLOCK_N>(o, p, descriptor_lo(v_tile(prev), KV_BYTES / 2));
+      pass_turn();
       // S_j is done, P_{j−1}·V_{j−1} may still run: its operands stay untouched until the wait.
       wgmma_wait<1>();
       fence_registers(s);
       release(k_empty(t));
       if (j == count - 1) release(q_empty);
-      softmax<BLOCK_N>(s, row_max, row_sum, alpha, (kb0 + j) * BLOCK_N, s_kv, lane, scale_log2);
+      softmax<BLOCK_N, decltype(mask)::value>(s, row_max, row_sum, alpha, (kb0 + j) * BLOCK_N,
+                                              s_kv, lane, scale_log2);
       wgmma_wait<0>();
       fence_registers(o);
       fence_registers(p);
@@ -550,11 +585,17 @@ __device__ __forceinline__ void attend(
 #pragma unroll
       for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
       pack_scores<BLOCK_N>(p, s);
-    }
+    };
+    // Only the item's last key tile can pass s_kv: the others run without the mask.
+    const int unmasked = kb1 * BLOCK_N > s_kv ? count - 1 : count;
+    for (int j = 1; j < unmasked; ++j) step(j, std::false_type{});
+    if (count > 1 && unmasked < count) step(count - 1, std::true_type{});
     c += count;
     const int last = (c - 1) % STAGES;
     mbar_wait(v_full(last), ((c - 1) / STAGES) & 1);
-    issue_values<BLOCK_N>(o, p, v_tile(last));
+    my_turn();
+    issue_values<BLOCK_N>(o, p, descriptor_lo(v_tile(last), KV_BYTES / 2));
+    if (wg == 0 || sched.has_item(g, n + 1)) pass_turn();
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(p);

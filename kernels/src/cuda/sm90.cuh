@@ -107,11 +107,20 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
 }
 
 // A shared-memory matrix descriptor with 128-byte swizzling: start address, leading and stride
-// byte offsets.
+// byte offsets. Its low word holds the address and the leading offset, its high word the stride
+// and the swizzle; for a shared address (below 2¹⁸) and d a multiple of 16,
+// descriptor_lo(addr + d, ·) = descriptor_lo(addr, ·) + d / 16, so the steps across a tile add
+// constants to one low word.
+__device__ __forceinline__ uint32_t descriptor_lo(uint32_t addr, uint32_t leading) {
+  return ((addr & 0x3FFFF) >> 4) | ((leading >> 4) << 16);
+}
+
+__device__ __forceinline__ uint64_t descriptor_of(uint32_t lo, uint32_t stride) {
+  return static_cast<uint64_t>(lo) | (static_cast<uint64_t>((stride >> 4) | (1u << 30)) << 32);
+}
+
 __device__ __forceinline__ uint64_t descriptor(uint32_t addr, uint32_t leading, uint32_t stride) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>(leading >> 4) << 16) |
-         (static_cast<uint64_t>(stride >> 4) << 32) | (1ull << 62);
+  return descriptor_of(descriptor_lo(addr, leading), stride);
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
