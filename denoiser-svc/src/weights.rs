@@ -88,6 +88,8 @@ pub struct Checkpoint {
     pub prefixed: bool,
     /// The BFL names (without the prefix) of the weights a BFL file stores in float8 e4m3.
     fp8: Arc<BTreeSet<String>>,
+    /// How many weights those hold.
+    fp8_elements: u64,
     /// The open GGUF file ([`Format::Gguf`]).
     gguf: Option<Arc<GgufTransformer>>,
 }
@@ -117,11 +119,15 @@ impl Checkpoint {
                     .filter_map(|(k, v)| Some((k.strip_prefix(bfl::PREFIX)?.to_owned(), v)))
                     .collect();
             }
-            let fp8 = header
+            let fp8: BTreeSet<String> = header
                 .iter()
                 .filter(|(_, (_, dtype))| dtype == "F8_E4M3")
                 .map(|(name, _)| name.clone())
                 .collect();
+            let fp8_elements = fp8
+                .iter()
+                .map(|name| header[name].0.iter().product::<usize>() as u64)
+                .sum();
             let shapes = header
                 .into_iter()
                 .map(|(k, (shape, _))| (k, shape))
@@ -134,6 +140,7 @@ impl Checkpoint {
                 is_distilled: None,
                 prefixed,
                 fp8: Arc::new(fp8),
+                fp8_elements,
                 gguf: None,
             });
         }
@@ -163,6 +170,7 @@ impl Checkpoint {
             is_distilled,
             prefixed: false,
             fp8: Arc::default(),
+            fp8_elements: 0,
             gguf: None,
         })
     }
@@ -181,6 +189,7 @@ impl Checkpoint {
             is_distilled: None,
             prefixed: false,
             fp8: Arc::default(),
+            fp8_elements: 0,
             gguf: Some(file),
         })
     }
@@ -225,6 +234,11 @@ impl Checkpoint {
     pub fn with_quantize(mut self, quantize: Quantize) -> Self {
         self.config.quantize = quantize;
         self
+    }
+
+    /// Weights a BFL file stores in float8 e4m3.
+    pub fn fp8_elements(&self) -> u64 {
+        self.fp8_elements
     }
 
     /// Bytes the weights take on the device in `dtype` (the projections in their blocks when
@@ -283,10 +297,12 @@ impl ModelSource for TransformerSource {
         self.checkpoint.weight_bytes(self.dtype)
     }
 
-    /// The host copy keeps the dense weights; a quantized model is quantized again from them
-    /// when it comes back to the device.
+    /// The host copy keeps the dense weights, float8 ones as stored; a quantized model is
+    /// quantized again from them when it comes back to the device.
     fn host_bytes(&self) -> u64 {
-        self.checkpoint.config.param_count() * self.dtype.size_in_bytes() as u64
+        let size = self.dtype.size_in_bytes() as u64;
+        let fp8 = self.checkpoint.fp8_elements();
+        (self.checkpoint.config.param_count() * size).saturating_sub(fp8 * (size - 1))
     }
 
     /// A GGUF file's blocks are read from the file again instead.

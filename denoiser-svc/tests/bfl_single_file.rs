@@ -6,9 +6,10 @@ mod bfl_layout;
 
 use candle_core::{DType, Device, Tensor};
 use denoiser_svc::{
-    model::{AttentionConfig, grid_ids, text_ids},
-    weights::{Checkpoint, Format},
+    model::{AttentionConfig, Flux2Transformer2DModel, grid_ids, text_ids},
+    weights::{Checkpoint, Format, TransformerSource},
 };
+use klein_runtime::models::ModelSource;
 use klein_test_support::pipeline_dir;
 
 /// The tiny diffusers transformer saved as a BFL single file.
@@ -62,7 +63,8 @@ fn a_single_file_that_is_not_bfl_is_refused() {
 /// prefix): the projections in float8 e4m3 with a per-tensor `weight_scale` (and an unused
 /// `input_scale`) beside each. It loads to exactly the model of the weights `w · weight_scale`
 /// (computed in f32 by candle and saved plainly as the expected file) on the test device, in
-/// f32 and in bf16, and `write_gguf` writes the same file from either.
+/// f32 and in bf16, also from the registry's host copy (which keeps the float8 weights as
+/// stored, a byte each), and `write_gguf` writes the same file from either.
 #[test]
 fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     use std::collections::HashMap;
@@ -78,12 +80,14 @@ fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     let (fp8_path, plain_path) = (dir.join("fp8.safetensors"), dir.join("plain.safetensors"));
     let mut fp8 = HashMap::new();
     let mut plain = HashMap::new();
+    let mut projections = 0;
     for (name, t) in bfl_layout::tensors() {
         if !is_projection(&name) {
             fp8.insert(format!("{PREFIX}{name}"), t.clone());
             plain.insert(name, t);
             continue;
         }
+        projections += 1;
         // e4m3's largest finite value is 448.
         let absmax = t
             .abs()
@@ -127,18 +131,47 @@ fn an_fp8_file_is_the_model_of_its_scaled_weights() {
     let ctx = Tensor::randn(0f32, 1.0, (1, 512, 192), &dev).unwrap();
     let mut ids = text_ids(512);
     ids.extend(grid_ids(0, 2, 3));
-    let forward_in = |c: &Checkpoint, dtype: DType| {
-        let m = c.load(dtype, &dev, AttentionConfig::default()).unwrap();
+    let run = |m: &Flux2Transformer2DModel, dtype: DType| {
         let rope = m.rope(&ids, &dev).unwrap();
         let (x, ctx) = (x.to_dtype(dtype).unwrap(), ctx.to_dtype(dtype).unwrap());
         let y = m.forward(&x, &ctx, &[640.0], &rope).unwrap();
         y.to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap()
+    };
+    let forward_in = |c: &Checkpoint, dtype: DType| {
+        run(
+            &c.load(dtype, &dev, AttentionConfig::default()).unwrap(),
+            dtype,
+        )
     };
     let forward = |c: &Checkpoint| forward_in(c, DType::F32);
     assert_eq!(forward(&a), forward(&b));
     assert_eq!(forward_in(&a, DType::BF16), forward_in(&b, DType::BF16));
     let exact = forward(&Checkpoint::locate(&pipeline_dir("tiny-klein-4b")).unwrap());
     assert_ne!(forward(&a), exact, "fp8 rounds the weights");
+
+    // The registry's host copy: the float8 weights a byte each, their scales (two f32 a
+    // projection) beside them; the same model built from it, in bf16 too (a scale rounded to
+    // bf16 would move it). The plain file's copy holds every weight in the dtype.
+    assert!(a.fp8_elements() > 0);
+    for dtype in [DType::F32, DType::BF16] {
+        let source = |checkpoint: &Checkpoint| TransformerSource {
+            checkpoint: checkpoint.clone(),
+            dtype,
+            attention: AttentionConfig::default(),
+        };
+        let (sa, sb) = (source(&a), source(&b));
+        let (ha, hb) = (sa.read_host().unwrap(), sb.read_host().unwrap());
+        let size = dtype.size_in_bytes() as u64;
+        let saved = a.fp8_elements() * (size - 1);
+        assert_eq!(
+            ha.bytes(),
+            hb.bytes() - saved + 8 * projections,
+            "{dtype:?}"
+        );
+        assert_eq!(sa.host_bytes(), sb.host_bytes() - saved, "{dtype:?}");
+        let m = sa.build(Some(&ha), &dev).unwrap();
+        assert_eq!(run(&m, dtype), forward_in(&b, dtype), "{dtype:?}");
+    }
 
     let (ga, gb) = (dir.join("a.gguf"), dir.join("b.gguf"));
     write_gguf(&a, QuantFormat::Q8_0, &ga, &Device::Cpu).unwrap();

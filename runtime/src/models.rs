@@ -73,7 +73,11 @@ pub fn parse_model_arg(s: &str) -> Result<(Option<String>, PathBuf), String> {
     Ok((id, path.into()))
 }
 
-/// A checkpoint's tensors in host RAM, floating-point ones already in the compute dtype.
+/// A checkpoint's tensors in host RAM, floating-point ones already in the compute dtype except
+/// float8 weights and one-element tensors, which stay as stored: a float8 weight's per-tensor
+/// scale is a one-element tensor, and the model's loader applies it in f32 (BFL's fp8 files),
+/// so a weight takes a byte and its scale stays exact. What a [`VarBuilder`] serves from here
+/// it converts to the dtype asked for.
 #[derive(Debug)]
 pub struct HostWeights {
     tensors: HashMap<String, Tensor>,
@@ -82,7 +86,7 @@ pub struct HostWeights {
 
 impl HostWeights {
     /// Reads the tensors of `files` whose names pass `keep` into host RAM, converting
-    /// floating-point tensors to `dtype`.
+    /// floating-point tensors to `dtype` (float8 and one-element ones stay as stored).
     #[allow(unsafe_code)]
     pub fn read(
         files: &[PathBuf],
@@ -99,7 +103,8 @@ impl HostWeights {
                 continue;
             }
             let t = mapped.load(&name, &Device::Cpu)?;
-            let t = if t.dtype().is_float() {
+            let as_stored = t.dtype() == DType::F8E4M3 || t.elem_count() == 1;
+            let t = if t.dtype().is_float() && !as_stored {
                 t.to_dtype(dtype)?
             } else {
                 t
