@@ -528,7 +528,8 @@ __device__ __forceinline__ void attend(
 
   // The warpgroups' turns at issuing matrix products: warpgroup wg waits for its turn on
   // barrier 3 + wg (both warpgroups' threads) and passes it on the other's. Warpgroup 0 goes
-  // first; warpgroup 1 does not pass its last turn, so no arrival is left pending at exit.
+  // first; warpgroup 1 does not pass its last turn, so no arrival is left pending at exit
+  // (the host launches only blocks with items).
   const auto my_turn = [&] { asm volatile("bar.sync %0, 256;\n" ::"r"(3 + wg) : "memory"); };
   const auto pass_turn = [&] { asm volatile("bar.arrive %0, 256;\n" ::"r"(4 - wg) : "memory"); };
   if (wg == 1) pass_turn();
