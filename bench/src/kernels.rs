@@ -354,14 +354,15 @@ pub fn run(dev: &Device, iters: usize, rates: Rates, only: Option<&str>) -> Resu
             "bytes",
         )?;
     }
-    rows.extend(quantize_rows(dev, iters)?);
+    rows.extend(quantize_rows(dev, iters, only)?);
     Ok(rows)
 }
 
 /// Load-time quantization of the encoder's widest weight (bf16, on the host) into each format:
 /// "fused" on the device, the upload included; "composition" on the host's cores (both
 /// `quant::quantize_rows`). The floor is the weight's plain upload (`to_device`), timed here.
-fn quantize_rows(dev: &Device, iters: usize) -> Result<Vec<KernelRow>> {
+/// Only the formats whose row name contains `only`, if given.
+fn quantize_rows(dev: &Device, iters: usize, only: Option<&str>) -> Result<Vec<KernelRow>> {
     use klein_kernels::quant::{QuantFormat, quantize_rows};
     use std::time::Instant;
 
@@ -378,13 +379,21 @@ fn quantize_rows(dev: &Device, iters: usize) -> Result<Vec<KernelRow>> {
         ms.remove(0);
         Ok(crate::components::median(ms))
     };
-    let upload_ms = time(&|| host.to_device(dev).map(drop))?;
-    QuantFormat::ALL
+    let kernels = QuantFormat::ALL
+        .map(|format| (format, format!("quantize_{format}")))
         .into_iter()
-        .map(|format| {
+        .filter(|(_, kernel)| only.is_none_or(|name| kernel.contains(name)))
+        .collect::<Vec<_>>();
+    if kernels.is_empty() {
+        return Ok(Vec::new());
+    }
+    let upload_ms = time(&|| host.to_device(dev).map(drop))?;
+    kernels
+        .into_iter()
+        .map(|(format, kernel)| {
             let g = format.ggml();
             Ok(KernelRow {
-                kernel: format!("quantize_{format}"),
+                kernel,
                 case: format!(
                     "Qwen3 gate_proj ({ENC_MLP}, {ENC_DIM}) bf16 on the host → {g:?} on the \
                      device, against the host's cores"

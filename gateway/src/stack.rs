@@ -155,10 +155,10 @@ impl StackOptions {
     /// The `klein quantize` commands that write, once, what this stack quantizes at every
     /// start when that includes the transformer (its projections unless it is a GGUF file, and
     /// the text encoder's unless they come from one), and the `serve` flags that then read the
-    /// files; `None` when the transformer is not quantized at start-up. A text encoder alone
-    /// quantizes on the GPU about as fast as its GGUF file loads (klein-4B: the first image
-    /// 6.4–6.8 s after the start either way, H200), a klein-9B transformer and encoder take
-    /// 23–25 s against 8 from the files.
+    /// files; `None` when the transformer is not quantized at start-up: a text encoder alone
+    /// quantizes on the GPU about as fast as its GGUF file loads, while a transformer's
+    /// quantization still costs seconds at every start (docs/performance.md, thirtieth
+    /// session).
     pub fn quantize_once_hint(&self) -> Option<String> {
         let encoder = self
             .encoder

@@ -100,13 +100,13 @@ impl Parts<'_> {
     /// and the kernels run in order on the device's stream, so a part is copied only once the
     /// kernel before it has read the buffer.
     fn quantize<T: DeviceRepr + 'static>(&self, weights: &[T]) -> Result<()> {
+        if weights.is_empty() {
+            return Ok(());
+        }
         let func = self
             .dev
             .get_or_load_custom_func(&self.kernel, QUANTIZE.name, QUANTIZE.ptx)?;
         let part = self.part_rows * self.width;
-        if weights.is_empty() {
-            return Ok(());
-        }
         let mut buf = unsafe { self.dev.alloc::<T>(part.min(weights.len()))? };
         for (i, chunk) in weights.chunks(part).enumerate() {
             self.dev
