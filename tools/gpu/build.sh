@@ -45,6 +45,14 @@ probe gemm-overlap gemm_overlap.cu -lcublasLt
 probe l2-rate l2_rate.cu
 # How many clusters of persistent blocks stay resident.
 probe clusters clusters.cu
+# The CUPTI timeline library (tools/gpu/device.sh trace), against the CUPTI headers of the
+# nvidia-cuda-cupti wheel; the GPU machine's torch brings the library itself.
+cupti=/tmp/cupti13/nvidia/cu13
+[ -f "$cupti/include/cupti.h" ] || python3 -m pip install -q --target /tmp/cupti13 --no-deps \
+  "nvidia-cuda-cupti==13.0.85"
+gcc -shared -fPIC -O2 -I"$cupti/include" -I"$CUDA_HOME/include" tools/gpu/kernel_trace.c \
+  -L"$cupti/lib" -l:libcupti.so.13 -o /tmp/libkernel_trace.so
+xz -T2 -6 -c /tmp/libkernel_trace.so > "$out/libkernel_trace.so.xz"
 # The gateway and the klein client run no model: CPU builds, half the size of CUDA ones.
 CARGO_TARGET_DIR=target RUSTFLAGS= cargo build --release --locked -p gateway --bins
 for bin in gateway klein; do

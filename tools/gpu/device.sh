@@ -34,6 +34,9 @@
 #                                     → OUT/l2-rate-smi.csv
 #   tools/gpu/device.sh clusters OUT  how many clusters of 1, 2, 4 persistent blocks (the
 #                                     attention's and the GEMM probe's shapes) stay resident
+#   tools/gpu/device.sh trace OUT     the 1024² step's timeline (tools/gpu/kernel_trace.c, CUPTI):
+#                                     idle time between kernels, per step and its head
+#                                     → OUT/trace.csv (KLEIN_TRACE_API=1 adds the driver calls)
 #   tools/gpu/device.sh vae-algos OUT  VAE f32 encode / decode at 512², 768², 1024² under each
 #                                     cuDNN algorithm setting (exact f32) → OUT/vae-<algo>.json
 set -euo pipefail
@@ -109,6 +112,11 @@ case "${1:-}" in
     done
     echo "process peak (nvidia-smi now): $(nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader)"
     kill $pid; wait 2>/dev/null; grep -E "ERROR|WARN" "${2:-/tmp}/serve.log" | tail -5 ;;
+  trace)
+    CUDA_INJECTION64_PATH=/tmp/klein/libkernel_trace.so KLEIN_TRACE_OUT="${2:-/tmp}/trace.csv" \
+      /tmp/klein/klein-bench --device cuda:0 components --only transformer --sizes 1024 \
+      --batches 1 --iters 10
+    python3 tools/gpu/trace_gaps.py "${2:-/tmp}/trace.csv" ;;
   gemm-power | gemm-algos | gemm-overlap | l2-rate)
     sampled "${2:-/tmp}/$1-smi.csv" "/tmp/klein/$1" ;;
   gemm-search)
