@@ -36,10 +36,15 @@ pub fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, silu: bool) ->
     if silu { self::silu(&y) } else { Ok(y) }
 }
 
-/// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16).
+/// SiLU computed in f32 and rounded once to the input dtype (torch's `F.silu` on bf16). candle's
+/// CUDA kernel for bf16 does exactly that in one pass (`x / (1 + exp(-x))` in f32, the same
+/// expression as its f32 kernel, then one rounding: the GPU test
+/// `bf16_silu_is_the_f32_silu_rounded_once`); its CPU kernel and its f16 kernel round every
+/// operation, so those go through f32.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     match xs.dtype() {
         DType::F32 | DType::F64 => xs.silu(),
+        DType::BF16 if xs.device().is_cuda() => xs.silu(),
         dtype => xs.to_dtype(DType::F32)?.silu()?.to_dtype(dtype),
     }
 }

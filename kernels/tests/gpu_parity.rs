@@ -37,6 +37,39 @@ fn check_elementwise(name: &str, got: &Tensor, want: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// `reference::silu` on a bf16 CUDA tensor is candle's bf16 kernel alone: the same bits as the
+/// f32 SiLU rounded once (the composition it replaces), on its 16-byte path (contiguous,
+/// aligned), its tail and its strided path, over ordinary values, large ones and the edges.
+#[test]
+fn bf16_silu_is_the_f32_silu_rounded_once() -> Result<()> {
+    let dev = gpu();
+    let edges = Tensor::new(
+        &[
+            0f32, -0.0, 1e-30, -1e-30, 88.0, -88.0, 100.0, -100.0, 3e38, -3e38, 0.5, -0.5,
+        ],
+        &dev,
+    )?
+    .to_dtype(DType::BF16)?;
+    let wide = (randn(&[3, 3075], DType::BF16, &dev)? * 16.0)?;
+    let cases = [
+        ("edges", edges),
+        ("rows of 3075", wide.clone()),
+        ("a strided view", wide.narrow(1, 5, 1000)?.t()?),
+        ("temb-shaped", randn(&[2, 3072], DType::BF16, &dev)?),
+    ];
+    for (name, x) in cases {
+        let got = reference::silu(&x)?;
+        let want = x.to_dtype(DType::F32)?.silu()?.to_dtype(DType::BF16)?;
+        let differing = differing_bits(&got, &want)?;
+        println!(
+            "silu, {name}: {differing} of {} elements differ",
+            x.elem_count()
+        );
+        assert_eq!(differing, 0, "silu, {name}");
+    }
+    Ok(())
+}
+
 /// The klein-4B widths at a 512² request's image tokens (16-byte accesses), and odd widths
 /// whose rows are not 16-byte aligned (the kernels' bf16-pair paths).
 #[test]

@@ -61,14 +61,36 @@ impl DeviceSpec {
                 Err(DeviceError::CudaNotBuilt(ordinal))
             }
             Self::Cuda(ordinal) => {
-                Device::new_cuda(ordinal).map_err(|e| DeviceError::CudaUnavailable {
-                    ordinal,
-                    reason: e.to_string(),
-                })
+                let device =
+                    Device::new_cuda(ordinal).map_err(|e| DeviceError::CudaUnavailable {
+                        ordinal,
+                        reason: e.to_string(),
+                    })?;
+                without_event_tracking(&device);
+                Ok(device)
             }
         }
     }
 }
+
+/// Stops cudarc from creating and destroying two CUDA events with every buffer: it records them
+/// only to order work across streams it created (`CudaContext::new_stream`, `fork`), and nothing
+/// here creates one: every kernel, copy and free of a device goes to candle's one stream of it.
+/// At a step's head, where the GPU waits for the host to queue small kernels, those four driver
+/// calls per buffer were a measurable part of the host's time (docs/performance.md, 32nd session).
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn without_event_tracking(device: &Device) {
+    if let Device::Cuda(cuda) = device {
+        // SAFETY: cudarc's events only order a buffer's uses across streams of its own, and no
+        // such stream is ever created on this context (see above); buffers created before this
+        // call (none: the device was just opened) would keep their events.
+        unsafe { cuda.disable_event_tracking() };
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn without_event_tracking(_: &Device) {}
 
 /// Compute dtype of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -65,7 +65,8 @@ impl Flux2TimestepGuidanceEmbeddings {
     }
 }
 
-/// `double_stream_modulation_{img,txt}` / `single_stream_modulation`: Linear(silu(temb)).
+/// `double_stream_modulation_{img,txt}` / `single_stream_modulation`: Linear(silu(temb)). Every
+/// modulation and `norm_out` take the same silu(temb): the model computes it once and passes it.
 #[derive(Debug, Clone)]
 pub struct Flux2Modulation {
     linear: Linear,
@@ -82,9 +83,10 @@ impl Flux2Modulation {
         })
     }
 
-    /// (B, D) → `3·sets` chunks of (B, 1, D), in the order (shift, scale, gate) per set.
-    pub fn forward(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
-        let mods = self.linear.forward(&silu(temb)?)?.unsqueeze(1)?;
+    /// silu(temb) (B, D) → `3·sets` chunks of (B, 1, D), in the order (shift, scale, gate) per
+    /// set.
+    pub fn forward(&self, silu_temb: &Tensor) -> Result<Vec<Tensor>> {
+        let mods = self.linear.forward(silu_temb)?.unsqueeze(1)?;
         mods.chunk(3 * self.sets, D::Minus1)
     }
 }
@@ -459,9 +461,9 @@ impl AdaLayerNormContinuous {
         })
     }
 
-    /// x (B, N, D), temb (B, D) → (B, N, D)
-    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let e = self.linear.forward(&silu(temb)?)?.unsqueeze(1)?;
+    /// x (B, N, D), silu(temb) (B, D) → (B, N, D)
+    pub fn forward(&self, x: &Tensor, silu_temb: &Tensor) -> Result<Tensor> {
+        let e = self.linear.forward(silu_temb)?.unsqueeze(1)?;
         let chunks = e.chunk(2, D::Minus1)?;
         layer_norm_modulate(x, &chunks[1], &chunks[0], self.eps)
     }

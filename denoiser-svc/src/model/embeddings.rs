@@ -42,7 +42,11 @@ pub fn timestep_features(
         out.extend(freqs.iter().map(|f| (tau * f).cos()));
         out.extend(freqs.iter().map(|f| (tau * f).sin()));
     }
-    Tensor::from_vec(out, (timesteps.len(), channels), dev)?.to_dtype(dtype)
+    // Rounded to dtype on the host (the same round-to-nearest-even as a device cast), so the
+    // upload is the step's only operation before its first product.
+    Tensor::from_vec(out, (timesteps.len(), channels), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(dev)
 }
 
 /// One token's position `(t, h, w, l)` (§2.5).

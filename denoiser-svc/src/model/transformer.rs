@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use klein_kernels::{
     Linear, StoredBlocks, linear_no_bias,
     quant::{Quantize, stored_bytes},
+    reference::silu,
 };
 use serde::Deserialize;
 
@@ -352,9 +353,10 @@ impl Flux2Transformer2DModel {
         let temb = self
             .time_guidance_embed
             .forward(timesteps, dtype, hidden_states.device())?;
-        let mod_img = self.double_stream_modulation_img.forward(&temb)?;
-        let mod_txt = self.double_stream_modulation_txt.forward(&temb)?;
-        let mod_single = self.single_stream_modulation.forward(&temb)?;
+        let silu_temb = silu(&temb)?;
+        let mod_img = self.double_stream_modulation_img.forward(&silu_temb)?;
+        let mod_txt = self.double_stream_modulation_txt.forward(&silu_temb)?;
+        let mod_single = self.single_stream_modulation.forward(&silu_temb)?;
 
         let mut img = Stream::new(self.x_embedder.forward(hidden_states)?);
         let mut txt = Stream::new(self.context_embedder.forward(encoder_hidden_states)?);
@@ -373,7 +375,8 @@ impl Flux2Transformer2DModel {
             }
             None => x.x.narrow(1, txt_len, outputs)?,
         };
-        self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)
+        self.proj_out
+            .forward(&self.norm_out.forward(&img, &silu_temb)?)
     }
 }
 
