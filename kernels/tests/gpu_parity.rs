@@ -456,6 +456,34 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
     Ok(())
 }
 
+/// The persistent kernel's split tiles count their parts in counters that each launch leaves
+/// zeroed for the next (no memset between calls): launches of shapes with different split
+/// plans, interleaved and repeated on one thread, give the same bits every time.
+#[test]
+fn repeated_launches_give_the_same_bits() -> Result<()> {
+    let dev = gpu();
+    let shapes = [(1, 24, 4608), (2, 3, 1000), (1, 24, 1536), (1, 7, 2000)];
+    let inputs = shapes
+        .iter()
+        .map(|&(b, h, s)| {
+            let qkv = (0..3)
+                .map(|_| randn(&[b, h, s, 128], DType::BF16, &dev))
+                .collect::<Result<Vec<_>>>()?;
+            let first = klein_kernels::flash_attention(&qkv[0], &qkv[1], &qkv[2])?;
+            Ok((qkv, first))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for round in 0..3 {
+        for ((b, h, s), (qkv, first)) in shapes.iter().zip(&inputs).rev() {
+            let again = klein_kernels::flash_attention(&qkv[0], &qkv[1], &qkv[2])?;
+            let differing = differing_bits(&again, first)?;
+            println!("{b}x{h}x{s}, round {round}: {differing} elements differ from the first");
+            assert_eq!(differing, 0, "{b}x{h}x{s}, round {round}");
+        }
+    }
+    Ok(())
+}
+
 /// The VAE mid block's attention in f32 (split fp16 on the tensor cores) against f64 on the CPU:
 /// f32-class accuracy, where one TF32 pass would be ~3e-4. Partial tiles on both axes, two
 /// heads, a peaked softmax, the tiny test VAE's width, and magnitudes far outside fp16's range

@@ -1,10 +1,13 @@
 //! Hopper's flash attention (`flash_attention_sm90.cu`): Q, K and V reach the kernel as tensor
 //! maps, which the copy engine reads in place through the tensors' strides.
 
-use candle_core::cuda::WrapErr;
+use std::cell::RefCell;
+use std::collections::{HashMap, hash_map::Entry};
+
 use candle_core::cuda::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, sys,
 };
+use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 use half::bf16;
 
@@ -70,6 +73,29 @@ pub(super) struct QNormArgs<'a> {
     pub sin: CudaView<'a, f32>,
     pub rope_offset: i32,
     pub eps: f32,
+}
+
+thread_local! {
+    /// Per device, the split tiles' arrival counters of this thread's launches, which candle
+    /// queues on the thread's own stream: zeroed once, and each tile's last part resets its
+    /// counters, so they are zero again for the next launch (no memset per call).
+    static ARRIVALS: RefCell<HashMap<DeviceId, CudaSlice<u32>>> = RefCell::new(HashMap::new());
+}
+
+/// The address of at least `n` zeroed arrival counters ([`ARRIVALS`]), grown (zeroed) when
+/// short. A replaced buffer is freed in stream order, after the launches that used it.
+fn zeroed_counters(dev: &CudaDevice, n: usize) -> Result<u64> {
+    ARRIVALS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let counters = match cache.entry(dev.id()) {
+            Entry::Occupied(e) if e.get().len() >= n => e.into_mut(),
+            e => {
+                let fresh = dev.alloc_zeros::<u32>(n.max(64).next_power_of_two())?;
+                e.insert_entry(fresh).into_mut()
+            }
+        };
+        Ok(counters.device_ptr(&dev.cuda_stream()).0)
+    })
 }
 
 /// Unmasked attention with head dim 128 (H_kv = H) into a fresh (B, S_q, d.cols) buffer; with
@@ -170,9 +196,10 @@ pub(super) fn forward(
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
     let plan = Schedule::new(tiles, d.s_kv.div_ceil(keys), sms as usize);
-    // Every part's slot is written before it is read; the arrival counters start at zero.
+    // Every part's slot is written before it is read; the arrival counters are zero (and the
+    // kernel leaves them so).
     let partials = unsafe { dev.alloc::<f32>((plan.part_slots() * PART_FLOATS).max(1))? };
-    let arrivals = dev.alloc_zeros::<u32>((2 * plan.split_tiles()).max(1))?;
+    let arrivals = zeroed_counters(dev, 2 * plan.split_tiles())?;
     let (q_tiles, tiles, rounds, split_blocks) = (
         q_tiles as i32,
         tiles as i32,

@@ -372,7 +372,12 @@ __device__ __forceinline__ bool merge_parts(float (&o)[64], float (&row_max)[2],
   const int g0 = sched.block_of(t * sched.key_tiles);
   const int g1 = sched.block_of((t + 1) * sched.key_tiles - 1);
   bool last = false;
-  if (tid == 0) last = atomicAdd(arrivals + 2 * t + wg, 1u) == static_cast<unsigned>(g1 - g0);
+  if (tid == 0) {
+    // The last part resets the count: every part has arrived, and the next launch (in stream
+    // order) finds it zero.
+    last = atomicAdd(arrivals + 2 * t + wg, 1u) == static_cast<unsigned>(g1 - g0);
+    if (last) arrivals[2 * t + wg] = 0;
+  }
   if (!any_in_warpgroup(1 + wg, last)) return false;
   __threadfence();
   const auto slot_of = [&](int g) {
@@ -626,11 +631,11 @@ __device__ __forceinline__ void attend(
 // the key tile's), V's tail, and both again in boxes of V_STRIP rows (the tile across the
 // split); the output; the schedule (Schedule) and its partial results: `partials` holds
 // 2 · split_blocks slots of 2 · PART_FLOATS, `arrivals` one zeroed counter per split tile and
-// consumer warpgroup; Q's norm weight (128 bf16, null: Q is used as it comes), RoPE tables
-// (rows of 64 f32 cos / sin, query q at row q_rope_offset + q) and eps; Q's tail: query rows
-// from q_split on (a multiple of BLOCK_M) come from q_tail (row − q_split), normalised with
-// q_tail_weight (FLUX.2's double block: the text then the image queries, each from its own
-// projection). Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles, the
+// consumer warpgroup (left zeroed); Q's norm weight (128 bf16, null: Q is used as it comes),
+// RoPE tables (rows of 64 f32 cos / sin, query q at row q_rope_offset + q) and eps; Q's tail:
+// query rows from q_split on (a multiple of BLOCK_M) come from q_tail (row − q_split),
+// normalised with q_tail_weight (FLUX.2's double block: the text then the image queries, each
+// from its own projection). Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles, the
 // mbarriers (`shared_bytes` in kernels/src/attention/sm90.rs).
 #define ATTENTION_PARAMS                                                                      \
   const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,               \
