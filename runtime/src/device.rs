@@ -75,7 +75,8 @@ impl DeviceSpec {
 
 /// Stops cudarc from creating and destroying two CUDA events with every buffer: it records them
 /// only to order work across streams it created (`CudaContext::new_stream`, `fork`), and nothing
-/// here creates one: every kernel, copy and free of a device goes to candle's one stream of it.
+/// here creates one: every kernel, copy and free of a device goes to the one stream candle opens
+/// for it (CUDA's per-thread default stream), which cudarc never orders against another.
 /// At a step's head, where the GPU waits for the host to queue small kernels, those four driver
 /// calls per buffer were a measurable part of the host's time (docs/performance.md, 32nd session).
 #[cfg(feature = "cuda")]
