@@ -25,7 +25,8 @@ pub struct Row {
     pub iters: usize,
     /// CUDA pool bytes in use before the call (the weights and inputs), GiB; `None` on the CPU.
     pub resident_gib: Option<f64>,
-    /// Peak CUDA pool bytes above `resident_gib` during one call (its activations), GiB.
+    /// Peak CUDA pool bytes above `resident_gib` during one call, plus the memory CUDA graphs
+    /// held mapped (its activations), GiB.
     pub activation_gib: Option<f64>,
     /// The serving code's activation estimate for this call, GiB (what admission reserves).
     pub estimate_gib: f64,
@@ -33,7 +34,8 @@ pub struct Row {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Pool bytes in use before one call of `f` and the peak above that during it (CUDA only).
+/// Pool bytes in use before one call of `f` and the peak above that during it, with the memory
+/// CUDA graphs held mapped (a replayed forward's activations are there; CUDA only).
 pub fn memory(
     dev: &Device,
     mut f: impl FnMut() -> Result<Tensor>,
@@ -41,7 +43,8 @@ pub fn memory(
     let before = gpu_memory::used_bytes(dev);
     gpu_memory::reset_peak(dev);
     drop(f()?);
-    let peak = gpu_memory::peak_bytes(dev);
+    let graphs = gpu_memory::graph_reserved_high(dev).unwrap_or(0);
+    let peak = gpu_memory::peak_bytes(dev).map(|p| p + graphs);
     Ok((
         before.map(|b| b as f64 / GIB),
         peak.zip(before)
@@ -188,7 +191,9 @@ const COOL_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `model`'s transformer with its block projections quantized as `quantize` says, one step
 /// at `px`² with `batch` images and `refs` reference images of the same size: the velocity of
-/// the noisy tokens, as the sampler asks for it.
+/// the noisy tokens, as the sampler asks for it; replayed from a CUDA graph when `graphs` (as
+/// denoiser-svc's engine runs it), else queued kernel by kernel.
+#[allow(clippy::too_many_arguments)]
 pub fn transformer(
     dev: &Device,
     (model, quantize): (Model, Quantize),
@@ -196,8 +201,13 @@ pub fn transformer(
     (px, batch, refs): (usize, usize, usize),
     iters: usize,
     pool: Pool,
+    graphs: bool,
 ) -> Result<Row> {
-    use denoiser_svc::model::{Config, Flux2Transformer2DModel, grid_ids, text_ids};
+    use denoiser_svc::{
+        graphed::GraphedTransformer,
+        model::{Config, Flux2Transformer2DModel, grid_ids, text_ids},
+        sampler::Velocity,
+    };
     let name = model.name();
     let cfg = Config {
         quantize,
@@ -223,7 +233,8 @@ pub fn transformer(
     }
     let rope = model.rope(&ids, dev)?;
     let t = vec![968.0f32; batch];
-    let step = || model.forward_first(&x, &ctx, &t, &rope, noisy);
+    let model = GraphedTransformer::new(model, graphs, dev);
+    let step = || model.velocity(&x, &ctx, &t, &rope, noisy);
     gpu_memory::keep_freed_memory(dev);
     // The linear layers' GEMM algorithms tuned for this shape, as denoiser-svc's warm-up tunes
     // its warm-up size's (other sizes there keep cuBLASLt's heuristic choice).
@@ -261,7 +272,7 @@ pub fn transformer(
         estimate_gib: estimate as f64 / GIB,
         component: "transformer".into(),
         case: format!(
-            "{name} step {px}x{px}, batch {batch}{}{}{}",
+            "{name} step {px}x{px}, batch {batch}{}{}{}{}",
             match refs {
                 0 => String::new(),
                 r => format!(", {r} references"),
@@ -273,6 +284,10 @@ pub fn transformer(
             match pool {
                 Pool::Keep => "",
                 Pool::Release => ", pool released each step",
+            },
+            match model.graphs_captured() {
+                0 => "",
+                _ => ", CUDA graph",
             }
         ),
         dtype: format!("{dtype:?}").to_lowercase(),

@@ -147,6 +147,10 @@ struct ComponentsArgs {
     /// editing); each listed count is timed.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     references: Vec<usize>,
+    /// Whether the transformer's steps replay CUDA graphs (as denoiser-svc's --cuda-graphs);
+    /// each listed one is timed, its case marked "CUDA graph" when one was captured.
+    #[arg(long, value_delimiter = ',', default_value = "true")]
+    transformer_graphs: Vec<bool>,
 }
 
 fn main() -> ExitCode {
@@ -250,6 +254,7 @@ fn main() -> ExitCode {
                 model,
                 transformer_quantize,
                 references,
+                transformer_graphs,
             } = *args;
             let wanted = |c: &str| only.iter().any(|o| o == c);
             let vae_chunking = |precision: ConvPrecision| vae_svc::model::Chunking {
@@ -297,14 +302,17 @@ fn main() -> ExitCode {
                             .iter()
                             .flat_map(|p| references.iter().map(move |r| (p, r)))
                         {
-                            emit(components::transformer(
-                                &dev,
-                                (model, quantize),
-                                float,
-                                (px, b, refs),
-                                iters,
-                                pool,
-                            )?);
+                            for &graphs in &transformer_graphs {
+                                emit(components::transformer(
+                                    &dev,
+                                    (model, quantize),
+                                    float,
+                                    (px, b, refs),
+                                    iters,
+                                    pool,
+                                    graphs,
+                                )?);
+                            }
                         }
                     }
                 }

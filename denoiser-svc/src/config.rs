@@ -61,6 +61,10 @@ pub struct Config {
     /// H100; docs/performance.md, nineteenth session), other sizes cuBLASLt's heuristic choice.
     /// Best effort; at most `max_image_side`; 0 turns it off.
     pub warm_up_side: u32,
+    /// On a GPU, replay each step shape's forward from a CUDA graph (captured at the shape's
+    /// second step; `klein_runtime::graph`): one launch instead of ~300 host calls a step,
+    /// the same bits. Off: every step queues its kernels one by one.
+    pub cuda_graphs: bool,
 }
 
 impl Default for Config {
@@ -85,6 +89,7 @@ impl Default for Config {
             model_wait_secs: 120,
             embeddings_cache_bytes: ByteSize(256 << 20),
             warm_up_side: 1024,
+            cuda_graphs: true,
         }
     }
 }
@@ -196,6 +201,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_up_side: Option<u32>,
+    /// Replay step shapes from CUDA graphs on a GPU (true or false).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cuda_graphs: Option<bool>,
 }
 
 #[cfg(test)]

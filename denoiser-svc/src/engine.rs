@@ -45,7 +45,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     error::DenoiseError,
-    model::{Flux2Transformer2DModel, Rope},
+    graphed::GraphedTransformer,
+    model::Rope,
     noise, preview,
     sampler::{self, Grid, Guidance, Mode, Request, Run},
     validate::{Noise, ValidDenoiseRequest, ValidMode},
@@ -230,7 +231,7 @@ fn admit(loaded: &mut Loaded, job: Job, since: Instant, active: &mut VecDeque<Ac
 }
 
 /// The resident model `id` (admitted jobs pin theirs, so it is always there).
-fn resident<'a>(loaded: &'a Loaded, id: &str) -> Result<&'a Flux2Transformer2DModel, DenoiseError> {
+fn resident<'a>(loaded: &'a Loaded, id: &str) -> Result<&'a GraphedTransformer, DenoiseError> {
     loaded.models.get(id).ok_or_else(|| {
         DenoiseError::Compute(candle_core::Error::msg(format!(
             "model {id:?} is not resident"

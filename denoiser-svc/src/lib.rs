@@ -19,6 +19,7 @@
 //!   naming the field).
 //! - [`embeddings`]: validated prompt embeddings and the cache that keeps them under handles.
 //! - [`admission`]: the activation-memory estimate a request reserves.
+//! - [`graphed`]: the transformer as the engine runs it, its steps replayed from CUDA graphs.
 //! - [`engine`]: the step engine thread (queue, cancellation, progress).
 //! - [`grpc`]: the `DenoiserService` handlers.
 //! - [`served`]: per-model request limits, defaults and Info entries.
@@ -34,6 +35,7 @@ pub mod embeddings;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod graphed;
 pub mod grpc;
 pub mod model;
 pub mod noise;

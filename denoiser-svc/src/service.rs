@@ -22,8 +22,10 @@ use crate::{
     embeddings::EmbeddingsCache,
     engine::{DenoiseEngine, Loaded},
     error::DenoiseError,
+    graphed::GraphedTransformer,
     grpc::{Denoiser, DenoiserGrpc},
     model::{AttentionConfig, grid_ids, text_ids},
+    sampler::Velocity,
     served::ServedModel,
     validate::{PIXELS_PER_TOKEN, TEXT_TOKENS},
     weights::{Checkpoint, TransformerSource},
@@ -102,6 +104,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
             checkpoint,
             dtype,
             attention,
+            cuda_graphs: config.cuda_graphs,
         };
         sources.push((model.context.model_id.clone(), source));
         served.push(model);
@@ -200,7 +203,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
 /// One forward over a one-token image, so the first request does not pay for lazy
 /// initialisation (kernels, allocator pools).
 fn warm_up(
-    model: &crate::model::Flux2Transformer2DModel,
+    model: &GraphedTransformer,
     device: &candle_core::Device,
     dtype: DType,
 ) -> Result<(), DenoiseError> {
@@ -211,9 +214,10 @@ fn warm_up(
     Ok(())
 }
 
-/// One forward at t = 1000 over x, the latent tokens of a `tokens`² image, and the text `ctx`.
+/// One step's forward at t = 1000 over x, the latent tokens of a `tokens`² image, and the text
+/// `ctx`, as the engine runs it.
 fn square_step(
-    model: &crate::model::Flux2Transformer2DModel,
+    model: &GraphedTransformer,
     x: &Tensor,
     ctx: &Tensor,
     tokens: usize,
@@ -221,19 +225,15 @@ fn square_step(
     let mut ids = text_ids(TEXT_TOKENS);
     ids.extend(grid_ids(0, tokens, tokens));
     let rope = model.rope(&ids, x.device())?;
-    model.forward(x, ctx, &[1000.0], &rope)
+    model.velocity(x, ctx, &[1000.0], &rope, x.dim(1)?)
 }
 
 /// One step over a random `side`² image (0: none) with the GEMM tuning on
 /// (`klein_kernels::tune_linear`): random rather than zero values, since at the power cap a
-/// product's speed depends on its operands' bits. Best effort: a failure leaves the heuristic's
-/// algorithms in place.
-fn tune(
-    model: &crate::model::Flux2Transformer2DModel,
-    device: &candle_core::Device,
-    dtype: DType,
-    side: usize,
-) {
+/// product's speed depends on its operands' bits. With CUDA graphs, a second step captures that
+/// size's graph, so its first request replays every step. Best effort: a failure leaves the
+/// heuristic's algorithms in place.
+fn tune(model: &GraphedTransformer, device: &candle_core::Device, dtype: DType, side: usize) {
     if side == 0 {
         return;
     }
@@ -246,6 +246,9 @@ fn tune(
         let ctx = Tensor::randn(0f32, 1.0, (1, TEXT_TOKENS, cfg.joint_attention_dim), device)?
             .to_dtype(dtype)?;
         let (_, tuned) = klein_kernels::tune_linear(|| square_step(model, &x, &ctx, tokens))?;
+        if model.graphs_enabled() {
+            square_step(model, &x, &ctx, tokens)?;
+        }
         device.synchronize()?;
         Ok(tuned)
     };
@@ -257,6 +260,7 @@ fn tune(
             tracing::info!(
                 side,
                 shapes = tuned.len(),
+                graphs = model.graphs_captured(),
                 ms = started.elapsed().as_millis() as u64,
                 "GEMMs tuned at the warm-up size"
             );

@@ -35,6 +35,7 @@ use klein_runtime::{
 use crate::{
     error::DenoiseError,
     gguf::GgufTransformer,
+    graphed::GraphedTransformer,
     model::{AttentionConfig, Config, Flux2Transformer2DModel, bfl},
 };
 
@@ -287,10 +288,12 @@ pub struct TransformerSource {
     pub checkpoint: Checkpoint,
     pub dtype: DType,
     pub attention: AttentionConfig,
+    /// Whether its steps replay CUDA graphs (on a GPU).
+    pub cuda_graphs: bool,
 }
 
 impl ModelSource for TransformerSource {
-    type Model = Flux2Transformer2DModel;
+    type Model = GraphedTransformer;
     type Error = DenoiseError;
 
     fn device_bytes(&self) -> u64 {
@@ -321,13 +324,14 @@ impl ModelSource for TransformerSource {
         &self,
         host: Option<&HostWeights>,
         device: &Device,
-    ) -> Result<Flux2Transformer2DModel, DenoiseError> {
-        Ok(match host {
+    ) -> Result<GraphedTransformer, DenoiseError> {
+        let model = match host {
             Some(h) => self
                 .checkpoint
                 .build(h.var_builder(self.dtype, device), self.attention)?,
             None => self.checkpoint.load(self.dtype, device, self.attention)?,
-        })
+        };
+        Ok(GraphedTransformer::new(model, self.cuda_graphs, device))
     }
 }
 

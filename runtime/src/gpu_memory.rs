@@ -17,12 +17,14 @@ pub fn is_out_of_memory(message: &str) -> bool {
     message.contains("CUDA_ERROR_OUT_OF_MEMORY") || message.contains("CUBLAS_STATUS_ALLOC_FAILED")
 }
 
-/// In-use high-water mark of `dev`'s default memory pool since the last [`reset_peak`], bytes.
+/// In-use high-water mark of `dev`'s default memory pool since the last [`reset_peak`], bytes
+/// (CUDA graphs' memory is apart: [`graph_reserved_high`]).
 pub fn peak_bytes(dev: &Device) -> Option<u64> {
     pool::used_high(dev)
 }
 
-/// Starts new high-water marks (bytes in use, bytes reserved) at their values now.
+/// Starts new high-water marks (bytes in use, bytes reserved; the graphs' reserved bytes) at
+/// their values now.
 pub fn reset_peak(dev: &Device) {
     pool::reset_highs(dev);
 }
@@ -44,7 +46,8 @@ pub fn keep_freed_memory(dev: &Device) {
     pool::keep_freed(dev);
 }
 
-/// Returns the pool's unused memory to the driver (see [`keep_freed_memory`]).
+/// Returns the pool's unused memory to the driver (see [`keep_freed_memory`]), and the memory
+/// CUDA graphs keep mapped between replays ([`crate::graph`]).
 pub fn release_freed_memory(dev: &Device) {
     pool::trim(dev);
 }
@@ -158,6 +161,12 @@ pub fn fit_budget(budget: &MemoryBudget, dev: &Device, margin: u64) -> Option<u6
     Some(capacity)
 }
 
+/// High-water mark of the memory CUDA graphs have held mapped on `dev` ([`crate::graph`])
+/// since the last [`reset_peak`], bytes: their activations, outside the default pool.
+pub fn graph_reserved_high(dev: &Device) -> Option<u64> {
+    pool::graph_reserved_high(dev)
+}
+
 /// Bytes of `dev`'s default memory pool in use now.
 pub fn used_bytes(dev: &Device) -> Option<u64> {
     pool::used_current(dev)
@@ -169,8 +178,10 @@ mod pool {
     use candle_core::{
         Device,
         cuda_backend::cudarc::driver::sys::{
-            CUmemPool_attribute, CUmemoryPool, CUresult, cuDeviceGetDefaultMemPool,
-            cuMemPoolGetAttribute, cuMemPoolSetAttribute, cuMemPoolTrimTo,
+            CUgraphMem_attribute, CUmemPool_attribute, CUmemoryPool, CUresult,
+            cuDeviceGetDefaultMemPool, cuDeviceGetGraphMemAttribute, cuDeviceGraphMemTrim,
+            cuDeviceSetGraphMemAttribute, cuMemPoolGetAttribute, cuMemPoolSetAttribute,
+            cuMemPoolTrimTo,
         },
     };
 
@@ -221,9 +232,32 @@ mod pool {
             return;
         };
         if dev.synchronize().is_ok() {
-            // SAFETY: a valid pool handle; trimming only returns unused memory to the driver.
-            unsafe { cuMemPoolTrimTo(pool, 0) };
+            let cu_device = dev
+                .as_cuda_device()
+                .map(|c| c.cuda_stream().context().cu_device());
+            // SAFETY: a valid pool handle and device; trimming only returns memory no
+            // allocation (and no graph queued or running) uses to the driver.
+            unsafe {
+                cuMemPoolTrimTo(pool, 0);
+                if let Ok(cu_device) = cu_device {
+                    cuDeviceGraphMemTrim(cu_device);
+                }
+            }
         }
+    }
+
+    pub fn graph_reserved_high(dev: &Device) -> Option<u64> {
+        let cuda = dev.as_cuda_device().ok()?;
+        let mut value = 0u64;
+        // SAFETY: the attribute is a cuuint64_t, written through a valid pointer.
+        let rc = unsafe {
+            cuDeviceGetGraphMemAttribute(
+                cuda.cuda_stream().context().cu_device(),
+                CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                (&raw mut value).cast(),
+            )
+        };
+        (rc == CUresult::CUDA_SUCCESS).then_some(value)
     }
 
     pub fn free(dev: &Device) -> Option<u64> {
@@ -265,6 +299,17 @@ mod pool {
             // cuuint64_t.
             unsafe { cuMemPoolSetAttribute(pool, attr, (&raw mut zero).cast()) };
         }
+        if let Ok(cuda) = dev.as_cuda_device() {
+            let mut zero = 0u64;
+            // SAFETY: as above, for the graphs' high-water mark of a live context's device.
+            unsafe {
+                cuDeviceSetGraphMemAttribute(
+                    cuda.cuda_stream().context().cu_device(),
+                    CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                    (&raw mut zero).cast(),
+                )
+            };
+        }
     }
 }
 
@@ -291,6 +336,10 @@ mod pool {
     pub fn keep_freed(_: &Device) {}
 
     pub fn trim(_: &Device) {}
+
+    pub fn graph_reserved_high(_: &Device) -> Option<u64> {
+        None
+    }
 
     pub fn reset_highs(_: &Device) {}
 }

@@ -7,6 +7,7 @@
 //! - [`device`]: `cpu` / `cuda:N` and dtype selection; asking for CUDA in a build or on a host
 //!   without it fails fast.
 //! - [`gpu_memory`]: the CUDA memory pool's exact in-use and peak bytes (calibration).
+//! - [`graph`]: CUDA graphs of a fixed-shape forward (captured once, replayed with new inputs).
 //! - [`budget`]: the memory-budget admission primitive (a byte-reservation semaphore with a
 //!   bounded FIFO wait queue).
 //! - [`server`]: the gRPC server bootstrap (health, reflection, message limits, HTTP/2
@@ -27,6 +28,7 @@ pub mod config;
 pub mod device;
 pub mod engine;
 pub mod gpu_memory;
+pub mod graph;
 pub mod lru;
 pub mod models;
 pub mod server;

@@ -53,15 +53,20 @@ impl Flux2TimestepGuidanceEmbeddings {
         })
     }
 
-    /// `temb` (B, D) for the pipeline timesteps `t = σ·1000` (one per batch item).
-    pub fn forward(
+    /// The sinusoidal features (`time_proj`, B × channels, on `dev` in `dtype`) of the
+    /// pipeline timesteps `t = σ·1000`, one per batch item: computed on the host.
+    pub fn features(
         &self,
         timesteps: &[f32],
         dtype: DType,
         dev: &candle_core::Device,
     ) -> Result<Tensor> {
-        let features = timestep_features(timesteps, self.channels, dtype, dev)?;
-        self.timestep_embedder.forward(&features)
+        timestep_features(timesteps, self.channels, dtype, dev)
+    }
+
+    /// `temb` (B, D) of [`Self::features`].
+    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        self.timestep_embedder.forward(features)
     }
 }
 

@@ -345,14 +345,43 @@ impl Flux2Transformer2DModel {
         rope: &Rope,
         outputs: usize,
     ) -> Result<Tensor> {
+        let features =
+            self.timestep_features(timesteps, hidden_states.dtype(), hidden_states.device())?;
+        self.forward_features(
+            hidden_states,
+            encoder_hidden_states,
+            &features,
+            rope,
+            outputs,
+        )
+    }
+
+    /// The timesteps' sinusoidal features (B, 256) in `dtype` on `dev`, computed on the host:
+    /// what [`Self::forward_features`] takes for the timesteps.
+    pub fn timestep_features(
+        &self,
+        timesteps: &[f32],
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        self.time_guidance_embed.features(timesteps, dtype, dev)
+    }
+
+    /// [`Self::forward_first`] with the timesteps as [`Self::timestep_features`]: every input a
+    /// device tensor, so the forward queues device work alone (a CUDA graph can capture it).
+    pub fn forward_features(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        timestep_features: &Tensor,
+        rope: &Rope,
+        outputs: usize,
+    ) -> Result<Tensor> {
         let n = hidden_states.dim(1)?;
         if outputs == 0 || outputs > n {
             bail!("the velocity of {outputs} of {n} tokens asked for");
         }
-        let dtype = hidden_states.dtype();
-        let temb = self
-            .time_guidance_embed
-            .forward(timesteps, dtype, hidden_states.device())?;
+        let temb = self.time_guidance_embed.forward(timestep_features)?;
         let silu_temb = silu(&temb)?;
         let mod_img = self.double_stream_modulation_img.forward(&silu_temb)?;
         let mod_txt = self.double_stream_modulation_txt.forward(&silu_temb)?;

@@ -2,7 +2,7 @@
 //! maps, which the copy engine reads in place through the tensors' strides.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, hash_map::Entry};
+use std::collections::HashMap;
 
 use candle_core::cuda::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, sys,
@@ -78,23 +78,22 @@ pub(super) struct QNormArgs<'a> {
 thread_local! {
     /// Per device, the split tiles' arrival counters of this thread's launches, which candle
     /// queues on the thread's own stream: zeroed once, and each tile's last part resets its
-    /// counters, so they are zero again for the next launch (no memset per call).
-    static ARRIVALS: RefCell<HashMap<DeviceId, CudaSlice<u32>>> = RefCell::new(HashMap::new());
+    /// counters, so they are zero again for the next launch (no memset per call). The last
+    /// buffer is the one in use; the smaller ones it replaced are kept, since a CUDA graph
+    /// captured earlier (`klein_runtime::graph`) still launches on them.
+    static ARRIVALS: RefCell<HashMap<DeviceId, Vec<CudaSlice<u32>>>> = RefCell::new(HashMap::new());
 }
 
-/// The address of at least `n` zeroed arrival counters ([`ARRIVALS`]), grown (zeroed) when
-/// short. A replaced buffer is freed in stream order, after the launches that used it.
+/// The address of at least `n` zeroed arrival counters ([`ARRIVALS`]), a new zeroed buffer of
+/// twice the size (at least) when the one in use is short.
 fn zeroed_counters(dev: &CudaDevice, n: usize) -> Result<u64> {
     ARRIVALS.with(|cache| {
         let mut cache = cache.borrow_mut();
-        let counters = match cache.entry(dev.id()) {
-            Entry::Occupied(e) if e.get().len() >= n => e.into_mut(),
-            e => {
-                let fresh = dev.alloc_zeros::<u32>(n.max(64).next_power_of_two())?;
-                e.insert_entry(fresh).into_mut()
-            }
-        };
-        Ok(counters.device_ptr(&dev.cuda_stream()).0)
+        let buffers = cache.entry(dev.id()).or_default();
+        if buffers.last().is_none_or(|b| b.len() < n) {
+            buffers.push(dev.alloc_zeros::<u32>(n.max(64).next_power_of_two())?);
+        }
+        Ok(buffers[buffers.len() - 1].device_ptr(&dev.cuda_stream()).0)
     })
 }
 

@@ -1,0 +1,350 @@
+//! CUDA graphs of a fixed-shape forward: captured once, then replayed with new inputs.
+//!
+//! A transformer step is ~300 kernels, copies and memsets. Launched one by one, each waits a
+//! few microseconds for the host to queue it after the one before (the engine synchronises
+//! after every step, so every step starts from an empty queue), ~0.6–0.9 ms of a 1024² step's
+//! 55 ms (docs/performance.md, thirty-second and thirty-third sessions). A graph queues all of
+//! them with one launch.
+//!
+//! [`Graphs`] keeps one graph per key (the forward's input shapes). The first call of a key
+//! runs eagerly, which builds whatever the forward creates lazily and keeps (library handles
+//! and workspaces, tuned GEMM algorithms, loaded kernel modules, the attention's counters),
+//! so that nothing kept is allocated while capturing; the second call captures the forward
+//! over static copies of its inputs; every later call copies its inputs into those, replays
+//! the graph and copies the output out. Replays run the captured kernels on the same
+//! addresses, so they give the eager forward's bits.
+//!
+//! Whatever the forward allocates while capturing becomes the graph's own memory (graph
+//! memory nodes, outside the default pool), which stays mapped between replays until
+//! [`crate::gpu_memory::release_freed_memory`] trims it. A key whose capture or replay fails
+//! (a forward that synchronises, a capture that runs out of memory) runs eagerly from then on.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    hash::Hash,
+    thread::{self, ThreadId},
+};
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+
+/// Graphs of one forward, by key; see the module's doc. Single-threaded: a graph is used on
+/// the thread (and stream) that captured it, the engine's.
+pub struct Graphs<K> {
+    enabled: bool,
+    keys: RefCell<HashMap<K, State>>,
+}
+
+/// Where a key stands.
+enum State {
+    /// Ran eagerly once, giving an output of this shape and dtype.
+    Seen(Shape, DType),
+    Captured(Replay),
+    /// Capturing or replaying failed: eager from now on.
+    Eager,
+}
+
+impl<K: Eq + Hash + Clone + std::fmt::Debug> Graphs<K> {
+    /// Graphs on when `enabled` and `dev` is a CUDA device whose buffers carry no cudarc
+    /// events (devices opened by [`crate::device::DeviceSpec::open`]): a captured stream may
+    /// not wait on events recorded outside the capture.
+    pub fn new(enabled: bool, dev: &Device) -> Self {
+        Self {
+            enabled: enabled && capturable(dev),
+            keys: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Whether calls may replay graphs.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Keys with a captured graph.
+    pub fn captured(&self) -> usize {
+        let keys = self.keys.borrow();
+        keys.values()
+            .filter(|s| matches!(s, State::Captured(_)))
+            .count()
+    }
+
+    /// `forward(inputs)`, run eagerly or replayed from `key`'s graph. Every call of a key must
+    /// give inputs of the same shapes and dtypes, and `forward` must depend on nothing but its
+    /// inputs and memory that outlives the graphs (the weights).
+    pub fn run(
+        &self,
+        key: &K,
+        inputs: &[&Tensor],
+        forward: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let eager = |forward: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+            let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
+            forward(&owned)
+        };
+        if !self.enabled {
+            return eager(&forward);
+        }
+        let mut keys = self.keys.borrow_mut();
+        match keys.get(key) {
+            None => {
+                let out = eager(&forward)?;
+                keys.insert(key.clone(), State::Seen(out.shape().clone(), out.dtype()));
+                Ok(out)
+            }
+            Some(State::Eager) => eager(&forward),
+            // A graph is launched on the thread that captured it, whose stream, library
+            // workspaces and attention counters it was captured with.
+            Some(State::Captured(replay)) if replay.thread != thread::current().id() => {
+                eager(&forward)
+            }
+            Some(State::Captured(replay)) => match replay.run(inputs) {
+                Ok(out) => Ok(out),
+                Err(e) => {
+                    tracing::warn!(?key, error = %e, "CUDA graph replay failed; eager from now on");
+                    keys.insert(key.clone(), State::Eager);
+                    eager(&forward)
+                }
+            },
+            Some(State::Seen(shape, dtype)) => {
+                let (shape, dtype) = (shape.clone(), *dtype);
+                let captured = Replay::capture(inputs, (&shape, dtype), &forward)
+                    .and_then(|replay| Ok((replay.run(inputs)?, replay)));
+                match captured {
+                    Ok((out, replay)) => {
+                        tracing::debug!(?key, "CUDA graph captured");
+                        keys.insert(key.clone(), State::Captured(replay));
+                        Ok(out)
+                    }
+                    Err(e) => {
+                        tracing::warn!(?key, error = %e, "CUDA graph capture failed; eager from now on");
+                        keys.insert(key.clone(), State::Eager);
+                        eager(&forward)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A captured forward: the static inputs it reads, the static output it writes, the graph,
+/// and the thread that captured it.
+struct Replay {
+    inputs: Vec<Tensor>,
+    output: Tensor,
+    thread: ThreadId,
+    #[cfg(feature = "cuda")]
+    graph: candle_core::cuda::cudarc::driver::CudaGraph,
+}
+
+// SAFETY: cudarc's graph handles are raw pointers, so not `Send` by default; CUDA lets a graph
+// be used from any thread as long as no two threads use it at once. `Graphs` is not `Sync`
+// (a `RefCell`), so a moved `Replay` is used by one thread at a time, and [`Graphs::run`]
+// launches it only on the thread that captured it (the stream and thread-local state it was
+// captured with); elsewhere the forward runs eagerly.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+unsafe impl Send for Replay {}
+
+impl Replay {
+    /// Copies `inputs` into the graph's, replays it and returns a copy of its output (the next
+    /// replay overwrites the graph's).
+    fn run(&self, inputs: &[&Tensor]) -> Result<Tensor> {
+        for (fixed, input) in self.inputs.iter().zip(inputs) {
+            fixed.slice_set(&input.contiguous()?, 0, 0)?;
+        }
+        self.launch()?;
+        self.output.copy()
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn capturable(dev: &Device) -> bool {
+    match dev {
+        Device::Cuda(cuda) => !cuda.cuda_stream().context().is_event_tracking(),
+        _ => false,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn capturable(_: &Device) -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+impl Replay {
+    /// Captures `forward` over zeroed copies of `inputs` into a graph whose last operation
+    /// copies the result into a static output of `shape` and `dtype`. The default pool's
+    /// unused memory goes back to the driver first: from here on the graph's own memory
+    /// holds this key's activations.
+    fn capture(
+        inputs: &[&Tensor],
+        (shape, dtype): (&Shape, DType),
+        forward: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        use candle_core::cuda::{
+            WrapErr,
+            cudarc::driver::sys::{CUgraphInstantiate_flags_enum, CUstreamCaptureMode},
+        };
+        let dev = inputs
+            .first()
+            .map(|t| t.device().clone())
+            .ok_or_else(|| candle_core::Error::msg("a graph needs an input"))?;
+        let fixed = inputs
+            .iter()
+            .map(|t| Tensor::zeros(t.shape(), t.dtype(), &dev))
+            .collect::<Result<Vec<_>>>()?;
+        let output = Tensor::zeros(shape, dtype, &dev)?;
+        crate::gpu_memory::release_freed_memory(&dev);
+        let stream = dev.as_cuda_device()?.cuda_stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let recorded = forward(&fixed).and_then(|y| output.slice_set(&y.contiguous()?, 0, 0));
+        // Ends the capture whatever happened, so the stream runs eagerly again.
+        let graph = stream.end_capture(CUgraphInstantiate_flags_enum(0));
+        recorded?;
+        let graph = graph
+            .w()?
+            .ok_or_else(|| candle_core::Error::msg("the capture recorded no graph"))?;
+        let nodes = nodes::census(graph.cu_graph())?;
+        tracing::debug!(?nodes, "CUDA graph captured");
+        if nodes.host_copies > 0 {
+            candle_core::bail!(
+                "the forward copied between host and device {} times, which a replay would \
+                 repeat on host memory that is gone",
+                nodes.host_copies
+            );
+        }
+        graph.upload().w()?;
+        Ok(Self {
+            inputs: fixed,
+            output,
+            thread: thread::current().id(),
+            graph,
+        })
+    }
+
+    fn launch(&self) -> Result<()> {
+        use candle_core::cuda::WrapErr;
+        self.graph.launch().w()
+    }
+}
+
+/// What a captured graph holds.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+mod nodes {
+    use std::{mem::MaybeUninit, ptr::addr_of};
+
+    use candle_core::{
+        Result,
+        cuda::{
+            WrapErr,
+            cudarc::driver::{
+                DriverError,
+                sys::{
+                    CUDA_MEMCPY3D, CUgraph, CUgraphNode, CUgraphNodeType, CUmemorytype,
+                    cuGraphGetNodes, cuGraphMemcpyNodeGetParams, cuGraphNodeGetType,
+                },
+            },
+        },
+    };
+
+    /// The graph's operations by kind.
+    #[derive(Debug, Default)]
+    pub struct Census {
+        pub kernels: usize,
+        pub memsets: usize,
+        pub device_copies: usize,
+        /// Copies from or to host memory (or whose side the driver does not say).
+        pub host_copies: usize,
+        pub allocations: usize,
+        pub frees: usize,
+        pub other: usize,
+    }
+
+    pub fn census(graph: CUgraph) -> Result<Census> {
+        let mut count = 0usize;
+        // SAFETY: a graph handle owned by a live `CudaGraph`; a null array asks for the count.
+        unsafe { cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count) }
+            .result()
+            .w()?;
+        let mut nodes: Vec<CUgraphNode> = vec![std::ptr::null_mut(); count];
+        // SAFETY: `nodes` has room for `count` handles.
+        unsafe { cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count) }
+            .result()
+            .w()?;
+        let mut census = Census::default();
+        for &node in &nodes[..count] {
+            // Read as the raw number: a kind newer than these bindings is "other".
+            let mut kind = 0u32;
+            // SAFETY: the node belongs to the graph; the driver writes one enum value.
+            unsafe { cuGraphNodeGetType(node, (&raw mut kind).cast::<CUgraphNodeType>()) }
+                .result()
+                .w()?;
+            match kind {
+                0 => census.kernels += 1,
+                1 if is_device_copy(node).w()? => census.device_copies += 1,
+                1 => census.host_copies += 1,
+                2 => census.memsets += 1,
+                10 => census.allocations += 1,
+                11 => census.frees += 1,
+                _ => census.other += 1,
+            }
+        }
+        Ok(census)
+    }
+
+    fn is_device_copy(node: CUgraphNode) -> std::result::Result<bool, DriverError> {
+        let mut params = MaybeUninit::<CUDA_MEMCPY3D>::zeroed();
+        // SAFETY: the node is a memcpy node of the graph; the driver fills in its parameters.
+        unsafe { cuGraphMemcpyNodeGetParams(node, params.as_mut_ptr()) }.result()?;
+        let p = params.as_ptr();
+        // SAFETY: the memory types are read as the raw numbers the driver wrote (starting
+        // from zeroed memory), never as a Rust enum that might not hold them.
+        let (src, dst) = unsafe {
+            (
+                addr_of!((*p).srcMemoryType).cast::<u32>().read(),
+                addr_of!((*p).dstMemoryType).cast::<u32>().read(),
+            )
+        };
+        let device = CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
+        Ok(src == device && dst == device)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl Replay {
+    fn capture(
+        _: &[&Tensor],
+        _: (&Shape, DType),
+        _: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        candle_core::bail!("CUDA graphs need a build with the cuda feature")
+    }
+
+    fn launch(&self) -> Result<()> {
+        candle_core::bail!("CUDA graphs need a build with the cuda feature")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Off the GPU every call runs the forward itself.
+    #[test]
+    fn cpu_calls_run_eagerly() -> Result<()> {
+        let dev = Device::Cpu;
+        let graphs = Graphs::<usize>::new(true, &dev);
+        assert!(!graphs.enabled());
+        let x = Tensor::arange(0f32, 6.0, &dev)?;
+        for k in 0..3 {
+            let y = graphs.run(&0, &[&x], |i| (&i[0] * (k as f64 + 1.0))?.exp())?;
+            let want = (&x * (k as f64 + 1.0))?.exp()?;
+            assert_eq!(y.to_vec1::<f32>()?, want.to_vec1::<f32>()?);
+        }
+        assert_eq!(graphs.captured(), 0);
+        Ok(())
+    }
+}

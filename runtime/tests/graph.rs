@@ -1,0 +1,86 @@
+//! [`klein_runtime::graph::Graphs`] on the test device (`KLEIN_TEST_DEVICE`, default cpu):
+//! replays give the eager forward's bits for new inputs, keys keep their own graphs, and a
+//! forward that copies between host and device (it reads a value back) is refused and runs
+//! eagerly, leaving the stream usable. On the CPU every call runs eagerly.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Result, Tensor};
+use klein_runtime::{device::DeviceSpec, graph::Graphs};
+
+fn device() -> Device {
+    let name = std::env::var("KLEIN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    DeviceSpec::from_str(&name).unwrap().open().unwrap()
+}
+
+/// A product and elementwise kernels on contiguous tensors, with allocations freed inside:
+/// device work alone (candle uploads the layout of strided or broadcast operands and of
+/// reductions from the host, which a graph refuses).
+fn forward(i: &[Tensor]) -> Result<Tensor> {
+    let h = i[0].matmul(&i[1])?.gelu()?;
+    (&h * 0.5)?.exp()? + &h
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.into_iter().map(f32::to_bits).collect()
+}
+
+#[test]
+fn replays_give_the_eager_bits() -> Result<()> {
+    // Why a capture fell back, if one does.
+    klein_runtime::telemetry::init_tracing(Default::default());
+    let dev = device();
+    let graphs = Graphs::new(true, &dev);
+    assert_eq!(graphs.enabled(), dev.is_cuda());
+    let shapes = [(5usize, 8usize, 3usize), (16, 4, 9)];
+    for round in 0..4 {
+        for (key, &(m, k, n)) in shapes.iter().enumerate() {
+            let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, (k, n), &dev)?;
+            let want = forward(&[a.clone(), b.clone()])?;
+            let got = graphs.run(&key, &[&a, &b], forward)?;
+            // A strided view of `a`: a graph reads it through its static (contiguous) copy.
+            let strided = a.t()?.contiguous()?.t()?;
+            let again = graphs.run(&key, &[&strided, &b], |i| {
+                forward(&[i[0].contiguous()?, i[1].contiguous()?])
+            });
+            assert_eq!(bits(&got), bits(&want), "round {round}, key {key}");
+            assert_eq!(
+                bits(&again?),
+                bits(&want),
+                "round {round}, key {key}, again"
+            );
+        }
+    }
+    let expected = if dev.is_cuda() { shapes.len() } else { 0 };
+    assert_eq!(graphs.captured(), expected);
+    Ok(())
+}
+
+#[test]
+fn a_forward_that_reads_the_device_back_runs_eagerly() -> Result<()> {
+    // Why a capture fell back, if one does.
+    klein_runtime::telemetry::init_tracing(Default::default());
+    let dev = device();
+    let graphs = Graphs::new(true, &dev);
+    let reads_back = |i: &[Tensor]| -> Result<Tensor> {
+        let scale = i[0].sum_all()?.to_scalar::<f32>()?;
+        (&i[0] * scale as f64)?.to_dtype(DType::F32)
+    };
+    for round in 0..3 {
+        let x = Tensor::randn(0f32, 1.0, 64, &dev)?;
+        let want = reads_back(std::slice::from_ref(&x))?;
+        let got = graphs.run(&"reads back", &[&x], reads_back)?;
+        assert_eq!(bits(&got), bits(&want), "round {round}");
+    }
+    assert_eq!(graphs.captured(), 0);
+    // The stream still runs other work, captured or not.
+    let a = Tensor::randn(0f32, 1.0, (4, 4), &dev)?;
+    let b = Tensor::randn(0f32, 1.0, (4, 4), &dev)?;
+    for _ in 0..3 {
+        let got = graphs.run(&"plain", &[&a, &b], forward)?;
+        assert_eq!(bits(&got), bits(&forward(&[a.clone(), b.clone()])?));
+    }
+    Ok(())
+}
