@@ -193,15 +193,13 @@ const COOL_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 /// at `px`² with `batch` images and `refs` reference images of the same size: the velocity of
 /// the noisy tokens, as the sampler asks for it; replayed from a CUDA graph when `graphs` (as
 /// denoiser-svc's engine runs it), else queued kernel by kernel.
-#[allow(clippy::too_many_arguments)]
 pub fn transformer(
     dev: &Device,
     (model, quantize): (Model, Quantize),
     dtype: DType,
     (px, batch, refs): (usize, usize, usize),
     iters: usize,
-    pool: Pool,
-    graphs: bool,
+    (pool, graphs): (Pool, bool),
 ) -> Result<Row> {
     use denoiser_svc::{
         graphed::GraphedTransformer,

@@ -309,8 +309,7 @@ fn main() -> ExitCode {
                                     float,
                                     (px, b, refs),
                                     iters,
-                                    pool,
-                                    graphs,
+                                    (pool, graphs),
                                 )?);
                             }
                         }

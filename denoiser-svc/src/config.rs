@@ -214,13 +214,14 @@ mod tests {
 
     use super::*;
 
+    /// The config the flags `args` give (no file, no `KLEIN_*` variables).
+    fn load(args: &[&str]) -> Config {
+        let flags = Flags::parse_from(std::iter::once("denoiser-svc").chain(args.iter().copied()));
+        klein_runtime::config::load(None, &flags).unwrap()
+    }
+
     #[test]
     fn quantize_comes_from_the_flag_and_defaults_to_none() {
-        let load = |args: &[&str]| -> Config {
-            let flags =
-                Flags::parse_from(std::iter::once("denoiser-svc").chain(args.iter().copied()));
-            klein_runtime::config::load(None, &flags).unwrap()
-        };
         assert_eq!(load(&[]).quantize, Quantize::None);
         assert_eq!(
             load(&["--quantize", "q4k"]).quantize,
@@ -230,5 +231,12 @@ mod tests {
             Flags::try_parse_from(["denoiser-svc", "--quantize", "int4"]).is_err(),
             "an unknown format is refused"
         );
+    }
+
+    #[test]
+    fn cuda_graphs_default_on_and_the_flag_turns_them_off() {
+        assert!(load(&[]).cuda_graphs);
+        assert!(!load(&["--cuda-graphs", "false"]).cuda_graphs);
+        assert!(Flags::try_parse_from(["denoiser-svc", "--cuda-graphs", "sometimes"]).is_err());
     }
 }

@@ -67,10 +67,6 @@ impl DeviceSpec {
                         reason: e.to_string(),
                     })?;
                 without_event_tracking(&device);
-                with_cublas_workspace(&device).map_err(|e| DeviceError::CudaUnavailable {
-                    ordinal,
-                    reason: e.to_string(),
-                })?;
                 Ok(device)
             }
         }
@@ -96,56 +92,6 @@ fn without_event_tracking(device: &Device) {
 
 #[cfg(not(feature = "cuda"))]
 fn without_event_tracking(_: &Device) {}
-
-/// Bytes of the workspace candle's cuBLAS handle gets: what cuBLAS takes by default on Hopper.
-#[cfg(feature = "cuda")]
-const CUBLAS_WORKSPACE: usize = 32 << 20;
-
-/// Gives candle's cuBLAS handle a workspace of its own (`cublasSetWorkspace`), kept as long as
-/// the handle. Without one, cuBLAS takes memory for products as it runs them, which a CUDA
-/// graph capture ([`crate::graph`]) records as the graph's own memory while cuBLAS keeps using
-/// it afterwards: replays then failed with illegal addresses (docs/performance.md, thirty-third
-/// session). Eager products run on the same workspace, so they pick the same algorithms as
-/// replayed ones.
-#[cfg(feature = "cuda")]
-#[allow(unsafe_code)]
-fn with_cublas_workspace(device: &Device) -> candle_core::Result<()> {
-    use std::sync::{Arc, Mutex, Weak};
-
-    use candle_core::cuda::{
-        WrapErr,
-        cudarc::{
-            cublas::{CudaBlas, sys::cublasSetWorkspace_v2},
-            driver::{CudaSlice, DevicePtrMut},
-        },
-    };
-
-    /// Each workspace with the handle it serves; dropped with the handle.
-    static WORKSPACES: Mutex<Vec<(Weak<CudaBlas>, CudaSlice<u8>)>> = Mutex::new(Vec::new());
-
-    let Device::Cuda(cuda) = device else {
-        return Ok(());
-    };
-    let blas = cuda.cublas_handle();
-    let stream = cuda.cuda_stream();
-    let mut workspace = stream.alloc_zeros::<u8>(CUBLAS_WORKSPACE).w()?;
-    let (ptr, _record) = workspace.device_ptr_mut(&stream);
-    // SAFETY: a live handle and a device buffer of CUBLAS_WORKSPACE bytes on its stream's
-    // context, kept below until the handle is gone.
-    unsafe { cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, CUBLAS_WORKSPACE) }
-        .result()
-        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-    drop(_record);
-    let mut kept = WORKSPACES.lock().unwrap_or_else(|e| e.into_inner());
-    kept.retain(|(handle, _)| handle.strong_count() > 0);
-    kept.push((Arc::downgrade(&blas), workspace));
-    Ok(())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn with_cublas_workspace(_: &Device) -> candle_core::Result<()> {
-    Ok(())
-}
 
 /// Compute dtype of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

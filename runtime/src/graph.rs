@@ -16,8 +16,12 @@
 //!
 //! Whatever the forward allocates while capturing becomes the graph's own memory (graph
 //! memory nodes, outside the default pool), which stays mapped between replays until
-//! [`crate::gpu_memory::release_freed_memory`] trims it. A key whose capture or replay fails
-//! (a forward that synchronises, a capture that runs out of memory) runs eagerly from then on.
+//! [`crate::gpu_memory::release_freed_memory`] trims it. A graph that copies between host and
+//! device is refused: candle uploads the dims and strides of strided or broadcast operands and
+//! of reductions from a host buffer freed right after, which a replay would read again (the
+//! tiny fixtures' replays gave wrong bits and illegal addresses before this check). A key
+//! whose capture is refused or fails, or whose replay fails (memory the graph cannot map),
+//! runs eagerly from then on.
 
 use std::{
     cell::RefCell,
@@ -77,32 +81,30 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug> Graphs<K> {
         inputs: &[&Tensor],
         forward: impl Fn(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let eager = |forward: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
+        let eager = || {
             let owned: Vec<Tensor> = inputs.iter().map(|&t| t.clone()).collect();
             forward(&owned)
         };
         if !self.enabled {
-            return eager(&forward);
+            return eager();
         }
         let mut keys = self.keys.borrow_mut();
         match keys.get(key) {
             None => {
-                let out = eager(&forward)?;
+                let out = eager()?;
                 keys.insert(key.clone(), State::Seen(out.shape().clone(), out.dtype()));
                 Ok(out)
             }
-            Some(State::Eager) => eager(&forward),
+            Some(State::Eager) => eager(),
             // A graph is launched on the thread that captured it, whose stream, library
             // workspaces and attention counters it was captured with.
-            Some(State::Captured(replay)) if replay.thread != thread::current().id() => {
-                eager(&forward)
-            }
+            Some(State::Captured(replay)) if replay.thread != thread::current().id() => eager(),
             Some(State::Captured(replay)) => match replay.run(inputs) {
                 Ok(out) => Ok(out),
                 Err(e) => {
                     tracing::warn!(?key, error = %e, "CUDA graph replay failed; eager from now on");
                     keys.insert(key.clone(), State::Eager);
-                    eager(&forward)
+                    eager()
                 }
             },
             Some(State::Seen(shape, dtype)) => {
@@ -118,7 +120,7 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug> Graphs<K> {
                     Err(e) => {
                         tracing::warn!(?key, error = %e, "CUDA graph capture failed; eager from now on");
                         keys.insert(key.clone(), State::Eager);
-                        eager(&forward)
+                        eager()
                     }
                 }
             }
