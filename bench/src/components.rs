@@ -284,8 +284,11 @@ pub fn transformer(
                 Pool::Release => ", pool released each step",
             },
             match model.graphs_captured() {
-                0 => "",
-                _ => ", CUDA graph",
+                0 => String::new(),
+                _ => format!(
+                    ", CUDA graph ({} memsets as kernels)",
+                    model.memsets_as_kernels()
+                ),
             }
         ),
         dtype: format!("{dtype:?}").to_lowercase(),

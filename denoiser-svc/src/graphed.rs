@@ -46,6 +46,11 @@ impl GraphedTransformer {
     pub fn graphs_captured(&self) -> usize {
         self.graphs.captured()
     }
+
+    /// Memsets of the captured graphs that run as kernels.
+    pub fn memsets_as_kernels(&self) -> usize {
+        self.graphs.memsets_as_kernels()
+    }
 }
 
 impl Deref for GraphedTransformer {

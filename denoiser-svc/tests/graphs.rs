@@ -8,7 +8,10 @@
 //! On `KLEIN_TEST_DEVICE=cuda` the second call of the batch-1 bf16 shape captures its graph and
 //! later ones replay it; f32 runs candle's generic kernels, which upload operand layouts from
 //! the host, so those graphs are refused and run eagerly, as does the batch-2 reference step
-//! (one such upload); on the CPU every call runs eagerly.
+//! (one such upload); on the CPU every call runs eagerly. On CUDA a second test runs a block
+//! of each kind at klein-4B's width and a 1024² step's tokens, whose cuBLASLt products clear a
+//! word first: those memsets replay as fill kernels, ordered as the memsets were (a build that
+//! left the products' wait to the disabled memsets replayed different bits, on an H200).
 
 use std::str::FromStr;
 
@@ -159,6 +162,11 @@ fn replayed_steps_give_the_eager_bits() {
                 assert_ne!(bits(&got), bits(&got_negative), "{case}: contexts differ");
             }
         }
+        eprintln!(
+            "{dtype:?}: {} graphs, {} memsets as kernels",
+            graphed.graphs_captured(),
+            graphed.memsets_as_kernels()
+        );
         if !dev.is_cuda() {
             assert_eq!(graphed.graphs_captured(), 0);
         } else if dtype == DType::BF16 {
@@ -167,4 +175,60 @@ fn replayed_steps_give_the_eager_bits() {
             assert_eq!(graphed.graphs_captured(), 1);
         }
     }
+}
+
+/// At klein-4B's width and a 1024² step's tokens, cuBLASLt clears a word before several of its
+/// products (68 memsets a step of the whole model), which the graph runs as fill kernels: a
+/// block of each kind, its GEMMs tuned as the service tunes them, replays bit-identical to the
+/// eager forward over rounds of new inputs. CUDA only: the memsets are cuBLASLt's, and on the
+/// CPU the forward runs eagerly (the first test covers that).
+#[test]
+fn a_full_width_step_replays_its_memsets_as_kernels() {
+    klein_runtime::telemetry::init_tracing(Default::default());
+    let dev = device();
+    if !dev.is_cuda() {
+        return;
+    }
+    let cfg = Config {
+        num_layers: 1,
+        num_single_layers: 1,
+        ..Config::klein_4b()
+    };
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::BF16, dev.clone());
+    let model = Flux2Transformer2DModel::new(&cfg, vb).unwrap();
+    let graphed = GraphedTransformer::new(model.clone(), true, &dev);
+    let step = Step {
+        batch: 1,
+        text: 512,
+        grid: (64, 64),
+        references: 0,
+    };
+    let rope = step.rope(&model, &dev);
+    let n = step.noisy();
+    let input = |round: usize| {
+        let random = |dims: (usize, usize, usize)| {
+            Tensor::randn(0f32, 1.0, dims, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        let x = random((1, step.tokens(), cfg.in_channels));
+        let ctx = random((1, step.text, cfg.joint_attention_dim));
+        (x, ctx, vec![1000.0 - 230.0 * round as f32])
+    };
+    let (x, ctx, t) = input(0);
+    klein_kernels::tune_linear(|| graphed.velocity(&x, &ctx, &t, &rope, n)).unwrap();
+    for round in 1..5 {
+        let (x, ctx, t) = input(round);
+        let want = model.forward_first(&x, &ctx, &t, &rope, n).unwrap();
+        let got = graphed.velocity(&x, &ctx, &t, &rope, n).unwrap();
+        assert!(bits(&got) == bits(&want), "round {round}: velocity differs");
+    }
+    eprintln!(
+        "{} graphs, {} memsets as kernels",
+        graphed.graphs_captured(),
+        graphed.memsets_as_kernels()
+    );
+    assert_eq!(graphed.graphs_captured(), 1);
+    assert!(graphed.memsets_as_kernels() > 0);
 }

@@ -1,8 +1,8 @@
 //! Whole sampling runs through real gRPC against the diffusers goldens: text-to-image,
 //! image-to-image, inpainting, multi-reference and CFG (base checkpoint), each from the
 //! fixture noise. f32: final latents rel-L2 <= 1e-4; bf16: within 2x torch's own
-//! bf16-vs-f32 spread for that case (goldens/manifest.json). Text-to-image on the
-//! klein-9B-shaped checkpoint too.
+//! bf16-vs-f32 spread for that case (goldens/manifest.json), with one progress event a step in
+//! order. Text-to-image on the klein-9B-shaped checkpoint too.
 
 mod common;
 
@@ -42,6 +42,14 @@ async fn check(
     let (progress, result) = denoise(&mut server.client, req).await.unwrap();
     assert_eq!(progress.len() as u32, steps_run, "{case}");
     assert!(progress.iter().all(|p| p.total_steps == steps_run));
+    // On a GPU each step is reported after the next was queued: still one event a step, in
+    // order, each with its own sigma.
+    let steps: Vec<u32> = progress.iter().map(|p| p.step).collect();
+    assert_eq!(steps, (1..=steps_run).collect::<Vec<_>>(), "{case}");
+    assert!(
+        progress.windows(2).all(|w| w[1].sigma < w[0].sigma),
+        "{case}: sigmas not decreasing"
+    );
     assert_eq!(progress.last().unwrap().sigma, 0.0);
     let latents = unwire(result.latents.as_ref().unwrap());
     let dtype = if dt == "f32" { DType::F32 } else { DType::BF16 };

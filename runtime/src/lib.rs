@@ -6,6 +6,7 @@
 //! - [`bytesize`]: human byte sizes (`"16GiB"`, `"512MiB"`) for budgets in config and flags.
 //! - [`device`]: `cpu` / `cuda:N` and dtype selection; asking for CUDA in a build or on a host
 //!   without it fails fast.
+//! - [`fence`]: marks in a device's queue of work, waited for later (steps queued ahead).
 //! - [`gpu_memory`]: the CUDA memory pool's exact in-use and peak bytes (calibration).
 //! - [`graph`]: CUDA graphs of a fixed-shape forward (captured once, replayed with new inputs).
 //! - [`budget`]: the memory-budget admission primitive (a byte-reservation semaphore with a
@@ -27,6 +28,7 @@ pub mod bytesize;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod fence;
 pub mod gpu_memory;
 pub mod graph;
 pub mod lru;

@@ -1,7 +1,8 @@
 //! [`klein_runtime::graph::Graphs`] on the test device (`KLEIN_TEST_DEVICE`, default cpu):
 //! replays give the eager forward's bits for new inputs, keys keep their own graphs, and a
 //! forward that copies between host and device (it reads a value back) is refused and runs
-//! eagerly, leaving the stream usable. On the CPU every call runs eagerly.
+//! eagerly, leaving the stream usable; a small memset (candle's zeros) replays as a kernel
+//! that clears as the memset did. On the CPU every call runs eagerly.
 
 use std::str::FromStr;
 
@@ -81,6 +82,44 @@ fn a_forward_that_reads_the_device_back_runs_eagerly() -> Result<()> {
     for _ in 0..3 {
         let got = graphs.run(&"plain", &[&a, &b], forward)?;
         assert_eq!(bits(&got), bits(&forward(&[a.clone(), b.clone()])?));
+    }
+    Ok(())
+}
+
+/// A chain of products, then a small cleared tensor (candle's zeros: a memset, 16 KiB)
+/// allocated after positive values were freed, likely in their memory, then the sum: a replay
+/// whose fill kernel did not clear as the memset did would add the positive values in.
+/// (Ordering is checked at full width in denoiser-svc's `graphs` test, where cuBLASLt's
+/// memsets sit between products.)
+fn cleared(i: &[Tensor]) -> Result<Tensor> {
+    let mut y = i[0].clone();
+    for _ in 0..24 {
+        y = y.matmul(&i[1])?.tanh()?;
+    }
+    let h = (y.matmul(&i[2])?.exp()? + 1.0)?;
+    let y = (&h * 2.0)?;
+    drop(h);
+    let zeros = Tensor::zeros(y.shape(), DType::F32, y.device())?;
+    y + zeros
+}
+
+#[test]
+fn small_memsets_replay_as_kernels() -> Result<()> {
+    // Why a capture fell back, if one does.
+    klein_runtime::telemetry::init_tracing(Default::default());
+    let dev = device();
+    let graphs = Graphs::new(true, &dev);
+    for round in 0..4 {
+        let a = Tensor::randn(0f32, 1.0, (512, 512), &dev)?;
+        let b = (Tensor::randn(0f32, 1.0, (512, 512), &dev)? / 16.0)?;
+        let c = Tensor::randn(0f32, 1.0, (512, 8), &dev)?;
+        let want = cleared(&[a.clone(), b.clone(), c.clone()])?;
+        let got = graphs.run(&"cleared", &[&a, &b, &c], cleared)?;
+        assert_eq!(bits(&got), bits(&want), "round {round}");
+    }
+    assert_eq!(graphs.captured(), usize::from(dev.is_cuda()));
+    if dev.is_cuda() {
+        assert!(graphs.memsets_as_kernels() >= 1, "the zeros' memset stayed");
     }
     Ok(())
 }

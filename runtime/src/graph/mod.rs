@@ -1,10 +1,10 @@
 //! CUDA graphs of a fixed-shape forward: captured once, then replayed with new inputs.
 //!
-//! A transformer step is ~300 kernels, copies and memsets. Launched one by one, each waits a
-//! few microseconds for the host to queue it after the one before (the engine synchronises
-//! after every step, so every step starts from an empty queue), ~0.6–0.9 ms of a 1024² step's
-//! 55 ms (docs/performance.md, thirty-second and thirty-third sessions). A graph queues all of
-//! them with one launch.
+//! A transformer step is ~300 kernels, copies and memsets. Launched one by one, each costs
+//! the host 10–25 µs, ~3 ms a 1024² step; a step that starts from an empty queue then leaves
+//! the GPU idle ~0.6–0.9 ms of its 55 ms (docs/performance.md, thirty-second and thirty-third
+//! sessions). A graph queues all of them with one launch, and its small memsets run as
+//! kernels (`nodes`).
 //!
 //! [`Graphs`] keeps one graph per key (the forward's input shapes). The first call of a key
 //! runs eagerly, which builds whatever the forward creates lazily and keeps (library handles
@@ -31,6 +31,11 @@ use std::{
 };
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
+
+#[cfg(feature = "cuda")]
+mod capture;
+#[cfg(feature = "cuda")]
+mod nodes;
 
 /// Graphs of one forward, by key; see the module's doc. Single-threaded: a graph is used on
 /// the thread (and stream) that captured it, the engine's.
@@ -62,6 +67,17 @@ impl<K: Eq + Hash + Clone + std::fmt::Debug> Graphs<K> {
     /// Whether calls may replay graphs.
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// Memsets of the captured graphs that run as kernels (see the `nodes` module).
+    pub fn memsets_as_kernels(&self) -> usize {
+        let keys = self.keys.borrow();
+        keys.values()
+            .map(|s| match s {
+                State::Captured(replay) => replay.memsets_as_kernels(),
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Keys with a captured graph.
@@ -135,10 +151,10 @@ struct Replay {
     output: Tensor,
     thread: ThreadId,
     #[cfg(feature = "cuda")]
-    graph: candle_core::cuda::cudarc::driver::CudaGraph,
+    exec: capture::Exec,
 }
 
-// SAFETY: cudarc's graph handles are raw pointers, so not `Send` by default; CUDA lets a graph
+// SAFETY: the graph's handles are raw pointers, so not `Send` by default; CUDA lets a graph
 // be used from any thread as long as no two threads use it at once. `Graphs` is not `Sync`
 // (a `RefCell`), so a moved `Replay` is used by one thread at a time, and [`Graphs::run`]
 // launches it only on the thread that captured it (the stream and thread-local state it was
@@ -172,149 +188,6 @@ fn capturable(_: &Device) -> bool {
     false
 }
 
-#[cfg(feature = "cuda")]
-impl Replay {
-    /// Captures `forward` over zeroed copies of `inputs` into a graph whose last operation
-    /// copies the result into a static output of `shape` and `dtype`. The default pool's
-    /// unused memory goes back to the driver first: from here on the graph's own memory
-    /// holds this key's activations.
-    fn capture(
-        inputs: &[&Tensor],
-        (shape, dtype): (&Shape, DType),
-        forward: &dyn Fn(&[Tensor]) -> Result<Tensor>,
-    ) -> Result<Self> {
-        use candle_core::cuda::{
-            WrapErr,
-            cudarc::driver::sys::{CUgraphInstantiate_flags_enum, CUstreamCaptureMode},
-        };
-        let dev = inputs
-            .first()
-            .map(|t| t.device().clone())
-            .ok_or_else(|| candle_core::Error::msg("a graph needs an input"))?;
-        let fixed = inputs
-            .iter()
-            .map(|t| Tensor::zeros(t.shape(), t.dtype(), &dev))
-            .collect::<Result<Vec<_>>>()?;
-        let output = Tensor::zeros(shape, dtype, &dev)?;
-        crate::gpu_memory::release_freed_memory(&dev);
-        let stream = dev.as_cuda_device()?.cuda_stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .w()?;
-        let recorded = forward(&fixed).and_then(|y| output.slice_set(&y.contiguous()?, 0, 0));
-        // Ends the capture whatever happened, so the stream runs eagerly again.
-        let graph = stream.end_capture(CUgraphInstantiate_flags_enum(0));
-        recorded?;
-        let graph = graph
-            .w()?
-            .ok_or_else(|| candle_core::Error::msg("the capture recorded no graph"))?;
-        let nodes = nodes::census(graph.cu_graph())?;
-        tracing::debug!(?nodes, "CUDA graph captured");
-        if nodes.host_copies > 0 {
-            candle_core::bail!(
-                "the forward copied between host and device {} times, which a replay would \
-                 repeat on host memory that is gone",
-                nodes.host_copies
-            );
-        }
-        graph.upload().w()?;
-        Ok(Self {
-            inputs: fixed,
-            output,
-            thread: thread::current().id(),
-            graph,
-        })
-    }
-
-    fn launch(&self) -> Result<()> {
-        use candle_core::cuda::WrapErr;
-        self.graph.launch().w()
-    }
-}
-
-/// What a captured graph holds.
-#[cfg(feature = "cuda")]
-#[allow(unsafe_code)]
-mod nodes {
-    use std::{mem::MaybeUninit, ptr::addr_of};
-
-    use candle_core::{
-        Result,
-        cuda::{
-            WrapErr,
-            cudarc::driver::{
-                DriverError,
-                sys::{
-                    CUDA_MEMCPY3D, CUgraph, CUgraphNode, CUgraphNodeType, CUmemorytype,
-                    cuGraphGetNodes, cuGraphMemcpyNodeGetParams, cuGraphNodeGetType,
-                },
-            },
-        },
-    };
-
-    /// The graph's operations by kind.
-    #[derive(Debug, Default)]
-    pub struct Census {
-        pub kernels: usize,
-        pub memsets: usize,
-        pub device_copies: usize,
-        /// Copies from or to host memory (or whose side the driver does not say).
-        pub host_copies: usize,
-        pub allocations: usize,
-        pub frees: usize,
-        pub other: usize,
-    }
-
-    pub fn census(graph: CUgraph) -> Result<Census> {
-        let mut count = 0usize;
-        // SAFETY: a graph handle owned by a live `CudaGraph`; a null array asks for the count.
-        unsafe { cuGraphGetNodes(graph, std::ptr::null_mut(), &mut count) }
-            .result()
-            .w()?;
-        let mut nodes: Vec<CUgraphNode> = vec![std::ptr::null_mut(); count];
-        // SAFETY: `nodes` has room for `count` handles.
-        unsafe { cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut count) }
-            .result()
-            .w()?;
-        let mut census = Census::default();
-        for &node in &nodes[..count] {
-            // Read as the raw number: a kind newer than these bindings is "other".
-            let mut kind = 0u32;
-            // SAFETY: the node belongs to the graph; the driver writes one enum value.
-            unsafe { cuGraphNodeGetType(node, (&raw mut kind).cast::<CUgraphNodeType>()) }
-                .result()
-                .w()?;
-            match kind {
-                0 => census.kernels += 1,
-                1 if is_device_copy(node).w()? => census.device_copies += 1,
-                1 => census.host_copies += 1,
-                2 => census.memsets += 1,
-                10 => census.allocations += 1,
-                11 => census.frees += 1,
-                _ => census.other += 1,
-            }
-        }
-        Ok(census)
-    }
-
-    fn is_device_copy(node: CUgraphNode) -> std::result::Result<bool, DriverError> {
-        let mut params = MaybeUninit::<CUDA_MEMCPY3D>::zeroed();
-        // SAFETY: the node is a memcpy node of the graph; the driver fills in its parameters.
-        unsafe { cuGraphMemcpyNodeGetParams(node, params.as_mut_ptr()) }.result()?;
-        let p = params.as_ptr();
-        // SAFETY: the memory types are read as the raw numbers the driver wrote (starting
-        // from zeroed memory), never as a Rust enum that might not hold them.
-        let (src, dst) = unsafe {
-            (
-                addr_of!((*p).srcMemoryType).cast::<u32>().read(),
-                addr_of!((*p).dstMemoryType).cast::<u32>().read(),
-            )
-        };
-        let device = CUmemorytype::CU_MEMORYTYPE_DEVICE as u32;
-        Ok(src == device && dst == device)
-    }
-}
-
 #[cfg(not(feature = "cuda"))]
 impl Replay {
     fn capture(
@@ -327,6 +200,10 @@ impl Replay {
 
     fn launch(&self) -> Result<()> {
         candle_core::bail!("CUDA graphs need a build with the cuda feature")
+    }
+
+    fn memsets_as_kernels(&self) -> usize {
+        0
     }
 }
 
