@@ -12,11 +12,24 @@ pub struct GateResidual;
 /// [`GateResidual`] on CUDA bf16 tensors, [`reference::gate_residual`] otherwise.
 pub fn gate_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
     if crate::fused(x) && x.dim(2)?.is_multiple_of(2) {
-        let (x, y) = (x.contiguous()?, y.contiguous()?);
+        let (x, y) = (batches_contiguous(x)?, y.contiguous()?);
         x.apply_op3_no_bwd(&y, gate, &GateResidual)
     } else {
         reference::gate_residual(x, y, gate)
     }
+}
+
+/// `x` contiguous. Rows of a batch (`x.narrow(1, ..)` with B > 1: each batch item contiguous,
+/// the items apart) are copied item by item with candle's 2-D copy: its strided copy would
+/// upload x's dims and strides from the host first, which a CUDA graph refuses.
+fn batches_contiguous(x: &Tensor) -> Result<Tensor> {
+    let items = (0..x.dim(0)?)
+        .map(|b| x.narrow(0, b, 1))
+        .collect::<Result<Vec<_>>>()?;
+    if x.is_contiguous() || !items.iter().all(Tensor::is_contiguous) {
+        return x.contiguous();
+    }
+    Tensor::cat(&items, 0)
 }
 
 /// (B, S, D) after checking y and the gate against x.

@@ -90,6 +90,13 @@ fn elementwise_kernels_match_the_composition() -> Result<()> {
             &r,
             &reference::gate_residual(&x, &y, &m[2])?,
         )?;
+        // The rows a last single block keeps: each batch item contiguous, the items apart.
+        let (rows, y_rows) = (x.narrow(1, 7, s - 7)?, y.narrow(1, 7, s - 7)?.contiguous()?);
+        check_elementwise(
+            &format!("gate_residual rows d {d}"),
+            &klein_kernels::gate_residual(&rows, &y_rows, &m[2])?,
+            &reference::gate_residual(&rows, &y_rows, &m[2])?,
+        )?;
         // The residual and its norm in one kernel (the pair paths where the rows do not take
         // it): exactly the two kernels.
         let (fused_r, fused_n) =
