@@ -67,6 +67,9 @@ async fn jobs_queue_report_progress_cancel_and_refuse_when_full() {
     let cancelled = http.delete(&format!("/v1/jobs/{b_id}")).await.json();
     assert_eq!(cancelled["status"], "cancelled");
     assert!(cancelled.get("queue_position").is_none());
+    // The answer comes once the job left the admission queue.
+    let caps = http.get("/v1/capabilities").await.json();
+    assert_eq!(caps["queue"]["queued"], 0, "{caps}");
     // A request that cannot get a slot before its deadline ends with 504.
     let queued_too_long = http
         .send(

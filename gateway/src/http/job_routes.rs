@@ -14,12 +14,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use tokio_stream::StreamExt;
-use tokio_util::sync::CancellationToken;
 
 use super::{
     AppState,
     error::ApiError,
-    jobs::{JobStore, JobView},
+    jobs::{JobStore, JobView, Stop},
     openai::read_body,
     run::{self, Events},
 };
@@ -31,8 +30,8 @@ enum Admission {
     Admitted(Events),
 }
 
-/// Drives one job to the end, or until it is cancelled.
-async fn drive(store: JobStore, id: String, cancel: CancellationToken, admission: Admission) {
+/// Drives one job to the end, or until it is cancelled; then says it has stopped.
+async fn drive(store: JobStore, id: String, stop: Stop, admission: Admission) {
     let work = async {
         let mut events = match admission {
             Admission::Admitted(events) => events,
@@ -49,8 +48,9 @@ async fn drive(store: JobStore, id: String, cancel: CancellationToken, admission
     };
     tokio::select! {
         outcome = work => store.finish(&id, outcome),
-        () = cancel.cancelled() => tracing::info!(job = %id, "job cancelled"),
+        () = stop.requested.cancelled() => tracing::info!(job = %id, "job cancelled"),
     }
+    stop.done.cancel();
 }
 
 fn view(state: &AppState, id: &str) -> Result<JobView, ApiError> {
@@ -79,8 +79,8 @@ pub async fn create(State(state): State<AppState>, req: Request) -> Result<Respo
         Poll::Pending => Admission::Waiting(admitting),
     };
     let queued = matches!(admission, Admission::Waiting(_));
-    let (id, cancel) = state.jobs.insert(queued, state.api.admission(), seed);
-    tokio::spawn(drive(state.jobs.clone(), id.clone(), cancel, admission));
+    let (id, stop) = state.jobs.insert(queued, state.api.admission(), seed);
+    tokio::spawn(drive(state.jobs.clone(), id.clone(), stop, admission));
     let body = view(&state, &id)?;
     Ok((
         StatusCode::ACCEPTED,
@@ -98,11 +98,23 @@ pub async fn get(
     Ok(Json(view(&state, &id)?))
 }
 
-/// `DELETE /v1/jobs/{id}`: cancels a queued or running job (409 once it ended).
+/// The longest `DELETE /v1/jobs/{id}` waits for the job's task to stop.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// `DELETE /v1/jobs/{id}`: cancels a queued or running job (409 once it ended). Answers once
+/// the job's task has dropped its place in the admission queue and its event stream (at once,
+/// unless the runtime is starved: at most [`STOP_WAIT`]), so a request sent after the answer
+/// finds the queue place free.
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    state.jobs.cancel(&id)?;
+    let stopped = state.jobs.cancel(&id)?;
+    if tokio::time::timeout(STOP_WAIT, stopped.cancelled())
+        .await
+        .is_err()
+    {
+        tracing::warn!(job = %id, "cancelled job still stopping");
+    }
     Ok(Json(view(&state, &id)?))
 }

@@ -2,7 +2,7 @@
 //! its Generate call. At most `max_jobs` jobs are kept; finished ones are evicted after `ttl`,
 //! or oldest first when room is needed; when every kept job is still active, new jobs are
 //! refused (429). Cancelling a job drops its event stream (or its place in the admission
-//! queue), which cancels the downstream work.
+//! queue), which cancels the downstream work; the job's task says when it has ([`Stop`]).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -101,7 +101,15 @@ struct Job {
     images: Vec<pb::Image>,
     error: Option<ErrorBody>,
     finished: Option<Instant>,
-    cancel: CancellationToken,
+    stop: Stop,
+}
+
+/// What a job's task shares with the store: the request to stop, and the task's word that it
+/// has stopped (its place in the admission queue and its event stream dropped).
+#[derive(Debug, Clone, Default)]
+pub struct Stop {
+    pub requested: CancellationToken,
+    pub done: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -199,18 +207,18 @@ impl JobStore {
     }
 
     /// Adds a job that is `queued` (waiting for admission; `admission` is the queue right
-    /// after it joined) or running, with the request's `seed`; returns its id and
-    /// cancellation token.
+    /// after it joined) or running, with the request's `seed`; returns its id and what its
+    /// task shares with the store.
     pub fn insert(
         &self,
         queued: bool,
         admission: BudgetSnapshot,
         seed: Option<u64>,
-    ) -> (String, CancellationToken) {
+    ) -> (String, Stop) {
         let mut inner = self.lock();
         inner.make_room(&self.limits);
         let id = new_id();
-        let cancel = CancellationToken::new();
+        let stop = Stop::default();
         let queue = queued.then(|| {
             let others = admission.queued.saturating_sub(inner.queued() + 1);
             inner.next_seq += 1;
@@ -233,11 +241,11 @@ impl JobStore {
                 images: Vec::new(),
                 error: None,
                 finished: None,
-                cancel: cancel.clone(),
+                stop: stop.clone(),
             },
         );
         inner.order.push_back(id.clone());
-        (id, cancel)
+        (id, stop)
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut Job)) {
@@ -292,8 +300,9 @@ impl JobStore {
         });
     }
 
-    /// Cancels an active job: 404 when unknown, 409 when it already finished.
-    pub fn cancel(&self, id: &str) -> Result<(), ApiError> {
+    /// Cancels an active job: 404 when unknown, 409 when it already finished. Returns the
+    /// token its task cancels once it has stopped.
+    pub fn cancel(&self, id: &str) -> Result<CancellationToken, ApiError> {
         let mut inner = self.lock();
         let job = inner
             .jobs
@@ -305,12 +314,12 @@ impl JobStore {
                 format!("job {id} already ended: {:?}", job.status).to_lowercase(),
             ));
         }
-        job.cancel.cancel();
+        job.stop.requested.cancel();
         job.status = JobStatus::Cancelled;
         job.queue = None;
         job.preview = None;
         job.finished = Some(Instant::now());
-        Ok(())
+        Ok(job.stop.done.clone())
     }
 
     /// The job as the API shows it; `admission` gives the queue position.
@@ -415,9 +424,9 @@ mod tests {
     #[test]
     fn cancel_is_final_and_only_for_active_jobs() {
         let store = JobStore::default();
-        let (a, token) = store.insert(false, snapshot(0), None);
+        let (a, stop) = store.insert(false, snapshot(0), None);
         store.cancel(&a).unwrap();
-        assert!(token.is_cancelled());
+        assert!(stop.requested.is_cancelled());
         store.finish(&a, Ok(()));
         assert_eq!(
             store.view(&a, snapshot(0)).unwrap().status,
