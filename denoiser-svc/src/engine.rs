@@ -155,7 +155,6 @@ struct Active {
 struct Queued {
     fence: Fence,
     step: usize,
-    total: usize,
     sigma: f32,
     since: Instant,
 }
@@ -294,26 +293,21 @@ fn step(loaded: &Loaded, a: &mut Active) -> Next {
         }
     };
     let step = a.run.steps_done();
+    let every = a.job.request.preview_every;
+    let preview = every > 0 && step.is_multiple_of(every);
+    let at_once = preview || a.run.is_finished() || !fence.pending();
     let queued = Queued {
         fence,
         step,
-        total: a.run.total_steps(),
         sigma: a.run.sigma(),
         since,
     };
     // The step before ran on the device while this one was queued.
     let earlier = a.queued.replace(queued).map(|q| report(a, q, false));
-    let every = a.job.request.preview_every;
-    let preview = every > 0 && step.is_multiple_of(every);
-    let at_once =
-        preview || a.run.is_finished() || a.queued.as_ref().is_some_and(|q| !q.fence.pending());
-    let this = match (earlier, a.queued.take()) {
-        (Some(Err(e)), _) => Err(e),
-        (_, Some(q)) if at_once => report(a, q, preview),
-        (_, q) => {
-            a.queued = q;
-            Ok(())
-        }
+    let this = match earlier {
+        Some(Err(e)) => Err(e),
+        _ if at_once => a.queued.take().map_or(Ok(()), |q| report(a, q, preview)),
+        _ => Ok(()),
     };
     match this {
         Err(e) => {
@@ -339,7 +333,7 @@ fn report(a: &mut Active, q: Queued, with_preview: bool) -> Result<(), DenoiseEr
         .transpose()?;
     let _ = a.job.events.send(Event::Progress {
         step: q.step,
-        total: q.total,
+        total: a.run.total_steps(),
         sigma: q.sigma,
         preview,
     });

@@ -23,13 +23,17 @@ pub fn gate_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
 /// the items apart) are copied item by item with candle's 2-D copy: its strided copy would
 /// upload x's dims and strides from the host first, which a CUDA graph refuses.
 fn batches_contiguous(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() {
+        return Ok(x.clone());
+    }
     let items = (0..x.dim(0)?)
         .map(|b| x.narrow(0, b, 1))
         .collect::<Result<Vec<_>>>()?;
-    if x.is_contiguous() || !items.iter().all(Tensor::is_contiguous) {
-        return x.contiguous();
+    if items.iter().all(Tensor::is_contiguous) {
+        Tensor::cat(&items, 0)
+    } else {
+        x.contiguous()
     }
-    Tensor::cat(&items, 0)
 }
 
 /// (B, S, D) after checking y and the gate against x.

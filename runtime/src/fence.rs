@@ -16,15 +16,13 @@ enum Mark {
     /// An event recorded on the device's stream (CUDA).
     #[cfg(feature = "cuda")]
     Event(candle_core::cuda::cudarc::driver::CudaEvent),
-    /// A device whose queue has no events here: waiting synchronises it.
-    Device(Device),
 }
 
 impl Fence {
-    /// Marks the work queued on `dev` so far.
+    /// Marks the work queued on `dev` so far. A device without events here (Metal) is
+    /// synchronised instead: its fence is passed.
     pub fn record(dev: &Device) -> Result<Self> {
         Ok(Self(match dev {
-            Device::Cpu => Mark::Passed,
             #[cfg(feature = "cuda")]
             Device::Cuda(cuda) => {
                 use candle_core::cuda::{
@@ -36,7 +34,10 @@ impl Fence {
                         .w()?,
                 )
             }
-            other => Mark::Device(other.clone()),
+            other => {
+                other.synchronize()?;
+                Mark::Passed
+            }
         }))
     }
 
@@ -55,7 +56,6 @@ impl Fence {
                 use candle_core::cuda::WrapErr;
                 event.synchronize().w()
             }
-            Mark::Device(dev) => dev.synchronize(),
         }
     }
 }
