@@ -22,6 +22,8 @@
 //! has no composition: it is the op everywhere, its `cpu_fwd` on the CPU. A build for compute capability 9.0 (Hopper,
 //! `cfg(klein_sm90a)`) runs the transformer's attention on its own kernel (wgmma and tensor-map
 //! copies, `flash_attention_sm90.cu`); the other kernels are the same on every architecture.
+//! [`upload`] brings checkpoint bytes into tensors: copied by every core, sent to a GPU in
+//! page-locked transfers.
 
 mod attention;
 mod conv;
@@ -43,6 +45,7 @@ mod residual_norm;
 mod rms_norm;
 mod rope;
 mod swiglu;
+pub mod upload;
 
 pub use attention::{
     FlashAttention, QNorm, flash_attention, flash_attention_applies, flash_attention_f32_applies,

@@ -199,7 +199,7 @@ pub fn quantize_rows(host: &Tensor, format: GgmlDType, device: &Device) -> Resul
         .into_iter()
         .map(|p| p.map_err(|_| candle_core::Error::msg("a quantization thread panicked"))?)
         .collect::<Result<Vec<_>>>()?;
-    let storage = QStorage::from_data(Cow::Owned(parts.concat()), device, format)?;
+    let storage = crate::upload::blocks(&parts.concat(), format, device)?;
     QTensor::new(storage, (rows, width))
 }
 
@@ -323,7 +323,7 @@ pub fn stack_rows(parts: &[StoredRows<'_>], device: &Device) -> Result<QTensor> 
                 .concat(),
         ),
     };
-    QTensor::new(QStorage::from_data(data, device, dtype)?, (rows, width))
+    QTensor::new(crate::upload::blocks(&data, dtype, device)?, (rows, width))
 }
 
 /// A short lowercase name of a ggml block type, for reports (`q4k`, `q6k`, `f32`, ...).

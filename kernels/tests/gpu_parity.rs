@@ -1093,3 +1093,78 @@ fn rgb_u8_equals_the_cpu_reference() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every element's bits, whatever the dtype.
+fn element_bits(t: &Tensor) -> Result<Vec<u64>> {
+    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::U8 => t.to_vec1::<u8>()?.into_iter().map(u64::from).collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .map(|x| x.to_bits().into())
+            .collect(),
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits().into())
+            .collect(),
+        other => candle_core::bail!("element_bits: {other:?}"),
+    })
+}
+
+/// The staged uploads (`klein_kernels::upload`) hold the bytes candle's pageable copy holds:
+/// tensors of each size against the 1 MiB pieces and the two 16 MiB page-locked buffers (none,
+/// part of a piece, 40 MB: each buffer reused while the transfers before may run), read from an
+/// unaligned source and queued back to back before any is read; a host view with an offset;
+/// and ggml blocks.
+#[test]
+fn staged_uploads_hold_the_host_bytes() -> Result<()> {
+    use klein_kernels::upload;
+    let dev = gpu();
+    let host: Vec<u8> = (0..40_000_001u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let cases = [
+        (0, DType::U8),
+        (4096 * 4, DType::F32),
+        ((1 << 20) - 2, DType::BF16),
+        (40_000_000, DType::F32),
+        (33_554_432, DType::U8),
+    ];
+    let mut staged = Vec::new();
+    for (len, dtype) in cases {
+        let bytes = &host[1..1 + len];
+        let n = len / dtype.size_in_bytes();
+        staged.push(upload::tensor_from_bytes(bytes, dtype, n, &dev)?);
+    }
+    for ((len, dtype), got) in cases.into_iter().zip(&staged) {
+        let n = len / dtype.size_in_bytes();
+        let want = Tensor::from_raw_buffer(&host[1..1 + len], dtype, &[n], &dev)?;
+        assert!(got.device().same_device(&dev));
+        assert_eq!(got.dtype(), dtype);
+        let (got, want) = (element_bits(got)?, element_bits(&want)?);
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ, 0,
+            "{len} bytes of {dtype:?}: {differ} elements differ"
+        );
+    }
+
+    let grid = Tensor::arange(0f32, 24., &Device::Cpu)?.reshape((4, 6))?;
+    let rows = grid.narrow(0, 1, 2)?;
+    let moved = upload::to_device(&rows, &dev)?;
+    assert!(moved.device().same_device(&dev));
+    assert_eq!(
+        moved.to_vec2::<f32>()?,
+        rows.to_vec2::<f32>()?,
+        "a view from its offset"
+    );
+
+    let q4k = &host[3..3 + 144 * 1000];
+    let blocks = upload::blocks(q4k, candle_core::quantized::GgmlDType::Q4K, &dev)?;
+    let q = QTensor::new(blocks, (1000, 256))?;
+    assert!(q.device().same_device(&dev));
+    assert!(*q.data()? == *q4k, "ggml blocks");
+    Ok(())
+}

@@ -16,7 +16,8 @@
 //! - [`tls`]: optional TLS and mutual TLS of servers and clients (PEM files from config).
 //! - [`telemetry`]: tracing (pretty or JSON) and the Prometheus `/metrics` endpoint.
 //! - [`engine`]: the one thread that owns a model and its device, fed by async callers.
-//! - [`weights`]: diffusers folder layout, sharded safetensors indexes, mmap loading.
+//! - [`weights`]: diffusers folder layout, sharded safetensors indexes, mmap loading (tensors
+//!   copied by every core and sent to a GPU in page-locked transfers, [`klein_kernels::upload`]).
 //! - [`models`]: several models per service under host-RAM and device-weight caps (LRU).
 //! - [`lru`]: a bytes-bounded least-recently-used map (the services' caches).
 

@@ -29,11 +29,14 @@ use std::{
     time::Instant,
 };
 
-use candle_core::{DType, Device, Tensor, safetensors::MmapedSafetensors};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::{bytesize::ByteSize, weights::WeightsError};
+use crate::{
+    bytesize::ByteSize,
+    weights::{self, WeightsError, backend},
+};
 
 /// Residency settings of a multi-model service.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -87,22 +90,19 @@ pub struct HostWeights {
 impl HostWeights {
     /// Reads the tensors of `files` whose names pass `keep` into host RAM, converting
     /// floating-point tensors to `dtype` (float8 and one-element ones stay as stored).
-    #[allow(unsafe_code)]
     pub fn read(
         files: &[PathBuf],
         dtype: DType,
         keep: impl Fn(&str) -> bool,
     ) -> Result<Self, WeightsError> {
-        // SAFETY: as `weights::mmap_var_builder`: weights are served from a read-only volume;
-        // the mapping only lives for this copy.
-        let mapped = unsafe { MmapedSafetensors::multi(files)? };
+        let mapped = weights::mmap_safetensors(files)?;
         let mut tensors = HashMap::new();
         let mut bytes = 0u64;
         for (name, _) in mapped.tensors() {
             if !keep(&name) {
                 continue;
             }
-            let t = mapped.load(&name, &Device::Cpu)?;
+            let t = backend::load(&mapped, &name, &Device::Cpu)?;
             let as_stored = t.dtype() == DType::F8E4M3 || t.elem_count() == 1;
             let t = if t.dtype().is_float() && !as_stored {
                 t.to_dtype(dtype)?
@@ -120,10 +120,14 @@ impl HostWeights {
         self.bytes
     }
 
-    /// A [`VarBuilder`] over these tensors yielding `dtype` on `device` (an upload; on the CPU
-    /// the storage is shared).
+    /// A [`VarBuilder`] over these tensors yielding `dtype` on `device` (an upload, in
+    /// page-locked transfers to a GPU; on the CPU the storage is shared).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_tensors(self.tensors.clone(), dtype, device)
+        VarBuilder::from_backend(
+            Box::new(backend::Resident(self.tensors.clone())),
+            dtype,
+            device.clone(),
+        )
     }
 }
 

@@ -15,6 +15,7 @@ use std::{
 use candle_core::{DType, Device, safetensors::MmapedSafetensors};
 use candle_nn::VarBuilder;
 
+pub(crate) mod backend;
 pub mod gguf;
 
 /// A weights folder that cannot be used.
@@ -128,18 +129,22 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>, WeightsError> {
     Ok(out)
 }
 
-/// Memory-maps `files` into a [`VarBuilder`] that yields tensors as `dtype` on `device`.
+/// Memory-maps `files` into a [`VarBuilder`] that yields tensors as `dtype` on `device`, each
+/// tensor's bytes copied by every core and, to a GPU, sent in page-locked transfers
+/// ([`klein_kernels::upload`]).
 ///
 /// The files must not change while mapped: serve weights from a read-only volume.
-#[allow(unsafe_code)]
 pub fn mmap_var_builder(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>, WeightsError> {
-    // SAFETY: the mapped files are treated as immutable for the life of the process; the
-    // deployment mounts weights read-only (see deploy/).
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? })
+    let mapped = mmap_safetensors(files)?;
+    Ok(VarBuilder::from_backend(
+        Box::new(backend::Mapped(mapped)),
+        dtype,
+        device.clone(),
+    ))
 }
 
 /// Memory-maps `files` as they are stored (names, dtypes), for reading tensor by tensor.
@@ -147,7 +152,8 @@ pub fn mmap_var_builder(
 /// The files must not change while mapped, as for [`mmap_var_builder`].
 #[allow(unsafe_code)]
 pub fn mmap_safetensors(files: &[PathBuf]) -> Result<MmapedSafetensors, WeightsError> {
-    // SAFETY: as in `mmap_var_builder`.
+    // SAFETY: the mapped files are treated as immutable for the life of the process; the
+    // deployment mounts weights read-only (see deploy/).
     Ok(unsafe { MmapedSafetensors::multi(files)? })
 }
 

@@ -123,7 +123,8 @@ impl Dense {
         let t = self.0.stored(name)?;
         match dense_dtype(t.dtype) {
             Some(stored) => {
-                Tensor::from_raw_buffer(t.bytes, stored, t.shape.dims(), dev)?.to_dtype(dtype)
+                klein_kernels::upload::tensor_from_bytes(t.bytes, stored, t.shape.dims(), dev)?
+                    .to_dtype(dtype)
             }
             None => {
                 let host = QStorage::from_data(Cow::Borrowed(t.bytes), &Device::Cpu, t.dtype)?;

@@ -7,12 +7,15 @@ use candle_core::{
     CpuStorage, CudaDevice, DType, Result, Storage, Tensor, bail,
     cuda::{
         WrapErr,
-        cudarc::driver::{DeviceRepr, PushKernelArg},
+        cudarc::driver::{DevicePtrMut, DeviceRepr, PushKernelArg},
     },
     quantized::{GgmlDType, QStorage, QTensor, cuda::QCudaStorage},
 };
 
-use crate::cuda::{QUANTIZE, blocks_for};
+use crate::{
+    cuda::{QUANTIZE, blocks_for},
+    upload,
+};
 
 /// Each format `quantize.cu` writes, and its kernels' name.
 const KERNELS: [(GgmlDType, &str); 5] = [
@@ -96,10 +99,10 @@ struct Parts<'a> {
 }
 
 impl Parts<'_> {
-    /// Each part of `weights` copied into one device buffer, then its blocks written. The copy
-    /// and the kernels run in order on the device's stream, so a part is copied only once the
-    /// kernel before it has read the buffer.
-    fn quantize<T: DeviceRepr + 'static>(&self, weights: &[T]) -> Result<()> {
+    /// Each part of `weights` copied into one device buffer (through [`upload`]'s staging),
+    /// then its blocks written. The copies and the kernels run in order on the device's
+    /// stream, so a part is copied only once the kernel before it has read the buffer.
+    fn quantize<T: DeviceRepr + candle_core::WithDType>(&self, weights: &[T]) -> Result<()> {
         if weights.is_empty() {
             return Ok(());
         }
@@ -108,9 +111,12 @@ impl Parts<'_> {
             .get_or_load_custom_func(&self.kernel, QUANTIZE.name, QUANTIZE.ptx)?;
         let part = self.part_rows * self.width;
         let mut buf = unsafe { self.dev.alloc::<T>(part.min(weights.len()))? };
+        let stream = self.dev.cuda_stream();
         for (i, chunk) in weights.chunks(part).enumerate() {
-            self.dev
-                .memcpy_htod(chunk, &mut buf.slice_mut(..chunk.len()))?;
+            {
+                let (dst, _record) = buf.device_ptr_mut(&stream);
+                upload::copy_to_device(upload::as_bytes(chunk), dst, self.dev)?;
+            }
             let n_blocks = chunk.len() / self.block;
             let out = self.blocks + (i * part / self.block * self.block_bytes) as u64;
             let n_blocks_arg = n_blocks as i64;

@@ -8,7 +8,6 @@
 //! lends the stored bytes themselves. [`write`] writes such a file.
 
 use std::{
-    borrow::Cow,
     fs::File,
     io::{BufReader, BufWriter},
     path::{Path, PathBuf},
@@ -17,7 +16,7 @@ use std::{
 use candle_core::{
     Device, Result, Shape,
     quantized::{
-        GgmlDType, QStorage, QTensor,
+        GgmlDType, QTensor,
         gguf_file::{self, Content, TensorInfo, Value},
     },
 };
@@ -72,7 +71,7 @@ impl GgufFile {
         let file = File::open(path)?;
         let content = Content::read(&mut BufReader::new(&file))
             .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
-        // SAFETY: as in `mmap_var_builder`: weights are treated as immutable while mapped.
+        // SAFETY: as in `mmap_safetensors`: weights are treated as immutable while mapped.
         let map = unsafe { Mmap::map(&file)? };
         Ok(Self {
             path: path.to_owned(),
@@ -109,7 +108,7 @@ impl GgufFile {
     pub fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let t = self.stored(name)?;
         QTensor::new(
-            QStorage::from_data(Cow::Borrowed(t.bytes), device, t.dtype)?,
+            klein_kernels::upload::blocks(t.bytes, t.dtype, device)?,
             t.shape.clone(),
         )
     }
