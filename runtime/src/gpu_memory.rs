@@ -101,10 +101,11 @@ pub fn fall_back_on_out_of_memory<T, E: std::fmt::Display>(
     }
 }
 
-/// Hands the pool's unused memory back to the driver when the driver has less than `bytes` free
-/// and the pool holds unused pieces: an operation about to reserve about `bytes` then cuts its
-/// allocations from memory handed out afresh rather than from pieces cut for other shapes,
-/// which under an MPS limit can fail although the bytes are there (the 16 GB plan's tiled
+/// Hands the pool's unused memory (and the graphs' memory kept between replays) back to the
+/// driver when the driver has less than `bytes` free and either holds unused memory: an
+/// operation about to reserve about `bytes` then cuts its allocations from memory handed out
+/// afresh rather than from pieces cut for other shapes, which under an MPS limit can fail
+/// although the bytes are there (the 16 GB plan's tiled
 /// decodes: 8 of 28 first tries from a pool that kept the last job's pieces ran out of memory,
 /// 1 of 8 retries from a pool handed back). Returns whether it did; nothing on the CPU.
 pub fn make_room(dev: &Device, bytes: u64) -> bool {
@@ -115,15 +116,16 @@ pub fn make_room(dev: &Device, bytes: u64) -> bool {
     short
 }
 
-/// Whether `bytes` more would have to come from the pool's cached pieces: the driver has less
-/// free, and the pool holds unused memory that trimming would return.
+/// Whether `bytes` more would have to come from memory kept for reuse: the driver has less
+/// free, and the pool holds unused memory or the CUDA graphs hold any (trimming returns all of
+/// theirs that no graph running or queued uses; between replays that is all of it).
 fn room_needs_trim(s: &Snapshot, bytes: u64) -> bool {
-    s.free < bytes && s.reserved > s.used
+    s.free < bytes && (s.reserved > s.used || s.graph_reserved > 0)
 }
 
 /// Where this process's device memory is, for out-of-memory reports: the default pool's bytes
-/// in use and reserved from the driver (now and their high-water marks) and what the driver
-/// has free. Under an MPS limit, `free` shrinking while the pool does not points at memory
+/// in use and reserved from the driver (now and their high-water marks), the CUDA graphs' bytes
+/// in use and mapped, and what the driver has free. Under an MPS limit, `free` shrinking while the pool does not points at memory
 /// outside the pool (lazily loaded kernels, library workspaces).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapshot {
@@ -135,6 +137,11 @@ pub struct Snapshot {
     pub reserved: u64,
     /// Their high-water mark since the last [`reset_peak`].
     pub reserved_high: u64,
+    /// Bytes associated with CUDA graphs now ([`crate::graph`]: their activations, outside the
+    /// pool; kept mapped between replays), and the bytes allocated for them. A trim with no
+    /// graph running returns both to 0 (H200).
+    pub graph_used: u64,
+    pub graph_reserved: u64,
     /// Bytes the driver has free for this process (under MPS: left of its limit).
     pub free: u64,
 }
@@ -223,6 +230,14 @@ mod pool {
             used_high: get(dev, CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
             reserved: get(dev, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
             reserved_high: get(dev, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+            graph_used: graph_attribute(
+                dev,
+                CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT,
+            )?,
+            graph_reserved: graph_attribute(
+                dev,
+                CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
+            )?,
             free: free as u64,
         })
     }
@@ -247,13 +262,21 @@ mod pool {
     }
 
     pub fn graph_reserved_high(dev: &Device) -> Option<u64> {
+        graph_attribute(
+            dev,
+            CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+        )
+    }
+
+    fn graph_attribute(dev: &Device, attr: CUgraphMem_attribute) -> Option<u64> {
         let cuda = dev.as_cuda_device().ok()?;
         let mut value = 0u64;
-        // SAFETY: the attribute is a cuuint64_t, written through a valid pointer.
+        // SAFETY: the four graph memory attributes are cuuint64_t, written through a valid
+        // pointer.
         let rc = unsafe {
             cuDeviceGetGraphMemAttribute(
                 cuda.cuda_stream().context().cu_device(),
-                CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH,
+                attr,
                 (&raw mut value).cast(),
             )
         };
@@ -370,6 +393,8 @@ mod tests {
             used_high: used,
             reserved,
             reserved_high: reserved,
+            graph_used: 0,
+            graph_reserved: 0,
             free,
         };
         // 300 MB free, 1 GB reserved of which 400 MB unused: a 500 MB job needs the pieces.
@@ -378,6 +403,15 @@ mod tests {
         assert!(!room_needs_trim(&pool(600, 1000, 800), 500));
         // Short, but every reserved byte is in use: trimming returns nothing.
         assert!(!room_needs_trim(&pool(1000, 1000, 300), 500));
+        // The pool is full, but graphs keep 1 GB mapped between replays (another service's
+        // transformer in the same process): trimming returns it.
+        let graphs = |graph_reserved| Snapshot {
+            graph_used: graph_reserved,
+            graph_reserved,
+            ..pool(1000, 1000, 300)
+        };
+        assert!(room_needs_trim(&graphs(1000), 500));
+        assert!(!room_needs_trim(&graphs(0), 500));
         assert!(!make_room(&Device::Cpu, u64::MAX));
     }
 

@@ -2,12 +2,13 @@
 //! replays give the eager forward's bits for new inputs, keys keep their own graphs, and a
 //! forward that copies between host and device (it reads a value back) is refused and runs
 //! eagerly, leaving the stream usable; a small memset (candle's zeros) replays as a kernel
-//! that clears as the memset did. On the CPU every call runs eagerly.
+//! that clears as the memset did; the graphs' memory shows in the device's memory snapshot. On
+//! the CPU every call runs eagerly.
 
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Result, Tensor};
-use klein_runtime::{device::DeviceSpec, graph::Graphs};
+use klein_runtime::{device::DeviceSpec, gpu_memory, graph::Graphs};
 
 fn device() -> Device {
     let name = std::env::var("KLEIN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
@@ -56,6 +57,18 @@ fn replays_give_the_eager_bits() -> Result<()> {
     }
     let expected = if dev.is_cuda() { shapes.len() } else { 0 };
     assert_eq!(graphs.captured(), expected);
+    // The memory the graphs keep mapped between replays shows in the device's snapshot, and
+    // handing freed memory back while no graph runs returns all of it.
+    if dev.is_cuda() {
+        let kept = gpu_memory::snapshot(&dev).expect("a CUDA device's snapshot");
+        println!("graph memory: {kept:?}");
+        assert!(kept.graph_reserved > 0, "{kept:?}");
+        assert!(kept.graph_used <= kept.graph_reserved, "{kept:?}");
+        gpu_memory::release_freed_memory(&dev);
+        let after = gpu_memory::snapshot(&dev).expect("a CUDA device's snapshot");
+        println!("trimmed: {after:?}");
+        assert_eq!(after.graph_reserved, 0, "{kept:?} → {after:?}");
+    }
     Ok(())
 }
 
