@@ -241,11 +241,19 @@ mod staged {
     /// Copies `src` to device memory at `dst` (`src.len()` bytes) on `dev`'s stream, through
     /// this thread's staging buffers. Returns once `src` has been read; the last transfers may
     /// still run, and work queued on the stream after this call follows them. Where no
-    /// page-locked memory can be had, the copy is candle's (pageable).
+    /// page-locked memory can be had, or this thread's buffers are in use, the copy is a
+    /// pageable one.
     pub(crate) fn copy_to_device(src: &[u8], dst: CUdeviceptr, dev: &CudaDevice) -> Result<()> {
         let stream = dev.cuda_stream();
         let ordinal = stream.context().ordinal();
-        STAGING.with_borrow_mut(|cache| {
+        // SAFETY: dst holds src.len() bytes (the caller's contract).
+        let pageable = || unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream()) }.w();
+        STAGING.with(|cell| {
+            // A copy from a rayon task that ran on this thread while it waited for its own
+            // copy's pieces finds the buffers taken.
+            let Ok(mut cache) = cell.try_borrow_mut() else {
+                return pageable();
+            };
             let i = match cache.iter().position(|s| s.ordinal == ordinal) {
                 Some(i) => i,
                 None => match staging(dev, ordinal) {
@@ -253,11 +261,7 @@ mod staged {
                         cache.push(s);
                         cache.len() - 1
                     }
-                    // SAFETY: dst holds src.len() bytes (the caller's contract).
-                    None => {
-                        return unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream()) }
-                            .w();
-                    }
+                    None => return pageable(),
                 },
             };
             let staging = &mut cache[i];
