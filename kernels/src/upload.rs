@@ -18,8 +18,47 @@ use rayon::prelude::*;
 /// Bytes one core copies at a time.
 const PIECE: usize = 1 << 20;
 
+/// `$body` with `$t` the element type of `$dtype` where that is a plain number this module
+/// copies itself; `$other` for any other dtype (candle's copy).
+macro_rules! with_plain_type {
+    ($dtype:expr, $t:ident => $body:expr, _ => $other:expr) => {
+        match $dtype {
+            DType::U8 => {
+                type $t = u8;
+                $body
+            }
+            DType::U32 => {
+                type $t = u32;
+                $body
+            }
+            DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            _ => $other,
+        }
+    };
+}
+
 /// `bytes`, a tensor's storage as safetensors and GGUF files hold it (little-endian, row-major),
-/// as a tensor of `dtype` and `shape` on `device`.
+/// as a tensor of `dtype` and `shape` on `device`. Dtypes other than plain numbers (float8,
+/// packed sub-byte formats, ...) take candle's copy, as candle's safetensors loader does.
 pub fn tensor_from_bytes(
     bytes: &[u8],
     dtype: DType,
@@ -27,19 +66,21 @@ pub fn tensor_from_bytes(
     device: &Device,
 ) -> Result<Tensor> {
     let shape = shape.into();
-    let expected = shape.elem_count() * dtype.size_in_bytes();
-    if bytes.len() != expected {
-        bail!(
-            "{} bytes for a {shape:?} {dtype:?} tensor of {expected} bytes",
-            bytes.len()
-        )
-    }
-    match device {
-        Device::Cpu => host_tensor(bytes, dtype, shape),
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => staged::tensor(bytes, dtype, shape, dev),
-        _ => Tensor::from_raw_buffer(bytes, dtype, shape.dims(), device),
-    }
+    with_plain_type!(dtype, T => {
+        let expected = shape.elem_count() * std::mem::size_of::<T>();
+        if bytes.len() != expected {
+            bail!(
+                "{} bytes for a {shape:?} {dtype:?} tensor of {expected} bytes",
+                bytes.len()
+            )
+        }
+        match device {
+            Device::Cpu => host_tensor::<T>(bytes, shape),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => staged::tensor::<T>(bytes, shape, dev),
+            _ => Tensor::from_raw_buffer(bytes, dtype, shape.dims(), device),
+        }
+    }, _ => Tensor::from_raw_buffer(bytes, dtype, shape.dims(), device))
 }
 
 /// Stored ggml blocks of `dtype` as storage on `device` (to a GPU through the staging buffers).
@@ -63,14 +104,6 @@ pub fn blocks(bytes: &[u8], dtype: GgmlDType, device: &Device) -> Result<QStorag
     QStorage::from_data(Cow::Borrowed(bytes), device, dtype)
 }
 
-/// Whether [`tensor_from_bytes`] copies tensors of `dtype` itself (else it is candle's copy).
-pub fn handles(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::U8 | DType::U32 | DType::I64 | DType::BF16 | DType::F16 | DType::F32 | DType::F64
-    )
-}
-
 /// `t` on `device`: a contiguous host tensor of a plain dtype goes to a CUDA device through the
 /// staging buffers ([`tensor_from_bytes`]), anything else by candle's copy.
 pub fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
@@ -82,16 +115,9 @@ pub fn to_device(t: &Tensor, device: &Device) -> Result<Tensor> {
         return t.to_device(device);
     };
     let range = layout.start_offset()..layout.start_offset() + t.elem_count();
-    let bytes = match cpu {
-        candle_core::CpuStorage::U8(v) => as_bytes(&v[range]),
-        candle_core::CpuStorage::U32(v) => as_bytes(&v[range]),
-        candle_core::CpuStorage::I64(v) => as_bytes(&v[range]),
-        candle_core::CpuStorage::BF16(v) => as_bytes(&v[range]),
-        candle_core::CpuStorage::F16(v) => as_bytes(&v[range]),
-        candle_core::CpuStorage::F32(v) => as_bytes(&v[range]),
-        candle_core::CpuStorage::F64(v) => as_bytes(&v[range]),
-        _ => return t.to_device(device),
-    };
+    let bytes = with_plain_type!(t.dtype(), T => as_bytes(&cpu.as_slice::<T>()?[range]), _ => {
+        return t.to_device(device)
+    });
     tensor_from_bytes(bytes, t.dtype(), t.shape(), device)
 }
 
@@ -103,28 +129,16 @@ pub(crate) fn as_bytes<T: candle_core::WithDType>(v: &[T]) -> &[u8] {
 }
 
 /// A host tensor holding a copy of `bytes` (their length checked by the caller).
-fn host_tensor(bytes: &[u8], dtype: DType, shape: Shape) -> Result<Tensor> {
-    fn typed<T: candle_core::WithDType>(bytes: &[u8], shape: Shape) -> Result<Tensor> {
-        let n = bytes.len() / std::mem::size_of::<T>();
-        let mut v = Vec::<T>::with_capacity(n);
-        // SAFETY: the vector's buffer holds n elements, so bytes.len() bytes; every byte of
-        // it is written before the length is set, and any bytes are a valid plain number.
-        unsafe {
-            par_copy(v.as_mut_ptr().cast::<u8>(), bytes);
-            v.set_len(n);
-        }
-        Tensor::from_vec(v, shape, &Device::Cpu)
+fn host_tensor<T: candle_core::WithDType>(bytes: &[u8], shape: Shape) -> Result<Tensor> {
+    let n = bytes.len() / std::mem::size_of::<T>();
+    let mut v = Vec::<T>::with_capacity(n);
+    // SAFETY: the vector's buffer holds n elements, so bytes.len() bytes; every byte of it is
+    // written before the length is set, and any bytes are a valid plain number.
+    unsafe {
+        par_copy(v.as_mut_ptr().cast::<u8>(), bytes);
+        v.set_len(n);
     }
-    match dtype {
-        DType::U8 => typed::<u8>(bytes, shape),
-        DType::U32 => typed::<u32>(bytes, shape),
-        DType::I64 => typed::<i64>(bytes, shape),
-        DType::BF16 => typed::<half::bf16>(bytes, shape),
-        DType::F16 => typed::<half::f16>(bytes, shape),
-        DType::F32 => typed::<f32>(bytes, shape),
-        DType::F64 => typed::<f64>(bytes, shape),
-        _ => Tensor::from_raw_buffer(bytes, dtype, shape.dims(), &Device::Cpu),
-    }
+    Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
 /// Copies `src` to `dst` in pieces of [`PIECE`] bytes spread over rayon's threads.
@@ -154,7 +168,7 @@ mod staged {
     use std::cell::RefCell;
 
     use candle_core::{
-        CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor,
+        CudaDevice, CudaStorage, Result, Shape, Storage, Tensor,
         cuda::{
             CudaDType, WrapErr,
             cudarc::driver::{
@@ -194,32 +208,14 @@ mod staged {
         static STAGING: RefCell<Vec<Staging>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// A new device tensor holding `bytes`.
-    pub(super) fn tensor(
+    /// A new device tensor holding `bytes` (their length checked by the caller).
+    pub(super) fn tensor<T: CudaDType + DeviceRepr>(
         bytes: &[u8],
-        dtype: DType,
         shape: Shape,
         dev: &CudaDevice,
     ) -> Result<Tensor> {
-        let storage = match dtype {
-            DType::U8 => upload::<u8>(bytes, dev)?,
-            DType::U32 => upload::<u32>(bytes, dev)?,
-            DType::I64 => upload::<i64>(bytes, dev)?,
-            DType::BF16 => upload::<half::bf16>(bytes, dev)?,
-            DType::F16 => upload::<half::f16>(bytes, dev)?,
-            DType::F32 => upload::<f32>(bytes, dev)?,
-            DType::F64 => upload::<f64>(bytes, dev)?,
-            _ => {
-                return Tensor::from_raw_buffer(
-                    bytes,
-                    dtype,
-                    shape.dims(),
-                    &candle_core::Device::Cuda(dev.clone()),
-                );
-            }
-        };
         Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
+            Storage::Cuda(upload::<T>(bytes, dev)?),
             shape,
             BackpropOp::none(),
             false,

@@ -4,7 +4,7 @@
 //! operation for operation, so the blocks are the host's.
 
 use candle_core::{
-    CpuStorage, CudaDevice, DType, Result, Storage, Tensor, bail,
+    CpuStorage, CudaDevice, DType, Result, Storage, Tensor, WithDType, bail,
     cuda::{
         WrapErr,
         cudarc::driver::{DevicePtrMut, DeviceRepr, PushKernelArg},
@@ -102,7 +102,7 @@ impl Parts<'_> {
     /// Each part of `weights` copied into one device buffer (through [`upload`]'s staging),
     /// then its blocks written. The copies and the kernels run in order on the device's
     /// stream, so a part is copied only once the kernel before it has read the buffer.
-    fn quantize<T: DeviceRepr + candle_core::WithDType>(&self, weights: &[T]) -> Result<()> {
+    fn quantize<T: DeviceRepr + WithDType>(&self, weights: &[T]) -> Result<()> {
         if weights.is_empty() {
             return Ok(());
         }

@@ -15,14 +15,13 @@ pub struct Mapped(pub MmapedSafetensors);
 /// Tensors in host memory.
 pub struct Resident(pub HashMap<String, Tensor>);
 
-/// The stored tensor `name` of `mapped` on `dev`, in its stored dtype.
+/// The stored tensor `name` of `mapped` on `dev`, in its stored dtype (a dtype candle's
+/// tensors lack, such as u16, as candle's loader converts it).
 pub fn load(mapped: &MmapedSafetensors, name: &str, dev: &Device) -> Result<Tensor> {
     let view = mapped.get(name)?;
     match DType::try_from(view.dtype()) {
-        Ok(dtype) if upload::handles(dtype) => {
-            upload::tensor_from_bytes(view.data(), dtype, view.shape(), dev)
-        }
-        _ => mapped.load(name, dev),
+        Ok(dtype) => upload::tensor_from_bytes(view.data(), dtype, view.shape(), dev),
+        Err(_) => mapped.load(name, dev),
     }
 }
 
