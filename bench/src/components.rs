@@ -236,7 +236,7 @@ pub fn transformer(
     gpu_memory::keep_freed_memory(dev);
     // The linear layers' GEMM algorithms tuned for this shape, as denoiser-svc's warm-up tunes
     // its warm-up size's (other sizes there keep cuBLASLt's heuristic choice).
-    let (_, tuned) = klein_kernels::tune_linear(step)?;
+    let (_, tuned) = klein_kernels::tune_linear(&Default::default(), step)?;
     for t in &tuned {
         eprintln!("GEMM tuned: {t}");
     }

@@ -203,7 +203,8 @@ fn main() -> ExitCode {
         })(),
         Command::Step { iters, json } => (|| {
             // Each GEMM shape is tuned at its first call, as denoiser-svc's warm-up tunes.
-            let (rows, tuned) = klein_kernels::tune_linear(|| step::run(&dev, iters))?;
+            let (rows, tuned) =
+                klein_kernels::tune_linear(&Default::default(), || step::run(&dev, iters))?;
             for t in tuned {
                 eprintln!("GEMM tuned: {t}");
             }

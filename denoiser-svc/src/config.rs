@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{OsStringValueParser, TypedValueParser};
 pub use klein_kernels::quant::Quantize;
 use klein_runtime::{
     bytesize::ByteSize,
@@ -61,6 +62,12 @@ pub struct Config {
     /// H100; docs/performance.md, nineteenth session), other sizes cuBLASLt's heuristic choice.
     /// Best effort; at most `max_image_side`; 0 turns it off.
     pub warm_up_side: u32,
+    /// JSON file that keeps the warm-up's GEMM tuning choices per card between starts (each is
+    /// checked bit for bit before use): a start that finds its shapes there skips the timing
+    /// (klein-9B: 5.5 s on an H200). Default `$XDG_CACHE_HOME/klein/gemm-tuning.json`, else
+    /// `~/.cache/klein/gemm-tuning.json`; empty turns it off. Written only when it changes; a
+    /// file that cannot be read or written is logged and the tuning runs as without one.
+    pub gemm_tuning_cache: Option<PathBuf>,
     /// On a GPU, replay each step shape's forward from a CUDA graph (captured at the shape's
     /// second step; `klein_runtime::graph`): one launch instead of ~300 host calls a step,
     /// the same bits. Off: every step queues its kernels one by one.
@@ -89,6 +96,7 @@ impl Default for Config {
             model_wait_secs: 120,
             embeddings_cache_bytes: ByteSize(256 << 20),
             warm_up_side: 1024,
+            gemm_tuning_cache: default_tuning_cache(),
             cuda_graphs: true,
         }
     }
@@ -126,7 +134,25 @@ impl std::str::FromStr for ModelEntry {
     }
 }
 
+/// `$XDG_CACHE_HOME/klein/gemm-tuning.json`, else `$HOME/.cache/klein/gemm-tuning.json`.
+fn default_tuning_cache() -> Option<PathBuf> {
+    let set = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let dir = set("XDG_CACHE_HOME").or_else(|| set("HOME").map(|home| home.join(".cache")))?;
+    Some(dir.join("klein").join("gemm-tuning.json"))
+}
+
 impl Config {
+    /// The GEMM tuning cache file, if one is configured (an empty path turns it off).
+    pub fn tuning_cache_path(&self) -> Option<&std::path::Path> {
+        self.gemm_tuning_cache
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+    }
+
     /// Every configured model, the default first: `model_dir` (with `model_id` and
     /// `is_distilled`) when set, then `models`.
     pub fn model_entries(&self) -> Vec<ModelEntry> {
@@ -201,6 +227,11 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warm_up_side: Option<u32>,
+    /// File keeping the GEMM tuning choices between starts ("" = off; clap's own path
+    /// parser refuses an empty value).
+    #[arg(long, value_parser = TypedValueParser::map(OsStringValueParser::new(), PathBuf::from))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gemm_tuning_cache: Option<PathBuf>,
     /// Replay step shapes from CUDA graphs on a GPU (true or false).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -231,6 +262,20 @@ mod tests {
             Flags::try_parse_from(["denoiser-svc", "--quantize", "int4"]).is_err(),
             "an unknown format is refused"
         );
+    }
+
+    #[test]
+    fn the_tuning_cache_comes_from_the_flag_and_an_empty_path_turns_it_off() {
+        let path = load(&["--gemm-tuning-cache", "/var/cache/klein/t.json"]);
+        assert_eq!(
+            path.tuning_cache_path(),
+            Some(std::path::Path::new("/var/cache/klein/t.json"))
+        );
+        assert_eq!(load(&["--gemm-tuning-cache", ""]).tuning_cache_path(), None);
+        let default = Config::default();
+        if let Some(p) = default.tuning_cache_path() {
+            assert!(p.ends_with("klein/gemm-tuning.json"), "{}", p.display());
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //! - [`engine`]: the step engine thread (queue, cancellation, progress).
 //! - [`grpc`]: the `DenoiserService` handlers.
 //! - [`served`]: per-model request limits, defaults and Info entries.
-//! - [`service`]: startup (device, models, budget, warm-up) and [`serve`].
+//! - [`service`]: startup (device, models, budget, warm-up) and [`serve`]; `warm_up`: the
+//!   warm-up steps and their GEMM tuning, its choices kept in a file between starts.
 //! - [`config`], [`error`]: settings and the one error type with its status mapping.
 
 #![deny(rust_2018_idioms)]
@@ -44,6 +45,7 @@ pub mod sampler;
 pub mod served;
 pub mod service;
 pub mod validate;
+mod warm_up;
 pub mod weights;
 
 pub use config::Config;

@@ -1,8 +1,8 @@
 //! Service startup: device, checkpoint, budget, engine, warm-up, then serving until shutdown.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, path::Path, sync::Arc};
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use klein_kernels::quant::Quantize;
 use klein_proto::{
     MAX_MESSAGE_BYTES, pb, pb::denoiser_service_server::DenoiserServiceServer, tensor,
@@ -22,12 +22,11 @@ use crate::{
     embeddings::EmbeddingsCache,
     engine::{DenoiseEngine, Loaded},
     error::DenoiseError,
-    graphed::GraphedTransformer,
     grpc::{Denoiser, DenoiserGrpc},
-    model::{AttentionConfig, grid_ids, text_ids},
-    sampler::Velocity,
+    model::AttentionConfig,
     served::ServedModel,
-    validate::{PIXELS_PER_TOKEN, TEXT_TOKENS},
+    validate::PIXELS_PER_TOKEN,
+    warm_up::{Tuning, warm_up},
     weights::{Checkpoint, TransformerSource},
 };
 
@@ -145,15 +144,18 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
     let service_device = device.clone();
     let fit = budget.clone();
     let model_wait = std::time::Duration::from_secs(config.model_wait_secs);
+    let tuning_cache = config.tuning_cache_path().map(Path::to_path_buf);
     let engine = DenoiseEngine::spawn(&engine_name, move || {
         let mut models = models;
         models.preload()?;
+        let mut tuning = Tuning::read(tune_side, tuning_cache);
         for id in models.status().models().iter().filter(|m| m.on_device) {
             if let Some(model) = models.get(&id.id) {
                 warm_up(model, &device, dtype)?;
-                tune(model, &device, dtype, tune_side);
+                tuning.tune(model, &device, dtype);
             }
         }
+        tuning.write();
         // cuBLAS is loaded now: what is free is what activations really have.
         gpu_memory::fit_budget(&fit, &device, gpu_memory::FIT_MARGIN_BYTES);
         Ok(Loaded {
@@ -198,76 +200,4 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
         info,
         embeddings: EmbeddingsCache::new(config.embeddings_cache_bytes.0),
     })
-}
-
-/// One forward over a one-token image, so the first request does not pay for lazy
-/// initialisation (kernels, allocator pools).
-fn warm_up(
-    model: &GraphedTransformer,
-    device: &candle_core::Device,
-    dtype: DType,
-) -> Result<(), DenoiseError> {
-    let cfg = model.config();
-    let x = Tensor::zeros((1, 1, cfg.in_channels), dtype, device)?;
-    let ctx = Tensor::zeros((1, TEXT_TOKENS, cfg.joint_attention_dim), dtype, device)?;
-    square_step(model, &x, &ctx, 1)?;
-    Ok(())
-}
-
-/// One step's forward at t = 1000 over x, the latent tokens of a `tokens`² image, and the text
-/// `ctx`, as the engine runs it.
-fn square_step(
-    model: &GraphedTransformer,
-    x: &Tensor,
-    ctx: &Tensor,
-    tokens: usize,
-) -> candle_core::Result<Tensor> {
-    let mut ids = text_ids(TEXT_TOKENS);
-    ids.extend(grid_ids(0, tokens, tokens));
-    let rope = model.rope(&ids, x.device())?;
-    model.velocity(x, ctx, &[1000.0], &rope, x.dim(1)?)
-}
-
-/// One step over a random `side`² image (0: none) with the GEMM tuning on
-/// (`klein_kernels::tune_linear`): random rather than zero values, since at the power cap a
-/// product's speed depends on its operands' bits. With CUDA graphs, a second step captures that
-/// size's graph, so its first request replays every step. Best effort: a failure leaves the
-/// heuristic's algorithms in place.
-fn tune(model: &GraphedTransformer, device: &candle_core::Device, dtype: DType, side: usize) {
-    if side == 0 {
-        return;
-    }
-    let started = std::time::Instant::now();
-    let tokens = side / PIXELS_PER_TOKEN;
-    let run = || -> candle_core::Result<Vec<klein_kernels::Tuned>> {
-        let cfg = model.config();
-        let x = Tensor::randn(0f32, 1.0, (1, tokens * tokens, cfg.in_channels), device)?
-            .to_dtype(dtype)?;
-        let ctx = Tensor::randn(0f32, 1.0, (1, TEXT_TOKENS, cfg.joint_attention_dim), device)?
-            .to_dtype(dtype)?;
-        let (_, tuned) = klein_kernels::tune_linear(|| square_step(model, &x, &ctx, tokens))?;
-        if model.graphs_enabled() {
-            square_step(model, &x, &ctx, tokens)?;
-        }
-        device.synchronize()?;
-        Ok(tuned)
-    };
-    match run() {
-        Ok(tuned) => {
-            for t in &tuned {
-                tracing::info!(side, "GEMM tuned: {t}");
-            }
-            tracing::info!(
-                side,
-                shapes = tuned.len(),
-                graphs = model.graphs_captured(),
-                ms = started.elapsed().as_millis() as u64,
-                "GEMMs tuned at the warm-up size"
-            );
-        }
-        Err(e) => {
-            tracing::warn!(side, error = %e, "GEMM tuning step failed; heuristic algorithms kept")
-        }
-    }
-    gpu_memory::release_freed_memory(device);
 }

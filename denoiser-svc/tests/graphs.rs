@@ -216,7 +216,10 @@ fn a_full_width_step_replays_its_memsets_as_kernels() {
         (x, ctx, vec![1000.0 - 230.0 * round as f32])
     };
     let (x, ctx, t) = input(0);
-    klein_kernels::tune_linear(|| graphed.velocity(&x, &ctx, &t, &rope, n)).unwrap();
+    klein_kernels::tune_linear(&Default::default(), || {
+        graphed.velocity(&x, &ctx, &t, &rope, n)
+    })
+    .unwrap();
     for round in 1..5 {
         let (x, ctx, t) = input(round);
         let want = model.forward_first(&x, &ctx, &t, &rope, n).unwrap();

@@ -61,8 +61,8 @@ pub use fp8::scale_fp8;
 pub use group_norm::{GroupNorm, GroupNormAffine, group_norm, group_norm_affine, group_norm_fused};
 pub use group_stats::{ChannelAffine, GroupMoments, channel_affine, group_moments};
 pub use linear::{
-    BlockSource, Linear, MIN_GAIN, StoredBlocks, TUNED_FLOP, Tuned, XWt, linear_no_bias,
-    stacked_linear, tune_linear,
+    BlockSource, Linear, MIN_GAIN, StoredBlocks, TUNED_FLOP, Tuned, TuningCache, XWt,
+    linear_no_bias, stacked_linear, tune_linear,
 };
 pub use modulate::{LayerNormModulate, layer_norm_modulate};
 pub use pad::{PadRows, pad_rows};

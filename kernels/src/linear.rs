@@ -19,6 +19,9 @@ use crate::{
 
 #[cfg(feature = "cuda")]
 mod cublaslt;
+mod tuning;
+
+pub use tuning::{MIN_GAIN, TUNED_FLOP, Tuned, TuningCache, tune_linear};
 
 /// A linear layer without bias: `weight` (N, K), x (…, K) → (…, N). The weight is dense, or
 /// block-quantized (ggml) and dequantized to x's dtype for each call
@@ -187,89 +190,6 @@ fn x_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Runs `f` with GEMM tuning on: a bf16 linear of a shape this thread has not met before, large
-/// enough to matter ([`TUNED_FLOP`]), times cuBLASLt's candidates and keeps a clearly faster one
-/// for every later call of that shape. A service runs its warm-up in it, so requests never pay
-/// for the timing; shapes first met outside it keep the heuristic's first choice. Also returns
-/// what it tuned (nothing without CUDA).
-pub fn tune_linear<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tuned>)> {
-    #[cfg(feature = "cuda")]
-    {
-        cublaslt::tuning(f)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Ok((f()?, Vec::new()))
-    }
-}
-
-/// One shape's tuning ([`tune_linear`]): among how many bit-identical candidates, the
-/// heuristic's first choice's median ms per call in the turns, and the candidate kept (its rank
-/// in the heuristic's list; 0 when none was clearly faster) with its median.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tuned {
-    /// (batch, rows, K, N, x's row stride, x's batch stride).
-    pub dims: [usize; 6],
-    pub candidates: usize,
-    pub first_ms: f32,
-    pub chosen: usize,
-    pub chosen_ms: f32,
-    /// cuBLASLt's tile of the kept candidate (`cublasLtMatmulTile_t`, e.g. 197 = 168 × 128).
-    pub tile: i32,
-}
-
-impl std::fmt::Display for Tuned {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [b, s, k, n, ..] = self.dims;
-        write!(
-            f,
-            "{b}×{s}×{k} → {n}: candidate {} of {} (tile id {}), {:.3} ms against the first's \
-             {:.3}",
-            self.chosen, self.candidates, self.tile, self.chosen_ms, self.first_ms
-        )
-    }
-}
-
-/// Products below this many FLOPs keep the heuristic's choice even while tuning: ~0.45 ms at a
-/// Hopper card's power-capped rate, so the timing's noise stays well below the differences
-/// worth taking. At 1024² the single block's two products and the double block's image MLP
-/// input are above it.
-pub const TUNED_FLOP: f64 = 300e9;
-
-/// A candidate replaces the heuristic's first choice only if its median time is at most this
-/// fraction of the first's. Smaller differences are within the tuning rounds' spread, and a
-/// whole step (GEMMs between attention and elementwise kernels) does not run in exactly the
-/// GEMM-only state the rounds measure: on an H100 a tuner that took 2–3 % gains made the step
-/// slower (docs/performance.md, nineteenth session).
-pub const MIN_GAIN: f32 = 0.96;
-
-/// The median of `times` (sorted in place; not empty).
-#[cfg_attr(
-    not(any(feature = "cuda", test)),
-    expect(dead_code, reason = "the CUDA tuner's; tested here")
-)]
-pub(crate) fn median(times: &mut [f32]) -> f32 {
-    times.sort_by(f32::total_cmp);
-    times[times.len() / 2]
-}
-
-/// Which candidate to keep, from each one's median time, the heuristic's first choice first:
-/// the fastest if it beats the first by [`MIN_GAIN`], else the first.
-#[cfg_attr(
-    not(any(feature = "cuda", test)),
-    expect(dead_code, reason = "the CUDA tuner's; tested here")
-)]
-pub(crate) fn choose(medians: &[f32]) -> usize {
-    let fastest = (0..medians.len())
-        .min_by(|&a, &b| medians[a].total_cmp(&medians[b]))
-        .unwrap_or(0);
-    if medians[fastest] <= MIN_GAIN * medians[0] {
-        fastest
-    } else {
-        0
-    }
-}
-
 /// x (B, S, K) or (S, K) with unit last stride, W (N, K) contiguous → x Wᵀ (B, S, N) or (S, N),
 /// accumulated in f32 and rounded once to the dtype.
 #[derive(Debug, Clone, Copy)]
@@ -386,16 +306,6 @@ mod tests {
         let bad = Layout::new((7, 40).into(), vec![1, 7], 0);
         assert!(dims(&bad, &w).is_err());
         Ok(())
-    }
-
-    #[test]
-    fn a_candidate_replaces_the_first_choice_only_when_clearly_faster() {
-        assert_eq!(choose(&[1.0, 0.97, 0.99]), 0, "3 % is within the spread");
-        assert_eq!(choose(&[1.0, 0.97, 0.95]), 2);
-        assert_eq!(choose(&[1.0, 0.96]), 1, "exactly the margin");
-        assert_eq!(choose(&[1.0, 1.2, f32::NAN]), 0, "a NaN time never wins");
-        assert_eq!(choose(&[1.0]), 0);
-        assert_eq!(median(&mut [3.0, 1.0, 2.0, 5.0, 4.0]), 3.0);
     }
 
     #[test]

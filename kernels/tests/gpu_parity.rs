@@ -12,7 +12,7 @@ use common::{
     rope_tables, single_projection,
 };
 use klein_kernels::{
-    RopeStyle,
+    RopeStyle, TuningCache,
     quant::{QuantFormat, quantize_rows},
     reference,
 };
@@ -384,7 +384,9 @@ fn fp8_scaling_matches_the_cpu() -> Result<()> {
 /// The linear layers' cuBLASLt product against candle's matmul (cuBLAS; both accumulate in
 /// f32): the 1024² double block's MLP input (large enough to be tuned), an odd one, a sequence
 /// narrowed in a batch of two (the double block's output projections), and a 2D x. Each runs on
-/// a fresh thread (a fresh algorithm table) untuned, then tuned: tuning must change no bit.
+/// a fresh thread (a fresh algorithm table) untuned, then tuned, then tuned again with the
+/// first tuning's choices cached (taken without timing), then with every other rank a cache
+/// could name (kept only where bit-identical, else tuned afresh): no run may change a bit.
 #[test]
 fn linear_matches_candle_and_tuning_changes_no_bit() -> Result<()> {
     use candle_core::{IndexOp, Module};
@@ -406,29 +408,55 @@ fn linear_matches_candle_and_tuning_changes_no_bit() -> Result<()> {
         };
         let w = (randn(&[n, k], DType::BF16, &dev)? * 0.05)?.to_dtype(DType::BF16)?;
         let linear = klein_kernels::Linear::new(w.clone());
-        let run = |tuned: bool| {
+        let run = |cache: Option<TuningCache>| {
             let (linear, x) = (linear.clone(), x.clone());
-            std::thread::spawn(move || {
-                if tuned {
-                    let (y, report) = klein_kernels::tune_linear(|| linear.forward(&x))?;
-                    for t in report {
-                        println!("linear tuned: {t}");
-                    }
-                    Ok(y)
-                } else {
-                    linear.forward(&x)
-                }
+            std::thread::spawn(move || match cache {
+                Some(cache) => klein_kernels::tune_linear(&cache, || linear.forward(&x)),
+                None => Ok((linear.forward(&x)?, Vec::new())),
             })
             .join()
             .expect("linear thread")
         };
-        let (plain, tuned) = (run(false)?, run(true)?);
+        let (plain, _) = run(None)?;
         let want = candle_nn::Linear::new(w, None).forward(&x)?;
         assert_eq!(plain.dims(), want.dims());
         let rel = rel_l2(&plain, &want)?;
         println!("linear {x_dims:?} (narrowed {narrow:?}) -> {n}: rel-L2 to candle {rel:.2e}");
         assert!(rel <= BF16_ULP / 4.0, "rel-L2 {rel}");
+
+        let (tuned, report) = run(Some(TuningCache::default()))?;
         assert_eq!(rel_l2(&tuned, &plain)?, 0.0, "tuned {x_dims:?} -> {n}");
+        let mut cache = TuningCache::default();
+        cache.record(&report);
+        for t in &report {
+            println!("linear tuned: {t}");
+            assert!(!t.cached);
+        }
+        let (again, from_cache) = run(Some(cache))?;
+        assert_eq!(rel_l2(&again, &plain)?, 0.0, "cached {x_dims:?} -> {n}");
+        assert_eq!(from_cache.len(), report.len());
+        for (c, t) in from_cache.iter().zip(&report) {
+            println!("linear cached: {c}");
+            assert!(
+                c.cached && c.chosen == t.chosen && c.tile == t.tile,
+                "{c} after {t}"
+            );
+        }
+        for t in &report {
+            for rank in (0..t.candidates.max(8) + 2).filter(|&r| r != t.chosen) {
+                let mut stale = TuningCache::default();
+                stale.record(&[klein_kernels::Tuned {
+                    chosen: rank,
+                    ..t.clone()
+                }]);
+                let (y, kept) = run(Some(stale))?;
+                assert_eq!(rel_l2(&y, &plain)?, 0.0, "rank {rank} cached: {kept:?}");
+                let kept = &kept[0];
+                println!("linear with rank {rank} cached: {kept}");
+                assert!(!kept.cached || kept.chosen == rank, "{kept}");
+                assert!(rank < kept.candidates || !kept.cached, "{kept}");
+            }
+        }
     }
     Ok(())
 }

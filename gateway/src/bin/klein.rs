@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{
+    Parser, Subcommand,
+    builder::{OsStringValueParser, TypedValueParser},
+};
 use denoiser_svc::config::Quantize;
 use encoder_svc::model::quant::QuantFormat;
 use gateway::{cli, stack};
@@ -84,6 +87,11 @@ struct ServeArgs {
     /// in place of the pipeline's `text_encoder/` (its tokenizer is still used).
     #[arg(long)]
     text_encoder_gguf: Option<PathBuf>,
+    /// File keeping the denoiser's GEMM tuning choices between starts, checked bit for bit
+    /// before use; default `$XDG_CACHE_HOME/klein/gemm-tuning.json`, else
+    /// `~/.cache/klein/gemm-tuning.json` ("" = off).
+    #[arg(long, value_parser = TypedValueParser::map(OsStringValueParser::new(), PathBuf::from))]
+    gemm_tuning_cache: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -221,6 +229,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
     if let Some(cap) = args.host_memory_cap {
         opts = opts.host_memory_caps(cap, cap);
+    }
+    if let Some(path) = args.gemm_tuning_cache {
+        opts.denoiser.gemm_tuning_cache = Some(path);
     }
     opts.gateway.server.metrics_listen = args.metrics_listen;
     opts.gateway.http_listen = Some(args.http_listen);

@@ -9,8 +9,9 @@
 //! round-robin after 300 ms of the first choice, each taking ~10 ms turns back to back so that
 //! all of them run in the sustained, power-capped state of a real step (short bursts
 //! over-promise: docs/performance.md), and the one with the least median time is kept if it
-//! beats the first choice by at least 4 %. Tuning changes which kernel runs, never a bit of the
-//! result.
+//! beats the first choice by at least 4 %. A shape whose choice the scope's [`TuningCache`]
+//! remembers for this card keeps it without timing, once its output is checked bit-identical
+//! to the first choice's. Tuning changes which kernel runs, never a bit of the result.
 
 use std::{
     cell::{Cell, RefCell},
@@ -30,7 +31,7 @@ use candle_core::cuda::{DeviceId, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, bail};
 use half::bf16;
 
-use super::{TUNED_FLOP, Tuned};
+use super::tuning::{TUNED_FLOP, Tuned, TuningCache, choose, median};
 use crate::cuda::{ELEMENTWISE, view};
 
 /// Workspace bytes per thread and device (NVIDIA's advice for Hopper, what cuBLAS itself takes).
@@ -57,14 +58,18 @@ thread_local! {
     static TUNING: Cell<bool> = const { Cell::new(false) };
     /// What the innermost [`tuning`] scope has tuned so far.
     static TUNED: RefCell<Vec<Tuned>> = const { RefCell::new(Vec::new()) };
+    /// The choices the innermost [`tuning`] scope was given.
+    static KNOWN: RefCell<TuningCache> = RefCell::new(TuningCache::default());
 }
 
 /// Runs `f` with tuning on (see the module's doc); also returns what it tuned.
-pub fn tuning<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tuned>)> {
+pub fn tuning<T>(cache: &TuningCache, f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Tuned>)> {
     let was = TUNING.replace(true);
     let outer = TUNED.take();
+    let outer_known = KNOWN.replace(cache.clone());
     let out = f();
     TUNING.set(was);
+    KNOWN.set(outer_known);
     let tuned = TUNED.replace(outer);
     Ok((out?, tuned))
 }
@@ -76,6 +81,8 @@ fn lt_error(e: result::CublasError) -> candle_core::Error {
 /// A handle, a workspace and the algorithms chosen so far, for one thread and device.
 struct Lt {
     handle: sys::cublasLtHandle_t,
+    /// The device's name, compute capability and cuBLASLt's version ([`Tuned::card`]).
+    card: String,
     workspace: CudaSlice<u8>,
     algos: HashMap<Key, Algo>,
 }
@@ -98,6 +105,8 @@ struct Operands {
 /// The operation and layouts of one shape, freed on drop.
 struct Problem {
     dims: [usize; 6],
+    /// The alignments of W, x and the output ([`alignment`]).
+    align: [u32; 3],
     op: sys::cublasLtMatmulDesc_t,
     w: sys::cublasLtMatrixLayout_t,
     x: sys::cublasLtMatrixLayout_t,
@@ -162,10 +171,11 @@ fn layout(
 }
 
 impl Problem {
-    fn new(dims: [usize; 6]) -> Result<Self> {
+    fn new(dims: [usize; 6], align: [u32; 3]) -> Result<Self> {
         let [b, s, k, n, sr, sb] = dims;
         let mut p = Self {
             dims,
+            align,
             op: null_mut(),
             w: null_mut(),
             x: null_mut(),
@@ -201,6 +211,13 @@ fn alignment(p: CUdeviceptr) -> u32 {
 
 impl Lt {
     fn new(stream: &std::sync::Arc<CudaStream>) -> Result<Self> {
+        let context = stream.context();
+        let (major, minor) = context.compute_capability().w()?;
+        let card = format!(
+            "{} sm_{major}{minor} cuBLASLt {}",
+            context.name().w()?,
+            unsafe { sys::cublasLtGetVersion() }
+        );
         let handle = result::create_handle().map_err(lt_error)?;
         let workspace = match unsafe { stream.alloc::<u8>(WORKSPACE) } {
             Ok(w) => w,
@@ -211,13 +228,14 @@ impl Lt {
         };
         Ok(Self {
             handle,
+            card,
             workspace,
             algos: HashMap::new(),
         })
     }
 
     /// The heuristic's candidates for `p`, best first.
-    fn candidates(&self, p: &Problem, align: [u32; 3]) -> Result<Vec<Algo>> {
+    fn candidates(&self, p: &Problem) -> Result<Vec<Algo>> {
         use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
         let pref = result::create_matmul_pref().map_err(lt_error)?;
         let set = |attr, value: *const c_void, size| unsafe {
@@ -236,7 +254,7 @@ impl Lt {
             Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
         ]
         .into_iter()
-        .zip([align[0], align[1], align[2], align[2]])
+        .zip([p.align[0], p.align[1], p.align[2], p.align[2]])
         {
             status = status.and_then(|()| set(attr, (&a as *const u32).cast(), 4));
         }
@@ -312,12 +330,14 @@ impl Lt {
         Ok(start.elapsed_ms(&end).w()? / calls as f32)
     }
 
-    /// The fastest of `found` at the power cap among those whose output is bit-identical to the
-    /// first's (the first unless another is clearly faster); leaves that output in y.
+    /// The candidate of `found` that `cached` names (a rank) if its output is bit-identical to
+    /// the first's, else the fastest of `found` at the power cap among those whose output is
+    /// (the first unless another is clearly faster); leaves that output in y.
     fn tune(
         &mut self,
         p: &Problem,
         found: &[Algo],
+        cached: Option<usize>,
         o: Operands,
         dev: &CudaDevice,
         y: &CudaSlice<bf16>,
@@ -325,20 +345,35 @@ impl Lt {
         let stream = dev.cuda_stream();
         self.run(p, &found[0], o, &stream)?;
         let reference = fingerprint(dev, y)?;
+        let card = self.card.clone();
+        let tuned = |candidates, chosen: usize, algo: &Algo| Tuned {
+            card: card.clone(),
+            dims: p.dims,
+            align: p.align,
+            candidates,
+            first_ms: f32::NAN,
+            chosen,
+            chosen_ms: f32::NAN,
+            tile: tile(algo),
+            cached: false,
+        };
+        if let Some((rank, algo)) = cached.and_then(|r| Some((r, *found.get(r)?)))
+            && (rank == 0
+                || (self.run(p, &algo, o, &stream).is_ok() && fingerprint(dev, y)? == reference))
+        {
+            let kept = Tuned {
+                cached: true,
+                ..tuned(found.len(), rank, &algo)
+            };
+            return Ok((algo, kept));
+        }
         let mut same = vec![found[0]];
         for algo in &found[1..] {
             if self.run(p, algo, o, &stream).is_ok() && fingerprint(dev, y)? == reference {
                 same.push(*algo);
             }
         }
-        let only = Tuned {
-            dims: p.dims,
-            candidates: 1,
-            first_ms: f32::NAN,
-            chosen: 0,
-            chosen_ms: f32::NAN,
-            tile: tile(&same[0]),
-        };
+        let only = tuned(1, 0, &same[0]);
         if same.len() == 1 {
             // y holds the last candidate's output, which differed: the first's again.
             self.run(p, &same[0], o, &stream)?;
@@ -355,17 +390,15 @@ impl Lt {
                 times.push(self.time(p, algo, o, &stream, calls(TURN_MS))?);
             }
         }
-        let medians: Vec<f32> = ms.iter_mut().map(|t| super::median(t)).collect();
-        let chosen = super::choose(&medians);
+        let medians: Vec<f32> = ms.iter_mut().map(|t| median(t)).collect();
+        let chosen = choose(&medians);
+        let rank = found.iter().position(|a| *a == same[chosen]).unwrap_or(0);
         Ok((
             same[chosen],
             Tuned {
-                dims: p.dims,
-                candidates: same.len(),
                 first_ms: medians[0],
-                chosen: found.iter().position(|a| *a == same[chosen]).unwrap_or(0),
                 chosen_ms: medians[chosen],
-                tile: tile(&same[chosen]),
+                ..tuned(same.len(), rank, &same[chosen])
             },
         ))
     }
@@ -435,7 +468,7 @@ pub fn x_wt(
     };
     let align = [alignment(wp), alignment(xp), alignment(yp)];
     let key = (dev.id(), dims, align);
-    let problem = Problem::new(dims)?;
+    let problem = Problem::new(dims, align)?;
     LT.with(|lt| -> Result<()> {
         let mut lts = lt.borrow_mut();
         let lt = match lts.entry(dev.id()) {
@@ -445,13 +478,14 @@ pub fn x_wt(
         if let Some(algo) = lt.algos.get(&key).copied() {
             return lt.run(&problem, &algo, o, &stream);
         }
-        let found = lt.candidates(&problem, align)?;
+        let found = lt.candidates(&problem)?;
         if found.is_empty() {
             bail!("linear: cuBLASLt has no algorithm for x Wᵀ of {dims:?}");
         }
         let flop = 2.0 * (b * s * k * n) as f64;
         let algo = if TUNING.get() && flop >= TUNED_FLOP && found.len() > 1 {
-            let (algo, tuned) = lt.tune(&problem, &found, o, &dev, &y)?;
+            let cached = KNOWN.with(|k| k.borrow().rank(&lt.card, dims, align));
+            let (algo, tuned) = lt.tune(&problem, &found, cached, o, &dev, &y)?;
             TUNED.with(|t| t.borrow_mut().push(tuned));
             algo
         } else {
