@@ -19,38 +19,18 @@ use rayon::prelude::*;
 const PIECE: usize = 1 << 20;
 
 /// `$body` with `$t` the element type of `$dtype` where that is a plain number this module
-/// copies itself; `$other` for any other dtype (candle's copy).
+/// copies itself (the list in the first arm); `$other` for any other dtype (candle's copy).
 macro_rules! with_plain_type {
     ($dtype:expr, $t:ident => $body:expr, _ => $other:expr) => {
+        with_plain_type!(@match $dtype, $t, $body, $other;
+            U8 u8, U32 u32, I64 i64, BF16 half::bf16, F16 half::f16, F32 f32, F64 f64)
+    };
+    (@match $dtype:expr, $t:ident, $body:expr, $other:expr; $($v:ident $ty:ty),*) => {
         match $dtype {
-            DType::U8 => {
-                type $t = u8;
+            $(DType::$v => {
+                type $t = $ty;
                 $body
-            }
-            DType::U32 => {
-                type $t = u32;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
+            })*
             _ => $other,
         }
     };
