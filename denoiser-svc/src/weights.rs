@@ -26,7 +26,10 @@ use std::{
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use klein_kernels::{StoredBlocks, quant::Quantize};
+use klein_kernels::{
+    StoredBlocks,
+    quant::{Quantize, with_mapped},
+};
 use klein_runtime::{
     models::{HostWeights, ModelSource},
     weights::{self, WeightsError, gguf::is_gguf},
@@ -202,10 +205,16 @@ impl Checkpoint {
         device: &Device,
         attention: AttentionConfig,
     ) -> Result<Flux2Transformer2DModel, LoadError> {
-        let vb = match &self.gguf {
-            Some(file) => file.var_builder(dtype, device),
-            None => weights::mmap_var_builder(&self.files, dtype, device)?,
-        };
+        if let Some(file) = &self.gguf {
+            return self.build(file.var_builder(dtype, device), attention);
+        }
+        let vb = weights::mmap_var_builder(&self.files, dtype, device)?;
+        // The quantizers read a diffusers checkpoint's bytes themselves: its names are the
+        // model's (a BFL file's are renamed, and its float8 weights scaled, on the way).
+        if self.format == Format::Diffusers && self.config.quantize.format().is_some() {
+            let mapped = weights::mapped_tensors(&self.files)?;
+            return with_mapped(mapped, || self.build(vb, attention));
+        }
         self.build(vb, attention)
     }
 

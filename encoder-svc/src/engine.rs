@@ -8,9 +8,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use klein_kernels::quant::with_mapped;
 use klein_runtime::{
     models::{HostWeights, ModelSource},
-    weights::{component_dir, mmap_var_builder, read_config, safetensors_files},
+    weights::{component_dir, mapped_tensors, mmap_var_builder, read_config, safetensors_files},
 };
 
 use crate::{
@@ -47,15 +48,20 @@ pub struct Encoder {
 impl Encoder {
     /// Loads the model described by `spec` onto `device`; `pad_id` fills padding positions.
     pub fn load(spec: &ModelSpec, pad_id: u32, device: &Device) -> Result<Self, EncoderError> {
-        let (cfg, weights) = match &spec.gguf {
-            Some(path) => gguf_weights(spec, path, device)?,
-            None => {
-                let dir = component_dir(&spec.model_dir, "text_encoder")?;
-                let cfg: Config = read_config(&dir.join("config.json"))?;
-                let vb = mmap_var_builder(&safetensors_files(&dir)?, spec.dtype, device)?;
-                (cfg, Weights::safetensors(vb, spec.quantize))
+        let Some(path) = &spec.gguf else {
+            let dir = component_dir(&spec.model_dir, "text_encoder")?;
+            let cfg: Config = read_config(&dir.join("config.json"))?;
+            let files = safetensors_files(&dir)?;
+            let vb = mmap_var_builder(&files, spec.dtype, device)?;
+            let weights = Weights::safetensors(vb, spec.quantize);
+            if spec.quantize.is_none() {
+                return Self::build(&cfg, weights, pad_id);
             }
+            // The quantizers read the checkpoint's bytes themselves.
+            let mapped = mapped_tensors(&files)?;
+            return with_mapped(mapped, || Self::build(&cfg, weights, pad_id));
         };
+        let (cfg, weights) = gguf_weights(spec, path, device)?;
         Self::build(&cfg, weights, pad_id)
     }
 

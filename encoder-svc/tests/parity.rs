@@ -168,3 +168,47 @@ fn four_bit_stays_close_to_f32() {
         assert!(err < 0.3, "p{i}: rel-L2 {err:.3e}");
     }
 }
+
+/// A bf16 4-bit encoder loaded from its files (on a GPU its quantizer reads the checkpoint's
+/// bytes, `quantize_mapped`) encodes exactly as one built from a host copy of the same files
+/// (read through its builder, `quantize_rows`).
+#[test]
+fn four_bit_from_the_files_equals_four_bit_from_a_host_copy() {
+    use klein_runtime::{models::HostWeights, weights::component_dir};
+    let model_dir = pipeline_dir(KLEIN_4B.pipeline);
+    let tokenizer = common::tokenizer_in(&model_dir);
+    let spec = ModelSpec {
+        model_dir: model_dir.clone(),
+        gguf: None,
+        dtype: DType::BF16,
+        quantize: QuantPlan::of(Quantize::Format(QuantFormat::Q4K)),
+    };
+    let dev = test_device();
+    let from_files = Encoder::load(&spec, tokenizer.pad_id(), &dev).unwrap();
+    let files = safetensors_files(&component_dir(&model_dir, "text_encoder").unwrap()).unwrap();
+    let host = HostWeights::read(&files, DType::BF16, |_| true).unwrap();
+    let from_host = Encoder::from_host(&spec, &host, tokenizer.pad_id(), &dev).unwrap();
+    assert_eq!(
+        from_files.report().by_format(),
+        from_host.report().by_format()
+    );
+    let ids: Vec<_> = common::fixture_prompts()
+        .iter()
+        .map(|p| tokenizer.encode(p).unwrap())
+        .collect();
+    let (a, b) = (
+        from_files.encode(&ids).unwrap(),
+        from_host.encode(&ids).unwrap(),
+    );
+    let diff = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "largest difference between the two loads");
+}

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use crate::{
     cpu,
-    quant::{Quantize, StoredRows, quantize_rows, stack_rows},
+    quant::{Quantize, StoredRows, quantize_mapped, quantize_rows, stack_rows},
 };
 
 #[cfg(feature = "cuda")]
@@ -114,8 +114,11 @@ impl PartialEq for StoredBlocks {
 /// - where `stored` holds every part in blocks of one type: those blocks, stacked and moved
 ///   to the builders' device as they are ([`stack_rows`]);
 /// - dense, with a `quantize` format whose block divides `in_dim` (or its block-32 fallback,
-///   [`crate::quant::QuantFormat::for_width`]): read on the host, quantized there and
-///   the blocks moved to the device, so the dense weights never occupy device memory;
+///   [`crate::quant::QuantFormat::for_width`]): on a CUDA device inside
+///   [`crate::quant::with_mapped`], quantized there from the checkpoint's bytes
+///   ([`crate::quant::quantize_mapped`]); otherwise read on the host, quantized there or on
+///   the device in parts, and the blocks moved to the device. Either way the dense weights
+///   never occupy device memory beyond one upload part;
 /// - otherwise dense, in the builders' dtype on their device.
 pub fn stacked_linear(
     vbs: &[VarBuilder<'_>],
@@ -159,6 +162,14 @@ pub fn stacked_linear(
     let Some(format) = quantize.format().and_then(|f| f.for_width(in_dim)) else {
         return Ok(Linear::new(stack(vbs.to_vec())?));
     };
+    let names: Vec<String> = vbs
+        .iter()
+        .map(|vb| format!("{}.weight", vb.prefix()))
+        .collect();
+    let shape = (out_dim, in_dim);
+    if let Some(q) = quantize_mapped(&names, first.dtype(), shape, format.ggml(), first.device())? {
+        return Ok(Linear::quantized(q));
+    }
     // Read in the builders' dtype: `quantize_rows` converts to f32 in its threads.
     let host = stack(
         vbs.iter()

@@ -11,6 +11,9 @@ use candle_core::{
 
 #[cfg(feature = "cuda")]
 mod device;
+mod mapped;
+
+pub use mapped::{MappedTensors, quantize_mapped, with_mapped};
 
 /// A block-quantization format for the linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

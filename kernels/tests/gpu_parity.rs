@@ -351,6 +351,109 @@ fn device_quantization_writes_the_host_blocks() -> Result<()> {
     Ok(())
 }
 
+/// A checkpoint's bytes as [`klein_kernels::quant::MappedTensors`]: named tensors, stored.
+struct Stored(Vec<(String, Tensor, Vec<u8>)>);
+
+impl klein_kernels::quant::MappedTensors for Stored {
+    fn tensor(&self, name: &str) -> Option<(DType, Vec<usize>, &[u8])> {
+        let (_, t, bytes) = self.0.iter().find(|(n, ..)| n == name)?;
+        Some((t.dtype(), t.dims().to_vec(), bytes))
+    }
+}
+
+/// `t`'s little-endian bytes, as a safetensors file stores them.
+fn stored_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => candle_core::bail!("no stored bytes for {other:?}"),
+    })
+}
+
+/// Quantizing from a checkpoint's bytes (`quantize_mapped`, what the services' loaders run on a
+/// GPU) writes the blocks of quantizing the stacked host rows (`quantize_rows`), byte for byte:
+/// every format, from f32, bf16 and f16, a stack of two tensors, and a tensor larger than one
+/// upload part (so the second tensor's blocks start inside a part's worth of offsets). A
+/// missing tensor, another dtype or another shape give `None` (the builder's read instead).
+#[test]
+fn quantization_from_mapped_bytes_writes_the_stacked_rows_blocks() -> Result<()> {
+    use klein_kernels::quant::{quantize_mapped, with_mapped};
+    let dev = gpu();
+    let cases = [
+        (
+            quantization_rows()?,
+            vec![DType::F32, DType::BF16, DType::F16],
+        ),
+        (
+            Tensor::randn(0f32, 0.02, (9000, 2048), &Device::Cpu)?,
+            vec![DType::F32],
+        ),
+    ];
+    for (rows, dtypes) in &cases {
+        for &dtype in dtypes {
+            let a = rows.to_dtype(dtype)?;
+            let b = (rows.flip(&[0])? * 1.5)?.to_dtype(dtype)?;
+            let source = Stored(vec![
+                ("a.weight".into(), a.clone(), stored_bytes(&a)?),
+                ("b.weight".into(), b.clone(), stored_bytes(&b)?),
+            ]);
+            let (r, w) = a.dims2()?;
+            let names = ["a.weight".to_string(), "b.weight".to_string()];
+            let stacked = Tensor::cat(&[&a, &b], 0)?;
+            let source: std::sync::Arc<dyn klein_kernels::quant::MappedTensors> =
+                std::sync::Arc::new(source);
+            for format in QuantFormat::ALL {
+                let f = format.ggml();
+                let (got, missing, converted, reshaped) = with_mapped(source.clone(), || {
+                    let other = if dtype == DType::F32 {
+                        DType::BF16
+                    } else {
+                        DType::F32
+                    };
+                    Ok::<_, candle_core::Error>((
+                        quantize_mapped(&names, dtype, (r, w), f, &dev)?,
+                        quantize_mapped(&["c.weight".into()], dtype, (r, w), f, &dev)?,
+                        quantize_mapped(&names, other, (r, w), f, &dev)?,
+                        quantize_mapped(&names, dtype, (r * 2, w / 2), f, &dev)?,
+                    ))
+                })?;
+                assert!(missing.is_none() && converted.is_none() && reshaped.is_none());
+                let got = got.expect("read from the mapped bytes");
+                assert_eq!(got.shape().dims(), &[2 * r, w]);
+                let want = quantize_rows(&stacked, f, &dev)?;
+                assert!(
+                    got.data()? == want.data()?,
+                    "{format:?} from {dtype:?} {:?}: the mapped bytes' blocks differ",
+                    a.dims()
+                );
+            }
+        }
+    }
+    let outside = quantize_mapped(
+        &["a.weight".into()],
+        DType::F32,
+        (1, 32),
+        QuantFormat::Q8_0.ggml(),
+        &dev,
+    )?;
+    assert!(outside.is_none(), "no mapped checkpoint outside a scope");
+    Ok(())
+}
+
 /// fp8 weights with their scale, on the GPU, give exactly the CPU's values (the composition
 /// there, `cpu_reference::fp8_scaling_is_the_scaled_composition`): every byte, several scales, each output dtype, a weight-sized tensor.
 #[test]

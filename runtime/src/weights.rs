@@ -10,10 +10,12 @@ use std::{
     collections::BTreeSet,
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use candle_core::{DType, Device, safetensors::MmapedSafetensors};
 use candle_nn::VarBuilder;
+use klein_kernels::quant::MappedTensors;
 
 pub(crate) mod backend;
 pub mod gguf;
@@ -145,6 +147,12 @@ pub fn mmap_var_builder(
         dtype,
         device.clone(),
     ))
+}
+
+/// `files` mapped for the load-time quantizers to read their weights from directly
+/// (`klein_kernels::quant::with_mapped`), as [`mmap_var_builder`] maps them.
+pub fn mapped_tensors(files: &[PathBuf]) -> Result<Arc<dyn MappedTensors>, WeightsError> {
+    Ok(Arc::new(backend::Mapped(mmap_safetensors(files)?)))
 }
 
 /// Memory-maps `files` as they are stored (names, dtypes), for reading tensor by tensor.

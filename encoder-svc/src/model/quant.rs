@@ -15,7 +15,7 @@ use candle_core::{
     quantized::{GgmlDType, QTensor},
 };
 pub use klein_kernels::quant::{
-    ParseQuantFormatError, QuantFormat, Quantize, ggml_name, quantize_rows,
+    ParseQuantFormatError, QuantFormat, Quantize, ggml_name, quantize_mapped, quantize_rows,
 };
 
 /// A bias-free linear layer `y = x Wᵀ`, dense or quantized.

@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 
 use super::{
     gguf::GgufFile,
-    quant::{Embedding, Linear, QuantFormat, Quantize, ggml_name, quantize_rows},
+    quant::{Embedding, Linear, QuantFormat, Quantize, ggml_name, quantize_mapped, quantize_rows},
 };
 
 /// How to quantize a safetensors checkpoint at load time.
@@ -298,10 +298,12 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Loads `weight` on the host in the model's dtype when that is bf16 (a bf16 file's
-    /// weights as stored, no conversion on the host, as the transformer's projections are
-    /// read), else in f32, and quantizes it for the model's device (`quantize_rows`: on a CUDA
-    /// device there, else across the host's cores).
+    /// Loads `weight` in the model's dtype when that is bf16 (a bf16 file's weights as stored,
+    /// no conversion, as the transformer's projections are read), else in f32, and quantizes
+    /// it for the model's device: on a CUDA device from the checkpoint's bytes where the load
+    /// runs inside `with_mapped` and the file stores it in that dtype (`quantize_mapped`),
+    /// else from a host read (`quantize_rows`: on a CUDA device there, else across the host's
+    /// cores).
     fn quantize(
         &self,
         vb: &VarBuilder<'a>,
@@ -312,6 +314,14 @@ impl<'a> Weights<'a> {
             DType::BF16 => DType::BF16,
             _ => DType::F32,
         };
+        let name = match vb.prefix().as_str() {
+            "" => self.key(),
+            prefix => format!("{prefix}.{}", self.key()),
+        };
+        if let Some(q) = quantize_mapped(&[name], dtype, shape, format.ggml(), vb.device())? {
+            self.record_quantized(&q);
+            return Ok(q);
+        }
         let host = vb
             .clone()
             .set_device(Device::Cpu)

@@ -1,13 +1,14 @@
-//! [`super::quantize_rows`] on a CUDA device: the host's rows go up in parts of at most
-//! [`PART_BYTES`] through one device buffer and are quantized there (`quantize.cu`, one thread
-//! per ggml block) into the blocks' one allocation. The kernels port the host quantizer
-//! operation for operation, so the blocks are the host's.
+//! [`super::quantize_rows`] and [`super::quantize_mapped`] on a CUDA device: the rows (a host
+//! tensor's, or a checkpoint's mapped bytes) go up in parts of at most [`PART_BYTES`] through
+//! one device buffer and are quantized there (`quantize.cu`, one thread per ggml block) into
+//! the blocks' one allocation. The kernels port the host quantizer operation for operation, so
+//! the blocks are the host's.
 
 use candle_core::{
-    CpuStorage, CudaDevice, DType, Result, Storage, Tensor, WithDType, bail,
+    CpuStorage, CudaDevice, DType, Result, Storage, Tensor, bail,
     cuda::{
         WrapErr,
-        cudarc::driver::{DevicePtrMut, DeviceRepr, PushKernelArg},
+        cudarc::driver::{DevicePtrMut, PushKernelArg},
     },
     quantized::{GgmlDType, QStorage, QTensor, cuda::QCudaStorage},
 };
@@ -56,32 +57,56 @@ pub fn quantize_rows(
         DType::F32 | DType::BF16 | DType::F16 => host.contiguous()?,
         _ => host.to_dtype(DType::F32)?,
     };
-    let suffix = match host.dtype() {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    };
     let storage = QCudaStorage::zeros(dev, rows * width, format)?;
-    let parts = Parts {
-        dev,
-        kernel: format!("quantize_{stem}_{suffix}"),
-        blocks: storage.device_ptr()? as u64,
-        block,
-        block_bytes: format.type_size(),
-        part_rows: (PART_BYTES / (width * host.dtype().size_in_bytes()).max(1)).max(1),
-        width,
-    };
+    let parts = Parts::new(dev, &storage, format, stem, host.dtype(), width)?;
     {
         let (s, l) = host.storage_and_layout();
         let range = l.start_offset()..l.start_offset() + rows * width;
         match &*s {
-            Storage::Cpu(CpuStorage::BF16(v)) => parts.quantize(&v[range])?,
-            Storage::Cpu(CpuStorage::F16(v)) => parts.quantize(&v[range])?,
-            Storage::Cpu(CpuStorage::F32(v)) => parts.quantize(&v[range])?,
+            Storage::Cpu(CpuStorage::BF16(v)) => parts.quantize(upload::as_bytes(&v[range]), 0)?,
+            Storage::Cpu(CpuStorage::F16(v)) => parts.quantize(upload::as_bytes(&v[range]), 0)?,
+            Storage::Cpu(CpuStorage::F32(v)) => parts.quantize(upload::as_bytes(&v[range]), 0)?,
             _ => bail!("quantize: the weight is not on the host"),
         }
     }
     QTensor::new(QStorage::Cuda(storage), (rows, width))
+}
+
+/// The (rows, width) tensors `parts` (stored bytes in `dtype`: F32, BF16 or F16), stacked
+/// along their rows, quantized to `format` on `dev` by `stem`'s kernels.
+pub fn quantize_bytes(
+    parts: &[&[u8]],
+    dtype: DType,
+    (rows, width): (usize, usize),
+    format: GgmlDType,
+    stem: &str,
+    dev: &CudaDevice,
+) -> Result<QTensor> {
+    let block = format.block_size();
+    if !width.is_multiple_of(block) {
+        bail!("quantize: rows of {width} are not whole {format:?} blocks of {block}")
+    }
+    let bytes = rows * width * dtype.size_in_bytes();
+    if let Some(part) = parts.iter().find(|p| p.len() != bytes) {
+        bail!(
+            "quantize: {} bytes for {rows} rows of {width} {dtype:?}",
+            part.len()
+        )
+    }
+    let storage = QCudaStorage::zeros(dev, parts.len() * rows * width, format)?;
+    let quantizer = Parts::new(dev, &storage, format, stem, dtype, width)?;
+    for (i, part) in parts.iter().enumerate() {
+        quantizer.quantize(part, i * rows * width / block)?;
+    }
+    // The host waits for the weight's kernels, as the host path's slower reads let it: the
+    // part buffer's free then completes (and, the pool keeping nothing during a load, goes
+    // back to the driver) before the next weight's blocks are cut. Running ahead, the next
+    // blocks were cut from the freed buffer's memory, and the pieces left between them kept
+    // 0.5-0.8 GB of klein-9B's 16 GB plan MPS limits from its activations; with the wait the
+    // load uses the host path's memory to the byte, and is as fast (docs/performance.md,
+    // thirty-sixth and thirty-seventh sessions).
+    dev.cuda_stream().synchronize().w()?;
+    QTensor::new(QStorage::Cuda(storage), (parts.len() * rows, width))
 }
 
 /// One weight's quantization: its kernel, where its blocks go, and how its rows are cut.
@@ -93,32 +118,62 @@ struct Parts<'a> {
     /// Weights and bytes of one ggml block.
     block: usize,
     block_bytes: usize,
+    /// Bytes of one weight as read.
+    weight_bytes: usize,
     /// Rows uploaded at once, and weights a row.
     part_rows: usize,
     width: usize,
 }
 
-impl Parts<'_> {
-    /// Each part of `weights` copied into one device buffer (through [`upload`]'s staging),
-    /// then its blocks written. The copies and the kernels run in order on the device's
-    /// stream, so a part is copied only once the kernel before it has read the buffer.
-    fn quantize<T: DeviceRepr + WithDType>(&self, weights: &[T]) -> Result<()> {
-        if weights.is_empty() {
+impl<'a> Parts<'a> {
+    /// Rows of `width` weights in `dtype` (F32, BF16 or F16) into `storage`'s blocks.
+    fn new(
+        dev: &'a CudaDevice,
+        storage: &QCudaStorage,
+        format: GgmlDType,
+        stem: &str,
+        dtype: DType,
+        width: usize,
+    ) -> Result<Self> {
+        let suffix = match dtype {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            _ => "f32",
+        };
+        Ok(Self {
+            dev,
+            kernel: format!("quantize_{stem}_{suffix}"),
+            blocks: storage.device_ptr()? as u64,
+            block: format.block_size(),
+            block_bytes: format.type_size(),
+            weight_bytes: dtype.size_in_bytes(),
+            part_rows: (PART_BYTES / (width * dtype.size_in_bytes()).max(1)).max(1),
+            width,
+        })
+    }
+
+    /// Each part of `bytes` (whole rows) copied into one device buffer (through [`upload`]'s
+    /// staging), then its blocks written from block `first_block` on. The copies and the
+    /// kernels run in order on the device's stream, so a part is copied only once the kernel
+    /// before it has read the buffer.
+    fn quantize(&self, bytes: &[u8], first_block: usize) -> Result<()> {
+        if bytes.is_empty() {
             return Ok(());
         }
         let func = self
             .dev
             .get_or_load_custom_func(&self.kernel, QUANTIZE.name, QUANTIZE.ptx)?;
-        let part = self.part_rows * self.width;
-        let mut buf = unsafe { self.dev.alloc::<T>(part.min(weights.len()))? };
+        let part = self.part_rows * self.width * self.weight_bytes;
+        let mut buf = unsafe { self.dev.alloc::<u8>(part.min(bytes.len()))? };
         let stream = self.dev.cuda_stream();
-        for (i, chunk) in weights.chunks(part).enumerate() {
+        for (i, chunk) in bytes.chunks(part).enumerate() {
             {
                 let (dst, _record) = buf.device_ptr_mut(&stream);
-                upload::copy_to_device(upload::as_bytes(chunk), dst, self.dev)?;
+                upload::copy_to_device(chunk, dst, self.dev)?;
             }
-            let n_blocks = chunk.len() / self.block;
-            let out = self.blocks + (i * part / self.block * self.block_bytes) as u64;
+            let n_blocks = chunk.len() / self.weight_bytes / self.block;
+            let first = first_block + i * (part / self.weight_bytes / self.block);
+            let out = self.blocks + (first * self.block_bytes) as u64;
             let n_blocks_arg = n_blocks as i64;
             let cfg = blocks_for(n_blocks, LAUNCH_THREADS, LAUNCH_THREADS);
             let mut launch = func.builder();

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Result, Shape, Tensor, safetensors::MmapedSafetensors};
 use candle_nn::{Init, var_builder::SimpleBackend};
-use klein_kernels::upload;
+use klein_kernels::{quant::MappedTensors, upload};
 
 /// Mapped safetensors files.
 pub struct Mapped(pub MmapedSafetensors);
@@ -36,6 +36,14 @@ fn shaped(t: Tensor, expected: Shape, name: &str) -> Result<Tensor> {
         .bt());
     }
     Ok(t)
+}
+
+impl MappedTensors for Mapped {
+    fn tensor(&self, name: &str) -> Option<(DType, Vec<usize>, &[u8])> {
+        let view = self.0.get(name).ok()?;
+        let dtype = DType::try_from(view.dtype()).ok()?;
+        Some((dtype, view.shape().to_vec(), view.data()))
+    }
 }
 
 impl SimpleBackend for Mapped {
