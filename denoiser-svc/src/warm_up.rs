@@ -52,7 +52,8 @@ pub(crate) struct Tuning {
     side: usize,
     path: Option<PathBuf>,
     cache: TuningCache,
-    changed: bool,
+    /// This start's choices where they changed the cache, for the write.
+    new: Vec<Tuned>,
 }
 
 impl Tuning {
@@ -71,7 +72,7 @@ impl Tuning {
             side,
             path,
             cache,
-            changed: false,
+            new: Vec::new(),
         }
     }
 
@@ -113,7 +114,7 @@ impl Tuning {
                     ms = started.elapsed().as_millis() as u64,
                     "GEMMs tuned at the warm-up size"
                 );
-                self.changed |= self.cache.record(&tuned);
+                self.take(tuned);
             }
             Err(e) => {
                 tracing::warn!(side, error = %e, "GEMM tuning step failed; heuristic algorithms kept")
@@ -122,16 +123,27 @@ impl Tuning {
         gpu_memory::release_freed_memory(device);
     }
 
-    /// Writes the cache file if a tuning changed it; a failure is logged (the next start tunes
-    /// again).
+    /// Takes in a tuning run's choices: kept for the write if they changed the cache.
+    fn take(&mut self, tuned: Vec<Tuned>) {
+        if self.cache.record(&tuned) {
+            self.new.extend(tuned);
+        }
+    }
+
+    /// Writes this start's new choices into the cache file, if there are any, on top of what
+    /// the file holds now: another service that shares the file (a second denoiser, `klein
+    /// serve` beside the stack) keeps what it wrote since this one read it. A failure is logged
+    /// (the next start tunes again).
     pub(crate) fn write(self) {
-        let Some(path) = self.path.filter(|_| self.changed) else {
+        let Some(path) = self.path.filter(|_| !self.new.is_empty()) else {
             return;
         };
-        match self.cache.write(&path) {
+        let mut cache = TuningCache::read(&path).unwrap_or_default();
+        cache.record(&self.new);
+        match cache.write(&path) {
             Ok(()) => tracing::info!(
                 path = %path.display(),
-                shapes = self.cache.len(),
+                shapes = cache.len(),
                 "GEMM tuning cache written"
             ),
             Err(e) => tracing::warn!(
@@ -175,7 +187,7 @@ mod tests {
         let path = garbage_file("tuning-off");
         let mut tuning = Tuning::read(0, Some(path.clone()));
         assert!(tuning.path.is_none() && tuning.cache.is_empty());
-        tuning.changed = tuning.cache.record(&[choice()]);
+        tuning.take(vec![choice()]);
         tuning.write();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a cache");
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
@@ -186,14 +198,42 @@ mod tests {
         let path = garbage_file("tuning-unreadable");
         let mut tuning = Tuning::read(1024, Some(path.clone()));
         assert!(tuning.cache.is_empty(), "tuned afresh");
-        tuning.changed = tuning.cache.record(&[choice()]);
+        tuning.take(vec![choice()]);
         tuning.write();
         let t = choice();
         let kept = TuningCache::read(&path).unwrap();
         assert_eq!(kept.rank(&t.card, t.dims, t.align), Some(5));
         let again = Tuning::read(1024, Some(path.clone()));
         assert_eq!(again.cache, kept);
-        assert!(!again.changed, "nothing to write back");
+        assert!(again.new.is_empty(), "nothing to write back");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn services_sharing_the_file_keep_each_others_choices() {
+        let path = garbage_file("tuning-shared");
+        std::fs::remove_file(&path).unwrap();
+        let wide = choice();
+        let narrow = Tuned {
+            dims: [1, 4096, 3072, 9216, 3072, 4096 * 3072],
+            chosen: 2,
+            ..choice()
+        };
+        // Both start before either writes.
+        let mut first = Tuning::read(1024, Some(path.clone()));
+        let mut second = Tuning::read(1024, Some(path.clone()));
+        first.take(vec![wide.clone()]);
+        first.write();
+        second.take(vec![narrow.clone()]);
+        second.write();
+        let kept = TuningCache::read(&path).unwrap();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert_eq!(kept.rank(&wide.card, wide.dims, wide.align), Some(5));
+        assert_eq!(kept.rank(&narrow.card, narrow.dims, narrow.align), Some(2));
+        // A start that only confirms what the file holds writes nothing.
+        let mut third = Tuning::read(1024, Some(path.clone()));
+        third.take(vec![narrow]);
+        assert!(third.new.is_empty());
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }
