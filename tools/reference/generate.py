@@ -38,6 +38,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import cases  # noqa: E402
 import checkpoints  # noqa: E402
+import lora  # noqa: E402
 import tiny_models  # noqa: E402
 
 GOLDENS = "goldens"
@@ -351,6 +352,8 @@ def generate(out_dir: str, no_f64: bool) -> None:
         cases.case_transformer_forward(run, tensors_by_case["text_embeddings_9b"]["p0.prompt_embeds.f32"], "distilled_9b"),
     )
     add("t2i_9b", cases.case_t2i(run, "distilled_9b"))
+
+    lora.generate(out_dir)  # its own golden and manifest (goldens/lora.*), from transformer_forward's inputs
 
     manifest["sensitivity"] = cases.sensitivity(run)
     if not no_f64:
