@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
 pub use klein_kernels::quant::Quantize;
+
+pub use crate::lora::LoraSpec;
 use klein_runtime::{
     bytesize::ByteSize,
     config::{ServerConfig, ServerFlags},
@@ -29,6 +31,10 @@ pub struct Config {
     /// Whether the model is step-distilled (guidance ignored). Default: `model_index.json`'s
     /// `is_distilled`; required when the checkpoint has no `model_index.json`.
     pub is_distilled: Option<bool>,
+    /// LoRA adapters merged into the default model's (`model_dir`'s) weights at load, each
+    /// with its strength (`[[lora]]` with `path` and `scale`; `--lora PATH[:SCALE]`): diffusers',
+    /// ai-toolkit's or kohya's layout (`crate::lora`).
+    pub lora: Vec<LoraSpec>,
     /// Further models (`[[models]]` in TOML, `--model ID=PATH` flags); the first model is the
     /// default when `model_dir` is not set.
     pub models: Vec<ModelEntry>,
@@ -85,6 +91,7 @@ impl Default for Config {
             model_dir: None,
             model_id: None,
             is_distilled: None,
+            lora: Vec::new(),
             models: Vec::new(),
             quantize: Quantize::None,
             attention_chunk_bytes: ByteSize(256 << 20),
@@ -117,6 +124,10 @@ pub struct ModelEntry {
     /// model's id, else the encoder's default model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<String>,
+    /// LoRA adapters merged into this model's weights at load (`lora = [{ path = "…",
+    /// scale = 0.8 }]`): the same checkpoint under two ids, one with adapters, serves both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora: Vec<LoraSpec>,
 }
 
 impl std::str::FromStr for ModelEntry {
@@ -130,6 +141,7 @@ impl std::str::FromStr for ModelEntry {
             path,
             is_distilled: None,
             text_encoder: None,
+            lora: Vec::new(),
         })
     }
 }
@@ -161,6 +173,7 @@ impl Config {
             path: path.clone(),
             is_distilled: self.is_distilled,
             text_encoder: None,
+            lora: self.lora.clone(),
         });
         first
             .into_iter()
@@ -199,6 +212,11 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub is_distilled: Option<bool>,
+    /// A LoRA merged into the default model's weights at load, `PATH` or `PATH:SCALE`
+    /// (repeatable).
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lora: Vec<LoraSpec>,
     /// Load-time quantization of the block projections: none, q4k, q4_0, q4_1, q6k or q8_0.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -283,5 +301,41 @@ mod tests {
         assert!(load(&[]).cuda_graphs);
         assert!(!load(&["--cuda-graphs", "false"]).cuda_graphs);
         assert!(Flags::try_parse_from(["denoiser-svc", "--cuda-graphs", "sometimes"]).is_err());
+    }
+
+    #[test]
+    fn loras_come_from_flags_for_the_default_model_and_from_the_file_per_model() {
+        let cfg = load(&[
+            "--model-dir",
+            "/m",
+            "--lora",
+            "/a.safetensors:0.5",
+            "--lora",
+            "/b",
+        ]);
+        let lora = |path: &str, scale| LoraSpec {
+            path: path.into(),
+            scale,
+        };
+        assert_eq!(
+            cfg.model_entries()[0].lora,
+            [lora("/a.safetensors", 0.5), lora("/b", 1.0)]
+        );
+        let dir = std::env::temp_dir().join(format!("denoiser-lora-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("denoiser.toml");
+        std::fs::write(
+            &file,
+            "model_dir = \"/m\"\n[[lora]]\npath = \"/a\"\n\n[[models]]\nid = \"anime\"\n\
+             path = \"/m\"\nlora = [{ path = \"/c\", scale = 0.7 }]\n",
+        )
+        .unwrap();
+        let flags = Flags::parse_from(["denoiser-svc"]);
+        let cfg: Config = klein_runtime::config::load(Some(&file), &flags).unwrap();
+        let entries = cfg.model_entries();
+        assert_eq!(entries[0].lora, [lora("/a", 1.0)]);
+        assert_eq!(entries[1].id.as_deref(), Some("anime"));
+        assert_eq!(entries[1].lora, [lora("/c", 0.7)]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

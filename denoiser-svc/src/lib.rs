@@ -38,6 +38,7 @@ pub mod error;
 pub mod gguf;
 pub mod graphed;
 pub mod grpc;
+pub mod lora;
 pub mod model;
 pub mod noise;
 pub mod preview;

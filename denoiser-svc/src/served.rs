@@ -9,7 +9,7 @@ use klein_proto::pb;
 use klein_runtime::models::ModelStatus;
 
 use crate::{
-    config::{Config, ModelEntry},
+    config::{Config, LoraSpec, ModelEntry},
     error::DenoiseError,
     model::Config as ModelConfig,
     validate::{MAX_STEPS, RequestContext, TEXT_TOKENS},
@@ -19,6 +19,16 @@ use crate::{
 /// Steps and guidance scale a model runs with when the request leaves them unset (spec §1.1).
 pub fn defaults(distilled: bool) -> (u32, f32) {
     if distilled { (4, 1.0) } else { (50, 4.0) }
+}
+
+/// The LoRA adapters merged into the model, `PATH:SCALE` each, comma-separated; empty for
+/// none.
+fn loras(specs: &[LoraSpec]) -> String {
+    let specs: Vec<String> = specs
+        .iter()
+        .map(|s| format!("{}:{}", s.path.display(), s.scale))
+        .collect();
+    specs.join(",")
 }
 
 /// The projections a GGUF checkpoint stores quantized, counted by block type
@@ -88,6 +98,7 @@ impl ServedModel {
             ("is_distilled", is_distilled.to_string()),
             ("checkpoint_format", checkpoint.format.as_str().into()),
             ("quantize", c.quantize.to_string()),
+            ("lora", loras(&entry.lora)),
             ("stored_blocks", stored_blocks(c)),
             ("max_steps", MAX_STEPS.to_string()),
             ("text_tokens", TEXT_TOKENS.to_string()),

@@ -97,7 +97,9 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
     let mut sources = Vec::with_capacity(entries.len());
     let mut served = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let checkpoint = Checkpoint::locate(&entry.path)?.with_quantize(config.quantize);
+        let checkpoint = Checkpoint::locate(&entry.path)?
+            .with_quantize(config.quantize)
+            .with_loras(&entry.lora)?;
         let model = ServedModel::new(entry, &checkpoint, dtype, config)?;
         let source = TransformerSource {
             checkpoint,

@@ -39,6 +39,7 @@ use crate::{
     error::DenoiseError,
     gguf::GgufTransformer,
     graphed::GraphedTransformer,
+    lora::{LoraError, LoraSpec, Loras},
     model::{AttentionConfig, Config, Flux2Transformer2DModel, bfl},
 };
 
@@ -51,6 +52,8 @@ pub enum LoadError {
     Invalid { path: PathBuf, reason: String },
     #[error("building the transformer: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Lora(#[from] LoraError),
 }
 
 /// The on-disk naming of a checkpoint.
@@ -96,6 +99,8 @@ pub struct Checkpoint {
     fp8_elements: u64,
     /// The open GGUF file ([`Format::Gguf`]).
     gguf: Option<Arc<GgufTransformer>>,
+    /// LoRA adapters merged into the weights at load ([`Self::with_loras`]).
+    loras: Option<Arc<Loras>>,
 }
 
 impl Checkpoint {
@@ -146,6 +151,7 @@ impl Checkpoint {
                 fp8: Arc::new(fp8),
                 fp8_elements,
                 gguf: None,
+                loras: None,
             });
         }
         let dir = weights::component_dir(path, "transformer")?;
@@ -176,6 +182,7 @@ impl Checkpoint {
             fp8: Arc::default(),
             fp8_elements: 0,
             gguf: None,
+            loras: None,
         })
     }
 
@@ -195,6 +202,7 @@ impl Checkpoint {
             fp8: Arc::default(),
             fp8_elements: 0,
             gguf: Some(file),
+            loras: None,
         })
     }
 
@@ -212,7 +220,10 @@ impl Checkpoint {
         // The quantizers read a diffusers checkpoint's bytes themselves: its names are the
         // model's (a BFL file's are renamed, and its float8 weights scaled, on the way).
         if self.format == Format::Diffusers && self.config.quantize.format().is_some() {
-            let mapped = weights::mapped_tensors(&self.files)?;
+            let mut mapped = weights::mapped_tensors(&self.files)?;
+            if let Some(loras) = &self.loras {
+                mapped = loras.hide_updated(mapped);
+            }
             return with_mapped(mapped, || self.build(vb, attention));
         }
         self.build(vb, attention)
@@ -236,7 +247,13 @@ impl Checkpoint {
             attention,
             ..self.config.clone()
         };
-        Ok(Flux2Transformer2DModel::new(&config, vb)?)
+        let Some(loras) = &self.loras else {
+            return Ok(Flux2Transformer2DModel::new(&config, vb)?);
+        };
+        let (vb, merged) = loras.var_builder(vb);
+        let model = Flux2Transformer2DModel::new(&config, vb)?;
+        loras.check_all_merged(&merged)?;
+        Ok(model)
     }
 
     /// The same checkpoint built with its blocks' projections quantized at load time
@@ -244,6 +261,22 @@ impl Checkpoint {
     pub fn with_quantize(mut self, quantize: Quantize) -> Self {
         self.config.quantize = quantize;
         self
+    }
+
+    /// The same checkpoint with the LoRA adapters of `specs` merged into its weights at load
+    /// ([`crate::lora`]). A GGUF transformer's stored blocks take none.
+    pub fn with_loras(mut self, specs: &[LoraSpec]) -> Result<Self, LoadError> {
+        if !specs.is_empty() && self.format == Format::Gguf {
+            return Err(LoadError::Invalid {
+                path: self.files[0].clone(),
+                reason: "a LoRA is merged into dense weights: serve the diffusers folder or a \
+                         BFL safetensors file (quantized at load with `quantize`), not a GGUF \
+                         transformer"
+                    .into(),
+            });
+        }
+        self.loras = Loras::read(specs)?;
+        Ok(self)
     }
 
     /// Weights a BFL file stores in float8 e4m3.

@@ -443,6 +443,7 @@ fn two_models(model_wait_secs: u64) -> denoiser_svc::Config {
         path: klein_test_support::pipeline_dir("tiny-klein-9b"),
         is_distilled: None,
         text_encoder: None,
+        lora: Vec::new(),
     });
     cfg.model_wait_secs = model_wait_secs;
     cfg
@@ -558,4 +559,51 @@ async fn a_host_cap_below_a_model_or_a_repeated_id_refuses_to_start() {
         err.contains("duplicate model id \"tiny-klein-4b\""),
         "{err}"
     );
+}
+
+/// One checkpoint served twice, plain and with a LoRA merged (`[[models]]` with `lora`): a
+/// request picks the adapted transformer by model id, Info names the adapter, and an adapter
+/// that cannot be read refuses the start with its path.
+#[tokio::test]
+async fn a_model_entry_with_a_lora_serves_the_adapted_transformer() {
+    let lora = klein_test_support::fixtures_dir()
+        .join("loras/tiny-klein-4b-diffusers/pytorch_lora_weights.safetensors");
+    let spec = denoiser_svc::lora::LoraSpec {
+        path: lora.clone(),
+        scale: 0.8,
+    };
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.models.push(denoiser_svc::config::ModelEntry {
+        id: Some("styled".into()),
+        path: klein_test_support::pipeline_dir("tiny-klein-4b"),
+        is_distilled: None,
+        text_encoder: None,
+        lora: vec![spec.clone()],
+    });
+    let mut server = start_with(cfg.clone()).await;
+    let models = info(&server).await.models;
+    let details = |id: &str| models.iter().find(|m| m.id == id).unwrap().details.clone();
+    assert_eq!(details("tiny-klein-4b")["lora"], "");
+    assert_eq!(details("styled")["lora"], format!("{}:0.8", lora.display()));
+    let req = |model: &str| pb::DenoiseRequest {
+        model: model.into(),
+        num_steps: 2,
+        ..valid()
+    };
+    let plain = latents(&mut server, req("")).await;
+    let styled = latents(&mut server, req("styled")).await;
+    let again = latents(&mut server, req("tiny-klein-4b")).await;
+    let e = klein_test_support::rel_l2(&styled, &plain);
+    assert!(e > 1e-2, "the adapter changes the result: rel-L2 {e}");
+    assert_eq!(
+        plain.to_vec3::<f32>().unwrap(),
+        again.to_vec3::<f32>().unwrap()
+    );
+
+    cfg.models[0].lora = vec![denoiser_svc::lora::LoraSpec {
+        path: "/nonexistent/lora.safetensors".into(),
+        ..spec
+    }];
+    let err = startup_error(cfg).await;
+    assert!(err.contains("/nonexistent/lora.safetensors"), "{err}");
 }

@@ -124,6 +124,7 @@ impl StackOptions {
             path: path.to_owned(),
             is_distilled: None,
             text_encoder: Some(id.to_owned()),
+            lora: Vec::new(),
         });
         self
     }

@@ -1,5 +1,6 @@
 //! One transformer forward on a forward golden's inputs (`goldens/transformer_forward*`), as
-//! the transformer tests compare models with.
+//! the transformer tests compare models with. Each test crate uses what it needs of it.
+#![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
 use denoiser_svc::model::{Flux2Transformer2DModel, PositionId};

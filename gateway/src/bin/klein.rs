@@ -6,7 +6,7 @@ use clap::{
     Parser, Subcommand,
     builder::{OsStringValueParser, TypedValueParser},
 };
-use denoiser_svc::config::Quantize;
+use denoiser_svc::config::{LoraSpec, Quantize};
 use encoder_svc::model::quant::QuantFormat;
 use gateway::{cli, stack};
 use klein_runtime::{bytesize::ByteSize, device::DeviceSpec, server::shutdown_signal, telemetry};
@@ -92,6 +92,10 @@ struct ServeArgs {
     /// `~/.cache/klein/gemm-tuning.json` ("" = off).
     #[arg(long, value_parser = TypedValueParser::map(OsStringValueParser::new(), PathBuf::from))]
     gemm_tuning_cache: Option<PathBuf>,
+    /// A LoRA merged into the default model's transformer at load, `PATH` or `PATH:SCALE`
+    /// (repeatable; diffusers', ai-toolkit's or kohya's safetensors layout).
+    #[arg(long = "lora", value_name = "PATH[:SCALE]")]
+    lora: Vec<LoraSpec>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,6 +237,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if let Some(path) = args.gemm_tuning_cache {
         opts.denoiser.gemm_tuning_cache = Some(path);
     }
+    opts.denoiser.lora = args.lora;
     opts.gateway.server.metrics_listen = args.metrics_listen;
     opts.gateway.http_listen = Some(args.http_listen);
     tracing::info!(model_dir = %model_dir.display(), device = %args.device, "starting the stack");
