@@ -1,12 +1,13 @@
 //! `klein-bench`: component timings with random weights of the real klein-4B configs
-//! (`components`), and a random-weight diffusers pipeline writer (`write-pipeline`) for timing
-//! the real services end to end.
+//! (`components`), and writers of a random-weight diffusers pipeline (`write-pipeline`) and of
+//! a random LoRA for it (`write-lora`) for timing the real services end to end.
 
 #![deny(rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
 mod components;
 mod kernels;
+mod lora;
 mod model;
 mod pipeline;
 mod random;
@@ -75,6 +76,18 @@ enum Command {
         /// Whose shapes to write.
         #[arg(long, value_enum, default_value = "klein-4b")]
         model: model::Model,
+    },
+    /// Write a random bf16 LoRA (diffusers' layout) over every block projection of a pipeline's
+    /// transformer, for timing the load-time merge.
+    WriteLora {
+        /// Output file.
+        out: PathBuf,
+        /// Diffusers pipeline folder whose transformer it adapts.
+        #[arg(long)]
+        pipeline: PathBuf,
+        /// The adapter's rank.
+        #[arg(long, default_value_t = 32)]
+        rank: usize,
     },
 }
 
@@ -168,6 +181,11 @@ fn main() -> ExitCode {
             template,
             model,
         } => pipeline::write(&out, &template, model, &dev),
+        Command::WriteLora {
+            out,
+            pipeline,
+            rank,
+        } => lora::write(&out, &pipeline, rank),
         Command::Kernels {
             iters,
             copy_gbps,

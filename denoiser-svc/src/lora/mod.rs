@@ -1,6 +1,6 @@
 //! LoRA adapters merged into the transformer's weights at load: each weight a LoRA touches is
 //! read as `W + Σ scale · (B @ A)` in f32, then in the model dtype, as diffusers'
-//! `load_lora_weights` + `fuse_lora(lora_scale)` computes it. Served models are fixed at start-up
+//! `load_lora_weights` + `fuse_lora(lora_scale)` computes it (on the host, by every core). Served models are fixed at start-up
 //! (server-wide, like SGLang's `set_lora`); a model entry per adapter set gives requests a choice
 //! by model id.
 //!
@@ -17,19 +17,23 @@
 //! other key (LoKr, DoRA, full diffs), rather than an adapter silently left out.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     fmt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     str::FromStr,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
-use klein_kernels::quant::MappedTensors;
+use klein_kernels::{quant::MappedTensors, upload};
 use serde::{Deserialize, Serialize};
 
 use crate::model::bfl::{self, Source};
+
+mod file;
+mod merge;
 
 /// One adapter file and the strength it is merged with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,7 +123,7 @@ impl Loras {
         }
         let adapters = specs
             .iter()
-            .map(|s| read_adapter(&s.path, s.scale))
+            .map(|s| file::read_adapter(&s.path, s.scale))
             .collect::<std::result::Result<_, _>>()?;
         Ok(Some(Arc::new(Self { adapters })))
     }
@@ -179,18 +183,28 @@ impl Loras {
         )
     }
 
-    /// An error naming the first module no weight took: a name of another model, or a layout
-    /// this reader maps differently.
+    /// Logs what a build merged and how long its reads, merges and sends took on the host; an
+    /// error naming the first module no weight took: a name of another model, or a layout this
+    /// reader maps differently.
     pub fn check_all_merged(&self, merged: &Merged) -> std::result::Result<(), LoraError> {
-        let merged = merged
+        let log = merged
             .0
             .lock()
             .map_or_else(|e| e.into_inner().clone(), |m| m.clone());
+        tracing::info!(
+            adapters = ?self,
+            modules = log.modules.len(),
+            weights = log.weights,
+            read_s = log.read.as_secs_f64(),
+            merge_s = log.merge.as_secs_f64(),
+            send_s = log.send.as_secs_f64(),
+            "LoRA adapters merged into the transformer"
+        );
         for (i, adapter) in self.adapters.iter().enumerate() {
             if let Some(name) = adapter
                 .modules
                 .keys()
-                .find(|k| !merged.contains(&(i, (*k).clone())))
+                .find(|k| !log.modules.contains(&(i, (*k).clone())))
             {
                 return Err(LoraError {
                     path: adapter.path.clone(),
@@ -216,50 +230,60 @@ impl Loras {
         })
     }
 
-    /// `w`, the diffusers weight `name`, with every update merged (f32, then `w`'s dtype).
+    /// `w`, the diffusers weight `name` on the host, with every update merged
+    /// ([`merge::add_products`]).
     fn merge(&self, name: &str, w: Tensor, merged: &Merged) -> Result<Tensor> {
         let updates = self.updates(name);
         if updates.is_empty() {
             return Ok(w);
         }
-        let dev = w.device().clone();
-        let mut sum = w.to_dtype(DType::F32)?;
+        let mut products = Vec::with_capacity(updates.len());
         for (i, key, u, rows) in updates {
-            let delta =
-                (u.up.to_device(&dev)?.matmul(&u.down.to_device(&dev)?)? * f64::from(u.scale))?;
-            let delta = match rows {
-                Rows::All => delta,
+            // The row selection and the scale go on B (rows × rank).
+            let up = match rows {
+                Rows::All => u.up.clone(),
                 Rows::Third(t) => {
-                    let n = delta.dim(0)? / 3;
-                    delta.narrow(0, t * n, n)?
+                    let n = u.up.dim(0)? / 3;
+                    u.up.narrow(0, t * n, n)?
                 }
                 Rows::Swapped => {
-                    let half = delta.dim(0)? / 2;
-                    Tensor::cat(
-                        &[delta.narrow(0, half, half)?, delta.narrow(0, 0, half)?],
-                        0,
-                    )?
+                    let half = u.up.dim(0)? / 2;
+                    Tensor::cat(&[u.up.narrow(0, half, half)?, u.up.narrow(0, 0, half)?], 0)?
                 }
             };
-            if delta.shape() != sum.shape() {
+            let (rows, cols) = (up.dim(0)?, u.down.dim(1)?);
+            if w.dims() != [rows, cols] {
                 candle_core::bail!(
-                    "LoRA module `{key}` gives {:?} for {name} of {:?}",
-                    delta.shape(),
-                    sum.shape()
+                    "LoRA module `{key}` gives ({rows}, {cols}) for {name} of {:?}",
+                    w.shape()
                 )
             }
-            sum = (sum + delta)?;
-            if let Ok(mut m) = merged.0.lock() {
-                m.insert((i, key.to_owned()));
+            products.push(merge::Product {
+                up: (up * f64::from(u.scale))?,
+                down: u.down.clone(),
+            });
+            if let Ok(mut log) = merged.0.lock() {
+                log.modules.insert((i, key.to_owned()));
             }
         }
-        sum.to_dtype(w.dtype())
+        merge::add_products(&w, &products)
     }
 }
 
-/// The (adapter, module) pairs a build merged.
+/// What a build merged ([`Loras::check_all_merged`]).
 #[derive(Debug, Clone, Default)]
-pub struct Merged(Arc<Mutex<BTreeSet<(usize, String)>>>);
+pub struct Merged(Arc<Mutex<MergeLog>>);
+
+#[derive(Debug, Clone, Default)]
+struct MergeLog {
+    /// (adapter, module) pairs.
+    modules: BTreeSet<(usize, String)>,
+    /// Weights updated, and the time reading them, merging and sending them took.
+    weights: usize,
+    read: Duration,
+    merge: Duration,
+    send: Duration,
+}
 
 /// A transformer's builder with the updates merged on the way.
 struct Backend {
@@ -269,13 +293,32 @@ struct Backend {
 }
 
 impl Backend {
+    /// Weight `name` on `dev`; an updated one is read and merged on the host by every core,
+    /// then sent ([`klein_kernels::upload`]): merged on a GPU, its f32 transients would be cut
+    /// from the pool between the weights, memory a load under an MPS limit cannot spare
+    /// (docs/performance.md, thirty-sixth and thirty-seventh sessions).
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let w = self
-            .inner
-            .clone()
-            .set_device(dev.clone())
+        let inner = self.inner.clone();
+        if !self.loras.touches(name) {
+            return inner
+                .set_device(dev.clone())
+                .get_unchecked_dtype(name, dtype);
+        }
+        let t0 = Instant::now();
+        let w = inner
+            .set_device(Device::Cpu)
             .get_unchecked_dtype(name, dtype)?;
-        self.loras.merge(name, w, &self.merged)
+        let t1 = Instant::now();
+        let merged = self.loras.merge(name, w, &self.merged)?;
+        let t2 = Instant::now();
+        let out = upload::to_device(&merged, dev)?;
+        if let Ok(mut log) = self.merged.0.lock() {
+            log.weights += 1;
+            log.read += t1 - t0;
+            log.merge += t2 - t1;
+            log.send += t2.elapsed();
+        }
+        Ok(out)
     }
 }
 
@@ -308,188 +351,6 @@ impl MappedTensors for Unupdated {
     }
 }
 
-/// The file's layout, from its key prefixes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Layout {
-    Diffusers,
-    AiToolkit,
-    Kohya,
-}
-
-const PREFIXES: [(&str, Layout); 4] = [
-    ("transformer.", Layout::Diffusers),
-    ("diffusion_model.", Layout::AiToolkit),
-    ("base_model.model.", Layout::AiToolkit),
-    ("lora_unet_", Layout::Kohya),
-];
-
-/// A module's tensors as read.
-#[derive(Default)]
-struct Pieces {
-    down: Option<Tensor>,
-    up: Option<Tensor>,
-    alpha: Option<f32>,
-}
-
-/// What a key holds.
-enum Part {
-    Down,
-    Up,
-    Alpha,
-}
-
-const SUFFIXES: [(&str, Part); 5] = [
-    (".lora_A.weight", Part::Down),
-    (".lora_down.weight", Part::Down),
-    (".lora_B.weight", Part::Up),
-    (".lora_up.weight", Part::Up),
-    (".alpha", Part::Alpha),
-];
-
-fn read_adapter(path: &Path, user_scale: f32) -> std::result::Result<Adapter, LoraError> {
-    let invalid = |reason: String| LoraError {
-        path: path.to_owned(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| invalid(e.to_string()))?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
-    let metadata = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("lora_adapter_metadata"))
-        .map(|json| PeftConfig::parse(json))
-        .transpose()
-        .map_err(invalid)?;
-    if metadata.as_ref().is_some_and(|m| m.use_dora) {
-        return Err(invalid("DoRA adapters (use_dora) are not supported".into()));
-    }
-    let mut parts: BTreeMap<String, Pieces> = BTreeMap::new();
-    let mut layout = None;
-    for (key, t) in tensors {
-        let unsupported = || {
-            invalid(format!(
-                "unsupported key `{key}` (LoRA A/B or down/up and alpha only)"
-            ))
-        };
-        let (rest, l) = PREFIXES
-            .iter()
-            .find_map(|&(p, l)| key.strip_prefix(p).map(|rest| (rest, l)))
-            .ok_or_else(unsupported)?;
-        if *layout.get_or_insert(l) != l {
-            return Err(invalid(format!("`{key}` mixes another layout's names in")));
-        }
-        let (module, part) = SUFFIXES
-            .iter()
-            .find_map(|(s, p)| rest.strip_suffix(s).map(|m| (m, p)))
-            .ok_or_else(unsupported)?;
-        let entry = parts.entry(module.to_owned()).or_default();
-        let t = t.to_dtype(DType::F32).map_err(|e| invalid(e.to_string()))?;
-        match part {
-            Part::Down => entry.down = Some(t),
-            Part::Up => entry.up = Some(t),
-            Part::Alpha => {
-                let alpha = t
-                    .flatten_all()
-                    .and_then(|t| t.get(0))
-                    .and_then(|t| t.to_scalar::<f32>());
-                entry.alpha = Some(alpha.map_err(|e| invalid(format!("`{key}`: {e}")))?);
-            }
-        }
-    }
-    if parts.is_empty() {
-        return Err(invalid("no LoRA tensors".into()));
-    }
-    let mut modules = BTreeMap::new();
-    for (module, Pieces { down, up, alpha }) in parts {
-        let (Some(down), Some(up)) = (down, up) else {
-            return Err(invalid(format!(
-                "module `{module}` lacks its A (down) or B (up) matrix"
-            )));
-        };
-        let rank = match (down.dims(), up.dims()) {
-            (&[r, _], &[_, r2]) if r == r2 && r > 0 => r,
-            (d, u) => {
-                return Err(invalid(format!(
-                    "module `{module}`: A {d:?} and B {u:?} are not (rank, in) and (out, rank)"
-                )));
-            }
-        };
-        let scale = match (alpha, &metadata) {
-            (Some(alpha), _) => alpha / rank as f32,
-            (None, Some(peft)) => peft.scale(&module, rank),
-            (None, None) => 1.0,
-        };
-        modules.insert(
-            module,
-            Update {
-                down,
-                up,
-                scale: scale * user_scale,
-            },
-        );
-    }
-    Ok(Adapter {
-        path: path.to_owned(),
-        modules,
-    })
-}
-
-/// The adapter settings diffusers stores with a PEFT LoRA (`lora_adapter_metadata`, keys
-/// under `transformer.`).
-#[derive(Debug, Default, PartialEq)]
-struct PeftConfig {
-    lora_alpha: Option<f32>,
-    alpha_pattern: HashMap<String, f32>,
-    use_rslora: bool,
-    use_dora: bool,
-}
-
-impl PeftConfig {
-    fn parse(json: &str) -> std::result::Result<Self, String> {
-        let v: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| format!("lora_adapter_metadata: {e}"))?;
-        let get = |k: &str| v.get(format!("transformer.{k}")).or_else(|| v.get(k));
-        let alpha_pattern = get("alpha_pattern")
-            .and_then(|p| p.as_object())
-            .map(|p| {
-                p.iter()
-                    .filter_map(|(k, a)| Some((k.clone(), a.as_f64()? as f32)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Self {
-            lora_alpha: get("lora_alpha").and_then(|a| a.as_f64()).map(|a| a as f32),
-            alpha_pattern,
-            use_rslora: get("use_rslora").and_then(|b| b.as_bool()).unwrap_or(false),
-            use_dora: get("use_dora").and_then(|b| b.as_bool()).unwrap_or(false),
-        })
-    }
-
-    /// PEFT's scale of `module` of rank `rank`: its alpha (a pattern naming the module or a
-    /// suffix of it, else `lora_alpha`, else the rank) over the rank, or over √rank with
-    /// rsLoRA.
-    fn scale(&self, module: &str, rank: usize) -> f32 {
-        let pattern = self.alpha_pattern.iter().find(|(k, _)| {
-            module == k.as_str()
-                || module
-                    .strip_suffix(k.as_str())
-                    .is_some_and(|head| head.ends_with('.'))
-        });
-        let alpha = pattern
-            .map(|(_, a)| *a)
-            .or(self.lora_alpha)
-            .unwrap_or(rank as f32);
-        if self.use_rslora {
-            alpha / (rank as f32).sqrt()
-        } else {
-            alpha / rank as f32
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,26 +367,5 @@ mod tests {
             (PathBuf::from("c:/x:y.safetensors"), 1.0)
         );
         assert!(spec("a:inf").is_err() && spec("").is_err());
-    }
-
-    #[test]
-    fn peft_scales_follow_alpha_pattern_and_rslora() {
-        let cfg = PeftConfig::parse(
-            r#"{"transformer.lora_alpha": 8, "transformer.r": 4,
-                "transformer.alpha_pattern": {"attn.to_q": 2}}"#,
-        )
-        .unwrap();
-        assert_eq!(cfg.scale("transformer_blocks.0.attn.to_k", 4), 2.0);
-        assert_eq!(cfg.scale("transformer_blocks.0.attn.to_q", 4), 0.5);
-        assert_eq!(
-            cfg.scale("transformer_blocks.0.xattn.to_q", 4),
-            2.0,
-            "only whole names"
-        );
-        assert_eq!(cfg.scale("proj_out", 16), 0.5, "the module's own rank");
-        let rs = PeftConfig::parse(r#"{"lora_alpha": 8, "use_rslora": true}"#).unwrap();
-        assert_eq!(rs.scale("proj_out", 16), 2.0);
-        assert_eq!(PeftConfig::default().scale("proj_out", 16), 1.0);
-        assert!(PeftConfig::parse("not json").is_err());
     }
 }
