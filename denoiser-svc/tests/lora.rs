@@ -1,4 +1,4 @@
-//! LoRA adapters merged at load against diffusers (`goldens/lora`, written by
+//! LoRA adapters merged at load against diffusers (`loras/golden.safetensors`, written by
 //! `tools/reference/lora.py`): one random LoRA of tiny-klein-4b in diffusers', ai-toolkit's and
 //! kohya's layouts, each loaded and fused by diffusers at `lora_scale` 0.8. The f32 forward with
 //! each file merged matches its golden (rel-L2 <= 1e-4; leaving out any one module moves it by
@@ -31,8 +31,17 @@ fn lora_file(layout: &str) -> PathBuf {
 }
 
 fn manifest_lora() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixtures_dir().join("goldens/lora.json")).unwrap();
+    let text = std::fs::read_to_string(fixtures_dir().join("loras/manifest.json")).unwrap();
     serde_json::from_str(&text).unwrap()
+}
+
+/// The adapter goldens (inputs and diffusers' outputs).
+fn golden_lora() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixtures_dir().join("loras/golden.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn scale() -> f32 {
@@ -53,7 +62,7 @@ fn load(ckpt: Checkpoint, dtype: DType) -> Flux2Transformer2DModel {
 
 /// `m`'s f32 output on the golden's inputs.
 fn forward(m: &Flux2Transformer2DModel, dtype: DType) -> Tensor {
-    let g = golden("lora");
+    let g = golden_lora();
     let dev = test_device();
     let input = |name: &str| {
         take(&g, name)
@@ -84,7 +93,7 @@ fn tiny_4b() -> Checkpoint {
 
 #[test]
 fn each_layout_merges_as_diffusers_fuses_it() {
-    let g = golden("lora");
+    let g = golden_lora();
     let plain = forward(&load(tiny_4b(), DType::F32), DType::F32);
     for layout in LAYOUTS {
         let want = take(&g, &format!("output.{layout}.f32"));
@@ -100,7 +109,7 @@ fn each_layout_merges_as_diffusers_fuses_it() {
 /// Two entries of the same file add up: 0.5 + 0.3 of it is the golden's 0.8.
 #[test]
 fn adapters_add_up() {
-    let g = golden("lora");
+    let g = golden_lora();
     let (a, b) = (0.5, scale() - 0.5);
     let ckpt = tiny_4b()
         .with_loras(&[spec("diffusers", a), spec("kohya", b)])
@@ -120,7 +129,7 @@ fn a_bfl_single_file_takes_the_same_adapter() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("flux-2-klein-tiny.safetensors");
     candle_core::safetensors::save(&bfl_layout::tensors(), &path).unwrap();
-    let g = golden("lora");
+    let g = golden_lora();
     for layout in ["ai_toolkit", "diffusers"] {
         let ckpt = Checkpoint::locate(&path)
             .unwrap()
@@ -139,7 +148,7 @@ fn a_bfl_single_file_takes_the_same_adapter() {
 /// f32 runs with the adapter fused.
 #[test]
 fn bf16_with_an_adapter_is_within_the_torch_spread() {
-    let g = golden("lora");
+    let g = golden_lora();
     let ckpt = tiny_4b().with_loras(&[spec("diffusers", scale())]).unwrap();
     let out = forward(&load(ckpt, DType::BF16), DType::BF16);
     let e = rel_l2(&out, take(&g, "output.diffusers.f32"));
@@ -154,7 +163,7 @@ fn bf16_with_an_adapter_is_within_the_torch_spread() {
 /// the adapter is far.
 #[test]
 fn quantized_at_load_the_adapter_is_merged_first() {
-    let g = golden("lora");
+    let g = golden_lora();
     let q8 = Quantize::Format(QuantFormat::Q8_0);
     let want = take(&g, "output.diffusers.f32");
     let ckpt = tiny_4b()

@@ -353,7 +353,7 @@ def generate(out_dir: str, no_f64: bool) -> None:
     )
     add("t2i_9b", cases.case_t2i(run, "distilled_9b"))
 
-    lora.generate(out_dir)  # its own golden and manifest (goldens/lora.*), from transformer_forward's inputs
+    lora.generate(out_dir)  # loras/: adapters, golden and manifest, from transformer_forward's inputs
 
     manifest["sensitivity"] = cases.sensitivity(run)
     if not no_f64:

@@ -1,7 +1,8 @@
 """LoRA fixtures: one random LoRA for tiny-klein-4b's transformer in the three layouts diffusers
 reads for FLUX.2 (its own PEFT layout with the adapter metadata, ai-toolkit's BFL names under
 `diffusion_model.`, kohya's `lora_unet_*` with `alpha`), and the golden forwards diffusers computes
-with each loaded (`load_lora_weights`) and fused (`fuse_lora(lora_scale=LORA_SCALE)`).
+with each loaded (`load_lora_weights`) and fused (`fuse_lora(lora_scale=LORA_SCALE)`), all in
+`loras/`.
 
 Runs after the main fixtures exist (generate.py calls it last); alone it adds only its own files,
 so the committed goldens are not rewritten:
@@ -46,8 +47,8 @@ FILES = {
     "ai_toolkit": f"{LORA_DIR}/tiny-klein-4b-ai-toolkit.safetensors",
     "kohya": f"{LORA_DIR}/tiny-klein-4b-kohya.safetensors",
 }
-GOLDEN = "goldens/lora.safetensors"
-MANIFEST = "goldens/lora.json"
+GOLDEN = f"{LORA_DIR}/golden.safetensors"  # beside the adapters: goldens/ holds generate.py's cases
+MANIFEST = f"{LORA_DIR}/manifest.json"
 
 # diffusers module -> (BFL module, q/k/v third or None): the modules all three layouts can express.
 EXTRAS = {
