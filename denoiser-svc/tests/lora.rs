@@ -253,6 +253,28 @@ fn adapters_that_cannot_be_merged_are_refused_with_their_reason() {
         )]),
     ));
     assert!(half.contains("lacks its A (down) or B (up)"), "{half}");
+    let mut mixed = pair("transformer.proj_out", 2, 128, hidden);
+    mixed.extend(pair("diffusion_model.img_in", 2, hidden, 128));
+    let mixed = refusal(write_lora("mixed", mixed));
+    assert!(mixed.contains("mixes another layout's names in"), "{mixed}");
+    let empty = refusal(write_lora("empty", HashMap::new()));
+    assert!(empty.contains("no LoRA tensors"), "{empty}");
+    let dora = write_lora("dora", HashMap::new());
+    let metadata = r#"{"transformer.r": 2, "transformer.use_dora": true}"#;
+    safetensors::serialize_to_file(
+        pair("transformer.proj_out", 2, 128, hidden),
+        Some(HashMap::from([(
+            "lora_adapter_metadata".to_owned(),
+            metadata.to_owned(),
+        )])),
+        &dora,
+    )
+    .unwrap();
+    let dora = refusal(dora);
+    assert!(
+        dora.contains("DoRA adapters (use_dora) are not supported"),
+        "{dora}"
+    );
     let missing = refusal(fixtures_dir().join("loras/none.safetensors"));
     assert!(missing.contains("none.safetensors"), "{missing}");
     let gguf = bfl_layout::temp("lora.gguf");

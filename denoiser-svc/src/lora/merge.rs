@@ -19,6 +19,9 @@ const BLOCK_ROWS: usize = 256;
 /// `w + Σ up @ down`, summed in f32 and rounded once to `w`'s dtype (f32, bf16 or f16).
 pub(super) fn add_products(w: &Tensor, products: &[Product]) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
+    if products.is_empty() {
+        return Ok(w.clone());
+    }
     for p in products {
         let rank = p.up.dim(1)?;
         if p.up.dims2()? != (rows, rank) || p.down.dims2()? != (rank, cols) {
@@ -29,67 +32,82 @@ pub(super) fn add_products(w: &Tensor, products: &[Product]) -> Result<Tensor> {
             )
         }
     }
-    // The update of rows r0.. (as many as `out` holds): each block's own product on the
-    // thread that merges it (one product over the whole weight ran on one core: 12.9 s of
-    // klein-9B's rank-32 merge).
-    let block = |r0: usize, n: usize| -> Result<Tensor> {
-        let mut sum: Option<Tensor> = None;
-        for p in products {
-            let d = p.up.narrow(0, r0, n)?.matmul(&p.down)?;
-            sum = Some(match sum {
-                None => d,
-                Some(s) => (s + d)?,
-            });
-        }
-        sum.ok_or_else(|| candle_core::Error::Msg("merge: no update".into()))
-    };
     let w = w.contiguous()?;
     let (storage, layout) = w.storage_and_layout();
-    let start = layout.start_offset();
-    // Blocks of rows in parallel into a zeroed buffer (its pages are mapped by the threads
-    // that write them), each element `w + update` rounded once.
-    macro_rules! merged {
-        ($v:expr, $zero:expr, $out:expr) => {{
-            let v = &$v[start..start + rows * cols];
-            let mut out = vec![$zero; rows * cols];
-            out.par_chunks_mut(BLOCK_ROWS * cols)
-                .zip(v.par_chunks(BLOCK_ROWS * cols))
-                .enumerate()
-                .try_for_each(|(b, (out, w))| -> Result<()> {
-                    let delta = block(b * BLOCK_ROWS, out.len() / cols)?;
-                    let (ds, dl) = delta.storage_and_layout();
-                    let Storage::Cpu(CpuStorage::F32(d)) = &*ds else {
-                        bail!("merge: the update is not f32 on the host")
-                    };
-                    let d = &d[dl.start_offset()..dl.start_offset() + out.len()];
-                    for ((o, w), d) in out.iter_mut().zip(w).zip(d) {
-                        *o = $out(*w, *d);
-                    }
-                    Ok(())
-                })?;
-            out
-        }};
-    }
+    let range = layout.start_offset()..layout.start_offset() + rows * cols;
+    let merge = Blocks { products, cols };
     let shape = (rows, cols);
     match &*storage {
         Storage::Cpu(CpuStorage::F32(v)) => {
-            let out = merged!(v, 0f32, |w: f32, d: f32| w + d);
+            let out = merge.run(&v[range], 0f32, |w, d| w + d)?;
             Tensor::from_vec(out, shape, &Device::Cpu)
         }
         Storage::Cpu(CpuStorage::BF16(v)) => {
-            let out = merged!(v, 0u16, |w: bf16, d: f32| bf16::from_f32(w.to_f32() + d)
-                .to_bits());
+            let out = merge.run(&v[range], 0u16, |w: bf16, d| {
+                bf16::from_f32(w.to_f32() + d).to_bits()
+            })?;
             Tensor::from_vec(out.reinterpret_into::<bf16>(), shape, &Device::Cpu)
         }
         Storage::Cpu(CpuStorage::F16(v)) => {
-            let out = merged!(v, 0u16, |w: f16, d: f32| f16::from_f32(w.to_f32() + d)
-                .to_bits());
+            let out = merge.run(&v[range], 0u16, |w: f16, d| {
+                f16::from_f32(w.to_f32() + d).to_bits()
+            })?;
             Tensor::from_vec(out.reinterpret_into::<f16>(), shape, &Device::Cpu)
         }
         _ => bail!(
             "merge: a {:?} weight on the host (f32, bf16 or f16 only)",
             w.dtype()
         ),
+    }
+}
+
+/// The updates of a weight with rows of `cols`, merged a block of rows at a time.
+struct Blocks<'a> {
+    products: &'a [Product],
+    cols: usize,
+}
+
+impl Blocks<'_> {
+    /// The f32 update of the `n` rows from `r0`: each block's own product on the thread that
+    /// merges it (one product over the whole weight ran on one core: 12.9 s of klein-9B's
+    /// rank-32 merge).
+    fn update(&self, r0: usize, n: usize) -> Result<Tensor> {
+        let mut sum = self.products[0]
+            .up
+            .narrow(0, r0, n)?
+            .matmul(&self.products[0].down)?;
+        for p in &self.products[1..] {
+            sum = (sum + p.up.narrow(0, r0, n)?.matmul(&p.down)?)?;
+        }
+        Ok(sum)
+    }
+
+    /// `add(w, update)` for every element of `w`, blocks of rows in parallel, into a buffer of
+    /// `zero`s (its pages are mapped by the threads that write them).
+    fn run<W: Copy + Sync, O: Copy + Send + Sync>(
+        &self,
+        w: &[W],
+        zero: O,
+        add: impl Fn(W, f32) -> O + Sync,
+    ) -> Result<Vec<O>> {
+        let block = BLOCK_ROWS * self.cols;
+        let mut out = vec![zero; w.len()];
+        out.par_chunks_mut(block)
+            .zip(w.par_chunks(block))
+            .enumerate()
+            .try_for_each(|(b, (out, w))| -> Result<()> {
+                let delta = self.update(b * BLOCK_ROWS, out.len() / self.cols)?;
+                let (ds, dl) = delta.storage_and_layout();
+                let Storage::Cpu(CpuStorage::F32(d)) = &*ds else {
+                    bail!("merge: the update is not f32 on the host")
+                };
+                let d = &d[dl.start_offset()..dl.start_offset() + out.len()];
+                for ((o, w), d) in out.iter_mut().zip(w).zip(d) {
+                    *o = add(*w, *d);
+                }
+                Ok(())
+            })?;
+        Ok(out)
     }
 }
 

@@ -1,8 +1,8 @@
 //! LoRA adapters merged into the transformer's weights at load: each weight a LoRA touches is
 //! read as `W + Σ scale · (B @ A)` in f32, then in the model dtype, as diffusers'
-//! `load_lora_weights` + `fuse_lora(lora_scale)` computes it (on the host, by every core). Served models are fixed at start-up
-//! (server-wide, like SGLang's `set_lora`); a model entry per adapter set gives requests a choice
-//! by model id.
+//! `load_lora_weights` + `fuse_lora(lora_scale)` computes it (on the host, by every core).
+//! Served models are fixed at start-up (server-wide, like SGLang's `set_lora`); a model entry
+//! per adapter set gives requests a choice by model id.
 //!
 //! The three layouts diffusers reads for FLUX.2 are read:
 //! - diffusers / PEFT: `transformer.<module>.lora_A.weight` / `lora_B.weight`, scale
@@ -92,16 +92,6 @@ struct Adapter {
     modules: BTreeMap<String, Update>,
 }
 
-/// Which rows of an update a diffusers weight takes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Rows {
-    All,
-    /// Third `i` (q, k, v of a fused `qkv`).
-    Third(usize),
-    /// The two halves swapped (BFL's final (shift, scale) against diffusers' (scale, shift)).
-    Swapped,
-}
-
 /// The adapters merged into one transformer.
 pub struct Loras {
     adapters: Vec<Adapter>,
@@ -128,31 +118,28 @@ impl Loras {
         Ok(Some(Arc::new(Self { adapters })))
     }
 
-    /// Modules, per adapter, that update the diffusers weight `name` (`….weight`).
-    fn updates<'a>(&'a self, name: &str) -> Vec<(usize, &'a str, &'a Update, Rows)> {
+    /// Modules, per adapter, that update the diffusers weight `name` (`….weight`), with the
+    /// BFL source whose rows the weight takes when the module has a BFL name (a fused `qkv`'s
+    /// third, the final layer's halves swapped).
+    fn updates<'a>(&'a self, name: &str) -> Vec<(usize, &'a str, &'a Update, Option<Source>)> {
         let Some(stem) = name.strip_suffix(".weight") else {
             return Vec::new();
         };
-        let mut keys = vec![(stem.to_owned(), Rows::All)];
-        if let Some(source) = bfl::source(name) {
-            let (src, rows) = match source {
-                Source::Plain(s) => (s, Rows::All),
-                Source::Chunk3(s, i) => (s, Rows::Third(i)),
-                Source::SwapHalves(s) => (s, Rows::Swapped),
-            };
-            if let Some(src) = src.strip_suffix(".weight") {
-                let kohya = src.replace('.', "_");
-                if kohya != src {
-                    keys.push((kohya, rows));
-                }
-                keys.push((src.to_owned(), rows));
+        let mut keys = vec![(stem.to_owned(), None)];
+        if let Some(source) = bfl::source(name)
+            && let Some(src) = source.name().strip_suffix(".weight")
+        {
+            let kohya = src.replace('.', "_");
+            if kohya != src {
+                keys.push((kohya, Some(source.clone())));
             }
+            keys.push((src.to_owned(), Some(source)));
         }
         let mut found = Vec::new();
         for (i, adapter) in self.adapters.iter().enumerate() {
-            for (key, rows) in &keys {
+            for (key, source) in &keys {
                 if let Some((k, u)) = adapter.modules.get_key_value(key) {
-                    found.push((i, k.as_str(), u, *rows));
+                    found.push((i, k.as_str(), u, source.clone()));
                 }
             }
         }
@@ -238,18 +225,11 @@ impl Loras {
             return Ok(w);
         }
         let mut products = Vec::with_capacity(updates.len());
-        for (i, key, u, rows) in updates {
+        for (i, key, u, source) in updates {
             // The row selection and the scale go on B (rows × rank).
-            let up = match rows {
-                Rows::All => u.up.clone(),
-                Rows::Third(t) => {
-                    let n = u.up.dim(0)? / 3;
-                    u.up.narrow(0, t * n, n)?
-                }
-                Rows::Swapped => {
-                    let half = u.up.dim(0)? / 2;
-                    Tensor::cat(&[u.up.narrow(0, half, half)?, u.up.narrow(0, 0, half)?], 0)?
-                }
+            let up = match source {
+                Some(source) => source.rows(&u.up)?,
+                None => u.up.clone(),
             };
             let (rows, cols) = (up.dim(0)?, u.down.dim(1)?);
             if w.dims() != [rows, cols] {
@@ -309,9 +289,9 @@ impl Backend {
             .set_device(Device::Cpu)
             .get_unchecked_dtype(name, dtype)?;
         let t1 = Instant::now();
-        let merged = self.loras.merge(name, w, &self.merged)?;
+        let w = self.loras.merge(name, w, &self.merged)?;
         let t2 = Instant::now();
-        let out = upload::to_device(&merged, dev)?;
+        let out = upload::to_device(&w, dev)?;
         if let Ok(mut log) = self.merged.0.lock() {
             log.weights += 1;
             log.read += t1 - t0;

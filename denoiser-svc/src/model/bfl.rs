@@ -63,6 +63,31 @@ pub enum Source {
     SwapHalves(String),
 }
 
+impl Source {
+    /// The BFL tensor's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Plain(s) | Self::Chunk3(s, _) | Self::SwapHalves(s) => s,
+        }
+    }
+
+    /// The diffusers tensor from `t`, the BFL tensor, or any tensor with its rows (a LoRA's B
+    /// for it).
+    pub fn rows(&self, t: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Plain(_) => Ok(t.clone()),
+            Self::Chunk3(_, i) => {
+                let rows = t.dim(0)? / 3;
+                t.narrow(0, i * rows, rows)?.contiguous()
+            }
+            Self::SwapHalves(_) => {
+                let half = t.dim(0)? / 2;
+                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
+            }
+        }
+    }
+}
+
 /// The BFL source of the diffusers tensor `name`, or `None` for a name BFL files do not have.
 pub fn source(name: &str) -> Option<Source> {
     use Source::*;
@@ -180,19 +205,8 @@ impl BflBackend {
 
     fn load(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let missing = || candle_core::Error::CannotFindTensor { path: name.into() };
-        match source(name).ok_or_else(missing)? {
-            Source::Plain(src) => self.read(&src, dtype),
-            Source::Chunk3(src, i) => {
-                let t = self.read(&src, dtype)?;
-                let rows = t.dim(0)? / 3;
-                t.narrow(0, i * rows, rows)?.contiguous()
-            }
-            Source::SwapHalves(src) => {
-                let t = self.read(&src, dtype)?;
-                let half = t.dim(0)? / 2;
-                Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
-            }
-        }
+        let source = source(name).ok_or_else(missing)?;
+        source.rows(&self.read(source.name(), dtype)?)
     }
 
     /// BFL tensor `src` in `dtype`, a weight with a scale scaled first: a float8 one read as
@@ -239,12 +253,7 @@ impl SimpleBackend for BflBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        match source(name) {
-            Some(Source::Plain(s) | Source::Chunk3(s, _) | Source::SwapHalves(s)) => {
-                self.inner.contains_tensor(&s)
-            }
-            None => false,
-        }
+        source(name).is_some_and(|s| self.inner.contains_tensor(s.name()))
     }
 }
 
