@@ -8,88 +8,15 @@
 
 mod bfl_layout;
 mod golden_forward;
+mod lora_golden;
 
 use std::{collections::HashMap, path::PathBuf};
 
 use candle_core::{DType, Device, Tensor, quantized::GgmlDType};
-use denoiser_svc::{
-    lora::LoraSpec,
-    model::{AttentionConfig, Flux2Transformer2DModel},
-    weights::Checkpoint,
-};
+use denoiser_svc::{lora::LoraSpec, model::AttentionConfig, weights::Checkpoint};
 use klein_kernels::quant::{QuantFormat, Quantize};
-use klein_test_support::{fixtures_dir, golden, pipeline_dir, rel_l2, take, test_device};
-
-const LAYOUTS: [&str; 3] = ["diffusers", "ai_toolkit", "kohya"];
-
-fn lora_file(layout: &str) -> PathBuf {
-    let rel = manifest_lora()["files"][layout]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    fixtures_dir().join(rel)
-}
-
-fn manifest_lora() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixtures_dir().join("loras/manifest.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-/// The adapter goldens (inputs and diffusers' outputs).
-fn golden_lora() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixtures_dir().join("loras/golden.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn scale() -> f32 {
-    manifest_lora()["params"]["lora_scale"].as_f64().unwrap() as f32
-}
-
-fn spec(layout: &str, scale: f32) -> LoraSpec {
-    LoraSpec {
-        path: lora_file(layout),
-        scale,
-    }
-}
-
-fn load(ckpt: Checkpoint, dtype: DType) -> Flux2Transformer2DModel {
-    ckpt.load(dtype, &test_device(), AttentionConfig::default())
-        .unwrap()
-}
-
-/// `m`'s f32 output on the golden's inputs.
-fn forward(m: &Flux2Transformer2DModel, dtype: DType) -> Tensor {
-    let g = golden_lora();
-    let dev = test_device();
-    let input = |name: &str| {
-        take(&g, name)
-            .to_device(&dev)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    };
-    let mut ids = golden_forward::ids(take(&g, "txt_ids"));
-    ids.extend(golden_forward::ids(take(&g, "img_ids")));
-    let rope = m.rope(&ids, &dev).unwrap();
-    m.forward(
-        &input("hidden_states"),
-        &input("encoder_hidden_states"),
-        &[730.0],
-        &rope,
-    )
-    .unwrap()
-    .to_dtype(DType::F32)
-    .unwrap()
-    .to_device(&Device::Cpu)
-    .unwrap()
-}
-
-fn tiny_4b() -> Checkpoint {
-    Checkpoint::locate(&pipeline_dir("tiny-klein-4b")).unwrap()
-}
+use klein_test_support::{fixtures_dir, golden, rel_l2, take};
+use lora_golden::{LAYOUTS, forward, golden_lora, load, manifest_lora, scale, spec, tiny_4b};
 
 #[test]
 fn each_layout_merges_as_diffusers_fuses_it() {

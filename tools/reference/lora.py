@@ -1,8 +1,9 @@
 """LoRA fixtures: one random LoRA for tiny-klein-4b's transformer in the three layouts diffusers
 reads for FLUX.2 (its own PEFT layout with the adapter metadata, ai-toolkit's BFL names under
 `diffusion_model.`, kohya's `lora_unet_*` with `alpha`), and the golden forwards diffusers computes
-with each loaded (`load_lora_weights`) and fused (`fuse_lora(lora_scale=LORA_SCALE)`), all in
-`loras/`.
+with each loaded (`load_lora_weights`) and fused (`fuse_lora(lora_scale=LORA_SCALE)`), and the
+unfused forwards PEFT computes per request (`set_adapters`: the base layer plus each adapter's
+`B(A x) * scale`), all in `loras/`.
 
 Runs after the main fixtures exist (generate.py calls it last); alone it adds only its own files,
 so the committed goldens are not rewritten:
@@ -41,6 +42,10 @@ LORA_SCALE = 0.8
 # moves the output far past the f32 tolerance.
 UPDATE_NORM = 0.1
 LAYOUTS = ("diffusers", "ai_toolkit", "kohya")
+# The unfused forwards: the diffusers file at LORA_SCALE; the kohya file at 1.1 beside the diffusers
+# one at -0.6 (the same update, so 0.5 of it in all, in two terms of opposite sign).
+UNFUSED = (("diffusers", LORA_SCALE),)
+UNFUSED_PAIR = (("kohya", 1.1), ("diffusers", -0.6))
 LORA_DIR = "loras"
 FILES = {
     "diffusers": f"{LORA_DIR}/tiny-klein-4b-diffusers/pytorch_lora_weights.safetensors",
@@ -157,11 +162,17 @@ def generate(out_dir: str) -> dict:
     save_file(ai_toolkit_layout(lora), os.path.join(out_dir, FILES["ai_toolkit"]))
     save_file(kohya_layout(lora), os.path.join(out_dir, FILES["kohya"]))
 
-    def forward(layout: str | dict | None, scale: float = LORA_SCALE, dtype=torch.float32) -> torch.Tensor:
+    def forward(layout: str | dict | None, scale: float = LORA_SCALE, dtype=torch.float32, unfused=()) -> torch.Tensor:
+        """`layout` fused at `scale`; or, with `unfused` ((layout, weight) pairs), those adapters
+        loaded side by side and left unfused."""
         pipe = Flux2KleinPipeline.from_pretrained(ckpt, dtype=dtype)
         if layout is not None:
             pipe.load_lora_weights(os.path.join(out_dir, FILES[layout]) if isinstance(layout, str) else layout)
             pipe.fuse_lora(lora_scale=scale)
+        for i, (name, _) in enumerate(unfused):
+            pipe.load_lora_weights(os.path.join(out_dir, FILES[name]), adapter_name=f"a{i}")
+        if unfused:
+            pipe.set_adapters([f"a{i}" for i in range(len(unfused))], [w for _, w in unfused])
         with torch.no_grad():
             dt = "f32" if dtype == torch.float32 else "bf16"
             return pipe.transformer(
@@ -180,6 +191,9 @@ def generate(out_dir: str) -> dict:
     for layout in LAYOUTS:
         tensors[f"output.{layout}.f32"] = forward(layout)
     tensors["output.diffusers.bf16"] = forward("diffusers", dtype=torch.bfloat16)
+    for dt, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        tensors[f"output.unfused.{dt}"] = forward(None, dtype=dtype, unfused=UNFUSED)
+    tensors["output.unfused_pair.f32"] = forward(None, unfused=UNFUSED_PAIR)
     base = fwd["output.f32"]
     d = tensors["output.diffusers.f32"]
     entry = {
@@ -192,12 +206,19 @@ def generate(out_dir: str) -> dict:
             "inputs": "the committed transformer_forward case's f32 inputs (timestep.f32 = 0.73)",
             "output.<layout>.f32": "the f32 transformer's output with that file loaded and fused at lora_scale",
             "output.diffusers.bf16": "the same from the bf16 pipeline (timestep.bf16: t.to(bf16) / 1000 as the pipeline passes it)",
+            "output.unfused.<f32|bf16>": "the diffusers file loaded unfused (set_adapters) at weight lora_scale",
+            "output.unfused_pair.f32": "the kohya file at 1.1 and the diffusers file at -0.6, both unfused",
         },
+        "unfused_spread": util.spread_entry(
+            tensors["output.unfused.f32"], tensors["output.unfused.bf16"], "output.unfused.f32", "output.unfused.bf16"
+        ),
+        "unfused_vs_fused_rel_l2": util.rel_l2(d, tensors["output.unfused.f32"]),
         "spread": util.spread_entry(d, tensors["output.diffusers.bf16"], "output.diffusers.f32", "output.diffusers.bf16"),
         "agreement_rel_l2": {k: util.rel_l2(d, tensors[f"output.{k}.f32"]) for k in LAYOUTS[1:]},
         "sensitivity_rel_l2": {
             "without_the_lora": util.rel_l2(d, base),
             "lora_scale_1": util.rel_l2(d, forward("diffusers", 1.0)),
+            "pair_vs_lora_scale_0.5": util.rel_l2(tensors["output.unfused_pair.f32"], forward("diffusers", 0.5)),
             "without_one_module_min": min(util.rel_l2(d, forward(without(m))) for m in lora),
         },
     }

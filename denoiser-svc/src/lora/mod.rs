@@ -34,6 +34,9 @@ use crate::model::bfl::{self, Source};
 
 mod file;
 mod merge;
+mod unmerged;
+
+pub use unmerged::{AdapterSpec, MAX_NAME, NamedAdapters, ResidentAdapters, valid_name};
 
 /// One adapter file and the strength it is merged with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

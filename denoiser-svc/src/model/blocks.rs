@@ -5,36 +5,47 @@
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use klein_kernels::{
-    Linear, gate_residual, gate_residual_norm, layer_norm_modulate, linear_no_bias,
-    reference::silu, swiglu,
+    gate_residual, gate_residual_norm, layer_norm_modulate, reference::silu, swiglu,
 };
 
 use super::{
     attention::attention,
     embeddings::{Rope, timestep_features},
-    layers::{FeedForward, QkNorm, projection},
+    layers::{FeedForward, MapProjections, Projection, QkNorm, linear, projection},
     transformer::Config,
 };
 
 /// `time_guidance_embed.timestep_embedder`: Linear(256, D) → SiLU → Linear(D, D).
 #[derive(Debug, Clone)]
 pub struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: Projection,
+    linear_2: Projection,
 }
 
 impl TimestepEmbedding {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let d = cfg.hidden_size();
         Ok(Self {
-            linear_1: linear_no_bias(cfg.timestep_guidance_channels, d, vb.pp("linear_1"))?,
-            linear_2: linear_no_bias(d, d, vb.pp("linear_2"))?,
+            linear_1: linear(cfg.timestep_guidance_channels, d, vb.pp("linear_1"))?,
+            linear_2: linear(d, d, vb.pp("linear_2"))?,
         })
     }
 
     /// (B, 256) → (B, D)
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.linear_2.forward(&silu(&self.linear_1.forward(xs)?)?)
+    }
+}
+
+impl MapProjections for TimestepEmbedding {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            linear_1: f(&self.linear_1)?,
+            linear_2: f(&self.linear_2)?,
+        })
     }
 }
 
@@ -70,11 +81,23 @@ impl Flux2TimestepGuidanceEmbeddings {
     }
 }
 
+impl MapProjections for Flux2TimestepGuidanceEmbeddings {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            timestep_embedder: self.timestep_embedder.map_projections(f)?,
+            channels: self.channels,
+        })
+    }
+}
+
 /// `double_stream_modulation_{img,txt}` / `single_stream_modulation`: Linear(silu(temb)). Every
 /// modulation and `norm_out` take the same silu(temb): the model computes it once and passes it.
 #[derive(Debug, Clone)]
 pub struct Flux2Modulation {
-    linear: Linear,
+    linear: Projection,
     sets: usize,
 }
 
@@ -83,7 +106,7 @@ impl Flux2Modulation {
     pub fn new(cfg: &Config, sets: usize, vb: VarBuilder<'_>) -> Result<Self> {
         let d = cfg.hidden_size();
         Ok(Self {
-            linear: linear_no_bias(d, 3 * sets * d, vb.pp("linear"))?,
+            linear: linear(d, 3 * sets * d, vb.pp("linear"))?,
             sets,
         })
     }
@@ -93,6 +116,18 @@ impl Flux2Modulation {
     pub fn forward(&self, silu_temb: &Tensor) -> Result<Vec<Tensor>> {
         let mods = self.linear.forward(silu_temb)?.unsqueeze(1)?;
         mods.chunk(3 * self.sets, D::Minus1)
+    }
+}
+
+impl MapProjections for Flux2Modulation {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            linear: f(&self.linear)?,
+            sets: self.sets,
+        })
     }
 }
 
@@ -175,13 +210,13 @@ fn heads(x: &Tensor, col: usize, cfg: &Config) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Flux2Attention {
     /// `to_q`, `to_k`, `to_v`.
-    to_qkv: Linear,
-    to_out: Linear,
+    to_qkv: Projection,
+    to_out: Projection,
     norm_q: QkNorm,
     norm_k: QkNorm,
     /// `add_q_proj`, `add_k_proj`, `add_v_proj`.
-    add_qkv_proj: Linear,
-    to_add_out: Linear,
+    add_qkv_proj: Projection,
+    to_add_out: Projection,
     norm_added_q: QkNorm,
     norm_added_k: QkNorm,
     cfg: Config,
@@ -249,6 +284,21 @@ impl Flux2Attention {
     }
 }
 
+impl MapProjections for Flux2Attention {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            to_qkv: f(&self.to_qkv)?,
+            to_out: f(&self.to_out)?,
+            add_qkv_proj: f(&self.add_qkv_proj)?,
+            to_add_out: f(&self.to_add_out)?,
+            ..self.clone()
+        })
+    }
+}
+
 /// `transformer_blocks.{i}` (`Flux2TransformerBlock`, §2.6).
 #[derive(Debug, Clone)]
 pub struct Flux2TransformerBlock {
@@ -306,11 +356,25 @@ impl Flux2TransformerBlock {
     }
 }
 
+impl MapProjections for Flux2TransformerBlock {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            eps: self.eps,
+            attn: self.attn.map_projections(f)?,
+            ff: self.ff.map_projections(f)?,
+            ff_context: self.ff_context.map_projections(f)?,
+        })
+    }
+}
+
 /// `single_transformer_blocks.{i}.attn` (`Flux2ParallelSelfAttention`).
 #[derive(Debug, Clone)]
 pub struct Flux2ParallelSelfAttention {
-    to_qkv_mlp_proj: Linear,
-    to_out: Linear,
+    to_qkv_mlp_proj: Projection,
+    to_out: Projection,
     norm_q: QkNorm,
     norm_k: QkNorm,
     cfg: Config,
@@ -401,6 +465,19 @@ impl Flux2ParallelSelfAttention {
     }
 }
 
+impl MapProjections for Flux2ParallelSelfAttention {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            to_qkv_mlp_proj: f(&self.to_qkv_mlp_proj)?,
+            to_out: f(&self.to_out)?,
+            ..self.clone()
+        })
+    }
+}
+
 /// `single_transformer_blocks.{i}` (`Flux2SingleTransformerBlock`, §2.7).
 #[derive(Debug, Clone)]
 pub struct Flux2SingleTransformerBlock {
@@ -449,10 +526,22 @@ impl Flux2SingleTransformerBlock {
     }
 }
 
+impl MapProjections for Flux2SingleTransformerBlock {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            eps: self.eps,
+            attn: self.attn.map_projections(f)?,
+        })
+    }
+}
+
 /// `norm_out` (`AdaLayerNormContinuous`): rows [0:D] are the SCALE, [D:2D] the SHIFT.
 #[derive(Debug, Clone)]
 pub struct AdaLayerNormContinuous {
-    linear: Linear,
+    linear: Projection,
     /// LayerNorm eps (no affine).
     eps: f64,
 }
@@ -461,7 +550,7 @@ impl AdaLayerNormContinuous {
     pub fn new(cfg: &Config, vb: VarBuilder<'_>) -> Result<Self> {
         let d = cfg.hidden_size();
         Ok(Self {
-            linear: linear_no_bias(d, 2 * d, vb.pp("linear"))?,
+            linear: linear(d, 2 * d, vb.pp("linear"))?,
             eps: cfg.eps,
         })
     }
@@ -471,5 +560,17 @@ impl AdaLayerNormContinuous {
         let e = self.linear.forward(silu_temb)?.unsqueeze(1)?;
         let chunks = e.chunk(2, D::Minus1)?;
         layer_norm_modulate(x, &chunks[1], &chunks[0], self.eps)
+    }
+}
+
+impl MapProjections for AdaLayerNormContinuous {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            linear: f(&self.linear)?,
+            eps: self.eps,
+        })
     }
 }

@@ -13,7 +13,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Module, Result, Tensor, bail};
 use candle_nn::VarBuilder;
 use klein_kernels::{
-    Linear, StoredBlocks, linear_no_bias,
+    StoredBlocks,
     quant::{Quantize, stored_bytes},
     reference::silu,
 };
@@ -26,6 +26,7 @@ use super::{
         Flux2TimestepGuidanceEmbeddings, Flux2TransformerBlock, Stream,
     },
     embeddings::{PositionId, Rope, rope},
+    layers::{MapProjections, Projection, linear, map_all},
 };
 
 /// `transformer/config.json` (the keys diffusers writes for klein; §1.2).
@@ -250,12 +251,12 @@ pub struct Flux2Transformer2DModel {
     double_stream_modulation_img: Flux2Modulation,
     double_stream_modulation_txt: Flux2Modulation,
     single_stream_modulation: Flux2Modulation,
-    x_embedder: Linear,
-    context_embedder: Linear,
+    x_embedder: Projection,
+    context_embedder: Projection,
     transformer_blocks: Vec<Flux2TransformerBlock>,
     single_transformer_blocks: Vec<Flux2SingleTransformerBlock>,
     norm_out: AdaLayerNormContinuous,
-    proj_out: Linear,
+    proj_out: Projection,
 }
 
 impl Flux2Transformer2DModel {
@@ -286,12 +287,8 @@ impl Flux2Transformer2DModel {
                 1,
                 vb.pp("single_stream_modulation"),
             )?,
-            x_embedder: linear_no_bias(cfg.in_channels, d, vb.pp("x_embedder"))?,
-            context_embedder: linear_no_bias(
-                cfg.joint_attention_dim,
-                d,
-                vb.pp("context_embedder"),
-            )?,
+            x_embedder: linear(cfg.in_channels, d, vb.pp("x_embedder"))?,
+            context_embedder: linear(cfg.joint_attention_dim, d, vb.pp("context_embedder"))?,
             transformer_blocks: (0..cfg.num_layers)
                 .map(|i| Flux2TransformerBlock::new(cfg, blocks.pp(i)))
                 .collect::<Result<_>>()?,
@@ -299,13 +296,23 @@ impl Flux2Transformer2DModel {
                 .map(|i| Flux2SingleTransformerBlock::new(cfg, singles.pp(i)))
                 .collect::<Result<_>>()?,
             norm_out: AdaLayerNormContinuous::new(cfg, vb.pp("norm_out"))?,
-            proj_out: linear_no_bias(d, cfg.out_channels(), vb.pp("proj_out"))?,
+            proj_out: linear(d, cfg.out_channels(), vb.pp("proj_out"))?,
         })
     }
 
     /// The configuration the model was built from.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Every linear layer, in the model's order (each a copy sharing its weights).
+    pub fn projections(&self) -> Result<Vec<Projection>> {
+        let mut all = Vec::new();
+        self.map_projections(&mut |p| {
+            all.push(p.clone());
+            Ok(p.clone())
+        })?;
+        Ok(all)
     }
 
     /// RoPE tables for the token sequence `[txt_ids; img_ids]` (text first, §2.5).
@@ -406,6 +413,27 @@ impl Flux2Transformer2DModel {
         };
         self.proj_out
             .forward(&self.norm_out.forward(&img, &silu_temb)?)
+    }
+}
+
+impl MapProjections for Flux2Transformer2DModel {
+    fn map_projections(
+        &self,
+        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
+    ) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            time_guidance_embed: self.time_guidance_embed.map_projections(f)?,
+            double_stream_modulation_img: self.double_stream_modulation_img.map_projections(f)?,
+            double_stream_modulation_txt: self.double_stream_modulation_txt.map_projections(f)?,
+            single_stream_modulation: self.single_stream_modulation.map_projections(f)?,
+            x_embedder: f(&self.x_embedder)?,
+            context_embedder: f(&self.context_embedder)?,
+            transformer_blocks: map_all(&self.transformer_blocks, f)?,
+            single_transformer_blocks: map_all(&self.single_transformer_blocks, f)?,
+            norm_out: self.norm_out.map_projections(f)?,
+            proj_out: f(&self.proj_out)?,
+        })
     }
 }
 

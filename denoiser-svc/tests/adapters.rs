@@ -1,0 +1,119 @@
+//! LoRA adapters chosen per request, added unmerged to a resident model, against diffusers'
+//! unfused forwards (`loras/golden.safetensors`, `tools/reference/lora.py`): the adapter loaded
+//! with `set_adapters` at weight 0.8 (`output.unfused.*`), and two adapters at 1.1 and -0.6
+//! (`output.unfused_pair.f32`). f32 within 1e-4 for every file layout, bf16 within twice
+//! torch's own spread of the unfused forward; the view shares the model's weights, so the model
+//! itself stays plain, also quantized.
+
+mod golden_forward;
+mod lora_golden;
+
+use candle_core::DType;
+use denoiser_svc::lora::{AdapterSpec, NamedAdapters};
+use klein_kernels::quant::{QuantFormat, Quantize};
+use klein_test_support::{golden, rel_l2, take, test_device};
+use lora_golden::{LAYOUTS, forward, golden_lora, load, lora_file, manifest_lora, scale, tiny_4b};
+
+fn named(layouts: &[&str]) -> NamedAdapters {
+    let specs: Vec<AdapterSpec> = layouts
+        .iter()
+        .map(|l| AdapterSpec {
+            name: (*l).to_owned(),
+            path: lora_file(l),
+        })
+        .collect();
+    NamedAdapters::read(&specs).unwrap()
+}
+
+#[test]
+fn each_layout_unmerged_is_diffusers_unfused_forward() {
+    let g = golden_lora();
+    let want = take(&g, "output.unfused.f32");
+    let model = load(tiny_4b(), DType::F32);
+    let adapters = named(&LAYOUTS)
+        .resident(&model, DType::F32, &test_device())
+        .unwrap();
+    for layout in LAYOUTS {
+        let view = adapters.view(&model, &[(layout.into(), scale())]).unwrap();
+        let e = rel_l2(&forward(&view, DType::F32), want);
+        println!("{layout}: unmerged f32 rel-L2 {e:.3e}");
+        assert!(e <= 1e-4, "{layout}: {e}");
+    }
+    let plain = forward(&model, DType::F32);
+    let e = rel_l2(&plain, take(&golden("transformer_forward"), "output.f32"));
+    assert!(e <= 1e-4, "the model itself stays plain: {e}");
+    let none = forward(&adapters.view(&model, &[]).unwrap(), DType::F32);
+    assert_eq!(rel_l2(&none, &plain), 0.0);
+}
+
+/// Two adapters at their own scales add up, in one forward.
+#[test]
+fn two_adapters_at_their_own_scales() {
+    let g = golden_lora();
+    let model = load(tiny_4b(), DType::F32);
+    let adapters = named(&["kohya", "diffusers"])
+        .resident(&model, DType::F32, &test_device())
+        .unwrap();
+    let view = adapters
+        .view(&model, &[("kohya".into(), 1.1), ("diffusers".into(), -0.6)])
+        .unwrap();
+    let e = rel_l2(
+        &forward(&view, DType::F32),
+        take(&g, "output.unfused_pair.f32"),
+    );
+    println!("kohya 1.1 + diffusers -0.6: rel-L2 {e:.3e}");
+    assert!(e <= 1e-4, "{e}");
+    assert!(adapters.view(&model, &[("anime".into(), 1.0)]).is_err());
+}
+
+#[test]
+fn bf16_unmerged_is_within_the_torch_spread() {
+    let g = golden_lora();
+    let model = load(tiny_4b(), DType::BF16);
+    let adapters = named(&["diffusers"])
+        .resident(&model, DType::BF16, &test_device())
+        .unwrap();
+    let view = adapters
+        .view(&model, &[("diffusers".into(), scale())])
+        .unwrap();
+    let e = rel_l2(&forward(&view, DType::BF16), take(&g, "output.unfused.f32"));
+    let spread = manifest_lora()["unfused_spread"]["rel_l2"]
+        .as_f64()
+        .unwrap();
+    println!("bf16 unmerged: rel-L2 {e:.3e} (torch spread {spread:.3e})");
+    assert!(e <= 2.0 * spread, "{e} > 2 x {spread}");
+}
+
+/// On a model quantized at load the adapter's terms stay dense beside the quantized layers:
+/// q8_0 moves the output from the golden no more than twice as far as it moves the plain
+/// model from its own.
+#[test]
+fn a_quantized_model_takes_dense_terms() {
+    let g = golden_lora();
+    let q8 = Quantize::Format(QuantFormat::Q8_0);
+    let model = load(tiny_4b().with_quantize(q8), DType::F32);
+    let adapters = named(&["diffusers"])
+        .resident(&model, DType::F32, &test_device())
+        .unwrap();
+    let view = adapters
+        .view(&model, &[("diffusers".into(), scale())])
+        .unwrap();
+    let e = rel_l2(&forward(&view, DType::F32), take(&g, "output.unfused.f32"));
+    let plain_e = rel_l2(
+        &forward(&model, DType::F32),
+        take(&golden("transformer_forward"), "output.f32"),
+    );
+    println!("q8_0 unmerged: rel-L2 {e:.3e} (the plain model's {plain_e:.3e})");
+    assert!(e <= 2.0 * plain_e, "{e} > 2 x {plain_e}");
+}
+
+#[test]
+fn device_bytes_bound_the_stored_factors() {
+    let model = load(tiny_4b(), DType::F32);
+    let named = named(&LAYOUTS);
+    let adapters = named.resident(&model, DType::F32, &test_device()).unwrap();
+    let stored = adapters.device_bytes();
+    let bound = named.device_bytes(DType::F32);
+    println!("stored {stored} bytes, bound {bound}");
+    assert!(stored > 0 && stored <= bound, "{stored} > {bound}");
+}
