@@ -16,7 +16,14 @@ use candle_core::{DType, Device, Tensor, quantized::GgmlDType};
 use denoiser_svc::{lora::LoraSpec, model::AttentionConfig, weights::Checkpoint};
 use klein_kernels::quant::{QuantFormat, Quantize};
 use klein_test_support::{fixtures_dir, golden, rel_l2, take};
-use lora_golden::{LAYOUTS, forward, golden_lora, load, manifest_lora, scale, spec, tiny_4b};
+use lora_golden::{LAYOUTS, forward, golden_lora, load, lora_file, manifest_lora, scale, tiny_4b};
+
+fn spec(layout: &str, scale: f32) -> LoraSpec {
+    LoraSpec {
+        path: lora_file(layout),
+        scale,
+    }
+}
 
 #[test]
 fn each_layout_merges_as_diffusers_fuses_it() {

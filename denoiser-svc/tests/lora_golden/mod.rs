@@ -5,7 +5,6 @@ use std::{collections::HashMap, path::PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use denoiser_svc::{
-    lora::LoraSpec,
     model::{AttentionConfig, Flux2Transformer2DModel},
     weights::Checkpoint,
 };
@@ -39,13 +38,6 @@ pub fn golden_lora() -> HashMap<String, Tensor> {
 
 pub fn scale() -> f32 {
     manifest_lora()["params"]["lora_scale"].as_f64().unwrap() as f32
-}
-
-pub fn spec(layout: &str, scale: f32) -> LoraSpec {
-    LoraSpec {
-        path: lora_file(layout),
-        scale,
-    }
 }
 
 pub fn load(ckpt: Checkpoint, dtype: DType) -> Flux2Transformer2DModel {
