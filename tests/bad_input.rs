@@ -36,6 +36,13 @@ fn f32s(shape: &[u64], v: f32) -> pb::Tensor {
     tensor(pb::Dtype::F32, shape, &v.to_le_bytes())
 }
 
+fn lora(name: &str, scale: Option<f32>) -> pb::LoraAdapter {
+    pb::LoraAdapter {
+        name: name.into(),
+        scale,
+    }
+}
+
 fn rgb_png(w: u32, h: u32) -> Bytes {
     png_of(DynamicImage::ImageRgb8(RgbImage::from_pixel(
         w,
@@ -149,6 +156,19 @@ fn generate_cases() -> Vec<Case<pb::GenerateRequest>> {
             let mut t = f32s(&[1, 128, 4, 4], 0.0);
             t.dtype = 77;
             r.initial_noise = Some(t)
+        }),
+        ("loras[0].name", |r| {
+            r.loras = vec![lora("no-such-adapter", None)]
+        }),
+        ("loras[0].name", |r| r.loras = vec![lora("../x", None)]),
+        ("loras[1].name", |r| {
+            r.loras = vec![lora("a", None), lora("a", None)]
+        }),
+        ("loras[0].scale", |r| {
+            r.loras = vec![lora("a", Some(f32::NAN))]
+        }),
+        ("loras", |r| {
+            r.loras = (0..9).map(|i| lora(&format!("a{i}"), None)).collect()
         }),
     ]
 }
@@ -279,6 +299,19 @@ fn denoise_cases() -> Vec<Case<pb::DenoiseRequest>> {
                 latents: Some(f32s(&[16, 128], 0.0)),
                 grid: None,
             }]
+        }),
+        ("loras[0].name", |r| {
+            r.loras = vec![lora("no-such-adapter", None)]
+        }),
+        ("loras[0].name", |r| r.loras = vec![lora("../x", None)]),
+        ("loras[1].name", |r| {
+            r.loras = vec![lora("a", None), lora("a", None)]
+        }),
+        ("loras[0].scale", |r| {
+            r.loras = vec![lora("a", Some(f32::NAN))]
+        }),
+        ("loras", |r| {
+            r.loras = (0..9).map(|i| lora(&format!("a{i}"), None)).collect()
         }),
     ]
 }

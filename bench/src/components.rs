@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
-use denoiser_svc::config::Quantize;
+use denoiser_svc::{config::Quantize, lora::ResidentAdapters};
 use klein_runtime::gpu_memory;
 use serde::Serialize;
 
@@ -231,7 +231,7 @@ pub fn transformer(
     }
     let rope = model.rope(&ids, dev)?;
     let t = vec![968.0f32; batch];
-    let model = GraphedTransformer::new(model, graphs, dev);
+    let model = GraphedTransformer::new(model, ResidentAdapters::default(), graphs, dev);
     let step = || model.velocity(&x, &ctx, &t, &rope, noisy);
     gpu_memory::keep_freed_memory(dev);
     // The linear layers' GEMM algorithms tuned for this shape, as denoiser-svc's warm-up tunes

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 pub use klein_kernels::quant::Quantize;
 
-pub use crate::lora::LoraSpec;
+pub use crate::lora::{AdapterSpec, LoraSpec};
 use klein_runtime::{
     bytesize::ByteSize,
     config::{ServerConfig, ServerFlags},
@@ -35,6 +35,9 @@ pub struct Config {
     /// with its strength (`[[lora]]` with `path` and `scale`; `--lora PATH[:SCALE]`): diffusers',
     /// ai-toolkit's or kohya's layout (`crate::lora`).
     pub lora: Vec<LoraSpec>,
+    /// LoRA adapters requests may apply to the default model by name, unmerged
+    /// (`[[adapters]]` with `name` and `path`; `--adapter NAME=PATH`; `crate::lora`).
+    pub adapters: Vec<AdapterSpec>,
     /// Further models (`[[models]]` in TOML, `--model ID=PATH` flags); the first model is the
     /// default when `model_dir` is not set.
     pub models: Vec<ModelEntry>,
@@ -92,6 +95,7 @@ impl Default for Config {
             model_id: None,
             is_distilled: None,
             lora: Vec::new(),
+            adapters: Vec::new(),
             models: Vec::new(),
             quantize: Quantize::None,
             attention_chunk_bytes: ByteSize(256 << 20),
@@ -128,6 +132,10 @@ pub struct ModelEntry {
     /// scale = 0.8 }]`): the same checkpoint under two ids, one with adapters, serves both.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lora: Vec<LoraSpec>,
+    /// LoRA adapters requests may apply to this model by name, unmerged (`adapters = [{ name
+    /// = "anime", path = "…" }]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterSpec>,
 }
 
 impl std::str::FromStr for ModelEntry {
@@ -142,6 +150,7 @@ impl std::str::FromStr for ModelEntry {
             is_distilled: None,
             text_encoder: None,
             lora: Vec::new(),
+            adapters: Vec::new(),
         })
     }
 }
@@ -174,6 +183,7 @@ impl Config {
             is_distilled: self.is_distilled,
             text_encoder: None,
             lora: self.lora.clone(),
+            adapters: self.adapters.clone(),
         });
         first
             .into_iter()
@@ -217,6 +227,11 @@ pub struct Flags {
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub lora: Vec<LoraSpec>,
+    /// A LoRA adapter requests may apply to the default model by name, `NAME=PATH`
+    /// (repeatable).
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    #[serde(rename = "adapters", skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterSpec>,
     /// Load-time quantization of the block projections: none, q4k, q4_0, q4_1, q6k or q8_0.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -336,6 +351,32 @@ mod tests {
         assert_eq!(entries[0].lora, [lora("/a", 1.0)]);
         assert_eq!(entries[1].id.as_deref(), Some("anime"));
         assert_eq!(entries[1].lora, [lora("/c", 0.7)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn adapters_come_from_flags_for_the_default_model_and_from_the_file_per_model() {
+        let cfg = load(&["--model-dir", "/m", "--adapter", "anime=/a.safetensors"]);
+        let adapter = |name: &str, path: &str| AdapterSpec {
+            name: name.into(),
+            path: path.into(),
+        };
+        assert_eq!(
+            cfg.model_entries()[0].adapters,
+            [adapter("anime", "/a.safetensors")]
+        );
+        assert!(Flags::try_parse_from(["denoiser-svc", "--adapter", "/a.safetensors"]).is_err());
+        let dir = std::env::temp_dir().join(format!("denoiser-adapter-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("denoiser.toml");
+        std::fs::write(
+            &file,
+            "[[models]]\nid = \"k\"\npath = \"/m\"\nadapters = [{ name = \"ink\", path = \"/i\" }]\n",
+        )
+        .unwrap();
+        let flags = Flags::parse_from(["denoiser-svc"]);
+        let cfg: Config = klein_runtime::config::load(Some(&file), &flags).unwrap();
+        assert_eq!(cfg.model_entries()[0].adapters, [adapter("ink", "/i")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -51,7 +51,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::{
     error::DenoiseError,
     graphed::GraphedTransformer,
-    model::Rope,
+    model::{Flux2Transformer2DModel, Rope},
     noise, preview,
     sampler::{self, Grid, Guidance, Mode, Request, Run},
     validate::{Noise, ValidDenoiseRequest, ValidMode},
@@ -137,6 +137,8 @@ impl DenoiseEngine {
 struct Active {
     run: Run<Rope>,
     job: Job,
+    /// The model with the job's LoRA adapters, when it names any.
+    adapted: Option<Flux2Transformer2DModel>,
     grid: Grid,
     /// From the engine taking the job off its queue to preparing it (a busy model, other jobs).
     waited: Duration,
@@ -223,14 +225,20 @@ fn admit(loaded: &mut Loaded, job: Job, since: Instant, active: &mut VecDeque<Ac
     let started = Instant::now();
     let prepared = catch_unwind(AssertUnwindSafe(|| {
         let request = prepare(loaded, &job.request)?;
-        Ok::<_, DenoiseError>(Run::new(resident(loaded, &job.request.model)?, request)?)
+        let model = resident(loaded, &job.request.model)?;
+        if job.request.loras.is_empty() {
+            return Ok::<_, DenoiseError>((Run::new(model, request)?, None));
+        }
+        let adapted = model.adapted(&job.request.loras)?;
+        Ok((Run::new(&adapted, request)?, Some(adapted)))
     }));
     match prepared.map_err(panicked).and_then(|r| r) {
-        Ok(run) => {
+        Ok((run, adapted)) => {
             loaded.models.pin(&job.request.model);
             let a = Active {
                 run,
                 job,
+                adapted,
                 grid,
                 waited: started - since,
                 prepare: started.elapsed(),
@@ -279,7 +287,10 @@ fn step(loaded: &Loaded, a: &mut Active) -> Next {
     };
     // A step that fails to queue leaves the run as it was, so it may run again.
     let queued = catch_unwind(AssertUnwindSafe(|| {
-        gpu_memory::retry_out_of_memory(&loaded.device, || a.run.step(model))?;
+        gpu_memory::retry_out_of_memory(&loaded.device, || match &a.adapted {
+            Some(adapted) => a.run.step(adapted),
+            None => a.run.step(model),
+        })?;
         Fence::record(&loaded.device)
     }));
     let fence = match queued

@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor};
 use klein_runtime::graph::Graphs;
 
 use crate::{
+    lora::ResidentAdapters,
     model::{Flux2Transformer2DModel, Rope},
     sampler::{TokenLayout, Velocity},
 };
@@ -17,10 +18,11 @@ use crate::{
 /// sequence, the text tokens and the outputs asked for (every input's shape follows).
 type Key = [usize; 4];
 
-/// A resident transformer and the graphs of the step shapes it has run. Dropping it (the model
-/// evicted) drops its graphs, which point at its weights.
+/// A resident transformer, its LoRA adapters, and the graphs of the step shapes it has run.
+/// Dropping it (the model evicted) drops its graphs, which point at its weights.
 pub struct GraphedTransformer {
     model: Flux2Transformer2DModel,
+    adapters: ResidentAdapters,
     graphs: Graphs<Key>,
 }
 
@@ -28,13 +30,21 @@ impl GraphedTransformer {
     /// `model` with graphs when `cuda_graphs` and its device can capture them.
     pub fn new(
         model: Flux2Transformer2DModel,
+        adapters: ResidentAdapters,
         cuda_graphs: bool,
         dev: &candle_core::Device,
     ) -> Self {
         Self {
             graphs: Graphs::new(cuda_graphs, dev),
             model,
+            adapters,
         }
+    }
+
+    /// The model with the adapters `loras` names added unmerged, for one run: it shares the
+    /// weights, and its steps run eagerly (the graphs hold the plain model's steps).
+    pub fn adapted(&self, loras: &[(String, f32)]) -> Result<Flux2Transformer2DModel> {
+        self.adapters.view(&self.model, loras)
     }
 
     /// Whether steps replay graphs.

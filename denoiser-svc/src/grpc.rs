@@ -104,18 +104,28 @@ impl Denoiser {
             handle = Bytes::copy_from_slice(&h);
         }
         let validate_seconds = received.elapsed().as_secs_f64();
-        let bytes = admission::activation_bytes(
-            &model.config,
-            self.dtype,
-            valid.batch(),
-            valid.sequence_len(),
-            &self.attention,
-            klein_kernels::flash_attention_applies(
-                &self.device,
+        let lora_bytes = match valid.loras.is_empty() {
+            true => 0,
+            false => admission::lora_bytes(
+                &model.config,
                 self.dtype,
-                model.config.attention_head_dim,
+                valid.batch(),
+                valid.sequence_len(),
             ),
-        );
+        };
+        let bytes = lora_bytes
+            + admission::activation_bytes(
+                &model.config,
+                self.dtype,
+                valid.batch(),
+                valid.sequence_len(),
+                &self.attention,
+                klein_kernels::flash_attention_applies(
+                    &self.device,
+                    self.dtype,
+                    model.config.attention_head_dim,
+                ),
+            );
         let queued = Instant::now();
         let reservation = self.budget.reserve(bytes).await?;
         let queue_seconds = queued.elapsed().as_secs_f64();

@@ -31,6 +31,13 @@ fn loras(specs: &[LoraSpec]) -> String {
     specs.join(",")
 }
 
+/// The names of the entry's adapters, sorted.
+fn adapter_names(entry: &ModelEntry) -> Vec<String> {
+    let mut names: Vec<String> = entry.adapters.iter().map(|a| a.name.clone()).collect();
+    names.sort();
+    names
+}
+
 /// The projections a GGUF checkpoint stores quantized, counted by block type
 /// (`q4k:100,q6k:12`); empty for a dense checkpoint.
 fn stored_blocks(cfg: &ModelConfig) -> String {
@@ -121,6 +128,7 @@ impl ServedModel {
             text_encoder: entry.text_encoder.clone().unwrap_or_default(),
             weight_bytes: checkpoint.weight_bytes(dtype),
             details,
+            adapters: adapter_names(entry),
             ..Default::default()
         };
         let context = RequestContext {
@@ -132,6 +140,7 @@ impl ServedModel {
             max_image_side: config.max_image_side as usize,
             max_image_pixels: config.max_image_pixels,
             max_references: config.max_references as usize,
+            adapters: adapter_names(entry),
         };
         Ok(Self {
             context,

@@ -23,11 +23,12 @@ use crate::{
     engine::{DenoiseEngine, Loaded},
     error::DenoiseError,
     grpc::{Denoiser, DenoiserGrpc},
+    lora::NamedAdapters,
     model::AttentionConfig,
     served::ServedModel,
     validate::PIXELS_PER_TOKEN,
     warm_up::{Tuning, warm_up},
-    weights::{Checkpoint, TransformerSource},
+    weights::{Checkpoint, LoadError, TransformerSource},
 };
 
 /// gRPC name of the service (health, reflection).
@@ -106,6 +107,7 @@ pub fn start(config: &Config) -> Result<Denoiser, DenoiseError> {
             dtype,
             attention,
             cuda_graphs: config.cuda_graphs,
+            adapters: Arc::new(NamedAdapters::read(&entry.adapters).map_err(LoadError::from)?),
         };
         sources.push((model.context.model_id.clone(), source));
         served.push(model);

@@ -33,6 +33,8 @@ pub struct RequestContext {
     pub max_image_side: usize,
     pub max_image_pixels: u64,
     pub max_references: usize,
+    /// Names of the LoRA adapters requests may apply, sorted.
+    pub adapters: Vec<String>,
 }
 
 /// Where the initial noise comes from.
@@ -76,6 +78,8 @@ pub struct ValidDenoiseRequest {
     /// Each `[h_k·w_k, C]` with its grid.
     pub references: Vec<(Tensor, Grid)>,
     pub preview_every: usize,
+    /// LoRA adapters applied unmerged, with their strengths, in order.
+    pub loras: Vec<(String, f32)>,
     /// Non-fatal notes returned with the result.
     pub warnings: Vec<String>,
 }
@@ -144,6 +148,28 @@ fn strength(s: f32, field: &str) -> Result<f32, DenoiseError> {
 }
 
 impl RequestContext {
+    /// The request's adapters ([`klein_proto::lora::check`]), each one this model serves.
+    fn loras(&self, loras: &[pb::LoraAdapter]) -> Result<Vec<(String, f32)>, DenoiseError> {
+        let checked = klein_proto::lora::check(loras).map_err(|r| invalid(&r.field, r.reason))?;
+        for (i, (name, _)) in checked.iter().enumerate() {
+            if self.adapters.binary_search(name).is_err() {
+                let served = if self.adapters.is_empty() {
+                    "none".to_owned()
+                } else {
+                    self.adapters.join(", ")
+                };
+                return Err(invalid(
+                    &format!("loras[{i}].name"),
+                    format!(
+                        "model {:?} has no adapter {name:?} (its adapters: {served})",
+                        self.model_id
+                    ),
+                ));
+            }
+        }
+        Ok(checked)
+    }
+
     fn grid(&self, g: Option<&pb::LatentGrid>, field: &str) -> Result<Grid, DenoiseError> {
         let g = g.ok_or_else(|| invalid(field, "is required"))?;
         let (h, w) = (g.height as usize, g.width as usize);
@@ -408,6 +434,7 @@ impl TryFrom<(pb::DenoiseRequest, &RequestContext, Embeddings)> for ValidDenoise
             )?;
             references.push((t, g));
         }
+        let loras = ctx.loras(&req.loras)?;
         Ok(Self {
             model: ctx.model_id.clone(),
             prompt_embeds,
@@ -419,6 +446,7 @@ impl TryFrom<(pb::DenoiseRequest, &RequestContext, Embeddings)> for ValidDenoise
             mode,
             references,
             preview_every: req.preview_every as usize,
+            loras,
             warnings,
         })
     }

@@ -39,7 +39,7 @@ use crate::{
     error::DenoiseError,
     gguf::GgufTransformer,
     graphed::GraphedTransformer,
-    lora::{LoraError, LoraSpec, Loras},
+    lora::{LoraError, LoraSpec, Loras, NamedAdapters},
     model::{AttentionConfig, Config, Flux2Transformer2DModel, bfl},
 };
 
@@ -332,14 +332,17 @@ pub struct TransformerSource {
     pub attention: AttentionConfig,
     /// Whether its steps replay CUDA graphs (on a GPU).
     pub cuda_graphs: bool,
+    /// The adapters requests may apply, uploaded with the model.
+    pub adapters: Arc<NamedAdapters>,
 }
 
 impl ModelSource for TransformerSource {
     type Model = GraphedTransformer;
     type Error = DenoiseError;
 
+    /// The weights and, at most, their adapters' factors.
     fn device_bytes(&self) -> u64 {
-        self.checkpoint.weight_bytes(self.dtype)
+        self.checkpoint.weight_bytes(self.dtype) + self.adapters.device_bytes(self.dtype)
     }
 
     /// The host copy keeps the dense weights, float8 ones as stored; a quantized model is
@@ -373,7 +376,16 @@ impl ModelSource for TransformerSource {
                 .build(h.var_builder(self.dtype, device), self.attention)?,
             None => self.checkpoint.load(self.dtype, device, self.attention)?,
         };
-        Ok(GraphedTransformer::new(model, self.cuda_graphs, device))
+        let adapters = self
+            .adapters
+            .resident(&model, self.dtype, device)
+            .map_err(LoadError::from)?;
+        Ok(GraphedTransformer::new(
+            model,
+            adapters,
+            self.cuda_graphs,
+            device,
+        ))
     }
 }
 

@@ -159,6 +159,7 @@ fn an_fp8_file_is_the_model_of_its_scaled_weights() {
             dtype,
             attention: AttentionConfig::default(),
             cuda_graphs: false,
+            adapters: Default::default(),
         };
         let (sa, sb) = (source(&a), source(&b));
         let (ha, hb) = (sa.read_host().unwrap(), sb.read_host().unwrap());

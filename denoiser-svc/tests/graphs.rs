@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 use denoiser_svc::{
     graphed::GraphedTransformer,
+    lora::ResidentAdapters,
     model::{Config, Flux2Transformer2DModel, Rope, grid_ids, text_ids},
     sampler::Velocity,
 };
@@ -131,7 +132,8 @@ fn replayed_steps_give_the_eager_bits() {
         let cfg = small_klein();
         let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone());
         let model = Flux2Transformer2DModel::new(&cfg, vb).unwrap();
-        let graphed = GraphedTransformer::new(model.clone(), true, &dev);
+        let graphed =
+            GraphedTransformer::new(model.clone(), ResidentAdapters::default(), true, &dev);
         assert_eq!(graphed.graphs_enabled(), dev.is_cuda());
         let ropes: Vec<Rope> = shapes.iter().map(|s| s.rope(&model, &dev)).collect();
         for round in 0..4 {
@@ -195,7 +197,7 @@ fn a_full_width_step_replays_its_memsets_as_kernels() {
     };
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::BF16, dev.clone());
     let model = Flux2Transformer2DModel::new(&cfg, vb).unwrap();
-    let graphed = GraphedTransformer::new(model.clone(), true, &dev);
+    let graphed = GraphedTransformer::new(model.clone(), ResidentAdapters::default(), true, &dev);
     let step = Step {
         batch: 1,
         text: 512,

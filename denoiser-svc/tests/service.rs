@@ -444,6 +444,7 @@ fn two_models(model_wait_secs: u64) -> denoiser_svc::Config {
         is_distilled: None,
         text_encoder: None,
         lora: Vec::new(),
+        adapters: Vec::new(),
     });
     cfg.model_wait_secs = model_wait_secs;
     cfg
@@ -579,6 +580,7 @@ async fn a_model_entry_with_a_lora_serves_the_adapted_transformer() {
         is_distilled: None,
         text_encoder: None,
         lora: vec![spec.clone()],
+        adapters: Vec::new(),
     });
     let mut server = start_with(cfg.clone()).await;
     let models = info(&server).await.models;
@@ -606,4 +608,94 @@ async fn a_model_entry_with_a_lora_serves_the_adapted_transformer() {
     }];
     let err = startup_error(cfg).await;
     assert!(err.contains("/nonexistent/lora.safetensors"), "{err}");
+}
+
+/// Adapters chosen per request (`adapters` of a model, applied unmerged): the default model's
+/// "style" at 0.8 gives what the model entry with the same file merged at 0.8 gives, the plain
+/// request after it is unchanged, Info lists the names, and a request naming an adapter the
+/// model lacks, or a strength out of range, is refused naming its field.
+#[tokio::test]
+async fn a_request_applies_the_adapters_it_names() {
+    let lora = klein_test_support::fixtures_dir()
+        .join("loras/tiny-klein-4b-diffusers/pytorch_lora_weights.safetensors");
+    let mut cfg = config("tiny-klein-4b", DTypeSpec::F32);
+    cfg.adapters = vec![denoiser_svc::lora::AdapterSpec {
+        name: "style".into(),
+        path: lora.clone(),
+    }];
+    cfg.models.push(denoiser_svc::config::ModelEntry {
+        id: Some("merged".into()),
+        path: klein_test_support::pipeline_dir("tiny-klein-4b"),
+        is_distilled: None,
+        text_encoder: None,
+        lora: vec![denoiser_svc::lora::LoraSpec {
+            path: lora.clone(),
+            scale: 0.8,
+        }],
+        adapters: Vec::new(),
+    });
+    let mut server = start_with(cfg.clone()).await;
+    let models = info(&server).await.models;
+    assert_eq!(models[0].adapters, ["style"]);
+    assert!(models[1].adapters.is_empty());
+    let req = |model: &str, loras: Vec<pb::LoraAdapter>| pb::DenoiseRequest {
+        model: model.into(),
+        num_steps: 2,
+        loras,
+        ..valid()
+    };
+    let style = |scale| pb::LoraAdapter {
+        name: "style".into(),
+        scale,
+    };
+    let plain = latents(&mut server, req("", vec![])).await;
+    let adapted = latents(&mut server, req("", vec![style(Some(0.8))])).await;
+    let merged = latents(&mut server, req("merged", vec![])).await;
+    let again = latents(&mut server, req("", vec![])).await;
+    let e = klein_test_support::rel_l2(&adapted, &merged);
+    let moved = klein_test_support::rel_l2(&adapted, &plain);
+    println!("per request vs merged: rel-L2 {e:.3e} (the adapter moves it {moved:.3e})");
+    assert!(e <= 1e-5, "{e}");
+    assert!(moved > 1e-2, "{moved}");
+    assert_eq!(
+        plain.to_vec3::<f32>().unwrap(),
+        again.to_vec3::<f32>().unwrap()
+    );
+
+    let mut refused = async |loras, model: &str| {
+        denoise(&mut server.client, req(model, loras))
+            .await
+            .unwrap_err()
+    };
+    let unknown = refused(
+        vec![pb::LoraAdapter {
+            name: "anime".into(),
+            scale: None,
+        }],
+        "",
+    )
+    .await;
+    assert_eq!(unknown.code(), tonic::Code::InvalidArgument);
+    assert!(
+        unknown.message().contains("loras[0].name") && unknown.message().contains("style"),
+        "{}",
+        unknown.message()
+    );
+    let other_model = refused(vec![style(None)], "merged").await;
+    assert!(
+        other_model.message().contains("loras[0].name"),
+        "{}",
+        other_model.message()
+    );
+    let scale = refused(vec![style(Some(f32::INFINITY))], "").await;
+    assert_eq!(scale.code(), tonic::Code::InvalidArgument);
+    assert!(
+        scale.message().contains("loras[0].scale"),
+        "{}",
+        scale.message()
+    );
+
+    cfg.adapters[0].path = "/nonexistent/style.safetensors".into();
+    let err = startup_error(cfg).await;
+    assert!(err.contains("/nonexistent/style.safetensors"), "{err}");
 }

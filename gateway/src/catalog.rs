@@ -20,6 +20,7 @@ pub const FEATURES: &[&str] = &[
     "cfg",
     "previews",
     "initial_noise",
+    "lora",
 ];
 
 /// `ServiceInfo.details` key the denoiser sets to "true" for step-distilled models.
@@ -71,6 +72,7 @@ impl Catalog {
                 distilled,
                 default_steps: if distilled { 4 } else { 50 },
                 default_guidance: if distilled { 1.0 } else { 4.0 },
+                adapters: Vec::new(),
             }];
         }
         info.models
@@ -82,6 +84,7 @@ impl Catalog {
                 distilled: m.distilled,
                 default_steps: m.default_steps,
                 default_guidance: m.default_guidance_scale,
+                adapters: m.adapters.clone(),
             })
             .collect()
     }

@@ -173,6 +173,7 @@ impl ImageService for ImageApi {
                     default_steps: m.default_steps,
                     default_guidance_scale: m.default_guidance,
                     variant: m.variant.clone(),
+                    adapters: m.adapters.clone(),
                 })
                 .collect(),
             limits: Some(pb::Limits {

@@ -182,6 +182,14 @@ pub async fn run(
             .collect(),
         preview_every: req.preview_every,
         noise: Some(noise),
+        loras: req
+            .loras
+            .iter()
+            .map(|(name, scale)| pb::LoraAdapter {
+                name: name.clone(),
+                scale: Some(*scale),
+            })
+            .collect(),
         ..Default::default()
     };
     match text {

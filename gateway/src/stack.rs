@@ -125,6 +125,7 @@ impl StackOptions {
             is_distilled: None,
             text_encoder: Some(id.to_owned()),
             lora: Vec::new(),
+            adapters: Vec::new(),
         });
         self
     }

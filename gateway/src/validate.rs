@@ -35,6 +35,8 @@ pub struct ModelCaps {
     pub default_steps: u32,
     /// Default guidance scale.
     pub default_guidance: f32,
+    /// LoRA adapters requests may apply to it, sorted.
+    pub adapters: Vec<String>,
 }
 
 /// Conditioning mode after validation.
@@ -70,6 +72,8 @@ pub struct ValidGenerate {
     pub references: Vec<RgbImage>,
     pub initial_noise: Option<pb::Tensor>,
     pub preview_every: u32,
+    /// LoRA adapters of the model, with their strengths, in order.
+    pub loras: Vec<(String, f32)>,
     pub warnings: Vec<String>,
 }
 
@@ -341,6 +345,7 @@ pub fn validate(
             .unwrap_or((1024, 1024));
     }
     check_size(width, height, limits)?;
+    let loras = loras(&req.loras, &model)?;
     if let Mode::ImageToImage { image, .. } = &mut mode {
         *image = preprocess::init_image(image, width, height);
     }
@@ -361,9 +366,31 @@ pub fn validate(
             references,
             initial_noise: None,
             preview_every: req.preview_every,
+            loras,
             warnings,
         },
     )
+}
+
+/// The request's adapters ([`klein_proto::lora::check`]), each one `model` serves.
+fn loras(loras: &[pb::LoraAdapter], model: &ModelCaps) -> Result<Vec<(String, f32)>, GatewayError> {
+    let checked = klein_proto::lora::check(loras).map_err(|r| invalid(&r.field, r.reason))?;
+    for (i, (name, _)) in checked.iter().enumerate() {
+        if !model.adapters.contains(name) {
+            let served = match model.adapters.is_empty() {
+                true => "none".to_owned(),
+                false => model.adapters.join(", "),
+            };
+            return Err(invalid(
+                &format!("loras[{i}].name"),
+                format!(
+                    "model {:?} has no adapter {name:?} (its adapters: {served})",
+                    model.id
+                ),
+            ));
+        }
+    }
+    Ok(checked)
 }
 
 /// Resolves the seed and checks the explicit noise against the final geometry.

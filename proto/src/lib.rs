@@ -5,6 +5,7 @@
 //!   (protox at build time; no `protoc` needed). `bytes` fields are [`bytes::Bytes`].
 //! - [`tensor`]: the one codec between [`pb::Tensor`] and [`candle_core::Tensor`]; it validates
 //!   dtype, rank, shape and byte length before allocating anything.
+//! - [`lora`]: the rules of a request's LoRA list, the same in the gateway and the denoiser.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection.
 
 #![deny(rust_2018_idioms)]
@@ -19,6 +20,7 @@ pub mod pb {
     tonic::include_proto!("klein.v1");
 }
 
+pub mod lora;
 pub mod tensor;
 
 /// Encoded `FileDescriptorSet` of every `klein.v1` file, for reflection.

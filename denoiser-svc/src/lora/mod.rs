@@ -36,7 +36,7 @@ mod file;
 mod merge;
 mod unmerged;
 
-pub use unmerged::{AdapterSpec, MAX_NAME, NamedAdapters, ResidentAdapters, valid_name};
+pub use unmerged::{AdapterSpec, NamedAdapters, ResidentAdapters};
 
 /// One adapter file and the strength it is merged with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

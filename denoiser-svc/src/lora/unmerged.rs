@@ -16,6 +16,7 @@ use std::{
 };
 
 use candle_core::{DType, Device, Result, Tensor};
+use klein_proto::lora::{MAX_NAME, valid_name};
 use serde::{Deserialize, Serialize};
 
 use super::{LoraError, Loras};
@@ -29,19 +30,6 @@ use crate::model::{
 pub struct AdapterSpec {
     pub name: String,
     pub path: PathBuf,
-}
-
-/// Longest adapter name.
-pub const MAX_NAME: usize = 64;
-
-/// Whether `name` is an adapter name: 1–64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl FromStr for AdapterSpec {

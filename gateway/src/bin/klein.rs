@@ -6,7 +6,7 @@ use clap::{
     Parser, Subcommand,
     builder::{OsStringValueParser, TypedValueParser},
 };
-use denoiser_svc::config::{LoraSpec, Quantize};
+use denoiser_svc::config::{AdapterSpec, LoraSpec, Quantize};
 use encoder_svc::model::quant::QuantFormat;
 use gateway::{cli, stack};
 use klein_runtime::{bytesize::ByteSize, device::DeviceSpec, server::shutdown_signal, telemetry};
@@ -96,6 +96,10 @@ struct ServeArgs {
     /// (repeatable; diffusers', ai-toolkit's or kohya's safetensors layout).
     #[arg(long = "lora", value_name = "PATH[:SCALE]")]
     lora: Vec<LoraSpec>,
+    /// A LoRA adapter requests may apply to the default model by name, unmerged, `NAME=PATH`
+    /// (repeatable; the same layouts as --lora; `klein generate --lora NAME[:SCALE]`).
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    adapter: Vec<AdapterSpec>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -238,6 +242,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         opts.denoiser.gemm_tuning_cache = Some(path);
     }
     opts.denoiser.lora = args.lora;
+    opts.denoiser.adapters = args.adapter;
     opts.gateway.server.metrics_listen = args.metrics_listen;
     opts.gateway.http_listen = Some(args.http_listen);
     tracing::info!(model_dir = %model_dir.display(), device = %args.device, "starting the stack");

@@ -60,6 +60,17 @@ pub struct Options {
     pub strength: Option<f32>,
     /// Extension: `edit` (images are references), `image_to_image` or `inpaint`.
     pub mode: Option<String>,
+    /// Extension: LoRA adapters of the model to apply, `[{"name": …, "scale": …}]` (a JSON
+    /// text in a multipart form).
+    pub loras: Option<Vec<LoraOption>>,
+}
+
+/// One entry of `loras`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraOption {
+    pub name: String,
+    pub scale: Option<f32>,
 }
 
 /// Uploaded files of a multipart request.
@@ -179,6 +190,17 @@ fn options_from_text(text: &HashMap<String, String>) -> Result<Options, ApiError
         negative_prompt: get("negative_prompt"),
         strength: parse(text, "strength")?,
         mode: get("mode"),
+        loras: text
+            .get("loras")
+            .map(|v| {
+                serde_json::from_str(v).map_err(|e| {
+                    ApiError::invalid(
+                        "loras",
+                        format!("loras: expected [{{\"name\": …, \"scale\": …}}]: {e}"),
+                    )
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -344,6 +366,15 @@ pub fn build(
             reference_images: images,
             initial_noise: None,
             preview_every: u32::from(partial_images > 0),
+            loras: opts
+                .loras
+                .unwrap_or_default()
+                .into_iter()
+                .map(|l| pb::LoraAdapter {
+                    name: l.name,
+                    scale: l.scale,
+                })
+                .collect(),
         },
         stream: opts.stream.unwrap_or(false),
         partial_images,
@@ -418,5 +449,44 @@ mod tests {
             build(o, uploads(1), &l, true).unwrap_err().param.as_deref(),
             Some("mode")
         );
+    }
+
+    #[test]
+    fn loras_come_from_json_and_from_a_form_field() {
+        let json: Options = serde_json::from_str(
+            r#"{"prompt": "x", "loras": [{"name": "style", "scale": 0.8}, {"name": "ink"}]}"#,
+        )
+        .unwrap();
+        let r = build(json, Uploads::default(), &Limits::default(), false).unwrap();
+        let want = [
+            pb::LoraAdapter {
+                name: "style".into(),
+                scale: Some(0.8),
+            },
+            pb::LoraAdapter {
+                name: "ink".into(),
+                scale: None,
+            },
+        ];
+        assert_eq!(r.generate.loras, want);
+        let form = HashMap::from([
+            ("prompt".to_owned(), "x".to_owned()),
+            (
+                "loras".to_owned(),
+                r#"[{"name": "style", "scale": 0.8}, {"name": "ink"}]"#.to_owned(),
+            ),
+        ]);
+        let o = options_from_text(&form).unwrap();
+        let r = build(o, Uploads::default(), &Limits::default(), false).unwrap();
+        assert_eq!(r.generate.loras, want);
+        for bad in [
+            r#"{"name": "style"}"#,
+            r#"[{"name": "a", "weight": 1}]"#,
+            "style",
+        ] {
+            let form = HashMap::from([("loras".to_owned(), bad.to_owned())]);
+            let e = options_from_text(&form).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("loras"), "{bad}");
+        }
     }
 }

@@ -1,0 +1,105 @@
+//! The rules a request's LoRA list ([`pb::LoraAdapter`]) follows, checked alike by the gateway
+//! and the denoiser: whether each named adapter exists is the denoiser's to say.
+
+use crate::pb;
+
+/// Most adapters one request applies.
+pub const MAX_LORAS: usize = 8;
+/// Largest strength magnitude a request gives an adapter.
+pub const MAX_SCALE: f32 = 8.0;
+/// Longest adapter name.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` is an adapter name: 1–64 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A refused list: the field (`loras`, `loras[i].name`, `loras[i].scale`) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraRefusal {
+    pub field: String,
+    pub reason: String,
+}
+
+/// `loras` as (name, strength) pairs in order (an absent strength is 1), or why not: more
+/// than [`MAX_LORAS`], a name that is not one ([`valid_name`]) or given twice, a strength
+/// that is not finite or past ±[`MAX_SCALE`].
+pub fn check(loras: &[pb::LoraAdapter]) -> Result<Vec<(String, f32)>, LoraRefusal> {
+    let refuse = |field: String, reason: String| LoraRefusal { field, reason };
+    if loras.len() > MAX_LORAS {
+        return Err(refuse(
+            "loras".into(),
+            format!("{} adapters exceed the limit {MAX_LORAS}", loras.len()),
+        ));
+    }
+    let mut out: Vec<(String, f32)> = Vec::with_capacity(loras.len());
+    for (i, l) in loras.iter().enumerate() {
+        if !valid_name(&l.name) {
+            return Err(refuse(
+                format!("loras[{i}].name"),
+                format!(
+                    "{:?} is not an adapter name (1–{MAX_NAME} letters, digits, `.`, `_` or `-`)",
+                    l.name
+                ),
+            ));
+        }
+        if out.iter().any(|(n, _)| *n == l.name) {
+            return Err(refuse(
+                format!("loras[{i}].name"),
+                format!("adapter {:?} is given twice", l.name),
+            ));
+        }
+        let scale = l.scale.unwrap_or(1.0);
+        if !scale.is_finite() || scale.abs() > MAX_SCALE {
+            return Err(refuse(
+                format!("loras[{i}].scale"),
+                format!("{scale} must be finite and within ±{MAX_SCALE}"),
+            ));
+        }
+        out.push((l.name.clone(), scale));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lora(name: &str, scale: Option<f32>) -> pb::LoraAdapter {
+        pb::LoraAdapter {
+            name: name.into(),
+            scale,
+        }
+    }
+
+    #[test]
+    fn a_list_is_checked_field_by_field() {
+        assert_eq!(
+            check(&[lora("anime-v2.1", None), lora("b_2", Some(-0.5))]).unwrap(),
+            [("anime-v2.1".to_owned(), 1.0), ("b_2".to_owned(), -0.5)]
+        );
+        let field = |l: &[pb::LoraAdapter]| check(l).unwrap_err().field;
+        assert_eq!(
+            field(&[lora("a", None), lora("../x", None)]),
+            "loras[1].name"
+        );
+        assert_eq!(field(&[lora("", None)]), "loras[0].name");
+        assert_eq!(field(&[lora(&"n".repeat(65), None)]), "loras[0].name");
+        assert_eq!(field(&[lora("a b", None)]), "loras[0].name");
+        assert_eq!(
+            field(&[lora("a", None), lora("a", Some(2.0))]),
+            "loras[1].name"
+        );
+        assert_eq!(field(&[lora("a", Some(f32::NAN))]), "loras[0].scale");
+        assert_eq!(field(&[lora("a", Some(8.5))]), "loras[0].scale");
+        let many: Vec<_> = (0..9).map(|i| lora(&format!("a{i}"), None)).collect();
+        assert_eq!(field(&many), "loras");
+        assert!(check(&[lora("a", Some(-8.0)), lora("b", Some(0.0))]).is_ok());
+    }
+}
