@@ -192,6 +192,27 @@ impl Module for Linear {
     }
 }
 
+impl Linear {
+    /// `x Wᵀ + c`, c shaped like the product: on cuBLASLt (CUDA bf16) one product that reads c
+    /// in its epilogue and rounds the sum once, elsewhere the product, then the sum.
+    pub fn forward_add(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => x_wt_add(x, w, c),
+            Weight::Quantized(q) => x_wt_add(x, &crate::dequantize(q, x.dtype())?, c),
+        }
+    }
+}
+
+/// `x Wᵀ + c`: the op where it applies, the composition elsewhere.
+fn x_wt_add(x: &Tensor, w: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if crate::fused(x) && crate::fused(w) && crate::fused(c) && matches!(x.rank(), 2 | 3) {
+        let c = c.contiguous()?;
+        x.apply_op3_no_bwd(w, &c, &XWtAdd)
+    } else {
+        x_wt(x, w)? + c
+    }
+}
+
 /// `x Wᵀ`: the op where it applies, candle_nn's `Linear` elsewhere.
 fn x_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if crate::fused(x) && crate::fused(w) && matches!(x.rank(), 2 | 3) {
@@ -277,6 +298,70 @@ impl CustomOp2 for XWt {
     }
 }
 
+/// x Wᵀ + c: [`XWt`]'s operands and c (contiguous, the product's shape), accumulated in f32
+/// with c and rounded once to the dtype.
+#[derive(Debug, Clone, Copy)]
+pub struct XWtAdd;
+
+impl candle_core::CustomOp3 for XWtAdd {
+    fn name(&self) -> &'static str {
+        "klein-linear-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [b, s, k, n, _, _] = dims(xl, wl)?;
+        check_addend(cl, &out_shape(xl, n))?;
+        let (x, w, c) = (cpu::read(xs, xl)?, cpu::read(ws, wl)?, cpu::read(cs, cl)?);
+        let round = cpu::rounder(cpu::dtype(xs));
+        let out = (0..b * s)
+            .flat_map(|r| {
+                let (x, w, c) = (&x[r * k..(r + 1) * k], &w, &c[r * n..(r + 1) * n]);
+                (0..n).map(move |j| {
+                    let row = &w[j * k..(j + 1) * k];
+                    round(x.iter().zip(row).map(|(a, b)| a * b).sum::<f32>() + c[j])
+                })
+            })
+            .collect();
+        Ok((cpu::write(out, cpu::dtype(xs))?, out_shape(xl, n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        cs: &candle_core::CudaStorage,
+        cl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = dims(xl, wl)?;
+        let shape = out_shape(xl, d[3]);
+        check_addend(cl, &shape)?;
+        let out = cublaslt::x_wt_add(xs, xl, ws, wl, (cs, cl), d)?;
+        Ok((out, shape))
+    }
+}
+
+/// The addend of [`XWtAdd`]: contiguous, in the product's shape.
+fn check_addend(cl: &Layout, shape: &Shape) -> Result<()> {
+    if cl.shape() != shape || !cl.is_contiguous() {
+        bail!(
+            "linear: the addend {:?} must be contiguous and shaped as the product {shape:?}",
+            cl.shape()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::IndexOp;
@@ -304,6 +389,31 @@ mod tests {
             .apply_op2_no_bwd(&w.to_dtype(DType::BF16)?, &XWt)?;
         assert_eq!(bf.dims(), &[2, 7, 24]);
         assert_eq!(bf.dtype(), DType::BF16);
+        Ok(())
+    }
+
+    /// The accumulating op's CPU reference: the product plus c, on a strided batch; a c of
+    /// another shape is refused.
+    #[test]
+    fn the_addend_is_summed_into_the_product() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 40), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 9, 40), &dev)?.i((.., 2..9, ..))?;
+        let c = Tensor::randn(0f32, 1.0, (2, 7, 24), &dev)?;
+        let got = x.apply_op3_no_bwd(&w, &c, &XWtAdd)?;
+        let want = (x.broadcast_matmul(&w.t()?)? + &c)?;
+        let diff = (got - want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "max |diff| {diff}");
+        let composed = Linear::new(w.clone()).forward_add(&x, &c)?;
+        assert_eq!(composed.dims(), &[2, 7, 24]);
+        assert!(
+            x.apply_op3_no_bwd(&w, &c.i((.., 1.., ..))?, &XWtAdd)
+                .is_err()
+        );
         Ok(())
     }
 

@@ -564,6 +564,42 @@ fn linear_matches_candle_and_tuning_changes_no_bit() -> Result<()> {
     Ok(())
 }
 
+/// `x Wᵀ + c` with c read in cuBLASLt's epilogue: within a quarter of a bf16 ulp (rel-L2) of
+/// the f32 product plus c, rounded once; the shapes of a layer taking LoRA terms (the single
+/// block's projection), of a term's `up` product (a rank-wide x), a narrowed x, and a 2-D x.
+#[test]
+fn linear_with_an_addend_matches_the_f32_sum() -> Result<()> {
+    use candle_core::IndexOp;
+    let dev = gpu();
+    type Case<'a> = (&'a [usize], usize, Option<(usize, usize)>);
+    let cases: [Case; 4] = [
+        (&[1, 4608, 3072], 27648, None),
+        (&[1, 4608, 64], 3072, None),
+        (&[2, 9, 64], 48, Some((2, 7))),
+        (&[300, 128], 200, None),
+    ];
+    for (x_dims, n, narrow) in cases {
+        let k = *x_dims.last().expect("rank 2 or 3");
+        let x = randn(x_dims, DType::BF16, &dev)?;
+        let x = match narrow {
+            Some((start, len)) => x.i((.., start..start + len, ..))?,
+            None => x,
+        };
+        let w = (randn(&[n, k], DType::BF16, &dev)? * 0.05)?.to_dtype(DType::BF16)?;
+        let mut c_dims = x.dims().to_vec();
+        *c_dims.last_mut().expect("rank 2 or 3") = n;
+        let c = randn(&c_dims, DType::BF16, &dev)?;
+        let got = klein_kernels::Linear::new(w.clone()).forward_add(&x, &c)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let want =
+            (f32(&x)?.broadcast_matmul(&f32(&w)?.t()?)? + f32(&c)?)?.to_dtype(DType::BF16)?;
+        let rel = rel_l2(&got, &want)?;
+        println!("linear + c {x_dims:?} (narrowed {narrow:?}) -> {n}: rel-L2 {rel:.2e}");
+        assert!(rel <= BF16_ULP / 4.0, "rel-L2 {rel}");
+    }
+    Ok(())
+}
+
 #[test]
 fn flash_attention_matches_the_f32_composition() -> Result<()> {
     let dev = gpu();

@@ -116,9 +116,18 @@ pub struct LowRank {
 }
 
 impl LowRank {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let t = (Linear::new(self.down.clone()).forward(x)? * self.scale)?;
-        Linear::new(self.up.clone()).forward(&t)
+    /// `(down x) · scale`, the rank-wide input of `up`.
+    fn inner(&self, x: &Tensor) -> Result<Tensor> {
+        Linear::new(self.down.clone()).forward(x)? * self.scale
+    }
+
+    /// The term, plus `acc` when given (summed in the `up` product's epilogue on cuBLASLt).
+    fn forward(&self, x: &Tensor, acc: Option<&Tensor>) -> Result<Tensor> {
+        let up = Linear::new(self.up.clone());
+        match acc {
+            Some(acc) => up.forward_add(&self.inner(x)?, acc),
+            None => up.forward(&self.inner(x)?),
+        }
     }
 }
 
@@ -172,12 +181,17 @@ impl Projection {
 }
 
 impl Module for Projection {
+    /// The product, plus the LoRA terms: summed among themselves, then read by the layer's
+    /// product as its addend ([`Linear::forward_add`]), so no pass over the output adds them.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = self.linear.forward(x)?;
+        let mut terms: Option<Tensor> = None;
         for t in &self.low_rank {
-            y = (y + t.forward(x)?)?;
+            terms = Some(t.forward(x, terms.as_ref())?);
         }
-        Ok(y)
+        match terms {
+            Some(terms) => self.linear.forward_add(x, &terms),
+            None => self.linear.forward(x),
+        }
     }
 }
 

@@ -109,6 +109,7 @@ pub async fn capabilities(State(state): State<AppState>) -> Result<Json<Value>, 
         "models": caps.models.iter().map(|m| json!({
             "id": m.id, "variant": m.variant, "distilled": m.distilled,
             "default_steps": m.default_steps, "default_guidance": m.default_guidance_scale,
+            "adapters": m.adapters,
         })).collect::<Vec<_>>(),
         "limits": {
             "min_image_side": l.min_image_side, "max_image_side": l.max_image_side,

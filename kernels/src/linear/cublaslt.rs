@@ -100,6 +100,8 @@ struct Operands {
     w: CUdeviceptr,
     x: CUdeviceptr,
     y: CUdeviceptr,
+    /// C of y = x Wᵀ + C (laid out as y), read in the product's epilogue.
+    c: Option<CUdeviceptr>,
 }
 
 /// The operation and layouts of one shape, freed on drop.
@@ -285,9 +287,9 @@ impl Lt {
             .collect())
     }
 
-    /// Enqueues y = x Wᵀ with `algo`.
+    /// Enqueues y = x Wᵀ (+ C) with `algo`.
     fn run(&mut self, p: &Problem, algo: &Algo, o: Operands, stream: &CudaStream) -> Result<()> {
-        let (alpha, beta) = (1f32, 0f32);
+        let (alpha, beta) = (1f32, if o.c.is_some() { 1f32 } else { 0f32 });
         let (workspace, _guard) = self.workspace.device_ptr_mut(stream);
         unsafe {
             result::matmul(
@@ -299,7 +301,7 @@ impl Lt {
                 p.w,
                 o.x as *const c_void,
                 p.x,
-                o.y as *const c_void,
+                o.c.unwrap_or(o.y) as *const c_void,
                 p.y,
                 o.y as *mut c_void,
                 p.y,
@@ -446,6 +448,30 @@ pub fn x_wt(
     xl: &Layout,
     ws: &CudaStorage,
     wl: &Layout,
+    dims: [usize; 6],
+) -> Result<CudaStorage> {
+    product(xs, xl, ws, wl, None, dims)
+}
+
+/// x Wᵀ + c for the dimensions of [`super::dims`], c contiguous in the product's shape, into a
+/// new buffer: c read in the product's epilogue, the sum rounded once.
+pub fn x_wt_add(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    (cs, cl): (&CudaStorage, &Layout),
+    dims: [usize; 6],
+) -> Result<CudaStorage> {
+    product(xs, xl, ws, wl, Some((cs, cl)), dims)
+}
+
+fn product(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    c: Option<(&CudaStorage, &Layout)>,
     [b, s, k, n, sr, sb]: [usize; 6],
 ) -> Result<CudaStorage> {
     // Batch items one row stride apart are one matrix.
@@ -458,15 +484,26 @@ pub fn x_wt(
     let dev = xs.device().clone();
     let stream = dev.cuda_stream();
     let (x, w) = (view::<bf16>(xs, xl)?, view::<bf16>(ws, wl)?);
+    let c = c.map(|(cs, cl)| view::<bf16>(cs, cl)).transpose()?;
     let mut y = unsafe { dev.alloc::<bf16>(b * s * n)? };
     let ((xp, _gx), (wp, _gw)) = (x.device_ptr(&stream), w.device_ptr(&stream));
+    let (cp, _gc) = match &c {
+        Some(c) => {
+            let (p, g) = c.device_ptr(&stream);
+            (Some(p), Some(g))
+        }
+        None => (None, None),
+    };
     let yp = y.device_ptr_mut(&stream).0;
     let o = Operands {
         w: wp,
         x: xp,
         y: yp,
+        c: cp,
     };
-    let align = [alignment(wp), alignment(xp), alignment(yp)];
+    // C is read with D's layout and alignment: the lower of the two counts.
+    let out_align = cp.map_or(alignment(yp), |c| alignment(yp).min(alignment(c)));
+    let align = [alignment(wp), alignment(xp), out_align];
     let key = (dev.id(), dims, align);
     let problem = Problem::new(dims, align)?;
     LT.with(|lt| -> Result<()> {
@@ -483,7 +520,9 @@ pub fn x_wt(
             bail!("linear: cuBLASLt has no algorithm for x Wᵀ of {dims:?}");
         }
         let flop = 2.0 * (b * s * k * n) as f64;
-        let algo = if TUNING.get() && flop >= TUNED_FLOP && found.len() > 1 {
+        // Products with C take the heuristic's first choice: the tuner's bit checks compare
+        // products alone.
+        let algo = if TUNING.get() && flop >= TUNED_FLOP && found.len() > 1 && cp.is_none() {
             let cached = KNOWN.with(|k| k.borrow().rank(&lt.card, dims, align));
             let (algo, tuned) = lt.tune(&problem, &found, cached, o, &dev, &y)?;
             TUNED.with(|t| t.borrow_mut().push(tuned));
