@@ -25,6 +25,9 @@
 //! hard MPS limit) hands the pool back and is tried once more
 //! ([`gpu_memory::retry_out_of_memory`]).
 //!
+//! A run whose request names LoRA adapters steps a view of its model with their terms added
+//! ([`GraphedTransformer::adapted`]), built when the run is prepared and dropped with it.
+//!
 //! Steps are the unit of scheduling so that runs with the same geometry can later share one
 //! batched forward: the model already takes one timestep per batch item. A panic inside a step
 //! fails that run alone.

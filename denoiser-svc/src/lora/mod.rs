@@ -1,8 +1,10 @@
-//! LoRA adapters merged into the transformer's weights at load: each weight a LoRA touches is
-//! read as `W + Σ scale · (B @ A)` in f32, then in the model dtype, as diffusers'
-//! `load_lora_weights` + `fuse_lora(lora_scale)` computes it (on the host, by every core).
-//! Served models are fixed at start-up (server-wide, like SGLang's `set_lora`); a model entry
-//! per adapter set gives requests a choice by model id.
+//! LoRA adapters, two ways:
+//! - merged into the transformer's weights at load: each weight a LoRA touches is read as
+//!   `W + Σ scale · (B @ A)` in f32, then in the model dtype, as diffusers computes it with
+//!   `load_lora_weights` and `fuse_lora(lora_scale)` (on the host, by every core); a model
+//!   entry per adapter set;
+//! - per request ([`unmerged`]): named adapters of a model, added unmerged to a view of it for
+//!   the runs that name them, each with the request's strength.
 //!
 //! The three layouts diffusers reads for FLUX.2 are read:
 //! - diffusers / PEFT: `transformer.<module>.lora_A.weight` / `lora_B.weight`, scale
@@ -34,7 +36,7 @@ use crate::model::bfl::{self, Source};
 
 mod file;
 mod merge;
-mod unmerged;
+pub mod unmerged;
 
 pub use unmerged::{AdapterSpec, NamedAdapters, ResidentAdapters};
 
