@@ -36,6 +36,28 @@ fn f32s(shape: &[u64], v: f32) -> pb::Tensor {
     tensor(pb::Dtype::F32, shape, &v.to_le_bytes())
 }
 
+/// The bad `loras` of a GenerateRequest or a DenoiseRequest (the same rules in both).
+macro_rules! lora_cases {
+    ($t:ty) => {{
+        let cases: [Case<$t>; 5] = [
+            ("loras[0].name", |r| {
+                r.loras = vec![lora("no-such-adapter", None)]
+            }),
+            ("loras[0].name", |r| r.loras = vec![lora("../x", None)]),
+            ("loras[1].name", |r| {
+                r.loras = vec![lora("a", None), lora("a", None)]
+            }),
+            ("loras[0].scale", |r| {
+                r.loras = vec![lora("a", Some(f32::NAN))]
+            }),
+            ("loras", |r| {
+                r.loras = (0..9).map(|i| lora(&format!("a{i}"), None)).collect()
+            }),
+        ];
+        cases
+    }};
+}
+
 fn lora(name: &str, scale: Option<f32>) -> pb::LoraAdapter {
     pb::LoraAdapter {
         name: name.into(),
@@ -70,7 +92,7 @@ fn expect_invalid(rpc: &str, field: &str, got: Result<(), Status>) {
 }
 
 fn generate_cases() -> Vec<Case<pb::GenerateRequest>> {
-    vec![
+    let mut cases: Vec<Case<pb::GenerateRequest>> = vec![
         ("prompt", |r| r.prompt = "x".repeat(17 * 1024)),
         ("negative_prompt", |r| {
             r.negative_prompt = "x".repeat(17 * 1024)
@@ -157,20 +179,9 @@ fn generate_cases() -> Vec<Case<pb::GenerateRequest>> {
             t.dtype = 77;
             r.initial_noise = Some(t)
         }),
-        ("loras[0].name", |r| {
-            r.loras = vec![lora("no-such-adapter", None)]
-        }),
-        ("loras[0].name", |r| r.loras = vec![lora("../x", None)]),
-        ("loras[1].name", |r| {
-            r.loras = vec![lora("a", None), lora("a", None)]
-        }),
-        ("loras[0].scale", |r| {
-            r.loras = vec![lora("a", Some(f32::NAN))]
-        }),
-        ("loras", |r| {
-            r.loras = (0..9).map(|i| lora(&format!("a{i}"), None)).collect()
-        }),
-    ]
+    ];
+    cases.extend(lora_cases!(pb::GenerateRequest));
+    cases
 }
 
 fn encode_cases() -> Vec<Case<pb::TextEncoderServiceEncodeRequest>> {
@@ -189,7 +200,7 @@ fn encode_cases() -> Vec<Case<pb::TextEncoderServiceEncodeRequest>> {
 }
 
 fn denoise_cases() -> Vec<Case<pb::DenoiseRequest>> {
-    vec![
+    let mut cases: Vec<Case<pb::DenoiseRequest>> = vec![
         ("model", |r| r.model = "no-such-model".into()),
         ("prompt_embeds", |r| r.prompt_embeds = None),
         ("prompt_embeds", |r| {
@@ -300,20 +311,9 @@ fn denoise_cases() -> Vec<Case<pb::DenoiseRequest>> {
                 grid: None,
             }]
         }),
-        ("loras[0].name", |r| {
-            r.loras = vec![lora("no-such-adapter", None)]
-        }),
-        ("loras[0].name", |r| r.loras = vec![lora("../x", None)]),
-        ("loras[1].name", |r| {
-            r.loras = vec![lora("a", None), lora("a", None)]
-        }),
-        ("loras[0].scale", |r| {
-            r.loras = vec![lora("a", Some(f32::NAN))]
-        }),
-        ("loras", |r| {
-            r.loras = (0..9).map(|i| lora(&format!("a{i}"), None)).collect()
-        }),
-    ]
+    ];
+    cases.extend(lora_cases!(pb::DenoiseRequest));
+    cases
 }
 
 fn vae_encode_cases() -> Vec<Case<pb::VaeServiceEncodeRequest>> {

@@ -269,19 +269,7 @@ impl CustomOp2 for XWt {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [b, s, k, n, _, _] = dims(xl, wl)?;
-        let (x, w) = (cpu::read(xs, xl)?, cpu::read(ws, wl)?);
-        let round = cpu::rounder(cpu::dtype(xs));
-        let out = (0..b * s)
-            .flat_map(|r| {
-                let (x, w) = (&x[r * k..(r + 1) * k], &w);
-                (0..n).map(move |j| {
-                    let row = &w[j * k..(j + 1) * k];
-                    round(x.iter().zip(row).map(|(a, b)| a * b).sum())
-                })
-            })
-            .collect();
-        Ok((cpu::write(out, cpu::dtype(xs))?, out_shape(xl, n)))
+        reference((xs, xl), (ws, wl), None)
     }
 
     #[cfg(feature = "cuda")]
@@ -296,6 +284,37 @@ impl CustomOp2 for XWt {
         let out = cublaslt::x_wt(xs, xl, ws, wl, d)?;
         Ok((out, out_shape(xl, d[3])))
     }
+}
+
+/// The CPU reference of [`XWt`] (and, with c, [`XWtAdd`]): each output the f32 sum of its
+/// products (plus c's element), rounded once to the dtype.
+fn reference(
+    (xs, xl): (&CpuStorage, &Layout),
+    (ws, wl): (&CpuStorage, &Layout),
+    c: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let [b, s, k, n, _, _] = dims(xl, wl)?;
+    let shape = out_shape(xl, n);
+    let c = match c {
+        Some((cs, cl)) => {
+            check_addend(cl, &shape)?;
+            Some(cpu::read(cs, cl)?)
+        }
+        None => None,
+    };
+    let (x, w) = (cpu::read(xs, xl)?, cpu::read(ws, wl)?);
+    let round = cpu::rounder(cpu::dtype(xs));
+    let out = (0..b * s)
+        .flat_map(|r| {
+            let (x, w, c) = (&x[r * k..(r + 1) * k], &w, c.as_deref());
+            (0..n).map(move |j| {
+                let row = &w[j * k..(j + 1) * k];
+                let sum: f32 = x.iter().zip(row).map(|(a, b)| a * b).sum();
+                round(sum + c.map_or(0.0, |c| c[r * n + j]))
+            })
+        })
+        .collect();
+    Ok((cpu::write(out, cpu::dtype(xs))?, shape))
 }
 
 /// x Wᵀ + c: [`XWt`]'s operands and c (contiguous, the product's shape), accumulated in f32
@@ -317,20 +336,7 @@ impl candle_core::CustomOp3 for XWtAdd {
         cs: &CpuStorage,
         cl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let [b, s, k, n, _, _] = dims(xl, wl)?;
-        check_addend(cl, &out_shape(xl, n))?;
-        let (x, w, c) = (cpu::read(xs, xl)?, cpu::read(ws, wl)?, cpu::read(cs, cl)?);
-        let round = cpu::rounder(cpu::dtype(xs));
-        let out = (0..b * s)
-            .flat_map(|r| {
-                let (x, w, c) = (&x[r * k..(r + 1) * k], &w, &c[r * n..(r + 1) * n]);
-                (0..n).map(move |j| {
-                    let row = &w[j * k..(j + 1) * k];
-                    round(x.iter().zip(row).map(|(a, b)| a * b).sum::<f32>() + c[j])
-                })
-            })
-            .collect();
-        Ok((cpu::write(out, cpu::dtype(xs))?, out_shape(xl, n)))
+        reference((xs, xl), (ws, wl), Some((cs, cl)))
     }
 
     #[cfg(feature = "cuda")]

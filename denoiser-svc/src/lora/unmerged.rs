@@ -79,15 +79,6 @@ impl NamedAdapters {
         Ok(Self { adapters })
     }
 
-    /// The names requests may use, sorted.
-    pub fn names(&self) -> Vec<String> {
-        self.adapters.keys().cloned().collect()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.adapters.is_empty()
-    }
-
     /// Device bytes the stored factors take at most in `dtype`: each module's A, and its B
     /// rows padded at most threefold (a stacked layer's `up` holds zeros beside each module's
     /// block; the widest stack is q, k and v).

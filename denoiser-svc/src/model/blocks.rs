@@ -11,7 +11,7 @@ use klein_kernels::{
 use super::{
     attention::attention,
     embeddings::{Rope, timestep_features},
-    layers::{FeedForward, MapProjections, Projection, QkNorm, linear, projection},
+    layers::{FeedForward, MapFn, MapProjections, Projection, QkNorm, linear, projection},
     transformer::Config,
 };
 
@@ -38,10 +38,7 @@ impl TimestepEmbedding {
 }
 
 impl MapProjections for TimestepEmbedding {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             linear_1: f(&self.linear_1)?,
             linear_2: f(&self.linear_2)?,
@@ -82,10 +79,7 @@ impl Flux2TimestepGuidanceEmbeddings {
 }
 
 impl MapProjections for Flux2TimestepGuidanceEmbeddings {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             timestep_embedder: self.timestep_embedder.map_projections(f)?,
             channels: self.channels,
@@ -120,10 +114,7 @@ impl Flux2Modulation {
 }
 
 impl MapProjections for Flux2Modulation {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             linear: f(&self.linear)?,
             sets: self.sets,
@@ -285,10 +276,7 @@ impl Flux2Attention {
 }
 
 impl MapProjections for Flux2Attention {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             to_qkv: f(&self.to_qkv)?,
             to_out: f(&self.to_out)?,
@@ -357,10 +345,7 @@ impl Flux2TransformerBlock {
 }
 
 impl MapProjections for Flux2TransformerBlock {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             eps: self.eps,
             attn: self.attn.map_projections(f)?,
@@ -466,10 +451,7 @@ impl Flux2ParallelSelfAttention {
 }
 
 impl MapProjections for Flux2ParallelSelfAttention {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             to_qkv_mlp_proj: f(&self.to_qkv_mlp_proj)?,
             to_out: f(&self.to_out)?,
@@ -527,10 +509,7 @@ impl Flux2SingleTransformerBlock {
 }
 
 impl MapProjections for Flux2SingleTransformerBlock {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             eps: self.eps,
             attn: self.attn.map_projections(f)?,
@@ -564,10 +543,7 @@ impl AdaLayerNormContinuous {
 }
 
 impl MapProjections for AdaLayerNormContinuous {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             linear: f(&self.linear)?,
             eps: self.eps,

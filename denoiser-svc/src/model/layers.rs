@@ -226,18 +226,17 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder<'_>) -> Result<Proje
     Ok(Projection::new(linear, vec![part]))
 }
 
+/// What [`MapProjections`] asks of each layer: its replacement.
+pub type MapFn<'a> = &'a mut dyn FnMut(&Projection) -> Result<Projection>;
+
 /// Every [`Projection`] of a model part replaced by `f`'s answer for it, in a copy that shares
 /// everything else: how a request's adapters become a view of the resident model.
 pub trait MapProjections: Sized {
-    fn map_projections(&self, f: &mut dyn FnMut(&Projection) -> Result<Projection>)
-    -> Result<Self>;
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self>;
 }
 
 /// `f` over a list of model parts.
-pub fn map_all<T: MapProjections>(
-    items: &[T],
-    f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-) -> Result<Vec<T>> {
+pub fn map_all<T: MapProjections>(items: &[T], f: MapFn<'_>) -> Result<Vec<T>> {
     items.iter().map(|i| i.map_projections(f)).collect()
 }
 
@@ -260,10 +259,7 @@ impl FeedForward {
 }
 
 impl MapProjections for FeedForward {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             linear_in: f(&self.linear_in)?,
             linear_out: f(&self.linear_out)?,

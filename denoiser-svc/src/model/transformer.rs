@@ -26,7 +26,7 @@ use super::{
         Flux2TimestepGuidanceEmbeddings, Flux2TransformerBlock, Stream,
     },
     embeddings::{PositionId, Rope, rope},
-    layers::{MapProjections, Projection, linear, map_all},
+    layers::{MapFn, MapProjections, Projection, linear, map_all},
 };
 
 /// `transformer/config.json` (the keys diffusers writes for klein; §1.2).
@@ -417,10 +417,7 @@ impl Flux2Transformer2DModel {
 }
 
 impl MapProjections for Flux2Transformer2DModel {
-    fn map_projections(
-        &self,
-        f: &mut dyn FnMut(&Projection) -> Result<Projection>,
-    ) -> Result<Self> {
+    fn map_projections(&self, f: MapFn<'_>) -> Result<Self> {
         Ok(Self {
             cfg: self.cfg.clone(),
             time_guidance_embed: self.time_guidance_embed.map_projections(f)?,
