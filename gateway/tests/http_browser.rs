@@ -1,8 +1,8 @@
 //! The web page in headless Chromium: starts the stack with HTTP on 127.0.0.1:0, writes the
 //! input pictures and runs `gateway/web/e2e/browser.test.mjs` (node's test runner driving
 //! Debian's `/usr/bin/chromium` through playwright-core): text-to-image, image-to-image,
-//! inpainting with a painted mask and with the image's alpha, references, progress and
-//! cancel, history. Screenshots of every mode are saved in `target/tmp/browser/` (or
+//! inpainting with a painted mask and with the image's alpha, references, LoRA adapters,
+//! progress and cancel, history. Screenshots of every mode are saved in `target/tmp/browser/` (or
 //! `$KLEIN_ARTIFACTS`).
 //!
 //! Without node, chromium or `npm ci` in `gateway/web/e2e` the test is skipped, except when
@@ -66,7 +66,16 @@ async fn the_web_page_works_in_headless_chromium() {
         std::fs::write(inputs.join(name), bytes).unwrap();
     }
 
-    let (running, http) = http_common::start(|_| {}).await;
+    // The tiny model's fixture adapter, for the page's adapter picker.
+    let (running, http) = http_common::start(|o| {
+        o.denoiser.adapters = vec![denoiser_svc::lora::AdapterSpec {
+            name: "style".into(),
+            path: Path::new(env!("CARGO_MANIFEST_DIR")).join(
+                "../tests/fixtures/loras/tiny-klein-4b-diffusers/pytorch_lora_weights.safetensors",
+            ),
+        }];
+    })
+    .await;
     let url = format!("http://{}/", http.addr);
     let dir = artifacts.clone();
     let output = tokio::task::spawn_blocking(move || {

@@ -63,9 +63,35 @@ async function loadCapabilities() {
     $('model-name').textContent = m ? `${m.id} · ${m.distilled ? 'distilled' : 'base'}, ${m.default_steps} steps` : 'no model yet';
     $('steps').placeholder = m ? `${m.default_steps}` : 'default';
     $('guidance-label').hidden = !m || m.distilled;
+    showAdapters(m?.adapters ?? []);
   } catch (e) {
     $('model-name').textContent = `gateway unavailable: ${e.message}`;
   }
+}
+
+// One checkbox and strength per adapter of the model (GET /v1/capabilities).
+function showAdapters(names) {
+  const list = $('lora-list');
+  list.replaceChildren(...names.map((name) => {
+    const label = document.createElement('label');
+    const on = Object.assign(document.createElement('input'), { type: 'checkbox' });
+    on.dataset.lora = name;
+    const scale = Object.assign(document.createElement('input'), {
+      type: 'number', step: '0.05', min: '-8', max: '8', value: '1', title: 'strength',
+    });
+    scale.dataset.loraScale = name;
+    label.append(on, ` ${name} `, scale);
+    return label;
+  }));
+  $('lora-panel').hidden = names.length === 0;
+}
+
+// The checked adapters with their strengths, as the `loras` field takes them.
+function chosenAdapters() {
+  return [...document.querySelectorAll('#lora-list input[data-lora]:checked')].map((on) => {
+    const scale = document.querySelector(`#lora-list input[data-lora-scale="${on.dataset.lora}"]`);
+    return { name: on.dataset.lora, scale: Number(scale.value) };
+  });
 }
 
 async function buildForm() {
@@ -96,6 +122,8 @@ async function buildForm() {
     f.set('strength', $('inpaint-strength').value);
   }
   for (const r of references) f.append('reference_image[]', r);
+  const loras = chosenAdapters();
+  if (loras.length) f.set('loras', JSON.stringify(loras));
   return f;
 }
 

@@ -64,7 +64,7 @@ after(async () => { await browser?.close(); });
 // The API's answer (first image, base64) to a multipart request; files are input names or bytes.
 async function api(endpoint, fields, files = []) {
   const form = new FormData();
-  for (const [k, v] of Object.entries(fields)) form.set(k, String(v));
+  for (const [k, v] of Object.entries(fields)) form.set(k, typeof v === 'object' ? JSON.stringify(v) : String(v));
   for (const [k, file] of files) {
     const bytes = typeof file === 'string' ? await readFile(input(file)) : file;
     form.append(k, new Blob([bytes], { type: 'image/png' }), `${k}.png`);
@@ -147,6 +147,23 @@ test('text-to-image shows the image the API returns for the same request', async
   assert.deepEqual([px.w, px.h], [64, 64]);
   assert.ok(new Set(px.data).size > 10, 'the image is not blank');
   await shot('t2i');
+});
+
+test('chosen LoRA adapters are sent with their strengths', async () => {
+  assert.equal(await page.isVisible('#lora-panel'), true, 'the model serves an adapter');
+  await page.check('#mode-t2i');
+  await fillCommon({ prompt: 'a red fox in the snow', seed: 7 });
+  await page.check('#lora-list input[data-lora="style"]');
+  await page.fill('#lora-list input[data-lora-scale="style"]', '0.8');
+  const { b64, sent } = await generate(7);
+  assert.deepEqual(JSON.parse(sent.loras), [{ name: 'style', scale: 0.8 }]);
+  const want = await api('/v1/images/generations',
+    { prompt: 'a red fox in the snow', size: '64x64', steps: 4, seed: 7, loras: [{ name: 'style', scale: 0.8 }] });
+  assert.equal(b64, want, 'the page shows exactly the API image');
+  const plain = await api('/v1/images/generations', { prompt: 'a red fox in the snow', size: '64x64', steps: 4, seed: 7 });
+  assert.notEqual(b64, plain, 'the adapter changes the image');
+  await shot('lora');
+  await page.uncheck('#lora-list input[data-lora="style"]');
 });
 
 test('image-to-image sends the upload with the strength from the slider', async () => {
