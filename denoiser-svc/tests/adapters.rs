@@ -3,13 +3,19 @@
 //! with `set_adapters` at weight 0.8 (`output.unfused.*`), and two adapters at 1.1 and -0.6
 //! (`output.unfused_pair.f32`). f32 within 1e-4 for every file layout, bf16 within twice
 //! torch's own spread of the unfused forward; the view shares the model's weights, so the model
-//! itself stays plain, also quantized.
+//! itself stays plain, also quantized at load or stored quantized in a GGUF file (which a merge
+//! cannot take).
 
+mod bfl_layout;
 mod golden_forward;
 mod lora_golden;
 
-use candle_core::DType;
-use denoiser_svc::lora::{AdapterSpec, NamedAdapters};
+use candle_core::{DType, quantized::GgmlDType};
+use denoiser_svc::{
+    lora::{AdapterSpec, NamedAdapters},
+    model::bfl::is_projection,
+    weights::Checkpoint,
+};
 use klein_kernels::quant::{QuantFormat, Quantize};
 use klein_test_support::{golden, rel_l2, take, test_device};
 use lora_golden::{LAYOUTS, forward, golden_lora, load, lora_file, manifest_lora, scale, tiny_4b};
@@ -104,6 +110,35 @@ fn a_quantized_model_takes_dense_terms() {
         take(&golden("transformer_forward"), "output.f32"),
     );
     println!("q8_0 unmerged: rel-L2 {e:.3e} (the plain model's {plain_e:.3e})");
+    assert!(e <= 2.0 * plain_e, "{e} > 2 x {plain_e}");
+}
+
+/// A GGUF transformer (ComfyUI's layout, its projections in Q8_0 blocks) takes the terms beside
+/// its stored blocks: as close to the golden as the plain GGUF model is to its own.
+#[test]
+fn a_gguf_transformer_takes_the_terms_beside_its_blocks() {
+    let g = golden_lora();
+    let file = bfl_layout::temp("adapters-q8.gguf");
+    bfl_layout::write_gguf(&file, &bfl_layout::tensors(), "", |name, _| {
+        if is_projection(name) {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::F32
+        }
+    });
+    let gguf = Checkpoint::locate(&file.0).unwrap();
+    assert!(gguf.config.stored_projections().count() > 0);
+    let model = load(gguf, DType::F32);
+    let adapters = named(&["kohya"])
+        .resident(&model, DType::F32, &test_device())
+        .unwrap();
+    let view = adapters.view(&model, &[("kohya".into(), scale())]).unwrap();
+    let e = rel_l2(&forward(&view, DType::F32), take(&g, "output.unfused.f32"));
+    let plain_e = rel_l2(
+        &forward(&model, DType::F32),
+        take(&golden("transformer_forward"), "output.f32"),
+    );
+    println!("Q8_0 GGUF with the adapter: rel-L2 {e:.3e} (the plain GGUF model's {plain_e:.3e})");
     assert!(e <= 2.0 * plain_e, "{e} > 2 x {plain_e}");
 }
 
