@@ -36,6 +36,7 @@ fn load(target: &str, mode: Mode, requests: u64, duration: Duration) -> LoadConf
             steps: 2,
             seed: 7,
             prompt: "a lighthouse at dusk".into(),
+            loras: Vec::new(),
         },
     }
 }

@@ -49,6 +49,7 @@ fn load(target: &str, requests: u64, seed: u64) -> LoadConfig {
             steps: 1,
             seed,
             prompt: "a lighthouse at dusk".into(),
+            loras: Vec::new(),
         },
     }
 }

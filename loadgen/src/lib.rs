@@ -34,7 +34,7 @@ pub use report::{Report, Sample};
 use tokio::sync::Mutex;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
-pub use workload::{Kind, Workload};
+pub use workload::{Kind, Workload, parse_lora_set};
 
 /// How requests are started.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -232,6 +232,7 @@ mod tests {
                 steps: 1,
                 seed: 0,
                 prompt: "x".into(),
+                loras: Vec::new(),
             },
         }
     }

@@ -1,7 +1,8 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
-use loadgen::{Kind, LoadConfig, Mode, Workload};
+use klein_proto::pb;
+use loadgen::{Kind, LoadConfig, Mode, Workload, parse_lora_set};
 
 /// Bounded load generator for the klein-serve gateway (loopback targets only by default).
 #[derive(Debug, Parser)]
@@ -43,6 +44,10 @@ struct Args {
     /// Prompt.
     #[arg(long, default_value = "a photo of a cat")]
     prompt: String,
+    /// LoRA adapters of a request, `none` or `NAME[:SCALE]` joined by `+` (repeatable: requests
+    /// cycle through the sets, e.g. `--loras none --loras style:0.8`).
+    #[arg(long = "loras", value_name = "SET", value_parser = parse_lora_set)]
+    loras: Vec<Vec<pb::LoraAdapter>>,
     /// Write the JSON report here (it is also printed).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -84,6 +89,7 @@ async fn main() -> ExitCode {
             steps: args.steps,
             seed: args.seed,
             prompt: args.prompt,
+            loras: args.loras,
         },
     };
     match loadgen::run(config).await {

@@ -33,7 +33,35 @@ impl std::str::FromStr for Kind {
     }
 }
 
-/// The request mix: request `i` gets kind `mix[i % mix.len()]` and size `sizes[i % sizes.len()]`.
+/// Parses an adapter set: `none`, or `NAME[:SCALE]` entries separated by `+` (`style:0.8+ink`).
+pub fn parse_lora_set(s: &str) -> Result<Vec<pb::LoraAdapter>, String> {
+    if s == "none" {
+        return Ok(Vec::new());
+    }
+    s.split('+')
+        .map(|entry| {
+            let (name, scale) = match entry.split_once(':') {
+                Some((name, scale)) => {
+                    let scale = scale
+                        .parse::<f32>()
+                        .map_err(|_| format!("{entry:?}: the scale after `:` must be a number"))?;
+                    (name, Some(scale))
+                }
+                None => (entry, None),
+            };
+            if name.is_empty() {
+                return Err(format!("{s:?}: an empty adapter name"));
+            }
+            Ok(pb::LoraAdapter {
+                name: name.to_owned(),
+                scale,
+            })
+        })
+        .collect()
+}
+
+/// The request mix: request `i` gets kind `mix[i % mix.len()]`, size `sizes[i % sizes.len()]`
+/// and, when any are given, the LoRA adapters `loras[i % loras.len()]`.
 #[derive(Debug, Clone)]
 pub struct Workload {
     /// Kinds, repeated by weight (e.g. [T2i, T2i, I2i]).
@@ -45,6 +73,8 @@ pub struct Workload {
     /// Seed of request 0; request i uses seed + i.
     pub seed: u64,
     pub prompt: String,
+    /// Adapter sets to cycle through (an empty set: a plain request); none: every request plain.
+    pub loras: Vec<Vec<pb::LoraAdapter>>,
 }
 
 fn png(img: DynamicImage) -> Bytes {
@@ -99,7 +129,40 @@ impl Workload {
             seed: Some(self.seed.wrapping_add(index)),
             num_images: 1,
             mode,
+            loras: match self.loras.len() {
+                0 => Vec::new(),
+                n => self.loras[(index % n as u64) as usize].clone(),
+            },
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_cycle_through_the_adapter_sets() {
+        let sets = ["none", "style:0.8+ink"]
+            .map(|s| parse_lora_set(s).unwrap())
+            .to_vec();
+        assert!(sets[0].is_empty());
+        assert_eq!(
+            (sets[1][0].name.as_str(), sets[1][0].scale, sets[1][1].scale),
+            ("style", Some(0.8), None)
+        );
+        assert!(parse_lora_set("style:x").is_err() && parse_lora_set("a++b").is_err());
+        let w = Workload {
+            mix: vec![Kind::T2i],
+            sizes: vec![(64, 64)],
+            steps: 2,
+            seed: 0,
+            prompt: "x".into(),
+            loras: sets,
+        };
+        assert!(w.request(0).loras.is_empty());
+        assert_eq!(w.request(1).loras.len(), 2);
+        assert!(w.request(2).loras.is_empty());
     }
 }
