@@ -192,10 +192,12 @@ const COOL_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 /// `model`'s transformer with its block projections quantized as `quantize` says, one step
 /// at `px`² with `batch` images and `refs` reference images of the same size: the velocity of
 /// the noisy tokens, as the sampler asks for it; replayed from a CUDA graph when `graphs` (as
-/// denoiser-svc's engine runs it), else queued kernel by kernel.
+/// denoiser-svc's engine runs it), else queued kernel by kernel. With `lora_rank` > 0, a
+/// request's view with a random adapter of that rank over every block projection, stepped
+/// eagerly as the engine steps it.
 pub fn transformer(
     dev: &Device,
-    (model, quantize): (Model, Quantize),
+    (model, quantize, lora_rank): (Model, Quantize, usize),
     dtype: DType,
     (px, batch, refs): (usize, usize, usize),
     iters: usize,
@@ -231,6 +233,10 @@ pub fn transformer(
     }
     let rope = model.rope(&ids, dev)?;
     let t = vec![968.0f32; batch];
+    let (model, graphs) = match lora_rank {
+        0 => (model, graphs),
+        rank => (crate::lora::view(&model, rank, dtype, dev)?, false),
+    };
     let model = GraphedTransformer::new(model, ResidentAdapters::default(), graphs, dev);
     let step = || model.velocity(&x, &ctx, &t, &rope, noisy);
     gpu_memory::keep_freed_memory(dev);
@@ -256,21 +262,23 @@ pub fn transformer(
     gpu_memory::release_freed_memory(dev);
     let (resident_gib, activation_gib) = memory(dev, step)?;
     let flash = klein_kernels::flash_attention_applies(dev, dtype, cfg.attention_head_dim);
-    let estimate = denoiser_svc::admission::activation_bytes(
-        &cfg,
-        dtype,
-        batch,
-        512 + tokens,
-        &cfg.attention,
-        flash,
-    );
+    let adapters = usize::from(lora_rank > 0);
+    let estimate =
+        denoiser_svc::admission::activation_bytes(
+            &cfg,
+            dtype,
+            batch,
+            512 + tokens,
+            &cfg.attention,
+            flash,
+        ) + denoiser_svc::admission::lora_bytes(&cfg, dtype, batch, 512 + tokens, adapters);
     Ok(Row {
         resident_gib,
         activation_gib,
         estimate_gib: estimate as f64 / GIB,
         component: "transformer".into(),
         case: format!(
-            "{name} step {px}x{px}, batch {batch}{}{}{}{}",
+            "{name} step {px}x{px}, batch {batch}{}{}{}{}{}",
             match refs {
                 0 => String::new(),
                 r => format!(", {r} references"),
@@ -278,6 +286,10 @@ pub fn transformer(
             match quantize {
                 Quantize::None => String::new(),
                 q => format!(", {q} projections"),
+            },
+            match lora_rank {
+                0 => String::new(),
+                r => format!(", a rank-{r} LoRA per request"),
             },
             match pool {
                 Pool::Keep => "",

@@ -164,6 +164,11 @@ struct ComponentsArgs {
     /// each listed one is timed, its case marked "CUDA graph" when one was captured.
     #[arg(long, value_delimiter = ',', default_value = "true")]
     transformer_graphs: Vec<bool>,
+    /// Rank of a random LoRA adapter over every block projection, applied per request
+    /// (unmerged, as denoiser-svc's `--adapter`; its steps eager); 0: none. Each listed one is
+    /// timed.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    lora_ranks: Vec<usize>,
 }
 
 fn main() -> ExitCode {
@@ -274,6 +279,7 @@ fn main() -> ExitCode {
                 transformer_quantize,
                 references,
                 transformer_graphs,
+                lora_ranks,
             } = *args;
             let wanted = |c: &str| only.iter().any(|o| o == c);
             let vae_chunking = |precision: ConvPrecision| vae_svc::model::Chunking {
@@ -321,10 +327,13 @@ fn main() -> ExitCode {
                             .iter()
                             .flat_map(|p| references.iter().map(move |r| (p, r)))
                         {
-                            for &graphs in &transformer_graphs {
+                            for (&graphs, &rank) in transformer_graphs
+                                .iter()
+                                .flat_map(|g| lora_ranks.iter().map(move |r| (g, r)))
+                            {
                                 emit(components::transformer(
                                     &dev,
-                                    (model, quantize),
+                                    (model, quantize, rank),
                                     float,
                                     (px, b, refs),
                                     iters,

@@ -58,12 +58,14 @@ pub fn activation_bytes(
     elements * (22 * e + 4 * 4) + 2 * chunk_scores.min(full_scores) + FIXED_BYTES + dequantized
 }
 
-/// What a request's LoRA adapters add to its peak: each adapted layer adds its adapter's term
-/// to its product, the term and the sum beside the product for a moment, at most twice the
-/// widest layer's output (the single block's `3·D + 2·F` projection).
-pub fn lora_bytes(cfg: &Config, dtype: DType, batch: usize, tokens: usize) -> u64 {
+/// What a request's `adapters` LoRA adapters add to its peak: each adapted layer's product
+/// reads its adapters' summed terms, a tensor of its output's size beside the output; with two
+/// or more adapters the sum of the terms so far and the next term's product are both live
+/// before it. The widest layer is the single block's `3·D + 2·F` projection.
+pub fn lora_bytes(cfg: &Config, dtype: DType, batch: usize, tokens: usize, adapters: usize) -> u64 {
     let widest = (3 * cfg.hidden_size() + 2 * cfg.mlp_hidden()) as u64;
-    2 * batch as u64 * tokens as u64 * widest * dtype.size_in_bytes() as u64
+    let outputs = adapters.min(2) as u64;
+    outputs * batch as u64 * tokens as u64 * widest * dtype.size_in_bytes() as u64
 }
 
 #[cfg(test)]

@@ -104,15 +104,13 @@ impl Denoiser {
             handle = Bytes::copy_from_slice(&h);
         }
         let validate_seconds = received.elapsed().as_secs_f64();
-        let lora_bytes = match valid.loras.is_empty() {
-            true => 0,
-            false => admission::lora_bytes(
-                &model.config,
-                self.dtype,
-                valid.batch(),
-                valid.sequence_len(),
-            ),
-        };
+        let lora_bytes = admission::lora_bytes(
+            &model.config,
+            self.dtype,
+            valid.batch(),
+            valid.sequence_len(),
+            valid.loras.len(),
+        );
         let bytes = lora_bytes
             + admission::activation_bytes(
                 &model.config,
