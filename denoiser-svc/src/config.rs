@@ -371,12 +371,14 @@ mod tests {
         let file = dir.join("denoiser.toml");
         std::fs::write(
             &file,
-            "[[models]]\nid = \"k\"\npath = \"/m\"\nadapters = [{ name = \"ink\", path = \"/i\" }]\n",
+            "model_dir = \"/m\"\n[[adapters]]\nname = \"style\"\npath = \"/s\"\n\n\
+             [[models]]\nid = \"k\"\npath = \"/m\"\nadapters = [{ name = \"ink\", path = \"/i\" }]\n",
         )
         .unwrap();
         let flags = Flags::parse_from(["denoiser-svc"]);
         let cfg: Config = klein_runtime::config::load(Some(&file), &flags).unwrap();
-        assert_eq!(cfg.model_entries()[0].adapters, [adapter("ink", "/i")]);
+        assert_eq!(cfg.model_entries()[0].adapters, [adapter("style", "/s")]);
+        assert_eq!(cfg.model_entries()[1].adapters, [adapter("ink", "/i")]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
