@@ -149,4 +149,17 @@ mod tests {
         ];
         check_calibration(true, &flash, 1.35);
     }
+
+    #[test]
+    fn adapters_add_one_widest_output_or_two() {
+        let cfg = Config::klein_9b();
+        let lora = |n| lora_bytes(&cfg, DType::BF16, 1, 4608, n);
+        // The single block's projection at 1024²: 4608 tokens × 36864 columns of bf16.
+        let widest = 4608 * 36864 * 2;
+        assert_eq!(
+            (lora(0), lora(1), lora(2), lora(8)),
+            (0, widest, 2 * widest, 2 * widest)
+        );
+        assert_eq!(lora_bytes(&cfg, DType::BF16, 2, 4608, 1), 2 * widest);
+    }
 }

@@ -148,28 +148,6 @@ fn strength(s: f32, field: &str) -> Result<f32, DenoiseError> {
 }
 
 impl RequestContext {
-    /// The request's adapters ([`klein_proto::lora::check`]), each one this model serves.
-    fn loras(&self, loras: &[pb::LoraAdapter]) -> Result<Vec<(String, f32)>, DenoiseError> {
-        let checked = klein_proto::lora::check(loras).map_err(|r| invalid(&r.field, r.reason))?;
-        for (i, (name, _)) in checked.iter().enumerate() {
-            if self.adapters.binary_search(name).is_err() {
-                let served = if self.adapters.is_empty() {
-                    "none".to_owned()
-                } else {
-                    self.adapters.join(", ")
-                };
-                return Err(invalid(
-                    &format!("loras[{i}].name"),
-                    format!(
-                        "model {:?} has no adapter {name:?} (its adapters: {served})",
-                        self.model_id
-                    ),
-                ));
-            }
-        }
-        Ok(checked)
-    }
-
     fn grid(&self, g: Option<&pb::LatentGrid>, field: &str) -> Result<Grid, DenoiseError> {
         let g = g.ok_or_else(|| invalid(field, "is required"))?;
         let (h, w) = (g.height as usize, g.width as usize);
@@ -434,7 +412,8 @@ impl TryFrom<(pb::DenoiseRequest, &RequestContext, Embeddings)> for ValidDenoise
             )?;
             references.push((t, g));
         }
-        let loras = ctx.loras(&req.loras)?;
+        let loras = klein_proto::lora::check(&req.loras, &ctx.model_id, &ctx.adapters)
+            .map_err(|r| invalid(&r.field, r.reason))?;
         Ok(Self {
             model: ctx.model_id.clone(),
             prompt_embeds,

@@ -11,13 +11,15 @@ mod golden_forward;
 mod lora_golden;
 
 use candle_core::{DType, quantized::GgmlDType};
+use std::path::PathBuf;
+
 use denoiser_svc::{
     lora::{AdapterSpec, NamedAdapters},
-    model::bfl::is_projection,
+    model::{Flux2Transformer2DModel, bfl::is_projection},
     weights::Checkpoint,
 };
 use klein_kernels::quant::{QuantFormat, Quantize};
-use klein_test_support::{golden, rel_l2, take, test_device};
+use klein_test_support::{golden, pipeline_dir, rel_l2, take, test_device};
 use lora_golden::{LAYOUTS, forward, golden_lora, load, lora_file, manifest_lora, scale, tiny_4b};
 
 fn named(layouts: &[&str]) -> NamedAdapters {
@@ -90,34 +92,36 @@ fn bf16_unmerged_is_within_the_torch_spread() {
     assert!(e <= 2.0 * spread, "{e} > 2 x {spread}");
 }
 
-/// On a model quantized at load the adapter's terms stay dense beside the quantized layers:
-/// q8_0 moves the output from the golden no more than twice as far as it moves the plain
-/// model from its own.
-#[test]
-fn a_quantized_model_takes_dense_terms() {
+/// `model` (quantized) with the `layout` adapter at the golden's strength: as close to the
+/// unfused golden as the plain `model` is to its own golden (`what` names it in the output).
+fn within_the_models_own_error(model: &Flux2Transformer2DModel, layout: &str, what: &str) {
     let g = golden_lora();
-    let q8 = Quantize::Format(QuantFormat::Q8_0);
-    let model = load(tiny_4b().with_quantize(q8), DType::F32);
-    let adapters = named(&["diffusers"])
-        .resident(&model, DType::F32, &test_device())
+    let adapters = named(&[layout])
+        .resident(model, DType::F32, &test_device())
         .unwrap();
-    let view = adapters
-        .view(&model, &[("diffusers".into(), scale())])
-        .unwrap();
+    let view = adapters.view(model, &[(layout.into(), scale())]).unwrap();
     let e = rel_l2(&forward(&view, DType::F32), take(&g, "output.unfused.f32"));
     let plain_e = rel_l2(
-        &forward(&model, DType::F32),
+        &forward(model, DType::F32),
         take(&golden("transformer_forward"), "output.f32"),
     );
-    println!("q8_0 unmerged: rel-L2 {e:.3e} (the plain model's {plain_e:.3e})");
+    println!("{what} with the adapter: rel-L2 {e:.3e} (the plain model's {plain_e:.3e})");
     assert!(e <= 2.0 * plain_e, "{e} > 2 x {plain_e}");
 }
 
+/// On a model quantized at load (q8_0) the adapter's terms stay dense beside the quantized
+/// layers.
+#[test]
+fn a_quantized_model_takes_dense_terms() {
+    let q8 = Quantize::Format(QuantFormat::Q8_0);
+    let model = load(tiny_4b().with_quantize(q8), DType::F32);
+    within_the_models_own_error(&model, "diffusers", "q8_0 at load");
+}
+
 /// A GGUF transformer (ComfyUI's layout, its projections in Q8_0 blocks) takes the terms beside
-/// its stored blocks: as close to the golden as the plain GGUF model is to its own.
+/// its stored blocks.
 #[test]
 fn a_gguf_transformer_takes_the_terms_beside_its_blocks() {
-    let g = golden_lora();
     let file = bfl_layout::temp("adapters-q8.gguf");
     bfl_layout::write_gguf(&file, &bfl_layout::tensors(), "", |name, _| {
         if is_projection(name) {
@@ -128,18 +132,36 @@ fn a_gguf_transformer_takes_the_terms_beside_its_blocks() {
     });
     let gguf = Checkpoint::locate(&file.0).unwrap();
     assert!(gguf.config.stored_projections().count() > 0);
-    let model = load(gguf, DType::F32);
-    let adapters = named(&["kohya"])
-        .resident(&model, DType::F32, &test_device())
-        .unwrap();
-    let view = adapters.view(&model, &[("kohya".into(), scale())]).unwrap();
-    let e = rel_l2(&forward(&view, DType::F32), take(&g, "output.unfused.f32"));
-    let plain_e = rel_l2(
-        &forward(&model, DType::F32),
-        take(&golden("transformer_forward"), "output.f32"),
+    within_the_models_own_error(&load(gguf, DType::F32), "kohya", "Q8_0 GGUF");
+}
+
+/// Adapters a model cannot serve are refused with their file and reason: a name given twice,
+/// a name that is not one (a TOML entry skips the flag's parsing), a missing file, and another
+/// model's adapter (the 4B fixture on the 9B-shaped model) when the model is built.
+#[test]
+fn adapters_that_cannot_be_served_are_refused_with_their_reason() {
+    let spec = |name: &str, path: PathBuf| AdapterSpec {
+        name: name.into(),
+        path,
+    };
+    let refusal = |specs: &[AdapterSpec]| NamedAdapters::read(specs).unwrap_err().to_string();
+    let file = lora_file("diffusers");
+    let twice = refusal(&[spec("a", file.clone()), spec("a", lora_file("kohya"))]);
+    assert!(twice.contains("adapter name \"a\" given twice"), "{twice}");
+    let bad = refusal(&[spec("../a", file.clone())]);
+    assert!(bad.contains("\"../a\" is not an adapter name"), "{bad}");
+    let missing = refusal(&[spec("a", "/nonexistent/a.safetensors".into())]);
+    assert!(missing.contains("/nonexistent/a.safetensors"), "{missing}");
+    let nine = Checkpoint::locate(&pipeline_dir("tiny-klein-9b")).unwrap();
+    let other = NamedAdapters::read(&[spec("a", file.clone())])
+        .unwrap()
+        .resident(&load(nine, DType::F32), DType::F32, &test_device())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        other.contains(&file.display().to_string()) && other.contains("gives (64, 256) for"),
+        "{other}"
     );
-    println!("Q8_0 GGUF with the adapter: rel-L2 {e:.3e} (the plain GGUF model's {plain_e:.3e})");
-    assert!(e <= 2.0 * plain_e, "{e} > 2 x {plain_e}");
 }
 
 #[test]

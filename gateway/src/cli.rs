@@ -79,7 +79,7 @@ pub struct GenerateArgs {
     pub references: Vec<PathBuf>,
     /// A LoRA adapter of the model to apply, `NAME` or `NAME:SCALE` (repeatable; `klein info`
     /// lists each model's adapters).
-    #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = lora_arg)]
+    #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = klein_proto::lora::parse_arg)]
     pub loras: Vec<pb::LoraAdapter>,
     /// Output PNG path; with several images, `-N` is added before the extension.
     #[arg(long, short, default_value = "klein.png")]
@@ -101,23 +101,6 @@ pub enum CliError {
     },
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
-}
-
-/// `NAME` or `NAME:SCALE`.
-fn lora_arg(s: &str) -> Result<pb::LoraAdapter, String> {
-    let (name, scale) = match s.split_once(':') {
-        Some((name, scale)) => {
-            let scale = scale
-                .parse::<f32>()
-                .map_err(|_| format!("{s:?}: the scale after `:` must be a number"))?;
-            (name, Some(scale))
-        }
-        None => (s, None),
-    };
-    Ok(pb::LoraAdapter {
-        name: name.to_owned(),
-        scale,
-    })
 }
 
 fn read(path: &Path) -> Result<bytes::Bytes, CliError> {

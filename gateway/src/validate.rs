@@ -345,7 +345,8 @@ pub fn validate(
             .unwrap_or((1024, 1024));
     }
     check_size(width, height, limits)?;
-    let loras = loras(&req.loras, &model)?;
+    let loras = klein_proto::lora::check(&req.loras, &model.id, &model.adapters)
+        .map_err(|r| invalid(&r.field, r.reason))?;
     if let Mode::ImageToImage { image, .. } = &mut mode {
         *image = preprocess::init_image(image, width, height);
     }
@@ -370,27 +371,6 @@ pub fn validate(
             warnings,
         },
     )
-}
-
-/// The request's adapters ([`klein_proto::lora::check`]), each one `model` serves.
-fn loras(loras: &[pb::LoraAdapter], model: &ModelCaps) -> Result<Vec<(String, f32)>, GatewayError> {
-    let checked = klein_proto::lora::check(loras).map_err(|r| invalid(&r.field, r.reason))?;
-    for (i, (name, _)) in checked.iter().enumerate() {
-        if !model.adapters.contains(name) {
-            let served = match model.adapters.is_empty() {
-                true => "none".to_owned(),
-                false => model.adapters.join(", "),
-            };
-            return Err(invalid(
-                &format!("loras[{i}].name"),
-                format!(
-                    "model {:?} has no adapter {name:?} (its adapters: {served})",
-                    model.id
-                ),
-            ));
-        }
-    }
-    Ok(checked)
 }
 
 /// Resolves the seed and checks the explicit noise against the final geometry.

@@ -310,7 +310,10 @@ fn reference(
             (0..n).map(move |j| {
                 let row = &w[j * k..(j + 1) * k];
                 let sum: f32 = x.iter().zip(row).map(|(a, b)| a * b).sum();
-                round(sum + c.map_or(0.0, |c| c[r * n + j]))
+                round(match c {
+                    Some(c) => sum + c[r * n + j],
+                    None => sum,
+                })
             })
         })
         .collect();

@@ -479,11 +479,22 @@ fn fp8_scaling_matches_the_cpu() -> Result<()> {
     Ok(())
 }
 
-/// Attention on bf16 inputs against the f32 composition on the same inputs. The kernel rounds
-/// twice, P to bf16 before P·V (as torch's flash and cuDNN kernels do) and the output: two
-/// independent roundings of at most 2⁻⁸ relative each are about 0.8·2⁻⁸ in rel-L2, so 2⁻⁸
-/// bounds it; a wrong tile, mask or rescale is off by O(1). The all-bf16 composition's error
-/// (7.3e-3 at the 1024² shape) is printed next to it for scale.
+/// A linear case: x's dims, N, and the rows kept of x's second axis.
+type LinearCase<'a> = (&'a [usize], usize, Option<(usize, usize)>);
+
+/// Random bf16 x (narrowed as the case says) and W (N, K) for a linear case.
+fn linear_operands((x_dims, n, narrow): LinearCase<'_>, dev: &Device) -> Result<(Tensor, Tensor)> {
+    use candle_core::IndexOp;
+    let k = *x_dims.last().expect("rank 2 or 3");
+    let x = randn(x_dims, DType::BF16, dev)?;
+    let x = match narrow {
+        Some((start, len)) => x.i((.., start..start + len, ..))?,
+        None => x,
+    };
+    let w = (randn(&[n, k], DType::BF16, dev)? * 0.05)?.to_dtype(DType::BF16)?;
+    Ok((x, w))
+}
+
 /// The linear layers' cuBLASLt product against candle's matmul (cuBLAS; both accumulate in
 /// f32): the 1024² double block's MLP input (large enough to be tuned), an odd one, a sequence
 /// narrowed in a batch of two (the double block's output projections), and a 2D x. Each runs on
@@ -492,24 +503,16 @@ fn fp8_scaling_matches_the_cpu() -> Result<()> {
 /// could name (kept only where bit-identical, else tuned afresh): no run may change a bit.
 #[test]
 fn linear_matches_candle_and_tuning_changes_no_bit() -> Result<()> {
-    use candle_core::{IndexOp, Module};
+    use candle_core::Module;
     let dev = gpu();
-    // (x's dims, N, the rows kept of x's second axis)
-    type Case<'a> = (&'a [usize], usize, Option<(usize, usize)>);
-    let cases: [Case; 4] = [
+    let cases: [LinearCase; 4] = [
         (&[1, 4096, 3072], 18432, None),
         (&[2, 37, 40], 24, None),
         (&[2, 9, 64], 48, Some((2, 7))),
         (&[300, 128], 200, None),
     ];
     for (x_dims, n, narrow) in cases {
-        let k = *x_dims.last().expect("rank 2 or 3");
-        let x = randn(x_dims, DType::BF16, &dev)?;
-        let x = match narrow {
-            Some((start, len)) => x.i((.., start..start + len, ..))?,
-            None => x,
-        };
-        let w = (randn(&[n, k], DType::BF16, &dev)? * 0.05)?.to_dtype(DType::BF16)?;
+        let (x, w) = linear_operands((x_dims, n, narrow), &dev)?;
         let linear = klein_kernels::Linear::new(w.clone());
         let run = |cache: Option<TuningCache>| {
             let (linear, x) = (linear.clone(), x.clone());
@@ -569,23 +572,15 @@ fn linear_matches_candle_and_tuning_changes_no_bit() -> Result<()> {
 /// block's projection), of a term's `up` product (a rank-wide x), a narrowed x, and a 2-D x.
 #[test]
 fn linear_with_an_addend_matches_the_f32_sum() -> Result<()> {
-    use candle_core::IndexOp;
     let dev = gpu();
-    type Case<'a> = (&'a [usize], usize, Option<(usize, usize)>);
-    let cases: [Case; 4] = [
+    let cases: [LinearCase; 4] = [
         (&[1, 4608, 3072], 27648, None),
         (&[1, 4608, 64], 3072, None),
         (&[2, 9, 64], 48, Some((2, 7))),
         (&[300, 128], 200, None),
     ];
     for (x_dims, n, narrow) in cases {
-        let k = *x_dims.last().expect("rank 2 or 3");
-        let x = randn(x_dims, DType::BF16, &dev)?;
-        let x = match narrow {
-            Some((start, len)) => x.i((.., start..start + len, ..))?,
-            None => x,
-        };
-        let w = (randn(&[n, k], DType::BF16, &dev)? * 0.05)?.to_dtype(DType::BF16)?;
+        let (x, w) = linear_operands((x_dims, n, narrow), &dev)?;
         let mut c_dims = x.dims().to_vec();
         *c_dims.last_mut().expect("rank 2 or 3") = n;
         let c = randn(&c_dims, DType::BF16, &dev)?;
@@ -600,6 +595,11 @@ fn linear_with_an_addend_matches_the_f32_sum() -> Result<()> {
     Ok(())
 }
 
+/// Attention on bf16 inputs against the f32 composition on the same inputs. The kernel rounds
+/// twice, P to bf16 before P·V (as torch's flash and cuDNN kernels do) and the output: two
+/// independent roundings of at most 2⁻⁸ relative each are about 0.8·2⁻⁸ in rel-L2, so 2⁻⁸
+/// bounds it; a wrong tile, mask or rescale is off by O(1). The all-bf16 composition's error
+/// (7.3e-3 at the 1024² shape) is printed next to it for scale.
 #[test]
 fn flash_attention_matches_the_f32_composition() -> Result<()> {
     let dev = gpu();

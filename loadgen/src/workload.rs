@@ -38,26 +38,7 @@ pub fn parse_lora_set(s: &str) -> Result<Vec<pb::LoraAdapter>, String> {
     if s == "none" {
         return Ok(Vec::new());
     }
-    s.split('+')
-        .map(|entry| {
-            let (name, scale) = match entry.split_once(':') {
-                Some((name, scale)) => {
-                    let scale = scale
-                        .parse::<f32>()
-                        .map_err(|_| format!("{entry:?}: the scale after `:` must be a number"))?;
-                    (name, Some(scale))
-                }
-                None => (entry, None),
-            };
-            if name.is_empty() {
-                return Err(format!("{s:?}: an empty adapter name"));
-            }
-            Ok(pb::LoraAdapter {
-                name: name.to_owned(),
-                scale,
-            })
-        })
-        .collect()
+    s.split('+').map(klein_proto::lora::parse_arg).collect()
 }
 
 /// The request mix: request `i` gets kind `mix[i % mix.len()]`, size `sizes[i % sizes.len()]`

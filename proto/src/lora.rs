@@ -1,5 +1,5 @@
 //! The rules a request's LoRA list ([`pb::LoraAdapter`]) follows, checked alike by the gateway
-//! and the denoiser: whether each named adapter exists is the denoiser's to say.
+//! (against the adapters the denoiser's Info lists) and the denoiser (against its own).
 
 use crate::pb;
 
@@ -20,6 +20,26 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// A command-line adapter, `NAME` or `NAME:SCALE` (checked later, with the request).
+pub fn parse_arg(s: &str) -> Result<pb::LoraAdapter, String> {
+    let (name, scale) = match s.split_once(':') {
+        Some((name, scale)) => {
+            let scale = scale
+                .parse::<f32>()
+                .map_err(|_| format!("{s:?}: the scale after `:` must be a number"))?;
+            (name, Some(scale))
+        }
+        None => (s, None),
+    };
+    if name.is_empty() {
+        return Err(format!("{s:?}: an empty adapter name"));
+    }
+    Ok(pb::LoraAdapter {
+        name: name.to_owned(),
+        scale,
+    })
+}
+
 /// A refused list: the field (`loras`, `loras[i].name`, `loras[i].scale`) and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraRefusal {
@@ -28,9 +48,13 @@ pub struct LoraRefusal {
 }
 
 /// `loras` as (name, strength) pairs in order (an absent strength is 1), or why not: more
-/// than [`MAX_LORAS`], a name that is not one ([`valid_name`]) or given twice, a strength
-/// that is not finite or past ±[`MAX_SCALE`].
-pub fn check(loras: &[pb::LoraAdapter]) -> Result<Vec<(String, f32)>, LoraRefusal> {
+/// than [`MAX_LORAS`], a name that is not one ([`valid_name`]), given twice or not among
+/// `served` (model `model`'s adapters), a strength that is not finite or past ±[`MAX_SCALE`].
+pub fn check(
+    loras: &[pb::LoraAdapter],
+    model: &str,
+    served: &[String],
+) -> Result<Vec<(String, f32)>, LoraRefusal> {
     let refuse = |field: String, reason: String| LoraRefusal { field, reason };
     if loras.len() > MAX_LORAS {
         return Err(refuse(
@@ -53,6 +77,19 @@ pub fn check(loras: &[pb::LoraAdapter]) -> Result<Vec<(String, f32)>, LoraRefusa
             return Err(refuse(
                 format!("loras[{i}].name"),
                 format!("adapter {:?} is given twice", l.name),
+            ));
+        }
+        if !served.contains(&l.name) {
+            let served = match served.is_empty() {
+                true => "none".to_owned(),
+                false => served.join(", "),
+            };
+            return Err(refuse(
+                format!("loras[{i}].name"),
+                format!(
+                    "model {model:?} has no adapter {:?} (its adapters: {served})",
+                    l.name
+                ),
             ));
         }
         let scale = l.scale.unwrap_or(1.0);
@@ -79,12 +116,38 @@ mod tests {
     }
 
     #[test]
+    fn an_argument_is_a_name_and_an_optional_scale() {
+        assert_eq!(parse_arg("style:0.8").unwrap(), lora("style", Some(0.8)));
+        assert_eq!(parse_arg("ink").unwrap(), lora("ink", None));
+        for bad in ["style:x", ":0.5", "", "a:"] {
+            assert!(parse_arg(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_list_is_checked_field_by_field() {
+        let served: Vec<String> = ["a", "anime-v2.1", "b", "b_2"].map(String::from).to_vec();
+        let check = |l: &[pb::LoraAdapter]| check(l, "m", &served);
         assert_eq!(
             check(&[lora("anime-v2.1", None), lora("b_2", Some(-0.5))]).unwrap(),
             [("anime-v2.1".to_owned(), 1.0), ("b_2".to_owned(), -0.5)]
         );
         let field = |l: &[pb::LoraAdapter]| check(l).unwrap_err().field;
+        let unknown = check(&[lora("a", None), lora("ink", None)]).unwrap_err();
+        assert_eq!(unknown.field, "loras[1].name");
+        assert!(
+            unknown
+                .reason
+                .contains("its adapters: a, anime-v2.1, b, b_2"),
+            "{unknown:?}"
+        );
+        let none = super::check(&[lora("a", None)], "m", &[]).unwrap_err();
+        assert!(
+            none.reason
+                .contains("model \"m\" has no adapter \"a\" (its adapters: none)"),
+            "{none:?}"
+        );
+        assert!(super::check(&[], "m", &[]).unwrap().is_empty());
         assert_eq!(
             field(&[lora("a", None), lora("../x", None)]),
             "loras[1].name"

@@ -3,7 +3,7 @@
 //!   `W + Σ scale · (B @ A)` in f32, then in the model dtype, as diffusers computes it with
 //!   `load_lora_weights` and `fuse_lora(lora_scale)` (on the host, by every core); a model
 //!   entry per adapter set;
-//! - per request ([`unmerged`]): named adapters of a model, added unmerged to a view of it for
+//! - per request ([`NamedAdapters`]): named adapters of a model, added unmerged to a view of it for
 //!   the runs that name them, each with the request's strength.
 //!
 //! The three layouts diffusers reads for FLUX.2 are read:
@@ -36,7 +36,7 @@ use crate::model::bfl::{self, Source};
 
 mod file;
 mod merge;
-pub mod unmerged;
+mod unmerged;
 
 pub use unmerged::{AdapterSpec, NamedAdapters, ResidentAdapters};
 

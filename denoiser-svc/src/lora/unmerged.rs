@@ -12,17 +12,16 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     str::FromStr,
-    sync::Arc,
 };
 
 use candle_core::{DType, Device, Result, Tensor};
 use klein_proto::lora::{MAX_NAME, valid_name};
 use serde::{Deserialize, Serialize};
 
-use super::{LoraError, Loras};
+use super::{LoraError, Loras, file::read_adapter};
 use crate::model::{
     Flux2Transformer2DModel,
-    layers::{LowRank, MapProjections, Projection},
+    projection::{LowRank, MapProjections, Projection},
 };
 
 /// An adapter requests may name: `name` and its file.
@@ -49,10 +48,10 @@ impl FromStr for AdapterSpec {
     }
 }
 
-/// A model's named adapters as read from their files (host, f32).
+/// A model's named adapters as read from their files (host, f32), each on its own.
 #[derive(Debug, Default)]
 pub struct NamedAdapters {
-    adapters: BTreeMap<String, Arc<Loras>>,
+    adapters: BTreeMap<String, Loras>,
 }
 
 impl NamedAdapters {
@@ -67,11 +66,9 @@ impl NamedAdapters {
             if !valid_name(&spec.name) {
                 return Err(invalid(format!("{:?} is not an adapter name", spec.name)));
             }
-            let loras = Loras::read(std::slice::from_ref(&super::LoraSpec {
-                path: spec.path.clone(),
-                scale: 1.0,
-            }))?
-            .ok_or_else(|| invalid("no adapter read".into()))?;
+            let loras = Loras {
+                adapters: vec![read_adapter(&spec.path, 1.0)?],
+            };
             if adapters.insert(spec.name.clone(), loras).is_some() {
                 return Err(invalid(format!("adapter name {:?} given twice", spec.name)));
             }
@@ -101,28 +98,29 @@ impl NamedAdapters {
         dtype: DType,
         dev: &Device,
     ) -> std::result::Result<ResidentAdapters, LoraError> {
-        let layers = model.projections().map_err(|e| LoraError {
-            path: PathBuf::new(),
-            reason: e.to_string(),
-        })?;
         let mut by_name = BTreeMap::new();
         for (name, loras) in &self.adapters {
             let adapter = &loras.adapters[0];
-            let invalid = |reason: String| LoraError {
+            let invalid = |e: candle_core::Error| LoraError {
                 path: adapter.path.clone(),
-                reason,
+                reason: e.to_string(),
             };
             let mut used = BTreeSet::new();
-            let factors = layers
+            let factors = model
+                .projections()
+                .map_err(invalid)?
                 .iter()
                 .map(|p| layer_factors(loras, p, &mut used, dtype, dev))
                 .collect::<Result<Vec<_>>>()
-                .map_err(|e| invalid(e.to_string()))?;
+                .map_err(invalid)?;
             if let Some(module) = adapter.modules.keys().find(|k| !used.contains(*k)) {
-                return Err(invalid(format!(
-                    "module `{module}` matches no weight of this transformer (another model's \
-                     adapter?)"
-                )));
+                return Err(LoraError {
+                    path: adapter.path.clone(),
+                    reason: format!(
+                        "module `{module}` matches no weight of this transformer (another \
+                         model's adapter?)"
+                    ),
+                });
             }
             by_name.insert(name.clone(), factors);
         }

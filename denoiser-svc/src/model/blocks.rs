@@ -11,7 +11,8 @@ use klein_kernels::{
 use super::{
     attention::attention,
     embeddings::{Rope, timestep_features},
-    layers::{FeedForward, MapFn, MapProjections, Projection, QkNorm, linear, projection},
+    layers::{FeedForward, QkNorm},
+    projection::{MapFn, MapProjections, Projection, linear, projection},
     transformer::Config,
 };
 

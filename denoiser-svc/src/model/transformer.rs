@@ -26,7 +26,7 @@ use super::{
         Flux2TimestepGuidanceEmbeddings, Flux2TransformerBlock, Stream,
     },
     embeddings::{PositionId, Rope, rope},
-    layers::{MapFn, MapProjections, Projection, linear, map_all},
+    projection::{MapFn, MapProjections, Projection, linear, map_all},
 };
 
 /// `transformer/config.json` (the keys diffusers writes for klein; §1.2).

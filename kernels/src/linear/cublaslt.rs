@@ -1,6 +1,7 @@
-//! cuBLASLt's side of [`super::XWt`]: bf16 operands, f32 accumulation, one rounding to bf16.
-//! Row-major x (rows × K) · Wᵀ is column-major Wᵀ (N × K, transposed) · x (K × rows), so W is
-//! operand A, x operand B, and a strided batch of x items shares W (batch stride 0).
+//! cuBLASLt's side of [`super::XWt`] and [`super::XWtAdd`] (its addend as C, β = 1): bf16
+//! operands, f32 accumulation, one rounding to bf16. Row-major x (rows × K) · Wᵀ is
+//! column-major Wᵀ (N × K, transposed) · x (K × rows), so W is operand A, x operand B, and a
+//! strided batch of x items shares W (batch stride 0).
 //!
 //! Each thread keeps, per device, a handle, a workspace and the algorithm of every shape it has
 //! run. A shape's algorithm is the heuristic's first choice (the kernel cuBLAS's own GEMM call
@@ -50,8 +51,8 @@ const MAX_SHAPES: usize = 4096;
 type Algo = sys::cublasLtMatmulAlgo_t;
 
 /// What a product's algorithm depends on: the device, (batch, rows, K, N, x's row stride, x's
-/// batch stride) and the alignments of W, x and the output.
-type Key = (DeviceId, [usize; 6], [u32; 3]);
+/// batch stride), the alignments of W, x and the output, and whether it reads an addend.
+type Key = (DeviceId, [usize; 6], [u32; 3], bool);
 
 thread_local! {
     static LT: RefCell<HashMap<DeviceId, Lt>> = RefCell::new(HashMap::new());
@@ -504,7 +505,11 @@ fn product(
     // C is read with D's layout and alignment: the lower of the two counts.
     let out_align = cp.map_or(alignment(yp), |c| alignment(yp).min(alignment(c)));
     let align = [alignment(wp), alignment(xp), out_align];
-    let key = (dev.id(), dims, align);
+    let key = (dev.id(), dims, align, cp.is_some());
+    // A product with an addend takes the algorithm of the same product without one once that
+    // is known (tuned, say): any algorithm applies β. Its own key keeps its choice from
+    // standing in for the plain product's, which may still be tuned.
+    let plain = (dev.id(), dims, align, false);
     let problem = Problem::new(dims, align)?;
     LT.with(|lt| -> Result<()> {
         let mut lts = lt.borrow_mut();
@@ -512,7 +517,7 @@ fn product(
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Lt::new(&stream)?),
         };
-        if let Some(algo) = lt.algos.get(&key).copied() {
+        if let Some(algo) = lt.algos.get(&key).or_else(|| lt.algos.get(&plain)).copied() {
             return lt.run(&problem, &algo, o, &stream);
         }
         let found = lt.candidates(&problem)?;
