@@ -58,8 +58,15 @@ pub(crate) fn randn(shape: &[usize], dev: &Device) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)
 }
 
-/// Times every kernel, or only those whose name contains `only`.
-pub fn run(dev: &Device, iters: usize, rates: Rates, only: Option<&str>) -> Result<Vec<KernelRow>> {
+/// Times every kernel, or only those whose name contains `only`; the 1024² step's attention
+/// also against each of `attention_keys` keys.
+pub fn run(
+    dev: &Device,
+    iters: usize,
+    rates: Rates,
+    only: Option<&str>,
+    attention_keys: &[usize],
+) -> Result<Vec<KernelRow>> {
     // Each call's output reuses pooled memory, as in denoiser-svc, not a fresh mapping.
     klein_runtime::gpu_memory::keep_freed_memory(dev);
     let s = TXT + IMG;
@@ -206,6 +213,26 @@ pub fn run(dev: &Device, iters: usize, rates: Rates, only: Option<&str>) -> Resu
             "flops",
         )?;
     }
+
+    // The 1024² step's queries against other numbers of keys: the same work items (query
+    // tiles), each with fewer or more key tiles.
+    let q = randn(&[1, HEADS, s, HEAD_DIM], dev)?;
+    for &keys in attention_keys {
+        let (k, v) = (
+            randn(&[1, HEADS, keys, HEAD_DIM], dev)?,
+            randn(&[1, HEADS, keys, HEAD_DIM], dev)?,
+        );
+        let flops = 4.0 * (s * keys * HEAD_DIM * HEADS) as f64;
+        row(
+            "flash_attention",
+            format!("{HEADS} heads × {s} queries × {keys} keys × {HEAD_DIM}"),
+            &mut || klein_kernels::flash_attention(&q, &k, &v),
+            &mut || reference::attention(&q, &k, &v),
+            flops / (rates.matmul_tflops * 1e12) * 1e3,
+            "flops",
+        )?;
+    }
+    drop(q);
 
     // The VAE decoder's mid-block attention at 1024²: one head of 512 over 128² positions, f32.
     // Its floor: three fp16 products (split fp16) at the bf16 rate.

@@ -52,6 +52,11 @@ enum Command {
         /// Time only the kernels whose name contains this (e.g. `flash_attention`).
         #[arg(long)]
         only: Option<String>,
+        /// Also time the 1024² step's attention (4608 queries) against these numbers of keys:
+        /// the same work items with fewer or more key tiles each, whose times give a key
+        /// tile's cost (the slope) and an item's and the launch's (the intercept).
+        #[arg(long, value_delimiter = ',')]
+        attention_keys: Vec<usize>,
         /// Write the rows as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -196,13 +201,14 @@ fn main() -> ExitCode {
             copy_gbps,
             matmul_tflops,
             only,
+            attention_keys,
             json,
         } => (|| {
             let rates = kernels::Rates {
                 copy_gbps,
                 matmul_tflops,
             };
-            let rows = kernels::run(&dev, iters, rates, only.as_deref())?;
+            let rows = kernels::run(&dev, iters, rates, only.as_deref(), &attention_keys)?;
             println!(
                 "| kernel | case | fused ms | composition ms | speed-up | floor ms ({copy_gbps} GB/s, {matmul_tflops} TFLOP/s) | fused / floor |\n|---|---|---|---|---|---|---|"
             );
