@@ -196,43 +196,34 @@ pub fn run(
         "bytes",
     )?;
 
-    // The 1024² step's joint attention (Hopper: 144-key tiles) and the 512² step's (128-key).
-    for tokens in [s, TXT + IMG / 4] {
-        let (q, k, v) = (
-            randn(&[1, HEADS, tokens, HEAD_DIM], dev)?,
-            randn(&[1, HEADS, tokens, HEAD_DIM], dev)?,
-            randn(&[1, HEADS, tokens, HEAD_DIM], dev)?,
-        );
-        let flops = 4.0 * (tokens * tokens * HEAD_DIM * HEADS) as f64;
-        row(
-            "flash_attention",
-            format!("{HEADS} heads × {tokens} tokens × {HEAD_DIM}"),
-            &mut || klein_kernels::flash_attention(&q, &k, &v),
-            &mut || reference::attention(&q, &k, &v),
-            flops / (rates.matmul_tflops * 1e12) * 1e3,
-            "flops",
-        )?;
-    }
-
-    // The 1024² step's queries against other numbers of keys: the same work items (query
+    // The 1024² step's joint attention (Hopper: 144-key tiles) and the 512² step's (128-key);
+    // then the 1024² step's queries against `attention_keys` keys: the same work items (query
     // tiles), each with fewer or more key tiles.
-    let q = randn(&[1, HEADS, s, HEAD_DIM], dev)?;
-    for &keys in attention_keys {
-        let (k, v) = (
+    let square = [s, TXT + IMG / 4].map(|t| (t, t));
+    for (queries, keys) in square
+        .into_iter()
+        .chain(attention_keys.iter().map(|&k| (s, k)))
+    {
+        let (q, k, v) = (
+            randn(&[1, HEADS, queries, HEAD_DIM], dev)?,
             randn(&[1, HEADS, keys, HEAD_DIM], dev)?,
             randn(&[1, HEADS, keys, HEAD_DIM], dev)?,
         );
-        let flops = 4.0 * (s * keys * HEAD_DIM * HEADS) as f64;
+        let flops = 4.0 * (queries * keys * HEAD_DIM * HEADS) as f64;
+        let case = if queries == keys {
+            format!("{HEADS} heads × {queries} tokens × {HEAD_DIM}")
+        } else {
+            format!("{HEADS} heads × {queries} queries × {keys} keys × {HEAD_DIM}")
+        };
         row(
             "flash_attention",
-            format!("{HEADS} heads × {s} queries × {keys} keys × {HEAD_DIM}"),
+            case,
             &mut || klein_kernels::flash_attention(&q, &k, &v),
             &mut || reference::attention(&q, &k, &v),
             flops / (rates.matmul_tflops * 1e12) * 1e3,
             "flops",
         )?;
     }
-    drop(q);
 
     // The VAE decoder's mid-block attention at 1024²: one head of 512 over 128² positions, f32.
     // Its floor: three fp16 products (split fp16) at the bf16 rate.
