@@ -699,3 +699,27 @@ async fn a_request_applies_the_adapters_it_names() {
     let err = startup_error(cfg).await;
     assert!(err.contains("/nonexistent/style.safetensors"), "{err}");
 }
+
+/// Another model's adapter on a model other than the default (the 4B fixture's adapter on the
+/// 9B-shaped "9b"): the start succeeds (only the default model is built then); a request for
+/// "9b" builds it, and fails with INTERNAL naming the adapter's file; the default model goes on
+/// serving.
+#[tokio::test]
+async fn another_models_adapter_fails_its_models_first_load_naming_the_file() {
+    let lora = klein_test_support::fixtures_dir()
+        .join("loras/tiny-klein-4b-diffusers/pytorch_lora_weights.safetensors");
+    let mut cfg = two_models(0);
+    cfg.models.last_mut().expect("the 9b entry").adapters = vec![denoiser_svc::lora::AdapterSpec {
+        name: "style".into(),
+        path: lora.clone(),
+    }];
+    let mut server = start_with(cfg).await;
+    let err = denoise(&mut server.client, for_9b()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains(&lora.display().to_string()),
+        "{}",
+        err.message()
+    );
+    denoise(&mut server.client, valid()).await.unwrap();
+}
