@@ -630,6 +630,63 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
     Ok(())
 }
 
+/// Scores whose rows' maxima grow along the keys: the Hopper kernel keeps a row's running max
+/// until a key tile's passes it by more than 2⁸ (in exp2 units) and only then rescales O. Keys
+/// are scaled 1 … 6 along the sequence and query rows 0.05 … 4 in a pattern that repeats every
+/// 64 rows (neighbouring rows far apart, so every warp holds rows of both kinds): over 40 % of
+/// the rows' maxima pass their first tile's by more than three times that margin, about 30 %
+/// never by it (checked on the scores). Held to the unmasked kernel's bound against the f32 composition,
+/// split tiles included (4 heads of 36 tiles on the SMs).
+#[test]
+fn growing_row_maxima_match_the_f32_composition() -> Result<()> {
+    let dev = gpu();
+    let scaled = |shape: &[usize], scales: Vec<f32>| -> Result<Tensor> {
+        let rows = scales.len();
+        randn(shape, DType::F32, &dev)?
+            .broadcast_mul(&Tensor::from_vec(scales, (rows, 1), &dev)?)?
+            .to_dtype(DType::BF16)
+    };
+    let cases = [
+        (1, 4, 4608, 144), // Hopper: 144-key tiles
+        (1, 4, 1536, 128), // 128-key tiles
+        (2, 3, 1031, 144), // partial tiles
+    ];
+    for (b, h, s, first_tile) in cases {
+        let hd = 128;
+        let query_scale = |r: usize| 0.05 + 3.95 * (((r * 37) % 64) as f32 / 63.0).powi(2);
+        let q = scaled(&[b, h, s, hd], (0..s).map(query_scale).collect())?;
+        let k = scaled(
+            &[b, h, s, hd],
+            (0..s).map(|j| 1.0 + 5.0 * j as f32 / s as f32).collect(),
+        )?;
+        let v = randn(&[b, h, s, hd], DType::BF16, &dev)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let log2_scores =
+            (f32(&q)?.matmul(&f32(&k)?.t()?)? * (std::f64::consts::LOG2_E / (hd as f64).sqrt()))?;
+        let first_max = log2_scores.narrow(3, 0, first_tile)?.max(D::Minus1)?;
+        let growth = (log2_scores.max(D::Minus1)? - first_max)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (many, none) = (
+            growth.iter().filter(|&&g| g > 24.0).count(),
+            growth.iter().filter(|&&g| g <= 8.0).count(),
+        );
+        let rows = growth.len();
+        assert!(
+            many > rows / 4 && none > rows / 8,
+            "{many} / {none} of {rows}"
+        );
+        let got = klein_kernels::flash_attention(&q, &k, &v)?;
+        let want = reference::attention(&q, &k, &v)?.to_dtype(DType::F32)?;
+        let rel = rel_l2(&got, &want)?;
+        println!(
+            "growing maxima {b}x{h}x{s}x{hd}: rel-L2 {rel:.2e} (rows growing past 3 margins {many}, past none {none}, of {rows})"
+        );
+        assert!(rel <= BF16_ULP, "rel-L2 {rel}");
+    }
+    Ok(())
+}
+
 /// The persistent kernel's split tiles count their parts in counters that each launch leaves
 /// zeroed for the next (no memset between calls): launches of shapes with different split
 /// plans (three split, 1×7×2000 does not), interleaved and repeated on one thread, give the same

@@ -26,9 +26,11 @@
 // O += P_{j−1}·V_{j−1} (m64n128k16, P from registers: the previous scores rounded to bf16 are
 // the A fragments; V from shared memory as an MN-major operand, no transposition), waits for
 // S_j only, computes its softmax while P·V runs on the tensor cores, then waits for P·V,
-// rescales O and packs P_j. The two consumer warpgroups take turns issuing their products
-// (FlashAttention-3's ping-pong), so one's softmax runs while the other's products do. Only an
-// item's last key tile can pass the keys' end: the tiles before it skip the mask.
+// rescales O (only when a row's max grew by more than RESCALE_LOG2) and packs P_j. The two
+// consumer warpgroups take turns issuing their products (FlashAttention-3's ping-pong), so one's
+// softmax runs while the other's products do. Only an item's last key tile can pass the keys'
+// end: the tiles before it skip the mask. The shared-memory descriptors are kept in uniform
+// registers (uniform): the tensor cores read them from there.
 //
 // With q_weight (FLUX.2's blocks), Q holds the projections' raw q heads: each consumer
 // warpgroup applies the per-head RMSNorm and interleaved RoPE to its 64 rows of a Q tile in
@@ -69,6 +71,10 @@ __device__ __forceinline__ void fence_registers(uint32_t (&d)[N][4]) {
     for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(d[i][e])::"memory");
   }
 }
+
+// x, as the warp's lane 0 has it: the compiler then knows it uniform and keeps it in a uniform
+// register.
+__device__ __forceinline__ uint32_t uniform(uint32_t x) { return __shfl_sync(0xffffffff, x, 0); }
 
 // One box of a (batch, head, row, col) tensor map into shared memory; completion counted on bar.
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int col, int row,
@@ -171,11 +177,19 @@ __device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)
   wgmma_commit();
 }
 
+// The running max a row keeps until a tile's passes it by more than this (in the exp2 domain):
+// the shifted exponentials then stay below 2^8, and O is rescaled only when a max grows by
+// more (FlashAttention-4's lazy rescaling). P's bf16 rounding is relative, so its accuracy does
+// not depend on the shift; the sum and O use the same one.
+constexpr float RESCALE_LOG2 = 8.f;
+
 // The online softmax of one tile's scores, in place: masks keys past s_kv (MASK: the tile may
-// pass it), updates this thread's two rows' running max (row_max) and sum (row_sum, rescaled),
-// leaves exp2 of the shifted scores in s and returns each row's rescaling of O in alpha.
+// pass it), updates this thread's two rows' running max (row_max: kept unless the tile's passes
+// it by more than RESCALE_LOG2) and sum (row_sum, rescaled), leaves exp2 of the shifted scores
+// in s and returns each row's rescaling of O in alpha (1: kept) and whether any of the warp's
+// rows has one other than 1.
 template <int BLOCK_N, bool MASK>
-__device__ __forceinline__ void softmax(float (&s)[BLOCK_N / 2], float (&row_max)[2],
+__device__ __forceinline__ bool softmax(float (&s)[BLOCK_N / 2], float (&row_max)[2],
                                         float (&row_sum)[2], float (&alpha)[2], int key0,
                                         int s_kv, int lane, float scale_log2) {
   if (MASK && key0 + BLOCK_N > s_kv) {
@@ -200,13 +214,16 @@ __device__ __forceinline__ void softmax(float (&s)[BLOCK_N / 2], float (&row_max
     tile_max[r] = fmaxf(fmaxf(fmaxf(chain[r][0], chain[r][1]), fmaxf(chain[r][2], chain[r][3])),
                         row_max[r]);
   }
+  bool grows = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
     tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
-    alpha[r] = exp2f((row_max[r] - tile_max[r]) * scale_log2);
-    row_max[r] = tile_max[r];
+    const bool grow = (tile_max[r] - row_max[r]) * scale_log2 > RESCALE_LOG2;
+    alpha[r] = grow ? exp2f((row_max[r] - tile_max[r]) * scale_log2) : 1.f;
+    row_max[r] = grow ? tile_max[r] : row_max[r];
     row_sum[r] *= alpha[r];
+    grows |= grow;
   }
   const float shift[2] = {row_max[0] * scale_log2, row_max[1] * scale_log2};
 #pragma unroll
@@ -214,6 +231,7 @@ __device__ __forceinline__ void softmax(float (&s)[BLOCK_N / 2], float (&row_max
     s[i] = exp2f(fmaf(s[i], scale_log2, -shift[(i / 2) % 2]));
     row_sum[(i / 2) % 2] += s[i];
   }
+  return __any_sync(0xffffffff, grows);
 }
 
 // The A fragments of P·V: 16 keys per step, this thread's two rows (lane / 4, + 8) and columns
@@ -556,10 +574,10 @@ __device__ __forceinline__ void attend(
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
       named_barrier(1 + wg);
     }
-    const uint32_t q_lo = descriptor_lo(q_rows, 16);
+    const uint32_t q_lo = uniform(descriptor_lo(q_rows, 16));
     mbar_wait(k_full(c % STAGES), (c / STAGES) & 1);
     my_turn();
-    issue_scores<BLOCK_N>(s, q_lo, descriptor_lo(k_tile(c % STAGES), 16));
+    issue_scores<BLOCK_N>(s, q_lo, uniform(descriptor_lo(k_tile(c % STAGES), 16)));
     pass_turn();
     wgmma_wait<0>();
     fence_registers(s);
@@ -574,22 +592,24 @@ __device__ __forceinline__ void attend(
       mbar_wait(k_full(t), ((c + j) / STAGES) & 1);
       mbar_wait(v_full(prev), ((c + j - 1) / STAGES) & 1);
       my_turn();
-      issue_scores<BLOCK_N>(s, q_lo, descriptor_lo(k_tile(t), 16));
-      issue_values<BLOCK_N>(o, p, descriptor_lo(v_tile(prev), KV_BYTES / 2));
+      issue_scores<BLOCK_N>(s, q_lo, uniform(descriptor_lo(k_tile(t), 16)));
+      issue_values<BLOCK_N>(o, p, uniform(descriptor_lo(v_tile(prev), KV_BYTES / 2)));
       pass_turn();
       // S_j is done, P_{j−1}·V_{j−1} may still run: its operands stay untouched until the wait.
       wgmma_wait<1>();
       fence_registers(s);
       release(k_empty(t));
       if (j == count - 1) release(q_empty);
-      softmax<BLOCK_N, decltype(mask)::value>(s, row_max, row_sum, alpha, (kb0 + j) * BLOCK_N,
-                                              s_kv, lane, scale_log2);
+      const bool rescale = softmax<BLOCK_N, decltype(mask)::value>(
+          s, row_max, row_sum, alpha, (kb0 + j) * BLOCK_N, s_kv, lane, scale_log2);
       wgmma_wait<0>();
       fence_registers(o);
       fence_registers(p);
       release(v_empty(prev));
+      if (rescale) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
+        for (int i = 0; i < 64; ++i) o[i] *= alpha[(i / 2) % 2];
+      }
       pack_scores<BLOCK_N>(p, s);
     };
     // Only the item's last key tile can pass s_kv: the others run without the mask.
@@ -600,7 +620,7 @@ __device__ __forceinline__ void attend(
     const int last = (c - 1) % STAGES;
     mbar_wait(v_full(last), ((c - 1) / STAGES) & 1);
     my_turn();
-    issue_values<BLOCK_N>(o, p, descriptor_lo(v_tile(last), KV_BYTES / 2));
+    issue_values<BLOCK_N>(o, p, uniform(descriptor_lo(v_tile(last), KV_BYTES / 2)));
     if (wg == 0 || sched.has_item(g, n + 1)) pass_turn();
     wgmma_wait<0>();
     fence_registers(o);
