@@ -631,12 +631,13 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
 }
 
 /// Scores whose rows' maxima grow along the keys: the Hopper kernel keeps a row's running max
-/// until a key tile's passes it by more than 2⁸ (in exp2 units) and only then rescales O. Keys
-/// are scaled 1 … 6 along the sequence and query rows 0.05 … 4 in a pattern that repeats every
-/// 64 rows (neighbouring rows far apart, so every warp holds rows of both kinds): over 40 % of
-/// the rows' maxima pass their first tile's by more than three times that margin, about 30 %
-/// never by it (checked on the scores). Held to the unmasked kernel's bound against the f32 composition,
-/// split tiles included (4 heads of 36 tiles on the SMs).
+/// until a key tile's passes it by more than 2⁸ (in exp2 units) and only then rescales O (the
+/// mma.sync kernel, which rescales at every tile, is held to the same bound). Keys are scaled
+/// 1 … 6 along the sequence and query rows 0.05 … 4 in a pattern that repeats every 64 rows
+/// (neighbouring rows far apart, so every warp holds rows of both kinds): over 40 % of the rows'
+/// maxima pass the max of Hopper's first key tile by more than three times that margin, about
+/// 30 % never by it (checked on the scores). Held to the unmasked kernel's bound against the
+/// f32 composition, split tiles included (4 heads of 36 tiles on the SMs).
 #[test]
 fn growing_row_maxima_match_the_f32_composition() -> Result<()> {
     let dev = gpu();
