@@ -630,14 +630,16 @@ fn flash_attention_matches_the_f32_composition() -> Result<()> {
     Ok(())
 }
 
-/// Scores whose rows' maxima grow along the keys: the Hopper kernel keeps a row's running max
-/// until a key tile's passes it by more than 2⁸ (in exp2 units) and only then rescales O (the
-/// mma.sync kernel, which rescales at every tile, is held to the same bound). Keys are scaled
-/// 1 … 6 along the sequence and query rows 0.05 … 4 in a pattern that repeats every 64 rows
-/// (neighbouring rows far apart, so every warp holds rows of both kinds): over 40 % of the rows'
-/// maxima pass the max of Hopper's first key tile by more than three times that margin, about
-/// 30 % never by it (checked on the scores). Held to the unmasked kernel's bound against the
-/// f32 composition, split tiles included (4 heads of 36 tiles on the SMs).
+/// Scores whose rows' maxima grow along the keys. The Hopper kernel shifts a tile's
+/// exponentials by each row's running max without taking the tile's own; a tile where a row's
+/// score passes that max by more than 16 (exp2 units) is computed again with the max moved, and
+/// O is rescaled only when the max grows by more than 8 (the mma.sync kernel, which rescales at
+/// every tile, is held to the same bound). Keys are scaled 1 … 6 along the sequence and query
+/// rows 0.05 … 4 in a pattern that repeats every 64 rows (neighbouring rows far apart, so every
+/// warp holds rows of both kinds): over 40 % of the rows' maxima pass the max of Hopper's first
+/// key tile by more than 24 (so they take both paths), about 30 % never by more than 8 (checked
+/// on the scores). Held to the unmasked kernel's bound against the f32 composition, split tiles
+/// included (4 heads of 36 tiles on the SMs).
 #[test]
 fn growing_row_maxima_match_the_f32_composition() -> Result<()> {
     let dev = gpu();

@@ -12,25 +12,27 @@
 //
 // Persistent blocks, one per SM, each working through a list of query tiles (Schedule): 128
 // query rows, two consumer warpgroups of 64 rows each and one producer warpgroup
-// (FlashAttention-3's warp specialisation). The producer's first thread loads each tile's Q,
-// then its K and V tiles of BLOCK_N keys (128 or 144: one kernel each) into two rings of STAGES
-// slots: a "full" mbarrier per slot counts the bytes landing, an "empty" one the eight consumer
-// warps done with the slot (K_j once S_j is computed, V_j once P_j·V_j is), so K runs a tile
-// ahead of V, and the next tile's loads start while the consumers finish this one. The producer
-// hands its registers to the consumers (setmaxnreg). Shared memory holds the tiles in the layout
-// the copy engine writes and the tensor cores read: a tile is two 64-column halves, each row 128
-// bytes, the 16-byte chunk c of row r stored at chunk c ^ (r % 8).
+// (FlashAttention-3's warp specialisation). The producer's first thread loads each tile's Q, then
+// its K and V tiles of BLOCK_N keys (128 or 144: one kernel each) into two rings of STAGES slots: a
+// "full" mbarrier per slot counts the bytes landing, an "empty" one the eight consumer warps done
+// with the slot (K_j once S_j's softmax is done, V_j once P_j·V_j is), so K runs a tile ahead of V,
+// and the next tile's loads start while the consumers finish this one. The producer hands its
+// registers to the consumers (setmaxnreg). Shared memory holds the tiles in the layout the copy
+// engine writes and the tensor cores read: a tile is two 64-column halves, each row 128 bytes, the
+// 16-byte chunk c of row r stored at chunk c ^ (r % 8).
 //
-// Each consumer warpgroup overlaps its softmax with its own matrix products: it issues
-// S_j = Q·K_jᵀ (m64nNk16 for N = BLOCK_N keys, both operands from shared memory, K-major) and
-// O += P_{j−1}·V_{j−1} (m64n128k16, P from registers: the previous scores rounded to bf16 are
-// the A fragments; V from shared memory as an MN-major operand, no transposition), waits for
-// S_j only, computes its softmax while P·V runs on the tensor cores, then waits for P·V,
-// rescales O (only when a row's max grew by more than RESCALE_LOG2) and packs P_j. The two
-// consumer warpgroups take turns issuing their products (FlashAttention-3's ping-pong), so one's
-// softmax runs while the other's products do. Only an item's last key tile can pass the keys'
-// end: the tiles before it skip the mask. The shared-memory descriptors are kept in uniform
-// registers (uniform): the tensor cores read them from there.
+// Each consumer warpgroup overlaps its softmax with its own matrix products: it issues S_j = Q·K_jᵀ
+// (m64nNk16 for N = BLOCK_N keys, both operands from shared memory, K-major) and O +=
+// P_{j−1}·V_{j−1} (m64n128k16, P from registers: the previous scores rounded to bf16 are the A
+// fragments; V from shared memory as an MN-major operand, no transposition), waits for S_j only,
+// computes its softmax while P·V runs on the tensor cores, then waits for P·V, rescales O (only
+// when a row's max grew by more than RESCALE_LOG2) and packs P_j. After an item's first tile the
+// softmax takes no max: it shifts by the running max as it stands (softmax_kept), and only a tile
+// whose exponentials' sums pass KEPT_SUM is computed again, S_j and all, with the softmax that
+// moves the max. The two consumer warpgroups take turns issuing their products
+// (FlashAttention-3's ping-pong), so one's softmax runs while the other's products do. Only an
+// item's last key tile can pass the keys' end: the tiles before it skip the mask. The shared-memory
+// descriptors are kept in uniform registers (uniform): the tensor cores read them from there.
 //
 // With q_weight (FLUX.2's blocks), Q holds the projections' raw q heads: each consumer
 // warpgroup applies the per-head RMSNorm and interleaved RoPE to its 64 rows of a Q tile in
@@ -183,6 +185,46 @@ __device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)
 // not depend on the shift; the sum and O use the same one.
 constexpr float RESCALE_LOG2 = 8.f;
 
+// A tile's scores of keys past s_kv set to −∞ (MASK: the tile may pass it).
+template <int BLOCK_N, bool MASK>
+__device__ __forceinline__ void mask_scores(float (&s)[BLOCK_N / 2], int key0, int s_kv,
+                                            int lane) {
+  if (MASK && key0 + BLOCK_N > s_kv) {
+#pragma unroll
+    for (int i = 0; i < BLOCK_N / 2; ++i) {
+      const int key = key0 + 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
+      s[i] = key >= s_kv ? -INFINITY : s[i];
+    }
+  }
+}
+
+// While this thread's part of a row's sum of one tile's exponentials (against the running max)
+// stays at most this, none of them exceeds 2^16: no score passed the max by more than 16 in the
+// exp2 domain, the values are far from any overflow, and P's bf16 rounding, being relative, is
+// as accurate as against the tile's own max. A larger part sends the tile to softmax.
+constexpr float KEPT_SUM = 65536.f;
+
+// The online softmax of one tile's scores, in place, against the rows' running max as it
+// stands (no max is taken): masks keys past s_kv, leaves exp2 of the shifted scores in s and
+// their sums, this thread's part of each row, in tile_sum. False when a row's part passes
+// KEPT_SUM: a score may have passed its running max by more than 16, and the caller redoes
+// the tile with softmax.
+template <int BLOCK_N, bool MASK>
+__device__ __forceinline__ bool softmax_kept(float (&s)[BLOCK_N / 2], const float (&row_max)[2],
+                                             float (&tile_sum)[2], int key0, int s_kv, int lane,
+                                             float scale_log2) {
+  mask_scores<BLOCK_N, MASK>(s, key0, s_kv, lane);
+  const float shift[2] = {row_max[0] * scale_log2, row_max[1] * scale_log2};
+  tile_sum[0] = tile_sum[1] = 0.f;
+#pragma unroll
+  for (int i = 0; i < BLOCK_N / 2; ++i) {
+    s[i] = exp2f(fmaf(s[i], scale_log2, -shift[(i / 2) % 2]));
+    tile_sum[(i / 2) % 2] += s[i];
+  }
+  // Written so that a NaN sum fails too.
+  return tile_sum[0] <= KEPT_SUM && tile_sum[1] <= KEPT_SUM;
+}
+
 // The online softmax of one tile's scores, in place: masks keys past s_kv (MASK: the tile may
 // pass it), updates this thread's two rows' running max (row_max: kept unless the tile's passes
 // it by more than RESCALE_LOG2) and sum (row_sum, rescaled), leaves exp2 of the shifted scores
@@ -192,13 +234,7 @@ template <int BLOCK_N, bool MASK>
 __device__ __forceinline__ bool softmax(float (&s)[BLOCK_N / 2], float (&row_max)[2],
                                         float (&row_sum)[2], float (&alpha)[2], int key0,
                                         int s_kv, int lane, float scale_log2) {
-  if (MASK && key0 + BLOCK_N > s_kv) {
-#pragma unroll
-    for (int i = 0; i < BLOCK_N / 2; ++i) {
-      const int key = key0 + 8 * (i / 4) + 2 * (lane % 4) + (i & 1);
-      s[i] = key >= s_kv ? -INFINITY : s[i];
-    }
-  }
+  mask_scores<BLOCK_N, MASK>(s, key0, s_kv, lane);
   // Each row's max in four independent chains, then combined: 8 + 3 dependent steps a row
   // instead of 36 (a max is exact, so the order changes nothing). Elements 0..7 start the
   // chains: row (i / 2) % 2, chain i % 2 + 2 · ((i / 4) % 2).
@@ -485,14 +521,14 @@ __device__ __forceinline__ void attend(
 
   int tile, kb0, kb1, slot;
   if (warp >= CONSUMER_WARPS) {
-    // The producer: each item's Q once the consumers are done with the last one's (after its
-    // last S), then its K and V tiles through the rings: key tile c of the block's sequence
-    // goes to slot c % STAGES once every consumer warp released the slot's previous use (K
-    // once S is computed, V once P·V is), so K runs a tile ahead of V and the next item's
-    // tiles load while the consumers finish this one. Its registers go to the consumers: 24 +
-    // 2 · 240 per thread for each SM sub-partition's three warps fits its register file
-    // (16384). Every register the consumers take, the producer must have freed
-    // (setmaxnreg.inc waits for them: 32 + 240 deadlocks).
+    // The producer: each item's Q once the consumers are done with the last one's (after its last
+    // tile's softmax), then its K and V tiles through the rings: key tile c of the block's sequence
+    // goes to slot c % STAGES once every consumer warp released the slot's previous use (K once S's
+    // softmax is done, V once P·V is), so K runs a tile ahead of V and the next item's tiles load
+    // while the consumers finish this one. Its registers go to the consumers: 24 + 2 · 240 per
+    // thread for each SM sub-partition's three warps fits its register file (16384). Every register
+    // the consumers take, the producer must have freed (setmaxnreg.inc waits for them: 32 + 240
+    // deadlocks).
     shrink_registers<24>();
     if (warp != CONSUMER_WARPS || lane != 0) return;
     int c = 0;
@@ -591,17 +627,34 @@ __device__ __forceinline__ void attend(
       const int t = (c + j) % STAGES, prev = (c + j - 1) % STAGES;
       mbar_wait(k_full(t), ((c + j) / STAGES) & 1);
       mbar_wait(v_full(prev), ((c + j - 1) / STAGES) & 1);
+      const uint32_t k_lo = uniform(descriptor_lo(k_tile(t), 16));
       my_turn();
-      issue_scores<BLOCK_N>(s, q_lo, uniform(descriptor_lo(k_tile(t), 16)));
+      issue_scores<BLOCK_N>(s, q_lo, k_lo);
       issue_values<BLOCK_N>(o, p, uniform(descriptor_lo(v_tile(prev), KV_BYTES / 2)));
       pass_turn();
       // S_j is done, P_{j−1}·V_{j−1} may still run: its operands stay untouched until the wait.
       wgmma_wait<1>();
       fence_registers(s);
+      constexpr bool MASK = decltype(mask)::value;
+      const int key0 = (kb0 + j) * BLOCK_N;
+      bool rescale = false;
+      float tile_sum[2];
+      const bool kept =
+          softmax_kept<BLOCK_N, MASK>(s, row_max, tile_sum, key0, s_kv, lane, scale_log2);
+      // The whole warpgroup decides: the products below are the warpgroup's.
+      if (any_in_warpgroup(1 + wg, !kept)) {
+        // A score passed its row's running max by more than 16: S_j again (Q and K_j are
+        // still held), then the softmax that moves the max.
+        issue_scores<BLOCK_N>(s, q_lo, k_lo);
+        wgmma_wait<0>();
+        fence_registers(s);
+        rescale = softmax<BLOCK_N, MASK>(s, row_max, row_sum, alpha, key0, s_kv, lane, scale_log2);
+      } else {
+        row_sum[0] += tile_sum[0];
+        row_sum[1] += tile_sum[1];
+      }
       release(k_empty(t));
       if (j == count - 1) release(q_empty);
-      const bool rescale = softmax<BLOCK_N, decltype(mask)::value>(
-          s, row_max, row_sum, alpha, (kb0 + j) * BLOCK_N, s_kv, lane, scale_log2);
       wgmma_wait<0>();
       fence_registers(o);
       fence_registers(p);
@@ -655,8 +708,8 @@ __device__ __forceinline__ void attend(
 // RoPE tables (rows of 64 f32 cos / sin, query q at row q_rope_offset + q) and eps; Q's tail:
 // query rows from q_split on (a multiple of BLOCK_M) come from q_tail (row − q_split),
 // normalised with q_tail_weight (FLUX.2's double block: the text then the image queries, each
-// from its own projection). Shared memory: Q, the K ring, the V ring, 1024 bytes to align the tiles, the
-// mbarriers (`shared_bytes` in kernels/src/attention/sm90.rs).
+// from its own projection). Shared memory: Q, the K ring, the V ring, 1024 bytes to align the
+// tiles, the mbarriers (`shared_bytes` in kernels/src/attention/sm90.rs).
 #define ATTENTION_PARAMS                                                                      \
   const __grid_constant__ CUtensorMap q, const __grid_constant__ CUtensorMap k,               \
       const __grid_constant__ CUtensorMap v, const __grid_constant__ CUtensorMap v_tail,      \
