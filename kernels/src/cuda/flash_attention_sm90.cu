@@ -179,10 +179,10 @@ __device__ __forceinline__ void issue_values(float (&o)[64], const uint32_t (&p)
   wgmma_commit();
 }
 
-// The running max a row keeps until a tile's passes it by more than this (in the exp2 domain):
-// the shifted exponentials then stay below 2^8, and O is rescaled only when a max grows by
-// more (FlashAttention-4's lazy rescaling). P's bf16 rounding is relative, so its accuracy does
-// not depend on the shift; the sum and O use the same one.
+// In softmax (the one that takes a tile's max), a row keeps its running max until the tile's
+// passes it by more than this (in the exp2 domain): its exponentials then stay below 2^8, and O
+// is rescaled only when the max moves (FlashAttention-4's lazy rescaling). P's bf16 rounding is
+// relative, so its accuracy does not depend on the shift; the sum and O use the same one.
 constexpr float RESCALE_LOG2 = 8.f;
 
 // A tile's scores of keys past s_kv set to −∞ (MASK: the tile may pass it).
