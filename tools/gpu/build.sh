@@ -2,9 +2,10 @@
 # Builds the CUDA release binaries on this (GPU-less) machine and packs them, stripped and
 # xz-compressed, into tools/gpu/bin/ (git-ignored) for the GPU machine:
 #   klein-bench, encoder-svc, denoiser-svc, vae-svc, gateway, klein, gemm-power, gemm-algos, gemm-sm90,
-#   gemm-overlap, l2-rate, clusters, and the CUDA test binaries
-#   of the parity suites (the services' parity / grpc / runs / tiling tests and the end-to-end
-#   golden suite, klein-tests e2e_goldens; the kernels' GPU parity tests, klein-kernels gpu_parity).
+#   gemm-overlap, l2-rate, clusters; and into tools/gpu/bin-tests/tests-<crate>.tar.xz the CUDA
+#   test binaries of every suite that runs on KLEIN_TEST_DEVICE (the kernels' GPU parity, the runtime's
+#   graphs and uploads, the services' parity / gRPC / run / LoRA / tiling tests, the end-to-end
+#   goldens, models, routing and LoRA stack tests).
 # Usage: tools/gpu/build.sh            (cuDNN convolutions for the VAE; CUDNN=0 builds without)
 # A baseline of another commit (a git worktree) needs a CARGO_TARGET_DIR of its own: cargo hashes
 # workspace crates relative to the workspace root, so a worktree build in target/cuda replaces
@@ -59,22 +60,33 @@ for bin in gateway klein; do
   strip -o "/tmp/$bin" "target/release/$bin"
   xz -T2 -6 -c "/tmp/$bin" > "$out/$bin.xz"
 done
-# Parity suites: test executables, named test-<crate folder>-<test>, in their own folder (the
-# device call's carry is limited to 64 MiB, so the tests and the services travel separately).
+# Parity suites: every test that runs on KLEIN_TEST_DEVICE, stripped, named test-<crate folder>-<test>
+# and packed per crate folder into a solid archive, tools/gpu/bin-tests/tests-<crate folder>.tar.xz:
+# a crate's binaries share most of their code, so an archive takes 6–15 MB where one xz file
+# each took 6–11 MB a binary (~120 MB for the 15 suites of before, twice the device call's
+# 64 MiB carry, which the ~35 MB tree shares). A call carries the archives it needs; device.sh
+# unpacks them into /tmp/klein.
 tests=tools/gpu/bin-tests
-mkdir -p "$tests"
-cargo test --release --locked --features "$features" -p klein-kernels -p encoder-svc -p denoiser-svc -p vae-svc -p klein-tests --no-run \
+staged=/tmp/klein-tests
+rm -rf "$tests" "$staged"
+mkdir -p "$tests" "$staged"
+cargo test --release --locked --features "$features" -p klein-kernels -p klein-runtime -p encoder-svc -p denoiser-svc -p vae-svc -p klein-tests --no-run \
   --message-format=json 2>/dev/null \
   | python3 -c '
 import json, os, sys
-keep = {"parity", "gpu_parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "service", "gguf", "bfl_single_file", "tiling", "e2e_goldens", "models"}
+keep = {"parity", "gpu_parity", "grpc", "four_bit_t2i", "transformer_forward", "runs", "service", "gguf",
+        "bfl_single_file", "tiling", "e2e_goldens", "models", "graphs", "adapters", "lora", "block_memory",
+        "loading", "routing", "loras", "graph", "weights_upload"}
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         if m["target"]["name"] in keep:
             print(os.path.basename(os.path.dirname(m["manifest_path"])), m["target"]["name"], m["executable"])
 ' | while read -r pkg name exe; do
-    strip -o "/tmp/t-$pkg-$name" "$exe"
-    xz -T2 -6 -c "/tmp/t-$pkg-$name" > "$tests/test-$pkg-$name.xz"
+    strip -o "$staged/test-$pkg-$name" "$exe"
   done
+for pkg in $(ls "$staged" | sed -E 's/^test-(.*)-[^-]+$/\1/' | sort -u); do
+  (cd "$staged" && tar -cf - test-"$pkg"-*) | xz -T2 -9 --lzma2=preset=9,dict=256MiB -c > "$tests/tests-$pkg.tar.xz"
+done
+rm -rf "$staged"
 ls -la "$out" "$tests"

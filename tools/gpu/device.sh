@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine (no Rust there): unpacks tools/gpu/bin/*.xz and tools/gpu/bin-tests/*.xz
-# (whichever the call carried) into /tmp/klein, points
+# Runs on the GPU machine (no Rust there): unpacks tools/gpu/bin/*.xz and the test archives
+# tools/gpu/bin-tests/tests-*.tar.xz (whichever the call carried) into /tmp/klein, points
 # the loader at the CUDA 13 libraries of the machine's Python packages, then runs a step:
-#   tools/gpu/device.sh parity OUT    CUDA parity suites of the three services and the e2e one
+#   tools/gpu/device.sh parity OUT    the CUDA suites of the test archives carried
 #                                     (full output → OUT/parity.log)
 #   tools/gpu/device.sh kernels OUT    klein-bench kernels: each fused kernel vs its composition
 #                                     → OUT/kernels.json
@@ -52,6 +52,10 @@ mkdir -p /tmp/klein
 # machine keeps from earlier calls) over its choice.
 for f in tools/gpu/bin/*.xz tools/gpu/bin-tests/*.xz; do
   [ -f "$f" ] && [ "${UNPACK:-1}" != 0 ] || continue
+  case "$f" in *.tar.xz)
+    python3 -c "import lzma,sys; open('/tmp/klein.tar','wb').write(lzma.open(sys.argv[1]).read())" "$f"
+    tar xf /tmp/klein.tar -C /tmp/klein && rm /tmp/klein.tar && continue ;;
+  esac
   b=/tmp/klein/$(basename "$f" .xz)
   # Always from what this call carried: a warm machine may hold an older build.
   python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$b.new"
