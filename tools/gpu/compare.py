@@ -17,12 +17,14 @@ def load_rows(path):
 
 
 COMPILED = ", torch.compile"
+# klein-bench's mark on a step replayed from a CUDA graph (its default).
+GRAPHED = ", CUDA graph"
 
 
 def case(r):
-    """A row's case without klein-bench's configuration note ("decode 1024x1024 (…, op chunks …)")
-    or diffusers' compile mark."""
-    return r["case"].split(" (")[0].removesuffix(COMPILED)
+    """A row's case without klein-bench's configuration note ("decode 1024x1024 (…, op chunks …)"),
+    its CUDA-graph mark or diffusers' compile mark."""
+    return r["case"].split(" (")[0].removesuffix(GRAPHED).removesuffix(COMPILED)
 
 
 def main():
