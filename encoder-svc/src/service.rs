@@ -291,18 +291,29 @@ impl EncoderService {
                 if list.is_empty() {
                     return Ok((None, Vec::new()));
                 }
-                let per = embedding_bytes(&model.cfg, self.loaded.dtype) as usize;
-                let mut data = BytesMut::with_capacity(per * list.len());
-                let mut tokens = Vec::with_capacity(list.len());
-                for p in list {
-                    let (e, hit) = &found[p.as_str()];
-                    data.extend_from_slice(&e.data);
-                    tokens.push(pb::PromptTokens {
-                        token_count: e.token_count,
-                        truncated: e.truncated,
-                        cache_hit: *hit,
-                    });
-                }
+                let tokens = list
+                    .iter()
+                    .map(|p| {
+                        let (e, hit) = &found[p.as_str()];
+                        pb::PromptTokens {
+                            token_count: e.token_count,
+                            truncated: e.truncated,
+                            cache_hit: *hit,
+                        }
+                    })
+                    .collect();
+                // One prompt's embeddings go out as the bytes the cache holds, uncopied.
+                let data = match list {
+                    [p] => found[p.as_str()].0.data.clone(),
+                    _ => {
+                        let per = embedding_bytes(&model.cfg, self.loaded.dtype) as usize;
+                        let mut data = BytesMut::with_capacity(per * list.len());
+                        for p in list {
+                            data.extend_from_slice(&found[p.as_str()].0.data);
+                        }
+                        data.freeze()
+                    }
+                };
                 let tensor = pb::Tensor {
                     dtype: dtype_to_wire(self.loaded.dtype)? as i32,
                     shape: vec![
@@ -310,7 +321,7 @@ impl EncoderService {
                         SEQ_LEN as u64,
                         model.cfg.output_dim() as u64,
                     ],
-                    data: data.freeze(),
+                    data,
                 };
                 Ok((Some(tensor), tokens))
             };
@@ -353,8 +364,15 @@ impl EncoderService {
             .iter()
             .enumerate()
             .map(|(i, (p, ids))| {
+                // A batch's prompts are copied apart, so that each cache entry holds (and is
+                // counted for) its own bytes only; a lone prompt keeps the encoded bytes.
+                let data = if todo.len() == 1 {
+                    data.clone()
+                } else {
+                    Bytes::copy_from_slice(&data[i * per..(i + 1) * per])
+                };
                 let value = CachedEmbedding {
-                    data: Bytes::copy_from_slice(&data[i * per..(i + 1) * per]),
+                    data,
                     token_count: ids.ids.len() as u32,
                     truncated: ids.truncated,
                 };

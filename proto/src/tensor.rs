@@ -6,11 +6,8 @@
 //! typed [`TensorCodecError`]; [`FieldError`] names the request field and maps to
 //! `INVALID_ARGUMENT`.
 
-use std::borrow::Cow;
-
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
-use safetensors::View;
 
 use crate::pb;
 
@@ -200,13 +197,40 @@ pub fn first_non_finite(tensor: &pb::Tensor) -> Option<usize> {
     }
 }
 
+/// A vector of plain numbers seen as its bytes, so that [`Bytes`] can own it without a copy.
+struct VecBytes<T>(Vec<T>);
+
+impl<T: bytemuck::Pod> AsRef<[u8]> for VecBytes<T> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+/// The elements of `tensor` (row-major, read once from its device) as owned bytes.
+fn element_bytes<T>(tensor: &Tensor) -> Result<Bytes, TensorCodecError>
+where
+    T: candle_core::WithDType + bytemuck::Pod,
+{
+    let values = tensor
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<T>())
+        .map_err(|e| TensorCodecError::Candle(e.to_string()))?;
+    Ok(Bytes::from_owner(VecBytes(values)))
+}
+
 /// Encodes a candle tensor (any device, any layout) as a contiguous little-endian wire tensor.
+/// The elements are copied once, from the tensor's storage into the message's bytes: a large
+/// tensor's pages are touched once (a 7.9 MB prompt embedding went through three copies).
 pub fn encode(tensor: &Tensor) -> Result<pb::Tensor, TensorCodecError> {
     let dtype = dtype_to_wire(tensor.dtype())?;
     let shape = tensor.dims().iter().map(|&d| d as u64).collect();
-    let data = match View::data(tensor) {
-        Cow::Borrowed(b) => Bytes::copy_from_slice(b),
-        Cow::Owned(v) => Bytes::from(v),
+    let data = match dtype {
+        pb::Dtype::F32 => element_bytes::<f32>(tensor)?,
+        pb::Dtype::Bf16 => element_bytes::<half::bf16>(tensor)?,
+        pb::Dtype::F16 => element_bytes::<half::f16>(tensor)?,
+        pb::Dtype::U8 => element_bytes::<u8>(tensor)?,
+        pb::Dtype::I64 => element_bytes::<i64>(tensor)?,
+        pb::Dtype::Unspecified => return Err(TensorCodecError::UnspecifiedDtype),
     };
     Ok(pb::Tensor {
         dtype: dtype as i32,
