@@ -219,8 +219,8 @@ where
 }
 
 /// Encodes a candle tensor (any device, any layout) as a contiguous little-endian wire tensor.
-/// The elements are copied once, from the tensor's storage into the message's bytes: a large
-/// tensor's pages are touched once (a 7.9 MB prompt embedding went through three copies).
+/// The elements are copied once, from the tensor's storage (on any device) into bytes the
+/// message owns.
 pub fn encode(tensor: &Tensor) -> Result<pb::Tensor, TensorCodecError> {
     let dtype = dtype_to_wire(tensor.dtype())?;
     let shape = tensor.dims().iter().map(|&d| d as u64).collect();

@@ -50,16 +50,15 @@ mkdir -p /tmp/klein
 # UNPACK=0 keeps /tmp/klein as it is: an A/B script that copies one of two builds into place
 # between steps must set it, or every step would unpack the tree's .xz files (which a warm
 # machine keeps from earlier calls) over its choice.
+# unxz SRC DST: the machine has Python but not always xz.
+unxz() { python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$1" "$2"; }
 for f in tools/gpu/bin/*.xz tools/gpu/bin-tests/*.xz; do
   [ -f "$f" ] && [ "${UNPACK:-1}" != 0 ] || continue
-  case "$f" in *.tar.xz)
-    python3 -c "import lzma,sys; open('/tmp/klein.tar','wb').write(lzma.open(sys.argv[1]).read())" "$f"
-    tar xf /tmp/klein.tar -C /tmp/klein && rm /tmp/klein.tar && continue ;;
-  esac
-  b=/tmp/klein/$(basename "$f" .xz)
   # Always from what this call carried: a warm machine may hold an older build.
-  python3 -c "import lzma,sys; open(sys.argv[2],'wb').write(lzma.open(sys.argv[1]).read())" "$f" "$b.new"
-  chmod +x "$b.new" && mv -f "$b.new" "$b"
+  case "$f" in
+    *.tar.xz) unxz "$f" /tmp/klein.tar && tar xf /tmp/klein.tar -C /tmp/klein && rm /tmp/klein.tar ;;
+    *) b=/tmp/klein/$(basename "$f" .xz); unxz "$f" "$b.new" && chmod +x "$b.new" && mv -f "$b.new" "$b" ;;
+  esac
 done
 export KLEIN_FIXTURES_DIR=$PWD/tests/fixtures KLEIN_TEST_DEVICE=cuda:0
 # Runs the command "${@:2}" while nvidia-smi samples the SM clock, power and throttle reasons
